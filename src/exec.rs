@@ -1,0 +1,273 @@
+//! Every external command holdfast runs goes through [`Exec`]: argv only (never a shell),
+//! `LC_ALL=C` so output is parseable, a timeout, and the child killed when the request that
+//! started it is dropped. [`FakeExec`] records the calls and answers from a script, for unit tests.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+/// How long a command may run when the caller does not say.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One command line to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmd {
+    /// The program, looked up in `PATH`.
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Killed after this long.
+    pub timeout: Duration,
+    /// Written to the child's stdin, then closed.
+    pub stdin: Option<Vec<u8>>,
+}
+
+impl Cmd {
+    /// A command with no arguments and the default timeout.
+    pub fn new(program: impl Into<String>) -> Self {
+        Cmd { program: program.into(), args: Vec::new(), timeout: DEFAULT_TIMEOUT, stdin: None }
+    }
+    /// Appends one argument.
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+    /// Appends several arguments.
+    pub fn args<I, S>(mut self, it: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(it.into_iter().map(Into::into));
+        self
+    }
+    /// Sets the timeout.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+    /// The command line as one string, for messages and logs.
+    pub fn display(&self) -> String {
+        let mut s = self.program.clone();
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(a);
+        }
+        s
+    }
+    /// The full argv, program first.
+    pub fn argv(&self) -> Vec<String> {
+        std::iter::once(self.program.clone()).chain(self.args.iter().cloned()).collect()
+    }
+}
+
+/// What a command that exited 0 printed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Standard output, lossily decoded.
+    pub stdout: String,
+    /// Standard error, lossily decoded.
+    pub stderr: String,
+}
+
+/// Why a command did not succeed. The command line and its stderr are kept for the operator.
+#[derive(Debug, Error)]
+pub enum ExecError {
+    /// The program could not be started (not installed, not executable).
+    #[error("cannot run `{cmd}`: {source} (is it installed and in PATH?)")]
+    Spawn {
+        /// The command line.
+        cmd: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The program ran longer than its timeout and was killed.
+    #[error("`{cmd}` did not finish within {timeout:?} and was killed")]
+    Timeout {
+        /// The command line.
+        cmd: String,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// The program exited non-zero (or was killed by a signal: code -1).
+    #[error("`{cmd}` failed with exit code {code}: {}", stderr.trim())]
+    Failed {
+        /// The command line.
+        cmd: String,
+        /// The exit code.
+        code: i32,
+        /// What it wrote to stdout.
+        stdout: String,
+        /// What it wrote to stderr.
+        stderr: String,
+    },
+}
+
+impl ExecError {
+    /// The exit code when the command ran and failed.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            ExecError::Failed { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+    /// The command's stderr when it ran and failed, else "".
+    pub fn stderr(&self) -> &str {
+        match self {
+            ExecError::Failed { stderr, .. } => stderr,
+            _ => "",
+        }
+    }
+}
+
+/// Runs external commands.
+#[async_trait]
+pub trait Exec: Send + Sync {
+    /// Runs `cmd`; `Ok` only when it exits 0.
+    async fn run(&self, cmd: Cmd) -> Result<Output, ExecError>;
+}
+
+/// Runs real processes with tokio.
+#[derive(Debug, Default, Clone)]
+pub struct RealExec;
+
+#[async_trait]
+impl Exec for RealExec {
+    async fn run(&self, cmd: Cmd) -> Result<Output, ExecError> {
+        use std::process::Stdio;
+        use tokio::io::AsyncWriteExt;
+        let line = cmd.display();
+        let mut c = tokio::process::Command::new(&cmd.program);
+        c.args(&cmd.args)
+            .env("LC_ALL", "C")
+            .stdin(if cmd.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // If the gRPC request is cancelled the future is dropped; the child must not outlive it.
+            .kill_on_drop(true);
+        let mut child = c.spawn().map_err(|source| ExecError::Spawn { cmd: line.clone(), source })?;
+        if let (Some(data), Some(mut pipe)) = (cmd.stdin.clone(), child.stdin.take()) {
+            // A child that exits early closes its stdin; its exit status tells the real story.
+            let _ = pipe.write_all(&data).await;
+        }
+        let started = tokio::time::timeout(cmd.timeout, child.wait_with_output()).await;
+        let out = match started {
+            Err(_) => return Err(ExecError::Timeout { cmd: line, timeout: cmd.timeout }),
+            Ok(Err(source)) => return Err(ExecError::Spawn { cmd: line, source }),
+            Ok(Ok(out)) => out,
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        tracing::debug!(cmd = %line, code = ?out.status.code(), "exec");
+        if out.status.success() {
+            Ok(Output { stdout, stderr })
+        } else {
+            Err(ExecError::Failed { cmd: line, code: out.status.code().unwrap_or(-1), stdout, stderr })
+        }
+    }
+}
+
+/// A scripted answer of [`FakeExec`].
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// Exit 0 with this stdout.
+    Ok(String),
+    /// Exit with this code and stderr.
+    Fail(i32, String),
+}
+
+#[derive(Debug)]
+struct Rule {
+    prefix: Vec<String>,
+    replies: VecDeque<Reply>,
+}
+
+/// A recording fake: every call is kept; answers come from rules matched on an argv prefix
+/// (the most recently added matching rule wins; a rule's replies are used in order and its last
+/// one repeats). Unmatched commands succeed with empty output.
+#[derive(Debug, Default)]
+pub struct FakeExec {
+    calls: Mutex<Vec<Vec<String>>>,
+    rules: Mutex<Vec<Rule>>,
+}
+
+impl FakeExec {
+    /// A fake with no rules.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Answers commands whose argv starts with `prefix` (space-separated) with `replies`.
+    pub fn on(&self, prefix: &str, replies: Vec<Reply>) -> &Self {
+        let prefix = prefix.split_whitespace().map(str::to_owned).collect();
+        self.rules.lock().unwrap().push(Rule { prefix, replies: replies.into() });
+        self
+    }
+    /// Every argv run so far, in order.
+    pub fn calls(&self) -> Vec<Vec<String>> {
+        self.calls.lock().unwrap().clone()
+    }
+    /// Every command line run so far, joined with spaces.
+    pub fn lines(&self) -> Vec<String> {
+        self.calls().into_iter().map(|c| c.join(" ")).collect()
+    }
+}
+
+#[async_trait]
+impl Exec for FakeExec {
+    async fn run(&self, cmd: Cmd) -> Result<Output, ExecError> {
+        let argv = cmd.argv();
+        self.calls.lock().unwrap().push(argv.clone());
+        let mut rules = self.rules.lock().unwrap();
+        let rule = rules.iter_mut().rev().find(|r| argv.len() >= r.prefix.len() && argv[..r.prefix.len()] == r.prefix[..]);
+        let reply = match rule {
+            None => Reply::Ok(String::new()),
+            Some(r) if r.replies.len() > 1 => r.replies.pop_front().unwrap(),
+            Some(r) => r.replies.front().cloned().unwrap_or(Reply::Ok(String::new())),
+        };
+        match reply {
+            Reply::Ok(stdout) => Ok(Output { stdout, stderr: String::new() }),
+            Reply::Fail(code, stderr) => Err(ExecError::Failed { cmd: cmd.display(), code, stdout: String::new(), stderr }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn real_exec_reports_exit_code_and_stderr() {
+        let err = RealExec.run(Cmd::new("sh").args(["-c", "echo oops >&2; exit 3"])).await.unwrap_err();
+        assert_eq!(err.code(), Some(3));
+        assert_eq!(err.stderr().trim(), "oops");
+        assert!(err.to_string().contains("exit code 3"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn real_exec_runs_with_c_locale_and_times_out() {
+        let out = RealExec.run(Cmd::new("sh").args(["-c", "echo $LC_ALL"])).await.unwrap();
+        assert_eq!(out.stdout.trim(), "C");
+        let err = RealExec.run(Cmd::new("sleep").arg("5").timeout(Duration::from_millis(100))).await.unwrap_err();
+        assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn real_exec_names_a_missing_program() {
+        let err = RealExec.run(Cmd::new("holdfast-no-such-program")).await.unwrap_err();
+        assert!(err.to_string().contains("holdfast-no-such-program"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn fake_exec_records_and_scripts() {
+        let f = FakeExec::new();
+        f.on("losetup -j", vec![Reply::Ok("a".into()), Reply::Fail(1, "no".into())]);
+        assert_eq!(f.run(Cmd::new("losetup").args(["-j", "/x"])).await.unwrap().stdout, "a");
+        assert_eq!(f.run(Cmd::new("losetup").args(["-j", "/x"])).await.unwrap_err().code(), Some(1));
+        assert_eq!(f.run(Cmd::new("losetup").args(["-j", "/x"])).await.unwrap_err().code(), Some(1));
+        assert!(f.run(Cmd::new("true")).await.is_ok());
+        assert_eq!(f.lines()[3], "true");
+    }
+}

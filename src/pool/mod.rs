@@ -1,0 +1,153 @@
+//! The [`Pool`] trait: what every kind of storage (file, lvm, zfs, nfs) offers the CSI layer.
+//! A pool speaks in local names and bytes, never in gRPC types; the CSI services translate.
+//! Every method is idempotent: creating what exists (compatibly) returns it, deleting what is
+//! gone succeeds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::volume_id::PoolKind;
+
+pub mod file;
+
+/// 1 MiB: every capacity is rounded up to a multiple of this.
+pub const MIB: u64 = 1 << 20;
+
+/// Rounds `bytes` up to a whole MiB (at least 1 MiB).
+pub fn round_up_mib(bytes: u64) -> u64 {
+    bytes.max(1).div_ceil(MIB).saturating_mul(MIB)
+}
+
+/// What a new volume is filled from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// A snapshot in the same pool (its local name).
+    Snapshot(String),
+    /// A volume in the same pool (its local name).
+    Volume(String),
+}
+
+/// A request to create a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateRequest {
+    /// The CSI name (idempotency key), up to 128 characters.
+    pub csi_name: String,
+    /// The local name derived from it ([`crate::volume_id::local_name`]).
+    pub local: String,
+    /// Bytes, already rounded to whole MiB.
+    pub capacity: u64,
+    /// Raw block volume (true) or filesystem volume (false).
+    pub block: bool,
+    /// Filesystem to create on first stage (filesystem volumes only).
+    pub fs_type: Option<String>,
+    /// Content source, if any.
+    pub source: Option<Source>,
+    /// StorageClass / request parameters, for pool kinds that understand some.
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// A volume as the pool stores it (the pool is the source of truth).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    /// Local name in the pool.
+    pub local: String,
+    /// The CSI name it was created with.
+    pub csi_name: String,
+    /// Current capacity in bytes.
+    pub capacity: u64,
+    /// Raw block volume.
+    pub block: bool,
+    /// Filesystem chosen at creation (filesystem volumes).
+    pub fs_type: Option<String>,
+    /// What it was created from.
+    pub source: Option<Source>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: i64,
+}
+
+/// A snapshot as the pool stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Local name in the pool.
+    pub local: String,
+    /// The CSI name it was created with.
+    pub csi_name: String,
+    /// Local name of the volume it was taken from.
+    pub source_volume: String,
+    /// Size of the source volume when taken (bytes): the minimum size of a restore.
+    pub size: u64,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: i64,
+    /// Whether it can be used as a source.
+    pub ready: bool,
+}
+
+/// How the node reaches a volume's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attachment {
+    /// A block device node (loop device, LV, zvol).
+    Device(PathBuf),
+    /// Something `mount` takes directly (ZFS dataset, NFS export subdirectory).
+    Mount {
+        /// The mount source, e.g. `tank/holdfast/v1` or `server:/export/v1`.
+        source: String,
+        /// The filesystem type, e.g. `zfs`, `nfs`.
+        fs_type: String,
+        /// Options the pool requires.
+        options: Vec<String>,
+    },
+}
+
+/// Health of the volume's backing storage, as the pool sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// All is well.
+    Healthy,
+    /// Something is wrong; the message says what.
+    Abnormal(String),
+}
+
+/// One kind of storage.
+#[async_trait]
+pub trait Pool: Send + Sync {
+    /// The configured pool name.
+    fn name(&self) -> &str;
+    /// The kind.
+    fn kind(&self) -> PoolKind;
+    /// The filesystem for filesystem volumes whose request names none.
+    fn default_fs(&self) -> &str;
+
+    /// Creates a volume, or returns the existing one when it was made by the same request.
+    /// Same name, different capacity/kind/source → `AlreadyExists`. No room → `ResourceExhausted`.
+    async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo>;
+    /// Deletes a volume; succeeds when it is already gone.
+    async fn delete_volume(&self, local: &str) -> Result<()>;
+    /// Looks up a volume.
+    async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>>;
+    /// All volumes, in no particular order.
+    async fn list_volumes(&self) -> Result<Vec<VolumeInfo>>;
+    /// Grows a volume to at least `capacity` bytes; returns the new capacity. Never shrinks.
+    async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64>;
+    /// Takes a snapshot of a volume (idempotent on `csi_name` + source).
+    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo>;
+    /// Deletes a snapshot; succeeds when it is already gone.
+    async fn delete_snapshot(&self, local: &str) -> Result<()>;
+    /// Looks up a snapshot.
+    async fn get_snapshot(&self, local: &str) -> Result<Option<SnapshotInfo>>;
+    /// All snapshots.
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>>;
+    /// The largest single new volume this pool could hold now, in bytes.
+    async fn capacity(&self) -> Result<u64>;
+
+    /// Makes the volume's data reachable on this node (idempotent).
+    async fn attach(&self, local: &str) -> Result<Attachment>;
+    /// Undoes [`Pool::attach`] (idempotent).
+    async fn detach(&self, local: &str) -> Result<()>;
+    /// Health of the backing storage of an existing volume.
+    async fn condition(&self, local: &str) -> Result<Condition>;
+}
