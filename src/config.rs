@@ -246,17 +246,33 @@ default_fs = "xfs"
         }
         let cases = [
             Case { name: "unknown key", src: "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/x\"\ncolour = 1\n", want: "line 5" },
-            Case { name: "missing path", src: "[[pool]]\nname = \"p\"\nkind = \"file\"\n", want: "line 2: pool \"p\": a file pool needs `path`" },
+            Case {
+                name: "missing path",
+                src: "[[pool]]\nname = \"p\"\nkind = \"file\"\n",
+                want: "line 2: pool \"p\": a file pool needs `path`",
+            },
             Case {
                 name: "duplicate",
                 src: "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/a\"\n[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/b\"\n",
                 want: "line 6: pool \"p\": duplicate pool name (first defined on line 2)",
             },
             Case { name: "bad kind", src: "[[pool]]\nname = \"p\"\nkind = \"disk\"\npath = \"/a\"\n", want: "line 3" },
-            Case { name: "foreign key", src: "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/a\"\nvolume_group = \"vg\"\n", want: "`volume_group` does not apply to a file pool" },
-            Case { name: "bad reserve", src: "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/a\"\nreserve = \"lots\"\n", want: "reserve \"lots\" is not a size" },
+            Case {
+                name: "foreign key",
+                src: "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/a\"\nvolume_group = \"vg\"\n",
+                want: "`volume_group` does not apply to a file pool",
+            },
+            Case {
+                name: "bad reserve",
+                src: "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/a\"\nreserve = \"lots\"\n",
+                want: "reserve \"lots\" is not a size",
+            },
             Case { name: "relative path", src: "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"a\"\n", want: "must be absolute" },
-            Case { name: "bad fs", src: "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/a\"\ndefault_fs = \"ntfs\"\n", want: "default_fs \"ntfs\" is not supported" },
+            Case {
+                name: "bad fs",
+                src: "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/a\"\ndefault_fs = \"ntfs\"\n",
+                want: "default_fs \"ntfs\" is not supported",
+            },
             Case { name: "bad name", src: "[[pool]]\nname = \"P/1\"\nkind = \"file\"\npath = \"/a\"\n", want: "pool names are" },
         ];
         for c in cases {

@@ -155,7 +155,8 @@ mod tests {
 
     #[test]
     fn exec_failure_message_names_command_and_stderr() {
-        let failed = ExecError::Failed { cmd: "mkfs.ext4 /dev/loop3".into(), code: 1, stdout: String::new(), stderr: "bad superblock\n".into() };
+        let failed =
+            ExecError::Failed { cmd: "mkfs.ext4 /dev/loop3".into(), code: 1, stdout: String::new(), stderr: "bad superblock\n".into() };
         let s = tonic::Status::from(Error::exec("formatting volume v1", failed));
         assert_eq!(s.message(), "formatting volume v1: `mkfs.ext4 /dev/loop3` failed with exit code 1: bad superblock");
     }
