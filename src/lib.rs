@@ -7,10 +7,17 @@ pub mod proto {
     tonic::include_proto!("csi.v1");
 }
 
+pub mod bench;
 pub mod config;
+pub mod csi;
+pub mod ctl;
+pub mod driver;
 pub mod endpoint;
 pub mod error;
 pub mod exec;
 pub mod node;
+pub mod placement;
 pub mod pool;
+pub mod locks;
+pub mod server;
 pub mod volume_id;

@@ -2,12 +2,13 @@
 //! staging path, bind-mount to the target path, unmount, grow the filesystem, and report usage
 //! and health. The CSI node service (`csi/node.rs`) validates and locks, then calls these.
 
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Context, Error, Result};
 use crate::exec::Exec;
-use crate::pool::Attachment;
+use crate::pool::{Attachment, Condition};
 
 pub mod format;
 pub mod loopdev;
@@ -15,6 +16,11 @@ pub mod mount;
 pub mod mountinfo;
 
 use mount::Mounter;
+use mountinfo::MountInfo;
+
+/// Mounts stacked on one path are peeled one by one; more than this means something keeps
+/// mounting there, and looping on would never end.
+const MAX_LAYERS: usize = 32;
 
 /// Usage of a mounted filesystem or a block device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,55 +67,726 @@ impl Node {
     /// finds no signature at all (a device holding anything else is never formatted; a device
     /// holding a different filesystem is FAILED_PRECONDITION), then mounts it at `staging` with
     /// `mount_flags`. For a `Mount` attachment, mounts the source. Idempotent: an existing mount
-    /// of the same source at `staging` is success; a different source there is ALREADY_EXISTS...
+    /// of the same source at `staging` is success; a different source there is ALREADY_EXISTS.
+    ///
+    /// An empty `fs_type` accepts whatever supported filesystem the device holds (and is
+    /// INVALID_ARGUMENT on a blank device). XFS is mounted with `nouuid`, because snapshots and
+    /// clones of a volume carry its UUID and may be mounted beside it.
     pub async fn stage_filesystem(&self, attachment: &Attachment, staging: &Path, fs_type: &str, mount_flags: &[String]) -> Result<()> {
-        let _ = (attachment, staging, fs_type, mount_flags);
-        Err(crate::error::Error::Unimplemented("stage_filesystem".into()))
+        let mounts = self.mounter.mounts()?;
+        match attachment {
+            Attachment::Device(device) => {
+                if let Some(top) = top_at(&mounts, staging) {
+                    if same_device(top, device) {
+                        return Ok(());
+                    }
+                    return Err(Error::AlreadyExists(format!(
+                        "staging path {} already has {} mounted, not {}",
+                        staging.display(),
+                        top.source,
+                        device.display()
+                    )));
+                }
+                let fs = self.ensure_filesystem(device, fs_type).await?;
+                let mut options = mount_flags.to_vec();
+                if fs == "xfs" && !options.iter().any(|o| o == "nouuid") {
+                    options.push("nouuid".into());
+                }
+                create_dir(staging)?;
+                self.mounter.mount(&device.to_string_lossy(), staging, &fs, &options).await
+            }
+            Attachment::Mount { source, fs_type: mount_fs, options } => {
+                if let Some(top) = top_at(&mounts, staging) {
+                    if same_source(&top.source, source) {
+                        return Ok(());
+                    }
+                    return Err(Error::AlreadyExists(format!(
+                        "staging path {} already has {} mounted, not {source}",
+                        staging.display(),
+                        top.source
+                    )));
+                }
+                let mut all = options.clone();
+                all.extend(mount_flags.iter().filter(|f| !options.contains(f)).cloned());
+                create_dir(staging)?;
+                self.mounter.mount(source, staging, mount_fs, &all).await
+            }
+        }
+    }
+
+    /// Makes sure `device` holds a filesystem holdfast can mount, creating `fs_type` only on a
+    /// blank device. Returns the filesystem found or made.
+    async fn ensure_filesystem(&self, device: &Path, fs_type: &str) -> Result<String> {
+        match format::probe(self.exec.as_ref(), device).await? {
+            None if fs_type.is_empty() => Err(Error::InvalidArgument(format!(
+                "{} is blank and no filesystem type was requested; set fs_type (one of {:?})",
+                device.display(),
+                format::SUPPORTED_FS
+            ))),
+            None => {
+                tracing::info!(device = %device.display(), fs_type, "creating a filesystem on a blank device");
+                format::mkfs(self.exec.as_ref(), device, fs_type).await?;
+                Ok(fs_type.to_owned())
+            }
+            Some(sig) if format::SUPPORTED_FS.contains(&sig.kind.as_str()) && (fs_type.is_empty() || sig.kind == fs_type) => Ok(sig.kind),
+            Some(sig) => Err(Error::FailedPrecondition(format!(
+                "{} holds {:?} (found by blkid -p), not {}; holdfast never formats a device that is not blank: \
+                 request the filesystem it holds, or wipe the device by hand if its content is not needed",
+                device.display(),
+                sig.kind,
+                if fs_type.is_empty() { "a filesystem holdfast mounts" } else { fs_type }
+            ))),
+        }
     }
 
     /// Unmounts whatever is mounted at `staging` (idempotent; a path that does not exist or is
-    /// not mounted is success).
+    /// not mounted is success). The directory itself is left: the CO owns it.
     pub async fn unstage(&self, staging: &Path) -> Result<()> {
-        let _ = staging;
-        Err(crate::error::Error::Unimplemented("unstage".into()))
+        self.unmount_all(staging).await
     }
 
     /// Bind-mounts the staged filesystem at `staging` onto `target` (created as a directory),
-    /// read-only when asked, with `mount_flags`. Idempotent.
+    /// read-only when asked, with `mount_flags`. Idempotent: the same publish again is success;
+    /// `target` holding something else, or the same volume with the other read-only mode, is
+    /// ALREADY_EXISTS. Nothing mounted at `staging` is FAILED_PRECONDITION.
     pub async fn publish_filesystem(&self, staging: &Path, target: &Path, readonly: bool, mount_flags: &[String]) -> Result<()> {
-        let _ = (staging, target, readonly, mount_flags);
-        Err(crate::error::Error::Unimplemented("publish_filesystem".into()))
+        let mounts = self.mounter.mounts()?;
+        let Some(staged) = top_at(&mounts, staging) else {
+            return Err(Error::FailedPrecondition(format!("volume is not staged: nothing is mounted at {}", staging.display())));
+        };
+        if let Some(top) = top_at(&mounts, target) {
+            // A bind shows the same device and the same root inside the filesystem as its source.
+            if top.major_minor != staged.major_minor || top.root != staged.root {
+                return Err(Error::AlreadyExists(format!(
+                    "target path {} already has {} ({}) mounted, not the volume staged at {}",
+                    target.display(),
+                    top.source,
+                    top.root.display(),
+                    staging.display()
+                )));
+            }
+            return check_readonly(top, readonly, staged.mount_options.iter().any(|o| o == "ro"), target);
+        }
+        create_dir(target)?;
+        let mut options = mount_flags.to_vec();
+        if readonly && !options.iter().any(|o| o == "ro") {
+            options.push("ro".into());
+        }
+        self.mounter.bind(staging, target, &options).await
     }
 
     /// Bind-mounts the device node onto `target` (created as a file), read-only when asked.
-    /// Idempotent.
+    /// Idempotent, like [`Node::publish_filesystem`].
     pub async fn publish_block(&self, device: &Path, target: &Path, readonly: bool) -> Result<()> {
-        let _ = (device, target, readonly);
-        Err(crate::error::Error::Unimplemented("publish_block".into()))
+        match std::fs::metadata(device) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!("device {} of the volume does not exist on this node", device.display())));
+            }
+            other => other.context(|| format!("checking device {}", device.display()))?,
+        };
+        let mounts = self.mounter.mounts()?;
+        if let Some(top) = top_at(&mounts, target) {
+            if !same_block_bind(top, target, device) {
+                return Err(Error::AlreadyExists(format!(
+                    "target path {} already has {} mounted, not device {}",
+                    target.display(),
+                    top.root.display(),
+                    device.display()
+                )));
+            }
+            return check_readonly(top, readonly, false, target);
+        }
+        match std::fs::symlink_metadata(target) {
+            Ok(m) if m.is_dir() => {
+                return Err(Error::FailedPrecondition(format!(
+                    "target path {} is a directory; a raw block volume is published on a file",
+                    target.display()
+                )));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = target.parent() {
+                    create_dir(parent)?;
+                }
+                // create(true) without truncate: a file that appeared meanwhile is reused, never emptied.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(target)
+                    .context(|| format!("creating the target file {}", target.display()))?;
+            }
+            Err(e) => return Err(Error::io(format!("checking target path {}", target.display()), e)),
+        }
+        let options: Vec<String> = if readonly { vec!["ro".into()] } else { vec![] };
+        self.mounter.bind(device, target, &options).await
     }
 
-    /// Unmounts `target` and removes it (idempotent).
+    /// Unmounts `target` and removes it (idempotent). Only an empty directory or a file is
+    /// removed: a directory that still has content after every unmount is FAILED_PRECONDITION,
+    /// since deleting it would delete data.
     pub async fn unpublish(&self, target: &Path) -> Result<()> {
-        let _ = target;
-        Err(crate::error::Error::Unimplemented("unpublish".into()))
+        self.unmount_all(target).await?;
+        let meta = match std::fs::symlink_metadata(target) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            other => other.context(|| format!("checking target path {}", target.display()))?,
+        };
+        let removed = if meta.is_dir() { std::fs::remove_dir(target) } else { std::fs::remove_file(target) };
+        match removed {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Err(Error::FailedPrecondition(format!(
+                "target path {} is unmounted but not empty; holdfast does not delete its content (check what wrote there)",
+                target.display()
+            ))),
+            Err(e) => Err(Error::io(format!("removing target path {}", target.display()), e)),
+        }
+    }
+
+    /// Unmounts every layer mounted at `path`; nothing mounted (or no such path) is success.
+    async fn unmount_all(&self, path: &Path) -> Result<()> {
+        for _ in 0..MAX_LAYERS {
+            let mounts = self.mounter.mounts()?;
+            let Some(top) = top_at(&mounts, path) else {
+                return Ok(());
+            };
+            // Unmount the path as the kernel names it (symlinks resolved).
+            match self.mounter.unmount(&top.mount_point).await {
+                Ok(()) | Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Internal(format!("{} is still mounted after {MAX_LAYERS} unmounts", path.display())))
     }
 
     /// Grows the filesystem mounted at `mount_path` (on `device`) to fill the device, online.
     /// Returns the new filesystem size in bytes.
     pub async fn expand_filesystem(&self, device: &Path, mount_path: &Path) -> Result<u64> {
-        let _ = (device, mount_path);
-        Err(crate::error::Error::Unimplemented("expand_filesystem".into()))
+        let mounts = self.mounter.mounts()?;
+        let Some(top) = top_at(&mounts, mount_path) else {
+            return Err(Error::FailedPrecondition(format!("cannot grow the filesystem: nothing is mounted at {}", mount_path.display())));
+        };
+        let Some(sig) = format::probe(self.exec.as_ref(), device).await? else {
+            return Err(Error::FailedPrecondition(format!("cannot grow the filesystem: {} holds none", device.display())));
+        };
+        format::grow(self.exec.as_ref(), &sig.kind, device, &top.mount_point).await?;
+        Ok(self.stats(mount_path)?.total_bytes)
     }
 
     /// Whether `path` is a mount point (per `/proc/self/mountinfo`).
     pub fn is_mounted(&self, path: &Path) -> Result<bool> {
-        let _ = path;
-        Err(crate::error::Error::Unimplemented("is_mounted".into()))
+        Ok(top_at(&self.mounter.mounts()?, path).is_some())
     }
 
-    /// Usage of the filesystem at `path` (statvfs), or of the block device at `path`.
+    /// Health of a staged or published volume at `path`: [`Condition::Abnormal`] when nothing
+    /// is mounted there any more, when the filesystem turned read-only under a read-write mount
+    /// (the kernel does that after I/O errors), when `path` is no longer the block device it
+    /// should be (`expect_block`: a published raw block volume), or when the device behind the
+    /// mount is gone (removed, or a loop device whose backing file was deleted). A mount table
+    /// that cannot be read is reported as abnormal too, with the reason.
+    pub fn condition(&self, path: &Path, expect_block: bool) -> Condition {
+        match self.check(path, expect_block) {
+            Ok(None) => Condition::Healthy,
+            Ok(Some(why)) => Condition::Abnormal(why),
+            Err(e) => Condition::Abnormal(format!("cannot check {}: {e}", path.display())),
+        }
+    }
+
+    fn check(&self, path: &Path, expect_block: bool) -> Result<Option<String>> {
+        let mounts = self.mounter.mounts()?;
+        let Some(top) = top_at(&mounts, path) else {
+            return Ok(Some(format!("nothing is mounted at {} any more", path.display())));
+        };
+        if expect_block {
+            let meta = match std::fs::metadata(path) {
+                Ok(m) => m,
+                Err(e) => return Ok(Some(format!("cannot reach the device at {}: {e}", path.display()))),
+            };
+            if !meta.file_type().is_block_device() {
+                return Ok(Some(format!("{} is not a block device any more", path.display())));
+            }
+            return Ok(device_health(meta.rdev(), &path.display().to_string()));
+        }
+        let mount_rw = top.mount_options.iter().any(|o| o == "rw");
+        if mount_rw && top.super_options.iter().any(|o| o == "ro") {
+            return Ok(Some(format!(
+                "the {} filesystem at {} has become read-only although it is mounted read-write \
+                 (the kernel does this after I/O errors; see dmesg)",
+                top.fs_type,
+                path.display()
+            )));
+        }
+        if top.source.starts_with("/dev/") {
+            return Ok(match std::fs::metadata(&top.source) {
+                Ok(m) if m.file_type().is_block_device() => device_health(m.rdev(), &top.source),
+                Ok(_) => Some(format!("{} behind {} is not a block device any more", top.source, path.display())),
+                Err(e) => Some(format!("device {} behind {} is gone: {e}", top.source, path.display())),
+            });
+        }
+        Ok(None)
+    }
+
+    /// Usage of the filesystem at `path` (statvfs), or of the block device at `path`. For a
+    /// block device only `total_bytes` is known (used and available are 0, inodes `None`).
+    /// A filesystem path with nothing mounted is NOT_FOUND: statvfs would describe whatever
+    /// filesystem holds the empty directory, not the volume.
     pub fn stats(&self, path: &Path) -> Result<Stats> {
-        let _ = path;
-        Err(crate::error::Error::Unimplemented("stats".into()))
+        let meta = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!("volume path {} does not exist", path.display())));
+            }
+            other => other.context(|| format!("checking volume path {}", path.display()))?,
+        };
+        if meta.file_type().is_block_device() {
+            return Ok(Stats { total_bytes: format::size_of(path)?, ..Stats::default() });
+        }
+        if !self.is_mounted(path)? {
+            return Err(Error::NotFound(format!("nothing is mounted at volume path {}", path.display())));
+        }
+        let st = nix::sys::statvfs::statvfs(path).map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
+        let frsize: u64 = st.fragment_size();
+        let (blocks, bfree, bavail): (u64, u64, u64) = (st.blocks(), st.blocks_free(), st.blocks_available());
+        let (files, ffree): (u64, u64) = (st.files(), st.files_free());
+        // btrfs allocates inodes dynamically and reports 0 of them: unknown, not "none left".
+        let inodes = |v: u64| (files > 0).then_some(v);
+        Ok(Stats {
+            total_bytes: blocks * frsize,
+            available_bytes: bavail * frsize,
+            used_bytes: blocks.saturating_sub(bfree) * frsize,
+            total_inodes: inodes(files),
+            free_inodes: inodes(ffree),
+            used_inodes: inodes(files.saturating_sub(ffree)),
+        })
+    }
+}
+
+/// The topmost mount at `path`, matched as given and, failing that, with symlinks resolved
+/// (the kernel shows canonical paths). The plain match comes first so a dead NFS mount named
+/// exactly is found without touching it.
+fn top_at<'a>(mounts: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
+    mountinfo::top_at(mounts, path).or_else(|| {
+        let canonical = std::fs::canonicalize(path).ok()?;
+        (canonical != path).then(|| mountinfo::top_at(mounts, &canonical)).flatten()
+    })
+}
+
+/// Whether the mount `m` is of `device`: the same path (as given or resolved, e.g.
+/// `/dev/vg/lv` → `/dev/dm-3`) or the same device number.
+fn same_device(m: &MountInfo, device: &Path) -> bool {
+    if Path::new(&m.source) == device {
+        return true;
+    }
+    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&m.source), std::fs::canonicalize(device)) {
+        if a == b {
+            return true;
+        }
+    }
+    // btrfs shows an anonymous device number, so this only backs up the path checks.
+    std::fs::metadata(device)
+        .ok()
+        .filter(|meta| meta.file_type().is_block_device())
+        .is_some_and(|meta| dev_name(meta.rdev()) == m.major_minor)
+}
+
+/// Whether `m`, the mount at `target`, is `device` bound onto it: `target` then is that
+/// device node. (The recording fake binds nothing real, so the mount's root names the source.)
+fn same_block_bind(m: &MountInfo, target: &Path, device: &Path) -> bool {
+    match (std::fs::metadata(target), std::fs::metadata(device)) {
+        (Ok(t), Ok(d)) if t.file_type().is_block_device() && d.file_type().is_block_device() => t.rdev() == d.rdev(),
+        _ => m.root == device || Path::new(&m.source) == device,
+    }
+}
+
+/// Whether two mount sources name the same thing (NFS sources differ only by a trailing `/`).
+fn same_source(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// An existing publish is only the same publish when its read-only mode is the requested one.
+/// A read-write request on a volume staged read-only inherits `ro`; that is still a match.
+fn check_readonly(existing: &MountInfo, readonly: bool, staged_ro: bool, target: &Path) -> Result<()> {
+    let is_ro = existing.mount_options.iter().any(|o| o == "ro");
+    if is_ro == readonly || (is_ro && staged_ro) {
+        return Ok(());
+    }
+    let mode = |ro: bool| if ro { "read-only" } else { "read-write" };
+    Err(Error::AlreadyExists(format!(
+        "the volume is already published {} at {}; this request asks for {}",
+        mode(is_ro),
+        target.display(),
+        mode(readonly)
+    )))
+}
+
+fn dev_name(rdev: u64) -> String {
+    format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev))
+}
+
+/// What is wrong with block device `rdev` (named `name` in messages), per sysfs: gone, or a
+/// loop device whose backing file was detached or deleted.
+fn device_health(rdev: u64, name: &str) -> Option<String> {
+    let sys = PathBuf::from("/sys/dev/block").join(dev_name(rdev));
+    if !sys.exists() {
+        return Some(format!("device {name} ({}) is gone", dev_name(rdev)));
+    }
+    if std::fs::read_to_string(sys.join("size")).is_ok_and(|s| s.trim() == "0") {
+        return Some(format!("device {name} has size 0 (a loop device detached from its file?)"));
+    }
+    if sys.join("loop").exists() {
+        return match std::fs::read_to_string(sys.join("loop/backing_file")) {
+            Ok(f) if f.trim_end().ends_with("(deleted)") => {
+                Some(format!("the backing file of loop device {name} was deleted ({})", f.trim_end()))
+            }
+            Ok(_) => None,
+            Err(_) => Some(format!("loop device {name} has no backing file any more")),
+        };
+    }
+    None
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).context(|| format!("creating directory {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::{FakeExec, Reply};
+    use mount::{FakeMounter, MountCall};
+
+    /// A node over fakes, a scratch directory, and a non-empty "device" file that `probe`
+    /// accepts (its signature comes from the scripted blkid answer).
+    struct Rig {
+        exec: Arc<FakeExec>,
+        mounter: Arc<FakeMounter>,
+        node: Node,
+        dir: tempfile::TempDir,
+        device: PathBuf,
+    }
+
+    fn rig(blkid: Vec<Reply>) -> Rig {
+        let exec = Arc::new(FakeExec::new());
+        exec.on("blkid", blkid);
+        let mounter = Arc::new(FakeMounter::new());
+        let node = Node::new(exec.clone(), mounter.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let device = dir.path().join("dev-loop9");
+        std::fs::File::create(&device).unwrap().set_len(1 << 20).unwrap();
+        Rig { exec, mounter, node, dir, device }
+    }
+
+    impl Rig {
+        fn path(&self, p: &str) -> PathBuf {
+            self.dir.path().join(p)
+        }
+        fn progs(&self) -> Vec<String> {
+            self.exec.calls().iter().map(|c| c[0].clone()).collect()
+        }
+        fn mounts(&self) -> Vec<MountCall> {
+            self.mounter.calls().into_iter().filter(|c| !matches!(c, MountCall::Unmount { .. })).collect()
+        }
+        async fn stage(&self, fs: &str) -> Result<()> {
+            self.node.stage_filesystem(&Attachment::Device(self.device.clone()), &self.path("stage"), fs, &["noatime".into()]).await
+        }
+    }
+
+    const BLANK: fn() -> Reply = || Reply::Fail(2, String::new());
+    fn found(kind: &str) -> Reply {
+        Reply::Ok(format!("DEVNAME=/dev/loop9\nUUID=u-1\nTYPE={kind}\n"))
+    }
+
+    #[tokio::test]
+    async fn stage_formats_only_blank_devices() {
+        struct Case {
+            name: &'static str,
+            blkid: Vec<Reply>,
+            fs: &'static str,
+            want_progs: &'static [&'static str],
+            want_mount: Option<(&'static str, &'static [&'static str])>,
+            want_err: Option<&'static str>,
+        }
+        let cases = [
+            Case {
+                name: "blank device gets the requested filesystem",
+                blkid: vec![BLANK(), BLANK(), found("ext4")],
+                fs: "ext4",
+                want_progs: &["blkid", "blkid", "mkfs.ext4", "blkid"],
+                want_mount: Some(("ext4", &["noatime"])),
+                want_err: None,
+            },
+            Case {
+                name: "existing xfs is mounted as is, with nouuid",
+                blkid: vec![found("xfs")],
+                fs: "xfs",
+                want_progs: &["blkid"],
+                want_mount: Some(("xfs", &["noatime", "nouuid"])),
+                want_err: None,
+            },
+            Case {
+                name: "no fs_type accepts the filesystem found",
+                blkid: vec![found("btrfs")],
+                fs: "",
+                want_progs: &["blkid"],
+                want_mount: Some(("btrfs", &["noatime"])),
+                want_err: None,
+            },
+            Case {
+                name: "another filesystem is refused",
+                blkid: vec![found("ext4")],
+                fs: "xfs",
+                want_progs: &["blkid"],
+                want_mount: None,
+                want_err: Some("holds \"ext4\""),
+            },
+            Case {
+                name: "a non-filesystem signature is refused",
+                blkid: vec![found("LVM2_member")],
+                fs: "ext4",
+                want_progs: &["blkid"],
+                want_mount: None,
+                want_err: Some("never formats a device that is not blank"),
+            },
+            Case {
+                name: "a partition table is refused",
+                blkid: vec![Reply::Ok("DEVNAME=/dev/loop9\nPTTYPE=gpt\n".into())],
+                fs: "ext4",
+                want_progs: &["blkid"],
+                want_mount: None,
+                want_err: Some("gpt partition table"),
+            },
+            Case {
+                name: "several signatures are refused",
+                blkid: vec![Reply::Fail(8, "ambivalent result".into())],
+                fs: "ext4",
+                want_progs: &["blkid"],
+                want_mount: None,
+                want_err: Some("several signatures"),
+            },
+            Case {
+                name: "a probe failure is not blank",
+                blkid: vec![Reply::Fail(2, "blkid: error: /dev/loop9: Input/output error".into())],
+                fs: "ext4",
+                want_progs: &["blkid"],
+                want_mount: None,
+                want_err: Some("Input/output error"),
+            },
+            Case {
+                name: "blank without fs_type",
+                blkid: vec![BLANK()],
+                fs: "",
+                want_progs: &["blkid"],
+                want_mount: None,
+                want_err: Some("no filesystem type was requested"),
+            },
+        ];
+        for c in cases {
+            let r = rig(c.blkid);
+            let got = r.stage(c.fs).await;
+            assert_eq!(r.progs(), c.want_progs, "{}", c.name);
+            match (got, c.want_err) {
+                (Ok(()), None) => {}
+                (Err(e), Some(want)) => {
+                    assert!(e.to_string().contains(want), "{}: {e}", c.name);
+                    if want != "Input/output error" && want != "no filesystem type was requested" {
+                        assert!(matches!(e, Error::FailedPrecondition(_)), "{}: {e:?}", c.name);
+                    }
+                }
+                (got, want) => panic!("{}: got {got:?}, want error {want:?}", c.name),
+            }
+            let want_mounts: Vec<MountCall> = c
+                .want_mount
+                .map(|(fs, opts)| MountCall::Mount {
+                    source: r.device.display().to_string(),
+                    target: r.path("stage"),
+                    fs_type: fs.into(),
+                    options: opts.iter().map(|o| o.to_string()).collect(),
+                })
+                .into_iter()
+                .collect();
+            assert_eq!(r.mounts(), want_mounts, "{}", c.name);
+            assert_eq!(r.path("stage").is_dir(), c.want_mount.is_some(), "{}: staging dir", c.name);
+        }
+    }
+
+    #[tokio::test]
+    async fn stage_is_idempotent_and_guards_the_staging_path() {
+        let r = rig(vec![BLANK(), BLANK(), found("ext4")]);
+        r.stage("ext4").await.unwrap();
+        r.stage("ext4").await.unwrap();
+        assert_eq!(r.progs().iter().filter(|p| *p == "mkfs.ext4").count(), 1);
+        assert_eq!(r.mounts().len(), 1, "second stage must not mount again");
+
+        let r = rig(vec![found("ext4")]);
+        r.mounter.add_mount("/dev/sdz", &r.path("stage"), "ext4", &["rw"]);
+        let err = r.stage("ext4").await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)) && err.to_string().contains("/dev/sdz"), "{err}");
+        assert!(r.exec.calls().is_empty(), "nothing probed or formatted: {:?}", r.exec.lines());
+    }
+
+    #[tokio::test]
+    async fn stage_mount_attachment() {
+        let r = rig(vec![]);
+        let att = Attachment::Mount { source: "srv:/export/v1".into(), fs_type: "nfs".into(), options: vec!["vers=4.2".into()] };
+        let flags = vec!["noatime".to_string(), "vers=4.2".to_string()];
+        r.node.stage_filesystem(&att, &r.path("stage"), "ext4", &flags).await.unwrap();
+        r.node.stage_filesystem(&att, &r.path("stage"), "ext4", &flags).await.unwrap();
+        assert_eq!(
+            r.mounts(),
+            [MountCall::Mount {
+                source: "srv:/export/v1".into(),
+                target: r.path("stage"),
+                fs_type: "nfs".into(),
+                options: vec!["vers=4.2".into(), "noatime".into()]
+            }]
+        );
+        assert!(r.exec.calls().is_empty(), "a mount attachment is never probed");
+        let other = Attachment::Mount { source: "srv:/export/v2".into(), fs_type: "nfs".into(), options: vec![] };
+        assert!(matches!(r.node.stage_filesystem(&other, &r.path("stage"), "", &[]).await, Err(Error::AlreadyExists(_))));
+    }
+
+    #[tokio::test]
+    async fn publish_filesystem_binds_once_with_the_requested_mode() {
+        let r = rig(vec![found("ext4")]);
+        let (stage, target) = (r.path("stage"), r.path("pods/p1/mount"));
+        let err = r.node.publish_filesystem(&stage, &target, false, &[]).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains("volume is not staged"), "{err}");
+
+        r.stage("ext4").await.unwrap();
+        let flags = vec!["nosuid".to_string()];
+        r.node.publish_filesystem(&stage, &target, true, &flags).await.unwrap();
+        r.node.publish_filesystem(&stage, &target, true, &flags).await.unwrap();
+        assert!(target.is_dir());
+        let binds: Vec<MountCall> = r.mounts().into_iter().filter(|c| matches!(c, MountCall::Bind { .. })).collect();
+        assert_eq!(binds, [MountCall::Bind { source: stage.clone(), target: target.clone(), options: vec!["nosuid".into(), "ro".into()] }]);
+        assert!(r.node.is_mounted(&target).unwrap());
+
+        let err = r.node.publish_filesystem(&stage, &target, false, &[]).await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)) && err.to_string().contains("read-only"), "{err}");
+
+        let foreign = r.path("pods/p2/mount");
+        r.mounter.add_mount("tmpfs", &foreign, "tmpfs", &["rw"]);
+        assert!(matches!(r.node.publish_filesystem(&stage, &foreign, false, &[]).await, Err(Error::AlreadyExists(_))));
+    }
+
+    #[tokio::test]
+    async fn publish_block_creates_a_file_and_binds_the_device() {
+        let r = rig(vec![]);
+        let target = r.path("publish/pvc-1/pod-1");
+        r.node.publish_block(&r.device, &target, true).await.unwrap();
+        r.node.publish_block(&r.device, &target, true).await.unwrap();
+        assert!(std::fs::metadata(&target).unwrap().is_file());
+        assert_eq!(r.mounts(), [MountCall::Bind { source: r.device.clone(), target: target.clone(), options: vec!["ro".into()] }]);
+        assert!(matches!(r.node.publish_block(&r.device, &target, false).await, Err(Error::AlreadyExists(_))));
+        assert!(matches!(r.node.publish_block(&r.path("no-such-dev"), &r.path("t2"), false).await, Err(Error::NotFound(_))));
+        std::fs::create_dir(r.path("a-dir")).unwrap();
+        assert!(matches!(r.node.publish_block(&r.device, &r.path("a-dir"), false).await, Err(Error::FailedPrecondition(_))));
+
+        r.node.unpublish(&target).await.unwrap();
+        assert!(!target.exists());
+        assert!(!r.node.is_mounted(&target).unwrap());
+    }
+
+    #[tokio::test]
+    async fn unpublish_and_unstage_are_idempotent() {
+        let r = rig(vec![found("xfs")]);
+        let (stage, target) = (r.path("stage"), r.path("target"));
+        // Missing paths are success, and nothing is unmounted.
+        r.node.unpublish(&target).await.unwrap();
+        r.node.unstage(&stage).await.unwrap();
+        assert!(r.mounter.calls().is_empty());
+
+        r.stage("xfs").await.unwrap();
+        r.node.publish_filesystem(&stage, &target, false, &[]).await.unwrap();
+        // A second layer on the target (e.g. a publish retried after a crash) is peeled too.
+        r.mounter.add_mount("tmpfs", &target, "tmpfs", &["rw"]);
+        r.node.unpublish(&target).await.unwrap();
+        r.node.unpublish(&target).await.unwrap();
+        assert!(!target.exists() && !r.node.is_mounted(&target).unwrap());
+        r.node.unstage(&stage).await.unwrap();
+        r.node.unstage(&stage).await.unwrap();
+        assert!(!r.node.is_mounted(&stage).unwrap());
+        assert!(stage.is_dir(), "the staging directory belongs to the CO");
+        let unmounts = r.mounter.calls().into_iter().filter(|c| matches!(c, MountCall::Unmount { .. })).count();
+        assert_eq!(unmounts, 3);
+    }
+
+    #[tokio::test]
+    async fn unpublish_never_deletes_content() {
+        let r = rig(vec![]);
+        let target = r.path("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("data"), b"precious").unwrap();
+        let err = r.node.unpublish(&target).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        assert_eq!(std::fs::read(target.join("data")).unwrap(), b"precious");
+    }
+
+    #[tokio::test]
+    async fn unstage_reports_a_failed_unmount() {
+        let r = rig(vec![found("ext4")]);
+        r.stage("ext4").await.unwrap();
+        r.mounter.fail_next("unmount", "target is busy");
+        let err = r.node.unstage(&r.path("stage")).await.unwrap_err();
+        assert!(err.to_string().contains("busy"), "{err}");
+        assert!(r.node.is_mounted(&r.path("stage")).unwrap());
+    }
+
+    #[tokio::test]
+    async fn expand_grows_the_filesystem_found_on_the_device() {
+        let r = rig(vec![found("xfs")]);
+        let err = r.node.expand_filesystem(&r.device, &r.path("stage")).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        // The fake mount is not real, so statvfs fails after the grow; the argv is what matters here.
+        r.stage("xfs").await.unwrap();
+        let _ = r.node.expand_filesystem(&r.device, &r.path("stage")).await;
+        assert_eq!(r.exec.lines().last().unwrap(), &format!("xfs_growfs -d {}", r.path("stage").display()));
+    }
+
+    #[test]
+    fn condition_reports_lost_and_read_only_mounts() {
+        let r = rig(vec![]);
+        let line = |mp: &str, mount: &str, sb: &str, source: &str| MountInfo {
+            id: 1,
+            parent: 1,
+            major_minor: "0:99".into(),
+            root: "/".into(),
+            mount_point: r.path(mp),
+            mount_options: vec![mount.into()],
+            fs_type: "ext4".into(),
+            source: source.into(),
+            super_options: vec![sb.into()],
+        };
+        r.mounter.add_line(line("healthy", "rw", "rw", "tank/v"));
+        r.mounter.add_line(line("published-ro", "ro", "rw", "tank/v"));
+        r.mounter.add_line(line("errors", "rw", "ro", "tank/v"));
+        r.mounter.add_line(line("gone", "rw", "rw", "/dev/holdfast-no-such-device"));
+        struct Case {
+            path: &'static str,
+            block: bool,
+            want: Option<&'static str>,
+        }
+        let cases = [
+            Case { path: "healthy", block: false, want: None },
+            Case { path: "published-ro", block: false, want: None },
+            Case { path: "errors", block: false, want: Some("read-only") },
+            Case { path: "gone", block: false, want: Some("is gone") },
+            Case { path: "unmounted", block: false, want: Some("nothing is mounted") },
+            Case { path: "healthy", block: true, want: Some("cannot reach") },
+        ];
+        for c in cases {
+            match (r.node.condition(&r.path(c.path), c.block), c.want) {
+                (Condition::Healthy, None) => {}
+                (Condition::Abnormal(m), Some(want)) => assert!(m.contains(want), "{}: {m}", c.path),
+                (got, want) => panic!("{}: got {got:?}, want {want:?}", c.path),
+            }
+        }
+    }
+
+    #[test]
+    fn stats_refuses_an_unmounted_directory() {
+        let r = rig(vec![]);
+        std::fs::create_dir(r.path("empty")).unwrap();
+        assert!(matches!(r.node.stats(&r.path("empty")), Err(Error::NotFound(_))));
+        assert!(matches!(r.node.stats(&r.path("missing")), Err(Error::NotFound(_))));
     }
 }

@@ -22,6 +22,17 @@ pub fn round_up_mib(bytes: u64) -> u64 {
     bytes.max(1).div_ceil(MIB).saturating_mul(MIB)
 }
 
+/// Opens the pool a `[[pool]]` table describes.
+pub fn open(cfg: &crate::config::PoolConfig, exec: std::sync::Arc<dyn crate::exec::Exec>) -> Result<std::sync::Arc<dyn Pool>> {
+    match cfg.kind() {
+        PoolKind::File => Ok(std::sync::Arc::new(file::FilePool::new(cfg, exec)?)),
+        kind => Err(crate::error::Error::Unimplemented(format!(
+            "pool {:?}: {kind} pools are not supported yet by this build of holdfast; use a file pool",
+            cfg.name()
+        ))),
+    }
+}
+
 /// What a new volume is filled from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -121,6 +132,11 @@ pub trait Pool: Send + Sync {
     fn kind(&self) -> PoolKind;
     /// The filesystem for filesystem volumes whose request names none.
     fn default_fs(&self) -> &str;
+    /// Whether this pool understands the StorageClass parameter `key` (beyond the ones the CSI
+    /// layer itself handles). Unknown keys are rejected so a typo never goes unnoticed.
+    fn accepts_parameter(&self, _key: &str) -> bool {
+        false
+    }
 
     /// Creates a volume, or returns the existing one when it was made by the same request.
     /// Same name, different capacity/kind/source → `AlreadyExists`. No room → `ResourceExhausted`.

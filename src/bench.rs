@@ -1,0 +1,396 @@
+//! `holdfast bench`: measures a running driver through its CSI socket. The driver's idle
+//! memory (`/proc/PID/status`), CreateVolume / DeleteVolume latency over sequential calls, and
+//! the time to a ready-to-use ext4 volume (CreateVolume, NodeStage, NodePublish) against the same
+//! made by hand with `truncate`, `losetup`, `mkfs.ext4` and `mount` in the same run.
+//!
+//! Everything the benchmark creates is removed again, also after a failure; inside the work
+//! directory it only ever removes what it created itself, and directories only when empty.
+
+pub mod by_hand;
+pub mod report;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use tonic::transport::Channel;
+
+use crate::ctl::request::{Access, capacity, parse_key_value, parse_size_arg, to_map, volume_capability};
+use crate::ctl::show::status;
+use crate::exec::RealExec;
+use crate::proto::controller_client::ControllerClient;
+use crate::proto::identity_client::IdentityClient;
+use crate::proto::node_client::NodeClient;
+use crate::proto::{
+    CreateVolumeRequest, DeleteVolumeRequest, GetPluginInfoRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
+    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
+};
+use report::{MemoryReport, Report};
+use stats::{Summary, read_memory};
+
+/// `holdfast bench` arguments.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// The driver's CSI endpoint (it must serve Identity, Controller and Node: all-in-one).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///run/holdfast/csi.sock")]
+    pub endpoint: String,
+    /// How many sequential CreateVolume (then DeleteVolume) calls to time; 0 skips them.
+    #[arg(long, default_value_t = 200)]
+    pub count: usize,
+    /// Size of every volume.
+    #[arg(long, value_parser = parse_size_arg, default_value = "1GiB")]
+    pub size: u64,
+    /// How many times to make a ready-to-use volume, with holdfast and by hand; 0 skips it.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+    /// Where the by-hand files, staging and target paths go (a fresh subdirectory is made and
+    /// removed). Put it on the same filesystem as the pool for a fair comparison.
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// The driver's pid: its memory is read from /proc/PID/status.
+    #[arg(long)]
+    pub driver_pid: Option<u32>,
+    /// A CreateVolume parameter (pool=NAME); repeat for several.
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub params: Vec<(String, String)>,
+    /// Print the results as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The times to one ready-to-use volume, step by step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Phases {
+    /// CreateVolume, or `truncate`.
+    pub create: Duration,
+    /// NodeStageVolume, or `losetup` + `mkfs.ext4` + `mount`.
+    pub stage: Duration,
+    /// NodePublishVolume, or `mount --bind`.
+    pub publish: Duration,
+    /// Unpublish + unstage + delete, or `umount` ×2 + `losetup -d` + `rm`.
+    pub teardown: Duration,
+}
+
+impl Phases {
+    /// From nothing to a volume a container can use.
+    pub fn ready(&self) -> Duration {
+        self.create + self.stage + self.publish
+    }
+}
+
+/// Runs the benchmark and prints the report.
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let channel = crate::endpoint::connect(&args.endpoint).await?;
+    let plugin = IdentityClient::new(channel.clone()).get_plugin_info(GetPluginInfoRequest {}).await.map_err(|s| status(&s))?.into_inner();
+    let csi = Csi::new(channel, &args)?;
+    let scratch = Scratch::create(args.workdir.as_deref())?;
+    // Distinct names across runs, so a run never meets the leftovers of an interrupted one.
+    let run_id =
+        format!("{:x}{:x}", std::process::id(), SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs());
+    let memory = |pid: Option<u32>| pid.map(read_memory).transpose();
+
+    let idle = memory(args.driver_pid)?;
+    let latency = create_delete_latency(&csi, args.count, &run_id).await;
+    let after_creates = memory(args.driver_pid)?;
+    let (create, delete, after_creates) = match latency {
+        Ok((c, d, m)) => (c, d, m.or(after_creates)),
+        Err(e) => return scratch.finish(Err(e)),
+    };
+    let rounds = compare_ready(&csi, &scratch, args.repeat, &run_id).await;
+    let rounds = scratch.finish(rounds)?;
+    let end = memory(args.driver_pid)?;
+
+    let report = Report {
+        driver: format!("{} {}", plugin.name, plugin.vendor_version),
+        endpoint: args.endpoint.clone(),
+        memory: match (args.driver_pid, idle, after_creates, end) {
+            (Some(pid), Some(idle), Some(after_creates), Some(end)) => Some(MemoryReport { pid, idle, after_creates, end }),
+            _ => None,
+        },
+        size: args.size,
+        create,
+        delete,
+        rounds,
+    };
+    if args.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}
+
+/// The CSI clients and the request parts every call of the benchmark shares.
+struct Csi {
+    controller: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+    size: u64,
+    params: HashMap<String, String>,
+    capability: VolumeCapability,
+    driver_pid: Option<u32>,
+}
+
+impl Csi {
+    fn new(channel: Channel, args: &BenchArgs) -> Result<Csi, String> {
+        Ok(Csi {
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+            size: args.size,
+            params: to_map(&args.params, "parameter")?,
+            capability: volume_capability(&Access { fs: Some("ext4".into()), ..Access::default() })?,
+            driver_pid: args.driver_pid,
+        })
+    }
+
+    async fn create(&self, name: &str) -> Result<String, String> {
+        let req = CreateVolumeRequest {
+            name: name.to_owned(),
+            capacity_range: Some(capacity(self.size)),
+            volume_capabilities: vec![self.capability.clone()],
+            parameters: self.params.clone(),
+            ..Default::default()
+        };
+        let resp = self.controller.clone().create_volume(req).await.map_err(|s| format!("CreateVolume {name}: {}", status(&s)))?;
+        resp.into_inner().volume.map(|v| v.volume_id).ok_or_else(|| format!("CreateVolume {name}: the answer has no volume"))
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), String> {
+        let req = DeleteVolumeRequest { volume_id: id.to_owned(), ..Default::default() };
+        self.controller.clone().delete_volume(req).await.map(drop).map_err(|s| format!("DeleteVolume {id}: {}", status(&s)))
+    }
+
+    async fn stage(&self, id: &str, staging: &str) -> Result<(), String> {
+        let req = NodeStageVolumeRequest {
+            volume_id: id.to_owned(),
+            staging_target_path: staging.to_owned(),
+            volume_capability: Some(self.capability.clone()),
+            ..Default::default()
+        };
+        self.node.clone().node_stage_volume(req).await.map(drop).map_err(|s| format!("NodeStageVolume {id}: {}", status(&s)))
+    }
+
+    async fn publish(&self, id: &str, staging: &str, target: &str) -> Result<(), String> {
+        let req = NodePublishVolumeRequest {
+            volume_id: id.to_owned(),
+            staging_target_path: staging.to_owned(),
+            target_path: target.to_owned(),
+            volume_capability: Some(self.capability.clone()),
+            ..Default::default()
+        };
+        self.node.clone().node_publish_volume(req).await.map(drop).map_err(|s| format!("NodePublishVolume {id}: {}", status(&s)))
+    }
+
+    async fn unpublish(&self, id: &str, target: &str) -> Result<(), String> {
+        let req = NodeUnpublishVolumeRequest { volume_id: id.to_owned(), target_path: target.to_owned() };
+        self.node.clone().node_unpublish_volume(req).await.map(drop).map_err(|s| format!("NodeUnpublishVolume {id}: {}", status(&s)))
+    }
+
+    async fn unstage(&self, id: &str, staging: &str) -> Result<(), String> {
+        let req = NodeUnstageVolumeRequest { volume_id: id.to_owned(), staging_target_path: staging.to_owned() };
+        self.node.clone().node_unstage_volume(req).await.map(drop).map_err(|s| format!("NodeUnstageVolume {id}: {}", status(&s)))
+    }
+}
+
+/// Times `count` sequential CreateVolume calls, then the DeleteVolume of each. Also returns the
+/// driver's memory between the two series. On a failure the volumes made so far are deleted.
+async fn create_delete_latency(
+    csi: &Csi,
+    count: usize,
+    run_id: &str,
+) -> Result<(Option<Summary>, Option<Summary>, Option<stats::Memory>), String> {
+    let mut ids = Vec::with_capacity(count);
+    let mut creates = Vec::with_capacity(count);
+    for i in 0..count {
+        let t = Instant::now();
+        match csi.create(&format!("bench-{run_id}-{i}")).await {
+            Ok(id) => ids.push(id),
+            Err(e) => {
+                let leftovers = delete_all(csi, &ids).await;
+                return Err(with_leftovers(format!("after {i} volumes: {e}"), leftovers));
+            }
+        }
+        creates.push(t.elapsed());
+    }
+    let memory = csi.driver_pid.map(read_memory).transpose()?;
+    let mut deletes = Vec::with_capacity(count);
+    for (i, id) in ids.iter().enumerate() {
+        let t = Instant::now();
+        if let Err(e) = csi.delete(id).await {
+            let leftovers = delete_all(csi, &ids[i + 1..]).await;
+            return Err(with_leftovers(e, leftovers));
+        }
+        deletes.push(t.elapsed());
+    }
+    Ok((Summary::of(&creates), Summary::of(&deletes), memory))
+}
+
+/// Deletes volumes after a failure, best effort; returns the ids that could not be deleted.
+async fn delete_all(csi: &Csi, ids: &[String]) -> Vec<String> {
+    let mut left = Vec::new();
+    for id in ids {
+        if csi.delete(id).await.is_err() {
+            left.push(id.clone());
+        }
+    }
+    left
+}
+
+fn with_leftovers(err: String, left: Vec<String>) -> String {
+    if left.is_empty() { err } else { format!("{err}; these volumes could not be deleted, delete them by hand: {}", left.join(", ")) }
+}
+
+/// Makes a ready-to-use volume `repeat` times with holdfast and by hand, alternating which
+/// goes first so that neither always meets a cold (or warm) page cache.
+async fn compare_ready(csi: &Csi, scratch: &Scratch, repeat: usize, run_id: &str) -> Result<Vec<(Phases, Phases)>, String> {
+    let mut rounds = Vec::with_capacity(repeat);
+    for i in 0..repeat {
+        let name = format!("bench-{run_id}-ready-{i}");
+        let (hf, hand) = if i % 2 == 0 {
+            let hf = scratch.with_dirs(&format!("holdfast-{i}"), async |p| holdfast_ready(csi, &name, p).await).await?;
+            (hf, scratch.with_dirs(&format!("hand-{i}"), async |p| by_hand::run(&RealExec, p, csi.size).await).await?)
+        } else {
+            let hand = scratch.with_dirs(&format!("hand-{i}"), async |p| by_hand::run(&RealExec, p, csi.size).await).await?;
+            (scratch.with_dirs(&format!("holdfast-{i}"), async |p| holdfast_ready(csi, &name, p).await).await?, hand)
+        };
+        rounds.push((hf, hand));
+    }
+    Ok(rounds)
+}
+
+/// What the holdfast side has set up so far, so that a failure half-way is undone exactly.
+#[derive(Debug, Default)]
+struct Made {
+    volume: Option<String>,
+    staged: bool,
+    published: bool,
+}
+
+/// CreateVolume + NodeStage + NodePublish, timed, then taken down (timed too).
+async fn holdfast_ready(csi: &Csi, name: &str, paths: &by_hand::Paths) -> Result<Phases, String> {
+    let (staging, target) = (utf8(&paths.staging)?, utf8(&paths.target)?);
+    let mut made = Made::default();
+    let set_up = async {
+        let t = Instant::now();
+        let id = csi.create(name).await?;
+        made.volume = Some(id.clone());
+        let create = t.elapsed();
+        let t = Instant::now();
+        csi.stage(&id, staging).await?;
+        made.staged = true;
+        let stage = t.elapsed();
+        let t = Instant::now();
+        csi.publish(&id, staging, target).await?;
+        made.published = true;
+        Ok::<_, String>((create, stage, t.elapsed()))
+    }
+    .await;
+    let t = Instant::now();
+    let taken_down = holdfast_take_down(csi, &made, staging, target).await;
+    let teardown = t.elapsed();
+    match (set_up, taken_down) {
+        (Ok((create, stage, publish)), Ok(())) => Ok(Phases { create, stage, publish, teardown }),
+        (Ok(_), Err(e)) => Err(format!("holdfast: taking the volume down failed: {e}")),
+        (Err(e), Ok(())) => Err(format!("holdfast: {e}")),
+        (Err(e), Err(c)) => Err(format!("holdfast: {e}; taking it down failed too: {c}")),
+    }
+}
+
+/// Unpublish, unstage, delete: whatever `made` says was done, in reverse order. Stops at the
+/// first failure: deleting a volume that is still mounted would be refused anyway.
+async fn holdfast_take_down(csi: &Csi, made: &Made, staging: &str, target: &str) -> Result<(), String> {
+    let Some(id) = &made.volume else { return Ok(()) };
+    if made.published {
+        csi.unpublish(id, target).await?;
+    }
+    if made.staged {
+        csi.unstage(id, staging).await?;
+    }
+    csi.delete(id).await
+}
+
+fn utf8(p: &Path) -> Result<&str, String> {
+    p.to_str().ok_or_else(|| format!("path {} is not UTF-8", p.display()))
+}
+
+/// The benchmark's own directory: made fresh, and removed at the end only when empty (a
+/// directory that is not empty still holds something that was not cleaned up, maybe a mount).
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn create(parent: Option<&Path>) -> Result<Scratch, String> {
+        let parent = parent.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+        let dir = parent.join(format!("holdfast-bench-{}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create the work directory {}: {e}", dir.display()))?;
+        Ok(Scratch { dir })
+    }
+
+    /// Runs `f` with fresh staging and target directories under `name`, removed afterwards.
+    async fn with_dirs<T>(&self, name: &str, f: impl AsyncFnOnce(&by_hand::Paths) -> Result<T, String>) -> Result<T, String> {
+        let base = self.dir.join(name);
+        let paths = by_hand::Paths { file: base.join("volume.img"), staging: base.join("staging"), target: base.join("target") };
+        for d in [&base, &paths.staging, &paths.target] {
+            std::fs::create_dir(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        }
+        let result = f(&paths).await;
+        // remove_dir, never remove_dir_all: a directory still holding a mount must stay.
+        let removed = [&paths.target, &paths.staging, &base].iter().try_for_each(|d| {
+            std::fs::remove_dir(d).map_err(|e| format!("cannot remove {}: {e} (is something still mounted there?)", d.display()))
+        });
+        let value = result?;
+        removed.map(|()| value)
+    }
+
+    /// Removes the directory and passes `result` on; a failure to remove is reported with it.
+    fn finish<T>(&self, result: Result<T, String>) -> Result<T, String> {
+        let removed = std::fs::remove_dir(&self.dir).map_err(|e| format!("cannot remove the work directory {}: {e}", self.dir.display()));
+        match (result, removed) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Ok(_), Err(e)) => Err(e),
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(r)) => Err(format!("{e}; {r}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_add_up() {
+        let p = Phases {
+            create: Duration::from_millis(1),
+            stage: Duration::from_millis(2),
+            publish: Duration::from_millis(3),
+            teardown: Duration::from_secs(9),
+        };
+        assert_eq!(p.ready(), Duration::from_millis(6));
+    }
+
+    #[tokio::test]
+    async fn scratch_directories_are_fresh_and_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let scratch = Scratch::create(Some(parent.path())).unwrap();
+        assert!(Scratch::create(Some(parent.path())).is_err(), "a second run must not share the directory");
+        let seen = scratch.with_dirs("a", async |p| Ok((p.staging.is_dir(), p.target.is_dir(), p.file.exists()))).await.unwrap();
+        assert_eq!(seen, (true, true, false));
+        // Something left inside is never deleted: the error says so and the data stays.
+        let err =
+            scratch.with_dirs("b", async |p| std::fs::write(p.target.join("data"), b"x").map_err(|e| e.to_string())).await.unwrap_err();
+        assert!(err.contains("still mounted"), "{err}");
+        assert!(scratch.dir.join("b/target/data").exists());
+        assert!(scratch.finish(Ok(())).is_err());
+        std::fs::remove_dir_all(scratch.dir.join("b")).unwrap();
+        scratch.finish(Ok(())).unwrap();
+        assert!(!scratch.dir.exists());
+    }
+
+    #[test]
+    fn leftovers_are_named() {
+        assert_eq!(with_leftovers("boom".into(), vec![]), "boom");
+        assert!(with_leftovers("boom".into(), vec!["a".into(), "b".into()]).ends_with("delete them by hand: a, b"));
+    }
+}

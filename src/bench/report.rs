@@ -1,0 +1,213 @@
+//! What `holdfast bench` prints: the measurements as tables for people, or as one JSON object.
+//! Medians are taken per step; the "ready" row is the median of each round's total, not the
+//! sum of the step medians.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::Phases;
+use super::stats::{Memory, Summary, format_duration, median, ms, ratio};
+use crate::config::format_size;
+use crate::ctl::show::{fields, table};
+
+/// Every measurement of one run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Plugin name and version, as GetPluginInfo said.
+    pub driver: String,
+    /// The endpoint measured.
+    pub endpoint: String,
+    /// The driver's memory, when its pid was given.
+    pub memory: Option<MemoryReport>,
+    /// The size of every volume created.
+    pub size: u64,
+    /// CreateVolume latencies (`None` when `--count 0`).
+    pub create: Option<Summary>,
+    /// DeleteVolume latencies.
+    pub delete: Option<Summary>,
+    /// One (holdfast, by hand) pair per round of the ready-volume comparison.
+    pub rounds: Vec<(Phases, Phases)>,
+}
+
+/// The driver's memory at three moments.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryReport {
+    /// The driver's pid.
+    pub pid: u32,
+    /// Before the benchmark sent anything but GetPluginInfo.
+    pub idle: Memory,
+    /// Right after the CreateVolume series, before the deletes.
+    pub after_creates: Memory,
+    /// At the end; its `hwm` is the peak over the driver's life.
+    pub end: Memory,
+}
+
+/// One row of the comparison: a step and how to get its time out of [`Phases`].
+struct Step {
+    name: &'static str,
+    by_hand: &'static str,
+    time: fn(&Phases) -> Duration,
+}
+
+const STEPS: [Step; 5] = [
+    Step { name: "create", by_hand: "truncate", time: |p| p.create },
+    Step { name: "stage", by_hand: "losetup, mkfs.ext4, mount", time: |p| p.stage },
+    Step { name: "publish", by_hand: "mount --bind", time: |p| p.publish },
+    Step { name: "ready", by_hand: "create + stage + publish", time: Phases::ready },
+    Step { name: "teardown", by_hand: "umount x2, losetup -d, rm", time: |p| p.teardown },
+];
+
+/// The median of one step over the rounds: (holdfast, by hand).
+fn step_medians(rounds: &[(Phases, Phases)], time: fn(&Phases) -> Duration) -> Option<(Duration, Duration)> {
+    let hf: Vec<_> = rounds.iter().map(|(h, _)| time(h)).collect();
+    let hand: Vec<_> = rounds.iter().map(|(_, b)| time(b)).collect();
+    Some((median(&hf)?, median(&hand)?))
+}
+
+fn ratio_text(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into())
+}
+
+impl Report {
+    /// The report for people.
+    pub fn text(&self) -> String {
+        let mut out = format!("holdfast bench: {} at {}\n\n", self.driver, self.endpoint);
+        if let Some(m) = &self.memory {
+            out += &format!("driver memory (pid {})\n", m.pid);
+            out += &fields(&[
+                ("  idle", format!("RSS {}  (VmHWM {})", format_size(m.idle.rss), format_size(m.idle.hwm))),
+                ("  after the creates", format!("RSS {}", format_size(m.after_creates.rss))),
+                ("  at the end", format!("RSS {}  (VmHWM {})", format_size(m.end.rss), format_size(m.end.hwm))),
+            ]);
+            out += "\n";
+        }
+        if let (Some(c), Some(d)) = (&self.create, &self.delete) {
+            out += &format!("CreateVolume / DeleteVolume: {} sequential calls, {} each\n", c.count, format_size(self.size));
+            let row = |op: &str, s: &Summary| vec![op.to_owned(), format_duration(s.p50), format_duration(s.p99), format_duration(s.max)];
+            out += &table(&["OP", "P50", "P99", "MAX"], &[row("create", c), row("delete", d)]);
+            out += "\n";
+        }
+        if !self.rounds.is_empty() {
+            out += &format!("a {} ext4 volume, ready to use: median of {} runs\n", format_size(self.size), self.rounds.len());
+            let rows: Vec<Vec<String>> = STEPS
+                .iter()
+                .filter_map(|s| {
+                    let (hf, hand) = step_medians(&self.rounds, s.time)?;
+                    Some(vec![s.name.into(), format_duration(hf), format_duration(hand), ratio_text(ratio(hf, hand)), s.by_hand.into()])
+                })
+                .collect();
+            out += &table(&["STEP", "HOLDFAST", "BY HAND", "RATIO", "BY HAND IS"], &rows);
+        }
+        out
+    }
+
+    /// The report as one JSON object (times in milliseconds, sizes in bytes).
+    pub fn json(&self) -> Value {
+        let summary = |s: &Option<Summary>| s.map(|s| json!({ "count": s.count, "p50": ms(s.p50), "p99": ms(s.p99), "max": ms(s.max) }));
+        let mem = |m: &Memory| json!({ "rss_bytes": m.rss, "hwm_bytes": m.hwm });
+        let phases = |p: &Phases| json!({ "create": ms(p.create), "stage": ms(p.stage), "publish": ms(p.publish), "ready": ms(p.ready()), "teardown": ms(p.teardown) });
+        let steps: Vec<Value> = STEPS
+            .iter()
+            .filter_map(|s| {
+                let (hf, hand) = step_medians(&self.rounds, s.time)?;
+                Some(json!({ "step": s.name, "holdfast_ms": ms(hf), "by_hand_ms": ms(hand), "ratio": ratio(hf, hand), "by_hand_is": s.by_hand }))
+            })
+            .collect();
+        json!({
+            "driver": self.driver,
+            "endpoint": self.endpoint,
+            "memory": self.memory.map(|m| json!({
+                "pid": m.pid,
+                "idle": mem(&m.idle),
+                "after_creates": mem(&m.after_creates),
+                "end": mem(&m.end),
+            })),
+            "volume_size_bytes": self.size,
+            "create_volume_ms": summary(&self.create),
+            "delete_volume_ms": summary(&self.delete),
+            "ready_volume": {
+                "runs": self.rounds.len(),
+                "median": steps,
+                "rounds": self.rounds.iter().map(|(h, b)| json!({ "holdfast": phases(h), "by_hand": phases(b) })).collect::<Vec<_>>(),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phases(create: u64, stage: u64, publish: u64, teardown: u64) -> Phases {
+        let d = Duration::from_millis;
+        Phases { create: d(create), stage: d(stage), publish: d(publish), teardown: d(teardown) }
+    }
+
+    fn report() -> Report {
+        let s = |p50, p99, max| Summary {
+            count: 3,
+            p50: Duration::from_millis(p50),
+            p99: Duration::from_millis(p99),
+            max: Duration::from_millis(max),
+        };
+        let mem = |mib: u64| Memory { rss: mib << 20, hwm: (mib + 1) << 20 };
+        Report {
+            driver: "csi.holdfast.dev 0.1.0".into(),
+            endpoint: "unix:///tmp/b/csi.sock".into(),
+            memory: Some(MemoryReport { pid: 42, idle: mem(6), after_creates: mem(7), end: mem(8) }),
+            size: 1 << 30,
+            create: Some(s(2, 5, 9)),
+            delete: Some(s(1, 3, 4)),
+            rounds: vec![
+                (phases(2, 100, 4, 50), phases(1, 80, 2, 40)),
+                (phases(4, 300, 4, 60), phases(1, 90, 2, 40)),
+                (phases(2, 120, 6, 70), phases(1, 100, 2, 40)),
+            ],
+        }
+    }
+
+    #[test]
+    fn text() {
+        let want = "\
+holdfast bench: csi.holdfast.dev 0.1.0 at unix:///tmp/b/csi.sock
+
+driver memory (pid 42)
+  idle               RSS 6 MiB  (VmHWM 7 MiB)
+  after the creates  RSS 7 MiB
+  at the end         RSS 8 MiB  (VmHWM 9 MiB)
+
+CreateVolume / DeleteVolume: 3 sequential calls, 1 GiB each
+OP      P50      P99      MAX
+create  2.00 ms  5.00 ms  9.00 ms
+delete  1.00 ms  3.00 ms  4.00 ms
+
+a 1 GiB ext4 volume, ready to use: median of 3 runs
+STEP      HOLDFAST  BY HAND  RATIO  BY HAND IS
+create    2.00 ms   1.00 ms  2.00x  truncate
+stage     120.0 ms  90.0 ms  1.33x  losetup, mkfs.ext4, mount
+publish   4.00 ms   2.00 ms  2.00x  mount --bind
+ready     128.0 ms  93.0 ms  1.38x  create + stage + publish
+teardown  60.0 ms   40.0 ms  1.50x  umount x2, losetup -d, rm
+";
+        assert_eq!(report().text(), want);
+    }
+
+    #[test]
+    fn json() {
+        let j = report().json();
+        assert_eq!(j["memory"]["idle"]["rss_bytes"], 6 << 20);
+        assert_eq!(j["create_volume_ms"]["p99"], 5.0);
+        assert_eq!(j["ready_volume"]["runs"], 3);
+        assert_eq!(j["ready_volume"]["median"][3]["step"], "ready");
+        assert_eq!(j["ready_volume"]["median"][3]["holdfast_ms"], 128.0);
+        assert_eq!(j["ready_volume"]["rounds"][1]["holdfast"]["ready"], 308.0);
+    }
+
+    #[test]
+    fn skipped_parts_are_left_out() {
+        let r = Report { memory: None, create: None, delete: None, rounds: vec![], ..report() };
+        assert_eq!(r.text(), "holdfast bench: csi.holdfast.dev 0.1.0 at unix:///tmp/b/csi.sock\n\n");
+        assert_eq!(r.json()["memory"], Value::Null);
+    }
+}

@@ -1,0 +1,58 @@
+//! CSI Identity: who the plugin is, what it offers, whether it is ready.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::driver::{DRIVER_NAME, Driver};
+use crate::proto::identity_server::Identity;
+use crate::proto::plugin_capability::{self, service, volume_expansion};
+use crate::proto::{
+    GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest, GetPluginInfoResponse, PluginCapability,
+    ProbeRequest, ProbeResponse,
+};
+
+/// The Identity service.
+pub struct IdentityService {
+    driver: Arc<Driver>,
+}
+
+impl IdentityService {
+    /// Serves identity for `driver`.
+    pub fn new(driver: Arc<Driver>) -> Self {
+        IdentityService { driver }
+    }
+}
+
+fn service_cap(t: service::Type) -> PluginCapability {
+    PluginCapability { r#type: Some(plugin_capability::Type::Service(plugin_capability::Service { r#type: t as i32 })) }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(&self, _: Request<GetPluginInfoRequest>) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: DRIVER_NAME.to_owned(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            manifest: [("pools".to_owned(), self.driver.pools.keys().cloned().collect::<Vec<_>>().join(","))].into(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        let online = PluginCapability {
+            r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion {
+                r#type: volume_expansion::Type::Online as i32,
+            })),
+        };
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities: vec![service_cap(service::Type::ControllerService), service_cap(service::Type::VolumeAccessibilityConstraints), online],
+        }))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        Ok(Response::new(ProbeResponse { ready: Some(true) }))
+    }
+}

@@ -1,0 +1,170 @@
+//! The CSI services (Identity, Controller, Node) over one [`Driver`], and what they share:
+//! required-field checks, volume-capability decoding, and the per-call log line.
+
+use std::collections::HashMap;
+use std::path::{Component, Path};
+use std::time::Instant;
+
+use tonic::{Response, Status};
+
+use crate::error::{Error, Result};
+use crate::placement::Segments;
+use crate::proto;
+use crate::proto::volume_capability::access_mode::Mode;
+
+pub mod controller;
+pub mod identity;
+pub mod node;
+
+/// Access modes a node-local volume supports.
+pub const SUPPORTED_MODES: [Mode; 4] = [Mode::SingleNodeWriter, Mode::SingleNodeSingleWriter, Mode::SingleNodeMultiWriter, Mode::SingleNodeReaderOnly];
+
+/// INVALID_ARGUMENT unless `value` is non-empty.
+pub fn require(field: &str, value: &str) -> Result<()> {
+    if value.is_empty() { Err(Error::InvalidArgument(format!("{field} is required"))) } else { Ok(()) }
+}
+
+/// A request path must be absolute and plain (no `..`, no NUL), so a request can never point
+/// the driver somewhere unexpected.
+pub fn require_path(field: &str, value: &str) -> Result<()> {
+    require(field, value)?;
+    let p = Path::new(value);
+    if !p.is_absolute() || value.contains('\0') || p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(Error::InvalidArgument(format!("{field} {value:?} must be an absolute path without '..'")));
+    }
+    Ok(())
+}
+
+/// A decoded volume capability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capability {
+    /// Raw block (true) or mounted filesystem.
+    pub block: bool,
+    /// Requested filesystem (mount only; empty = the volume's / pool's default).
+    pub fs_type: String,
+    /// Requested mount flags (mount only).
+    pub mount_flags: Vec<String>,
+    /// The access mode.
+    pub mode: Mode,
+}
+
+impl Capability {
+    /// Decodes one capability: access type and mode are required.
+    pub fn decode(cap: &proto::VolumeCapability) -> Result<Capability> {
+        use proto::volume_capability::AccessType;
+        let mode = cap
+            .access_mode
+            .as_ref()
+            .and_then(|m| Mode::try_from(m.mode).ok())
+            .filter(|m| *m != Mode::Unknown)
+            .ok_or_else(|| Error::InvalidArgument("volume_capability.access_mode is required".into()))?;
+        match &cap.access_type {
+            Some(AccessType::Block(_)) => Ok(Capability { block: true, fs_type: String::new(), mount_flags: vec![], mode }),
+            Some(AccessType::Mount(m)) => {
+                if !m.fs_type.is_empty() && !crate::node::format::SUPPORTED_FS.contains(&m.fs_type.as_str()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "fs_type {:?} is not supported (one of {:?})",
+                        m.fs_type,
+                        crate::node::format::SUPPORTED_FS
+                    )));
+                }
+                Ok(Capability { block: false, fs_type: m.fs_type.clone(), mount_flags: m.mount_flags.clone(), mode })
+            }
+            None => Err(Error::InvalidArgument("volume_capability.access_type (block or mount) is required".into())),
+        }
+    }
+
+    /// Whether a node-local volume can serve this mode.
+    pub fn mode_supported(&self) -> bool {
+        SUPPORTED_MODES.contains(&self.mode)
+    }
+
+    /// Whether the mode only allows reading.
+    pub fn read_only_mode(&self) -> bool {
+        matches!(self.mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly)
+    }
+}
+
+/// Decodes a required, non-empty list of capabilities.
+pub fn decode_caps(caps: &[proto::VolumeCapability]) -> Result<Vec<Capability>> {
+    if caps.is_empty() {
+        return Err(Error::InvalidArgument("volume_capabilities is required".into()));
+    }
+    caps.iter().map(Capability::decode).collect()
+}
+
+/// Decodes the one required capability of node calls.
+pub fn decode_cap(cap: Option<&proto::VolumeCapability>) -> Result<Capability> {
+    Capability::decode(cap.ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?)
+}
+
+/// Topology in the wire form.
+pub fn topology(segments: &Segments) -> proto::Topology {
+    proto::Topology { segments: segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>() }
+}
+
+/// Runs one call and logs it (method, volume id, duration, status code).
+pub async fn traced<T>(method: &'static str, id: &str, fut: impl Future<Output = Result<T>>) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let res = fut.await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match res {
+        Ok(v) => {
+            tracing::info!(method, volume = id, ms = format_args!("{ms:.1}"), status = "OK");
+            Ok(Response::new(v))
+        }
+        Err(e) => {
+            let status = Status::from(e);
+            let code = format!("{:?}", status.code());
+            if matches!(status.code(), tonic::Code::Internal | tonic::Code::DeadlineExceeded | tonic::Code::Unknown) {
+                tracing::error!(method, volume = id, ms = format_args!("{ms:.1}"), status = code, message = status.message());
+            } else {
+                tracing::warn!(method, volume = id, ms = format_args!("{ms:.1}"), status = code, message = status.message());
+            }
+            Err(status)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+
+    fn cap(access: Option<AccessType>, mode: Mode) -> proto::VolumeCapability {
+        proto::VolumeCapability { access_type: access, access_mode: Some(AccessMode { mode: mode as i32 }) }
+    }
+
+    #[test]
+    fn capabilities_decode_or_name_the_missing_part() {
+        let mount = |fs: &str| Some(AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() }));
+        struct Case {
+            name: &'static str,
+            cap: proto::VolumeCapability,
+            want: std::result::Result<bool, &'static str>,
+        }
+        let cases = [
+            Case { name: "block", cap: cap(Some(AccessType::Block(BlockVolume {})), Mode::SingleNodeWriter), want: Ok(true) },
+            Case { name: "mount", cap: cap(mount("xfs"), Mode::SingleNodeWriter), want: Ok(false) },
+            Case { name: "no type", cap: cap(None, Mode::SingleNodeWriter), want: Err("access_type") },
+            Case { name: "no mode", cap: proto::VolumeCapability { access_type: mount(""), access_mode: None }, want: Err("access_mode") },
+            Case { name: "unknown mode", cap: cap(mount(""), Mode::Unknown), want: Err("access_mode") },
+            Case { name: "bad fs", cap: cap(mount("ntfs"), Mode::SingleNodeWriter), want: Err("ntfs") },
+        ];
+        for c in cases {
+            match (Capability::decode(&c.cap), c.want) {
+                (Ok(got), Ok(block)) => assert_eq!(got.block, block, "{}", c.name),
+                (Err(e), Err(part)) => assert!(e.to_string().contains(part), "{}: {e}", c.name),
+                (got, want) => panic!("{}: got {got:?}, want {want:?}", c.name),
+            }
+        }
+    }
+
+    #[test]
+    fn request_paths_must_be_absolute_and_plain() {
+        assert!(require_path("target_path", "/var/lib/kubelet/pods/x").is_ok());
+        for bad in ["", "relative/dir", "/a/../etc", "/a/\0b"] {
+            assert!(require_path("target_path", bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The state one holdfast process serves from: its node id and topology, its pools, the node
+//! operations and the operation locks. The CSI services share one `Driver`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::exec::Exec;
+use crate::locks::Locks;
+use crate::node::Node;
+use crate::node::mount::Mounter;
+use crate::placement::{NODE_KEY, Segments};
+use crate::pool::{self, Pool};
+use crate::volume_id::{VolumeId, valid_node_id};
+
+/// Driver name registered with orchestrators.
+pub const DRIVER_NAME: &str = "csi.holdfast.dev";
+
+/// Everything the CSI services need.
+pub struct Driver {
+    /// This node's id.
+    pub node_id: String,
+    /// The segments this node reports (always includes [`NODE_KEY`]).
+    pub segments: Segments,
+    /// Pools by name.
+    pub pools: BTreeMap<String, Arc<dyn Pool>>,
+    /// Node operations.
+    pub node: Node,
+    /// Operation locks.
+    pub locks: Locks,
+}
+
+impl Driver {
+    /// Opens every configured pool.
+    pub fn new(node_id: &str, cfg: &Config, exec: Arc<dyn Exec>, mounter: Arc<dyn Mounter>) -> Result<Driver> {
+        if !valid_node_id(node_id) {
+            return Err(Error::InvalidArgument(format!(
+                "node id {node_id:?} is not usable: 1 to 48 characters of A-Z, a-z, 0-9, '.', '_' and '-' (set --node-id)"
+            )));
+        }
+        let mut segments = cfg.topology.clone();
+        segments.insert(NODE_KEY.to_owned(), node_id.to_owned());
+        let mut pools = BTreeMap::new();
+        for pc in &cfg.pools {
+            pools.insert(pc.name().to_owned(), pool::open(pc, exec.clone())?);
+        }
+        Ok(Driver { node_id: node_id.to_owned(), segments, pools, node: Node::new(exec, mounter), locks: Locks::new() })
+    }
+
+    /// The pool a (parsed) id names, if it is one of ours. Ids of another node, an unknown pool
+    /// or a pool of another kind resolve to `None` (the object is not here).
+    pub fn pool_of(&self, id: &VolumeId) -> Option<&Arc<dyn Pool>> {
+        let pool = self.pools.get(&id.pool)?;
+        if pool.kind() != id.kind {
+            return None;
+        }
+        if id.kind.is_node_local() && id.node.as_deref() != Some(self.node_id.as_str()) {
+            return None;
+        }
+        Some(pool)
+    }
+
+    /// The id of a local object of `pool`.
+    pub fn id_for(&self, pool: &dyn Pool, local: &str) -> VolumeId {
+        let node = pool.kind().is_node_local().then_some(self.node_id.as_str());
+        VolumeId::new(pool.kind(), node, pool.name(), local)
+    }
+}
+

@@ -1,0 +1,684 @@
+//! Shared harness for the integration tests: starts the real `holdfast all-in-one` binary on a
+//! Unix socket in a temp dir and talks CSI to it, as csi-sanity, the kubelet or the
+//! external-provisioner would.
+//!
+//! The pool under test comes from the environment, so the same suite runs against every kind:
+//! - `HOLDFAST_TEST_CONFIG`: a config file whose first `[[pool]]` is used (shared by all tests
+//!   of the run); default: a fresh `file` pool in each driver's temp dir.
+//! - `HOLDFAST_TEST_FS`: the filesystem stage tests ask for (default `ext4`).
+//!
+//! Dropping a [`Driver`] stops it (SIGTERM), prints its log if the test failed, unmounts whatever
+//! is still mounted under its temp dir, detaches loop devices backed by files there, and only
+//! then removes the dir, so a failing test never leaves mounts or loops behind.
+
+// Each integration test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use holdfast::proto::controller_client::ControllerClient;
+use holdfast::proto::controller_service_capability::rpc::Type as CtrlCap;
+use holdfast::proto::identity_client::IdentityClient;
+use holdfast::proto::node_client::NodeClient;
+use holdfast::proto::node_service_capability::rpc::Type as NodeCap;
+use holdfast::proto::volume_capability::access_mode::Mode;
+use holdfast::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use holdfast::proto::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tonic::transport::Channel;
+use tonic::{Code, Response, Status};
+
+/// The driver name every test expects.
+pub const DRIVER_NAME: &str = "csi.holdfast.dev";
+/// The topology key holding the node id.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.holdfast.dev/node";
+/// The node id the harness gives every driver.
+pub const NODE_ID: &str = "conformance-node";
+/// 1 MiB.
+pub const MIB: i64 = 1 << 20;
+
+/// How long the driver gets to create its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the driver gets to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pool the tests provision from.
+#[derive(Debug, Clone)]
+pub struct PoolUnderTest {
+    /// The pool's name (sent as the `pool` parameter).
+    pub name: String,
+    /// Its kind (`file`, `lvm`, …).
+    pub kind: String,
+    /// The config file given to the driver.
+    pub config: PathBuf,
+    /// True when the harness made the pool for this driver alone: then the test may assume it
+    /// sees every volume and snapshot in it (exact counts), which a shared pool cannot promise.
+    pub owned: bool,
+}
+
+/// A driver prepared but not started yet: lets a test put things in place (a stale socket)
+/// before the process starts.
+pub struct Setup {
+    tmp: TempDir,
+    /// The socket path the driver will listen on.
+    pub socket: PathBuf,
+    pool: PoolUnderTest,
+}
+
+impl Setup {
+    /// A temp dir holding the config (or the env's config), socket path and log.
+    pub fn new() -> Setup {
+        let tmp = tempfile::Builder::new().prefix("holdfast-test-").tempdir().expect("create temp dir");
+        let socket = tmp.path().join("csi.sock");
+        let pool = match std::env::var_os("HOLDFAST_TEST_CONFIG") {
+            Some(path) => pool_from_config(Path::new(&path)),
+            None => {
+                let dir = tmp.path().join("pool");
+                std::fs::create_dir(&dir).expect("create pool dir");
+                let config = tmp.path().join("holdfast.toml");
+                let text = format!("[[pool]]\nname = \"conformance\"\nkind = \"file\"\npath = \"{}\"\n", dir.display());
+                std::fs::write(&config, text).expect("write config");
+                PoolUnderTest { name: "conformance".into(), kind: "file".into(), config, owned: true }
+            }
+        };
+        Setup { tmp, socket, pool }
+    }
+
+    /// Spawns the driver and waits until its socket accepts connections.
+    pub async fn start(self) -> Driver {
+        let dir = self.tmp.path().to_path_buf();
+        let log = dir.join("driver.log");
+        let out = File::create(&log).expect("create driver log");
+        let err = out.try_clone().expect("dup driver log");
+        let endpoint = format!("unix://{}", self.socket.display());
+        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
+            .arg("all-in-one")
+            .args(["--endpoint", &endpoint, "--node-id", NODE_ID])
+            .arg("--config")
+            .arg(&self.pool.config)
+            .args(["--log-format", "text"])
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn holdfast");
+        let fs_type = std::env::var("HOLDFAST_TEST_FS").unwrap_or_else(|_| "ext4".into());
+        // The Driver owns the child from here on, so a failed start still cleans up.
+        let mut driver = Driver {
+            dir,
+            socket: self.socket,
+            endpoint,
+            pool: self.pool,
+            fs_type,
+            child: Some(child),
+            log,
+            tmp: Some(self.tmp),
+            clients: None,
+        };
+        let channel = driver.wait_for_socket().await;
+        driver.clients = Some(Clients {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        });
+        driver
+    }
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup::new()
+    }
+}
+
+/// Reads the first pool of a config file.
+fn pool_from_config(path: &Path) -> PoolUnderTest {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("HOLDFAST_TEST_CONFIG={}: {e}", path.display()));
+    let table: toml::Table = text.parse().unwrap_or_else(|e| panic!("HOLDFAST_TEST_CONFIG={}: {e}", path.display()));
+    let first = table.get("pool").and_then(|p| p.as_array()).and_then(|a| a.first());
+    let field = |k: &str| first.and_then(|p| p.get(k)).and_then(|v| v.as_str()).map(str::to_owned);
+    let (Some(name), Some(kind)) = (field("name"), field("kind")) else {
+        panic!("HOLDFAST_TEST_CONFIG={}: the first [[pool]] needs a name and a kind", path.display());
+    };
+    let config = std::fs::canonicalize(path).expect("canonicalize HOLDFAST_TEST_CONFIG");
+    PoolUnderTest { name, kind, config, owned: false }
+}
+
+struct Clients {
+    identity: IdentityClient<Channel>,
+    controller: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+}
+
+/// A running `holdfast all-in-one` and CSI clients connected to it.
+pub struct Driver {
+    /// The temp dir: socket, log, config, default pool, staging and target paths.
+    pub dir: PathBuf,
+    /// The plugin socket.
+    pub socket: PathBuf,
+    /// `unix:///…/csi.sock`.
+    pub endpoint: String,
+    /// The pool volumes are created in.
+    pub pool: PoolUnderTest,
+    /// The filesystem stage tests ask for.
+    pub fs_type: String,
+    child: Option<Child>,
+    log: PathBuf,
+    tmp: Option<TempDir>,
+    clients: Option<Clients>,
+}
+
+impl Driver {
+    /// Starts a driver on the pool the environment names (see the module doc).
+    pub async fn start() -> Driver {
+        Setup::new().start().await
+    }
+
+    async fn wait_for_socket(&mut self) -> Channel {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("holdfast exited during start-up with {status}; its log:\n{}", self.log_text());
+            }
+            if self.socket.exists() {
+                if let Ok(ch) = holdfast::endpoint::connect(&self.endpoint).await {
+                    return ch;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("holdfast did not listen on {} within {START_TIMEOUT:?}; its log:\n{}", self.endpoint, self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An Identity client (clones share the connection).
+    pub fn identity(&self) -> IdentityClient<Channel> {
+        self.clients.as_ref().expect("driver started").identity.clone()
+    }
+    /// A Controller client.
+    pub fn controller(&self) -> ControllerClient<Channel> {
+        self.clients.as_ref().expect("driver started").controller.clone()
+    }
+    /// A Node client.
+    pub fn node(&self) -> NodeClient<Channel> {
+        self.clients.as_ref().expect("driver started").node.clone()
+    }
+
+    /// What the driver wrote so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
+    }
+
+    /// The process id, for signal tests.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit; `None` if it did not exit (it is
+    /// then killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Parameters every create sends: the pool under test.
+    pub fn params(&self) -> HashMap<String, String> {
+        HashMap::from([("pool".to_owned(), self.pool.name.clone())])
+    }
+
+    /// The topology segment of this node.
+    pub fn node_topology(&self) -> Topology {
+        Topology { segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_owned(), NODE_ID.to_owned())]) }
+    }
+
+    /// A filesystem capability with the fs under test.
+    pub fn mount_cap(&self, mode: Mode) -> VolumeCapability {
+        VolumeCapability {
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+            access_type: Some(AccessType::Mount(MountVolume { fs_type: self.fs_type.clone(), ..Default::default() })),
+        }
+    }
+
+    /// The smallest volume the fs under test can be made on, rounded to a comfortable size
+    /// (XFS refuses less than 300 MiB, btrfs about 110 MiB).
+    pub fn fs_volume_size(&self) -> i64 {
+        match self.fs_type.as_str() {
+            "xfs" => 320 * MIB,
+            "btrfs" => 256 * MIB,
+            _ => 64 * MIB,
+        }
+    }
+
+    /// A CreateVolume request for the pool under test.
+    pub fn create_request(&self, name: &str, required: i64, cap: VolumeCapability) -> CreateVolumeRequest {
+        CreateVolumeRequest {
+            name: name.to_owned(),
+            capacity_range: Some(CapacityRange { required_bytes: required, limit_bytes: 0 }),
+            volume_capabilities: vec![cap],
+            parameters: self.params(),
+            ..Default::default()
+        }
+    }
+
+    /// Creates a volume, failing the test on any error.
+    pub async fn create(&self, name: &str, required: i64, cap: VolumeCapability) -> Volume {
+        self.create_with(self.create_request(name, required, cap)).await
+    }
+
+    /// Sends a CreateVolume request, failing the test on any error.
+    pub async fn create_with(&self, req: CreateVolumeRequest) -> Volume {
+        let name = req.name.clone();
+        let resp = self.controller().create_volume(req).await;
+        ok(resp, &format!("CreateVolume {name}")).volume.expect("CreateVolume answered no volume")
+    }
+
+    /// Deletes a volume, failing the test on any error.
+    pub async fn delete(&self, volume_id: &str) {
+        let req = DeleteVolumeRequest { volume_id: volume_id.to_owned(), ..Default::default() };
+        ok(self.controller().delete_volume(req).await, &format!("DeleteVolume {volume_id}"));
+    }
+
+    /// Creates a snapshot, failing the test on any error.
+    pub async fn snapshot(&self, name: &str, source_volume_id: &str) -> Snapshot {
+        let req = CreateSnapshotRequest { name: name.to_owned(), source_volume_id: source_volume_id.to_owned(), ..Default::default() };
+        let resp = self.controller().create_snapshot(req).await;
+        ok(resp, &format!("CreateSnapshot {name}")).snapshot.expect("CreateSnapshot answered no snapshot")
+    }
+
+    /// Deletes a snapshot, failing the test on any error.
+    pub async fn delete_snapshot(&self, snapshot_id: &str) {
+        let req = DeleteSnapshotRequest { snapshot_id: snapshot_id.to_owned(), ..Default::default() };
+        ok(self.controller().delete_snapshot(req).await, &format!("DeleteSnapshot {snapshot_id}"));
+    }
+
+    /// A fresh staging directory (the CO creates it; spec NodeStageVolume).
+    pub fn staging_dir(&self, name: &str) -> PathBuf {
+        let p = self.dir.join("staging").join(name);
+        std::fs::create_dir_all(&p).expect("create staging dir");
+        p
+    }
+
+    /// A target path whose parent exists but which itself does not: the SP creates it
+    /// (spec NodePublishVolume: "Creation of target_path is the responsibility of the SP").
+    pub fn target_path(&self, name: &str) -> PathBuf {
+        let parent = self.dir.join("pods").join(name);
+        std::fs::create_dir_all(&parent).expect("create target parent");
+        parent.join("mount")
+    }
+
+    /// NodeStageVolume request.
+    pub fn stage_request(&self, volume_id: &str, staging: &Path, cap: &VolumeCapability) -> NodeStageVolumeRequest {
+        NodeStageVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            staging_target_path: path_str(staging),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// NodePublishVolume request.
+    pub fn publish_request(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: &VolumeCapability,
+        readonly: bool,
+    ) -> NodePublishVolumeRequest {
+        NodePublishVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            staging_target_path: path_str(staging),
+            target_path: path_str(target),
+            volume_capability: Some(cap.clone()),
+            readonly,
+            ..Default::default()
+        }
+    }
+
+    /// Stages a volume, failing the test on any error.
+    pub async fn stage(&self, volume_id: &str, staging: &Path, cap: &VolumeCapability) {
+        let resp = self.node().node_stage_volume(self.stage_request(volume_id, staging, cap)).await;
+        ok(resp, &format!("NodeStageVolume {volume_id} at {}", staging.display()));
+    }
+
+    /// Publishes a staged volume, failing the test on any error.
+    pub async fn publish(&self, volume_id: &str, staging: &Path, target: &Path, cap: &VolumeCapability, readonly: bool) {
+        let resp = self.node().node_publish_volume(self.publish_request(volume_id, staging, target, cap, readonly)).await;
+        ok(resp, &format!("NodePublishVolume {volume_id} at {}", target.display()));
+    }
+
+    /// Unpublishes, failing the test on any error.
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) {
+        let req = NodeUnpublishVolumeRequest { volume_id: volume_id.to_owned(), target_path: path_str(target) };
+        ok(self.node().node_unpublish_volume(req).await, &format!("NodeUnpublishVolume {volume_id} at {}", target.display()));
+    }
+
+    /// Unstages, failing the test on any error.
+    pub async fn unstage(&self, volume_id: &str, staging: &Path) {
+        let req = NodeUnstageVolumeRequest { volume_id: volume_id.to_owned(), staging_target_path: path_str(staging) };
+        ok(self.node().node_unstage_volume(req).await, &format!("NodeUnstageVolume {volume_id} at {}", staging.display()));
+    }
+
+    /// Creates a filesystem volume of the fs's minimum size, stages and publishes it (rw).
+    pub async fn mounted_volume(&self, name: &str, mode: Mode) -> Mounted {
+        let cap = self.mount_cap(mode);
+        let volume = self.create(name, self.fs_volume_size(), cap.clone()).await;
+        let staging = self.staging_dir(name);
+        let target = self.target_path(name);
+        self.stage(&volume.volume_id, &staging, &cap).await;
+        self.publish(&volume.volume_id, &staging, &target, &cap, false).await;
+        Mounted { volume, cap, staging, target }
+    }
+
+    /// Unpublishes, unstages and deletes what [`Driver::mounted_volume`] made.
+    pub async fn tear_down(&self, m: &Mounted) {
+        self.unpublish(&m.volume.volume_id, &m.target).await;
+        self.unstage(&m.volume.volume_id, &m.staging).await;
+        self.delete(&m.volume.volume_id).await;
+    }
+
+    /// NodeGetVolumeStats, failing the test on any error.
+    pub async fn stats(&self, volume_id: &str, volume_path: &Path, staging: &Path) -> NodeGetVolumeStatsResponse {
+        let req = NodeGetVolumeStatsRequest {
+            volume_id: volume_id.to_owned(),
+            volume_path: path_str(volume_path),
+            staging_target_path: path_str(staging),
+        };
+        ok(self.node().node_get_volume_stats(req).await, &format!("NodeGetVolumeStats {volume_id}"))
+    }
+
+    /// The controller capabilities the driver advertises.
+    pub async fn controller_caps(&self) -> Vec<CtrlCap> {
+        let resp =
+            ok(self.controller().controller_get_capabilities(ControllerGetCapabilitiesRequest {}).await, "ControllerGetCapabilities");
+        resp.capabilities
+            .iter()
+            .filter_map(|c| match c.r#type {
+                Some(controller_service_capability::Type::Rpc(r)) => CtrlCap::try_from(r.r#type).ok(),
+                None => None,
+            })
+            .collect()
+    }
+
+    /// The node capabilities the driver advertises.
+    pub async fn node_caps(&self) -> Vec<NodeCap> {
+        let resp = ok(self.node().node_get_capabilities(NodeGetCapabilitiesRequest {}).await, "NodeGetCapabilities");
+        resp.capabilities
+            .iter()
+            .filter_map(|c| match c.r#type {
+                Some(node_service_capability::Type::Rpc(r)) => NodeCap::try_from(r.r#type).ok(),
+                None => None,
+            })
+            .collect()
+    }
+
+    /// Fails the test unless the driver advertises every one of these controller capabilities.
+    /// Like csi-sanity, tests exercise only what is advertised; unlike it, a missing capability
+    /// is a failure here, because every holdfast pool kind must offer them.
+    pub async fn require_controller(&self, wanted: &[CtrlCap]) {
+        let have = self.controller_caps().await;
+        let missing: Vec<_> = wanted.iter().filter(|w| !have.contains(w)).map(|w| w.as_str_name()).collect();
+        assert!(missing.is_empty(), "the driver does not advertise controller capabilities {missing:?} (it has {have:?})");
+    }
+
+    /// Fails the test unless the driver advertises every one of these node capabilities.
+    pub async fn require_node(&self, wanted: &[NodeCap]) {
+        let have = self.node_caps().await;
+        let missing: Vec<_> = wanted.iter().filter(|w| !have.contains(w)).map(|w| w.as_str_name()).collect();
+        assert!(missing.is_empty(), "the driver does not advertise node capabilities {missing:?} (it has {have:?})");
+    }
+
+    /// Every volume id ListVolumes returns, paging with `page` entries per call.
+    pub async fn list_volume_ids(&self, page: i32) -> Vec<String> {
+        let mut ids = Vec::new();
+        let mut token = String::new();
+        for _ in 0..1000 {
+            let req = ListVolumesRequest { max_entries: page, starting_token: token };
+            let resp = ok(self.controller().list_volumes(req).await, "ListVolumes");
+            assert!(
+                page == 0 || resp.entries.len() <= page as usize,
+                "ListVolumes returned {} entries for max_entries {page}",
+                resp.entries.len()
+            );
+            ids.extend(resp.entries.into_iter().map(|e| e.volume.expect("ListVolumes entry without volume").volume_id));
+            if resp.next_token.is_empty() {
+                return ids;
+            }
+            token = resp.next_token;
+        }
+        panic!("ListVolumes kept returning a next_token after 1000 pages");
+    }
+
+    /// Every snapshot ListSnapshots returns for a request (paged by `req.max_entries`).
+    pub async fn list_snapshots(&self, mut req: ListSnapshotsRequest) -> Vec<Snapshot> {
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            let resp = ok(self.controller().list_snapshots(req.clone()).await, "ListSnapshots");
+            let page = req.max_entries;
+            assert!(
+                page == 0 || resp.entries.len() <= page as usize,
+                "ListSnapshots returned {} entries for max_entries {page}",
+                resp.entries.len()
+            );
+            out.extend(resp.entries.into_iter().map(|e| e.snapshot.expect("ListSnapshots entry without snapshot")));
+            if resp.next_token.is_empty() {
+                return out;
+            }
+            req.starting_token = resp.next_token;
+        }
+        panic!("ListSnapshots kept returning a next_token after 1000 pages");
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while !matches!(child.try_wait(), Ok(Some(_))) {
+                if Instant::now() > deadline {
+                    eprintln!("holdfast did not exit {STOP_TIMEOUT:?} after SIGTERM; killing it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("----- holdfast log ({}) -----\n{}----- end of holdfast log -----", self.log.display(), self.log_text());
+        }
+        let left = unmount_all_under(&self.dir);
+        detach_loops_under(&self.dir);
+        if !left.is_empty() {
+            // Removing the dir would delete files inside whatever is still mounted: keep it.
+            let kept = self.tmp.take().map(TempDir::keep);
+            eprintln!("cannot unmount {left:?}; keeping {kept:?} for inspection");
+        }
+    }
+}
+
+/// A volume staged and published by [`Driver::mounted_volume`].
+#[derive(Debug, Clone)]
+pub struct Mounted {
+    /// The volume as CreateVolume returned it.
+    pub volume: Volume,
+    /// The capability it was staged and published with.
+    pub cap: VolumeCapability,
+    /// Its staging path.
+    pub staging: PathBuf,
+    /// Its target path (mounted).
+    pub target: PathBuf,
+}
+
+/// A raw block capability.
+pub fn block_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability { access_mode: Some(AccessMode { mode: mode as i32 }), access_type: Some(AccessType::Block(BlockVolume {})) }
+}
+
+/// A name unique across tests, processes and runs (a shared pool may hold leftovers from an
+/// earlier failed run).
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() % 1_000_000_000).unwrap_or(0);
+    format!("{prefix}-{}-{t}-{n}", std::process::id())
+}
+
+/// A path as the string a CSI request carries.
+pub fn path_str(p: &Path) -> String {
+    p.to_str().expect("test paths are UTF-8").to_owned()
+}
+
+/// Unwraps a response, failing the test with the gRPC status.
+pub fn ok<T>(r: Result<Response<T>, Status>, what: &str) -> T {
+    match r {
+        Ok(resp) => resp.into_inner(),
+        Err(s) => panic!("{what}: expected OK, got {:?}: {}", s.code(), s.message()),
+    }
+}
+
+/// The gRPC code of a result (`Code::Ok` on success).
+pub fn code_of<T>(r: &Result<T, Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// Fails the test unless the call failed with `want`.
+pub fn expect_code<T: std::fmt::Debug>(r: Result<Response<T>, Status>, want: Code, what: &str) -> Status {
+    match r {
+        Ok(resp) => panic!("{what}: expected {want:?}, got OK: {:?}", resp.into_inner()),
+        Err(s) if s.code() == want => s,
+        Err(s) => panic!("{what}: expected {want:?}, got {:?}: {}", s.code(), s.message()),
+    }
+}
+
+/// Writes a file and makes it durable (file and directory entry), as an application that
+/// wants its data in a snapshot would.
+pub fn write_durably(path: &Path, data: &[u8]) {
+    use std::io::Write;
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    f.sync_all().unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).unwrap_or_else(|e| panic!("fsync {}: {e}", dir.display()));
+    }
+}
+
+/// Total bytes of the filesystem mounted at `path` (what `df` shows as size).
+pub fn fs_total_bytes(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap_or_else(|e| panic!("statvfs {}: {e}", path.display()));
+    st.blocks() * st.fragment_size()
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mount_point(path: &Path) -> bool {
+    mount_points().iter().any(|m| m == path)
+}
+
+/// Runs a command, returning whether it exited 0 (the harness's own clean-up and
+/// behind-the-driver's-back actions; the driver's commands go through its `Exec`).
+pub fn run(program: &str, args: &[&str]) -> bool {
+    match Command::new(program).args(args).stdin(Stdio::null()).output() {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => {
+            eprintln!("{program} {args:?}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+            false
+        }
+        Err(e) => {
+            eprintln!("cannot run {program}: {e}");
+            false
+        }
+    }
+}
+
+/// Mount points from /proc/self/mountinfo (field 5, octal escapes decoded).
+fn mount_points() -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines().filter_map(|l| l.split(' ').nth(4)).map(|m| PathBuf::from(unescape_octal(m))).collect()
+}
+
+fn unescape_octal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(char::from(c));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Unmounts everything mounted under `dir`, deepest first; returns what is still mounted.
+fn unmount_all_under(dir: &Path) -> Vec<PathBuf> {
+    // A path may carry stacked mounts, so go round until nothing is left (bounded).
+    for _ in 0..10 {
+        let mut under: Vec<PathBuf> = mount_points().into_iter().filter(|m| m.starts_with(dir)).collect();
+        if under.is_empty() {
+            return under;
+        }
+        under.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        under.dedup();
+        for m in &under {
+            let m = path_str(m);
+            if !run("umount", &["--recursive", &m]) {
+                run("umount", &["--recursive", "--lazy", &m]);
+            }
+        }
+    }
+    mount_points().into_iter().filter(|m| m.starts_with(dir)).collect()
+}
+
+/// Detaches every loop device whose backing file lies under `dir` (including deleted files).
+fn detach_loops_under(dir: &Path) {
+    let Ok(out) = Command::new("losetup").args(["--list", "--json", "--output", "NAME,BACK-FILE"]).output() else {
+        return;
+    };
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return;
+    };
+    let devices = json.get("loopdevices").and_then(|d| d.as_array()).cloned().unwrap_or_default();
+    for dev in devices {
+        let (Some(name), Some(back)) = (dev.get("name").and_then(|v| v.as_str()), dev.get("back-file").and_then(|v| v.as_str())) else {
+            continue;
+        };
+        if Path::new(back).starts_with(dir) {
+            run("losetup", &["--detach", name]);
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The node module against the real kernel and tools, as root: loop devices over sparse image
+//! files, real mkfs/blkid/resize/UUID tools, and [`RealMounter`]. Every test cleans up its
+//! mounts and loop devices in a Drop guard, even when it fails half-way.
+
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use holdfast::error::Error;
+use holdfast::exec::{Exec, RealExec};
+use holdfast::node::mount::{Mounter, RealMounter};
+use holdfast::node::{Node, format, mountinfo};
+use holdfast::pool::{Attachment, Condition};
+
+const MIB: u64 = 1 << 20;
+/// mkfs.xfs refuses filesystems under 300 MiB.
+const IMAGE_SIZE: u64 = 320 * MIB;
+
+fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A scratch directory with image files and loop devices. On drop, everything mounted under
+/// the directory is unmounted (lazily, so a busy mount cannot keep the loop) and every loop
+/// device is detached, before the directory itself is removed.
+struct Scratch {
+    dir: tempfile::TempDir,
+    loops: Vec<String>,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Scratch { dir: tempfile::Builder::new().prefix("holdfast-node-real").tempdir().unwrap(), loops: Vec::new() }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    /// A sparse image file of `size` bytes.
+    fn image(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.path(name);
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+    /// A loop device over `file`.
+    fn attach(&mut self, file: &Path) -> PathBuf {
+        let dev = sh("losetup", &["--find", "--show", file.to_str().unwrap()]);
+        self.loops.push(dev.clone());
+        PathBuf::from(dev)
+    }
+    fn node(&self) -> Node {
+        let exec: Arc<dyn Exec> = Arc::new(RealExec);
+        Node::new(exec.clone(), Arc::new(RealMounter::new(exec)))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let root = self.dir.path().to_owned();
+        if let Ok(mounts) = mountinfo::read() {
+            for m in mounts.iter().rev().filter(|m| m.mount_point.starts_with(&root)) {
+                let _ = Command::new("umount").arg("-l").arg(&m.mount_point).status();
+            }
+        }
+        for dev in &self.loops {
+            let _ = Command::new("losetup").args(["-d", dev]).status();
+        }
+    }
+}
+
+fn write_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::create(path)?.write_all(b"holdfast")
+}
+
+/// Stage, publish rw and ro, write, grow, unpublish and unstage one filesystem through `Node`.
+async fn filesystem_life(fs: &str) {
+    let mut s = Scratch::new();
+    let image = s.image("vol.img", IMAGE_SIZE);
+    let dev = s.attach(&image);
+    let node = s.node();
+    let (stage, rw, ro) = (s.path("stage"), s.path("pods/a/mount"), s.path("pods/b/mount"));
+    let att = Attachment::Device(dev.clone());
+
+    node.stage_filesystem(&att, &stage, fs, &[]).await.unwrap();
+    assert_eq!(format::probe(&RealExec, &dev).await.unwrap().unwrap().kind, fs);
+    node.stage_filesystem(&att, &stage, fs, &[]).await.unwrap();
+    assert_eq!(mountinfo::find_by_mount_point(&mountinfo::read().unwrap(), &stage).len(), 1, "staged once");
+    write_file(&stage.join("hello")).unwrap();
+
+    node.publish_filesystem(&stage, &rw, false, &[]).await.unwrap();
+    node.publish_filesystem(&stage, &ro, true, &["nosuid".into()]).await.unwrap();
+    node.publish_filesystem(&stage, &ro, true, &["nosuid".into()]).await.unwrap();
+    assert_eq!(std::fs::read(ro.join("hello")).unwrap(), b"holdfast");
+    write_file(&rw.join("from-rw")).unwrap();
+    let err = write_file(&ro.join("from-ro")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let err = node.publish_filesystem(&stage, &rw, true, &[]).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    assert_eq!(node.condition(&rw, false), Condition::Healthy);
+    assert_eq!(node.condition(&ro, false), Condition::Healthy);
+
+    let before = node.stats(&rw).unwrap();
+    assert!(before.total_bytes > 200 * MIB && before.used_bytes > 0 && before.available_bytes < before.total_bytes, "{before:?}");
+    if fs == "btrfs" {
+        assert_eq!(before.total_inodes, None, "btrfs has no fixed inode count");
+    } else {
+        assert!(before.total_inodes.unwrap() > 0 && before.used_inodes.unwrap() > 0, "{before:?}");
+    }
+
+    std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(IMAGE_SIZE + 200 * MIB).unwrap();
+    sh("losetup", &["-c", dev.to_str().unwrap()]);
+    let grown = node.expand_filesystem(&dev, &stage).await.unwrap();
+    assert!(grown > before.total_bytes + 150 * MIB, "{grown} after growing from {}", before.total_bytes);
+    assert_eq!(node.stats(&rw).unwrap().total_bytes, grown, "the published path sees the new size");
+
+    for target in [&rw, &ro] {
+        node.unpublish(target).await.unwrap();
+        node.unpublish(target).await.unwrap();
+        assert!(!target.exists(), "{}", target.display());
+    }
+    assert!(matches!(node.condition(&rw, false), Condition::Abnormal(_)));
+    node.unstage(&stage).await.unwrap();
+    node.unstage(&stage).await.unwrap();
+    assert!(!node.is_mounted(&stage).unwrap());
+
+    // Staged again, the data is still there: nothing was reformatted.
+    node.stage_filesystem(&att, &stage, fs, &[]).await.unwrap();
+    assert!(stage.join("from-rw").exists());
+    node.unstage(&stage).await.unwrap();
+}
+
+#[tokio::test]
+async fn ext4_life() {
+    filesystem_life("ext4").await;
+}
+
+#[tokio::test]
+async fn xfs_life() {
+    filesystem_life("xfs").await;
+}
+
+#[tokio::test]
+async fn btrfs_life() {
+    filesystem_life("btrfs").await;
+}
+
+#[tokio::test]
+async fn a_device_with_a_signature_is_never_formatted() {
+    let mut s = Scratch::new();
+    let node = s.node();
+    struct Case {
+        name: &'static str,
+        make: &'static [&'static str],
+        fs: &'static str,
+        want: &'static str,
+    }
+    let cases = [
+        Case { name: "swap", make: &["mkswap"], fs: "ext4", want: "swap" },
+        Case { name: "other filesystem", make: &["mkfs.ext4", "-q"], fs: "xfs", want: "ext4" },
+        Case { name: "btrfs asked as ext4", make: &["mkfs.btrfs", "-q"], fs: "ext4", want: "btrfs" },
+    ];
+    for c in cases {
+        let image = s.image(&format!("{}.img", c.fs), IMAGE_SIZE);
+        let mut argv = c.make.to_vec();
+        argv.push(image.to_str().unwrap());
+        sh(argv[0], &argv[1..]);
+        let uuid = format::probe(&RealExec, &image).await.unwrap().unwrap().uuid;
+        let dev = s.attach(&image);
+        let stage = s.path(&format!("stage-{}", c.fs));
+        let err = node.stage_filesystem(&Attachment::Device(dev.clone()), &stage, c.fs, &[]).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains(c.want), "{}: {err}", c.name);
+        assert!(!node.is_mounted(&stage).unwrap(), "{}", c.name);
+        let after = format::probe(&RealExec, &dev).await.unwrap().unwrap();
+        assert_eq!((after.kind.as_str(), after.uuid), (c.want, uuid), "{}: the device is untouched", c.name);
+        // And mkfs itself refuses, whatever its caller did.
+        let err = format::mkfs(&RealExec, &dev, c.fs).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{}: {err}", c.name);
+    }
+}
+
+#[tokio::test]
+async fn probe_tells_blank_from_unreadable() {
+    let s = Scratch::new();
+    let blank = s.image("blank.img", 16 * MIB);
+    assert_eq!(format::probe(&RealExec, &blank).await.unwrap(), None);
+    assert!(matches!(format::probe(&RealExec, &s.path("missing.img")).await, Err(Error::NotFound(_))));
+    let empty = s.image("empty.img", 0);
+    assert!(format::probe(&RealExec, &empty).await.is_err(), "an empty file is not blank");
+    // Two filesystems' superblocks at once: blkid is ambivalent, and that is not blank either.
+    let two = s.image("two.img", IMAGE_SIZE);
+    sh("mkfs.xfs", &["-q", two.to_str().unwrap()]);
+    let ext4 = s.image("ext4.img", 16 * MIB);
+    sh("mkfs.ext4", &["-q", ext4.to_str().unwrap()]);
+    let sb = std::fs::read(&ext4).unwrap()[1024..2048].to_vec();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&two).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(1024)).unwrap();
+    f.write_all(&sb).unwrap();
+    drop(f);
+    let sig = format::probe(&RealExec, &two).await.unwrap().unwrap();
+    assert!(sig.kind.contains("several signatures"), "{sig:?}");
+}
+
+#[tokio::test]
+async fn raw_block_publish() {
+    let mut s = Scratch::new();
+    let image = s.image("block.img", 64 * MIB);
+    let dev = s.attach(&image);
+    let node = s.node();
+    let (rw, ro) = (s.path("publish/pvc/pod-rw"), s.path("publish/pvc/pod-ro"));
+    node.publish_block(&dev, &rw, false).await.unwrap();
+    node.publish_block(&dev, &ro, true).await.unwrap();
+    node.publish_block(&dev, &ro, true).await.unwrap();
+    for t in [&rw, &ro] {
+        assert!(std::fs::metadata(t).unwrap().file_type().is_block_device(), "{}", t.display());
+        assert_eq!(node.stats(t).unwrap().total_bytes, 64 * MIB);
+        assert_eq!(node.stats(t).unwrap().total_inodes, None);
+        assert_eq!(node.condition(t, true), Condition::Healthy);
+    }
+    std::fs::OpenOptions::new().write(true).open(&rw).unwrap().write_all(b"raw").unwrap();
+    let err = std::fs::OpenOptions::new().write(true).open(&ro).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert!(matches!(node.publish_block(&dev, &ro, false).await, Err(Error::AlreadyExists(_))));
+    for t in [&rw, &ro] {
+        node.unpublish(t).await.unwrap();
+        node.unpublish(t).await.unwrap();
+        assert!(!t.exists());
+    }
+}
+
+#[tokio::test]
+async fn condition_sees_a_deleted_backing_file_and_a_filesystem_gone_read_only() {
+    let mut s = Scratch::new();
+    let image = s.image("vol.img", 64 * MIB);
+    let dev = s.attach(&image);
+    let node = s.node();
+    let stage = s.path("stage");
+    node.stage_filesystem(&Attachment::Device(dev.clone()), &stage, "ext4", &["errors=remount-ro".into()]).await.unwrap();
+    assert_eq!(node.condition(&stage, false), Condition::Healthy);
+
+    // ext4 can be told to act as if it hit an error; with errors=remount-ro the kernel then
+    // turns the superblock read-only under the read-write mount.
+    let name = dev.file_name().unwrap().to_str().unwrap();
+    let trigger = PathBuf::from("/sys/fs/ext4").join(name).join("trigger_fs_error");
+    if trigger.exists() {
+        std::fs::write(&trigger, "holdfast test").unwrap();
+        match node.condition(&stage, false) {
+            Condition::Abnormal(m) => assert!(m.contains("read-only"), "{m}"),
+            Condition::Healthy => panic!("a filesystem remounted read-only after an error must be abnormal"),
+        }
+    }
+
+    std::fs::remove_file(&image).unwrap();
+    match node.condition(&stage, false) {
+        Condition::Abnormal(m) => assert!(m.contains("deleted") || m.contains("read-only"), "{m}"),
+        Condition::Healthy => panic!("a deleted backing file must be abnormal"),
+    }
+    node.unstage(&stage).await.unwrap();
+}
+
+#[tokio::test]
+async fn unmount_of_nothing_is_classified() {
+    let s = Scratch::new();
+    let m = RealMounter::new(Arc::new(RealExec));
+    std::fs::create_dir(s.path("empty")).unwrap();
+    assert!(matches!(m.unmount(&s.path("empty")).await, Err(Error::NotFound(_))));
+    assert!(matches!(m.unmount(&s.path("missing")).await, Err(Error::NotFound(_))));
+    let node = s.node();
+    node.unstage(&s.path("missing")).await.unwrap();
+    node.unpublish(&s.path("missing")).await.unwrap();
+    let err = node.publish_filesystem(&s.path("empty"), &s.path("target"), false, &[]).await.unwrap_err();
+    assert!(err.to_string().contains("volume is not staged"), "{err}");
+}
+
+/// A copy of a mounted filesystem (as the file pool makes for snapshots and clones) gets a new
+/// UUID and then mounts beside its source.
+async fn copy_gets_a_new_uuid(fs: &str) {
+    let mut s = Scratch::new();
+    let image = s.image("src.img", IMAGE_SIZE);
+    let dev = s.attach(&image);
+    let node = s.node();
+    let stage = s.path("stage");
+    node.stage_filesystem(&Attachment::Device(dev.clone()), &stage, fs, &[]).await.unwrap();
+    write_file(&stage.join("data")).unwrap();
+    // Copy while mounted and dirty: a journal/log to replay, like a live snapshot.
+    sh("sync", &[]);
+    let copy = s.path("copy.img");
+    sh("cp", &["--sparse=always", image.to_str().unwrap(), copy.to_str().unwrap()]);
+    let old = format::probe(&RealExec, &copy).await.unwrap().unwrap().uuid;
+
+    format::regenerate_uuid(&RealExec, &copy).await.unwrap();
+    let new = format::probe(&RealExec, &copy).await.unwrap().unwrap();
+    assert_eq!(new.kind, fs);
+    assert!(new.uuid.is_some() && new.uuid != old, "{fs}: {old:?} -> {:?}", new.uuid);
+    assert_eq!(format::probe(&RealExec, &dev).await.unwrap().unwrap().uuid, old, "the source keeps its UUID");
+
+    // The copy mounts beside its source (btrfs refuses a second device with the same fsid).
+    let copy_dev = s.attach(&copy);
+    let copy_stage = s.path("copy-stage");
+    node.stage_filesystem(&Attachment::Device(copy_dev), &copy_stage, fs, &[]).await.unwrap();
+    assert_eq!(std::fs::read(copy_stage.join("data")).unwrap(), b"holdfast");
+    node.unstage(&copy_stage).await.unwrap();
+    node.unstage(&stage).await.unwrap();
+
+    // Blank images are left alone.
+    let blank = s.image("blank.img", 16 * MIB);
+    format::regenerate_uuid(&RealExec, &blank).await.unwrap();
+    assert_eq!(format::probe(&RealExec, &blank).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn ext4_copy_gets_a_new_uuid() {
+    copy_gets_a_new_uuid("ext4").await;
+}
+
+#[tokio::test]
+async fn xfs_copy_gets_a_new_uuid() {
+    copy_gets_a_new_uuid("xfs").await;
+}
+
+#[tokio::test]
+async fn btrfs_copy_gets_a_new_uuid() {
+    copy_gets_a_new_uuid("btrfs").await;
+}
+
+#[tokio::test]
+async fn regenerate_uuid_on_a_loop_device() {
+    let mut s = Scratch::new();
+    let image = s.image("vol.img", IMAGE_SIZE);
+    sh("mkfs.xfs", &["-q", image.to_str().unwrap()]);
+    let dev = s.attach(&image);
+    let old = format::probe(&RealExec, &dev).await.unwrap().unwrap().uuid;
+    format::regenerate_uuid(&RealExec, &dev).await.unwrap();
+    assert_ne!(format::probe(&RealExec, &dev).await.unwrap().unwrap().uuid, old);
+}
