@@ -335,9 +335,13 @@ impl Scratch {
             std::fs::create_dir(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
         }
         let result = f(&paths).await;
-        // remove_dir, never remove_dir_all: a directory still holding a mount must stay.
-        let removed = [&paths.target, &paths.staging, &base].iter().try_for_each(|d| {
-            std::fs::remove_dir(d).map_err(|e| format!("cannot remove {}: {e} (is something still mounted there?)", d.display()))
+        // remove_dir, never remove_dir_all: a directory still holding a mount must stay. A
+        // driver may remove the target path itself on unpublish (the spec lets it).
+        let removed = [&paths.target, &paths.staging, &base].iter().try_for_each(|d| match std::fs::remove_dir(d) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("cannot remove {}: {e} (is something still mounted there?)", d.display()))
+            }
+            _ => Ok(()),
         });
         let value = result?;
         removed.map(|()| value)
@@ -377,6 +381,8 @@ mod tests {
         assert!(Scratch::create(Some(parent.path())).is_err(), "a second run must not share the directory");
         let seen = scratch.with_dirs("a", async |p| Ok((p.staging.is_dir(), p.target.is_dir(), p.file.exists()))).await.unwrap();
         assert_eq!(seen, (true, true, false));
+        // A driver that removed the target path itself is fine.
+        scratch.with_dirs("gone", async |p| std::fs::remove_dir(&p.target).map_err(|e| e.to_string())).await.unwrap();
         // Something left inside is never deleted: the error says so and the data stays.
         let err =
             scratch.with_dirs("b", async |p| std::fs::write(p.target.join("data"), b"x").map_err(|e| e.to_string())).await.unwrap_err();

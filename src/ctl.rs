@@ -454,7 +454,11 @@ async fn list(ch: Channel, out: Out, a: ListArgs) -> Result<(), String> {
             Some(vec![v.volume_id.clone(), show::bytes(v.capacity_bytes), show::topologies(&v.accessible_topology), nodes])
         })
         .collect();
-    print!("{}", show::table(&["VOLUME", "CAPACITY", "TOPOLOGY", "PUBLISHED ON"], &rows));
+    if rows.is_empty() {
+        println!("no volumes");
+    } else {
+        print!("{}", show::table(&["VOLUME", "CAPACITY", "TOPOLOGY", "PUBLISHED ON"], &rows));
+    }
     Ok(())
 }
 
@@ -508,8 +512,12 @@ async fn snapshots(ch: Channel, out: Out, a: SnapshotsArgs) -> Result<(), String
             println!("{}", show::snapshot_json(s));
         }
     } else {
-        let rows: Vec<_> = snaps.iter().map(show::snapshot_row).collect();
-        print!("{}", show::table(&["SNAPSHOT", "SOURCE", "SIZE", "READY", "CREATED"], &rows));
+        if snaps.is_empty() {
+            println!("no snapshots");
+        } else {
+            let rows: Vec<_> = snaps.iter().map(show::snapshot_row).collect();
+            print!("{}", show::table(&["SNAPSHOT", "SOURCE", "SIZE", "READY", "CREATED"], &rows));
+        }
     }
     Ok(())
 }

@@ -67,4 +67,3 @@ impl Driver {
         VolumeId::new(pool.kind(), node, pool.name(), local)
     }
 }
-

@@ -65,7 +65,8 @@ fn init_logging(format: LogFormat) {
 }
 
 fn default_config() -> Config {
-    Config::parse("[[pool]]\nname = \"default\"\nkind = \"file\"\npath = \"/var/lib/holdfast/default\"\n").expect("built-in config is valid")
+    Config::parse("[[pool]]\nname = \"default\"\nkind = \"file\"\npath = \"/var/lib/holdfast/default\"\n")
+        .expect("built-in config is valid")
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -98,7 +99,9 @@ async fn all_in_one(args: ServeArgs) -> anyhow::Result<()> {
     let exec = Arc::new(RealExec);
     let mounter = Arc::new(RealMounter::new(exec.clone()));
     let driver = Arc::new(Driver::new(&node_id, &cfg, exec, mounter)?);
-    server::serve(&args.endpoint, driver, Services { controller: true, node: true }, shutdown_signal()).await.map_err(anyhow::Error::msg)?;
+    server::serve(&args.endpoint, driver, Services { controller: true, node: true }, shutdown_signal())
+        .await
+        .map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
     Ok(())
 }

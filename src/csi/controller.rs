@@ -109,13 +109,8 @@ impl ControllerService {
                 )));
             }
         }
-        let pools: Vec<_> = self
-            .d
-            .pools
-            .values()
-            .filter(|p| name.is_none_or(|n| p.name() == n) && kind.is_none_or(|k| p.kind() == k))
-            .cloned()
-            .collect();
+        let pools: Vec<_> =
+            self.d.pools.values().filter(|p| name.is_none_or(|n| p.name() == n) && kind.is_none_or(|k| p.kind() == k)).cloned().collect();
         for key in params.keys() {
             let ours = key == PARAM_POOL || key == PARAM_KIND || PARAM_FS.contains(&key.as_str()) || key.starts_with(PROVISIONER_PREFIX);
             if !ours && !pools.iter().any(|p| p.accepts_parameter(key)) {
@@ -144,8 +139,13 @@ impl ControllerService {
             capacity_bytes: v.capacity as i64,
             volume_context: ctx,
             content_source: source,
-            accessible_topology: vec![topology(&self.d.segments)],
+            accessible_topology: vec![topology(&self.pool_segments(pool))],
         }
+    }
+
+    /// Where a pool's volumes are reachable: its own topology (shared pools) or this node.
+    fn pool_segments(&self, pool: &dyn Pool) -> Segments {
+        pool.topology().unwrap_or_else(|| self.d.segments.clone())
     }
 
     fn snapshot_message(&self, pool: &dyn Pool, s: &SnapshotInfo) -> Snapshot {
@@ -179,15 +179,20 @@ impl ControllerService {
     async fn create(&self, req: CreateVolumeRequest) -> Result<CreateVolumeResponse> {
         require("name", &req.name)?;
         let caps = decode_caps(&req.volume_capabilities)?;
-        if let Some(c) = caps.iter().find(|c| !c.mode_supported()) {
-            return Err(Error::InvalidArgument(format!("access mode {:?} is not supported by node-local volumes", c.mode.as_str_name())));
-        }
         let block = caps[0].block;
         if caps.iter().any(|c| c.block != block) {
             return Err(Error::InvalidArgument("volume_capabilities mix block and mount access types".into()));
         }
         let mut capacity = capacity_for(req.capacity_range.as_ref(), DEFAULT_CAPACITY)?;
         let mut pools = self.selected_pools(&req.parameters)?;
+        if let Some(c) = caps.iter().find(|c| !pools.iter().any(|p| c.supported_by(p.as_ref()))) {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {} is not supported by the selected pools{}",
+                c.mode.as_str_name(),
+                if c.block { " for raw block volumes" } else { " (multi-node modes need a shared pool such as nfs)" }
+            )));
+        }
+        pools.retain(|p| caps.iter().all(|c| c.supported_by(p.as_ref())));
         let fs_param = PARAM_FS.iter().find_map(|k| req.parameters.get(*k)).cloned();
         let fs_cap = caps.iter().map(|c| c.fs_type.clone()).find(|f| !f.is_empty());
         if let (Some(a), Some(b)) = (&fs_param, &fs_cap) {
@@ -266,18 +271,19 @@ impl ControllerService {
             .as_ref()
             .map(|t| t.preferred.iter().map(|s| s.segments.clone().into_iter().collect()).collect())
             .unwrap_or_default();
-        if !placement::allowed(&self.d.segments, &requisite) {
-            return Err(Error::ResourceExhausted(format!(
-                "node {} is outside the requested topology; this driver can only place volumes on its own node",
-                self.d.node_id
-            )));
-        }
         if pools.is_empty() {
             return Err(Error::InvalidArgument("no configured pool matches the pool/kind parameters".into()));
         }
+        pools.retain(|p| placement::allowed(&self.pool_segments(p.as_ref()), &requisite));
+        if pools.is_empty() {
+            return Err(Error::ResourceExhausted(format!(
+                "no pool of node {} lies inside the requested topology; this driver places volumes only on its own pools",
+                self.d.node_id
+            )));
+        }
         let mut candidates = Vec::new();
         for p in &pools {
-            candidates.push(Candidate { pool: p.name().to_owned(), segments: self.d.segments.clone(), free: p.capacity().await? });
+            candidates.push(Candidate { pool: p.name().to_owned(), segments: self.pool_segments(p.as_ref()), free: p.capacity().await? });
         }
         let fits: Vec<Candidate> = candidates.iter().filter(|c| c.free >= capacity).cloned().collect();
         let Some(choice) = placement::order(fits, &preferred).into_iter().next() else {
@@ -290,6 +296,19 @@ impl ControllerService {
         };
         let pool = self.d.pools[&choice.pool].clone();
         let fs_type = if block { None } else { Some(fs_req.unwrap_or_else(|| pool.default_fs().to_owned())) };
+        if let Some(fs) = &fs_type {
+            let min = crate::node::format::min_size(fs);
+            if capacity < min {
+                let limit = req.capacity_range.map(|r| r.limit_bytes as u64).unwrap_or(0);
+                if limit != 0 && limit < min {
+                    return Err(Error::OutOfRange(format!(
+                        "{fs} needs at least {} but limit_bytes is {limit}; raise the limit or choose ext4",
+                        crate::config::format_size(min)
+                    )));
+                }
+                capacity = min;
+            }
+        }
         let params: BTreeMap<String, String> =
             req.parameters.iter().filter(|(k, _)| pool.accepts_parameter(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
         let creq = CreateRequest { csi_name: req.name.clone(), local, capacity, block, fs_type, source, parameters: params };
@@ -320,8 +339,8 @@ impl ControllerService {
     async fn validate(&self, req: ValidateVolumeCapabilitiesRequest) -> Result<ValidateVolumeCapabilitiesResponse> {
         require("volume_id", &req.volume_id)?;
         let caps = decode_caps(&req.volume_capabilities)?;
-        let (_, v) = self.find_volume(&req.volume_id).await?;
-        let unsupported = caps.iter().find(|c: &&Capability| !c.mode_supported() || c.block != v.block);
+        let (pool, v) = self.find_volume(&req.volume_id).await?;
+        let unsupported = caps.iter().find(|c: &&Capability| !c.supported_by(pool.as_ref()) || c.block != v.block);
         if let Some(c) = unsupported {
             let why = if c.block != v.block {
                 format!("volume is a {} volume", if v.block { "block" } else { "filesystem" })
@@ -379,20 +398,15 @@ impl ControllerService {
     }
 
     async fn capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse> {
-        if let Some(caps) = (!req.volume_capabilities.is_empty()).then(|| decode_caps(&req.volume_capabilities)).transpose()? {
-            if caps.iter().any(|c| !c.mode_supported()) {
-                return Ok(GetCapacityResponse::default());
-            }
-        }
-        if let Some(t) = &req.accessible_topology {
-            let want: Segments = t.segments.clone().into_iter().collect();
-            if !placement::satisfies(&self.d.segments, &want) {
-                return Ok(GetCapacityResponse::default());
-            }
-        }
+        let caps = if req.volume_capabilities.is_empty() { vec![] } else { decode_caps(&req.volume_capabilities)? };
+        let want: Option<Segments> = req.accessible_topology.as_ref().map(|t| t.segments.clone().into_iter().collect());
         let mut best = 0u64;
         for p in self.selected_pools(&req.parameters)? {
-            best = best.max(p.capacity().await?);
+            let fits_caps = caps.iter().all(|c| c.supported_by(p.as_ref()));
+            let fits_topology = want.as_ref().is_none_or(|w| placement::satisfies(&self.pool_segments(p.as_ref()), w));
+            if fits_caps && fits_topology {
+                best = best.max(p.capacity().await?);
+            }
         }
         Ok(GetCapacityResponse {
             available_capacity: best as i64,

@@ -48,7 +48,11 @@ impl Identity for IdentityService {
             })),
         };
         Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities: vec![service_cap(service::Type::ControllerService), service_cap(service::Type::VolumeAccessibilityConstraints), online],
+            capabilities: vec![
+                service_cap(service::Type::ControllerService),
+                service_cap(service::Type::VolumeAccessibilityConstraints),
+                online,
+            ],
         }))
     }
 

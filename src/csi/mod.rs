@@ -17,7 +17,8 @@ pub mod identity;
 pub mod node;
 
 /// Access modes a node-local volume supports.
-pub const SUPPORTED_MODES: [Mode; 4] = [Mode::SingleNodeWriter, Mode::SingleNodeSingleWriter, Mode::SingleNodeMultiWriter, Mode::SingleNodeReaderOnly];
+pub const SUPPORTED_MODES: [Mode; 4] =
+    [Mode::SingleNodeWriter, Mode::SingleNodeSingleWriter, Mode::SingleNodeMultiWriter, Mode::SingleNodeReaderOnly];
 
 /// INVALID_ARGUMENT unless `value` is non-empty.
 pub fn require(field: &str, value: &str) -> Result<()> {
@@ -77,6 +78,12 @@ impl Capability {
     /// Whether a node-local volume can serve this mode.
     pub fn mode_supported(&self) -> bool {
         SUPPORTED_MODES.contains(&self.mode)
+    }
+
+    /// Whether a volume of `pool` can serve this mode: every mode on shared pools (filesystem
+    /// volumes only), single-node modes elsewhere.
+    pub fn supported_by(&self, pool: &dyn crate::pool::Pool) -> bool {
+        self.mode_supported() || (pool.multi_node() && !self.block)
     }
 
     /// Whether the mode only allows reading.

@@ -32,7 +32,10 @@ impl NodeService {
     fn resolve(&self, id: &str) -> Result<(Arc<dyn Pool>, String)> {
         let vid = VolumeId::parse(id).ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
         let pool = self.d.pool_of(&vid).ok_or_else(|| {
-            Error::NotFound(format!("volume {id} is not served by this node ({}): no such pool here or it belongs to another node", self.d.node_id))
+            Error::NotFound(format!(
+                "volume {id} is not served by this node ({}): no such pool here or it belongs to another node",
+                self.d.node_id
+            ))
         })?;
         Ok((pool.clone(), vid.local))
     }
@@ -61,7 +64,7 @@ impl NodeService {
                 if cap.block { "raw block" } else { "a filesystem" }
             )));
         }
-        if !cap.mode_supported() {
+        if !cap.supported_by(pool.as_ref()) {
             return Err(Error::FailedPrecondition(format!("access mode {} is not supported", cap.mode.as_str_name())));
         }
         let attachment = pool.attach(&v.local).await?;
@@ -69,11 +72,12 @@ impl NodeService {
             // Raw block: attaching is all; publish binds the device node.
             return Ok(NodeStageVolumeResponse {});
         }
-        let fs = [cap.fs_type.as_str(), r.volume_context.get(CTX_FS_TYPE).map(String::as_str).unwrap_or(""), v.fs_type.as_deref().unwrap_or("")]
-            .into_iter()
-            .find(|f| !f.is_empty())
-            .unwrap_or(pool.default_fs())
-            .to_owned();
+        let fs =
+            [cap.fs_type.as_str(), r.volume_context.get(CTX_FS_TYPE).map(String::as_str).unwrap_or(""), v.fs_type.as_deref().unwrap_or("")]
+                .into_iter()
+                .find(|f| !f.is_empty())
+                .unwrap_or(pool.default_fs())
+                .to_owned();
         self.d.node.stage_filesystem(&attachment, Path::new(&r.staging_target_path), &fs, &cap.mount_flags).await?;
         Ok(NodeStageVolumeResponse {})
     }
@@ -96,9 +100,12 @@ impl NodeService {
         let _guard = self.lock(&r.volume_id)?;
         let (pool, v) = self.existing(&r.volume_id).await?;
         if cap.block != v.block {
-            return Err(Error::FailedPrecondition(format!("volume {} cannot be published with another access type than it was created with", r.volume_id)));
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} cannot be published with another access type than it was created with",
+                r.volume_id
+            )));
         }
-        if !cap.mode_supported() {
+        if !cap.supported_by(pool.as_ref()) {
             return Err(Error::FailedPrecondition(format!("access mode {} is not supported", cap.mode.as_str_name())));
         }
         let readonly = r.readonly || cap.read_only_mode();
@@ -139,6 +146,13 @@ impl NodeService {
         if condition.is_none() {
             if let Condition::Abnormal(m) = self.d.node.condition(path, v.block) {
                 condition = Some(m);
+            }
+        }
+        // A bind mount outlives the staging mount it came from: check the staging path too.
+        if condition.is_none() && !v.block && !r.staging_target_path.is_empty() {
+            require_path("staging_target_path", &r.staging_target_path)?;
+            if let Condition::Abnormal(m) = self.d.node.condition(Path::new(&r.staging_target_path), false) {
+                condition = Some(format!("staging mount: {m}"));
             }
         }
         let mut usage = Vec::new();

@@ -6,7 +6,7 @@
 //! that holds anything.
 
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,6 +15,16 @@ use crate::exec::{Cmd, Exec};
 
 /// Filesystems holdfast creates on block devices.
 pub const SUPPORTED_FS: [&str; 3] = ["ext4", "xfs", "btrfs"];
+
+/// The smallest device `mkfs` accepts for `fs_type` (xfsprogs refuses under 300 MiB, btrfs
+/// under 114 MiB); volumes are made at least this large so their first stage cannot fail.
+pub fn min_size(fs_type: &str) -> u64 {
+    match fs_type {
+        "xfs" => 300 << 20,
+        "btrfs" => 114 << 20,
+        _ => 1 << 20,
+    }
+}
 
 /// `blkid -p` reads a few superblocks; anything slower is a hung device.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,7 +69,14 @@ pub fn parse_export(stdout: &str) -> Signature {
 pub fn size_of(path: &Path) -> Result<u64> {
     let meta = std::fs::metadata(path).context(|| format!("reading the size of {}", path.display()))?;
     if meta.file_type().is_block_device() {
-        // Seeking to the end of a block device yields its size without an ioctl.
+        // sysfs knows the size in 512-byte sectors without opening the device, so a stats call
+        // never holds a published device node open (which would make its unmount busy).
+        let rdev = meta.rdev();
+        let sys = format!("/sys/dev/block/{}:{}/size", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        if let Some(sectors) = std::fs::read_to_string(sys).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+            return Ok(sectors * 512);
+        }
+        // Without sysfs, seeking to the end of a block device yields its size without an ioctl.
         let mut f = std::fs::File::open(path).context(|| format!("opening block device {}", path.display()))?;
         f.seek(SeekFrom::End(0)).context(|| format!("reading the size of block device {}", path.display()))
     } else {
@@ -142,16 +159,18 @@ pub async fn grow(exec: &dyn Exec, fs_type: &str, device: &Path, mount_path: &Pa
         "xfs" => Cmd::new("xfs_growfs").arg("-d").arg(path_arg(mount_path)),
         "btrfs" => Cmd::new("btrfs").args(["filesystem", "resize", "max"]).arg(path_arg(mount_path)),
         other => {
-            return Err(Error::Unimplemented(format!(
-                "cannot grow {other} on {}: holdfast grows ext4, xfs and btrfs",
-                device.display()
-            )));
+            return Err(Error::Unimplemented(format!("cannot grow {other} on {}: holdfast grows ext4, xfs and btrfs", device.display())));
         }
     };
-    exec.run(cmd.timeout(LONG_TIMEOUT))
-        .await
-        .context(|| format!("growing {fs_type} on {} (mounted at {})", device.display(), mount_path.display()))?;
-    Ok(())
+    let what = || format!("growing {fs_type} on {} (mounted at {})", device.display(), mount_path.display());
+    match exec.run(cmd.timeout(LONG_TIMEOUT)).await {
+        Ok(_) => Ok(()),
+        // The kernel's online ext4 resize demands CAP_SYS_RESOURCE, which a restricted agent lacks.
+        Err(e) if e.stderr().contains("Permission denied to resize") => {
+            Err(Error::exec(format!("{} (online ext4 resizing needs CAP_SYS_RESOURCE: run the agent privileged)", what()), e))
+        }
+        Err(e) => Err(Error::exec(what(), e)),
+    }
 }
 
 /// Gives the (unmounted) filesystem on `path` (device or image file) a new random UUID, so a
@@ -301,8 +320,16 @@ mod tests {
         let cases = [
             Case { name: "filesystem", reply: Reply::Ok(fixture("xfs.export")), want: Ok(Some("xfs")) },
             Case { name: "blank", reply: Reply::Fail(2, fixture("blank.export")), want: Ok(None) },
-            Case { name: "exit 2 with an error is not blank", reply: Reply::Fail(2, "blkid: error: /x: Permission denied\n".into()), want: Err("Permission denied") },
-            Case { name: "ambivalent is a signature", reply: Reply::Fail(8, fixture("ambivalent.stderr")), want: Ok(Some("several signatures (blkid: ambivalent result; see wipefs -n)")) },
+            Case {
+                name: "exit 2 with an error is not blank",
+                reply: Reply::Fail(2, "blkid: error: /x: Permission denied\n".into()),
+                want: Err("Permission denied"),
+            },
+            Case {
+                name: "ambivalent is a signature",
+                reply: Reply::Fail(8, fixture("ambivalent.stderr")),
+                want: Ok(Some("several signatures (blkid: ambivalent result; see wipefs -n)")),
+            },
             Case { name: "usage error", reply: Reply::Fail(4, "bad usage".into()), want: Err("bad usage") },
         ];
         let img = image();
@@ -419,7 +446,11 @@ mod tests {
         let exec = FakeExec::new();
         exec.on(
             "blkid",
-            vec![Reply::Ok("TYPE=xfs\nUUID=old\n".into()), Reply::Ok("TYPE=xfs\nUUID=old\n".into()), Reply::Ok("TYPE=xfs\nUUID=new\n".into())],
+            vec![
+                Reply::Ok("TYPE=xfs\nUUID=old\n".into()),
+                Reply::Ok("TYPE=xfs\nUUID=old\n".into()),
+                Reply::Ok("TYPE=xfs\nUUID=new\n".into()),
+            ],
         );
         regenerate_uuid(&exec, img.path()).await.unwrap();
         let progs: Vec<String> = exec.calls().iter().map(|c| c[0].clone()).collect();

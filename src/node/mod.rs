@@ -21,6 +21,9 @@ use mountinfo::MountInfo;
 /// Mounts stacked on one path are peeled one by one; more than this means something keeps
 /// mounting there, and looping on would never end.
 const MAX_LAYERS: usize = 32;
+/// How often, and how far apart, an unmount that found the mount busy is tried again.
+const BUSY_RETRIES: usize = 3;
+const BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Usage of a mounted filesystem or a block device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -177,6 +180,10 @@ impl Node {
 
     /// Bind-mounts the device node onto `target` (created as a file), read-only when asked.
     /// Idempotent, like [`Node::publish_filesystem`].
+    ///
+    /// The kernel does not apply a mount's `ro` flag to writes through a device node, so a
+    /// read-only block publish is marked `ro` in the mount table but is enforced by the
+    /// container runtime (the kubelet grants the container read access to the device only).
     pub async fn publish_block(&self, device: &Path, target: &Path, readonly: bool) -> Result<()> {
         match std::fs::metadata(device) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -245,7 +252,8 @@ impl Node {
 
     /// Unmounts every layer mounted at `path`; nothing mounted (or no such path) is success.
     async fn unmount_all(&self, path: &Path) -> Result<()> {
-        for _ in 0..MAX_LAYERS {
+        let mut busy_retries = BUSY_RETRIES;
+        for _ in 0..MAX_LAYERS + BUSY_RETRIES {
             let mounts = self.mounter.mounts()?;
             let Some(top) = top_at(&mounts, path) else {
                 return Ok(());
@@ -253,6 +261,14 @@ impl Node {
             // Unmount the path as the kernel names it (symlinks resolved).
             match self.mounter.unmount(&top.mount_point).await {
                 Ok(()) | Err(Error::NotFound(_)) => {}
+                // A file descriptor inherited by a child between fork and exec, or a process
+                // that is just exiting, keeps a mount busy for a moment; a real user does not
+                // go away, and the error then says what is busy.
+                Err(Error::Exec { source, .. }) if source.stderr().contains("busy") && busy_retries > 0 => {
+                    busy_retries -= 1;
+                    tracing::debug!(path = %path.display(), "unmount busy, retrying: {source}");
+                    tokio::time::sleep(BUSY_PAUSE).await;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -307,14 +323,24 @@ impl Node {
             }
             return Ok(device_health(meta.rdev(), &path.display().to_string()));
         }
+        // A filesystem the kernel gave up on: ext4 shows `emergency_ro`/`shutdown` (Linux 6.x)
+        // or `ro` on the superblock while the mount itself stays `rw`.
         let mount_rw = top.mount_options.iter().any(|o| o == "rw");
-        if mount_rw && top.super_options.iter().any(|o| o == "ro") {
+        let sb = |opt: &str| top.super_options.iter().any(|o| o == opt);
+        if sb("shutdown") {
+            return Ok(Some(format!("the {} filesystem at {} was shut down after errors (see dmesg)", top.fs_type, path.display())));
+        }
+        if mount_rw && (sb("ro") || sb("emergency_ro")) {
             return Ok(Some(format!(
                 "the {} filesystem at {} has become read-only although it is mounted read-write \
                  (the kernel does this after I/O errors; see dmesg)",
                 top.fs_type,
                 path.display()
             )));
+        }
+        // XFS after a forced shutdown answers every stat with EIO and shows nothing in mountinfo.
+        if let Err(e) = std::fs::metadata(path) {
+            return Ok(Some(format!("cannot stat {}: {e} (the filesystem may have been shut down after errors)", path.display())));
         }
         if top.source.starts_with("/dev/") {
             return Ok(match std::fs::metadata(&top.source) {
@@ -722,13 +748,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unstage_reports_a_failed_unmount() {
+    async fn unstage_retries_a_moment_of_busy_then_reports_it() {
         let r = rig(vec![found("ext4")]);
         r.stage("ext4").await.unwrap();
-        r.mounter.fail_next("unmount", "target is busy");
+        r.mounter.fail_next("unmount", "umount: /stage: target is busy.");
+        r.node.unstage(&r.path("stage")).await.unwrap();
+        assert!(!r.node.is_mounted(&r.path("stage")).unwrap());
+
+        r.stage("ext4").await.unwrap();
+        for _ in 0..=BUSY_RETRIES {
+            r.mounter.fail_next("unmount", "umount: /stage: target is busy.");
+        }
         let err = r.node.unstage(&r.path("stage")).await.unwrap_err();
         assert!(err.to_string().contains("busy"), "{err}");
         assert!(r.node.is_mounted(&r.path("stage")).unwrap());
+
+        r.mounter.fail_next("unmount", "umount: /stage: permission denied");
+        let err = r.node.unstage(&r.path("stage")).await.unwrap_err();
+        assert!(err.to_string().contains("permission denied"), "not retried: {err}");
     }
 
     #[tokio::test]
@@ -756,10 +793,14 @@ mod tests {
             source: source.into(),
             super_options: vec![sb.into()],
         };
+        for d in ["healthy", "published-ro", "errors", "gone"] {
+            std::fs::create_dir(r.path(d)).unwrap();
+        }
         r.mounter.add_line(line("healthy", "rw", "rw", "tank/v"));
         r.mounter.add_line(line("published-ro", "ro", "rw", "tank/v"));
         r.mounter.add_line(line("errors", "rw", "ro", "tank/v"));
         r.mounter.add_line(line("gone", "rw", "rw", "/dev/holdfast-no-such-device"));
+        r.mounter.add_line(line("unmounted-but-listed", "rw", "rw", "tank/v"));
         struct Case {
             path: &'static str,
             block: bool,
@@ -771,7 +812,8 @@ mod tests {
             Case { path: "errors", block: false, want: Some("read-only") },
             Case { path: "gone", block: false, want: Some("is gone") },
             Case { path: "unmounted", block: false, want: Some("nothing is mounted") },
-            Case { path: "healthy", block: true, want: Some("cannot reach") },
+            Case { path: "healthy", block: true, want: Some("not a block device") },
+            Case { path: "unmounted-but-listed", block: false, want: Some("cannot stat") },
         ];
         for c in cases {
             match (r.node.condition(&r.path(c.path), c.block), c.want) {

@@ -207,7 +207,8 @@ impl FakeMounter {
     pub fn add_line(&self, line: MountInfo) {
         self.state.lock().unwrap().table.push(line);
     }
-    /// Makes the next call of `op` (`"mount"`, `"bind"`, `"unmount"`) fail with `message`.
+    /// Makes the next call of `op` (`"mount"`, `"bind"`, `"unmount"`) fail as a command that
+    /// exited 32 with `message` on stderr. Several calls queue several failures.
     pub fn fail_next(&self, op: &str, message: &str) {
         self.state.lock().unwrap().fail.push((op.to_owned(), message.to_owned()));
     }
@@ -218,9 +219,11 @@ impl FakeState {
         self.next_id += 1;
         100 + self.next_id
     }
+    /// A queued failure of `op`, shaped like the real mounter's: the command failed with exit 32.
     fn take_failure(&mut self, op: &str) -> Option<Error> {
         let i = self.fail.iter().position(|(o, _)| o == op)?;
-        Some(Error::Internal(self.fail.remove(i).1))
+        let stderr = self.fail.remove(i).1;
+        Some(Error::exec(format!("fake {op}"), crate::exec::ExecError::Failed { cmd: op.into(), code: 32, stdout: String::new(), stderr }))
     }
 }
 
@@ -276,7 +279,8 @@ impl Mounter for FakeMounter {
         };
         let flags = bind_flags(options);
         let ro = flags.iter().any(|o| o == "ro");
-        line.mount_options = std::iter::once(if ro { "ro" } else { "rw" }.to_owned()).chain(flags.into_iter().filter(|f| f != "ro" && f != "rw")).collect();
+        line.mount_options =
+            std::iter::once(if ro { "ro" } else { "rw" }.to_owned()).chain(flags.into_iter().filter(|f| f != "ro" && f != "rw")).collect();
         s.table.push(line);
         Ok(())
     }
@@ -320,9 +324,21 @@ mod tests {
             want: &'static str,
         }
         let cases = [
-            Case { name: "typed with options", source: "/dev/loop3", fs_type: "ext4", options: &["noatime", "discard"], want: "mount -t ext4 -o noatime,discard -- /dev/loop3 /t" },
+            Case {
+                name: "typed with options",
+                source: "/dev/loop3",
+                fs_type: "ext4",
+                options: &["noatime", "discard"],
+                want: "mount -t ext4 -o noatime,discard -- /dev/loop3 /t",
+            },
             Case { name: "no type, no options", source: "tank/v", fs_type: "", options: &[], want: "mount -- tank/v /t" },
-            Case { name: "nfs", source: "srv:/export/v", fs_type: "nfs", options: &["vers=4.2"], want: "mount -t nfs -o vers=4.2 -- srv:/export/v /t" },
+            Case {
+                name: "nfs",
+                source: "srv:/export/v",
+                fs_type: "nfs",
+                options: &["vers=4.2"],
+                want: "mount -t nfs -o vers=4.2 -- srv:/export/v /t",
+            },
         ];
         for c in cases {
             let exec = Arc::new(FakeExec::new());

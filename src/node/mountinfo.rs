@@ -35,9 +35,10 @@ pub struct MountInfo {
 
 impl MountInfo {
     /// Whether this mount is read-only for its users: either the mount itself (`ro` bind) or
-    /// its superblock (a filesystem the kernel remounted read-only after errors).
+    /// its superblock (a filesystem the kernel remounted read-only after errors, shown as `ro`
+    /// or, since Linux 6.x for ext4, `emergency_ro`).
     pub fn is_readonly(&self) -> bool {
-        self.mount_options.iter().any(|o| o == "ro") || self.super_options.iter().any(|o| o == "ro")
+        self.mount_options.iter().any(|o| o == "ro") || self.super_options.iter().any(|o| o == "ro" || o == "emergency_ro")
     }
 }
 
@@ -189,7 +190,17 @@ mod tests {
                 name: "root of the host",
                 file: "host-debian12.txt",
                 mount_point: "/",
-                want: mi(27, 1, "254:0", "/", "/", &["rw", "relatime"], "ext4", "/dev/vda", &["rw", "discard", "resv_strict", "resuid=65534", "resgid=65534"]),
+                want: mi(
+                    27,
+                    1,
+                    "254:0",
+                    "/",
+                    "/",
+                    &["rw", "relatime"],
+                    "ext4",
+                    "/dev/vda",
+                    &["rw", "discard", "resv_strict", "resuid=65534", "resgid=65534"],
+                ),
             },
             Case {
                 name: "space escaped in a real mount point",
@@ -273,7 +284,17 @@ mod tests {
                 name: "newline and backslash escapes, several optional fields",
                 file: "handwritten.txt",
                 mount_point: "/mnt/new\nline\\back",
-                want: mi(121, 1, "7:3", "/sub dir", "/mnt/new\nline\\back", &["rw", "relatime"], "xfs", "/dev/loop3", &["rw", "attr2", "inode64"]),
+                want: mi(
+                    121,
+                    1,
+                    "7:3",
+                    "/sub dir",
+                    "/mnt/new\nline\\back",
+                    &["rw", "relatime"],
+                    "xfs",
+                    "/dev/loop3",
+                    &["rw", "attr2", "inode64"],
+                ),
             },
             Case {
                 name: "a deleted mount point keeps the kernel's suffix",
@@ -363,6 +384,8 @@ mod tests {
         assert!(!by_id(110).is_readonly());
         let sb_ro = parse("5 1 8:1 / /x rw - ext4 /dev/sda1 ro,errors=remount-ro").unwrap();
         assert!(sb_ro[0].is_readonly());
+        let emergency = parse("42 27 7:0 / /x rw,relatime - ext4 /dev/loop0 rw,errors=remount-ro,emergency_ro").unwrap();
+        assert!(emergency[0].is_readonly());
     }
 
     #[test]

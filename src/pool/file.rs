@@ -25,8 +25,10 @@
 //! are never written after they are taken, so their holes promise nothing and are not counted.
 //! (Reflink copies on XFS/btrfs share blocks that a later write unshares; that is not counted.)
 //!
-//! Snapshots are independent copies of the image, so a volume that has snapshots can be
-//! deleted and its snapshots stay usable.
+//! Snapshots and clones are independent copies of the image, so a volume that has snapshots can
+//! be deleted and its snapshots stay usable. A source that is mounted (through its loop device,
+//! per this process's mount table) is frozen with `fsfreeze` for the copy; a raw block volume in
+//! use cannot be frozen and is copied as it is.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -792,12 +794,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn open_builds_file_pools_only() {
+    async fn open_refuses_kinds_not_built_yet() {
         let dir = tempfile::tempdir().unwrap();
         let p = crate::pool::open(&config(dir.path(), ""), Arc::new(FakeExec::new())).unwrap();
         assert_eq!(p.name(), "p1");
-        let lvm = Config::parse("[[pool]]\nname = \"v\"\nkind = \"lvm\"\nvolume_group = \"vg0\"\n").unwrap().pools.remove(0);
-        let err = crate::pool::open(&lvm, Arc::new(FakeExec::new())).err().unwrap();
+        let zfs = Config::parse("[[pool]]\nname = \"z\"\nkind = \"zfs\"\ndataset = \"tank/hf\"\n").unwrap().pools.remove(0);
+        let err = crate::pool::open(&zfs, Arc::new(FakeExec::new())).err().unwrap();
         assert!(matches!(err, Error::Unimplemented(_)), "{err}");
     }
 
@@ -1135,7 +1137,23 @@ mod tests {
 
         let snap = img(&dir.path().join("pool"), "snapshots", "s1");
         run(&["e2fsck", "-fn", &snap.to_string_lossy()]);
-        let out = std::process::Command::new("debugfs").args(["-R", "cat /data", &snap.to_string_lossy()]).output().unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "written before the snapshot");
+        let cat = |image: &Path| {
+            let out = std::process::Command::new("debugfs").args(["-R", "cat /data", &image.to_string_lossy()]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(cat(&snap), "written before the snapshot");
+
+        // A filesystem restore gets its own UUID, so it can be mounted beside its source.
+        p.create_volume(&req("r1", 48 * MIB, false, Some(Source::Snapshot("s1".into())))).await.unwrap();
+        let r1 = img(&dir.path().join("pool"), "volumes", "r1");
+        assert_eq!(cat(&r1), "written before the snapshot");
+        let uuid = |image: &Path| {
+            let out =
+                std::process::Command::new("blkid").args(["-p", "-s", "UUID", "-o", "value", &image.to_string_lossy()]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        let (before, after) = (uuid(&img(&dir.path().join("pool"), "volumes", "v1")), uuid(&r1));
+        assert!(!before.is_empty() && before != after, "{before:?} vs {after:?}");
+        assert_eq!(fs::metadata(&r1).unwrap().len(), 48 * MIB);
     }
 }

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::volume_id::PoolKind;
 
 pub mod file;
+pub mod lvm;
 
 /// 1 MiB: every capacity is rounded up to a multiple of this.
 pub const MIB: u64 = 1 << 20;
@@ -26,6 +27,7 @@ pub fn round_up_mib(bytes: u64) -> u64 {
 pub fn open(cfg: &crate::config::PoolConfig, exec: std::sync::Arc<dyn crate::exec::Exec>) -> Result<std::sync::Arc<dyn Pool>> {
     match cfg.kind() {
         PoolKind::File => Ok(std::sync::Arc::new(file::FilePool::new(cfg, exec)?)),
+        PoolKind::Lvm => Ok(std::sync::Arc::new(lvm::LvmPool::new(cfg, exec)?)),
         kind => Err(crate::error::Error::Unimplemented(format!(
             "pool {:?}: {kind} pools are not supported yet by this build of holdfast; use a file pool",
             cfg.name()
@@ -136,6 +138,15 @@ pub trait Pool: Send + Sync {
     /// layer itself handles). Unknown keys are rejected so a typo never goes unnoticed.
     fn accepts_parameter(&self, _key: &str) -> bool {
         false
+    }
+    /// Whether volumes of this pool can be used from several nodes at once (MULTI_NODE_*
+    /// access modes). Node-local pools cannot.
+    fn multi_node(&self) -> bool {
+        false
+    }
+    /// Where the pool's volumes are reachable, for shared pools (`None`: only on this node).
+    fn topology(&self) -> Option<crate::placement::Segments> {
+        None
     }
 
     /// Creates a volume, or returns the existing one when it was made by the same request.

@@ -19,6 +19,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use holdfast::proto::controller_client::ControllerClient;
@@ -122,6 +123,7 @@ impl Setup {
             log,
             tmp: Some(self.tmp),
             clients: None,
+            leftovers: Mutex::new(Vec::new()),
         };
         let channel = driver.wait_for_socket().await;
         driver.clients = Some(Clients {
@@ -174,6 +176,16 @@ pub struct Driver {
     log: PathBuf,
     tmp: Option<TempDir>,
     clients: Option<Clients>,
+    /// Volumes and snapshots the helpers created and no helper deleted yet: Drop deletes them,
+    /// so a failed test does not fill a shared pool (an LVM volume group in the VM).
+    leftovers: Mutex<Vec<Leftover>>,
+}
+
+/// Something to delete if the test does not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Leftover {
+    Volume(String),
+    Snapshot(String),
 }
 
 impl Driver {
@@ -189,7 +201,12 @@ impl Driver {
                 panic!("holdfast exited during start-up with {status}; its log:\n{}", self.log_text());
             }
             if self.socket.exists() {
-                if let Ok(ch) = holdfast::endpoint::connect(&self.endpoint).await {
+                // The connection's tasks run on the harness's own runtime, so they keep
+                // answering the server (HTTP/2 GOAWAY on shutdown) even while a test, or Drop,
+                // blocks its own thread; a real CO's client is always live like that.
+                let endpoint = self.endpoint.clone();
+                let connected = background().spawn(async move { holdfast::endpoint::connect(&endpoint).await }).await;
+                if let Ok(Ok(ch)) = connected {
                     return ch;
                 }
             }
@@ -223,12 +240,11 @@ impl Driver {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Sends SIGTERM and waits up to `timeout` for the exit; `None` if it did not exit (it is
-    /// then killed).
-    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    /// Sends SIGTERM and waits up to `timeout` for the exit, with the clients still connected
+    /// (as a CO's are); `None` if it did not exit (it is then killed).
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
-        let _ = kill(pid, Signal::SIGTERM);
+        signal_term(&child);
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -239,7 +255,7 @@ impl Driver {
                 let _ = child.wait();
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -291,26 +307,43 @@ impl Driver {
     pub async fn create_with(&self, req: CreateVolumeRequest) -> Volume {
         let name = req.name.clone();
         let resp = self.controller().create_volume(req).await;
-        ok(resp, &format!("CreateVolume {name}")).volume.expect("CreateVolume answered no volume")
+        let volume = ok(resp, &format!("CreateVolume {name}")).volume.expect("CreateVolume answered no volume");
+        self.remember(Leftover::Volume(volume.volume_id.clone()));
+        volume
+    }
+
+    fn remember(&self, l: Leftover) {
+        let mut all = self.leftovers.lock().unwrap_or_else(|e| e.into_inner());
+        if !all.contains(&l) {
+            all.push(l);
+        }
+    }
+
+    fn forget(&self, l: &Leftover) {
+        self.leftovers.lock().unwrap_or_else(|e| e.into_inner()).retain(|x| x != l);
     }
 
     /// Deletes a volume, failing the test on any error.
     pub async fn delete(&self, volume_id: &str) {
         let req = DeleteVolumeRequest { volume_id: volume_id.to_owned(), ..Default::default() };
         ok(self.controller().delete_volume(req).await, &format!("DeleteVolume {volume_id}"));
+        self.forget(&Leftover::Volume(volume_id.to_owned()));
     }
 
     /// Creates a snapshot, failing the test on any error.
     pub async fn snapshot(&self, name: &str, source_volume_id: &str) -> Snapshot {
         let req = CreateSnapshotRequest { name: name.to_owned(), source_volume_id: source_volume_id.to_owned(), ..Default::default() };
         let resp = self.controller().create_snapshot(req).await;
-        ok(resp, &format!("CreateSnapshot {name}")).snapshot.expect("CreateSnapshot answered no snapshot")
+        let snap = ok(resp, &format!("CreateSnapshot {name}")).snapshot.expect("CreateSnapshot answered no snapshot");
+        self.remember(Leftover::Snapshot(snap.snapshot_id.clone()));
+        snap
     }
 
     /// Deletes a snapshot, failing the test on any error.
     pub async fn delete_snapshot(&self, snapshot_id: &str) {
         let req = DeleteSnapshotRequest { snapshot_id: snapshot_id.to_owned(), ..Default::default() };
         ok(self.controller().delete_snapshot(req).await, &format!("DeleteSnapshot {snapshot_id}"));
+        self.forget(&Leftover::Snapshot(snapshot_id.to_owned()));
     }
 
     /// A fresh staging directory (the CO creates it; spec NodeStageVolume).
@@ -381,10 +414,11 @@ impl Driver {
         ok(self.node().node_unstage_volume(req).await, &format!("NodeUnstageVolume {volume_id} at {}", staging.display()));
     }
 
-    /// Creates a filesystem volume of the fs's minimum size, stages and publishes it (rw).
+    /// Creates a filesystem volume of the fs's minimum size (its CSI name is `name` plus a
+    /// unique suffix; `name` names its staging and target dirs), stages and publishes it (rw).
     pub async fn mounted_volume(&self, name: &str, mode: Mode) -> Mounted {
         let cap = self.mount_cap(mode);
-        let volume = self.create(name, self.fs_volume_size(), cap.clone()).await;
+        let volume = self.create(&unique(name), self.fs_volume_size(), cap.clone()).await;
         let staging = self.staging_dir(name);
         let target = self.target_path(name);
         self.stage(&volume.volume_id, &staging, &cap).await;
@@ -494,9 +528,13 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // Unmount first, so the driver can delete what the test left behind.
+        let mut left = unmount_all_under(&self.dir);
+        self.delete_leftovers();
+        // Hang up, so the driver's graceful shutdown has no connection to wait for.
+        self.clients = None;
         if let Some(mut child) = self.child.take() {
-            let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
-            let _ = kill(pid, Signal::SIGTERM);
+            signal_term(&child);
             let deadline = Instant::now() + STOP_TIMEOUT;
             while !matches!(child.try_wait(), Ok(Some(_))) {
                 if Instant::now() > deadline {
@@ -511,12 +549,52 @@ impl Drop for Driver {
         if std::thread::panicking() {
             eprintln!("----- holdfast log ({}) -----\n{}----- end of holdfast log -----", self.log.display(), self.log_text());
         }
-        let left = unmount_all_under(&self.dir);
         detach_loops_under(&self.dir);
+        left.extend(unmount_all_under(&self.dir));
         if !left.is_empty() {
             // Removing the dir would delete files inside whatever is still mounted: keep it.
             let kept = self.tmp.take().map(TempDir::keep);
             eprintln!("cannot unmount {left:?}; keeping {kept:?} for inspection");
+        }
+    }
+}
+
+impl Driver {
+    /// Best-effort DeleteSnapshot / DeleteVolume of whatever the test did not delete, newest
+    /// first, over the client runtime (Drop cannot await).
+    fn delete_leftovers(&self) {
+        let leftovers: Vec<Leftover> = std::mem::take(&mut *self.leftovers.lock().unwrap_or_else(|e| e.into_inner()));
+        let Some(clients) = &self.clients else { return };
+        if leftovers.is_empty() || self.child.is_none() {
+            return;
+        }
+        let mut controller = clients.controller.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        background().spawn(async move {
+            let snapshots = leftovers.iter().rev().filter_map(|l| match l {
+                Leftover::Snapshot(id) => Some(id),
+                Leftover::Volume(_) => None,
+            });
+            for id in snapshots {
+                let req = DeleteSnapshotRequest { snapshot_id: id.clone(), ..Default::default() };
+                if let Err(s) = controller.delete_snapshot(req).await {
+                    eprintln!("clean-up: DeleteSnapshot {id}: {:?} {}", s.code(), s.message());
+                }
+            }
+            let volumes = leftovers.iter().rev().filter_map(|l| match l {
+                Leftover::Volume(id) => Some(id),
+                Leftover::Snapshot(_) => None,
+            });
+            for id in volumes {
+                let req = DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() };
+                if let Err(s) = controller.delete_volume(req).await {
+                    eprintln!("clean-up: DeleteVolume {id}: {:?} {}", s.code(), s.message());
+                }
+            }
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            eprintln!("clean-up: deleting leftover volumes took over 30 s; giving up");
         }
     }
 }
@@ -533,6 +611,30 @@ pub struct Mounted {
     /// Its target path (mounted).
     pub target: PathBuf,
 }
+
+/// The runtime that carries the client connections (see [`Driver::wait_for_socket`]).
+fn background() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("build the client runtime")
+    })
+}
+
+fn signal_term(child: &Child) {
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid fits i32"));
+    let _ = kill(pid, Signal::SIGTERM);
+}
+
+/// Whether this process holds a capability in its effective set (`capabilities(7)` number),
+/// for the few kernel operations a sandbox may withhold even from root.
+pub fn has_capability(cap: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(str::trim).unwrap_or("0");
+    u64::from_str_radix(eff, 16).map(|bits| bits & (1u64 << cap) != 0).unwrap_or(false)
+}
+
+/// CAP_SYS_RESOURCE: online ext4 growth (`EXT4_IOC_RESIZE_FS`) needs it.
+pub const CAP_SYS_RESOURCE: u32 = 24;
 
 /// A raw block capability.
 pub fn block_cap(mode: Mode) -> VolumeCapability {

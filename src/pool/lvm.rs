@@ -1,0 +1,817 @@
+//! The `lvm` pool: volumes are logical volumes in one volume group, thick, or thin in a thin
+//! pool (`thin_pool`). Everything holdfast knows about an LV is stored in its tags
+//! ([`tags`]), so a restarted driver finds every volume and snapshot again, and only LVs
+//! carrying the holdfast marker tag of this pool are ever listed, changed or removed.
+//!
+//! Names: volume `local` is LV `hf-<local>`, snapshot `local` is LV `hfs-<local>`, with `_`
+//! written as `.`: every name LVM reserves inside LV names (`_tmeta`, `_rimage`, `_mlog`…)
+//! starts with `_`, and local names never contain `.`, so the mapping is one-to-one and always
+//! legal. The prefixes keep clear of the reserved `snapshot`/`pvmove` prefixes.
+//!
+//! Snapshots, restores and clones need a thin pool: a snapshot is a thin snapshot LV (left
+//! with LVM's activation-skip flag, never written); a restored or cloned volume is a writable
+//! thin snapshot of the snapshot or volume, grown when asked for more, whose filesystem gets a
+//! new UUID so that it mounts beside its source. Thin snapshots are independent LVs, so a volume
+//! that has snapshots can be deleted and its snapshots stay usable.
+//!
+//! `detach` leaves the LV active. Deactivating buys nothing on a node that owns its volume
+//! group (an active, closed LV holds no resources worth freeing), and would race with a
+//! re-attach; `attach` activates whatever is inactive (after a reboot, or for a snapshot copy).
+//!
+//! Sizes: LVM rounds every LV up to the volume group's extent size (4 MiB by default). The pool
+//! reports the real LV size, so with 4 MiB extents a 1 MiB request gets 4 MiB; create the
+//! volume group with `vgcreate -s 1M` to give callers exactly the whole MiB they ask for.
+
+pub mod command;
+pub mod report;
+pub mod tags;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use crate::config::{PoolConfig, format_size};
+use crate::error::{Context, Error, Result};
+use crate::exec::Exec;
+use crate::pool::{Attachment, Condition, CreateRequest, MIB, Pool, SnapshotInfo, Source, VolumeInfo};
+use crate::volume_id::{PoolKind, valid_local_name};
+
+use report::Lv;
+use tags::{Meta, ObjectType};
+
+/// How long `attach` waits for udev to create `/dev/<vg>/<lv>` after activation.
+const DEVICE_WAIT: Duration = Duration::from_secs(20);
+/// A thin pool whose data or metadata is this full (percent) makes its volumes abnormal.
+pub const THIN_POOL_FULL_PERCENT: f64 = 95.0;
+/// Overcommit of a thin pool when the config sets no `overprovision_ratio`: none.
+pub const DEFAULT_OVERPROVISION_RATIO: f64 = 1.0;
+
+/// `lvcreate` options holdfast sets itself; `lvcreate_options` may not contain them.
+const RESERVED_OPTIONS: [&str; 18] = [
+    "-n",
+    "--name",
+    "-L",
+    "--size",
+    "-l",
+    "--extents",
+    "-V",
+    "--virtualsize",
+    "-T",
+    "--thin",
+    "--thinpool",
+    "-s",
+    "--snapshot",
+    "--addtag",
+    "-a",
+    "--activate",
+    "-k",
+    "--setactivationskip",
+];
+
+/// The LV of volume `local`.
+pub fn volume_lv(local: &str) -> String {
+    format!("hf-{}", local.replace('_', "."))
+}
+
+/// The LV of snapshot `local`.
+pub fn snapshot_lv(local: &str) -> String {
+    format!("hfs-{}", local.replace('_', "."))
+}
+
+/// VG and LV names: `[A-Za-z0-9+_.-]`, at most 127 characters, not starting with `-`.
+fn valid_lvm_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 127
+        && !s.starts_with('-')
+        && s != "."
+        && s != ".."
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c))
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// The largest new thin LV: the pool may promise `size × ratio` in all, and back at most
+/// `free × ratio` more; never negative. Whole MiB.
+pub fn thin_available(pool_size: u64, data_percent: Option<f64>, promised: u64, ratio: f64) -> u64 {
+    // An inactive pool reports no usage; its promises still bound it.
+    let used = data_percent.unwrap_or(0.0).clamp(0.0, 100.0) / 100.0;
+    let free = pool_size as f64 * (1.0 - used);
+    let by_promises = pool_size as f64 * ratio - promised as f64;
+    let avail = by_promises.min(free * ratio).max(0.0);
+    (avail as u64) / MIB * MIB
+}
+
+/// The share of free extents a new thick LV can use with `options` (numerator, denominator):
+/// mirrors keep `m + 1` copies, RAID 4/5/6 spend one or two stripes of every `stripes + parity`
+/// on parity, RAID 10 keeps two copies. An estimate: where LVM places the extents (one
+/// stripe or image per PV) is not modelled, and a create that does not fit still fails with
+/// RESOURCE_EXHAUSTED.
+pub fn thick_share(options: &[String]) -> (u64, u64) {
+    let value = |long: &str, short: &str| -> Option<String> {
+        let mut it = options.iter();
+        while let Some(o) = it.next() {
+            if o == long || (!short.is_empty() && o == short) {
+                return it.next().cloned();
+            }
+            if let Some(v) = o.strip_prefix(&format!("{long}=")) {
+                return Some(v.to_owned());
+            }
+            if !short.is_empty() && o.len() > short.len() && o.starts_with(short) {
+                return Some(o[short.len()..].to_owned());
+            }
+        }
+        None
+    };
+    let number = |long: &str, short: &str| value(long, short).and_then(|v| v.parse::<u64>().ok());
+    let segtype = value("--type", "");
+    let mirrors = number("--mirrors", "-m");
+    let stripes = number("--stripes", "-i");
+    match segtype.as_deref() {
+        Some("raid1") | Some("mirror") => (1, mirrors.unwrap_or(1) + 1),
+        Some("raid10") => (1, mirrors.unwrap_or(1) + 1),
+        Some(t) if t.starts_with("raid6") => {
+            let s = stripes.unwrap_or(3).max(1);
+            (s, s + 2)
+        }
+        Some(t) if t.starts_with("raid5") || t.starts_with("raid4") => {
+            let s = stripes.unwrap_or(2).max(1);
+            (s, s + 1)
+        }
+        _ => match mirrors {
+            Some(m) if m > 0 => (1, m + 1),
+            _ => (1, 1),
+        },
+    }
+}
+
+/// An LVM pool.
+pub struct LvmPool {
+    name: String,
+    vg: String,
+    thin_pool: Option<String>,
+    overprovision_ratio: f64,
+    lvcreate_options: Vec<String>,
+    default_fs: String,
+    exec: Arc<dyn Exec>,
+}
+
+impl std::fmt::Debug for LvmPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LvmPool").field("name", &self.name).field("vg", &self.vg).field("thin_pool", &self.thin_pool).finish()
+    }
+}
+
+impl LvmPool {
+    /// A pool over the volume group (and thin pool) of `cfg`. Checks the names and options;
+    /// whether the volume group exists is found out (and said) by the first operation.
+    pub fn new(cfg: &PoolConfig, exec: Arc<dyn Exec>) -> Result<LvmPool> {
+        let name = cfg.name().to_owned();
+        let bad = |m: String| Error::InvalidArgument(format!("pool {name:?}: {m}"));
+        let vg = cfg.volume_group.clone().ok_or_else(|| bad("an lvm pool needs `volume_group`".into()))?;
+        if !valid_lvm_name(&vg) {
+            return Err(bad(format!("volume_group {vg:?} is not a valid LVM name (A-Z a-z 0-9 + _ . -)")));
+        }
+        if let Some(tp) = &cfg.thin_pool {
+            if !valid_lvm_name(tp) {
+                return Err(bad(format!("thin_pool {tp:?} is not a valid LVM name (A-Z a-z 0-9 + _ . -)")));
+            }
+        }
+        let ratio = cfg.overprovision_ratio.unwrap_or(DEFAULT_OVERPROVISION_RATIO);
+        if cfg.thin_pool.is_none() && cfg.overprovision_ratio.is_some() {
+            return Err(bad("overprovision_ratio applies to thin pools only: set thin_pool or remove it".into()));
+        }
+        if !(ratio.is_finite() && ratio >= 1.0) {
+            return Err(bad(format!("overprovision_ratio {ratio} must be a number >= 1.0")));
+        }
+        let options = cfg.lvcreate_options.clone().unwrap_or_default();
+        for o in &options {
+            let flag = o.split('=').next().unwrap_or(o);
+            let short_with_value =
+                RESERVED_OPTIONS.iter().any(|r| r.len() == 2 && flag.len() > 2 && !flag.starts_with("--") && flag.starts_with(r));
+            if RESERVED_OPTIONS.contains(&flag) || short_with_value {
+                return Err(bad(format!(
+                    "lvcreate_options may not contain {o:?}: holdfast sets name, size, pool, tags and activation itself"
+                )));
+            }
+        }
+        let default_fs = cfg.default_fs.clone().unwrap_or_else(|| "ext4".to_owned());
+        Ok(LvmPool { name, vg, thin_pool: cfg.thin_pool.clone(), overprovision_ratio: ratio, lvcreate_options: options, default_fs, exec })
+    }
+
+    /// The volume group.
+    pub fn volume_group(&self) -> &str {
+        &self.vg
+    }
+
+    /// The thin pool, when volumes are thin.
+    pub fn thin_pool(&self) -> Option<&str> {
+        self.thin_pool.as_deref()
+    }
+
+    fn vg_missing(&self) -> String {
+        format!(
+            "volume group {:?} of pool {:?} does not exist on this node: create it (vgcreate) or fix volume_group in the config",
+            self.vg, self.name
+        )
+    }
+
+    /// One LV by name; `None` when it does not exist.
+    async fn lookup(&self, lv: &str) -> Result<Option<Lv>> {
+        let target = format!("{}/{lv}", self.vg);
+        match self.exec.run(command::lvs(&target)).await {
+            Ok(out) => {
+                let lvs = report::parse_lvs(&out.stdout).map_err(|e| Error::Internal(format!("reading LV {target}: {e}")))?;
+                Ok(lvs.into_iter().find(|l| l.name == lv))
+            }
+            Err(e) if command::is_lv_not_found(&e) => Ok(None),
+            Err(e) if command::is_vg_not_found(&e) => Err(Error::FailedPrecondition(self.vg_missing())),
+            Err(e) => Err(Error::exec(format!("looking up LV {target}"), e)),
+        }
+    }
+
+    /// Every LV of the volume group.
+    async fn list_lvs(&self) -> Result<Vec<Lv>> {
+        match self.exec.run(command::lvs(&self.vg)).await {
+            Ok(out) => report::parse_lvs(&out.stdout).map_err(|e| Error::Internal(format!("listing LVs of {}: {e}", self.vg))),
+            Err(e) if command::is_vg_not_found(&e) => Err(Error::FailedPrecondition(self.vg_missing())),
+            Err(e) => Err(Error::exec(format!("listing LVs of volume group {}", self.vg), e)),
+        }
+    }
+
+    /// The holdfast record of `lv` when it is an object of type `object` of this pool.
+    /// `Err` when it carries the marker but its tags are damaged.
+    fn ours(&self, lv: &Lv, object: ObjectType) -> Result<Option<Meta>, String> {
+        let Some(meta) = tags::decode(&lv.tags)? else {
+            return Ok(None);
+        };
+        let expected = match object {
+            ObjectType::Volume => volume_lv(&meta.local),
+            ObjectType::Snapshot => snapshot_lv(&meta.local),
+        };
+        Ok((meta.pool == self.name && meta.object == object && expected == lv.name).then_some(meta))
+    }
+
+    /// The LV and record of this pool's volume or snapshot `local`; `None` when there is none
+    /// (an LV of that name that is not ours counts as none, with a warning).
+    async fn find(&self, local: &str, object: ObjectType) -> Result<Option<(Lv, Meta)>> {
+        if !valid_local_name(local) {
+            return Ok(None);
+        }
+        let name = match object {
+            ObjectType::Volume => volume_lv(local),
+            ObjectType::Snapshot => snapshot_lv(local),
+        };
+        let Some(lv) = self.lookup(&name).await? else {
+            return Ok(None);
+        };
+        match self.ours(&lv, object) {
+            Ok(Some(meta)) => Ok(Some((lv, meta))),
+            Ok(None) => {
+                tracing::warn!(pool = %self.name, lv = %format!("{}/{}", self.vg, lv.name), "LV exists but is not a {object:?} of this pool; leaving it alone");
+                Ok(None)
+            }
+            Err(e) => Err(Error::Internal(format!(
+                "LV {}/{} carries the holdfast marker but its tags are damaged ({e}); fix the tags or remove the LV by hand",
+                self.vg, lv.name
+            ))),
+        }
+    }
+
+    fn volume_info(lv: &Lv, meta: Meta) -> VolumeInfo {
+        VolumeInfo {
+            local: meta.local,
+            csi_name: meta.csi_name,
+            capacity: lv.size,
+            block: meta.block,
+            fs_type: meta.fs_type,
+            source: meta.source,
+            created: meta.created,
+        }
+    }
+
+    fn snapshot_info(lv: &Lv, meta: Meta) -> SnapshotInfo {
+        let source_volume = match meta.source {
+            Some(Source::Volume(v)) => v,
+            _ => String::new(),
+        };
+        SnapshotInfo {
+            local: meta.local,
+            csi_name: meta.csi_name,
+            source_volume,
+            size: if meta.size > 0 { meta.size } else { lv.size },
+            created: meta.created,
+            ready: true,
+        }
+    }
+
+    /// The device of `lv`, activated (also when activation-skipped) and present.
+    async fn activate(&self, lv: &Lv) -> Result<PathBuf> {
+        let target = format!("{}/{}", self.vg, lv.name);
+        if !lv.attr.active() {
+            self.exec.run(command::lvchange_activate(&self.vg, &lv.name)).await.context(|| format!("activating LV {target}"))?;
+        }
+        let path = if lv.path.is_empty() { PathBuf::from(format!("/dev/{target}")) } else { PathBuf::from(&lv.path) };
+        wait_for_device(&path, DEVICE_WAIT).await?;
+        Ok(path)
+    }
+
+    /// The largest new thin LV, from a listing of the volume group.
+    fn thin_available_in(&self, pool: &str, lvs: &[Lv]) -> Result<u64> {
+        let Some(tp) = lvs.iter().find(|l| l.name == pool) else {
+            return Err(Error::FailedPrecondition(format!(
+                "thin pool {}/{pool} of pool {:?} does not exist: create it (lvcreate --type thin-pool) or fix thin_pool in the config",
+                self.vg, self.name
+            )));
+        };
+        // Snapshots are never written, so they promise nothing; every other thin LV of the
+        // pool (holdfast's or not) may grow to its virtual size.
+        let promised: u64 = lvs
+            .iter()
+            .filter(|l| l.pool_lv == pool)
+            .filter(|l| !matches!(tags::decode(&l.tags), Ok(Some(Meta { object: ObjectType::Snapshot, .. }))))
+            .map(|l| l.size)
+            .sum();
+        Ok(thin_available(tp.size, tp.data_percent, promised, self.overprovision_ratio))
+    }
+
+    /// Refuses to promise more than the thin pool may give (LVM itself only warns).
+    async fn check_thin_room(&self, pool: &str, extra: u64, what: &str) -> Result<()> {
+        let avail = self.thin_available_in(pool, &self.list_lvs().await?)?;
+        if extra > avail {
+            return Err(Error::ResourceExhausted(format!(
+                "{what} needs {} more in thin pool {}/{pool}, which can promise only {} more (overprovision_ratio {}); free space or extend the thin pool",
+                format_size(extra),
+                self.vg,
+                format_size(avail),
+                self.overprovision_ratio
+            )));
+        }
+        Ok(())
+    }
+
+    /// A create found an LV of the name: the same request (Ok, finishing an interrupted
+    /// copy) or a conflict.
+    async fn existing_volume(&self, req: &CreateRequest, lv: Lv) -> Result<VolumeInfo> {
+        let meta = match self.ours(&lv, ObjectType::Volume) {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => {
+                return Err(Error::AlreadyExists(format!(
+                    "LV {}/{} already exists and is not a volume of holdfast pool {:?}; rename or remove it, or use another name",
+                    self.vg, lv.name, self.name
+                )));
+            }
+        };
+        let same = meta.csi_name == req.csi_name
+            && meta.capacity == req.capacity
+            && meta.block == req.block
+            && meta.fs_type == req.fs_type
+            && meta.source == req.source;
+        if !same {
+            return Err(Error::AlreadyExists(format!(
+                "volume {:?} already exists in pool {:?} with capacity {}, {}, source {:?}; this request asks for {}, {}, source {:?}",
+                meta.csi_name,
+                self.name,
+                format_size(meta.capacity),
+                if meta.block { "block".to_owned() } else { meta.fs_type.clone().unwrap_or_default() },
+                meta.source,
+                format_size(req.capacity),
+                if req.block { "block".to_owned() } else { req.fs_type.clone().unwrap_or_default() },
+                req.source
+            )));
+        }
+        if meta.pending {
+            self.finish_copy(&lv, req.capacity, req.block).await?;
+            return self.read_volume(&lv.name).await;
+        }
+        Ok(Self::volume_info(&lv, meta))
+    }
+
+    /// Reads back a volume this pool just made.
+    async fn read_volume(&self, lv: &str) -> Result<VolumeInfo> {
+        let found = self.lookup(lv).await?;
+        let got = found.as_ref().map(|l| (l, self.ours(l, ObjectType::Volume)));
+        match got {
+            Some((l, Ok(Some(meta)))) => Ok(Self::volume_info(l, meta)),
+            _ => Err(Error::Internal(format!("LV {}/{lv} vanished or lost its tags right after it was made", self.vg))),
+        }
+    }
+
+    /// Ends a restore or clone: grow to the requested size, give the filesystem a new UUID,
+    /// and drop the pending tag. Every step is safe to repeat.
+    async fn finish_copy(&self, lv: &Lv, capacity: u64, block: bool) -> Result<()> {
+        let target = format!("{}/{}", self.vg, lv.name);
+        if lv.size < capacity {
+            self.exec.run(command::lvextend(&self.vg, &lv.name, capacity)).await.context(|| format!("growing the copy {target}"))?;
+        }
+        let device = self.activate(lv).await?;
+        // A raw block volume's content is the user's business; only filesystem volumes get
+        // a new UUID (a blank copy is left alone).
+        if !block {
+            crate::node::format::regenerate_uuid(self.exec.as_ref(), &device).await?;
+        }
+        self.exec
+            .run(command::lvchange_deltag(&self.vg, &lv.name, tags::PENDING))
+            .await
+            .context(|| format!("marking the copy {target} finished"))?;
+        Ok(())
+    }
+
+    async fn create_copy(&self, req: &CreateRequest, source: &Source, lv_name: &str) -> Result<VolumeInfo> {
+        let Some(pool) = self.thin_pool.as_deref() else {
+            // CSI CreateVolume: a source the plugin cannot use is INVALID_ARGUMENT.
+            return Err(Error::InvalidArgument(format!(
+                "pool {:?} is a thick LVM pool: restoring snapshots and cloning volumes need thin LVs; set thin_pool in its config or use another pool",
+                self.name
+            )));
+        };
+        let origin = match source {
+            Source::Snapshot(s) => self
+                .find(s, ObjectType::Snapshot)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("snapshot {s:?} not found in pool {:?}", self.name)))?,
+            Source::Volume(v) => {
+                let found = self
+                    .find(v, ObjectType::Volume)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("volume {v:?} not found in pool {:?}", self.name)))?;
+                if found.1.pending {
+                    return Err(Error::FailedPrecondition(format!("volume {v:?} is itself an unfinished copy; retry its creation first")));
+                }
+                found
+            }
+        };
+        let (origin_lv, _) = origin;
+        if req.capacity < origin_lv.size {
+            return Err(Error::OutOfRange(format!(
+                "the copy needs at least {} (the size of its source), not {}",
+                format_size(origin_lv.size),
+                format_size(req.capacity)
+            )));
+        }
+        self.check_thin_room(pool, req.capacity, &format!("volume {:?}", req.csi_name)).await?;
+        let meta = self.new_meta(req, true);
+        let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
+        let cmd = command::lvcreate_snapshot(&self.vg, &origin_lv.name, lv_name, &tags, true);
+        if let Some(existing) = self.run_create(cmd, lv_name, req).await? {
+            return Ok(existing);
+        }
+        let lv = self
+            .lookup(lv_name)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("LV {}/{lv_name} vanished right after it was made", self.vg)))?;
+        self.finish_copy(&lv, req.capacity, req.block).await?;
+        self.read_volume(lv_name).await
+    }
+
+    fn new_meta(&self, req: &CreateRequest, pending: bool) -> Meta {
+        Meta {
+            pool: self.name.clone(),
+            object: ObjectType::Volume,
+            local: req.local.clone(),
+            csi_name: req.csi_name.clone(),
+            capacity: req.capacity,
+            block: req.block,
+            fs_type: if req.block { None } else { req.fs_type.clone() },
+            source: req.source.clone(),
+            size: 0,
+            created: now(),
+            pending,
+        }
+    }
+
+    /// Runs an `lvcreate` of volume `lv`. `Ok(Some)`: the LV already existed and matches
+    /// (a retry that raced); `Ok(None)`: created.
+    async fn run_create(&self, cmd: crate::exec::Cmd, lv: &str, req: &CreateRequest) -> Result<Option<VolumeInfo>> {
+        match self.exec.run(cmd).await {
+            Ok(_) => {
+                tracing::info!(pool = %self.name, lv = %format!("{}/{lv}", self.vg), csi_name = %req.csi_name, capacity = req.capacity, "created LV");
+                Ok(None)
+            }
+            Err(e) if command::is_lv_exists(&e) => match self.lookup(lv).await? {
+                Some(found) => self.existing_volume(req, found).await.map(Some),
+                None => Err(Error::Aborted(format!("LV {}/{lv} was created and removed at the same time; retry", self.vg))),
+            },
+            Err(e) if command::is_no_space(&e) => Err(Error::ResourceExhausted(format!(
+                "no room for {} in volume group {} of pool {:?}: {}",
+                format_size(req.capacity),
+                self.vg,
+                self.name,
+                e.stderr().trim()
+            ))),
+            Err(e) if command::is_vg_not_found(&e) => Err(Error::FailedPrecondition(self.vg_missing())),
+            Err(e) => Err(Error::exec(format!("creating LV {}/{lv} for volume {:?}", self.vg, req.csi_name), e)),
+        }
+    }
+
+    async fn remove(&self, lv: &str, what: &str) -> Result<()> {
+        match self.exec.run(command::lvremove(&self.vg, lv)).await {
+            Ok(_) => {
+                tracing::info!(pool = %self.name, lv = %format!("{}/{lv}", self.vg), "removed LV");
+                Ok(())
+            }
+            Err(e) if command::is_lv_not_found(&e) => Ok(()),
+            Err(e) if command::is_in_use(&e) => Err(Error::FailedPrecondition(format!(
+                "{what} (LV {}/{lv}) is in use on this node (mounted or open): unpublish and unstage it first",
+                self.vg
+            ))),
+            Err(e) => Err(Error::exec(format!("removing LV {}/{lv} ({what})", self.vg), e)),
+        }
+    }
+
+    /// Why a thin pool makes its volumes abnormal, if it does.
+    fn thin_pool_problem(pool: &Lv) -> Option<String> {
+        let id = format!("{}/{}", pool.vg, pool.name);
+        if let Some(h) = pool.attr.health_problem() {
+            return Some(format!("thin pool {id} is {h}"));
+        }
+        if let Some(s) = pool.attr.state_problem() {
+            return Some(format!("thin pool {id} is {s}"));
+        }
+        for (what, pct) in [("data", pool.data_percent), ("metadata", pool.metadata_percent)] {
+            if let Some(p) = pct.filter(|p| *p >= THIN_POOL_FULL_PERCENT) {
+                return Some(format!("thin pool {id} is {p:.1}% full ({what}); writes will fail when it is full: extend it (lvextend)"));
+            }
+        }
+        None
+    }
+}
+
+/// Polls for `path` (udev creates `/dev/<vg>/<lv>` shortly after activation).
+async fn wait_for_device(path: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(Error::Internal(format!(
+                "{} did not appear within {timeout:?} of activating the LV; is udev running (udevadm settle)?",
+                path.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Pool for LvmPool {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> PoolKind {
+        PoolKind::Lvm
+    }
+
+    fn default_fs(&self) -> &str {
+        &self.default_fs
+    }
+
+    async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo> {
+        if !valid_local_name(&req.local) {
+            return Err(Error::InvalidArgument(format!("{:?} is not a valid local volume name", req.local)));
+        }
+        let lv_name = volume_lv(&req.local);
+        if let Some(lv) = self.lookup(&lv_name).await? {
+            return self.existing_volume(req, lv).await;
+        }
+        if let Some(source) = &req.source {
+            return self.create_copy(req, source, &lv_name).await;
+        }
+        let tags = tags::encode(&self.new_meta(req, false)).map_err(Error::InvalidArgument)?;
+        let cmd = match self.thin_pool.as_deref() {
+            Some(pool) => {
+                self.check_thin_room(pool, req.capacity, &format!("volume {:?}", req.csi_name)).await?;
+                command::lvcreate_thin(&self.vg, pool, &lv_name, req.capacity, &tags, &self.lvcreate_options)
+            }
+            None => command::lvcreate_thick(&self.vg, &lv_name, req.capacity, &tags, &self.lvcreate_options),
+        };
+        if let Some(existing) = self.run_create(cmd, &lv_name, req).await? {
+            return Ok(existing);
+        }
+        self.read_volume(&lv_name).await
+    }
+
+    async fn delete_volume(&self, local: &str) -> Result<()> {
+        match self.find(local, ObjectType::Volume).await? {
+            Some((lv, _)) => self.remove(&lv.name, &format!("volume {local:?}")).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
+        Ok(self.find(local, ObjectType::Volume).await?.map(|(lv, meta)| Self::volume_info(&lv, meta)))
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let mut out = Vec::new();
+        for lv in self.list_lvs().await? {
+            match self.ours(&lv, ObjectType::Volume) {
+                Ok(Some(meta)) => out.push(Self::volume_info(&lv, meta)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(pool = %self.name, lv = %lv.name, "skipping an LV with damaged holdfast tags: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
+        let (lv, meta) = self
+            .find(local, ObjectType::Volume)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
+        if lv.size >= capacity {
+            return Ok(lv.size);
+        }
+        if meta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        }
+        if let Some(pool) = self.thin_pool.as_deref() {
+            self.check_thin_room(pool, capacity - lv.size, &format!("growing volume {local:?}")).await?;
+        }
+        match self.exec.run(command::lvextend(&self.vg, &lv.name, capacity)).await {
+            Ok(_) => {}
+            // Space may be freed later, so this is worth retrying: not OUT_OF_RANGE.
+            Err(e) if command::is_no_space(&e) => {
+                return Err(Error::ResourceExhausted(format!(
+                    "cannot grow volume {local:?} to {}: volume group {} has no room ({})",
+                    format_size(capacity),
+                    self.vg,
+                    e.stderr().trim()
+                )));
+            }
+            Err(e) => return Err(Error::exec(format!("growing LV {}/{} to {capacity} bytes", self.vg, lv.name), e)),
+        }
+        tracing::info!(pool = %self.name, lv = %lv.name, capacity, "extended LV");
+        Ok(self.read_volume(&lv.name).await?.capacity)
+    }
+
+    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo> {
+        if self.thin_pool.is_none() {
+            // CreateSnapshot has no code of its own for this; the request is well-formed but
+            // the pool is not set up for it, which is FAILED_PRECONDITION.
+            return Err(Error::FailedPrecondition(format!(
+                "pool {:?} is a thick LVM pool: snapshots need a thin pool; set thin_pool in its config",
+                self.name
+            )));
+        }
+        if !valid_local_name(local) {
+            return Err(Error::InvalidArgument(format!("{local:?} is not a valid local snapshot name")));
+        }
+        let lv_name = snapshot_lv(local);
+        let existing = |lv: Lv| -> Result<SnapshotInfo> {
+            match self.ours(&lv, ObjectType::Snapshot) {
+                Ok(Some(meta)) if meta.csi_name == csi_name && meta.source == Some(Source::Volume(source_local.to_owned())) => {
+                    Ok(Self::snapshot_info(&lv, meta))
+                }
+                Ok(Some(meta)) => Err(Error::AlreadyExists(format!(
+                    "snapshot {:?} already exists in pool {:?} with source {:?}, not volume {source_local:?}",
+                    meta.csi_name, self.name, meta.source
+                ))),
+                _ => Err(Error::AlreadyExists(format!(
+                    "LV {}/{} already exists and is not a snapshot of holdfast pool {:?}; rename or remove it, or use another name",
+                    self.vg, lv.name, self.name
+                ))),
+            }
+        };
+        if let Some(lv) = self.lookup(&lv_name).await? {
+            return existing(lv);
+        }
+        let (source, source_meta) = self
+            .find(source_local, ObjectType::Volume)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {source_local:?} not found in pool {:?}", self.name)))?;
+        if source_meta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {source_local:?} is an unfinished copy; retry its creation first")));
+        }
+        let meta = Meta {
+            pool: self.name.clone(),
+            object: ObjectType::Snapshot,
+            local: local.to_owned(),
+            csi_name: csi_name.to_owned(),
+            capacity: 0,
+            block: false,
+            fs_type: None,
+            source: Some(Source::Volume(source_local.to_owned())),
+            size: source.size,
+            created: now(),
+            pending: false,
+        };
+        let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
+        match self.exec.run(command::lvcreate_snapshot(&self.vg, &source.name, &lv_name, &tags, false)).await {
+            Ok(_) => tracing::info!(pool = %self.name, lv = %lv_name, source = %source.name, "created thin snapshot"),
+            Err(e) if command::is_lv_exists(&e) => {
+                let lv =
+                    self.lookup(&lv_name).await?.ok_or_else(|| Error::Aborted(format!("snapshot LV {lv_name} came and went; retry")))?;
+                return existing(lv);
+            }
+            Err(e) if command::is_no_space(&e) => {
+                return Err(Error::ResourceExhausted(format!(
+                    "no room for snapshot {csi_name:?} in pool {:?}: {}",
+                    self.name,
+                    e.stderr().trim()
+                )));
+            }
+            Err(e) => return Err(Error::exec(format!("snapshotting LV {}/{} as {lv_name}", self.vg, source.name), e)),
+        }
+        let lv = self
+            .lookup(&lv_name)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("snapshot LV {}/{lv_name} vanished right after it was made", self.vg)))?;
+        existing(lv)
+    }
+
+    async fn delete_snapshot(&self, local: &str) -> Result<()> {
+        match self.find(local, ObjectType::Snapshot).await? {
+            Some((lv, _)) => self.remove(&lv.name, &format!("snapshot {local:?}")).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn get_snapshot(&self, local: &str) -> Result<Option<SnapshotInfo>> {
+        Ok(self.find(local, ObjectType::Snapshot).await?.map(|(lv, meta)| Self::snapshot_info(&lv, meta)))
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut out = Vec::new();
+        for lv in self.list_lvs().await? {
+            match self.ours(&lv, ObjectType::Snapshot) {
+                Ok(Some(meta)) => out.push(Self::snapshot_info(&lv, meta)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(pool = %self.name, lv = %lv.name, "skipping an LV with damaged holdfast tags: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn capacity(&self) -> Result<u64> {
+        match self.thin_pool.as_deref() {
+            Some(pool) => self.thin_available_in(pool, &self.list_lvs().await?),
+            None => {
+                let out = match self.exec.run(command::vgs(&self.vg)).await {
+                    Ok(out) => out,
+                    Err(e) if command::is_vg_not_found(&e) => return Err(Error::FailedPrecondition(self.vg_missing())),
+                    Err(e) => return Err(Error::exec(format!("reading the free space of volume group {}", self.vg), e)),
+                };
+                let vgs = report::parse_vgs(&out.stdout).map_err(|e| Error::Internal(format!("reading volume group {}: {e}", self.vg)))?;
+                let vg = vgs.iter().find(|v| v.name == self.vg).ok_or_else(|| Error::FailedPrecondition(self.vg_missing()))?;
+                let (num, den) = thick_share(&self.lvcreate_options);
+                let extent = vg.extent_size.max(1);
+                // Whole extents and whole MiB: a request of that size fits without rounding up.
+                let share = (vg.free as u128 * num as u128 / den as u128) as u64;
+                Ok(share / extent * extent / MIB * MIB)
+            }
+        }
+    }
+
+    async fn attach(&self, local: &str) -> Result<Attachment> {
+        let (lv, meta) = self
+            .find(local, ObjectType::Volume)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
+        if meta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        }
+        Ok(Attachment::Device(self.activate(&lv).await?))
+    }
+
+    async fn detach(&self, _local: &str) -> Result<()> {
+        // LVs stay active: see the module documentation.
+        Ok(())
+    }
+
+    async fn condition(&self, local: &str) -> Result<Condition> {
+        let Some((lv, meta)) = self.find(local, ObjectType::Volume).await? else {
+            return Ok(Condition::Abnormal(format!("LV {}/{} of volume {local:?} is gone", self.vg, volume_lv(local))));
+        };
+        let id = format!("{}/{}", self.vg, lv.name);
+        if meta.pending {
+            return Ok(Condition::Abnormal(format!("LV {id} is an unfinished copy")));
+        }
+        if let Some(s) = lv.attr.state_problem() {
+            return Ok(Condition::Abnormal(format!("LV {id} is {s}")));
+        }
+        if let Some(h) = lv.attr.health_problem() {
+            return Ok(Condition::Abnormal(format!("LV {id} is {h}")));
+        }
+        if !lv.attr.active() {
+            return Ok(Condition::Abnormal(format!("LV {id} is not active (lvchange -ay {id}, or stage the volume again)")));
+        }
+        if !lv.pool_lv.is_empty() {
+            match self.lookup(&lv.pool_lv).await? {
+                None => return Ok(Condition::Abnormal(format!("the thin pool {}/{} of LV {id} is gone", self.vg, lv.pool_lv))),
+                Some(pool) => {
+                    if let Some(p) = Self::thin_pool_problem(&pool) {
+                        return Ok(Condition::Abnormal(p));
+                    }
+                }
+            }
+        }
+        Ok(Condition::Healthy)
+    }
+}
+
+#[cfg(test)]
+mod tests;
