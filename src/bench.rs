@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tonic::transport::Channel;
 
+use crate::config::format_size;
 use crate::ctl::request::{Access, capacity, parse_key_value, parse_size_arg, to_map, volume_capability};
 use crate::ctl::show::status;
 use crate::exec::RealExec;
@@ -23,7 +24,7 @@ use crate::proto::controller_client::ControllerClient;
 use crate::proto::identity_client::IdentityClient;
 use crate::proto::node_client::NodeClient;
 use crate::proto::{
-    CreateVolumeRequest, DeleteVolumeRequest, GetPluginInfoRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
+    CreateVolumeRequest, DeleteVolumeRequest, GetCapacityRequest, GetPluginInfoRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
     NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
 };
 use report::{MemoryReport, Report};
@@ -38,9 +39,13 @@ pub struct BenchArgs {
     /// How many sequential CreateVolume (then DeleteVolume) calls to time; 0 skips them.
     #[arg(long, default_value_t = 200)]
     pub count: usize,
-    /// Size of every volume.
+    /// Size of the ready-to-use volumes (holdfast and by hand).
     #[arg(long, value_parser = parse_size_arg, default_value = "1GiB")]
     pub size: u64,
+    /// Size of each volume of the CreateVolume series (default: --size). The pool must hold
+    /// --count of them at once.
+    #[arg(long, value_parser = parse_size_arg)]
+    pub create_size: Option<u64>,
     /// How many times to make a ready-to-use volume, with holdfast and by hand; 0 skips it.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
@@ -91,7 +96,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let memory = |pid: Option<u32>| pid.map(read_memory).transpose();
 
     let idle = memory(args.driver_pid)?;
-    let latency = create_delete_latency(&csi, args.count, &run_id).await;
+    let latency = create_delete_latency(&csi, args.count, args.create_size.unwrap_or(args.size), &run_id).await;
     let after_creates = memory(args.driver_pid)?;
     let (create, delete, after_creates) = match latency {
         Ok((c, d, m)) => (c, d, m.or(after_creates)),
@@ -109,6 +114,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             _ => None,
         },
         size: args.size,
+        create_size: args.create_size.unwrap_or(args.size),
         create,
         delete,
         rounds,
@@ -143,10 +149,10 @@ impl Csi {
         })
     }
 
-    async fn create(&self, name: &str) -> Result<String, String> {
+    async fn create(&self, name: &str, size: u64) -> Result<String, String> {
         let req = CreateVolumeRequest {
             name: name.to_owned(),
-            capacity_range: Some(capacity(self.size)),
+            capacity_range: Some(capacity(size)),
             volume_capabilities: vec![self.capability.clone()],
             parameters: self.params.clone(),
             ..Default::default()
@@ -197,13 +203,15 @@ impl Csi {
 async fn create_delete_latency(
     csi: &Csi,
     count: usize,
+    size: u64,
     run_id: &str,
 ) -> Result<(Option<Summary>, Option<Summary>, Option<stats::Memory>), String> {
+    check_room(csi, count, size).await?;
     let mut ids = Vec::with_capacity(count);
     let mut creates = Vec::with_capacity(count);
     for i in 0..count {
         let t = Instant::now();
-        match csi.create(&format!("bench-{run_id}-{i}")).await {
+        match csi.create(&format!("bench-{run_id}-{i}"), size).await {
             Ok(id) => ids.push(id),
             Err(e) => {
                 let leftovers = delete_all(csi, &ids).await;
@@ -223,6 +231,37 @@ async fn create_delete_latency(
         deletes.push(t.elapsed());
     }
     Ok((Summary::of(&creates), Summary::of(&deletes), memory))
+}
+
+/// Fails early, with advice, when the pool cannot hold all the volumes of the series at once
+/// (rather than after filling it). A driver without GetCapacity is not checked.
+async fn check_room(csi: &Csi, count: usize, size: u64) -> Result<(), String> {
+    let req =
+        GetCapacityRequest { volume_capabilities: vec![csi.capability.clone()], parameters: csi.params.clone(), accessible_topology: None };
+    let available = match csi.controller.clone().get_capacity(req).await {
+        Ok(r) => r.into_inner().available_capacity,
+        Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(()),
+        Err(s) => return Err(format!("GetCapacity: {}", status(&s))),
+    };
+    match series_fits(count, size, available) {
+        Ok(()) => Ok(()),
+        Err(need) => Err(format!(
+            "the pool has {} free but {count} volumes of {} need {}: pass a smaller --create-size or --count",
+            format_size(u64::try_from(available).unwrap_or(0)),
+            format_size(size),
+            format_size(need)
+        )),
+    }
+}
+
+/// Whether `count` volumes of `size` fit in `available` bytes; the bytes needed when not.
+/// An `available` of 0 means the driver does not know, which is not a reason to stop.
+fn series_fits(count: usize, size: u64, available: i64) -> Result<(), u64> {
+    let need = size.saturating_mul(count as u64);
+    match u64::try_from(available) {
+        Ok(a) if a > 0 && need > a => Err(need),
+        _ => Ok(()),
+    }
 }
 
 /// Deletes volumes after a failure, best effort; returns the ids that could not be deleted.
@@ -272,7 +311,7 @@ async fn holdfast_ready(csi: &Csi, name: &str, paths: &by_hand::Paths) -> Result
     let mut made = Made::default();
     let set_up = async {
         let t = Instant::now();
-        let id = csi.create(name).await?;
+        let id = csi.create(name, csi.size).await?;
         made.volume = Some(id.clone());
         let create = t.elapsed();
         let t = Instant::now();
@@ -392,6 +431,14 @@ mod tests {
         std::fs::remove_dir_all(scratch.dir.join("b")).unwrap();
         scratch.finish(Ok(())).unwrap();
         assert!(!scratch.dir.exists());
+    }
+
+    #[test]
+    fn room_for_the_series() {
+        assert_eq!(series_fits(200, 1 << 30, 300 << 30), Ok(()));
+        assert_eq!(series_fits(200, 1 << 30, 100 << 30), Err(200 << 30));
+        assert_eq!(series_fits(200, 1 << 30, 0), Ok(()), "unknown capacity");
+        assert_eq!(series_fits(0, 1 << 30, 1), Ok(()));
     }
 
     #[test]

@@ -20,8 +20,10 @@ pub struct Report {
     pub endpoint: String,
     /// The driver's memory, when its pid was given.
     pub memory: Option<MemoryReport>,
-    /// The size of every volume created.
+    /// The size of the ready-to-use volumes.
     pub size: u64,
+    /// The size of each volume of the CreateVolume series.
+    pub create_size: u64,
     /// CreateVolume latencies (`None` when `--count 0`).
     pub create: Option<Summary>,
     /// DeleteVolume latencies.
@@ -83,7 +85,7 @@ impl Report {
             out += "\n";
         }
         if let (Some(c), Some(d)) = (&self.create, &self.delete) {
-            out += &format!("CreateVolume / DeleteVolume: {} sequential calls, {} each\n", c.count, format_size(self.size));
+            out += &format!("CreateVolume / DeleteVolume: {} sequential calls, {} each\n", c.count, format_size(self.create_size));
             let row = |op: &str, s: &Summary| vec![op.to_owned(), format_duration(s.p50), format_duration(s.p99), format_duration(s.max)];
             out += &table(&["OP", "P50", "P99", "MAX"], &[row("create", c), row("delete", d)]);
             out += "\n";
@@ -123,10 +125,11 @@ impl Report {
                 "after_creates": mem(&m.after_creates),
                 "end": mem(&m.end),
             })),
-            "volume_size_bytes": self.size,
             "create_volume_ms": summary(&self.create),
+            "create_volume_size_bytes": self.create_size,
             "delete_volume_ms": summary(&self.delete),
             "ready_volume": {
+                "size_bytes": self.size,
                 "runs": self.rounds.len(),
                 "median": steps,
                 "rounds": self.rounds.iter().map(|(h, b)| json!({ "holdfast": phases(h), "by_hand": phases(b) })).collect::<Vec<_>>(),
@@ -157,6 +160,7 @@ mod tests {
             endpoint: "unix:///tmp/b/csi.sock".into(),
             memory: Some(MemoryReport { pid: 42, idle: mem(6), after_creates: mem(7), end: mem(8) }),
             size: 1 << 30,
+            create_size: 256 << 20,
             create: Some(s(2, 5, 9)),
             delete: Some(s(1, 3, 4)),
             rounds: vec![
@@ -177,7 +181,7 @@ driver memory (pid 42)
   after the creates  RSS 7 MiB
   at the end         RSS 8 MiB  (VmHWM 9 MiB)
 
-CreateVolume / DeleteVolume: 3 sequential calls, 1 GiB each
+CreateVolume / DeleteVolume: 3 sequential calls, 256 MiB each
 OP      P50      P99      MAX
 create  2.00 ms  5.00 ms  9.00 ms
 delete  1.00 ms  3.00 ms  4.00 ms

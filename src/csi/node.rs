@@ -95,8 +95,12 @@ impl NodeService {
     async fn publish(&self, r: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse> {
         require("volume_id", &r.volume_id)?;
         require_path("target_path", &r.target_path)?;
-        require_path("staging_target_path", &r.staging_target_path)?;
         let cap = decode_cap(r.volume_capability.as_ref())?;
+        if r.staging_target_path.is_empty() {
+            // The spec's code for this case: STAGE_UNSTAGE_VOLUME is advertised, so publish needs a staged volume.
+            return Err(Error::FailedPrecondition("staging_target_path is required: this driver stages volumes before publishing".into()));
+        }
+        require_path("staging_target_path", &r.staging_target_path)?;
         let _guard = self.lock(&r.volume_id)?;
         let (pool, v) = self.existing(&r.volume_id).await?;
         if cap.block != v.block {

@@ -173,6 +173,38 @@ pub async fn grow(exec: &dyn Exec, fs_type: &str, device: &Path, mount_path: &Pa
     }
 }
 
+/// Size in bytes of the ext2/3/4 filesystem on `device`, from its superblock (`dumpe2fs -h`).
+pub async fn ext_fs_bytes(exec: &dyn Exec, device: &Path) -> Result<u64> {
+    let out = exec
+        .run(Cmd::new("dumpe2fs").arg("-h").arg(path_arg(device)).timeout(PROBE_TIMEOUT))
+        .await
+        .context(|| format!("reading the ext4 superblock of {}", device.display()))?;
+    parse_dumpe2fs_size(&out.stdout)
+        .ok_or_else(|| Error::Internal(format!("dumpe2fs -h {} printed no block count and block size", device.display())))
+}
+
+/// `Block count` × `Block size` from `dumpe2fs -h` output.
+pub fn parse_dumpe2fs_size(stdout: &str) -> Option<u64> {
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim_start().strip_prefix(':')).and_then(|v| v.trim().parse::<u64>().ok()))
+    };
+    field("Block count")?.checked_mul(field("Block size")?)
+}
+
+/// Grows the ext2/3/4 filesystem on an unmounted `device` to fill it: `e2fsck -f -p` (which
+/// resize2fs demands before an offline resize), then `resize2fs`. Offline growth needs no
+/// special capability, unlike the kernel's online resize. The caller makes sure nothing has
+/// the device mounted.
+pub async fn grow_offline_ext(exec: &dyn Exec, device: &Path) -> Result<()> {
+    fsck_ext(exec, device).await?;
+    exec.run(Cmd::new("resize2fs").arg(path_arg(device)).timeout(LONG_TIMEOUT))
+        .await
+        .context(|| format!("growing the unmounted ext4 filesystem on {}", device.display()))?;
+    Ok(())
+}
+
 /// Gives the (unmounted) filesystem on `path` (device or image file) a new random UUID, so a
 /// copy can be mounted beside its source. A blank `path` is left alone.
 ///
@@ -275,6 +307,13 @@ fn path_arg(p: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dumpe2fs_size() {
+        let out = "Filesystem volume name:   <none>\nBlock count:              163840\nReserved block count:     0\nBlock size:               4096\n";
+        assert_eq!(parse_dumpe2fs_size(out), Some(163840 * 4096));
+        assert_eq!(parse_dumpe2fs_size("Block size: 4096\n"), None);
+    }
     use crate::exec::{FakeExec, Reply};
 
     fn fixture(name: &str) -> String {

@@ -16,7 +16,7 @@ pub mod mount;
 pub mod mountinfo;
 
 use mount::Mounter;
-use mountinfo::MountInfo;
+use mountinfo::{MountInfo, find_by_source};
 
 /// Mounts stacked on one path are peeled one by one; more than this means something keeps
 /// mounting there, and looping on would never end.
@@ -90,13 +90,28 @@ impl Node {
                         device.display()
                     )));
                 }
-                let fs = self.ensure_filesystem(device, fs_type).await?;
+                let (fs, fresh) = self.ensure_filesystem(device, fs_type).await?;
+                // Resize on stage: a volume expanded while it was not staged gets its filesystem
+                // grown here, so it never comes back smaller than its capacity. ext4 grows
+                // offline before the mount; xfs and btrfs can only grow mounted (a no-op when full).
+                let unmounted_elsewhere = find_by_source(&mounts, &device.to_string_lossy()).is_empty();
+                if !fresh && unmounted_elsewhere && fs == "ext4" {
+                    let (fs_bytes, dev_bytes) = (format::ext_fs_bytes(self.exec.as_ref(), device).await?, format::size_of(device)?);
+                    if fs_bytes + (1 << 20) <= dev_bytes {
+                        tracing::info!(device = %device.display(), fs_bytes, dev_bytes, "growing ext4 to the volume's size before mounting");
+                        format::grow_offline_ext(self.exec.as_ref(), device).await?;
+                    }
+                }
                 let mut options = mount_flags.to_vec();
                 if fs == "xfs" && !options.iter().any(|o| o == "nouuid") {
                     options.push("nouuid".into());
                 }
                 create_dir(staging)?;
-                self.mounter.mount(&device.to_string_lossy(), staging, &fs, &options).await
+                self.mounter.mount(&device.to_string_lossy(), staging, &fs, &options).await?;
+                if !fresh && fs != "ext4" {
+                    format::grow(self.exec.as_ref(), &fs, device, staging).await?;
+                }
+                Ok(())
             }
             Attachment::Mount { source, fs_type: mount_fs, options } => {
                 if let Some(top) = top_at(&mounts, staging) {
@@ -119,7 +134,7 @@ impl Node {
 
     /// Makes sure `device` holds a filesystem holdfast can mount, creating `fs_type` only on a
     /// blank device. Returns the filesystem found or made.
-    async fn ensure_filesystem(&self, device: &Path, fs_type: &str) -> Result<String> {
+    async fn ensure_filesystem(&self, device: &Path, fs_type: &str) -> Result<(String, bool)> {
         match format::probe(self.exec.as_ref(), device).await? {
             None if fs_type.is_empty() => Err(Error::InvalidArgument(format!(
                 "{} is blank and no filesystem type was requested; set fs_type (one of {:?})",
@@ -129,9 +144,11 @@ impl Node {
             None => {
                 tracing::info!(device = %device.display(), fs_type, "creating a filesystem on a blank device");
                 format::mkfs(self.exec.as_ref(), device, fs_type).await?;
-                Ok(fs_type.to_owned())
+                Ok((fs_type.to_owned(), true))
             }
-            Some(sig) if format::SUPPORTED_FS.contains(&sig.kind.as_str()) && (fs_type.is_empty() || sig.kind == fs_type) => Ok(sig.kind),
+            Some(sig) if format::SUPPORTED_FS.contains(&sig.kind.as_str()) && (fs_type.is_empty() || sig.kind == fs_type) => {
+                Ok((sig.kind, false))
+            }
             Some(sig) => Err(Error::FailedPrecondition(format!(
                 "{} holds {:?} (found by blkid -p), not {}; holdfast never formats a device that is not blank: \
                  request the filesystem it holds, or wipe the device by hand if its content is not needed",
@@ -286,7 +303,8 @@ impl Node {
             return Err(Error::FailedPrecondition(format!("cannot grow the filesystem: {} holds none", device.display())));
         };
         format::grow(self.exec.as_ref(), &sig.kind, device, &top.mount_point).await?;
-        Ok(self.stats(mount_path)?.total_bytes)
+        // CSI wants the volume's capacity, not the filesystem's usable size.
+        format::size_of(device)
     }
 
     /// Whether `path` is a mount point (per `/proc/self/mountinfo`).
@@ -493,6 +511,8 @@ mod tests {
     fn rig(blkid: Vec<Reply>) -> Rig {
         let exec = Arc::new(FakeExec::new());
         exec.on("blkid", blkid);
+        // The 1 MiB fake device holds a filesystem of exactly its size unless a test says otherwise.
+        exec.on("dumpe2fs -h", vec![Reply::Ok("Block count:              256\nBlock size:               4096\n".into())]);
         let mounter = Arc::new(FakeMounter::new());
         let node = Node::new(exec.clone(), mounter.clone());
         let dir = tempfile::tempdir().unwrap();
@@ -541,10 +561,10 @@ mod tests {
                 want_err: None,
             },
             Case {
-                name: "existing xfs is mounted as is, with nouuid",
+                name: "existing xfs is mounted with nouuid, then grown to the device (a no-op when full)",
                 blkid: vec![found("xfs")],
                 fs: "xfs",
-                want_progs: &["blkid"],
+                want_progs: &["blkid", "xfs_growfs"],
                 want_mount: Some(("xfs", &["noatime", "nouuid"])),
                 want_err: None,
             },
@@ -552,7 +572,7 @@ mod tests {
                 name: "no fs_type accepts the filesystem found",
                 blkid: vec![found("btrfs")],
                 fs: "",
-                want_progs: &["blkid"],
+                want_progs: &["blkid", "btrfs"],
                 want_mount: Some(("btrfs", &["noatime"])),
                 want_err: None,
             },
@@ -668,6 +688,19 @@ mod tests {
         assert!(r.exec.calls().is_empty(), "a mount attachment is never probed");
         let other = Attachment::Mount { source: "srv:/export/v2".into(), fs_type: "nfs".into(), options: vec![] };
         assert!(matches!(r.node.stage_filesystem(&other, &r.path("stage"), "", &[]).await, Err(Error::AlreadyExists(_))));
+    }
+
+    #[tokio::test]
+    async fn stage_grows_an_ext4_smaller_than_its_device_before_mounting() {
+        let r = rig(vec![found("ext4")]);
+        std::fs::File::options().write(true).open(&r.device).unwrap().set_len(8 << 20).unwrap();
+        r.stage("ext4").await.unwrap();
+        assert_eq!(r.progs(), ["blkid", "dumpe2fs", "e2fsck", "resize2fs"]);
+        assert_eq!(r.mounts().len(), 1, "mounted after the offline resize");
+
+        let full = rig(vec![found("ext4")]);
+        full.stage("ext4").await.unwrap();
+        assert_eq!(full.progs(), ["blkid", "dumpe2fs"], "a full-size ext4 is mounted as is");
     }
 
     #[tokio::test]

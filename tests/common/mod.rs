@@ -7,9 +7,11 @@
 //!   of the run); default: a fresh `file` pool in each driver's temp dir.
 //! - `HOLDFAST_TEST_FS`: the filesystem stage tests ask for (default `ext4`).
 //!
-//! Dropping a [`Driver`] stops it (SIGTERM), prints its log if the test failed, unmounts whatever
-//! is still mounted under its temp dir, detaches loop devices backed by files there, and only
-//! then removes the dir, so a failing test never leaves mounts or loops behind.
+//! Dropping a [`Driver`] first undoes, through the driver, whatever the helpers published,
+//! staged and created that the test did not undo (a failed test); then it stops the driver
+//! (SIGTERM), prints its log if the test failed, unmounts whatever is still mounted under the
+//! temp dir, detaches loop devices backed by files there, and only then removes the dir. So a
+//! failing test leaves no mounts, loops or volumes behind, even in a shared pool.
 
 // Each integration test binary uses a different subset of these helpers.
 #![allow(dead_code)]
@@ -176,16 +178,19 @@ pub struct Driver {
     log: PathBuf,
     tmp: Option<TempDir>,
     clients: Option<Clients>,
-    /// Volumes and snapshots the helpers created and no helper deleted yet: Drop deletes them,
-    /// so a failed test does not fill a shared pool (an LVM volume group in the VM).
+    /// What the helpers published, staged and created and no helper undid yet: Drop undoes it
+    /// through the driver, so a failed test leaves nothing in a shared pool (an LVM volume
+    /// group in the VM) and nothing attached.
     leftovers: Mutex<Vec<Leftover>>,
 }
 
-/// Something to delete if the test does not.
+/// Something to undo if the test does not, in the order Drop undoes them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Leftover {
-    Volume(String),
+    Published(String, String),
+    Staged(String, String),
     Snapshot(String),
+    Volume(String),
 }
 
 impl Driver {
@@ -393,12 +398,14 @@ impl Driver {
     /// Stages a volume, failing the test on any error.
     pub async fn stage(&self, volume_id: &str, staging: &Path, cap: &VolumeCapability) {
         let resp = self.node().node_stage_volume(self.stage_request(volume_id, staging, cap)).await;
+        self.remember(Leftover::Staged(volume_id.to_owned(), path_str(staging)));
         ok(resp, &format!("NodeStageVolume {volume_id} at {}", staging.display()));
     }
 
     /// Publishes a staged volume, failing the test on any error.
     pub async fn publish(&self, volume_id: &str, staging: &Path, target: &Path, cap: &VolumeCapability, readonly: bool) {
         let resp = self.node().node_publish_volume(self.publish_request(volume_id, staging, target, cap, readonly)).await;
+        self.remember(Leftover::Published(volume_id.to_owned(), path_str(target)));
         ok(resp, &format!("NodePublishVolume {volume_id} at {}", target.display()));
     }
 
@@ -406,12 +413,14 @@ impl Driver {
     pub async fn unpublish(&self, volume_id: &str, target: &Path) {
         let req = NodeUnpublishVolumeRequest { volume_id: volume_id.to_owned(), target_path: path_str(target) };
         ok(self.node().node_unpublish_volume(req).await, &format!("NodeUnpublishVolume {volume_id} at {}", target.display()));
+        self.forget(&Leftover::Published(volume_id.to_owned(), path_str(target)));
     }
 
     /// Unstages, failing the test on any error.
     pub async fn unstage(&self, volume_id: &str, staging: &Path) {
         let req = NodeUnstageVolumeRequest { volume_id: volume_id.to_owned(), staging_target_path: path_str(staging) };
         ok(self.node().node_unstage_volume(req).await, &format!("NodeUnstageVolume {volume_id} at {}", staging.display()));
+        self.forget(&Leftover::Staged(volume_id.to_owned(), path_str(staging)));
     }
 
     /// Creates a filesystem volume of the fs's minimum size (its CSI name is `name` plus a
@@ -528,9 +537,9 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        // Unmount first, so the driver can delete what the test left behind.
+        // Through the driver first (it detaches what it attached), then by force.
+        self.undo_leftovers();
         let mut left = unmount_all_under(&self.dir);
-        self.delete_leftovers();
         // Hang up, so the driver's graceful shutdown has no connection to wait for.
         self.clients = None;
         if let Some(mut child) = self.child.take() {
@@ -560,42 +569,63 @@ impl Drop for Driver {
 }
 
 impl Driver {
-    /// Best-effort DeleteSnapshot / DeleteVolume of whatever the test did not delete, newest
-    /// first, over the client runtime (Drop cannot await).
-    fn delete_leftovers(&self) {
-        let leftovers: Vec<Leftover> = std::mem::take(&mut *self.leftovers.lock().unwrap_or_else(|e| e.into_inner()));
+    /// Best-effort NodeUnpublish / NodeUnstage / DeleteSnapshot / DeleteVolume of whatever the
+    /// test did not undo, newest first within each kind, over the client runtime (Drop cannot
+    /// await).
+    fn undo_leftovers(&self) {
+        let mut leftovers: Vec<Leftover> = std::mem::take(&mut *self.leftovers.lock().unwrap_or_else(|e| e.into_inner()));
         let Some(clients) = &self.clients else { return };
         if leftovers.is_empty() || self.child.is_none() {
             return;
         }
-        let mut controller = clients.controller.clone();
+        leftovers.reverse();
+        // A stable sort: kinds in undo order, newest first within a kind.
+        leftovers.sort_by_key(rank);
+        let (mut controller, mut node) = (clients.controller.clone(), clients.node.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         background().spawn(async move {
-            let snapshots = leftovers.iter().rev().filter_map(|l| match l {
-                Leftover::Snapshot(id) => Some(id),
-                Leftover::Volume(_) => None,
-            });
-            for id in snapshots {
-                let req = DeleteSnapshotRequest { snapshot_id: id.clone(), ..Default::default() };
-                if let Err(s) = controller.delete_snapshot(req).await {
-                    eprintln!("clean-up: DeleteSnapshot {id}: {:?} {}", s.code(), s.message());
-                }
-            }
-            let volumes = leftovers.iter().rev().filter_map(|l| match l {
-                Leftover::Volume(id) => Some(id),
-                Leftover::Snapshot(_) => None,
-            });
-            for id in volumes {
-                let req = DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() };
-                if let Err(s) = controller.delete_volume(req).await {
-                    eprintln!("clean-up: DeleteVolume {id}: {:?} {}", s.code(), s.message());
+            for l in leftovers {
+                let res = match &l {
+                    Leftover::Published(volume_id, target_path) => node
+                        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                            volume_id: volume_id.clone(),
+                            target_path: target_path.clone(),
+                        })
+                        .await
+                        .map(drop),
+                    Leftover::Staged(volume_id, staging) => node
+                        .node_unstage_volume(NodeUnstageVolumeRequest {
+                            volume_id: volume_id.clone(),
+                            staging_target_path: staging.clone(),
+                        })
+                        .await
+                        .map(drop),
+                    Leftover::Snapshot(id) => {
+                        controller.delete_snapshot(DeleteSnapshotRequest { snapshot_id: id.clone(), ..Default::default() }).await.map(drop)
+                    }
+                    Leftover::Volume(id) => {
+                        controller.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.map(drop)
+                    }
+                };
+                if let Err(s) = res {
+                    eprintln!("clean-up: undoing {l:?}: {:?} {}", s.code(), s.message());
                 }
             }
             let _ = tx.send(());
         });
         if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            eprintln!("clean-up: deleting leftover volumes took over 30 s; giving up");
+            eprintln!("clean-up: undoing what the test left took over 30 s; giving up");
         }
+    }
+}
+
+/// Undo order: unpublish, unstage, delete snapshots, delete volumes.
+fn rank(l: &Leftover) -> u8 {
+    match l {
+        Leftover::Published(..) => 0,
+        Leftover::Staged(..) => 1,
+        Leftover::Snapshot(_) => 2,
+        Leftover::Volume(_) => 3,
     }
 }
 
