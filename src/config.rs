@@ -193,8 +193,13 @@ impl PoolConfig {
             parse_size(r).ok_or_else(|| format!("reserve {r:?} is not a size (examples: \"1GiB\", \"500MiB\")"))?;
         }
         if let Some(fs) = &self.default_fs {
-            if !crate::node::format::SUPPORTED_FS.contains(&fs.as_str()) {
-                return Err(format!("default_fs {fs:?} is not supported (one of {:?})", crate::node::format::SUPPORTED_FS));
+            let allowed: &[&str] = match self.kind() {
+                PoolKind::Zfs => &["zfs", "ext4", "xfs", "btrfs"],
+                PoolKind::Nfs => &["nfs"],
+                _ => &crate::node::format::SUPPORTED_FS,
+            };
+            if !allowed.contains(&fs.as_str()) {
+                return Err(format!("default_fs {fs:?} is not supported by a {} pool (one of {allowed:?})", self.kind()));
             }
         }
         if let Some(p) = &self.path {

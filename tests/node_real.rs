@@ -132,9 +132,14 @@ async fn filesystem_life(fs: &str) {
     std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(IMAGE_SIZE + 200 * MIB).unwrap();
     sh("losetup", &["-c", dev.to_str().unwrap()]);
     match node.expand_filesystem(&dev, &stage).await {
-        Ok(grown) => {
-            assert!(grown > before.total_bytes + 150 * MIB, "{grown} after growing from {}", before.total_bytes);
-            assert_eq!(node.stats(&rw).unwrap().total_bytes, grown, "the published path sees the new size");
+        Ok(capacity) => {
+            assert_eq!(capacity, IMAGE_SIZE + 200 * MIB, "NodeExpandVolume reports the device's capacity");
+            let after = node.stats(&rw).unwrap().total_bytes;
+            assert!(
+                after > before.total_bytes + 150 * MIB,
+                "the published path sees the grown filesystem: {after} after {}",
+                before.total_bytes
+            );
         }
         // A sandbox without CAP_SYS_RESOURCE cannot resize ext4 online; the error must say so.
         Err(e) if fs == "ext4" && !has_cap_sys_resource() => {

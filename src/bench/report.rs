@@ -113,7 +113,7 @@ impl Report {
             .iter()
             .filter_map(|s| {
                 let (hf, hand) = step_medians(&self.rounds, s.time)?;
-                Some(json!({ "step": s.name, "holdfast_ms": ms(hf), "by_hand_ms": ms(hand), "ratio": ratio(hf, hand), "by_hand_is": s.by_hand }))
+                Some(json!({ "step": s.name, "holdfast_ms": ms(hf), "by_hand_ms": ms(hand), "ratio": ratio(hf, hand).map(|r| (r * 1000.0).round() / 1000.0), "by_hand_is": s.by_hand }))
             })
             .collect();
         json!({
@@ -205,6 +205,7 @@ teardown  60.0 ms   40.0 ms  1.50x  umount x2, losetup -d, rm
         assert_eq!(j["ready_volume"]["runs"], 3);
         assert_eq!(j["ready_volume"]["median"][3]["step"], "ready");
         assert_eq!(j["ready_volume"]["median"][3]["holdfast_ms"], 128.0);
+        assert_eq!(j["ready_volume"]["median"][3]["ratio"], 1.376);
         assert_eq!(j["ready_volume"]["rounds"][1]["holdfast"]["ready"], 308.0);
     }
 

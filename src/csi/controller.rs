@@ -201,10 +201,11 @@ impl ControllerService {
             }
         }
         let fs_req = fs_cap.or(fs_param);
-        if let Some(fs) = &fs_req {
-            if !crate::node::format::SUPPORTED_FS.contains(&fs.as_str()) {
-                return Err(Error::InvalidArgument(format!("fstype {fs:?} is not supported")));
+        if let Some(fs) = fs_req.as_deref().filter(|_| !block) {
+            if !pools.iter().any(|p| p.filesystems().contains(&fs)) {
+                return Err(Error::InvalidArgument(format!("fstype {fs:?} is not served by the selected pools")));
             }
+            pools.retain(|p| p.filesystems().contains(&fs));
         }
 
         let local = local_name(&req.name);

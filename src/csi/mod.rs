@@ -20,6 +20,9 @@ pub mod node;
 pub const SUPPORTED_MODES: [Mode; 4] =
     [Mode::SingleNodeWriter, Mode::SingleNodeSingleWriter, Mode::SingleNodeMultiWriter, Mode::SingleNodeReaderOnly];
 
+/// Every filesystem type some pool kind serves; which pool serves which is `Pool::filesystems`.
+pub const KNOWN_FS: [&str; 5] = ["ext4", "xfs", "btrfs", "zfs", "nfs"];
+
 /// INVALID_ARGUMENT unless `value` is non-empty.
 pub fn require(field: &str, value: &str) -> Result<()> {
     if value.is_empty() { Err(Error::InvalidArgument(format!("{field} is required"))) } else { Ok(()) }
@@ -62,12 +65,8 @@ impl Capability {
         match &cap.access_type {
             Some(AccessType::Block(_)) => Ok(Capability { block: true, fs_type: String::new(), mount_flags: vec![], mode }),
             Some(AccessType::Mount(m)) => {
-                if !m.fs_type.is_empty() && !crate::node::format::SUPPORTED_FS.contains(&m.fs_type.as_str()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "fs_type {:?} is not supported (one of {:?})",
-                        m.fs_type,
-                        crate::node::format::SUPPORTED_FS
-                    )));
+                if !m.fs_type.is_empty() && !KNOWN_FS.contains(&m.fs_type.as_str()) {
+                    return Err(Error::InvalidArgument(format!("fs_type {:?} is not supported (one of {KNOWN_FS:?})", m.fs_type)));
                 }
                 Ok(Capability { block: false, fs_type: m.fs_type.clone(), mount_flags: m.mount_flags.clone(), mode })
             }

@@ -411,6 +411,44 @@ mod tests {
     }
 
     #[test]
+    fn info() {
+        use crate::proto::plugin_capability::{Service, Type, VolumeExpansion, service, volume_expansion};
+        let caps = [
+            PluginCapability { r#type: Some(Type::Service(Service { r#type: service::Type::ControllerService as i32 })) },
+            PluginCapability { r#type: Some(Type::VolumeExpansion(VolumeExpansion { r#type: volume_expansion::Type::Online as i32 })) },
+        ];
+        let i = Info {
+            plugin: GetPluginInfoResponse { name: "csi.holdfast.dev".into(), vendor_version: "0.1.0".into(), manifest: HashMap::new() },
+            ready: Ok(true),
+            plugin_caps: Ok(plugin_capability_names(&caps)),
+            controller_caps: Err("UNIMPLEMENTED: no controller here".into()),
+            node_caps: Ok(vec![]),
+            node: Ok(NodeGetInfoResponse {
+                node_id: "n1".into(),
+                max_volumes_per_node: 0,
+                accessible_topology: Some(Topology { segments: [("topology.holdfast.dev/node".to_owned(), "n1".to_owned())].into() }),
+            }),
+        };
+        assert_eq!(
+            info_text(&i),
+            "\
+plugin                   csi.holdfast.dev 0.1.0
+ready                    yes
+plugin capabilities      CONTROLLER_SERVICE, VOLUME_EXPANSION_ONLINE
+controller capabilities  not available (UNIMPLEMENTED: no controller here)
+node capabilities        none
+node id                  n1
+max volumes              unlimited
+node topology            topology.holdfast.dev/node=n1
+"
+        );
+        let j = info_json(&i);
+        assert_eq!(j["controller_capabilities"]["error"], "UNIMPLEMENTED: no controller here");
+        assert_eq!(j["plugin_capabilities"][1], "VOLUME_EXPANSION_ONLINE");
+        assert_eq!(j["node"]["accessible_topology"]["topology.holdfast.dev/node"], "n1");
+    }
+
+    #[test]
     fn usage_rows() {
         let u = VolumeUsage { available: 3 << 30, total: 4 << 30, used: 1 << 30, unit: volume_usage::Unit::Bytes as i32 };
         assert_eq!(usage_row(&u), ["bytes", "4 GiB", "1 GiB", "3 GiB", "25%"]);

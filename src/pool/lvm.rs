@@ -14,6 +14,12 @@
 //! new UUID so that it mounts beside its source. Thin snapshots are independent LVs, so a volume
 //! that has snapshots can be deleted and its snapshots stay usable.
 //!
+//! Consistency: a snapshot or clone of a mounted volume is taken with its filesystem frozen
+//! (`fsfreeze`), in a task of its own so that a cancelled request cannot leave it frozen.
+//! LVM's own device suspend freezes ext4 and XFS but not btrfs (whose superblock is not tied
+//! to one block device); a btrfs copy taken unfrozen carries an fsync log tree that no longer
+//! mounts once the copy gets a new fsid.
+//!
 //! `detach` leaves the LV active. Deactivating buys nothing on a node that owns its volume
 //! group (an active, closed LV holds no resources worth freeing), and would race with a
 //! re-attach; `attach` activates whatever is inactive (after a reboot, or for a snapshot copy).
@@ -308,13 +314,18 @@ impl LvmPool {
         }
     }
 
+    /// `/dev/<vg>/<lv>` (present only while the LV is active).
+    fn device_path(&self, lv: &Lv) -> PathBuf {
+        if lv.path.is_empty() { PathBuf::from(format!("/dev/{}/{}", self.vg, lv.name)) } else { PathBuf::from(&lv.path) }
+    }
+
     /// The device of `lv`, activated (also when activation-skipped) and present.
     async fn activate(&self, lv: &Lv) -> Result<PathBuf> {
         let target = format!("{}/{}", self.vg, lv.name);
         if !lv.attr.active() {
             self.exec.run(command::lvchange_activate(&self.vg, &lv.name)).await.context(|| format!("activating LV {target}"))?;
         }
-        let path = if lv.path.is_empty() { PathBuf::from(format!("/dev/{target}")) } else { PathBuf::from(&lv.path) };
+        let path = self.device_path(lv);
         wait_for_device(&path, DEVICE_WAIT).await?;
         Ok(path)
     }
@@ -456,7 +467,10 @@ impl LvmPool {
         let meta = self.new_meta(req, true);
         let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
         let cmd = command::lvcreate_snapshot(&self.vg, &origin_lv.name, lv_name, &tags, true);
-        if let Some(existing) = self.run_create(cmd, lv_name, req).await? {
+        // A clone copies a volume that may be mounted and written: freeze it. A snapshot is
+        // never mounted.
+        let freeze = matches!(source, Source::Volume(_)).then_some(&origin_lv);
+        if let Some(existing) = self.run_create(cmd, lv_name, req, freeze).await? {
             return Ok(existing);
         }
         let lv = self
@@ -483,11 +497,19 @@ impl LvmPool {
         }
     }
 
-    /// Runs an `lvcreate` of volume `lv`. `Ok(Some)`: the LV already existed and matches
-    /// (a retry that raced); `Ok(None)`: created.
-    async fn run_create(&self, cmd: crate::exec::Cmd, lv: &str, req: &CreateRequest) -> Result<Option<VolumeInfo>> {
-        match self.exec.run(cmd).await {
-            Ok(_) => {
+    /// Runs an `lvcreate` of volume `lv` (a snapshot of `origin`, frozen, for a clone).
+    /// `Ok(Some)`: the LV already existed and matches (a retry that raced); `Ok(None)`: created.
+    async fn run_create(&self, cmd: crate::exec::Cmd, lv: &str, req: &CreateRequest, origin: Option<&Lv>) -> Result<Option<VolumeInfo>> {
+        let result = match origin {
+            Some(o) => match snapshot_frozen(self.exec.clone(), self.device_path(o), cmd).await {
+                Ok(()) => Ok(()),
+                Err(SnapshotError::Lvm(e)) => Err(e),
+                Err(SnapshotError::Thaw(what)) => return Err(SnapshotError::thaw_error(what)),
+            },
+            None => self.exec.run(cmd).await.map(|_| ()),
+        };
+        match result {
+            Ok(()) => {
                 tracing::info!(pool = %self.name, lv = %format!("{}/{lv}", self.vg), csi_name = %req.csi_name, capacity = req.capacity, "created LV");
                 Ok(None)
             }
@@ -540,6 +562,81 @@ impl LvmPool {
     }
 }
 
+/// Mount points of the filesystems mounted from `device`, one per filesystem (bind mounts of
+/// the same filesystem share its superblock, so freezing one freezes all).
+fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(real) = std::fs::canonicalize(device) else {
+        return Vec::new();
+    };
+    let dev_id = std::fs::metadata(&real).map(|m| format!("{}:{}", nix::sys::stat::major(m.rdev()), nix::sys::stat::minor(m.rdev()))).ok();
+    let Ok(mounts) = crate::node::mountinfo::read() else {
+        return Vec::new();
+    };
+    let mut seen = Vec::new();
+    let mut points = Vec::new();
+    for m in mounts {
+        // ext4 and XFS show the device number; btrfs shows an anonymous one, so the source
+        // path (a /dev/mapper or /dev/<vg> link) is resolved too.
+        let by_number = dev_id.as_deref() == Some(m.major_minor.as_str());
+        let by_source = m.source.starts_with("/dev/") && std::fs::canonicalize(&m.source).is_ok_and(|s| s == real);
+        if (by_number || by_source) && !seen.contains(&m.major_minor) {
+            seen.push(m.major_minor.clone());
+            points.push(m.mount_point);
+        }
+    }
+    points
+}
+
+/// How long freezing (which first writes out dirty data) or thawing may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `snapshot` (an `lvcreate --snapshot` of `origin`) with every filesystem mounted from
+/// `origin` frozen, and thaws them whatever happens. It runs as a task of its own: dropping
+/// the caller's future must never leave a filesystem frozen.
+async fn snapshot_frozen(exec: Arc<dyn Exec>, origin: PathBuf, snapshot: crate::exec::Cmd) -> Result<(), SnapshotError> {
+    let task = tokio::spawn(async move {
+        let mut frozen = Vec::new();
+        for point in mounted_filesystems(&origin) {
+            let freeze = crate::exec::Cmd::new("fsfreeze").arg("--freeze").arg(point.to_string_lossy()).timeout(FREEZE_TIMEOUT);
+            match exec.run(freeze).await {
+                Ok(_) => frozen.push(point),
+                // Already frozen by someone else, or a filesystem without freeze support:
+                // the snapshot is still crash-consistent.
+                Err(e) => tracing::warn!(mount = %point.display(), "cannot freeze before the snapshot: {e}"),
+            }
+        }
+        let result = exec.run(snapshot).await.map(|_| ()).map_err(SnapshotError::Lvm);
+        let mut thaw_failed = Vec::new();
+        for point in frozen {
+            let thaw = crate::exec::Cmd::new("fsfreeze").arg("--unfreeze").arg(point.to_string_lossy()).timeout(FREEZE_TIMEOUT);
+            if let Err(e) = exec.run(thaw).await {
+                tracing::error!(mount = %point.display(), "THAW FAILED, the filesystem stays frozen: {e}");
+                thaw_failed.push(format!("{} ({e})", point.display()));
+            }
+        }
+        match result {
+            Ok(()) if !thaw_failed.is_empty() => Err(SnapshotError::Thaw(thaw_failed.join(", "))),
+            other => other,
+        }
+    });
+    task.await.unwrap_or_else(|e| Err(SnapshotError::Thaw(format!("the snapshot task died ({e}); check for frozen filesystems"))))
+}
+
+/// Why [`snapshot_frozen`] failed.
+enum SnapshotError {
+    /// lvcreate failed (to be classified).
+    Lvm(crate::exec::ExecError),
+    /// A filesystem could not be thawed: the operator must run `fsfreeze --unfreeze`.
+    Thaw(String),
+}
+
+impl SnapshotError {
+    fn thaw_error(what: String) -> Error {
+        Error::Internal(format!("filesystems are still frozen: {what}; thaw them with fsfreeze --unfreeze MOUNTPOINT"))
+    }
+}
+
 /// Polls for `path` (udev creates `/dev/<vg>/<lv>` shortly after activation).
 async fn wait_for_device(path: &Path, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -588,7 +685,7 @@ impl Pool for LvmPool {
             }
             None => command::lvcreate_thick(&self.vg, &lv_name, req.capacity, &tags, &self.lvcreate_options),
         };
-        if let Some(existing) = self.run_create(cmd, &lv_name, req).await? {
+        if let Some(existing) = self.run_create(cmd, &lv_name, req, None).await? {
             return Ok(existing);
         }
         self.read_volume(&lv_name).await
@@ -700,21 +797,23 @@ impl Pool for LvmPool {
             pending: false,
         };
         let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
-        match self.exec.run(command::lvcreate_snapshot(&self.vg, &source.name, &lv_name, &tags, false)).await {
-            Ok(_) => tracing::info!(pool = %self.name, lv = %lv_name, source = %source.name, "created thin snapshot"),
-            Err(e) if command::is_lv_exists(&e) => {
+        let cmd = command::lvcreate_snapshot(&self.vg, &source.name, &lv_name, &tags, false);
+        match snapshot_frozen(self.exec.clone(), self.device_path(&source), cmd).await {
+            Ok(()) => tracing::info!(pool = %self.name, lv = %lv_name, source = %source.name, "created thin snapshot"),
+            Err(SnapshotError::Thaw(what)) => return Err(SnapshotError::thaw_error(what)),
+            Err(SnapshotError::Lvm(e)) if command::is_lv_exists(&e) => {
                 let lv =
                     self.lookup(&lv_name).await?.ok_or_else(|| Error::Aborted(format!("snapshot LV {lv_name} came and went; retry")))?;
                 return existing(lv);
             }
-            Err(e) if command::is_no_space(&e) => {
+            Err(SnapshotError::Lvm(e)) if command::is_no_space(&e) => {
                 return Err(Error::ResourceExhausted(format!(
                     "no room for snapshot {csi_name:?} in pool {:?}: {}",
                     self.name,
                     e.stderr().trim()
                 )));
             }
-            Err(e) => return Err(Error::exec(format!("snapshotting LV {}/{} as {lv_name}", self.vg, source.name), e)),
+            Err(SnapshotError::Lvm(e)) => return Err(Error::exec(format!("snapshotting LV {}/{} as {lv_name}", self.vg, source.name), e)),
         }
         let lv = self
             .lookup(&lv_name)

@@ -14,6 +14,7 @@ use crate::volume_id::PoolKind;
 
 pub mod file;
 pub mod lvm;
+pub mod nfs;
 
 /// 1 MiB: every capacity is rounded up to a multiple of this.
 pub const MIB: u64 = 1 << 20;
@@ -28,6 +29,7 @@ pub fn open(cfg: &crate::config::PoolConfig, exec: std::sync::Arc<dyn crate::exe
     match cfg.kind() {
         PoolKind::File => Ok(std::sync::Arc::new(file::FilePool::new(cfg, exec)?)),
         PoolKind::Lvm => Ok(std::sync::Arc::new(lvm::LvmPool::new(cfg, exec)?)),
+        PoolKind::Nfs => Ok(std::sync::Arc::new(nfs::NfsPool::new(cfg, exec)?)),
         kind => Err(crate::error::Error::Unimplemented(format!(
             "pool {:?}: {kind} pools are not supported yet by this build of holdfast; use a file pool",
             cfg.name()
@@ -138,6 +140,11 @@ pub trait Pool: Send + Sync {
     /// layer itself handles). Unknown keys are rejected so a typo never goes unnoticed.
     fn accepts_parameter(&self, _key: &str) -> bool {
         false
+    }
+    /// The filesystem types this pool's filesystem volumes can have (a request naming another
+    /// is INVALID_ARGUMENT). Block-backed pools make ext4, xfs or btrfs on their devices.
+    fn filesystems(&self) -> &'static [&'static str] {
+        &crate::node::format::SUPPORTED_FS
     }
     /// Whether volumes of this pool can be used from several nodes at once (MULTI_NODE_*
     /// access modes). Node-local pools cannot.

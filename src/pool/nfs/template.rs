@@ -250,7 +250,10 @@ mod tests {
             case("a/b/c/d/e/f/g/h/i", false),
             Case { path: "x".repeat(255), ok: true },
             Case { path: "x".repeat(256), ok: false },
-            Case { path: format!("{}/{}/{}/{}/{}", "a".repeat(250), "b".repeat(250), "c".repeat(250), "d".repeat(250), "e".repeat(20)), ok: false },
+            Case {
+                path: format!("{}/{}/{}/{}/{}", "a".repeat(250), "b".repeat(250), "c".repeat(250), "d".repeat(250), "e".repeat(30)),
+                ok: false,
+            },
         ];
         for c in cases {
             assert_eq!(validate_subdir(&c.path).is_ok(), c.ok, "{:?}: {:?}", c.path, validate_subdir(&c.path));
@@ -304,7 +307,13 @@ mod tests {
             case("namespace/name", NESTED, "pvc-1", &[(PARAM_PVC_NAMESPACE, "team-a"), (PARAM_PVC_NAME, "db")], Ok("team-a/db")),
             case("dotdot csi name", DEFAULT_TEMPLATE, "..", &[], Err("\"..\"")),
             case("slashed csi name", DEFAULT_TEMPLATE, "../../etc", &[], Err("single path component")),
-            case("slashed pvc name", NESTED, "pvc-1", &[(PARAM_PVC_NAMESPACE, "a"), (PARAM_PVC_NAME, "../../etc")], Err("single path component")),
+            case(
+                "slashed pvc name",
+                NESTED,
+                "pvc-1",
+                &[(PARAM_PVC_NAMESPACE, "a"), (PARAM_PVC_NAME, "../../etc")],
+                Err("single path component"),
+            ),
             case("dotdot namespace", NESTED, "pvc-1", &[(PARAM_PVC_NAMESPACE, ".."), (PARAM_PVC_NAME, "x")], Err("\"..\"")),
             case("NUL", DEFAULT_TEMPLATE, "a\0b", &[], Err("single path component")),
             case("dot file", DEFAULT_TEMPLATE, ".holdfast", &[], Err("starts with '.'")),

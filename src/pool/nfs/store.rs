@@ -1,0 +1,354 @@
+//! Where an nfs pool keeps things on its export, and the plain file operations on them. These
+//! functions block (they are file-system calls on a network mount); the pool runs them on the
+//! blocking thread pool under a deadline.
+//!
+//! ```text
+//! <export>/<subdir>                               a volume's data (the subdir template's path)
+//! <export>/.holdfast/<pool>/volumes/<local>.json  the volume: CSI name, capacity, source, subdir
+//! <export>/.holdfast/<pool>/snapshots/<local>.tar the snapshot: a tar archive of the volume
+//! <export>/.holdfast/<pool>/snapshots/<local>.json its metadata
+//! <export>/.holdfast/<pool>/tmp/                  volumes and archives being built, intents
+//! <export>/.holdfast/<pool>/trash/<local>         a deleted volume's data being removed
+//! ```
+//!
+//! The metadata lives beside the data, not inside it: a volume's directory is exactly what the
+//! workload sees, and the workload can neither read nor rewrite what holdfast knows about it.
+//! Every path is built from a [`valid_local_name`] or a subdirectory that passed
+//! [`validate_subdir`], and walking to a subdirectory refuses symlinks, so nothing outside the
+//! export is ever reached.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::template::validate_subdir;
+use crate::error::{Context, Error, Result};
+use crate::pool::{SnapshotInfo, VolumeInfo};
+use crate::volume_id::valid_local_name;
+
+/// A volume as stored in `volumes/<local>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMeta {
+    /// What the pool trait reports.
+    #[serde(flatten)]
+    pub info: VolumeInfo,
+    /// The data directory, relative to the export root.
+    pub subdir: String,
+}
+
+/// A snapshot as stored in `snapshots/<local>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// What the pool trait reports.
+    #[serde(flatten)]
+    pub info: SnapshotInfo,
+    /// Size of the archive file in bytes.
+    pub archive_bytes: u64,
+    /// The subdirectory it was taken from (for operators).
+    pub subdir: String,
+}
+
+/// The paths of one pool on its mounted export.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The export's root (the working mount).
+    pub root: PathBuf,
+    /// `<root>/.holdfast/<pool>`.
+    pub meta: PathBuf,
+}
+
+/// INVALID_ARGUMENT unless `local` is a local name: the one gate between names and paths.
+pub fn check_local(local: &str) -> Result<&str> {
+    if valid_local_name(local) {
+        Ok(local)
+    } else {
+        Err(Error::InvalidArgument(format!("{local:?} is not a valid nfs volume or snapshot name")))
+    }
+}
+
+impl Layout {
+    /// The layout of pool `pool` on the export mounted at `root`.
+    pub fn new(root: &Path, pool: &str) -> Layout {
+        Layout { root: root.to_path_buf(), meta: root.join(".holdfast").join(pool) }
+    }
+    /// Directory of volume metadata.
+    pub fn volumes(&self) -> PathBuf {
+        self.meta.join("volumes")
+    }
+    /// Directory of snapshots.
+    pub fn snapshots(&self) -> PathBuf {
+        self.meta.join("snapshots")
+    }
+    /// Directory of things being built.
+    pub fn tmp(&self) -> PathBuf {
+        self.meta.join("tmp")
+    }
+    /// Metadata file of a volume.
+    pub fn volume_meta(&self, local: &str) -> PathBuf {
+        self.volumes().join(format!("{local}.json"))
+    }
+    /// Metadata file of a snapshot.
+    pub fn snapshot_meta(&self, local: &str) -> PathBuf {
+        self.snapshots().join(format!("{local}.json"))
+    }
+    /// Archive of a snapshot.
+    pub fn snapshot_archive(&self, local: &str) -> PathBuf {
+        self.snapshots().join(format!("{local}.tar"))
+    }
+    /// Archive of a snapshot being written.
+    pub fn tmp_archive(&self, local: &str) -> PathBuf {
+        self.tmp().join(format!("{local}.tar"))
+    }
+    /// Data directory of a volume being built.
+    pub fn tmp_volume(&self, local: &str) -> PathBuf {
+        self.tmp().join(format!("{local}.d"))
+    }
+    /// The intent of a creation in progress: the metadata it will commit, written before its
+    /// directory is moved into place, so a retry after a crash recognises the directory as its own.
+    pub fn intent(&self, local: &str) -> PathBuf {
+        self.tmp().join(format!("{local}.json"))
+    }
+    /// Where a deleted volume's data waits to be removed.
+    pub fn trash(&self, local: &str) -> PathBuf {
+        self.meta.join("trash").join(local)
+    }
+    /// A volume's data directory (the subdirectory is checked again: metadata is input too).
+    pub fn data(&self, subdir: &str) -> Result<PathBuf> {
+        validate_subdir(subdir).map_err(|e| Error::Internal(format!("refusing subdirectory {subdir:?}: {e}")))?;
+        Ok(self.root.join(subdir))
+    }
+
+    /// Creates the pool's own directories (mode 0700: for holdfast only).
+    pub fn init(&self) -> Result<()> {
+        for d in [self.volumes(), self.snapshots(), self.tmp(), self.meta.join("trash")] {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes renames and removals in `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Reads a JSON file; `None` when it does not exist.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    let bytes = match fs::read(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        r => r.context(|| format!("reading metadata {}", path.display()))?,
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::Internal(format!("metadata {} is unreadable: {e}; fix or remove it", path.display())))
+}
+
+/// Writes a JSON file atomically: temporary file, fsync, rename, fsync of the directory.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(format!("encoding metadata: {e}")))?;
+    let dir = path.parent().ok_or_else(|| Error::Internal(format!("{} has no parent", path.display())))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&json).and_then(|_| f.sync_all()).context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    sync_dir(dir)
+}
+
+/// Removes a file; one that is not there is success.
+pub fn remove_file(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io(format!("removing {}", path.display()), e)),
+        _ => Ok(()),
+    }
+}
+
+/// Every `*.json` in `dir` whose stem is a local name, parsed. An unreadable file is logged and
+/// skipped, so one damaged file does not hide every other object.
+pub fn list_json<T: DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).context(|| format!("listing {}", dir.display()))? {
+        let entry = entry.context(|| format!("listing {}", dir.display()))?;
+        let name = entry.file_name();
+        // Temporaries start with '.', which no local name does.
+        let Some(local) = name.to_str().and_then(|n| n.strip_suffix(".json")).filter(|l| valid_local_name(l)) else { continue };
+        match read_json::<T>(&entry.path()) {
+            Ok(Some(v)) => out.push(v),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(local, error = %e, "skipping unreadable nfs metadata"),
+        }
+    }
+    Ok(out)
+}
+
+/// What is at a path, without following a symlink there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Nothing.
+    Missing,
+    /// A directory.
+    Dir,
+    /// Anything else (file, symlink, device…).
+    Other,
+}
+
+/// What is at `path` (`lstat`).
+pub fn entry(path: &Path) -> Result<Entry> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Entry::Missing),
+        Err(e) => Err(Error::io(format!("inspecting {}", path.display()), e)),
+        Ok(m) if m.file_type().is_dir() => Ok(Entry::Dir),
+        Ok(_) => Ok(Entry::Other),
+    }
+}
+
+/// Creates the parent directories of `root/subdir` (mode 0755), refusing to pass through
+/// anything that is not a real directory: a symlink planted on the export can never redirect a
+/// volume outside it.
+pub fn make_parents(root: &Path, subdir: &str) -> Result<()> {
+    let components: Vec<&str> = subdir.split('/').collect();
+    let mut at = root.to_path_buf();
+    for c in &components[..components.len() - 1] {
+        at.push(c);
+        match entry(&at)? {
+            Entry::Dir => {}
+            Entry::Missing => match fs::DirBuilder::new().mode(0o755).create(&at) {
+                Ok(()) => {}
+                // Someone else made it meanwhile: check what it is on the next round.
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    if entry(&at)? != Entry::Dir {
+                        return Err(not_a_dir(&at, subdir));
+                    }
+                }
+                Err(e) => return Err(Error::io(format!("creating {}", at.display()), e)),
+            },
+            Entry::Other => return Err(not_a_dir(&at, subdir)),
+        }
+    }
+    Ok(())
+}
+
+fn not_a_dir(at: &Path, subdir: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "{} is not a plain directory (a symlink or a file), so the volume directory {subdir:?} cannot be placed under it; \
+         move it away on the export",
+        at.display()
+    ))
+}
+
+/// Checks that `path` is a real directory under `root` whose every component is a real
+/// directory (no symlink anywhere between the export root and the volume).
+pub fn check_inside(root: &Path, subdir: &str) -> Result<PathBuf> {
+    let mut at = root.to_path_buf();
+    for c in subdir.split('/') {
+        at.push(c);
+        if entry(&at)? != Entry::Dir {
+            return Err(not_a_dir(&at, subdir));
+        }
+    }
+    Ok(at)
+}
+
+/// Removes the empty parent directories of `subdir` (made by [`make_parents`]), deepest first,
+/// stopping at the first one that is not empty.
+pub fn remove_empty_parents(root: &Path, subdir: &str) {
+    let components: Vec<&str> = subdir.split('/').collect();
+    for n in (1..components.len()).rev() {
+        let dir = root.join(components[..n].join("/"));
+        if fs::remove_dir(&dir).is_err() {
+            break;
+        }
+    }
+}
+
+/// Sets mode and ownership of a new volume directory; `None` leaves that attribute alone.
+pub fn set_attributes(dir: &Path, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::lchown(dir, uid, gid).context(|| format!("changing the owner of {}", dir.display()))?;
+    }
+    // After chown: changing the owner clears the set-gid bit.
+    if let Some(mode) = mode {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).context(|| format!("setting mode {mode:o} on {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The name an archived volume directory gets: `archived-<last component>-<UTC time>`, cut to
+/// fit one component.
+pub fn archived_name(subdir: &str, unix_secs: i64) -> String {
+    let last = subdir.rsplit('/').next().unwrap_or(subdir);
+    let stamp = utc_stamp(unix_secs);
+    let room = super::template::MAX_COMPONENT_LEN - "archived-".len() - 1 - stamp.len();
+    let cut = &last[..last.len().min(room)];
+    format!("archived-{cut}-{stamp}")
+}
+
+/// `YYYYMMDDTHHMMSSZ` for a Unix time (proleptic Gregorian calendar, UTC).
+pub fn utc_stamp(unix_secs: i64) -> String {
+    let days = unix_secs.div_euclid(86_400);
+    let secs = unix_secs.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamps() {
+        assert_eq!(utc_stamp(0), "19700101T000000Z");
+        assert_eq!(utc_stamp(951_782_400), "20000229T000000Z");
+        assert_eq!(utc_stamp(1_700_000_000), "20231114T221320Z");
+        assert_eq!(utc_stamp(4_102_444_799), "20991231T235959Z");
+    }
+
+    #[test]
+    fn archived_names_fit_one_component() {
+        assert_eq!(archived_name("ns/db", 0), "archived-db-19700101T000000Z");
+        assert_eq!(archived_name("pvc-1", 0), "archived-pvc-1-19700101T000000Z");
+        let long = archived_name(&"x".repeat(255), 0);
+        assert_eq!(long.len(), 255);
+        assert!(validate_subdir(&long).is_ok());
+    }
+
+    #[test]
+    fn walking_refuses_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("ns")).unwrap();
+        let err = make_parents(root, "ns/pvc").unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        fs::write(root.join("file"), b"x").unwrap();
+        assert!(make_parents(root, "file/pvc").is_err());
+        make_parents(root, "a/b/c").unwrap();
+        assert!(root.join("a/b").is_dir() && !root.join("a/b/c").exists());
+        fs::create_dir(root.join("a/b/c")).unwrap();
+        assert_eq!(check_inside(root, "a/b/c").unwrap(), root.join("a/b/c"));
+        assert!(check_inside(root, "ns").is_err(), "a symlink is not inside");
+        fs::remove_dir(root.join("a/b/c")).unwrap();
+        remove_empty_parents(root, "a/b/c");
+        assert!(!root.join("a").exists());
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0, "nothing was made outside");
+    }
+}

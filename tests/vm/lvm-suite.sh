@@ -1,0 +1,103 @@
+#!/bin/bash
+# The LVM pool, proven on real LVM inside the test VM (device-mapper, thin pools):
+#
+#   tests/vm/lvm-suite.sh            on the host: builds the test binaries here (cargo under
+#                                    TCG would take ages), boots the VM with two disks and
+#                                    runs this script again inside it
+#
+# Inside the VM (`--guest LVM_TEST_BIN CONFORMANCE_BIN`) it makes the volume groups on the VM
+# disks and runs, timing each:
+#   1. tests/lvm.rs (the binary): real LVM tests, each on its own loop-device VG;
+#   2. tests/conformance.rs on a thick pool (tests/fixtures/lvm/conformance-thick.toml), without
+#      the tests that need snapshots or clones: thick pools refuse those by design;
+#   3. tests/conformance.rs on a thin pool (tests/fixtures/lvm/conformance-thin.toml), all of it.
+# Every stage runs even when an earlier one failed; the exit status is non-zero if any failed.
+# Environment: HOLDFAST_LVM_SUITE_TIMEOUT (seconds, default 3600), HOLDFAST_TEST_THREADS
+# (conformance threads in the guest, default 2), extra arguments after the binaries go to
+# every test binary (e.g. a name filter).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cd "$repo"
+
+# The conformance tests that need snapshots or clones (not available on thick pools).
+thick_skips=(
+  unknown_ids_are_not_found
+  deleting_unknown_volumes_and_snapshots_succeeds
+  list_snapshots_pages_and_filters
+  snapshot_restores_the_written_data
+  clone_copies_the_source_volume
+)
+
+if [ "${1:-}" != --guest ]; then
+  echo "lvm-suite: building the test binaries on the host"
+  json=$(cargo test --locked --no-run --message-format=json --test lvm --test conformance)
+  exe() {  # exe TARGET: the test executable cargo built for TARGET
+    grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\",\"src_path\"" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1
+  }
+  lvm_bin=$(exe lvm)
+  conf_bin=$(exe conformance)
+  if [ ! -x "$lvm_bin" ] || [ ! -x "$conf_bin" ]; then
+    echo "lvm-suite: cannot find the built test binaries ($lvm_bin, $conf_bin)" >&2
+    exit 2
+  fi
+  exec "$here/run" --disk hfthick:4G --disk hfthin:4G --timeout "${HOLDFAST_LVM_SUITE_TIMEOUT:-3600}" \
+    -- bash tests/vm/lvm-suite.sh --guest "$lvm_bin" "$conf_bin" "$@"
+fi
+
+shift
+lvm_bin=$1
+conf_bin=$2
+shift 2
+if [ ! -e /run/holdfast-vm ]; then
+  echo "lvm-suite: --guest only runs inside the test VM (it wipes the VM's disks)" >&2
+  exit 2
+fi
+export LVM_SUPPRESS_FD_WARNINGS=1 RUST_BACKTRACE=${RUST_BACKTRACE:-0}
+threads=${HOLDFAST_TEST_THREADS:-2}
+
+start=$SECONDS
+echo "== lvm-suite: volume groups on the VM disks"
+pvcreate -q /dev/disk/by-id/virtio-hfthick /dev/disk/by-id/virtio-hfthin
+vgcreate -q -s 1M hfthick /dev/disk/by-id/virtio-hfthick
+vgcreate -q -s 1M hfthin /dev/disk/by-id/virtio-hfthin
+lvcreate -q -y --type thin-pool -L 3G -n tp0 hfthin
+vgs -o vg_name,vg_size,vg_free hfthick hfthin
+lvs -o lv_name,vg_name,lv_size,lv_attr hfthin
+echo "   ($((SECONDS - start))s)"
+
+failed=()
+summary=()
+stage() {  # stage NAME COMMAND...
+  local name=$1 t=$SECONDS rc=0
+  shift
+  echo
+  echo "== lvm-suite: $name"
+  "$@" || rc=$?
+  summary+=("$(printf '%-40s %s in %ss' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" $((SECONDS - t)))")
+  [ $rc = 0 ] || failed+=("$name")
+}
+
+skip_args=()
+for t in "${thick_skips[@]}"; do skip_args+=(--skip "$t"); done
+
+stage "tests/lvm.rs (real LVM)" "$lvm_bin" "$@"
+echo
+echo "   thick pool: skipping ${#thick_skips[@]} conformance tests that need snapshots or clones"
+echo "   (a thick pool answers FAILED_PRECONDITION / INVALID_ARGUMENT to them, by design): ${thick_skips[*]}"
+stage "conformance, thick LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/conformance-thick.toml \
+  "$conf_bin" --test-threads="$threads" "${skip_args[@]}" "$@"
+stage "conformance, thin LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/conformance-thin.toml \
+  "$conf_bin" --test-threads="$threads" "$@"
+
+echo
+echo "== lvm-suite summary ($((SECONDS - start))s in the guest)"
+printf '   %s\n' "${summary[@]}"
+echo "   left behind in the volume groups (should be none):"
+lvs --noheadings -o lv_name,vg_name -S 'lv_name=~^hf' hfthick hfthin | sed 's/^/     /' || true
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "lvm-suite: FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "lvm-suite: all stages passed"
