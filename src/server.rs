@@ -6,6 +6,7 @@ use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
@@ -44,9 +45,38 @@ pub fn prepare_socket(path: &Path) -> Result<(), String> {
     }
 }
 
+/// How long in-flight calls get to finish after a shutdown signal. Orchestrators keep their
+/// connections open, so without a bound a stop could wait for them forever.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs a server future until it ends, or until `grace` after the shutdown signal fired.
+async fn with_grace<F>(server: F, fired: tokio::sync::oneshot::Receiver<()>, grace: Duration) -> Result<(), String>
+where
+    F: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let deadline = async {
+        match fired.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        res = server => res.map_err(|e| format!("server failed: {e}")),
+        () = deadline => {
+            tracing::warn!(grace = ?grace, "calls still in flight after the grace period; stopping anyway");
+            Ok(())
+        }
+    }
+}
+
 /// Serves the chosen services on `endpoint` until `shutdown` completes, then lets in-flight
-/// calls finish and removes the socket.
+/// calls finish (for at most [`SHUTDOWN_GRACE`]) and removes the socket.
 pub async fn serve(endpoint: &str, driver: Arc<Driver>, services: Services, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+    let (fire, fired) = tokio::sync::oneshot::channel();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = fire.send(());
+    };
     let router = Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_optional_service(services.controller.then(|| ControllerServer::new(ControllerService::new(driver.clone()))))
@@ -58,14 +88,15 @@ pub async fn serve(endpoint: &str, driver: Arc<Driver>, services: Services, shut
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
                 .map_err(|e| format!("cannot set permissions of {}: {e}", path.display()))?;
             tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), "serving CSI");
-            let res = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown).await;
+            let res =
+                with_grace(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown), fired, SHUTDOWN_GRACE).await;
             let _ = std::fs::remove_file(&path);
-            res.map_err(|e| format!("server failed: {e}"))
+            res
         }
         Endpoint::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), "serving CSI");
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await.map_err(|e| format!("server failed: {e}"))
+            with_grace(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown), fired, SHUTDOWN_GRACE).await
         }
     }
 }

@@ -144,7 +144,12 @@ impl Export {
                 Probe::Stale(msg) if !remounted => {
                     tracing::warn!(source = %self.source, work = %self.work.display(), %msg, "the export's mount is stale; mounting it again");
                     self.unmount_stale(exec).await?;
-                    self.mount(exec).await?;
+                    // The server changed under the mount; if it refuses a fresh one, it is the
+                    // server's state (unexported, moved), not a holdfast failure.
+                    self.mount(exec).await.map_err(|e| match e {
+                        Error::Unavailable(m) => Error::Unavailable(m),
+                        e => Error::Unavailable(format!("the export {} went stale and cannot be mounted again: {e}", self.source)),
+                    })?;
                     remounted = true;
                 }
                 Probe::Stale(msg) | Probe::Failed(msg) => {

@@ -328,7 +328,8 @@ impl NfsPool {
         Ok(meta)
     }
 
-    /// The volume's metadata; when the server does not answer, the last one read.
+    /// The volume's metadata; when the export cannot be read (server down, unexported), the
+    /// last one read, so the node can still report such a volume as abnormal.
     async fn volume(&self, local: &str) -> Result<Option<VolumeMeta>> {
         check_local(local)?;
         let read = async {
@@ -336,12 +337,12 @@ impl NfsPool {
             self.read_volume(&layout, local).await
         };
         match read.await {
-            Err(Error::Unavailable(m)) => match self.known.lock().unwrap_or_else(|e| e.into_inner()).get(local) {
+            Err(e) => match self.known.lock().unwrap_or_else(|e| e.into_inner()).get(local) {
                 Some(v) => {
-                    tracing::debug!(pool = %self.name, local, "server unavailable ({m}); answering from memory");
+                    tracing::debug!(pool = %self.name, local, "cannot read the export ({e}); answering from memory");
                     Ok(Some(v.clone()))
                 }
-                None => Err(Error::Unavailable(m)),
+                None => Err(e),
             },
             r => r,
         }
