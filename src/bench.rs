@@ -42,9 +42,9 @@ pub struct BenchArgs {
     /// Size of the ready-to-use volumes (holdfast and by hand).
     #[arg(long, value_parser = parse_size_arg, default_value = "1GiB")]
     pub size: u64,
-    /// Size of each volume of the CreateVolume series (default: --size). The pool must hold
-    /// --count of them at once.
-    #[arg(long, value_parser = parse_size_arg)]
+    /// Size of each volume of the CreateVolume series. The pool must hold --count of them at
+    /// once (it never overcommits), and a sparse file's creation time does not depend on its size.
+    #[arg(long, value_parser = parse_size_arg, default_value = "64MiB")]
     pub create_size: Option<u64>,
     /// How many times to make a ready-to-use volume, with holdfast and by hand; 0 skips it.
     #[arg(long, default_value_t = 5)]

@@ -265,7 +265,7 @@ fn on_server(subdir: &str) -> PathBuf {
 /// The mountinfo line of whatever is mounted at `path`: (fs type, super options).
 fn mount_of(path: &Path) -> Option<(String, String)> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().filter(|l| l.split(' ').nth(4) == Some(&path_str(path))).last().and_then(|l| {
+    text.lines().rfind(|l| l.split(' ').nth(4) == Some(&path_str(path))).and_then(|l| {
         let post = l.split(" - ").nth(1)?;
         let f: Vec<&str> = post.split(' ').collect();
         Some((f.first()?.to_string(), f.get(2)?.to_string()))

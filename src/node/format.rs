@@ -122,6 +122,20 @@ pub async fn probe(exec: &dyn Exec, path: &Path) -> Result<Option<Signature>> {
 /// signatures without asking when it has no terminal. No force flag is ever passed. Discard is
 /// skipped (new volumes are already unallocated; discarding a large device can take minutes).
 pub async fn mkfs(exec: &dyn Exec, device: &Path, fs_type: &str) -> Result<()> {
+    match mkfs_if_blank(exec, device, fs_type).await? {
+        None => Ok(()),
+        Some(sig) => Err(Error::FailedPrecondition(format!(
+            "refusing to create {fs_type} on {}: blkid found {:?} there, and holdfast never formats a device that is not blank",
+            device.display(),
+            sig.kind
+        ))),
+    }
+}
+
+/// Probes `device` once and creates `fs_type` on it only if it is blank. Returns `None` when
+/// it formatted, or the signature it found (and left alone). One probe before and one after
+/// (to confirm mkfs made what was asked), so staging a new volume costs a single extra blkid.
+pub async fn mkfs_if_blank(exec: &dyn Exec, device: &Path, fs_type: &str) -> Result<Option<Signature>> {
     let args: &[&str] = match fs_type {
         // No blocks reserved for root: the whole volume belongs to the workload.
         "ext4" => &["-q", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
@@ -132,16 +146,12 @@ pub async fn mkfs(exec: &dyn Exec, device: &Path, fs_type: &str) -> Result<()> {
         }
     };
     if let Some(sig) = probe(exec, device).await? {
-        return Err(Error::FailedPrecondition(format!(
-            "refusing to create {fs_type} on {}: blkid found {:?} there, and holdfast never formats a device that is not blank",
-            device.display(),
-            sig.kind
-        )));
+        return Ok(Some(sig));
     }
     let cmd = Cmd::new(format!("mkfs.{fs_type}")).args(args.iter().copied()).arg(path_arg(device)).timeout(LONG_TIMEOUT);
     exec.run(cmd).await.context(|| format!("creating {fs_type} on {}", device.display()))?;
     match probe(exec, device).await? {
-        Some(sig) if sig.kind == fs_type => Ok(()),
+        Some(sig) if sig.kind == fs_type => Ok(None),
         found => Err(Error::Internal(format!(
             "mkfs.{fs_type} on {} succeeded but blkid then found {:?}",
             device.display(),

@@ -135,15 +135,24 @@ impl Node {
     /// Makes sure `device` holds a filesystem holdfast can mount, creating `fs_type` only on a
     /// blank device. Returns the filesystem found or made.
     async fn ensure_filesystem(&self, device: &Path, fs_type: &str) -> Result<(String, bool)> {
-        match format::probe(self.exec.as_ref(), device).await? {
-            None if fs_type.is_empty() => Err(Error::InvalidArgument(format!(
-                "{} is blank and no filesystem type was requested; set fs_type (one of {:?})",
-                device.display(),
-                format::SUPPORTED_FS
-            ))),
+        let found = if fs_type.is_empty() {
+            match format::probe(self.exec.as_ref(), device).await? {
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} is blank and no filesystem type was requested; set fs_type (one of {:?})",
+                        device.display(),
+                        format::SUPPORTED_FS
+                    )));
+                }
+                found => found,
+            }
+        } else {
+            // Probes, and formats only when blkid found nothing at all.
+            format::mkfs_if_blank(self.exec.as_ref(), device, fs_type).await?
+        };
+        match found {
             None => {
-                tracing::info!(device = %device.display(), fs_type, "creating a filesystem on a blank device");
-                format::mkfs(self.exec.as_ref(), device, fs_type).await?;
+                tracing::info!(device = %device.display(), fs_type, "created a filesystem on a blank device");
                 Ok((fs_type.to_owned(), true))
             }
             Some(sig) if format::SUPPORTED_FS.contains(&sig.kind.as_str()) && (fs_type.is_empty() || sig.kind == fs_type) => {
@@ -554,9 +563,9 @@ mod tests {
         let cases = [
             Case {
                 name: "blank device gets the requested filesystem",
-                blkid: vec![BLANK(), BLANK(), found("ext4")],
+                blkid: vec![BLANK(), found("ext4")],
                 fs: "ext4",
-                want_progs: &["blkid", "blkid", "mkfs.ext4", "blkid"],
+                want_progs: &["blkid", "mkfs.ext4", "blkid"],
                 want_mount: Some(("ext4", &["noatime"])),
                 want_err: None,
             },
@@ -656,7 +665,7 @@ mod tests {
 
     #[tokio::test]
     async fn stage_is_idempotent_and_guards_the_staging_path() {
-        let r = rig(vec![BLANK(), BLANK(), found("ext4")]);
+        let r = rig(vec![BLANK(), found("ext4")]);
         r.stage("ext4").await.unwrap();
         r.stage("ext4").await.unwrap();
         assert_eq!(r.progs().iter().filter(|p| *p == "mkfs.ext4").count(), 1);

@@ -336,7 +336,7 @@ async fn create_makes_the_templated_directory_with_metadata_beside_it() {
     assert_eq!(r.pool.create_volume(&req).await.unwrap(), v);
     let bigger = CreateRequest { capacity: 16 * MIB, ..req.clone() };
     assert!(matches!(r.pool.create_volume(&bigger).await, Err(Error::AlreadyExists(_))));
-    assert_eq!(r.pool.list_volumes().await.unwrap(), [v.clone()]);
+    assert_eq!(r.pool.list_volumes().await.unwrap(), std::slice::from_ref(&v));
     assert_eq!(
         r.pool.attach("pvc-123").await.unwrap(),
         Attachment::Mount { source: "127.0.0.1:/srv/export/team-a/db".into(), fs_type: "nfs".into(), options: vec!["nfsvers=4.2".into()] }
@@ -552,7 +552,7 @@ async fn snapshots_and_clones_keep_owners_modes_xattrs_and_holes() {
     assert_eq!(r.pool.create_snapshot(&src.local, "snap-1", "snap-1").await.unwrap(), snap);
     assert!(matches!(r.pool.create_snapshot("pvc-other", "snap-1", "snap-1").await, Err(Error::AlreadyExists(_))));
     assert!(r.meta_dir().join("snapshots/snap-1.tar").is_file());
-    assert_eq!(r.pool.list_snapshots().await.unwrap(), [snap.clone()]);
+    assert_eq!(r.pool.list_snapshots().await.unwrap(), std::slice::from_ref(&snap));
     std::fs::write(dir.join("after"), b"later").unwrap();
 
     let restore = CreateRequest { source: Some(Source::Snapshot("snap-1".into())), ..r.req("pvc-restore", &[]) };
