@@ -8,7 +8,7 @@
 //! NFS server that cannot be started or reached fails every test, loudly.
 //!
 //! Tests run in parallel, except the ones that stop the server or measure time, which take
-//! [`SERVER`] exclusively.
+//! [`SERVER`] exclusively. `HOLDFAST_NFS_LOG_DIR=DIR` keeps each plugin's log there.
 
 mod common;
 
@@ -228,6 +228,11 @@ impl Drop for Plugin {
         }
         if std::thread::panicking() {
             eprintln!("----- holdfast log -----\n{}----- end of log -----", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+        // Kept for later reading when asked (the VM's own disk is thrown away).
+        if let Some(keep) = std::env::var_os("HOLDFAST_NFS_LOG_DIR") {
+            let name = self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let _ = std::fs::create_dir_all(&keep).and_then(|_| std::fs::copy(&self.log, Path::new(&keep).join(format!("{name}.log"))));
         }
         // Lazily: an NFS mount whose server is gone must not block the clean-up.
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

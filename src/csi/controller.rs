@@ -296,11 +296,12 @@ impl ControllerService {
             )));
         };
         let pool = self.d.pools[&choice.pool].clone();
+        let limit = req.capacity_range.map(|r| r.limit_bytes as u64).unwrap_or(0);
         let fs_type = if block { None } else { Some(fs_req.unwrap_or_else(|| pool.default_fs().to_owned())) };
+        // The filesystem's minimum first, then the pool's allocation unit; neither may pass the limit.
         if let Some(fs) = &fs_type {
             let min = crate::node::format::min_size(fs);
             if capacity < min {
-                let limit = req.capacity_range.map(|r| r.limit_bytes as u64).unwrap_or(0);
                 if limit != 0 && limit < min {
                     return Err(Error::OutOfRange(format!(
                         "{fs} needs at least {} but limit_bytes is {limit}; raise the limit or choose ext4",
@@ -309,6 +310,15 @@ impl ControllerService {
                 }
                 capacity = min;
             }
+        }
+        let unit = pool.allocation_unit().await?.max(1);
+        capacity = capacity.div_ceil(unit) * unit;
+        if limit != 0 && capacity > limit {
+            return Err(Error::OutOfRange(format!(
+                "pool {} allocates in units of {}, so no size fits between required_bytes and limit_bytes {limit}",
+                pool.name(),
+                crate::config::format_size(unit)
+            )));
         }
         let params: BTreeMap<String, String> =
             req.parameters.iter().filter(|(k, _)| pool.accepts_parameter(k)).map(|(k, v)| (k.clone(), v.clone())).collect();

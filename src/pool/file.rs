@@ -794,13 +794,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn open_refuses_kinds_not_built_yet() {
+    async fn open_refuses_invalid_configs() {
         let dir = tempfile::tempdir().unwrap();
         let p = crate::pool::open(&config(dir.path(), ""), Arc::new(FakeExec::new())).unwrap();
         assert_eq!(p.name(), "p1");
-        let zfs = Config::parse("[[pool]]\nname = \"z\"\nkind = \"zfs\"\ndataset = \"tank/hf\"\n").unwrap().pools.remove(0);
+        let zfs = Config::parse("[[pool]]\nname = \"z\"\nkind = \"zfs\"\ndataset = \"tank/../hf\"\n").unwrap().pools.remove(0);
         let err = crate::pool::open(&zfs, Arc::new(FakeExec::new())).err().unwrap();
-        assert!(matches!(err, Error::Unimplemented(_)), "{err}");
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     }
 
     #[tokio::test]

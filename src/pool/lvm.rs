@@ -14,11 +14,11 @@
 //! new UUID so that it mounts beside its source. Thin snapshots are independent LVs, so a volume
 //! that has snapshots can be deleted and its snapshots stay usable.
 //!
-//! Consistency: a snapshot or clone of a mounted volume is taken with its filesystem frozen
-//! (`fsfreeze`), in a task of its own so that a cancelled request cannot leave it frozen.
-//! LVM's own device suspend freezes ext4 and XFS but not btrfs (whose superblock is not tied
-//! to one block device); a btrfs copy taken unfrozen carries an fsync log tree that no longer
-//! mounts once the copy gets a new fsid.
+//! Consistency: a snapshot or clone of a mounted volume is taken with its filesystem frozen.
+//! LVM's device suspend freezes ext4 and XFS itself, but not btrfs (whose superblock is not
+//! tied to one block device), so holdfast freezes btrfs with `fsfreeze` around `lvcreate`, in a
+//! task of its own so that a cancelled request cannot leave it frozen. A btrfs copy taken
+//! unfrozen carries an fsync log tree that no longer mounts once the copy gets a new fsid.
 //!
 //! `detach` leaves the LV active. Deactivating buys nothing on a node that owns its volume
 //! group (an active, closed LV holds no resources worth freeing), and would race with a
@@ -216,6 +216,17 @@ impl LvmPool {
     /// The thin pool, when volumes are thin.
     pub fn thin_pool(&self) -> Option<&str> {
         self.thin_pool.as_deref()
+    }
+
+    /// The volume group's size, free space and extent size (`vgs`).
+    async fn vg_info(&self) -> Result<report::Vg> {
+        let out = match self.exec.run(command::vgs(&self.vg)).await {
+            Ok(out) => out,
+            Err(e) if command::is_vg_not_found(&e) => return Err(Error::FailedPrecondition(self.vg_missing())),
+            Err(e) => return Err(Error::exec(format!("reading volume group {}", self.vg), e)),
+        };
+        let vgs = report::parse_vgs(&out.stdout).map_err(|e| Error::Internal(format!("reading volume group {}: {e}", self.vg)))?;
+        vgs.into_iter().find(|v| v.name == self.vg).ok_or_else(|| Error::FailedPrecondition(self.vg_missing()))
     }
 
     fn vg_missing(&self) -> String {
@@ -562,8 +573,11 @@ impl LvmPool {
     }
 }
 
-/// Mount points of the filesystems mounted from `device`, one per filesystem (bind mounts of
-/// the same filesystem share its superblock, so freezing one freezes all).
+/// Mount points of the filesystems on `device` that LVM's suspend cannot freeze, one per
+/// filesystem (bind mounts share the superblock, so freezing one freezes all). ext4 and XFS
+/// are bound to the device (mountinfo shows its number): the device-mapper suspend of
+/// `lvcreate --snapshot` freezes them itself, and freezing them first would make that suspend
+/// fail with EBUSY. btrfs shows an anonymous device number and is matched by its source.
 fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let Ok(real) = std::fs::canonicalize(device) else {
@@ -576,11 +590,9 @@ fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
     let mut seen = Vec::new();
     let mut points = Vec::new();
     for m in mounts {
-        // ext4 and XFS show the device number; btrfs shows an anonymous one, so the source
-        // path (a /dev/mapper or /dev/<vg> link) is resolved too.
         let by_number = dev_id.as_deref() == Some(m.major_minor.as_str());
         let by_source = m.source.starts_with("/dev/") && std::fs::canonicalize(&m.source).is_ok_and(|s| s == real);
-        if (by_number || by_source) && !seen.contains(&m.major_minor) {
+        if by_source && !by_number && !seen.contains(&m.major_minor) {
             seen.push(m.major_minor.clone());
             points.push(m.mount_point);
         }
@@ -845,17 +857,15 @@ impl Pool for LvmPool {
         Ok(out)
     }
 
+    async fn allocation_unit(&self) -> Result<u64> {
+        Ok(self.vg_info().await?.extent_size.max(MIB))
+    }
+
     async fn capacity(&self) -> Result<u64> {
         match self.thin_pool.as_deref() {
             Some(pool) => self.thin_available_in(pool, &self.list_lvs().await?),
             None => {
-                let out = match self.exec.run(command::vgs(&self.vg)).await {
-                    Ok(out) => out,
-                    Err(e) if command::is_vg_not_found(&e) => return Err(Error::FailedPrecondition(self.vg_missing())),
-                    Err(e) => return Err(Error::exec(format!("reading the free space of volume group {}", self.vg), e)),
-                };
-                let vgs = report::parse_vgs(&out.stdout).map_err(|e| Error::Internal(format!("reading volume group {}: {e}", self.vg)))?;
-                let vg = vgs.iter().find(|v| v.name == self.vg).ok_or_else(|| Error::FailedPrecondition(self.vg_missing()))?;
+                let vg = self.vg_info().await?;
                 let (num, den) = thick_share(&self.lvcreate_options);
                 let extent = vg.extent_size.max(1);
                 // Whole extents and whole MiB: a request of that size fits without rounding up.

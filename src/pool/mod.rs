@@ -15,6 +15,7 @@ use crate::volume_id::PoolKind;
 pub mod file;
 pub mod lvm;
 pub mod nfs;
+pub mod zfs;
 
 /// 1 MiB: every capacity is rounded up to a multiple of this.
 pub const MIB: u64 = 1 << 20;
@@ -30,10 +31,7 @@ pub fn open(cfg: &crate::config::PoolConfig, exec: std::sync::Arc<dyn crate::exe
         PoolKind::File => Ok(std::sync::Arc::new(file::FilePool::new(cfg, exec)?)),
         PoolKind::Lvm => Ok(std::sync::Arc::new(lvm::LvmPool::new(cfg, exec)?)),
         PoolKind::Nfs => Ok(std::sync::Arc::new(nfs::NfsPool::new(cfg, exec)?)),
-        kind => Err(crate::error::Error::Unimplemented(format!(
-            "pool {:?}: {kind} pools are not supported yet by this build of holdfast; use a file pool",
-            cfg.name()
-        ))),
+        PoolKind::Zfs => Ok(std::sync::Arc::new(zfs::ZfsPool::new(cfg, exec)?)),
     }
 }
 
@@ -145,6 +143,11 @@ pub trait Pool: Send + Sync {
     /// is INVALID_ARGUMENT). Block-backed pools make ext4, xfs or btrfs on their devices.
     fn filesystems(&self) -> &'static [&'static str] {
         &crate::node::format::SUPPORTED_FS
+    }
+    /// The unit this pool allocates in (bytes): capacities are rounded up to it before the
+    /// request's `limit_bytes` is checked, so a pool never hands out more than the limit.
+    async fn allocation_unit(&self) -> Result<u64> {
+        Ok(MIB)
     }
     /// Whether volumes of this pool can be used from several nodes at once (MULTI_NODE_*
     /// access modes). Node-local pools cannot.

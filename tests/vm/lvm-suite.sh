@@ -12,6 +12,9 @@
 #      the tests that need snapshots or clones: thick pools refuse those by design;
 #   3. tests/conformance.rs on a thin pool (tests/fixtures/lvm/conformance-thin.toml), all of it.
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed.
+# The guest runs the binaries from the shared tree: a cargo build on the host that replaces
+# target/debug/holdfast meanwhile crashes the drivers under test (SIGSEGV). When others build
+# in the same tree, set CARGO_TARGET_DIR to a private directory inside the repository.
 # Environment: HOLDFAST_LVM_SUITE_TIMEOUT (seconds, default 3600), HOLDFAST_TEST_THREADS
 # (conformance threads in the guest, default 2), extra arguments after the binaries go to
 # every test binary (e.g. a name filter).

@@ -16,7 +16,8 @@
 #   3. those node-local tests too, for the record: their outcome is reported, not fatal.
 # It prints a summary and exits non-zero when part 1 or 2 failed.
 #
-# Environment: HOLDFAST_NFS_TARGET (the cargo target dir, default target/nfs-vm),
+# Environment: HOLDFAST_NFS_TARGET (the cargo target dir, default target/nfs-vm; the plugins' logs
+# of tests/nfs.rs are kept in its nfs-suite-logs/, or in HOLDFAST_NFS_LOG_DIR),
 # HOLDFAST_VM_TIMEOUT (seconds, default 3600); the rest as for tests/vm/run.
 set -uo pipefail
 
@@ -27,10 +28,12 @@ export_dir=/srv/holdfast-nfs
 # Conformance tests whose assertions describe node-local pools, and why nfs differs.
 node_local_only=(
   "raw_block_volume_is_published_as_a_block_device"            # nfs pools have no raw block volumes
+  "create_volume_rounds_capacity_within_range"                  # creates raw block volumes
   "create_volume_reports_the_node_topology"                     # nfs volumes are not pinned to the node
   "validate_confirms_single_node_modes_and_refuses_multi_node_writer"  # nfs confirms MULTI_NODE_MULTI_WRITER
   "get_capacity_is_positive_and_does_not_grow_after_create"    # asserts 0 capacity from other nodes
   "expansion_grows_the_mounted_filesystem"                      # no per-directory quota: the size is the export's
+  "offline_expansion_grows_the_filesystem_at_next_stage"        # same
   "filesystem_volume_full_lifecycle_is_idempotent"              # asserts filesystem size <= volume capacity (no quota)
 )
 
@@ -48,6 +51,9 @@ if [ ! -e /run/holdfast-vm ]; then
   HOLDFAST_NFS_BIN=$(cd "$repo" && realpath "$(bin nfs)")
   HOLDFAST_CONFORMANCE_BIN=$(cd "$repo" && realpath "$(bin conformance)")
   export HOLDFAST_NFS_BIN HOLDFAST_CONFORMANCE_BIN
+  # The plugins' logs of tests/nfs.rs, kept on the shared directory.
+  export HOLDFAST_NFS_LOG_DIR=${HOLDFAST_NFS_LOG_DIR:-$CARGO_TARGET_DIR/nfs-suite-logs}
+  rm -rf "$HOLDFAST_NFS_LOG_DIR"
   [ -x "$HOLDFAST_NFS_BIN" ] && [ -x "$HOLDFAST_CONFORMANCE_BIN" ] || { echo "nfs-suite: test binaries not found" >&2; exit 1; }
   exec "$here/run" -v --timeout "${HOLDFAST_VM_TIMEOUT:-3600}" -- "$here/nfs-suite.sh" "$@"
 fi

@@ -5,7 +5,10 @@
 use serde::Deserialize;
 
 /// The `lvs` columns holdfast asks for, in the order of `-o`.
-pub const LV_FIELDS: &str = "lv_name,vg_name,lv_path,lv_size,lv_attr,lv_tags,pool_lv,origin,data_percent,metadata_percent,segtype";
+///
+/// No segment field (`segtype`, `seg_size`…): with one, lvs prints a row per segment, and an
+/// LV that was extended into a second free range would be listed twice.
+pub const LV_FIELDS: &str = "lv_name,vg_name,lv_path,lv_size,lv_attr,lv_tags,pool_lv,origin,data_percent,metadata_percent";
 /// The `vgs` columns holdfast asks for.
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,pv_count";
 
@@ -32,8 +35,6 @@ pub struct Lv {
     pub data_percent: Option<f64>,
     /// Metadata usage of a thin pool, percent.
     pub metadata_percent: Option<f64>,
-    /// Segment type: `linear`, `striped`, `raid1`, `thin`, `thin-pool`, …
-    pub segtype: String,
 }
 
 /// One volume group as `vgs` reports it.
@@ -137,8 +138,6 @@ struct RawLv {
     data_percent: String,
     #[serde(default)]
     metadata_percent: String,
-    #[serde(default)]
-    segtype: String,
 }
 
 #[derive(Deserialize)]
@@ -158,11 +157,15 @@ fn percent(v: &str) -> Option<f64> {
     v.trim().parse().ok()
 }
 
-/// Parses `lvs --reportformat json --units b --nosuffix -o` [`LV_FIELDS`].
+/// Parses `lvs --reportformat json --units b --nosuffix -o` [`LV_FIELDS`]. One entry per LV,
+/// even if a report has a row per segment.
 pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, String> {
     let r: Report<LvSection> = serde_json::from_str(json).map_err(|e| format!("unexpected lvs JSON: {e}"))?;
-    let mut out = Vec::new();
+    let mut out: Vec<Lv> = Vec::new();
     for raw in r.report.into_iter().flat_map(|s| s.lv) {
+        if out.iter().any(|l| l.name == raw.lv_name && l.vg == raw.vg_name) {
+            continue;
+        }
         out.push(Lv {
             size: bytes("lv_size", &raw.lv_size)?,
             tags: raw.lv_tags.split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect(),
@@ -174,7 +177,6 @@ pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, String> {
             attr: LvAttr(raw.lv_attr),
             pool_lv: raw.pool_lv,
             origin: raw.origin,
-            segtype: raw.segtype,
         });
     }
     Ok(out)
@@ -212,33 +214,39 @@ mod tests {
     fn parses_a_whole_volume_group() {
         let lvs = parse_lvs(LVS_VG).unwrap();
         let names: Vec<&str> = lvs.iter().map(|l| l.name.as_str()).collect();
-        assert_eq!(names, ["foreign", "hf-restored", "hf-thick1", "hf-thin1", "hfs-snap1", "tp0"]);
-        let thin = &lvs[3];
+        assert_eq!(names, ["foreign", "gap", "hf-restored", "hf-seg", "hf-thick1", "hf-thin1", "hfs-snap1", "tp0"]);
+        let by_name = |n: &str| lvs.iter().find(|l| l.name == n).unwrap();
+        let thin = by_name("hf-thin1");
         assert_eq!(thin.vg, "cap");
         assert_eq!(thin.path, "/dev/cap/hf-thin1");
         assert_eq!(thin.size, 64 << 20);
         assert_eq!(thin.pool_lv, "tp0");
-        assert_eq!(thin.segtype, "thin");
         assert_eq!(thin.data_percent, Some(12.5));
         assert!(thin.tags.contains(&"holdfast.managed".to_owned()));
         assert!(thin.tags.contains(&"holdfast.pool=thin".to_owned()));
         assert!(thin.attr.active());
         assert!(!thin.attr.activation_skip());
-        let snap = &lvs[4];
+        let snap = by_name("hfs-snap1");
         assert_eq!(snap.origin, "hf-thin1");
         assert!(!snap.attr.active(), "thin snapshots are created inactive");
         assert!(snap.attr.activation_skip());
         assert_eq!(snap.data_percent, None, "an inactive thin LV reports no usage");
         // The 128-character CSI name written by lvcreate comes back intact.
-        let thick = &lvs[2];
-        let meta = crate::pool::lvm::tags::decode(&thick.tags).unwrap().unwrap();
+        let meta = crate::pool::lvm::tags::decode(&by_name("hf-thick1").tags).unwrap().unwrap();
         assert_eq!(meta.csi_name, format!("pvc-{:0124}", 7));
         assert_eq!(meta.csi_name.len(), 128);
-        let pool = &lvs[5];
-        assert_eq!(pool.segtype, "thin-pool");
+        let pool = by_name("tp0");
         assert_eq!(pool.path, "");
         assert_eq!((pool.data_percent, pool.metadata_percent), (Some(3.12), Some(11.91)));
-        assert_eq!(lvs[0].tags, ["backup"]);
+        assert_eq!(by_name("foreign").tags, ["backup"]);
+        assert_eq!(by_name("hf-seg").size, 8 << 20);
+    }
+
+    #[test]
+    fn an_lv_of_several_segments_is_one_lv() {
+        let lvs = parse_lvs(include_str!("../../../tests/fixtures/lvm/lvs-segments.json")).unwrap();
+        assert_eq!(lvs.len(), 1, "{lvs:?}");
+        assert_eq!(lvs[0].size, 8 << 20);
     }
 
     #[test]
@@ -262,7 +270,7 @@ mod tests {
     #[test]
     fn parses_vgs() {
         let vgs = parse_vgs(VGS).unwrap();
-        assert_eq!(vgs, [Vg { name: "cap".into(), size: 1072693248, free: 739 << 20, extent_size: 1 << 20, pv_count: 1 }]);
+        assert_eq!(vgs, [Vg { name: "cap".into(), size: 1072693248, free: 727 << 20, extent_size: 1 << 20, pv_count: 1 }]);
     }
 
     #[test]

@@ -362,18 +362,20 @@ impl NfsPool {
     /// progress, or foreign directory occupies it or overlaps it. An existing directory that the
     /// intent of an earlier attempt of this volume names is that attempt's work: it is returned
     /// (with that intent) for the caller to commit or discard.
+    ///
+    /// Overlaps: a volume at the same place or above it is found through the owner records; a
+    /// volume below it means the directory exists, which is refused unless it is ours.
     async fn claim(&self, layout: &Layout, local: &str, subdir: &str) -> Result<(Claim<'_>, Option<VolumeMeta>)> {
-        for other in self.list_volume_metas(layout).await? {
-            if other.info.local != local && overlaps(&other.subdir, subdir) {
-                return Err(Error::AlreadyExists(format!(
-                    "directory {subdir:?} on the export of nfs pool {:?} overlaps {:?} of volume {:?}; \
-                     the subdir template {:?} gives two volumes the same place",
-                    self.name,
-                    other.subdir,
-                    other.info.csi_name,
-                    self.template.source()
-                )));
-            }
+        let (l, sd, lo) = (layout.clone(), subdir.to_owned(), local.to_owned());
+        if let Some(owner) = self.fs("looking up the owners of the volume's place", move || store::owner_above(&l, &sd, &lo)).await? {
+            return Err(Error::AlreadyExists(format!(
+                "directory {subdir:?} on the export of nfs pool {:?} overlaps {:?} of volume {}; \
+                 the subdir template {:?} gives two volumes the same place",
+                self.name,
+                owner.subdir,
+                owner.local,
+                self.template.source()
+            )));
         }
         {
             let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
@@ -505,6 +507,7 @@ impl NfsPool {
             }
             // Where it landed must be a real directory inside the export, nothing else.
             store::check_inside(&l.root, &m.subdir)?;
+            store::write_json(&l.path_owner(&m.subdir), &store::PathOwner { local: local.clone(), subdir: m.subdir.clone() })?;
             store::write_json(&l.volume_meta(local), &m)?;
             store::remove_file(&intent)
         })
@@ -666,6 +669,10 @@ impl Pool for NfsPool {
                 // The metadata goes last but before the slow removal: from here the volume is gone.
                 store::remove_file(&l.volume_meta(&m.info.local))?;
                 store::sync_dir(&l.volumes())?;
+                let owner = l.path_owner(&m.subdir);
+                if store::read_json::<store::PathOwner>(&owner)?.is_some_and(|o| o.local == m.info.local) {
+                    store::remove_file(&owner)?;
+                }
                 if on_delete != OnDelete::Retain {
                     store::remove_empty_parents(&l.root, &m.subdir);
                 }

@@ -5,6 +5,7 @@
 //! ```text
 //! <export>/<subdir>                               a volume's data (the subdir template's path)
 //! <export>/.holdfast/<pool>/volumes/<local>.json  the volume: CSI name, capacity, source, subdir
+//! <export>/.holdfast/<pool>/paths/<hash>.json     which volume owns a subdirectory (by its SHA-256)
 //! <export>/.holdfast/<pool>/snapshots/<local>.tar the snapshot: a tar archive of the volume
 //! <export>/.holdfast/<pool>/snapshots/<local>.json its metadata
 //! <export>/.holdfast/<pool>/tmp/                  volumes and archives being built, intents
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::template::validate_subdir;
 use crate::error::{Context, Error, Result};
@@ -49,6 +51,16 @@ pub struct SnapshotMeta {
     /// Size of the archive file in bytes.
     pub archive_bytes: u64,
     /// The subdirectory it was taken from (for operators).
+    pub subdir: String,
+}
+
+/// The owner of a subdirectory, stored under the subdirectory's hash, so that whether a path or
+/// any of its parents is a volume takes one lookup per component instead of a scan of all volumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathOwner {
+    /// The volume's local name.
+    pub local: String,
+    /// The subdirectory (to tell a hash collision from an owner).
     pub subdir: String,
 }
 
@@ -112,6 +124,11 @@ impl Layout {
     pub fn intent(&self, local: &str) -> PathBuf {
         self.tmp().join(format!("{local}.json"))
     }
+    /// The owner record of a subdirectory.
+    pub fn path_owner(&self, subdir: &str) -> PathBuf {
+        let digest = hex::encode(Sha256::digest(subdir.as_bytes()));
+        self.meta.join("paths").join(format!("{}.json", &digest[..32]))
+    }
     /// Where a deleted volume's data waits to be removed.
     pub fn trash(&self, local: &str) -> PathBuf {
         self.meta.join("trash").join(local)
@@ -124,7 +141,7 @@ impl Layout {
 
     /// Creates the pool's own directories (mode 0700: for holdfast only).
     pub fn init(&self) -> Result<()> {
-        for d in [self.volumes(), self.snapshots(), self.tmp(), self.meta.join("trash")] {
+        for d in [self.volumes(), self.snapshots(), self.tmp(), self.meta.join("trash"), self.meta.join("paths")] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&d).context(|| format!("creating {}", d.display()))?;
         }
         Ok(())
@@ -189,6 +206,24 @@ pub fn list_json<T: DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
         }
     }
     Ok(out)
+}
+
+/// The volume (other than `local`) that owns `subdir` or one of its parents, if any. An owner
+/// record whose volume is gone (a crash between the two removals of a deletion) is ignored.
+pub fn owner_above(layout: &Layout, subdir: &str, local: &str) -> Result<Option<PathOwner>> {
+    let components: Vec<&str> = subdir.split('/').collect();
+    for n in 1..=components.len() {
+        let prefix = components[..n].join("/");
+        let Some(owner) = read_json::<PathOwner>(&layout.path_owner(&prefix))? else { continue };
+        if owner.subdir != prefix || owner.local == local || !valid_local_name(&owner.local) {
+            continue;
+        }
+        match read_json::<VolumeMeta>(&layout.volume_meta(&owner.local))? {
+            Some(m) if m.subdir == prefix => return Ok(Some(owner)),
+            _ => {}
+        }
+    }
+    Ok(None)
 }
 
 /// What is at a path, without following a symlink there.

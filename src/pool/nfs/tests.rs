@@ -129,6 +129,12 @@ impl Rig {
         out.sort();
         out
     }
+    /// Another pool `n1` on the same export, with another config (a config change).
+    fn with_config(&self, extra: &str) -> NfsPool {
+        let src = format!("[[pool]]\nname = \"n1\"\nkind = \"nfs\"\nserver = \"127.0.0.1\"\nexport = \"/srv/export\"\n{extra}");
+        let cfg = Config::parse(&src).unwrap().pools.remove(0);
+        NfsPool::new(&cfg, self.exec.clone()).unwrap().with_work_dir(self.work()).with_mountinfo(self.dir.path().join("mountinfo"))
+    }
     fn req(&self, csi_name: &str, params: &[(&str, &str)]) -> CreateRequest {
         CreateRequest {
             csi_name: csi_name.into(),
@@ -434,6 +440,16 @@ async fn directories_that_belong_to_no_volume_or_to_another_are_not_taken_over()
     r.pool.create_volume(&r.req("pvc-2", &pvc("team-b", "db"))).await.unwrap();
     let err = r.pool.create_volume(&r.req("pvc-3", &pvc("team-b", "db"))).await.unwrap_err();
     assert!(matches!(err, Error::AlreadyExists(_)) && err.to_string().contains("pvc-2"), "{err}");
+
+    // The template changed to a deeper one: a new volume inside an existing volume's data is
+    // refused; the old volume's deletion frees the place.
+    let deeper = r.with_config(&format!("subdir = \"${{pvc.metadata.namespace}}/${{pvc.metadata.name}}/data\"\n"));
+    let err = deeper.create_volume(&r.req("pvc-4", &pvc("team-b", "db"))).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)) && err.to_string().contains("pvc-2"), "{err}");
+    assert!(!r.work().join("team-b/db/data").exists());
+    r.pool.delete_volume("pvc-2").await.unwrap();
+    deeper.create_volume(&r.req("pvc-4", &pvc("team-b", "db"))).await.unwrap();
+    assert!(r.work().join("team-b/db/data").is_dir());
 }
 
 #[tokio::test]

@@ -176,7 +176,9 @@ pub fn parse_get(stdout: &str) -> Result<Vec<Object>, String> {
             "quota" => o.quota = num(value)?,
             "volsize" => o.volsize = num(value)?,
             "origin" => o.origin = (value != "-").then(|| value.to_owned()),
-            "clones" => o.clones = if value == "-" || value.is_empty() { Vec::new() } else { value.split(',').map(str::to_owned).collect() },
+            "clones" => {
+                o.clones = if value == "-" || value.is_empty() { Vec::new() } else { value.split(',').map(str::to_owned).collect() }
+            }
             "defer_destroy" => o.defer_destroy = value == "on",
             "mounted" => o.mounted = value == "yes",
             p if p.starts_with("holdfast:") => {

@@ -1,0 +1,1167 @@
+//! The `zfs` pool: volumes are children of one parent dataset (`dataset`, created when missing).
+//! A filesystem volume is a dataset with `mountpoint=legacy` and a `refquota` (or `quota`, with
+//! `quota_mode = "quota"`) of its capacity, mounted by the node with `mount -t zfs`; a filesystem
+//! volume asking for ext4, xfs or btrfs, and every raw block volume, is a zvol
+//! (`/dev/zvol/<dataset>/<local>`, sparse with `sparse = true`) that the node formats when blank.
+//! Everything holdfast knows about an object is stored in `holdfast:*` user properties
+//! ([`report`]), read back with `zfs get -Hp`, so a restarted driver or a retried request finds
+//! everything again; only objects carrying this pool's marker are ever listed, changed or
+//! destroyed.
+//!
+//! Names: volume `local` is `<dataset>/<local>`; a snapshot is `<dataset>/<volume>@<local>`; a
+//! clone of a volume is made from a hidden snapshot `<dataset>/<volume>@clone.<clone local>`.
+//! Local names never contain `.`, so names with a `.` can never be taken for a volume or a
+//! snapshot.
+//!
+//! Snapshots and clones: `zfs snapshot`; restoring a snapshot is a `zfs clone` of it, cloning a
+//! volume a `zfs clone` of its hidden intermediate snapshot (destroyed with the clone). A zvol
+//! copy is then grown to the requested size and its ext4/xfs/btrfs gets a new UUID, so the copy
+//! mounts beside its source; until then it carries `holdfast:pending` and a retried create
+//! finishes it. Zvols with mounted filesystems are snapshotted with those filesystems frozen.
+//!
+//! Deleting what others depend on: a ZFS clone needs its origin snapshot, and a snapshot its
+//! dataset. So a volume that still has CSI snapshots, or snapshots that clones were made from,
+//! is not destroyed: DeleteVolume succeeds, and the dataset is renamed to
+//! `<dataset>/<local>.deleted-<guid>`, hidden from every listing and lookup (the name is free
+//! again at once), until its last dependent is gone. Likewise a snapshot that clones were made
+//! from is renamed to `…@<local>.deleted-<guid>` and marked for deferred destruction
+//! (`zfs destroy -d`): ZFS destroys it with its last clone. After every delete, hidden volumes
+//! that nothing depends on any more are destroyed. Nothing is ever destroyed with `-R`, so data
+//! another volume depends on never goes.
+//!
+//! Sizes: capacities are whole MiB; a zvol's `volsize` must be a multiple of its
+//! `volblocksize` (at most 128 KiB), so it always is. Datasets are thin (a quota reserves
+//! nothing); non-sparse zvols reserve their size (`refreservation`).
+
+pub mod command;
+pub mod properties;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::config::{PoolConfig, format_size};
+use crate::error::{Context, Error, Result};
+use crate::exec::{Cmd, Exec, ExecError};
+use crate::pool::{Attachment, Condition, CreateRequest, MIB, Pool, SnapshotInfo, Source, VolumeInfo};
+use crate::volume_id::{PoolKind, valid_local_name};
+
+use properties::AppliesTo;
+use report::{Kind, Meta, Object, ObjectType};
+
+/// How long `attach` waits for udev to create `/dev/zvol/<dataset>/<local>`.
+const DEVICE_WAIT: Duration = Duration::from_secs(20);
+/// How long a zpool health reading is reused (ListVolumes asks once per volume).
+const HEALTH_TTL: Duration = Duration::from_secs(5);
+/// The infix of hidden (deleted, still depended on) volumes and snapshots.
+pub const HIDDEN: &str = ".deleted-";
+/// The snapshot-name prefix of the intermediate snapshot a clone of a volume is made from.
+pub const INTERMEDIATE: &str = "clone.";
+/// Longest parent dataset name: ZFS names hold 255 bytes, and a hidden snapshot of a hidden
+/// volume adds up to `/` + 40 + `.deleted-` + 20 digits + `@` + 40 + `.deleted-` + 20 digits.
+const MAX_DATASET_LEN: usize = 100;
+/// Filesystems of filesystem volumes: `zfs` is a dataset, the others a formatted zvol.
+pub const FILESYSTEMS: [&str; 4] = ["zfs", "ext4", "xfs", "btrfs"];
+/// How many rounds [`ZfsPool::sweep`] goes (each can free the origin of the previous one's).
+const SWEEP_ROUNDS: usize = 8;
+
+/// Which quota holds a dataset volume to its capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaMode {
+    /// `refquota`: the volume's own data; snapshots do not eat into it (the default).
+    Refquota,
+    /// `quota`: data and snapshots together.
+    Quota,
+}
+
+impl QuotaMode {
+    /// The ZFS property.
+    pub fn property(self) -> &'static str {
+        match self {
+            QuotaMode::Refquota => "refquota",
+            QuotaMode::Quota => "quota",
+        }
+    }
+}
+
+/// A ZFS pool.
+pub struct ZfsPool {
+    name: String,
+    dataset: String,
+    zpool: String,
+    properties: BTreeMap<String, String>,
+    quota_mode: QuotaMode,
+    sparse: bool,
+    default_fs: String,
+    exec: Arc<dyn Exec>,
+    health: Mutex<Option<(Instant, Option<String>)>>,
+}
+
+impl std::fmt::Debug for ZfsPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZfsPool").field("name", &self.name).field("dataset", &self.dataset).finish()
+    }
+}
+
+/// ZFS dataset names: components of `[A-Za-z0-9_.:-]` separated by `/`, the first (the zpool)
+/// starting with a letter, no `.`/`..` components.
+pub fn valid_dataset_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_DATASET_LEN
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.split('/').all(|c| {
+            !c.is_empty() && c != "." && c != ".." && c.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | ':' | '-'))
+        })
+}
+
+fn bad_parameter(key: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "StorageClass parameter {key:?} is not a ZFS property holdfast lets StorageClasses set (allowed: {})",
+        properties::keys(&properties::PARAMETERS)
+    ))
+}
+
+impl ZfsPool {
+    /// A pool over the parent dataset of `cfg`. Checks the names, properties and options;
+    /// whether the zpool exists is found out (and said) by the first operation.
+    pub fn new(cfg: &PoolConfig, exec: Arc<dyn Exec>) -> Result<ZfsPool> {
+        let name = cfg.name().to_owned();
+        let bad = |m: String| Error::InvalidArgument(format!("pool {name:?}: {m}"));
+        let dataset = cfg.dataset.clone().ok_or_else(|| bad("a zfs pool needs `dataset`".into()))?;
+        let dataset = dataset.trim_end_matches('/').to_owned();
+        if !valid_dataset_name(&dataset) {
+            return Err(bad(format!(
+                "dataset {dataset:?} is not a ZFS dataset name (POOL/PATH of A-Z a-z 0-9 _ . : -, at most {MAX_DATASET_LEN} characters)"
+            )));
+        }
+        let zpool = dataset.split('/').next().unwrap_or_default().to_owned();
+        let mut props = BTreeMap::new();
+        for (k, v) in cfg.properties.clone().unwrap_or_default() {
+            if properties::config_property(&k).is_none() {
+                return Err(bad(format!(
+                    "property {k:?} cannot be set from the config: holdfast sets mountpoint, quotas, volsize and reservations itself; \
+                     allowed: {}, {}",
+                    properties::keys(&properties::PARAMETERS),
+                    properties::keys(&properties::CONFIG_ONLY)
+                )));
+            }
+            properties::check_value(&k, &v).map_err(bad)?;
+            props.insert(k, v);
+        }
+        let quota_mode = match cfg.quota_mode.as_deref() {
+            None | Some("refquota") => QuotaMode::Refquota,
+            Some("quota") => QuotaMode::Quota,
+            Some(other) => return Err(bad(format!("quota_mode {other:?} must be \"refquota\" or \"quota\""))),
+        };
+        let default_fs = cfg.default_fs.clone().unwrap_or_else(|| "zfs".to_owned());
+        if !FILESYSTEMS.contains(&default_fs.as_str()) {
+            return Err(bad(format!("default_fs {default_fs:?} must be one of {FILESYSTEMS:?}")));
+        }
+        Ok(ZfsPool {
+            name,
+            dataset,
+            zpool,
+            properties: props,
+            quota_mode,
+            sparse: cfg.sparse.unwrap_or(false),
+            default_fs,
+            exec,
+            health: Mutex::new(None),
+        })
+    }
+
+    /// The parent dataset.
+    pub fn dataset(&self) -> &str {
+        &self.dataset
+    }
+
+    /// The dataset or zvol of volume `local`.
+    pub fn volume_dataset(&self, local: &str) -> String {
+        format!("{}/{local}", self.dataset)
+    }
+
+    /// The device node of zvol `name` (a full dataset name).
+    pub fn zvol_device(name: &str) -> PathBuf {
+        PathBuf::from(format!("/dev/zvol/{name}"))
+    }
+
+    fn pool_missing(&self) -> Error {
+        Error::FailedPrecondition(format!(
+            "zpool {:?} of pool {:?} does not exist or is not imported on this node: create or import it (zpool create / zpool import), \
+             or fix dataset in the config",
+            self.zpool, self.name
+        ))
+    }
+
+    async fn run(&self, cmd: Cmd) -> std::result::Result<String, ExecError> {
+        self.exec.run(cmd).await.map(|o| o.stdout)
+    }
+
+    /// One object (depth 0) of `types`; `None` when it does not exist.
+    async fn read(&self, target: &str, types: &str) -> Result<Option<Object>> {
+        match self.run(command::get(target, types, 0)).await {
+            Ok(out) => {
+                let objects = report::parse_get(&out).map_err(|e| Error::Internal(format!("reading ZFS {target}: {e}")))?;
+                Ok(objects.into_iter().find(|o| o.name == target))
+            }
+            Err(e) if command::is_missing(&e) => Ok(None),
+            Err(e) if command::is_no_pool(&e) => Err(self.pool_missing()),
+            Err(e) => Err(Error::exec(format!("reading ZFS {target}"), e)),
+        }
+    }
+
+    /// The parent dataset and its descendants of `types` down to `depth`; empty when the parent
+    /// does not exist yet.
+    async fn tree(&self, types: &str, depth: u32) -> Result<Vec<Object>> {
+        match self.run(command::get(&self.dataset, types, depth)).await {
+            Ok(out) => report::parse_get(&out).map_err(|e| Error::Internal(format!("listing ZFS {}: {e}", self.dataset))),
+            Err(e) if command::is_missing(&e) => Ok(Vec::new()),
+            Err(e) if command::is_no_pool(&e) => Err(self.pool_missing()),
+            Err(e) => Err(Error::exec(format!("listing the datasets under {}", self.dataset), e)),
+        }
+    }
+
+    /// Whether `o` is a direct child of the parent dataset (or a snapshot of one).
+    fn is_child(&self, o: &Object) -> bool {
+        o.dataset().strip_prefix(self.dataset.as_str()).and_then(|r| r.strip_prefix('/')).is_some_and(|leaf| !leaf.contains('/'))
+    }
+
+    /// This pool's holdfast record of `o` when it is one of this pool's objects of type `object`;
+    /// `Err` when it carries this pool's marker but its record is damaged.
+    fn ours(&self, o: &Object, object: ObjectType) -> std::result::Result<Option<Meta>, String> {
+        if !self.is_child(o) {
+            return Ok(None);
+        }
+        let Some(meta) = report::decode_meta(o)? else {
+            return Ok(None);
+        };
+        Ok((meta.pool == self.name && meta.object == object).then_some(meta))
+    }
+
+    /// The record of a live volume (not hidden): ours, a dataset or zvol, named by a local name.
+    fn live_volume(&self, o: &Object) -> std::result::Result<Option<Meta>, String> {
+        if !matches!(o.kind, Kind::Filesystem | Kind::Volume) || !valid_local_name(o.leaf()) {
+            return Ok(None);
+        }
+        self.ours(o, ObjectType::Volume)
+    }
+
+    /// The record of a live snapshot: ours, named by a local name, not hidden or being destroyed.
+    fn live_snapshot(&self, o: &Object) -> std::result::Result<Option<Meta>, String> {
+        if o.kind != Kind::Snapshot || o.defer_destroy || !o.snapshot_name().is_some_and(valid_local_name) {
+            return Ok(None);
+        }
+        self.ours(o, ObjectType::Snapshot)
+    }
+
+    fn damaged(o: &Object, e: String) -> Error {
+        Error::Internal(format!(
+            "ZFS {} carries the holdfast marker but its holdfast:* properties are damaged ({e}); fix them (zfs set) or remove it by hand",
+            o.name
+        ))
+    }
+
+    /// Volume `local`; `None` when there is none (a dataset of that name that is not ours
+    /// counts as none, with a warning).
+    async fn find_volume(&self, local: &str) -> Result<Option<(Object, Meta)>> {
+        if !valid_local_name(local) {
+            return Ok(None);
+        }
+        let Some(o) = self.read(&self.volume_dataset(local), command::DATASETS).await? else {
+            return Ok(None);
+        };
+        match self.live_volume(&o) {
+            Ok(Some(meta)) => Ok(Some((o, meta))),
+            Ok(None) => {
+                tracing::warn!(pool = %self.name, dataset = %o.name, "ZFS dataset exists but is not a volume of this pool; leaving it alone");
+                Ok(None)
+            }
+            Err(e) => Err(Self::damaged(&o, e)),
+        }
+    }
+
+    /// Snapshot `local`, wherever its volume is (also under a hidden volume).
+    async fn find_snapshot(&self, local: &str) -> Result<Option<(Object, Meta)>> {
+        if !valid_local_name(local) {
+            return Ok(None);
+        }
+        for o in self.tree(command::SNAPSHOTS, 2).await? {
+            if o.snapshot_name() != Some(local) {
+                continue;
+            }
+            match self.live_snapshot(&o) {
+                Ok(Some(meta)) => return Ok(Some((o, meta))),
+                Ok(None) => {}
+                Err(e) => return Err(Self::damaged(&o, e)),
+            }
+        }
+        Ok(None)
+    }
+
+    fn volume_info(o: &Object, meta: Meta) -> VolumeInfo {
+        VolumeInfo {
+            local: o.leaf().to_owned(),
+            csi_name: meta.csi_name,
+            capacity: o.capacity(),
+            block: meta.block,
+            fs_type: meta.fs_type,
+            source: meta.source,
+            created: o.creation,
+        }
+    }
+
+    fn snapshot_info(o: &Object, meta: Meta) -> SnapshotInfo {
+        let source_volume = match meta.source {
+            Some(Source::Volume(v)) => v,
+            _ => String::new(),
+        };
+        SnapshotInfo {
+            local: o.snapshot_name().unwrap_or_default().to_owned(),
+            csi_name: meta.csi_name,
+            source_volume,
+            size: if meta.size > 0 { meta.size } else { o.volsize },
+            created: o.creation,
+            ready: true,
+        }
+    }
+
+    /// Whether a request makes a zvol (raw block, or ext4/xfs/btrfs) or a dataset (`zfs`), and
+    /// the filesystem recorded for it.
+    fn layout(req: &CreateRequest) -> Result<(bool, Option<String>)> {
+        if req.block {
+            return Ok((true, None));
+        }
+        match req.fs_type.as_deref() {
+            None | Some("zfs") => Ok((false, Some("zfs".to_owned()))),
+            Some(fs) if crate::node::format::SUPPORTED_FS.contains(&fs) => Ok((true, Some(fs.to_owned()))),
+            Some(fs) => Err(Error::InvalidArgument(format!(
+                "filesystem {fs:?} is not served by a zfs pool: use zfs (a dataset) or one of {:?} (a zvol)",
+                crate::node::format::SUPPORTED_FS
+            ))),
+        }
+    }
+
+    /// The tuning properties of a new object: the config's, overridden by StorageClass
+    /// parameters, those that apply to a zvol (`zvol`) or a dataset; a clone leaves out the
+    /// ones it inherits from its origin.
+    pub fn tuning(&self, parameters: &BTreeMap<String, String>, zvol: bool, clone: bool) -> Result<Vec<(String, String)>> {
+        let mut chosen: BTreeMap<String, (String, AppliesTo)> = BTreeMap::new();
+        for (k, v) in &self.properties {
+            let applies = properties::config_property(k).unwrap_or(AppliesTo::Both);
+            chosen.insert(k.clone(), (v.clone(), applies));
+        }
+        for (k, v) in parameters {
+            let applies = properties::parameter(k).ok_or_else(|| bad_parameter(k))?;
+            properties::check_value(k, v).map_err(Error::InvalidArgument)?;
+            chosen.insert(k.clone(), (v.clone(), applies));
+        }
+        Ok(chosen
+            .into_iter()
+            .filter(|(k, (_, applies))| properties::applies(*applies, zvol) && !(clone && properties::CREATE_ONLY.contains(&k.as_str())))
+            .map(|(k, (v, _))| (k, v))
+            .collect())
+    }
+
+    fn new_meta(&self, req: &CreateRequest, fs_type: Option<String>, pending: bool) -> Meta {
+        Meta {
+            pool: self.name.clone(),
+            object: ObjectType::Volume,
+            csi_name: req.csi_name.clone(),
+            capacity: req.capacity,
+            block: req.block,
+            fs_type,
+            source: req.source.clone(),
+            size: 0,
+            pending,
+        }
+    }
+
+    /// The properties of a new dataset volume (or dataset clone) of `capacity` bytes.
+    fn dataset_properties(&self, capacity: u64, tuning: Vec<(String, String)>, meta: &Meta) -> Vec<(String, String)> {
+        let mut p = vec![("mountpoint".to_owned(), "legacy".to_owned()), (self.quota_mode.property().to_owned(), capacity.to_string())];
+        p.extend(tuning);
+        p.extend(meta.properties());
+        p
+    }
+
+    /// Creates the parent dataset (and missing ancestors) when it is missing.
+    async fn ensure_parent(&self) -> Result<()> {
+        match self.run(command::create_parent(&self.dataset)).await {
+            Ok(_) => {
+                tracing::info!(pool = %self.name, dataset = %self.dataset, "created the parent dataset");
+                Ok(())
+            }
+            Err(e) if command::is_exists(&e) => Ok(()),
+            Err(e) if command::is_no_pool(&e) => Err(self.pool_missing()),
+            Err(e) => Err(Error::exec(format!("creating the parent dataset {} of pool {:?}", self.dataset, self.name), e)),
+        }
+    }
+
+    /// Runs a create or clone of volume `name`. `Ok(Some)`: it already existed and matches (a
+    /// retry that raced); `Ok(None)`: created.
+    async fn run_create(&self, cmd: Cmd, name: &str, req: &CreateRequest) -> Result<Option<VolumeInfo>> {
+        let mut result = self.run(cmd.clone()).await;
+        if matches!(&result, Err(e) if command::is_no_parent(e)) {
+            self.ensure_parent().await?;
+            result = self.run(cmd).await;
+        }
+        match result {
+            Ok(_) => {
+                tracing::info!(pool = %self.name, dataset = %name, csi_name = %req.csi_name, capacity = req.capacity, "created ZFS volume");
+                Ok(None)
+            }
+            Err(e) if command::is_exists(&e) => match self.read(name, command::DATASETS).await? {
+                Some(found) => self.existing_volume(req, found).await.map(Some),
+                None => Err(Error::Aborted(format!("ZFS {name} was created and destroyed at the same time; retry"))),
+            },
+            Err(e) if command::is_no_space(&e) => Err(Error::ResourceExhausted(format!(
+                "no room for {} in {} of pool {:?}: {}",
+                format_size(req.capacity),
+                self.dataset,
+                self.name,
+                e.stderr().trim()
+            ))),
+            Err(e) if command::is_no_pool(&e) => Err(self.pool_missing()),
+            Err(e) if command::is_bad_property(&e) => Err(Error::InvalidArgument(format!(
+                "ZFS refused a property of volume {:?} (from the StorageClass parameters or the pool's properties): {}",
+                req.csi_name,
+                e.stderr().trim()
+            ))),
+            Err(e) => Err(Error::exec(format!("creating ZFS {name} for volume {:?}", req.csi_name), e)),
+        }
+    }
+
+    /// A create found an object of the name: the same request (Ok, finishing an interrupted
+    /// copy) or a conflict.
+    async fn existing_volume(&self, req: &CreateRequest, o: Object) -> Result<VolumeInfo> {
+        let meta = match self.live_volume(&o) {
+            Ok(Some(m)) => m,
+            _ => {
+                return Err(Error::AlreadyExists(format!(
+                    "ZFS {} already exists and is not a volume of holdfast pool {:?}; rename or destroy it, or use another name",
+                    o.name, self.name
+                )));
+            }
+        };
+        let (_, fs_type) = Self::layout(req)?;
+        let same = meta.csi_name == req.csi_name
+            && meta.capacity == req.capacity
+            && meta.block == req.block
+            && meta.fs_type == fs_type
+            && meta.source == req.source;
+        if !same {
+            let what = |block: bool, fs: &Option<String>| if block { "block".to_owned() } else { fs.clone().unwrap_or_default() };
+            return Err(Error::AlreadyExists(format!(
+                "volume {:?} already exists in pool {:?} with capacity {}, {}, source {:?}; this request asks for {}, {}, source {:?}",
+                meta.csi_name,
+                self.name,
+                format_size(meta.capacity),
+                what(meta.block, &meta.fs_type),
+                meta.source,
+                format_size(req.capacity),
+                what(req.block, &fs_type),
+                req.source
+            )));
+        }
+        if meta.pending {
+            self.finish_copy(&o, req.capacity, req.block).await?;
+            return self.read_volume(&o.name).await;
+        }
+        Ok(Self::volume_info(&o, meta))
+    }
+
+    /// Reads back a volume this pool just made.
+    async fn read_volume(&self, name: &str) -> Result<VolumeInfo> {
+        let found = self.read(name, command::DATASETS).await?;
+        match found.as_ref().map(|o| (o, self.live_volume(o))) {
+            Some((o, Ok(Some(meta)))) => Ok(Self::volume_info(o, meta)),
+            _ => Err(Error::Internal(format!("ZFS {name} vanished or lost its holdfast properties right after it was made"))),
+        }
+    }
+
+    /// Ends a zvol restore or clone: grow it to the requested size, give its filesystem a new
+    /// UUID, and drop the pending mark. Every step is safe to repeat.
+    async fn finish_copy(&self, o: &Object, capacity: u64, block: bool) -> Result<()> {
+        if o.kind == Kind::Volume && o.volsize < capacity {
+            self.set_volsize(&o.name, capacity).await?;
+        }
+        if o.kind == Kind::Volume && !block {
+            let device = Self::zvol_device(&o.name);
+            wait_for_device(&device, DEVICE_WAIT).await?;
+            crate::node::format::regenerate_uuid(self.exec.as_ref(), &device).await?;
+        }
+        self.run(command::inherit(&o.name, report::P_PENDING)).await.context(|| format!("marking the copy {} finished", o.name))?;
+        Ok(())
+    }
+
+    async fn set_volsize(&self, name: &str, capacity: u64) -> Result<()> {
+        match self.run(command::set(name, "volsize", &capacity.to_string())).await {
+            Ok(_) => Ok(()),
+            // Space may be freed later, so this is worth retrying: not OUT_OF_RANGE.
+            Err(e) if command::is_no_space(&e) => Err(Error::ResourceExhausted(format!(
+                "cannot grow zvol {name} to {}: the zpool has no room for it ({})",
+                format_size(capacity),
+                e.stderr().trim()
+            ))),
+            Err(e) => Err(Error::exec(format!("growing zvol {name} to {capacity} bytes"), e)),
+        }
+    }
+
+    async fn create_copy(&self, req: &CreateRequest, source: &Source, zvol: bool, fs_type: Option<String>) -> Result<VolumeInfo> {
+        let name = self.volume_dataset(&req.local);
+        let kind_of = |z: bool| if z { "a zvol (raw block, ext4, xfs or btrfs)" } else { "a ZFS dataset (filesystem zfs)" };
+        let (origin, source_zvol, source_fs, min) = match source {
+            Source::Snapshot(s) => {
+                let (o, m) = self
+                    .find_snapshot(s)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("snapshot {s:?} not found in pool {:?}", self.name)))?;
+                let min = m.size.max(o.volsize);
+                (o.name.clone(), o.volsize > 0, m.fs_type, min)
+            }
+            Source::Volume(v) => {
+                let (o, m) =
+                    self.find_volume(v).await?.ok_or_else(|| Error::NotFound(format!("volume {v:?} not found in pool {:?}", self.name)))?;
+                if m.pending {
+                    return Err(Error::FailedPrecondition(format!("volume {v:?} is itself an unfinished copy; retry its creation first")));
+                }
+                (self.intermediate_name(&o, &req.local), o.kind == Kind::Volume, m.fs_type, o.capacity())
+            }
+        };
+        if source_zvol != zvol {
+            return Err(Error::InvalidArgument(format!(
+                "the source of volume {:?} is {}, and a copy of it is one too; this request asks for {}",
+                req.csi_name,
+                kind_of(source_zvol),
+                kind_of(zvol)
+            )));
+        }
+        if zvol && !req.block {
+            if let (Some(have), Some(want)) = (&source_fs, &fs_type) {
+                if have != want {
+                    return Err(Error::InvalidArgument(format!(
+                        "the source of volume {:?} holds {have}, not {want}: request fs_type {have}",
+                        req.csi_name
+                    )));
+                }
+            }
+        }
+        if req.capacity < min {
+            return Err(Error::OutOfRange(format!(
+                "the copy needs at least {} (the size of its source), not {}",
+                format_size(min),
+                format_size(req.capacity)
+            )));
+        }
+        if let Source::Volume(v) = source {
+            self.ensure_intermediate(&origin, v).await?;
+        }
+        let tuning = self.tuning(&req.parameters, zvol, true)?;
+        // A zvol copy is grown and gets a new filesystem UUID after the clone; a dataset clone
+        // is complete as it is made.
+        let meta = self.new_meta(req, fs_type, zvol);
+        let props = if zvol {
+            let mut p = tuning;
+            if !self.sparse {
+                // A clone starts without a reservation; `auto` reserves its volsize, and follows it.
+                p.push(("refreservation".to_owned(), "auto".to_owned()));
+            }
+            p.extend(meta.properties());
+            p
+        } else {
+            self.dataset_properties(req.capacity, tuning, &meta)
+        };
+        if let Some(existing) = self.run_create(command::clone(&origin, &name, &props), &name, req).await? {
+            return Ok(existing);
+        }
+        if zvol {
+            let o = self
+                .read(&name, command::DATASETS)
+                .await?
+                .ok_or_else(|| Error::Internal(format!("ZFS {name} vanished right after it was made")))?;
+            self.finish_copy(&o, req.capacity, req.block).await?;
+        }
+        self.read_volume(&name).await
+    }
+
+    /// `<volume>@clone.<clone local>`.
+    fn intermediate_name(&self, source: &Object, clone_local: &str) -> String {
+        format!("{}@{INTERMEDIATE}{clone_local}", source.name)
+    }
+
+    /// Takes the hidden snapshot a clone of volume `source_local` is made from (kept when a
+    /// retry finds it already taken).
+    async fn ensure_intermediate(&self, snapshot: &str, source_local: &str) -> Result<()> {
+        let meta = Meta {
+            pool: self.name.clone(),
+            object: ObjectType::Intermediate,
+            csi_name: String::new(),
+            capacity: 0,
+            block: false,
+            fs_type: None,
+            source: None,
+            size: 0,
+            pending: false,
+        };
+        let dataset = snapshot.split_once('@').map_or(snapshot, |(d, _)| d);
+        match self.snapshot_frozen(dataset, command::snapshot(snapshot, &meta.properties())).await {
+            Ok(()) => {
+                tracing::info!(pool = %self.name, snapshot = %snapshot, source = %source_local, "took the intermediate snapshot of a clone");
+                Ok(())
+            }
+            Err(SnapshotError::Zfs(e)) if command::is_exists(&e) => Ok(()),
+            Err(SnapshotError::Zfs(e)) if command::is_no_space(&e) => {
+                Err(Error::ResourceExhausted(format!("no room to snapshot volume {source_local:?} for a clone: {}", e.stderr().trim())))
+            }
+            Err(SnapshotError::Zfs(e)) => Err(Error::exec(format!("snapshotting {dataset} for a clone"), e)),
+            Err(SnapshotError::Thaw(what)) => Err(SnapshotError::thaw_error(what)),
+        }
+    }
+
+    /// Runs `snapshot` of `dataset`; for a zvol, with the filesystems mounted from it frozen.
+    async fn snapshot_frozen(&self, dataset: &str, snapshot: Cmd) -> Result<(), SnapshotError> {
+        let device = Self::zvol_device(dataset);
+        // A dataset's snapshot is consistent by itself (it includes everything written through
+        // the filesystem); a zvol's needs the filesystem on it to write out its cache first.
+        let points = if device.exists() { mounted_filesystems(&device) } else { Vec::new() };
+        snapshot_with_frozen(self.exec.clone(), points, snapshot).await
+    }
+
+    /// Why `o` (a volume) cannot be destroyed or renamed now, if it cannot: a mounted dataset
+    /// (`zfs destroy` would unmount it under its users) or a zvol held open exclusively (mounted).
+    fn in_use(o: &Object) -> Option<String> {
+        match o.kind {
+            Kind::Filesystem if o.mounted => Some(format!("ZFS dataset {} is mounted on this node", o.name)),
+            Kind::Volume => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let device = Self::zvol_device(&o.name);
+                match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&device) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        Some(format!("zvol {} is in use (mounted or open)", device.display()))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// What depends on the dataset whose snapshots are `snapshots`: its CSI snapshots and the
+    /// clones made from any of its snapshots, in words.
+    fn dependents(&self, snapshots: &[&Object]) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in snapshots {
+            if let Ok(Some(meta)) = self.live_snapshot(s) {
+                out.push(format!("snapshot {:?}", meta.csi_name));
+            }
+            for c in &s.clones {
+                let leaf = c.rsplit_once('/').map_or(c.as_str(), |(_, l)| l);
+                out.push(format!("clone {leaf} of {}", s.name));
+            }
+        }
+        out
+    }
+
+    async fn destroy(&self, name: &str, recursive: bool, what: &str) -> Result<()> {
+        match self.run(command::destroy(name, recursive)).await {
+            Ok(_) => {
+                tracing::info!(pool = %self.name, dataset = %name, "destroyed {what}");
+                Ok(())
+            }
+            Err(e) if command::is_missing(&e) => Ok(()),
+            Err(e) if command::is_busy(&e) => Err(Error::FailedPrecondition(format!(
+                "{what} (ZFS {name}) is in use on this node (mounted or open): unpublish and unstage it first"
+            ))),
+            Err(e) => Err(Error::exec(format!("destroying ZFS {name} ({what})"), e)),
+        }
+    }
+
+    /// Destroys the intermediate snapshot `origin` of a destroyed clone, if it is one of ours
+    /// and nothing else was cloned from it.
+    async fn drop_intermediate(&self, origin: &str) {
+        let is_intermediate = origin.split_once('@').is_some_and(|(_, s)| s.starts_with(INTERMEDIATE));
+        if !is_intermediate {
+            return;
+        }
+        let found = match self.read(origin, command::SNAPSHOTS).await {
+            Ok(Some(o)) => o,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(pool = %self.name, snapshot = %origin, "cannot read the intermediate snapshot of a destroyed clone: {e}");
+                return;
+            }
+        };
+        if !matches!(self.ours(&found, ObjectType::Intermediate), Ok(Some(_))) || !found.clones.is_empty() {
+            return;
+        }
+        if let Err(e) = self.destroy(origin, false, "the intermediate snapshot of a destroyed clone").await {
+            tracing::warn!(pool = %self.name, snapshot = %origin, "{e}");
+        }
+    }
+
+    /// Destroys what deletes left hidden once nothing depends on it any more: hidden snapshots
+    /// not yet marked for deferred destruction are marked (ZFS destroys them with their last
+    /// clone), and hidden volumes without dependents are destroyed, then their origins if those
+    /// were intermediate snapshots. Repeats while that frees more (chains of copies).
+    pub async fn sweep(&self) -> Result<()> {
+        for _ in 0..SWEEP_ROUNDS {
+            let all = self.tree(command::ALL, 2).await?;
+            let hidden = |leaf: &str| leaf.split_once(HIDDEN).is_some_and(|(l, _)| valid_local_name(l));
+            let mut changed = false;
+            for s in all.iter().filter(|o| o.kind == Kind::Snapshot && !o.defer_destroy && o.snapshot_name().is_some_and(hidden)) {
+                if matches!(self.ours(s, ObjectType::Snapshot), Ok(Some(_))) {
+                    self.run(command::destroy_deferred(&s.name)).await.context(|| format!("destroying the deleted snapshot {}", s.name))?;
+                    changed |= s.clones.is_empty();
+                }
+            }
+            for v in all.iter().filter(|o| matches!(o.kind, Kind::Filesystem | Kind::Volume) && hidden(o.leaf())) {
+                if !matches!(self.ours(v, ObjectType::Volume), Ok(Some(_))) {
+                    continue;
+                }
+                let snapshots: Vec<&Object> = all.iter().filter(|s| s.kind == Kind::Snapshot && s.dataset() == v.name).collect();
+                if !self.dependents(&snapshots).is_empty() {
+                    continue;
+                }
+                self.destroy(&v.name, true, "a deleted volume nothing depends on any more").await?;
+                if let Some(origin) = &v.origin {
+                    self.drop_intermediate(origin).await;
+                }
+                changed = true;
+            }
+            if !changed {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the zpool makes every volume abnormal, if it does (read at most every [`HEALTH_TTL`]).
+    async fn pool_problem(&self) -> Option<String> {
+        if let Some((at, problem)) = self.health.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            if at.elapsed() < HEALTH_TTL {
+                return problem;
+            }
+        }
+        let problem = match self.run(command::zpool_health(&self.zpool)).await {
+            Ok(out) => match report::parse_health(&out, &self.zpool).as_deref() {
+                Some("ONLINE") => None,
+                health => {
+                    let health = health.unwrap_or("unknown");
+                    let why = match self.run(command::zpool_status(&self.zpool)).await {
+                        Ok(out) => report::parse_status_reason(&out).map(|r| format!(" ({r})")).unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    Some(format!("zpool {} is {health}{why}; see zpool status {}", self.zpool, self.zpool))
+                }
+            },
+            Err(e) if command::is_no_pool(&e) => Some(format!("zpool {} is not imported on this node", self.zpool)),
+            Err(e) => Some(format!("cannot read the health of zpool {}: {e}", self.zpool)),
+        };
+        *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), problem.clone()));
+        problem
+    }
+}
+
+/// Mount points of the filesystems mounted from `device`, one per filesystem (bind mounts of
+/// the same filesystem share its superblock, so freezing one freezes all).
+fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(real) = std::fs::canonicalize(device) else {
+        return Vec::new();
+    };
+    let dev_id = std::fs::metadata(&real).map(|m| format!("{}:{}", nix::sys::stat::major(m.rdev()), nix::sys::stat::minor(m.rdev()))).ok();
+    let Ok(mounts) = crate::node::mountinfo::read() else {
+        return Vec::new();
+    };
+    let mut seen = Vec::new();
+    let mut points = Vec::new();
+    for m in mounts {
+        // ext4 and XFS show the device number; btrfs an anonymous one, so the source path
+        // (/dev/zd0 or a /dev/zvol link) is resolved too.
+        let by_number = dev_id.as_deref() == Some(m.major_minor.as_str());
+        let by_source = m.source.starts_with("/dev/") && std::fs::canonicalize(&m.source).is_ok_and(|s| s == real);
+        if (by_number || by_source) && !seen.contains(&m.major_minor) {
+            seen.push(m.major_minor.clone());
+            points.push(m.mount_point);
+        }
+    }
+    points
+}
+
+/// How long freezing (which first writes out dirty data) or thawing may take.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `snapshot` with the filesystems at `points` frozen, and thaws them whatever happens. It
+/// runs as a task of its own: dropping the caller's future must never leave a filesystem frozen.
+async fn snapshot_with_frozen(exec: Arc<dyn Exec>, points: Vec<PathBuf>, snapshot: Cmd) -> Result<(), SnapshotError> {
+    let task = tokio::spawn(async move {
+        let mut frozen = Vec::new();
+        for point in points {
+            let freeze = Cmd::new("fsfreeze").arg("--freeze").arg(point.to_string_lossy()).timeout(FREEZE_TIMEOUT);
+            match exec.run(freeze).await {
+                Ok(_) => frozen.push(point),
+                // Already frozen by someone else, or no freeze support: still crash-consistent.
+                Err(e) => tracing::warn!(mount = %point.display(), "cannot freeze before the snapshot: {e}"),
+            }
+        }
+        let result = exec.run(snapshot).await.map(|_| ()).map_err(SnapshotError::Zfs);
+        let mut thaw_failed = Vec::new();
+        for point in frozen {
+            let thaw = Cmd::new("fsfreeze").arg("--unfreeze").arg(point.to_string_lossy()).timeout(FREEZE_TIMEOUT);
+            if let Err(e) = exec.run(thaw).await {
+                tracing::error!(mount = %point.display(), "THAW FAILED, the filesystem stays frozen: {e}");
+                thaw_failed.push(format!("{} ({e})", point.display()));
+            }
+        }
+        match result {
+            Ok(()) if !thaw_failed.is_empty() => Err(SnapshotError::Thaw(thaw_failed.join(", "))),
+            other => other,
+        }
+    });
+    task.await.unwrap_or_else(|e| Err(SnapshotError::Thaw(format!("the snapshot task died ({e}); check for frozen filesystems"))))
+}
+
+/// Why [`snapshot_with_frozen`] failed.
+enum SnapshotError {
+    /// `zfs snapshot` failed (to be classified).
+    Zfs(ExecError),
+    /// A filesystem could not be thawed: the operator must run `fsfreeze --unfreeze`.
+    Thaw(String),
+}
+
+impl SnapshotError {
+    fn thaw_error(what: String) -> Error {
+        Error::Internal(format!("filesystems are still frozen: {what}; thaw them with fsfreeze --unfreeze MOUNTPOINT"))
+    }
+}
+
+/// Polls for `path` (udev creates `/dev/zvol/...` shortly after the zvol appears).
+async fn wait_for_device(path: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(Error::Internal(format!(
+                "{} did not appear within {timeout:?}; is udev running (udevadm settle), and is the zvol's volmode dev or full?",
+                path.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Pool for ZfsPool {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> PoolKind {
+        PoolKind::Zfs
+    }
+
+    fn default_fs(&self) -> &str {
+        &self.default_fs
+    }
+
+    fn accepts_parameter(&self, key: &str) -> bool {
+        properties::parameter(key).is_some()
+    }
+
+    fn filesystems(&self) -> &'static [&'static str] {
+        &FILESYSTEMS
+    }
+
+    async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo> {
+        if !valid_local_name(&req.local) {
+            return Err(Error::InvalidArgument(format!("{:?} is not a valid local volume name", req.local)));
+        }
+        let (zvol, fs_type) = Self::layout(req)?;
+        // Parameters are checked before anything is looked up or made.
+        let tuning = self.tuning(&req.parameters, zvol, req.source.is_some())?;
+        let name = self.volume_dataset(&req.local);
+        if let Some(o) = self.read(&name, command::DATASETS).await? {
+            return self.existing_volume(req, o).await;
+        }
+        if let Some(source) = &req.source {
+            return self.create_copy(req, source, zvol, fs_type).await;
+        }
+        let meta = self.new_meta(req, fs_type, false);
+        let cmd = if zvol {
+            let mut props = tuning;
+            props.extend(meta.properties());
+            command::create_zvol(&name, req.capacity, self.sparse, &props)
+        } else {
+            command::create_dataset(&name, &self.dataset_properties(req.capacity, tuning, &meta))
+        };
+        if let Some(existing) = self.run_create(cmd, &name, req).await? {
+            return Ok(existing);
+        }
+        self.read_volume(&name).await
+    }
+
+    async fn delete_volume(&self, local: &str) -> Result<()> {
+        let Some((o, meta)) = self.find_volume(local).await? else {
+            return Ok(());
+        };
+        if let Some(why) = Self::in_use(&o) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {:?} cannot be deleted: {why}; unpublish and unstage it first",
+                meta.csi_name
+            )));
+        }
+        let snapshots = match self.run(command::get(&o.name, command::SNAPSHOTS, 1)).await {
+            Ok(out) => report::parse_get(&out).map_err(|e| Error::Internal(format!("listing the snapshots of ZFS {}: {e}", o.name)))?,
+            Err(e) if command::is_missing(&e) => return Ok(()),
+            Err(e) => return Err(Error::exec(format!("listing the snapshots of ZFS {}", o.name), e)),
+        };
+        let snapshots: Vec<&Object> = snapshots.iter().filter(|s| s.kind == Kind::Snapshot && s.dataset() == o.name).collect();
+        let dependents = self.dependents(&snapshots);
+        if dependents.is_empty() {
+            self.destroy(&o.name, true, &format!("volume {:?}", meta.csi_name)).await?;
+            if let Some(origin) = &o.origin {
+                self.drop_intermediate(origin).await;
+            }
+        } else {
+            let hidden = format!("{}{HIDDEN}{}", o.name, o.guid);
+            match self.run(command::rename(&o.name, &hidden)).await {
+                Ok(_) => {}
+                Err(e) if command::is_missing(&e) => return Ok(()),
+                Err(e) => return Err(Error::exec(format!("hiding the deleted volume {:?} (ZFS {})", meta.csi_name, o.name), e)),
+            }
+            tracing::info!(pool = %self.name, dataset = %o.name, hidden = %hidden, dependents = ?dependents,
+                "volume deleted; its data is kept (hidden) until its dependents are gone");
+        }
+        if let Err(e) = self.sweep().await {
+            tracing::warn!(pool = %self.name, "cleaning up deleted volumes: {e}");
+        }
+        Ok(())
+    }
+
+    async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
+        Ok(self.find_volume(local).await?.map(|(o, meta)| Self::volume_info(&o, meta)))
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let mut out = Vec::new();
+        for o in self.tree(command::DATASETS, 1).await? {
+            match self.live_volume(&o) {
+                Ok(Some(meta)) => out.push(Self::volume_info(&o, meta)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(pool = %self.name, dataset = %o.name, "skipping a dataset with damaged holdfast properties: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
+        let (o, meta) =
+            self.find_volume(local).await?.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
+        if o.capacity() >= capacity {
+            return Ok(o.capacity());
+        }
+        if meta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        }
+        if o.kind == Kind::Volume {
+            self.set_volsize(&o.name, capacity).await?;
+        } else {
+            // Raise whichever quota holds the volume (the config's quota_mode may have changed since).
+            let mut quotas: Vec<&str> =
+                [("refquota", o.refquota), ("quota", o.quota)].iter().filter(|(_, v)| *v > 0).map(|(k, _)| *k).collect();
+            if quotas.is_empty() {
+                quotas.push(self.quota_mode.property());
+            }
+            for q in quotas {
+                self.run(command::set(&o.name, q, &capacity.to_string()))
+                    .await
+                    .context(|| format!("raising the {q} of ZFS {} to {capacity} bytes", o.name))?;
+            }
+        }
+        tracing::info!(pool = %self.name, dataset = %o.name, capacity, "expanded ZFS volume");
+        Ok(self.read_volume(&o.name).await?.capacity)
+    }
+
+    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo> {
+        if !valid_local_name(local) {
+            return Err(Error::InvalidArgument(format!("{local:?} is not a valid local snapshot name")));
+        }
+        let existing = |o: &Object, meta: Meta| -> Result<SnapshotInfo> {
+            if meta.csi_name == csi_name && meta.source == Some(Source::Volume(source_local.to_owned())) {
+                Ok(Self::snapshot_info(o, meta))
+            } else {
+                Err(Error::AlreadyExists(format!(
+                    "snapshot {:?} already exists in pool {:?} with source {:?}, not volume {source_local:?}",
+                    meta.csi_name, self.name, meta.source
+                )))
+            }
+        };
+        if let Some((o, meta)) = self.find_snapshot(local).await? {
+            return existing(&o, meta);
+        }
+        let (v, vmeta) = self
+            .find_volume(source_local)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {source_local:?} not found in pool {:?}", self.name)))?;
+        if vmeta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {source_local:?} is an unfinished copy; retry its creation first")));
+        }
+        let meta = Meta {
+            pool: self.name.clone(),
+            object: ObjectType::Snapshot,
+            csi_name: csi_name.to_owned(),
+            capacity: 0,
+            block: vmeta.block,
+            fs_type: vmeta.fs_type,
+            source: Some(Source::Volume(source_local.to_owned())),
+            size: v.capacity(),
+            pending: false,
+        };
+        let name = format!("{}@{local}", v.name);
+        match self.snapshot_frozen(&v.name, command::snapshot(&name, &meta.properties())).await {
+            Ok(()) => tracing::info!(pool = %self.name, snapshot = %name, "took ZFS snapshot"),
+            Err(SnapshotError::Thaw(what)) => return Err(SnapshotError::thaw_error(what)),
+            Err(SnapshotError::Zfs(e)) if command::is_exists(&e) => {}
+            Err(SnapshotError::Zfs(e)) if command::is_no_space(&e) => {
+                return Err(Error::ResourceExhausted(format!(
+                    "no room for snapshot {csi_name:?} in pool {:?}: {}",
+                    self.name,
+                    e.stderr().trim()
+                )));
+            }
+            Err(SnapshotError::Zfs(e)) => return Err(Error::exec(format!("taking ZFS snapshot {name}"), e)),
+        }
+        let o = self
+            .read(&name, command::SNAPSHOTS)
+            .await?
+            .ok_or_else(|| Error::Aborted(format!("ZFS snapshot {name} came and went; retry")))?;
+        match self.live_snapshot(&o) {
+            Ok(Some(meta)) => existing(&o, meta),
+            Ok(None) => Err(Error::AlreadyExists(format!(
+                "ZFS snapshot {name} already exists and is not a snapshot of holdfast pool {:?}; rename or destroy it, or use another name",
+                self.name
+            ))),
+            Err(e) => Err(Self::damaged(&o, e)),
+        }
+    }
+
+    async fn delete_snapshot(&self, local: &str) -> Result<()> {
+        let Some((s, meta)) = self.find_snapshot(local).await? else {
+            return Ok(());
+        };
+        let what = format!("snapshot {:?}", meta.csi_name);
+        let mut has_clones = !s.clones.is_empty();
+        if !has_clones {
+            match self.run(command::destroy(&s.name, false)).await {
+                Ok(_) => tracing::info!(pool = %self.name, snapshot = %s.name, "destroyed {what}"),
+                Err(e) if command::is_missing(&e) => {}
+                Err(e) if command::has_clones(&e) => has_clones = true,
+                Err(e) => return Err(Error::exec(format!("destroying ZFS {} ({what})", s.name), e)),
+            }
+        }
+        if has_clones {
+            // Clones need it: hide it (freeing the name) and let ZFS destroy it with its last clone.
+            let hidden = format!("{}{HIDDEN}{}", s.name, s.guid);
+            match self.run(command::rename(&s.name, &hidden)).await {
+                Ok(_) => {}
+                Err(e) if command::is_missing(&e) => return Ok(()),
+                Err(e) => return Err(Error::exec(format!("hiding the deleted {what} (ZFS {})", s.name), e)),
+            }
+            self.run(command::destroy_deferred(&hidden))
+                .await
+                .context(|| format!("marking the deleted {what} ({hidden}) for destruction"))?;
+            tracing::info!(pool = %self.name, snapshot = %hidden, clones = ?s.clones, "{what} deleted; ZFS destroys it with its last clone");
+        }
+        if let Err(e) = self.sweep().await {
+            tracing::warn!(pool = %self.name, "cleaning up deleted volumes: {e}");
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot(&self, local: &str) -> Result<Option<SnapshotInfo>> {
+        Ok(self.find_snapshot(local).await?.map(|(o, meta)| Self::snapshot_info(&o, meta)))
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut out = Vec::new();
+        for o in self.tree(command::SNAPSHOTS, 2).await? {
+            match self.live_snapshot(&o) {
+                Ok(Some(meta)) => out.push(Self::snapshot_info(&o, meta)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(pool = %self.name, snapshot = %o.name, "skipping a snapshot with damaged holdfast properties: {e}")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn capacity(&self) -> Result<u64> {
+        // The parent is made by the first create; until then its nearest ancestor tells.
+        let mut target = self.dataset.as_str();
+        loop {
+            match self.run(command::get_available(target)).await {
+                Ok(out) => {
+                    let bytes: u64 = out.trim().parse().map_err(|_| {
+                        Error::Internal(format!("zfs get available {target} answered {:?}, not a number of bytes", out.trim()))
+                    })?;
+                    return Ok(bytes / MIB * MIB);
+                }
+                Err(e) if command::is_missing(&e) => match target.rsplit_once('/') {
+                    Some((parent, _)) => target = parent,
+                    None => return Err(self.pool_missing()),
+                },
+                Err(e) if command::is_no_pool(&e) => return Err(self.pool_missing()),
+                Err(e) => return Err(Error::exec(format!("reading the free space of {target}"), e)),
+            }
+        }
+    }
+
+    async fn attach(&self, local: &str) -> Result<Attachment> {
+        let (o, meta) =
+            self.find_volume(local).await?.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
+        if meta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        }
+        match o.kind {
+            Kind::Volume => {
+                let device = Self::zvol_device(&o.name);
+                wait_for_device(&device, DEVICE_WAIT).await?;
+                Ok(Attachment::Device(device))
+            }
+            _ => Ok(Attachment::Mount { source: o.name.clone(), fs_type: "zfs".to_owned(), options: Vec::new() }),
+        }
+    }
+
+    async fn detach(&self, _local: &str) -> Result<()> {
+        // Nothing to undo: a dataset is mounted by name, a zvol's device is always there.
+        Ok(())
+    }
+
+    async fn condition(&self, local: &str) -> Result<Condition> {
+        let Some((o, meta)) = self.find_volume(local).await? else {
+            return Ok(Condition::Abnormal(format!("ZFS dataset or zvol {} of volume {local:?} is gone", self.volume_dataset(local))));
+        };
+        if meta.pending {
+            return Ok(Condition::Abnormal(format!("ZFS {} is an unfinished copy", o.name)));
+        }
+        if o.kind == Kind::Volume && !Self::zvol_device(&o.name).exists() {
+            return Ok(Condition::Abnormal(format!(
+                "the device {} of zvol {} is missing (udev, or the zvol's volmode?)",
+                Self::zvol_device(&o.name).display(),
+                o.name
+            )));
+        }
+        Ok(match self.pool_problem().await {
+            Some(p) => Condition::Abnormal(p),
+            None => Condition::Healthy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

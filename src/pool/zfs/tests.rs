@@ -1,0 +1,658 @@
+//! Unit tests of the ZFS pool against [`FakeExec`]: the parsers and failure classes on output
+//! captured from OpenZFS 2.1 (tests/fixtures/zfs), the exact command lines, the property
+//! allow-lists, and how deletes classify dependents. The real thing runs in tests/zfs.rs (VM).
+
+use std::sync::Arc;
+
+use super::*;
+use crate::config::Config;
+use crate::exec::{FakeExec, Reply};
+
+fn fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zfs").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A captured failure: (exit code, stderr).
+fn failure(name: &str) -> Reply {
+    let text = fixture(name);
+    let (code, stderr) = text.split_once('\n').unwrap();
+    Reply::Fail(code.parse().unwrap(), stderr.to_owned())
+}
+
+fn exec_error(name: &str) -> ExecError {
+    match failure(name) {
+        Reply::Fail(code, stderr) => ExecError::Failed { cmd: "zfs".into(), code, stdout: String::new(), stderr },
+        Reply::Ok(_) => unreachable!(),
+    }
+}
+
+fn config(extra: &str) -> PoolConfig {
+    let src = format!("[[pool]]\nname = \"p\"\nkind = \"zfs\"\ndataset = \"tank/hf\"\n{extra}");
+    Config::parse(&src).unwrap().pools.remove(0)
+}
+
+fn pool(extra: &str) -> (ZfsPool, Arc<FakeExec>) {
+    let fake = Arc::new(FakeExec::new());
+    (ZfsPool::new(&config(extra), fake.clone()).unwrap(), fake)
+}
+
+const MISSING: &str = "cannot open 'x': dataset does not exist\n";
+
+/// `zfs get` rows of one object: native properties from `native` (others `-`), user
+/// properties set locally.
+fn rows(name: &str, kind: &str, native: &[(&str, &str)], user: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for p in report::NATIVE {
+        let v = match p {
+            "type" => kind,
+            "creation" => "1700000000",
+            "guid" => "42",
+            _ => native.iter().find(|(k, _)| *k == p).map(|(_, v)| *v).unwrap_or("-"),
+        };
+        out.push_str(&format!("{name}\t{p}\t{v}\t-\n"));
+    }
+    for p in report::USER {
+        match user.iter().find(|(k, _)| *k == p) {
+            Some((_, v)) => out.push_str(&format!("{name}\t{p}\t{v}\tlocal\n")),
+            None => out.push_str(&format!("{name}\t{p}\t-\t-\n")),
+        }
+    }
+    out
+}
+
+fn volume_rows(name: &str, kind: &str, capacity: u64, extra: &[(&str, &str)]) -> String {
+    let cap = capacity.to_string();
+    let leaf = name.rsplit('/').next().unwrap();
+    let mut native = vec![];
+    let mut user = vec![("holdfast:pool", "p"), ("holdfast:type", "volume"), ("holdfast:name", leaf), ("holdfast:capacity", cap.as_str())];
+    if kind == "volume" {
+        native.push(("volsize", cap.as_str()));
+        user.push(("holdfast:block", "1"));
+    } else {
+        native.push(("refquota", cap.as_str()));
+        native.push(("mounted", "no"));
+        user.push(("holdfast:fs", "zfs"));
+    }
+    user.extend_from_slice(extra);
+    rows(name, kind, &native, &user)
+}
+
+fn get_line(target: &str, types: &str, depth: u32) -> String {
+    command::get(target, types, depth).display()
+}
+
+fn req(local: &str, capacity: u64, fs: Option<&str>) -> CreateRequest {
+    CreateRequest {
+        csi_name: local.into(),
+        local: local.into(),
+        capacity,
+        block: fs.is_none(),
+        fs_type: fs.map(str::to_owned),
+        source: None,
+        parameters: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn parses_a_captured_tree() {
+    let objects = report::parse_get(&fixture("get-tree.out")).unwrap();
+    let names: Vec<&str> = objects.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "cap/hf",
+            "cap/hf/ds1",
+            "cap/hf/ds1@snap1",
+            "cap/hf/ds1@auto-daily",
+            "cap/hf/foreign",
+            "cap/hf/restored",
+            "cap/hf/zclone",
+            "cap/hf/zv1",
+            "cap/hf/zv1@snap2",
+            "cap/hf/zv1@clone.zclone",
+            "cap/hf/zv2"
+        ]
+    );
+    let by = |n: &str| objects.iter().find(|o| o.name == n).unwrap();
+    let ds1 = by("cap/hf/ds1");
+    assert_eq!((ds1.kind, ds1.refquota, ds1.quota, ds1.capacity(), ds1.mounted), (Kind::Filesystem, 67108864, 0, 67108864, true));
+    let snap1 = by("cap/hf/ds1@snap1");
+    assert_eq!((snap1.kind, snap1.clones.clone(), snap1.defer_destroy), (Kind::Snapshot, vec!["cap/hf/restored".to_owned()], false));
+    assert!(!snap1.user.contains_key(report::P_CAPACITY), "an inherited user property counted: {:?}", snap1.user);
+    assert!(by("cap/hf/ds1@auto-daily").user.is_empty(), "a foreign snapshot inherits nothing that counts");
+    assert_eq!(by("cap/hf/zclone").origin.as_deref(), Some("cap/hf/zv1@clone.zclone"));
+    let zv1 = by("cap/hf/zv1");
+    assert_eq!((zv1.kind, zv1.capacity(), zv1.guid > 0), (Kind::Volume, 33554432, true));
+    assert_eq!(by("cap/hf/zv1@snap2").volsize, 33554432, "zvol snapshots carry volsize");
+    assert_eq!(snap1.leaf(), "ds1");
+    assert_eq!(snap1.snapshot_name(), Some("snap1"));
+    assert!(report::parse_get("a\tb\tc\n").is_err());
+    assert!(report::parse_get("a\tused\tlots\t-\n").is_err());
+}
+
+#[test]
+fn decodes_holdfast_records() {
+    let objects = report::parse_get(&fixture("get-tree.out")).unwrap();
+    let meta = |n: &str| report::decode_meta(objects.iter().find(|o| o.name == n).unwrap()).unwrap();
+    let ds1 = meta("cap/hf/ds1").unwrap();
+    assert_eq!(
+        (ds1.csi_name.as_str(), ds1.capacity, ds1.fs_type.as_deref(), ds1.block),
+        ("pvc-1 with% and \ttab", 67108864, Some("zfs"), false)
+    );
+    let snap = meta("cap/hf/ds1@snap1").unwrap();
+    assert_eq!((snap.object, snap.source.clone(), snap.size), (ObjectType::Snapshot, Some(Source::Volume("ds1".into())), 67108864));
+    let restored = meta("cap/hf/restored").unwrap();
+    assert_eq!(restored.source, Some(Source::Snapshot("snap1".into())));
+    let zclone = meta("cap/hf/zclone").unwrap();
+    assert!(zclone.pending && zclone.block);
+    assert_eq!(meta("cap/hf/zv1@clone.zclone").unwrap().object, ObjectType::Intermediate);
+    assert_eq!(meta("cap/hf/foreign"), None);
+    assert_eq!(meta("cap/hf/ds1@auto-daily"), None);
+
+    // Damaged records are errors, not silently someone else's.
+    let mut o = objects.iter().find(|o| o.name == "cap/hf/ds1").unwrap().clone();
+    o.user.insert(report::P_TYPE.into(), "thing".into());
+    assert!(report::decode_meta(&o).is_err());
+    o.user.insert(report::P_TYPE.into(), "volume".into());
+    o.user.insert(report::P_SOURCE.into(), "disk:x".into());
+    assert!(report::decode_meta(&o).is_err());
+    o.user.remove(report::P_SOURCE);
+    o.user.insert(report::P_NAME.into(), "bad%zz".into());
+    assert!(report::decode_meta(&o).is_err());
+}
+
+#[test]
+fn names_encode_to_one_line_and_back() {
+    let cases = ["pvc-1", "with space", "100%", "tab\there", "new\nline", "名前", "", "%25 literal"];
+    for c in cases {
+        let e = report::encode(c);
+        assert!(!e.contains(['\t', '\n']), "{c:?} -> {e:?}");
+        assert_eq!(report::decode(&e).as_deref(), Some(c), "{c:?}");
+    }
+    assert_eq!(report::encode("a%b\tc"), "a%25b%09c");
+    assert_eq!(report::decode("%4"), None);
+    assert_eq!(report::decode("%ff%fe"), None, "not UTF-8");
+}
+
+#[test]
+fn classifies_captured_failures() {
+    type Class = fn(&ExecError) -> bool;
+    let classes: [(&str, Class); 8] = [
+        ("missing", command::is_missing),
+        ("no_pool", command::is_no_pool),
+        ("exists", command::is_exists),
+        ("no_parent", command::is_no_parent),
+        ("no_space", command::is_no_space),
+        ("busy", command::is_busy),
+        ("has_clones", command::has_clones),
+        ("bad_property", command::is_bad_property),
+    ];
+    struct Case {
+        file: &'static str,
+        want: &'static [&'static str],
+    }
+    let cases = [
+        Case { file: "get-missing.err", want: &["missing"] },
+        Case { file: "get-missing-pool.err", want: &["missing"] },
+        Case { file: "get-missing-snapshot.err", want: &["missing"] },
+        Case { file: "destroy-missing.err", want: &["missing"] },
+        Case { file: "destroy-missing-snapshot.err", want: &["missing"] },
+        Case { file: "clone-missing-origin.err", want: &["missing"] },
+        Case { file: "create-exists.err", want: &["exists"] },
+        Case { file: "snapshot-exists.err", want: &["exists"] },
+        Case { file: "create-no-parent.err", want: &["no_parent"] },
+        Case { file: "create-no-pool.err", want: &["no_pool"] },
+        Case { file: "zpool-missing.err", want: &["no_pool"] },
+        Case { file: "create-too-big.err", want: &["no_space"] },
+        Case { file: "set-volsize-too-big.err", want: &["no_space"] },
+        Case { file: "destroy-open-zvol.err", want: &["busy"] },
+        Case { file: "destroy-snapshot-with-clones.err", want: &["has_clones"] },
+        Case { file: "destroy-has-snapshots.err", want: &[] },
+        Case { file: "set-refquota-below-used.err", want: &[] },
+        Case { file: "create-bad-value.err", want: &["bad_property"] },
+        Case { file: "create-bad-recordsize.err", want: &["bad_property"] },
+        Case { file: "create-unknown-prop.err", want: &["bad_property"] },
+        Case { file: "clone-zvol-volblocksize.err", want: &[] },
+        Case { file: "mount-not-legacy.err", want: &[] },
+    ];
+    for c in cases {
+        let e = exec_error(c.file);
+        let got: Vec<&str> = classes.iter().filter(|(_, f)| f(&e)).map(|(n, _)| *n).collect();
+        assert_eq!(got, c.want, "{}", c.file);
+    }
+    let other_code = ExecError::Failed { cmd: "zfs".into(), code: 2, stdout: String::new(), stderr: "dataset does not exist".into() };
+    assert!(!command::is_missing(&other_code), "only exit 1 is zfs's failure");
+}
+
+#[test]
+fn parses_zpool_health_and_status() {
+    assert_eq!(report::parse_health(&fixture("zpool-health.out"), "cap").as_deref(), Some("ONLINE"));
+    assert_eq!(report::parse_health(&fixture("zpool-health-degraded.out"), "capdeg").as_deref(), Some("DEGRADED"));
+    assert_eq!(report::parse_health(&fixture("zpool-health.out"), "other"), None);
+    assert_eq!(report::parse_status_reason(&fixture("zpool-status-healthy.out")), None);
+    assert_eq!(
+        report::parse_status_reason(&fixture("zpool-status-degraded.out")).as_deref(),
+        Some(
+            "state: DEGRADED; status: One or more devices has been taken offline by the administrator. \
+             Sufficient replicas exist for the pool to continue functioning in a degraded state."
+        )
+    );
+}
+
+#[test]
+fn config_is_checked() {
+    struct Case {
+        name: &'static str,
+        extra: &'static str,
+        dataset: &'static str,
+        want: &'static str,
+    }
+    let cases = [
+        Case { name: "relative", extra: "", dataset: "/tank/hf", want: "not a ZFS dataset name" },
+        Case { name: "dotdot", extra: "", dataset: "tank/../hf", want: "not a ZFS dataset name" },
+        Case { name: "snapshot", extra: "", dataset: "tank/hf@s", want: "not a ZFS dataset name" },
+        Case { name: "empty component", extra: "", dataset: "tank//hf", want: "not a ZFS dataset name" },
+        Case {
+            name: "managed property",
+            extra: "properties = { mountpoint = \"/x\" }",
+            dataset: "tank/hf",
+            want: "\"mountpoint\" cannot be set",
+        },
+        Case { name: "unknown property", extra: "properties = { colour = \"red\" }", dataset: "tank/hf", want: "\"colour\"" },
+        Case { name: "bad value", extra: "properties = { compression = \"l z4\" }", dataset: "tank/hf", want: "not a plain word" },
+        Case { name: "quota mode", extra: "quota_mode = \"both\"", dataset: "tank/hf", want: "quota_mode \"both\"" },
+    ];
+    for c in cases {
+        let src = format!("[[pool]]\nname = \"p\"\nkind = \"zfs\"\ndataset = \"{}\"\n{}\n", c.dataset, c.extra);
+        let cfg = Config::parse(&src).unwrap().pools.remove(0);
+        let err = ZfsPool::new(&cfg, Arc::new(FakeExec::new())).unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains(c.want)), "{}: {err}", c.name);
+    }
+    let (p, _) = pool("properties = { dedup = \"on\", compression = \"zstd-3\" }\ndefault_fs = \"xfs\"\nsparse = true");
+    assert_eq!((p.default_fs(), p.sparse, p.dataset()), ("xfs", true, "tank/hf"));
+    let (p, _) = pool("");
+    assert_eq!((p.default_fs(), p.quota_mode, p.filesystems()), ("zfs", QuotaMode::Refquota, &FILESYSTEMS[..]));
+}
+
+#[test]
+fn parameters_are_an_allow_list() {
+    let (p, _) = pool("properties = { compression = \"lz4\", dedup = \"on\", recordsize = \"1M\", volblocksize = \"64K\" }");
+    for key in ["compression", "recordsize", "atime", "volblocksize", "checksum", "logbias", "sync", "primarycache", "secondarycache"] {
+        assert!(p.accepts_parameter(key), "{key}");
+    }
+    for key in ["dedup", "mountpoint", "refquota", "quota", "volsize", "refreservation", "holdfast:name", "copies", "fsType", ""] {
+        assert!(!p.accepts_parameter(key), "{key}");
+    }
+    let params = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+    let pairs = |v: Vec<(String, String)>| v.into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
+    // Parameters override the config; each goes only where it applies.
+    let sc = params(&[("compression", "zstd"), ("atime", "off"), ("volblocksize", "16K")]);
+    assert_eq!(pairs(p.tuning(&sc, false, false).unwrap()), ["atime=off", "compression=zstd", "dedup=on", "recordsize=1M"]);
+    assert_eq!(pairs(p.tuning(&sc, true, false).unwrap()), ["compression=zstd", "dedup=on", "volblocksize=16K"]);
+    assert_eq!(pairs(p.tuning(&sc, true, true).unwrap()), ["compression=zstd", "dedup=on"], "a clone inherits volblocksize");
+    let err = p.tuning(&params(&[("dedup", "on")]), false, false).unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("\"dedup\"") && m.contains("compression")), "{err}");
+    let err = p.tuning(&params(&[("sync", "always;rm")]), false, false).unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("sync")), "{err}");
+}
+
+#[tokio::test]
+async fn creates_a_dataset_with_exact_argv_and_reads_it_back() {
+    let (p, fake) = pool("properties = { compression = \"lz4\" }");
+    let get = get_line("tank/hf/v1", command::DATASETS, 0);
+    fake.on(&get, vec![Reply::Fail(1, MISSING.into()), Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 32 * MIB, &[]))]);
+    let mut r = req("v1", 32 * MIB, Some("zfs"));
+    r.parameters.insert("recordsize".into(), "16K".into());
+    let v = p.create_volume(&r).await.unwrap();
+    assert_eq!((v.local.as_str(), v.capacity, v.block, v.fs_type.as_deref(), v.created), ("v1", 32 * MIB, false, Some("zfs"), 1700000000));
+    let lines = fake.lines();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert_eq!(
+        lines[1],
+        "zfs create -o mountpoint=legacy -o refquota=33554432 -o compression=lz4 -o recordsize=16K -o holdfast:pool=p \
+         -o holdfast:type=volume -o holdfast:name=v1 -o holdfast:capacity=33554432 -o holdfast:fs=zfs tank/hf/v1"
+    );
+
+    // The same request again finds it; another capacity is a conflict.
+    let (p, fake) = pool("");
+    fake.on(&get, vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 32 * MIB, &[]))]);
+    assert_eq!(p.create_volume(&req("v1", 32 * MIB, Some("zfs"))).await.unwrap().capacity, 32 * MIB);
+    assert!(matches!(p.create_volume(&req("v1", 32 * MIB, None)).await, Err(Error::AlreadyExists(_))), "block, not a dataset");
+    assert!(matches!(p.create_volume(&req("v1", 64 * MIB, Some("zfs"))).await, Err(Error::AlreadyExists(_))));
+    assert!(fake.lines().iter().all(|l| !l.starts_with("zfs create")), "{:?}", fake.lines());
+
+    // A dataset of the name that holdfast did not make.
+    let (p, fake) = pool("");
+    fake.on(&get, vec![Reply::Ok(rows("tank/hf/v1", "filesystem", &[], &[]))]);
+    let err = p.create_volume(&req("v1", 32 * MIB, Some("zfs"))).await.unwrap_err();
+    assert!(matches!(&err, Error::AlreadyExists(m) if m.contains("not a volume of holdfast pool")), "{err}");
+}
+
+#[tokio::test]
+async fn creates_zvols_sparse_or_reserved() {
+    struct Case {
+        extra: &'static str,
+        fs: Option<&'static str>,
+        want: &'static str,
+    }
+    let cases = [
+        Case {
+            extra: "",
+            fs: None,
+            want: "zfs create -V 16777216 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:name=z1 \
+                   -o holdfast:capacity=16777216 -o holdfast:block=1 tank/hf/z1",
+        },
+        Case {
+            extra: "sparse = true\nproperties = { volblocksize = \"16K\", atime = \"off\" }",
+            fs: Some("xfs"),
+            want: "zfs create -s -V 16777216 -o volblocksize=16K -o holdfast:pool=p -o holdfast:type=volume -o holdfast:name=z1 \
+                   -o holdfast:capacity=16777216 -o holdfast:fs=xfs tank/hf/z1",
+        },
+    ];
+    for c in cases {
+        let (p, fake) = pool(c.extra);
+        let get = get_line("tank/hf/z1", command::DATASETS, 0);
+        fake.on(&get, vec![Reply::Fail(1, MISSING.into()), Reply::Ok(volume_rows("tank/hf/z1", "volume", 16 * MIB, &[]))]);
+        p.create_volume(&req("z1", 16 * MIB, c.fs)).await.unwrap();
+        assert_eq!(fake.lines()[1], c.want.split_whitespace().collect::<Vec<_>>().join(" "));
+    }
+    let (p, _) = pool("");
+    let err = p.create_volume(&req("z1", 16 * MIB, Some("vfat"))).await.unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("vfat")), "{err}");
+}
+
+#[tokio::test]
+async fn creates_the_parent_when_missing_and_names_a_missing_zpool() {
+    let (p, fake) = pool("");
+    let get = get_line("tank/hf/v1", command::DATASETS, 0);
+    fake.on(&get, vec![Reply::Fail(1, MISSING.into()), Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 8 * MIB, &[]))]);
+    fake.on("zfs create -o mountpoint=legacy", vec![failure("create-no-parent.err"), Reply::Ok(String::new())]);
+    p.create_volume(&req("v1", 8 * MIB, Some("zfs"))).await.unwrap();
+    let creates: Vec<String> = fake.lines().into_iter().filter(|l| l.starts_with("zfs create")).collect();
+    assert_eq!(creates.len(), 3);
+    assert_eq!(creates[1], "zfs create -p -o mountpoint=none tank/hf");
+
+    let (p, fake) = pool("");
+    fake.on(&get, vec![Reply::Fail(1, MISSING.into())]);
+    fake.on("zfs create -o mountpoint=legacy", vec![failure("create-no-parent.err")]);
+    fake.on("zfs create -p", vec![failure("create-no-pool.err")]);
+    let err = p.create_volume(&req("v1", 8 * MIB, Some("zfs"))).await.unwrap_err();
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("zpool \"tank\"")), "{err}");
+
+    // Capacity: the parent's available space, or its nearest ancestor's until it exists.
+    let (p, fake) = pool("");
+    fake.on("zfs get -H -p -o value available tank/hf", vec![failure("get-missing.err")]);
+    fake.on("zfs get -H -p -o value available tank", vec![Reply::Ok("832856064\n".into())]);
+    assert_eq!(p.capacity().await.unwrap(), 832856064 / MIB * MIB);
+    let (p, fake) = pool("");
+    fake.on("zfs get -H -p -o value available", vec![failure("get-missing-pool.err")]);
+    assert!(matches!(p.capacity().await, Err(Error::FailedPrecondition(_))));
+}
+
+#[tokio::test]
+async fn refused_properties_and_full_pools_get_their_codes() {
+    struct Case {
+        reply: Reply,
+        want: fn(&Error) -> bool,
+    }
+    let cases = [
+        Case {
+            reply: failure("create-bad-value.err"),
+            want: |e| matches!(e, Error::InvalidArgument(m) if m.contains("'compression' must be")),
+        },
+        Case { reply: failure("create-too-big.err"), want: |e| matches!(e, Error::ResourceExhausted(_)) },
+        Case { reply: Reply::Fail(1, "cannot create: I/O error\n".into()), want: |e| matches!(e, Error::Exec { .. }) },
+    ];
+    for c in cases {
+        let (p, fake) = pool("");
+        fake.on(&get_line("tank/hf/v1", command::DATASETS, 0), vec![Reply::Fail(1, MISSING.into())]);
+        fake.on("zfs create", vec![c.reply]);
+        let err = p.create_volume(&req("v1", 8 * MIB, None)).await.unwrap_err();
+        assert!((c.want)(&err), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn restores_and_clones_with_exact_argv() {
+    // Restore of a dataset snapshot: one clone, with the new quota.
+    let (p, fake) = pool("");
+    let snaps = rows(
+        "tank/hf/src@s1",
+        "snapshot",
+        &[("defer_destroy", "off")],
+        &[
+            ("holdfast:pool", "p"),
+            ("holdfast:type", "snapshot"),
+            ("holdfast:name", "s1"),
+            ("holdfast:source", "volume:src"),
+            ("holdfast:fs", "zfs"),
+            ("holdfast:size", "16777216"),
+        ],
+    );
+    fake.on(&get_line("tank/hf", command::SNAPSHOTS, 2), vec![Reply::Ok(snaps.clone())]);
+    let get = get_line("tank/hf/r1", command::DATASETS, 0);
+    let restored = volume_rows("tank/hf/r1", "filesystem", 32 * MIB, &[("holdfast:source", "snapshot:s1")]);
+    fake.on(&get, vec![Reply::Fail(1, MISSING.into()), Reply::Ok(restored)]);
+    let r = CreateRequest { source: Some(Source::Snapshot("s1".into())), ..req("r1", 32 * MIB, Some("zfs")) };
+    let v = p.create_volume(&r).await.unwrap();
+    assert_eq!(v.source, r.source);
+    let clone = fake.lines().into_iter().find(|l| l.starts_with("zfs clone")).unwrap();
+    assert_eq!(
+        clone,
+        "zfs clone -o mountpoint=legacy -o refquota=33554432 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:name=r1 \
+         -o holdfast:capacity=33554432 -o holdfast:fs=zfs -o holdfast:source=snapshot:s1 tank/hf/src@s1 tank/hf/r1"
+    );
+    // Too small, or as a zvol: refused before anything is made.
+    for (bad, fs) in [(8 * MIB, Some("zfs")), (32 * MIB, Some("ext4")), (32 * MIB, None)] {
+        let (p, fake) = pool("");
+        fake.on(&get_line("tank/hf", command::SNAPSHOTS, 2), vec![Reply::Ok(snaps.clone())]);
+        fake.on(&get, vec![Reply::Fail(1, MISSING.into())]);
+        let r = CreateRequest { source: Some(Source::Snapshot("s1".into())), ..req("r1", bad, fs) };
+        let err = p.create_volume(&r).await.unwrap_err();
+        assert!(matches!(err, Error::OutOfRange(_) | Error::InvalidArgument(_)), "{fs:?}: {err}");
+        assert!(fake.lines().iter().all(|l| !l.starts_with("zfs clone")), "{:?}", fake.lines());
+    }
+
+    // Clone of a zvol: intermediate snapshot, clone (pending, reserved), grow, mark finished.
+    let (p, fake) = pool("");
+    fake.on(&get_line("tank/hf/src", command::DATASETS, 0), vec![Reply::Ok(volume_rows("tank/hf/src", "volume", 16 * MIB, &[]))]);
+    let get = get_line("tank/hf/c1", command::DATASETS, 0);
+    let pending = volume_rows("tank/hf/c1", "volume", 16 * MIB, &[("holdfast:pending", "1"), ("holdfast:source", "volume:src")]);
+    let done = volume_rows("tank/hf/c1", "volume", 32 * MIB, &[("holdfast:source", "volume:src")]);
+    fake.on(&get, vec![Reply::Fail(1, MISSING.into()), Reply::Ok(pending), Reply::Ok(done)]);
+    let r = CreateRequest { source: Some(Source::Volume("src".into())), ..req("c1", 32 * MIB, None) };
+    assert_eq!(p.create_volume(&r).await.unwrap().capacity, 32 * MIB);
+    let changes: Vec<String> = fake.lines().into_iter().filter(|l| !l.starts_with("zfs get")).collect();
+    assert_eq!(
+        changes,
+        [
+            "zfs snapshot -o holdfast:pool=p -o holdfast:type=intermediate tank/hf/src@clone.c1",
+            "zfs clone -o refreservation=auto -o holdfast:pool=p -o holdfast:type=volume -o holdfast:name=c1 \
+             -o holdfast:capacity=33554432 -o holdfast:block=1 -o holdfast:source=volume:src -o holdfast:pending=1 \
+             tank/hf/src@clone.c1 tank/hf/c1",
+            "zfs set volsize=33554432 tank/hf/c1",
+            "zfs inherit holdfast:pending tank/hf/c1",
+        ]
+    );
+}
+
+/// A fake pool whose volume `v1` (a dataset) has the snapshots in `snapshot_rows`.
+fn pool_with_snapshots(snapshot_rows: String) -> (ZfsPool, Arc<FakeExec>) {
+    let (p, fake) = pool("");
+    fake.on(&get_line("tank/hf/v1", command::DATASETS, 0), vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 8 * MIB, &[]))]);
+    fake.on(&get_line("tank/hf/v1", command::SNAPSHOTS, 1), vec![Reply::Ok(snapshot_rows)]);
+    fake.on(&get_line("tank/hf", command::ALL, 2), vec![Reply::Ok(String::new())]);
+    (p, fake)
+}
+
+#[tokio::test]
+async fn deletes_classify_dependents() {
+    let csi_snapshot = |name: &str, clones: &str| {
+        rows(
+            &format!("tank/hf/v1@{name}"),
+            "snapshot",
+            &[("clones", clones), ("defer_destroy", "off")],
+            &[("holdfast:pool", "p"), ("holdfast:type", "snapshot"), ("holdfast:name", name), ("holdfast:source", "volume:v1")],
+        )
+    };
+    let intermediate = |clones: &str| {
+        rows(
+            "tank/hf/v1@clone.c9",
+            "snapshot",
+            &[("clones", clones), ("defer_destroy", "off")],
+            &[("holdfast:pool", "p"), ("holdfast:type", "intermediate")],
+        )
+    };
+    let foreign = rows("tank/hf/v1@auto-daily", "snapshot", &[("defer_destroy", "off")], &[]);
+    struct Case {
+        name: &'static str,
+        snapshots: String,
+        want: &'static str,
+    }
+    let cases = [
+        Case { name: "nothing", snapshots: String::new(), want: "zfs destroy -r tank/hf/v1" },
+        Case {
+            name: "foreign snapshot and unused intermediate",
+            snapshots: foreign.clone() + &intermediate("-"),
+            want: "zfs destroy -r tank/hf/v1",
+        },
+        Case { name: "a CSI snapshot", snapshots: csi_snapshot("s1", "-"), want: "zfs rename tank/hf/v1 tank/hf/v1.deleted-42" },
+        Case { name: "a clone", snapshots: intermediate("tank/hf/c9"), want: "zfs rename tank/hf/v1 tank/hf/v1.deleted-42" },
+        Case {
+            name: "a foreign snapshot a clone was made from",
+            snapshots: rows("tank/hf/v1@mine", "snapshot", &[("clones", "tank/other")], &[]),
+            want: "zfs rename tank/hf/v1 tank/hf/v1.deleted-42",
+        },
+    ];
+    for c in cases {
+        let (p, fake) = pool_with_snapshots(c.snapshots);
+        p.delete_volume("v1").await.unwrap();
+        let changes: Vec<String> = fake.lines().into_iter().filter(|l| !l.starts_with("zfs get")).collect();
+        assert_eq!(changes, [c.want], "{}", c.name);
+    }
+    // A mounted dataset is refused, not destroyed under its users.
+    let (p, fake) = pool("");
+    let mounted = volume_rows("tank/hf/v1", "filesystem", 8 * MIB, &[]).replace("mounted\tno", "mounted\tyes");
+    fake.on(&get_line("tank/hf/v1", command::DATASETS, 0), vec![Reply::Ok(mounted)]);
+    assert!(matches!(p.delete_volume("v1").await, Err(Error::FailedPrecondition(_))));
+    assert!(fake.lines().iter().all(|l| l.starts_with("zfs get")), "{:?}", fake.lines());
+    // A destroyed clone takes its intermediate snapshot with it.
+    let (p, fake) = pool("");
+    let clone = volume_rows("tank/hf/c9", "filesystem", 8 * MIB, &[]).replace("origin\t-", "origin\ttank/hf/v1@clone.c9");
+    fake.on(&get_line("tank/hf/c9", command::DATASETS, 0), vec![Reply::Ok(clone)]);
+    fake.on(&get_line("tank/hf/c9", command::SNAPSHOTS, 1), vec![Reply::Ok(String::new())]);
+    fake.on(&get_line("tank/hf/v1@clone.c9", command::SNAPSHOTS, 0), vec![Reply::Ok(intermediate("-"))]);
+    p.delete_volume("c9").await.unwrap();
+    let changes: Vec<String> = fake.lines().into_iter().filter(|l| !l.starts_with("zfs get")).collect();
+    assert_eq!(changes, ["zfs destroy -r tank/hf/c9", "zfs destroy tank/hf/v1@clone.c9"]);
+}
+
+#[tokio::test]
+async fn deleting_a_snapshot_with_clones_defers_it() {
+    let snap = |clones: &str| {
+        rows(
+            "tank/hf/v1@s1",
+            "snapshot",
+            &[("clones", clones), ("defer_destroy", "off")],
+            &[("holdfast:pool", "p"), ("holdfast:type", "snapshot"), ("holdfast:name", "s1"), ("holdfast:source", "volume:v1")],
+        )
+    };
+    for (clones, want) in [
+        ("-", vec!["zfs destroy tank/hf/v1@s1"]),
+        ("tank/hf/r1", vec!["zfs rename tank/hf/v1@s1 tank/hf/v1@s1.deleted-42", "zfs destroy -d tank/hf/v1@s1.deleted-42"]),
+    ] {
+        let (p, fake) = pool("");
+        fake.on(&get_line("tank/hf", command::SNAPSHOTS, 2), vec![Reply::Ok(snap(clones))]);
+        p.delete_snapshot("s1").await.unwrap();
+        let changes: Vec<String> = fake.lines().into_iter().filter(|l| !l.starts_with("zfs get")).collect();
+        assert_eq!(changes, want, "clones {clones}");
+    }
+}
+
+#[tokio::test]
+async fn sweep_destroys_hidden_volumes_nothing_depends_on() {
+    let hidden = |name: &str| volume_rows(name, "filesystem", 8 * MIB, &[]);
+    let tree = hidden("tank/hf/a.deleted-7")
+        + &rows(
+            "tank/hf/a.deleted-7@s1.deleted-9",
+            "snapshot",
+            &[("defer_destroy", "off"), ("clones", "tank/hf/b")],
+            &[("holdfast:pool", "p"), ("holdfast:type", "snapshot"), ("holdfast:name", "s1")],
+        )
+        + &hidden("tank/hf/c.deleted-8")
+        + &rows("tank/hf/c.deleted-8@auto", "snapshot", &[("defer_destroy", "off")], &[])
+        + &rows("tank/hf/x.deleted-1", "filesystem", &[], &[]);
+    let (p, fake) = pool("");
+    fake.on(&get_line("tank/hf", command::ALL, 2), vec![Reply::Ok(tree), Reply::Ok(String::new())]);
+    p.sweep().await.unwrap();
+    let changes: Vec<String> = fake.lines().into_iter().filter(|l| !l.starts_with("zfs get")).collect();
+    // a is kept (b was cloned from its snapshot, now marked), c goes, x is not ours.
+    assert_eq!(changes, ["zfs destroy -d tank/hf/a.deleted-7@s1.deleted-9", "zfs destroy -r tank/hf/c.deleted-8"]);
+}
+
+#[tokio::test]
+async fn snapshots_are_found_by_local_name_and_checked_on_retry() {
+    let (p, fake) = pool("");
+    let snap = rows(
+        "tank/hf/v1@s1",
+        "snapshot",
+        &[("defer_destroy", "off")],
+        &[
+            ("holdfast:pool", "p"),
+            ("holdfast:type", "snapshot"),
+            ("holdfast:name", "S1"),
+            ("holdfast:source", "volume:v1"),
+            ("holdfast:size", "8388608"),
+        ],
+    );
+    let deferred = snap.replace("tank/hf/v1@s1", "tank/hf/v1@s2").replace("defer_destroy\toff", "defer_destroy\ton");
+    let other_pool = snap.replace("tank/hf/v1@s1", "tank/hf/v1@s3").replace("holdfast:pool\tp", "holdfast:pool\tq");
+    fake.on(&get_line("tank/hf", command::SNAPSHOTS, 2), vec![Reply::Ok(snap + &deferred + &other_pool)]);
+    let s = p.get_snapshot("s1").await.unwrap().unwrap();
+    assert_eq!((s.csi_name.as_str(), s.source_volume.as_str(), s.size, s.created, s.ready), ("S1", "v1", 8 * MIB, 1700000000, true));
+    assert_eq!(p.get_snapshot("s2").await.unwrap(), None, "a snapshot marked for destruction is gone");
+    assert_eq!(p.get_snapshot("s3").await.unwrap(), None, "another pool's snapshot");
+    assert_eq!(p.list_snapshots().await.unwrap(), vec![s.clone()]);
+    assert_eq!(p.create_snapshot("v1", "S1", "s1").await.unwrap(), s, "a retry returns it");
+    assert!(matches!(p.create_snapshot("v2", "S1", "s1").await, Err(Error::AlreadyExists(_))));
+    assert!(fake.lines().iter().all(|l| l.starts_with("zfs get")), "{:?}", fake.lines());
+}
+
+#[tokio::test]
+async fn attach_expand_and_condition() {
+    let (p, fake) = pool("");
+    fake.on(&get_line("tank/hf/v1", command::DATASETS, 0), vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 8 * MIB, &[]))]);
+    assert_eq!(p.attach("v1").await.unwrap(), Attachment::Mount { source: "tank/hf/v1".into(), fs_type: "zfs".into(), options: vec![] });
+    assert_eq!(p.expand_volume("v1", 4 * MIB).await.unwrap(), 8 * MIB, "never shrinks");
+    fake.on(
+        &get_line("tank/hf/v1", command::DATASETS, 0),
+        vec![
+            Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 8 * MIB, &[])),
+            Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 16 * MIB, &[])),
+        ],
+    );
+    assert_eq!(p.expand_volume("v1", 16 * MIB).await.unwrap(), 16 * MIB);
+    assert!(fake.lines().contains(&"zfs set refquota=16777216 tank/hf/v1".to_owned()), "{:?}", fake.lines());
+
+    fake.on("zpool list", vec![Reply::Ok(fixture("zpool-health-degraded.out").replace("capdeg", "tank"))]);
+    fake.on("zpool status", vec![Reply::Ok(fixture("zpool-status-degraded.out"))]);
+    match p.condition("v1").await.unwrap() {
+        Condition::Abnormal(m) => assert!(m.contains("zpool tank is DEGRADED (state: DEGRADED; status: One or more devices"), "{m}"),
+        Condition::Healthy => panic!("degraded zpool, healthy volume"),
+    }
+    let (p, fake) = pool("");
+    fake.on(&get_line("tank/hf/v1", command::DATASETS, 0), vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 8 * MIB, &[]))]);
+    fake.on("zpool list", vec![Reply::Ok("tank\tONLINE\n".into())]);
+    assert_eq!(p.condition("v1").await.unwrap(), Condition::Healthy);
+    assert_eq!(p.condition("v1").await.unwrap(), Condition::Healthy);
+    assert_eq!(fake.lines().iter().filter(|l| l.starts_with("zpool")).count(), 1, "the health reading is reused");
+    fake.on(&get_line("tank/hf/v1", command::DATASETS, 0), vec![Reply::Fail(1, MISSING.into())]);
+    assert!(matches!(p.condition("v1").await.unwrap(), Condition::Abnormal(m) if m.contains("gone")));
+    assert!(matches!(p.attach("v1").await, Err(Error::NotFound(_))));
+    // Bad local names never reach zfs.
+    for bad in ["../x", "a/b", "UPPER", "a.deleted-1", "a@b"] {
+        assert_eq!(p.get_volume(bad).await.unwrap(), None, "{bad}");
+    }
+    assert_eq!(fake.lines().iter().filter(|l| l.contains("a.deleted") || l.contains("../x")).count(), 0);
+}

@@ -1,0 +1,154 @@
+#!/bin/bash
+# The ZFS pool, proven on real ZFS inside the test VM (OpenZFS 2.1, zfs-dkms):
+#
+#   tests/vm/zfs-suite.sh            on the host: builds the test binaries and holdfast here
+#                                    (cargo under TCG would take ages), boots the ZFS VM with
+#                                    one disk and runs this script again inside it
+#
+# Inside the VM (`--guest ZFS_TEST_BIN CONFORMANCE_BIN HOLDFAST_BIN`) it creates the zpool
+# `hfzfs` on the VM disk and runs, timing each:
+#   1. tests/zfs.rs (the binary): real ZFS tests, each in its own parent dataset;
+#   2. tests/conformance.rs on datasets (tests/fixtures/zfs/conformance-dataset.toml, fs zfs);
+#   3. tests/conformance.rs on zvols formatted ext4 (tests/fixtures/zfs/conformance-zvol.toml);
+#   4. the time to a ready-to-use volume: CreateVolume + NodeStage + NodePublish through
+#      `holdfast ctl` against `holdfast all-in-one`, against `zfs create` + `mount -t zfs` +
+#      `mount --bind` typed by hand, in the same run (HOLDFAST_ZFS_TIMING_ROUNDS, default 5).
+# Every stage runs even when an earlier one failed; the exit status is non-zero if any failed.
+# Environment: HOLDFAST_ZFS_SUITE_TIMEOUT (seconds, default 3600), HOLDFAST_TEST_THREADS
+# (conformance threads in the guest, default 2), HOLDFAST_ZFS_STAGES (which stages to run,
+# default "1 2 3 4"); extra arguments after the binaries go to every test binary (a name filter).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cd "$repo"
+
+if [ "${1:-}" != --guest ]; then
+  echo "zfs-suite: building the test binaries on the host"
+  json=$(cargo test --locked --no-run --message-format=json --test zfs --test conformance)
+  exe() {  # exe TARGET: the test executable cargo built for TARGET
+    grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\",\"src_path\"" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1
+  }
+  zfs_bin=$(exe zfs)
+  conf_bin=$(exe conformance)
+  hf_bin=$(grep '"reason":"compiler-artifact"' <<<"$json" | grep '"kind":\["bin"\]' | grep -o '"executable":"[^"]*holdfast"' | cut -d'"' -f4 | tail -n1)
+  if [ ! -x "$zfs_bin" ] || [ ! -x "$conf_bin" ] || [ ! -x "$hf_bin" ]; then
+    echo "zfs-suite: cannot find the built binaries ($zfs_bin, $conf_bin, $hf_bin)" >&2
+    exit 2
+  fi
+  exec "$here/run" --zfs --disk hfzfs:6G --timeout "${HOLDFAST_ZFS_SUITE_TIMEOUT:-3600}" \
+    -- bash tests/vm/zfs-suite.sh --guest "$zfs_bin" "$conf_bin" "$hf_bin" "$@"
+fi
+
+shift
+zfs_bin=$1
+conf_bin=$2
+hf_bin=$3
+shift 3
+if [ ! -e /run/holdfast-vm ]; then
+  echo "zfs-suite: --guest only runs inside the test VM (it wipes the VM's disk)" >&2
+  exit 2
+fi
+export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
+threads=${HOLDFAST_TEST_THREADS:-2}
+stages=${HOLDFAST_ZFS_STAGES:-1 2 3 4}
+
+start=$SECONDS
+echo "== zfs-suite: zpool hfzfs on the VM disk ($(zfs version | head -n1))"
+zpool create -f -o ashift=12 -O mountpoint=none hfzfs /dev/disk/by-id/virtio-hfzfs
+zpool list -o name,size,free,health hfzfs
+echo "   ($((SECONDS - start))s)"
+
+failed=()
+summary=()
+stage() {  # stage NAME COMMAND...
+  local name=$1 t=$SECONDS rc=0
+  shift
+  echo
+  echo "== zfs-suite: $name"
+  "$@" || rc=$?
+  summary+=("$(printf '%-44s %s in %ss' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" $((SECONDS - t)))")
+  [ $rc = 0 ] || failed+=("$name")
+}
+
+now() { date +%s.%N; }
+ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
+
+# The time to a ready-to-use dataset volume, through holdfast and by hand, ROUNDS times each,
+# interleaved so that both see the same machine load.
+timing() {
+  local rounds=${HOLDFAST_ZFS_TIMING_ROUNDS:-5} dir=/tmp/hf-timing i t0 t1 t2 t3 id
+  mkdir -p "$dir"
+  local sock=$dir/csi.sock ep="unix://$dir/csi.sock"
+  "$hf_bin" all-in-one --endpoint "$ep" --node-id timing --config tests/fixtures/zfs/conformance-dataset.toml >"$dir/driver.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+  local ctl=("$hf_bin" ctl --endpoint "$ep")
+  local hf=() hand=()
+  for i in $(seq "$rounds"); do
+    mkdir -p "$dir/s$i" "$dir/t$i" "$dir/hs$i" "$dir/ht$i"
+    id="zfs:timing:zfs-ds:timing-$i"
+    t0=$(now)
+    "${ctl[@]}" create "timing-$i" --size 64MiB --fs zfs --param pool=zfs-ds >/dev/null
+    t1=$(now)
+    "${ctl[@]}" stage "$id" --staging-path "$dir/s$i" >/dev/null
+    t2=$(now)
+    "${ctl[@]}" publish "$id" --staging-path "$dir/s$i" --target-path "$dir/t$i" >/dev/null
+    t3=$(now)
+    hf+=("$(ms "$t0" "$t1") $(ms "$t1" "$t2") $(ms "$t2" "$t3") $(ms "$t0" "$t3")")
+    "${ctl[@]}" unpublish "$id" --target-path "$dir/t$i" >/dev/null
+    "${ctl[@]}" unstage "$id" --staging-path "$dir/s$i" >/dev/null
+    "${ctl[@]}" delete "$id" >/dev/null
+
+    t0=$(now)
+    zfs create -o mountpoint=legacy -o refquota=64M -o compression=lz4 "hfzfs/byhand-$i"
+    t1=$(now)
+    mount -t zfs "hfzfs/byhand-$i" "$dir/hs$i"
+    t2=$(now)
+    mount --bind "$dir/hs$i" "$dir/ht$i"
+    t3=$(now)
+    hand+=("$(ms "$t0" "$t1") $(ms "$t1" "$t2") $(ms "$t2" "$t3") $(ms "$t0" "$t3")")
+    umount "$dir/ht$i" "$dir/hs$i"
+    zfs destroy "hfzfs/byhand-$i"
+  done
+  kill "$pid"
+  wait "$pid" || true
+  report() {  # report LABEL "create stage publish total"...
+    local label=$1
+    shift
+    printf '%s\n' "$@" | sort -n -k4 | awk -v label="$label" '
+      { c[NR] = $1; s[NR] = $2; p[NR] = $3; t[NR] = $4 }
+      END { m = int((NR + 1) / 2)
+            printf "   %-34s median total %5d ms (create %d, stage %d, publish %d); min %d, max %d ms over %d rounds\n",
+                   label, t[m], c[m], s[m], p[m], t[1], t[NR], NR }'
+  }
+  echo "   time to a ready-to-use 64 MiB dataset volume (medians by total; steps of that round):"
+  report "holdfast ctl (CSI, all-in-one)" "${hf[@]}"
+  report "by hand (zfs create, mount ×2)" "${hand[@]}"
+  echo "   (each holdfast step is one \`holdfast ctl\` process: start, connect, one RPC; by hand each"
+  echo "    step is one zfs/mount process)"
+}
+
+extra=("$@")
+for s in $stages; do
+  case $s in
+    1) stage "tests/zfs.rs (real ZFS)" "$zfs_bin" "${extra[@]}" ;;
+    2) stage "conformance, ZFS datasets (fs zfs)" env HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-dataset.toml \
+         HOLDFAST_TEST_FS=zfs "$conf_bin" --test-threads="$threads" "${extra[@]}" ;;
+    3) stage "conformance, zvols (fs ext4)" env HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-zvol.toml \
+         HOLDFAST_TEST_FS=ext4 "$conf_bin" --test-threads="$threads" "${extra[@]}" ;;
+    4) stage "timing: ready-to-use volume" timing ;;
+    *) echo "zfs-suite: unknown stage $s" >&2; exit 2 ;;
+  esac
+done
+
+echo
+echo "== zfs-suite summary ($((SECONDS - start))s in the guest)"
+printf '   %s\n' "${summary[@]}"
+echo "   left behind in hfzfs (should be nothing below the conformance parents):"
+zfs list -H -r -t all -o name hfzfs | sed 's/^/     /' || true
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "zfs-suite: FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "zfs-suite: all stages passed"
