@@ -115,7 +115,7 @@ impl Plugin {
         let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
             .args(["all-in-one", "--endpoint", &endpoint, "--node-id", NODE_ID, "--log-format", "text", "--config"])
             .arg(&cfg)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+            .env("HOLDFAST_LOG", std::env::var("HOLDFAST_LOG").unwrap_or_else(|_| "debug".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup log"))
             .stderr(out)
@@ -668,6 +668,22 @@ async fn a_stopped_server_is_reported_abnormal_quickly() {
             let (stop, start) = (with_client(stop), with_client(start));
             let restart = ServerRestart;
             assert!(run(&stop[0], &stop[1..].iter().map(String::as_str).collect::<Vec<_>>()), "{how}");
+            // The pool's own view (no node-side statvfs involved): ControllerGetVolume's condition.
+            let started = Instant::now();
+            let get = ControllerGetVolumeRequest { volume_id: id.clone() };
+            match tokio::time::timeout(Duration::from_secs(30), p.controller.clone().controller_get_volume(get)).await {
+                Ok(Ok(r)) => {
+                    let c = r.into_inner().status.and_then(|s| s.volume_condition).unwrap_or_default();
+                    let took = started.elapsed();
+                    report
+                        .push(format!("{pool_name} after {how}: ControllerGetVolume abnormal={} in {took:.1?}: {}", c.abnormal, c.message));
+                    if !c.abnormal || took > Duration::from_secs(10) {
+                        failures.push(format!("{pool_name} after {how}: ControllerGetVolume abnormal={} in {took:.1?}", c.abnormal));
+                    }
+                }
+                Ok(Err(s)) => failures.push(format!("{pool_name} after {how}: ControllerGetVolume {:?}: {}", s.code(), s.message())),
+                Err(_) => failures.push(format!("{pool_name} after {how}: ControllerGetVolume did not answer within 30 s")),
+            }
             match stats_within(&p, &id, &target, Duration::from_secs(30)).await {
                 Ok((c, took)) => {
                     report.push(format!("{pool_name} after {how}: abnormal={} in {took:.1?}: {}", c.abnormal, c.message));

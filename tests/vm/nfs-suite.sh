@@ -63,6 +63,7 @@ fi
 : "${HOLDFAST_NFS_BIN:?run tests/vm/nfs-suite.sh on the host: it builds the test binaries}"
 : "${HOLDFAST_CONFORMANCE_BIN:?run tests/vm/nfs-suite.sh on the host: it builds the test binaries}"
 export HOLDFAST_NFS_TEST=1
+export HOLDFAST_TEST_FS=nfs   # what the conformance suite asks for in its mount capabilities
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
 start=$SECONDS

@@ -66,6 +66,8 @@ pub const WORK_ROOT: &str = "/run/holdfast/nfs";
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a probe result is trusted, so a burst of calls probes once.
 const PROBE_TTL: Duration = Duration::from_secs(2);
+/// How old a probe result a health check accepts (a ListVolumes still probes about once).
+const CONDITION_PROBE_AGE: Duration = Duration::from_millis(500);
 /// How long a batch of file operations on the export may take before the server is declared
 /// unavailable (the blocked thread is abandoned; the call answers).
 const FS_TIMEOUT: Duration = Duration::from_secs(60);
@@ -267,12 +269,17 @@ impl NfsPool {
         Error::NotFound(format!("volume {local} does not exist in nfs pool {:?}", self.name))
     }
 
-    /// Makes sure the export is mounted and answering (a recent answer is reused); returns
-    /// its free bytes.
+    /// Makes sure the export is mounted and answering (an answer from the last
+    /// [`PROBE_TTL`] is reused, so a burst of calls probes once); returns its free bytes.
     async fn ensure(&self) -> Result<u64> {
+        self.ensure_within(PROBE_TTL).await
+    }
+
+    /// [`NfsPool::ensure`], reusing only an answer younger than `max_age`.
+    async fn ensure_within(&self, max_age: Duration) -> Result<u64> {
         let mut last = self.health.lock().await;
         if let Some((at, r)) = last.as_ref() {
-            if at.elapsed() < PROBE_TTL {
+            if at.elapsed() < max_age {
                 return r.clone().map_err(Error::Unavailable);
             }
         }
@@ -300,12 +307,25 @@ impl NfsPool {
     }
 
     /// Runs blocking file operations on the export on the blocking pool, under a deadline: a
-    /// server that stops answering mid-way makes this UNAVAILABLE instead of hanging the call.
+    /// server that stops answering mid-way makes this UNAVAILABLE instead of hanging the call
+    /// (the blocked thread is left to finish when the server returns).
     async fn fs<T: Send + 'static>(&self, what: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-        match tokio::time::timeout(FS_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+        self.fs_within(what, FS_TIMEOUT, f).await
+    }
+
+    /// [`NfsPool::fs`] with its own deadline. A deadline that passes is remembered as the
+    /// server's state, so the calls that follow answer at once instead of waiting again.
+    async fn fs_within<T: Send + 'static>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        match tokio::time::timeout(deadline, tokio::task::spawn_blocking(f)).await {
             Err(_) => {
-                *self.health.lock().await = None;
-                Err(Error::Unavailable(format!("{what}: the NFS server of {} did not answer within {FS_TIMEOUT:?}", self.export.source)))
+                let m = format!("{what}: the NFS server of {} did not answer within {deadline:?}", self.export.source);
+                *self.health.lock().await = Some((Instant::now(), Err(m.clone())));
+                Err(Error::Unavailable(m))
             }
             Ok(Err(e)) => Err(Error::Internal(format!("{what}: the file operation task failed: {e}"))),
             Ok(Ok(r)) => r,
@@ -319,7 +339,9 @@ impl NfsPool {
 
     async fn read_volume(&self, layout: &Layout, local: &str) -> Result<Option<VolumeMeta>> {
         let path = layout.volume_meta(local);
-        let meta = self.fs("reading volume metadata", move || store::read_json::<VolumeMeta>(&path)).await?;
+        // A small file: a server that cannot give it within a probe's time is as good as down,
+        // and the caller may answer from memory (NodeGetVolumeStats must not wait a minute).
+        let meta = self.fs_within("reading volume metadata", self.probe_timeout, move || store::read_json::<VolumeMeta>(&path)).await?;
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         match &meta {
             Some(m) => known.insert(local.to_owned(), m.clone()),
@@ -545,6 +567,10 @@ impl Pool for NfsPool {
         "nfs"
     }
 
+    fn filesystems(&self) -> &'static [&'static str] {
+        &["nfs"]
+    }
+
     fn accepts_parameter(&self, key: &str) -> bool {
         matches!(
             key,
@@ -569,6 +595,9 @@ impl Pool for NfsPool {
                 self.name
             )));
         }
+        if let Some(fs) = req.fs_type.as_deref().filter(|f| *f != "nfs") {
+            return Err(Error::InvalidArgument(format!("nfs pool {:?} serves nfs filesystems, not {fs:?}", self.name)));
+        }
         let attrs = DirAttributes::from_parameters(&req.parameters)?;
         let subdir = self
             .template
@@ -580,7 +609,7 @@ impl Pool for NfsPool {
             csi_name: req.csi_name.clone(),
             capacity: req.capacity,
             block: false,
-            fs_type: None,
+            fs_type: Some("nfs".into()),
             source: req.source.clone(),
             created: now(),
         };
@@ -810,7 +839,8 @@ impl Pool for NfsPool {
 
     async fn condition(&self, local: &str) -> Result<Condition> {
         let meta = self.volume(local).await?.ok_or_else(|| self.missing(local))?;
-        if let Err(e) = self.ensure().await {
+        // A health check wants a fresh answer: the server may have gone since the last probe.
+        if let Err(e) = self.ensure_within(CONDITION_PROBE_AGE).await {
             return Ok(Condition::Abnormal(e.to_string()));
         }
         // lstat in a child under a deadline: the server may stop answering at any moment.

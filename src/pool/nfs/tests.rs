@@ -141,7 +141,7 @@ impl Rig {
             local: crate::volume_id::local_name(csi_name),
             capacity: 8 * MIB,
             block: false,
-            fs_type: Some("ext4".into()),
+            fs_type: Some("nfs".into()),
             source: None,
             parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
@@ -330,7 +330,7 @@ async fn create_makes_the_templated_directory_with_metadata_beside_it() {
     let r = rig(NESTED);
     let req = r.req("pvc-123", &pvc("team-a", "db"));
     let v = r.pool.create_volume(&req).await.unwrap();
-    assert_eq!((v.local.as_str(), v.capacity, v.block, v.fs_type.as_deref()), ("pvc-123", 8 * MIB, false, None));
+    assert_eq!((v.local.as_str(), v.capacity, v.block, v.fs_type.as_deref()), ("pvc-123", 8 * MIB, false, Some("nfs")));
     assert_eq!(r.tree(), ["team-a", "team-a/db"]);
     let dir = std::fs::metadata(r.work().join("team-a/db")).unwrap();
     assert_eq!(dir.permissions().mode() & 0o7777, DEFAULT_MODE);
@@ -367,6 +367,9 @@ async fn block_volumes_and_bad_parameters_are_refused() {
     let block = CreateRequest { block: true, fs_type: None, ..r.req("pvc-block", &[]) };
     let err = r.pool.create_volume(&block).await.unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("filesystem volumes only"), "{err}");
+    let ext4 = CreateRequest { fs_type: Some("ext4".into()), ..r.req("pvc-ext4", &[]) };
+    assert!(matches!(r.pool.create_volume(&ext4).await, Err(Error::InvalidArgument(_))));
+    assert_eq!(r.pool.filesystems(), ["nfs"]);
     let err = r.pool.create_volume(&r.req("pvc-mode", &[("mode", "999")])).await.unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     assert!(r.tree().is_empty());
@@ -443,7 +446,7 @@ async fn directories_that_belong_to_no_volume_or_to_another_are_not_taken_over()
 
     // The template changed to a deeper one: a new volume inside an existing volume's data is
     // refused; the old volume's deletion frees the place.
-    let deeper = r.with_config(&format!("subdir = \"${{pvc.metadata.namespace}}/${{pvc.metadata.name}}/data\"\n"));
+    let deeper = r.with_config("subdir = \"${pvc.metadata.namespace}/${pvc.metadata.name}/data\"\n");
     let err = deeper.create_volume(&r.req("pvc-4", &pvc("team-b", "db"))).await.unwrap_err();
     assert!(matches!(err, Error::AlreadyExists(_)) && err.to_string().contains("pvc-2"), "{err}");
     assert!(!r.work().join("team-b/db/data").exists());
@@ -494,7 +497,7 @@ async fn a_crash_between_rename_and_commit_is_finished_or_discarded_by_the_retry
             csi_name: req.csi_name.clone(),
             capacity: req.capacity,
             block: false,
-            fs_type: None,
+            fs_type: Some("nfs".into()),
             source: None,
             created: 1,
         },
