@@ -16,7 +16,7 @@ pub mod mount;
 pub mod mountinfo;
 
 use mount::Mounter;
-use mountinfo::{MountInfo, find_by_source};
+use mountinfo::MountInfo;
 
 /// Mounts stacked on one path are peeled one by one; more than this means something keeps
 /// mounting there, and looping on would never end.
@@ -94,7 +94,8 @@ impl Node {
                 // Resize on stage: a volume expanded while it was not staged gets its filesystem
                 // grown here, so it never comes back smaller than its capacity. ext4 grows
                 // offline before the mount; xfs and btrfs can only grow mounted (a no-op when full).
-                let unmounted_elsewhere = find_by_source(&mounts, &device.to_string_lossy()).is_empty();
+                // By device identity, not path: /dev/zvol/… and /dev/<vg>/<lv> are links to /dev/zd0, /dev/dm-3.
+                let unmounted_elsewhere = !mounts.iter().any(|m| same_device(m, device));
                 if !fresh && unmounted_elsewhere && fs == "ext4" {
                     let (fs_bytes, dev_bytes) = (format::ext_fs_bytes(self.exec.as_ref(), device).await?, format::size_of(device)?);
                     if fs_bytes + (1 << 20) <= dev_bytes {
@@ -710,6 +711,18 @@ mod tests {
         let full = rig(vec![found("ext4")]);
         full.stage("ext4").await.unwrap();
         assert_eq!(full.progs(), ["blkid", "dumpe2fs"], "a full-size ext4 is mounted as is");
+    }
+
+    #[tokio::test]
+    async fn stage_never_checks_a_filesystem_mounted_elsewhere_under_another_name() {
+        // The pool hands out a link (/dev/zvol/…, /dev/<vg>/<lv>); mountinfo names the node it points to.
+        let r = rig(vec![found("ext4")]);
+        std::fs::File::options().write(true).open(&r.device).unwrap().set_len(8 << 20).unwrap();
+        let link = r.path("dev-link");
+        std::os::unix::fs::symlink(&r.device, &link).unwrap();
+        r.mounter.add_mount(&r.device.to_string_lossy(), &r.path("elsewhere"), "ext4", &["rw"]);
+        r.node.stage_filesystem(&Attachment::Device(link), &r.path("stage"), "ext4", &[]).await.unwrap();
+        assert_eq!(r.progs(), ["blkid"], "no e2fsck/resize2fs while the device is mounted elsewhere");
     }
 
     #[tokio::test]

@@ -843,19 +843,28 @@ impl Pool for NfsPool {
         if let Err(e) = self.ensure_within(CONDITION_PROBE_AGE).await {
             return Ok(Condition::Abnormal(e.to_string()));
         }
-        // lstat in a child under a deadline: the server may stop answering at any moment.
-        let path = self.export.work.join(&meta.subdir);
-        let cmd = Cmd::new("stat").args(["--format=%F", "--"]).arg(path.to_string_lossy()).timeout(self.probe_timeout);
-        Ok(match self.exec.run(cmd).await {
-            Ok(out) if out.stdout.trim() == "directory" => Condition::Healthy,
-            Ok(out) => Condition::Abnormal(format!("{} on the export is a {}, not a directory", meta.subdir, out.stdout.trim())),
-            Err(ExecError::Timeout { .. }) => {
-                Condition::Abnormal(format!("the NFS server of {} did not answer within {:?}", self.export.source, self.probe_timeout))
+        // In children under a deadline, since the server may stop answering at any moment:
+        // lstat for the type (attributes may come from the client's cache), then statfs on the
+        // directory itself, which always asks the server with the volume's own file handle (so
+        // an unexported or re-exported directory shows, as it would on the node's mount).
+        let path = self.export.work.join(&meta.subdir).to_string_lossy().into_owned();
+        let problem = |e: ExecError| match e {
+            ExecError::Timeout { .. } => format!("the NFS server of {} did not answer within {:?}", self.export.source, self.probe_timeout),
+            e if export::is_missing(&e) => format!("the volume's directory {} is gone from the export {}", meta.subdir, self.export.source),
+            e => format!("cannot inspect the volume's directory {} on {}: {e}", meta.subdir, self.export.source),
+        };
+        let kind = Cmd::new("stat").args(["--format=%F", "--", &path]).timeout(self.probe_timeout);
+        match self.exec.run(kind).await {
+            Ok(out) if out.stdout.trim() == "directory" => {}
+            Ok(out) => {
+                return Ok(Condition::Abnormal(format!("{} on the export is a {}, not a directory", meta.subdir, out.stdout.trim())));
             }
-            Err(e) if export::is_missing(&e) => {
-                Condition::Abnormal(format!("the volume's directory {} is gone from the export {}", meta.subdir, self.export.source))
-            }
-            Err(e) => Condition::Abnormal(format!("cannot inspect the volume's directory {} on {}: {e}", meta.subdir, self.export.source)),
+            Err(e) => return Ok(Condition::Abnormal(problem(e))),
+        }
+        let fresh = Cmd::new("stat").args(["--file-system", "--format=%a %S", "--", &path]).timeout(self.probe_timeout);
+        Ok(match self.exec.run(fresh).await {
+            Ok(_) => Condition::Healthy,
+            Err(e) => Condition::Abnormal(problem(e)),
         })
     }
 }

@@ -47,8 +47,10 @@ impl TestExec {
         Arc::new(e)
     }
     fn on(&self, prefix: &str, answers: Vec<Do>) {
-        let prefix = prefix.split_whitespace().map(str::to_owned).collect();
-        self.rules.lock().unwrap().push((prefix, answers.into()));
+        self.on_args(&prefix.split_whitespace().collect::<Vec<_>>(), answers);
+    }
+    fn on_args(&self, prefix: &[&str], answers: Vec<Do>) {
+        self.rules.lock().unwrap().push((prefix.iter().map(|a| a.to_string()).collect(), answers.into()));
     }
     fn lines(&self) -> Vec<String> {
         self.calls.lock().unwrap().iter().map(|c| c.join(" ")).collect()
@@ -544,6 +546,15 @@ async fn condition_reports_a_vanished_directory() {
         Condition::Healthy => panic!("healthy without its directory"),
     }
     assert!(matches!(r.pool.condition("pvc-none").await, Err(Error::NotFound(_))));
+    // Unexported: the directory's attributes may still be cached, but the server refuses it.
+    let v2 = r.pool.create_volume(&r.req("pvc-unexported", &[])).await.unwrap();
+    let dir = r.work().join("pvc-unexported").display().to_string();
+    let refused = "stat: cannot read file system information for 'x': Permission denied".to_owned();
+    r.exec.on_args(&["stat", "--file-system", "--format=%a %S", "--", &dir], vec![Do::Fail(1, refused)]);
+    match r.pool.condition(&v2.local).await.unwrap() {
+        Condition::Abnormal(m) => assert!(m.contains("Permission denied"), "{m}"),
+        Condition::Healthy => panic!("healthy although the server refuses the directory"),
+    }
     // Deleting a volume whose directory vanished still works.
     r.pool.delete_volume(&v.local).await.unwrap();
 }
