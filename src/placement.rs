@@ -22,6 +22,19 @@ pub fn allowed(have: &Segments, requisite: &[Segments]) -> bool {
     requisite.is_empty() || requisite.iter().any(|t| satisfies(have, t))
 }
 
+/// Whether a pool whose volumes are reachable in `reach` lies inside the requested topology
+/// `want`. A node-local pool is reachable on its node: the node's segments must satisfy
+/// `want`. A shared pool is reachable wherever its own (possibly empty) segments hold, so it
+/// fits any `want` that lies inside them: `{}` (everywhere) fits every requested topology.
+pub fn reachable_in(reach: &Segments, shared: bool, want: &Segments) -> bool {
+    if shared { satisfies(want, reach) } else { satisfies(reach, want) }
+}
+
+/// [`reachable_in`] for a list of requisite topologies (empty list: anywhere).
+pub fn reachable(reach: &Segments, shared: bool, requisite: &[Segments]) -> bool {
+    requisite.is_empty() || requisite.iter().any(|t| reachable_in(reach, shared, t))
+}
+
 /// Rank of `have` among preferred topologies: the index of the first it satisfies, or
 /// `preferred.len()` when it satisfies none (lower is better).
 pub fn preference_rank(have: &Segments, preferred: &[Segments]) -> usize {
@@ -77,6 +90,18 @@ mod tests {
         for c in cases {
             assert_eq!(allowed(&here, &c.requisite), c.want, "{}", c.name);
         }
+    }
+
+    #[test]
+    fn shared_pools_are_reachable_inside_their_segments() {
+        let everywhere = Segments::new();
+        let zone = seg(&[("zone", "z1")]);
+        let node_a = seg(&[(NODE_KEY, "a"), ("zone", "z1")]);
+        assert!(reachable(&everywhere, true, &[seg(&[(NODE_KEY, "a")])]), "an everywhere pool serves any node");
+        assert!(reachable(&zone, true, std::slice::from_ref(&node_a)), "a zone pool serves a node in its zone");
+        assert!(!reachable(&zone, true, &[seg(&[(NODE_KEY, "b"), ("zone", "z2")])]), "not a node of another zone");
+        assert!(!reachable(&seg(&[(NODE_KEY, "a")]), false, &[seg(&[(NODE_KEY, "b")])]), "node-local pools stay on their node");
+        assert!(reachable(&node_a, false, &[zone]), "a node in the requested zone");
     }
 
     #[test]

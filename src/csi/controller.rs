@@ -139,7 +139,8 @@ impl ControllerService {
             capacity_bytes: v.capacity as i64,
             volume_context: ctx,
             content_source: source,
-            accessible_topology: vec![topology(&self.pool_segments(pool))],
+            // No segments: reachable from everywhere, which CSI says with an empty list.
+            accessible_topology: Some(self.pool_segments(pool)).filter(|s| !s.is_empty()).iter().map(topology).collect(),
         }
     }
 
@@ -275,7 +276,7 @@ impl ControllerService {
         if pools.is_empty() {
             return Err(Error::InvalidArgument("no configured pool matches the pool/kind parameters".into()));
         }
-        pools.retain(|p| placement::allowed(&self.pool_segments(p.as_ref()), &requisite));
+        pools.retain(|p| placement::reachable(&self.pool_segments(p.as_ref()), p.multi_node(), &requisite));
         if pools.is_empty() {
             return Err(Error::ResourceExhausted(format!(
                 "no pool of node {} lies inside the requested topology; this driver places volumes only on its own pools",
@@ -383,7 +384,12 @@ impl ControllerService {
         for pool in self.d.pools.values() {
             for v in pool.list_volumes().await? {
                 let msg = self.volume_message(pool.as_ref(), &v);
-                let cond = self.condition_of(pool.as_ref(), &v.local).await?;
+                let cond = match self.condition_of(pool.as_ref(), &v.local).await {
+                    Ok(c) => c,
+                    // Deleted since the pool listed it: it is simply not in this listing.
+                    Err(Error::NotFound(_)) => continue,
+                    Err(e) => return Err(e),
+                };
                 items.push((msg.volume_id.clone(), (msg, cond)));
             }
         }
@@ -414,7 +420,7 @@ impl ControllerService {
         let mut best = 0u64;
         for p in self.selected_pools(&req.parameters)? {
             let fits_caps = caps.iter().all(|c| c.supported_by(p.as_ref()));
-            let fits_topology = want.as_ref().is_none_or(|w| placement::satisfies(&self.pool_segments(p.as_ref()), w));
+            let fits_topology = want.as_ref().is_none_or(|w| placement::reachable_in(&self.pool_segments(p.as_ref()), p.multi_node(), w));
             if fits_caps && fits_topology {
                 best = best.max(p.capacity().await?);
             }

@@ -2,8 +2,9 @@
 //! stats, expansion and node info. Validates, locks the volume, then delegates to the pool
 //! (attach/detach) and to `crate::node` (mounts, filesystems).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -138,31 +139,55 @@ impl NodeService {
     async fn stats(&self, r: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse> {
         require("volume_id", &r.volume_id)?;
         require_path("volume_path", &r.volume_path)?;
-        let (pool, v) = self.existing(&r.volume_id).await?;
-        let path = Path::new(&r.volume_path);
-        if !path.exists() {
-            return Err(Error::NotFound(format!("volume_path {} does not exist on this node", r.volume_path)));
+        if !r.staging_target_path.is_empty() {
+            require_path("staging_target_path", &r.staging_target_path)?;
         }
+        let (pool, v) = self.existing(&r.volume_id).await?;
+        let path = PathBuf::from(&r.volume_path);
+        // The pool's own check first: it probes remote storage under a deadline. When it says
+        // abnormal (an NFS server gone), the volume path is not touched at all: a stat on a dead
+        // hard mount would never return.
         let mut condition = match pool.condition(&v.local).await? {
             Condition::Abnormal(m) => Some(m),
             Condition::Healthy => None,
         };
-        if condition.is_none() {
-            if let Condition::Abnormal(m) = self.d.node.condition(path, v.block) {
-                condition = Some(m);
-            }
-        }
-        // A bind mount outlives the staging mount it came from: check the staging path too.
-        if condition.is_none() && !v.block && !r.staging_target_path.is_empty() {
-            require_path("staging_target_path", &r.staging_target_path)?;
-            if let Condition::Abnormal(m) = self.d.node.condition(Path::new(&r.staging_target_path), false) {
-                condition = Some(format!("staging mount: {m}"));
-            }
-        }
         let mut usage = Vec::new();
-        if condition.is_none() || path.exists() {
-            match self.d.node.stats(path) {
-                Ok(s) => {
+        if condition.is_none() {
+            let exists = with_deadline(&r.volume_path, {
+                let p = path.clone();
+                move || p.exists()
+            })
+            .await;
+            match exists {
+                Ok(false) => return Err(Error::NotFound(format!("volume_path {} does not exist on this node", r.volume_path))),
+                Ok(true) => {}
+                Err(m) => condition = Some(m),
+            }
+        }
+        if condition.is_none() {
+            let node = self.d.node.clone();
+            let (block, staging) = (v.block, r.staging_target_path.clone());
+            let p = path.clone();
+            let checked = with_deadline(&r.volume_path, move || {
+                if let Condition::Abnormal(m) = node.condition(&p, block) {
+                    return Some(m);
+                }
+                // A bind mount outlives the staging mount it came from: check the staging path too.
+                if !block && !staging.is_empty() {
+                    if let Condition::Abnormal(m) = node.condition(Path::new(&staging), false) {
+                        return Some(format!("staging mount: {m}"));
+                    }
+                }
+                None
+            })
+            .await;
+            condition = checked.unwrap_or_else(Some);
+        }
+        if condition.is_none() {
+            let node = self.d.node.clone();
+            let p = path.clone();
+            match with_deadline(&r.volume_path, move || node.stats(&p)).await {
+                Ok(Ok(s)) => {
                     use volume_usage::Unit;
                     let u = |unit: Unit, total: u64, available: u64, used: u64| VolumeUsage {
                         available: available as i64,
@@ -175,8 +200,8 @@ impl NodeService {
                         usage.push(u(Unit::Inodes, t, f, used));
                     }
                 }
-                Err(e) if condition.is_some() => tracing::debug!("no stats for an abnormal volume: {e}"),
-                Err(e) => condition = Some(format!("cannot read usage of {}: {e}", r.volume_path)),
+                Ok(Err(e)) => condition = Some(format!("cannot read usage of {}: {e}", r.volume_path)),
+                Err(m) => condition = Some(m),
             }
         }
         let volume_condition = Some(match condition {
@@ -213,6 +238,20 @@ impl NodeService {
         }
         let size = self.d.node.expand_filesystem(&dev, path).await?;
         Ok(NodeExpandVolumeResponse { capacity_bytes: size as i64 })
+    }
+}
+
+/// How long a file-system call on a volume path may take before the volume counts as abnormal.
+const PATH_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs a blocking file-system call on a volume path off the async workers, with a deadline:
+/// on a hung mount (an unreachable NFS server with `hard`) the call may never return, and it
+/// must not take a worker thread or the caller with it. `Err` is the abnormal-condition message.
+async fn with_deadline<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    match tokio::time::timeout(PATH_DEADLINE, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("checking {path} failed: {e}")),
+        Err(_) => Err(format!("{path} did not answer within {PATH_DEADLINE:?}: the storage behind it is hung or unreachable")),
     }
 }
 
