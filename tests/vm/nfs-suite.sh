@@ -13,7 +13,6 @@
 #      names, a stopped server, timing against mkdir + mount by hand);
 #   2. tests/conformance.rs against an nfs pool (HOLDFAST_TEST_CONFIG), except the tests whose
 #      assertions only hold for node-local pools (listed below with the reason);
-#   3. those node-local tests too, for the record: their outcome is reported, not fatal.
 # It prints a summary and exits non-zero when part 1 or 2 failed.
 #
 # Environment: HOLDFAST_NFS_TARGET (the cargo target dir, default target/nfs-vm; the plugins' logs
@@ -98,11 +97,10 @@ for t in "${node_local_only[@]}"; do skips+=(--skip "$t"); done
 
 part nfs "$HOLDFAST_NFS_BIN" "$@"
 part conformance env HOLDFAST_TEST_CONFIG="$config" "$HOLDFAST_CONFORMANCE_BIN" "${skips[@]}" "$@"
-part node-local-only env HOLDFAST_TEST_CONFIG="$config" "$HOLDFAST_CONFORMANCE_BIN" --exact "${node_local_only[@]}"
+echo "== conformance: ${#node_local_only[@]} tests not run on nfs (they assert node-local behaviour, see the list at the top): ${node_local_only[*]}"
 
 echo
 echo "== summary (total $((SECONDS - start))s)"
 printf '  %-18s exit %s  (%ss)\n' nfs "${result[nfs]}" "${took[nfs]}"
 printf '  %-18s exit %s  (%ss)\n' conformance "${result[conformance]}" "${took[conformance]}"
-printf '  %-18s exit %s  (%ss, informative: these assert node-local behaviour)\n' node-local-only "${result[node-local-only]}" "${took[node-local-only]}"
 [ "${result[nfs]}" = 0 ] && [ "${result[conformance]}" = 0 ]
