@@ -36,6 +36,9 @@ pub enum Error {
     /// A peer (agent, NFS server) could not be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// A call did not finish within its deadline (a hung or very slow filesystem or device).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// An external command failed.
     #[error("{context}: {source}")]
     Exec {
@@ -55,6 +58,36 @@ pub enum Error {
     /// Anything else that is holdfast's own fault.
     #[error("{0}")]
     Internal(String),
+}
+
+/// Longest piece of caller-supplied text (an id, a name, a path) that goes into a message or
+/// a log line; the rest is cut and its length noted.
+pub const MAX_ECHO: usize = 256;
+
+/// Caller-supplied text made safe to echo: control characters escaped (no forged log lines),
+/// cut to [`MAX_ECHO`] bytes with the full length noted (no oversized gRPC messages), quoted.
+pub fn bounded(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_ECHO) + 2);
+    out.push('"');
+    let mut cut = false;
+    for c in s.chars() {
+        let piece: String = match c {
+            '"' => "\\\"".into(),
+            '\\' => "\\\\".into(),
+            c if c.is_control() => c.escape_default().collect(),
+            c => c.to_string(),
+        };
+        if out.len() + piece.len() > MAX_ECHO + 1 {
+            cut = true;
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out.push('"');
+    if cut {
+        out.push_str(&format!(" (cut, {} bytes in all)", s.len()));
+    }
+    out
 }
 
 /// Shorthand for results of this crate.
@@ -102,6 +135,7 @@ impl<T> Context<T> for std::result::Result<T, ExecError> {
 /// | operation already in progress on the object | ABORTED |
 /// | not supported here | UNIMPLEMENTED |
 /// | agent or server unreachable | UNAVAILABLE |
+/// | a call stuck past its deadline (hung storage) | DEADLINE_EXCEEDED |
 /// | external command or I/O failed, a bug | INTERNAL |
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
@@ -116,6 +150,7 @@ impl From<Error> for tonic::Status {
             Error::Aborted(_) => Code::Aborted,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Exec { source: ExecError::Timeout { .. }, .. } => Code::DeadlineExceeded,
             Error::Exec { .. } | Error::Io { .. } | Error::Internal(_) => Code::Internal,
         };
@@ -145,12 +180,22 @@ mod tests {
             Case { err: Error::Aborted("x".into()), want: Code::Aborted },
             Case { err: Error::Unimplemented("x".into()), want: Code::Unimplemented },
             Case { err: Error::Unavailable("x".into()), want: Code::Unavailable },
+            Case { err: Error::DeadlineExceeded("x".into()), want: Code::DeadlineExceeded },
             Case { err: Error::exec("formatting", failed), want: Code::Internal },
             Case { err: Error::io("reading /x", std::io::Error::other("boom")), want: Code::Internal },
         ];
         for c in cases {
             assert_eq!(tonic::Status::from(c.err).code(), c.want);
         }
+    }
+
+    #[test]
+    fn echoed_text_is_bounded_and_escaped() {
+        assert_eq!(bounded("file:n:p:v"), "\"file:n:p:v\"");
+        assert_eq!(bounded("a\nINFO forged"), "\"a\\nINFO forged\"");
+        let long = bounded(&"x".repeat(10_000));
+        assert!(long.len() < MAX_ECHO + 40 && long.ends_with("(cut, 10000 bytes in all)"), "{long}");
+        assert!(bounded(&"é".repeat(300)).contains("(cut, 600 bytes in all)"), "cut on a character boundary");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod proto {
 }
 
 pub mod bench;
+pub mod blocking;
 pub mod config;
 pub mod csi;
 pub mod ctl;

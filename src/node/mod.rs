@@ -14,6 +14,7 @@ pub mod format;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
+pub mod safepath;
 
 use mount::Mounter;
 use mountinfo::MountInfo;
