@@ -2,6 +2,8 @@
 //! operations and the operation locks. The CSI services share one `Driver`.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::Config;
@@ -29,23 +31,40 @@ pub struct Driver {
     pub node: Node,
     /// Operation locks.
     pub locks: Locks,
+    /// The driver's own durable state (stage and freeze records), 0700.
+    pub state_dir: PathBuf,
 }
 
 impl Driver {
     /// Opens every configured pool.
-    pub fn new(node_id: &str, cfg: &Config, exec: Arc<dyn Exec>, mounter: Arc<dyn Mounter>) -> Result<Driver> {
+    pub fn new(node_id: &str, cfg: &Config, state_dir: &Path, exec: Arc<dyn Exec>, mounter: Arc<dyn Mounter>) -> Result<Driver> {
         if !valid_node_id(node_id) {
             return Err(Error::InvalidArgument(format!(
                 "node id {node_id:?} is not usable: 1 to 48 characters of A-Z, a-z, 0-9, '.', '_' and '-' (set --node-id)"
             )));
         }
+        if !state_dir.is_absolute() {
+            return Err(Error::InvalidArgument(format!("state directory {} must be an absolute path", state_dir.display())));
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(|e| Error::io(format!("creating state directory {}", state_dir.display()), e))?;
         let mut segments = cfg.topology.clone();
         segments.insert(NODE_KEY.to_owned(), node_id.to_owned());
         let mut pools = BTreeMap::new();
         for pc in &cfg.pools {
             pools.insert(pc.name().to_owned(), pool::open(pc, exec.clone())?);
         }
-        Ok(Driver { node_id: node_id.to_owned(), segments, pools, node: Node::new(exec, mounter), locks: Locks::new() })
+        Ok(Driver {
+            node_id: node_id.to_owned(),
+            segments,
+            pools,
+            node: Node::new(exec, mounter),
+            locks: Locks::new(),
+            state_dir: state_dir.to_owned(),
+        })
     }
 
     /// The pool a (parsed) id names, if it is one of ours. Ids of another node, an unknown pool

@@ -43,6 +43,10 @@ struct ServeArgs {
     /// The configuration file (TOML). Without it, one `file` pool named "default" in /var/lib/holdfast/default.
     #[arg(long, env = "HOLDFAST_CONFIG")]
     config: Option<PathBuf>,
+    /// The driver's own state (stage and freeze records): created 0700 if missing. Must be on
+    /// the node's disk and survive restarts of the driver (in a container: a hostPath).
+    #[arg(long, env = "HOLDFAST_STATE_DIR", default_value = "/var/lib/holdfast/state")]
+    state_dir: PathBuf,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -98,7 +102,7 @@ async fn all_in_one(args: ServeArgs) -> anyhow::Result<()> {
     }
     let exec = Arc::new(RealExec);
     let mounter = Arc::new(RealMounter::new(exec.clone()));
-    let driver = Arc::new(Driver::new(&node_id, &cfg, exec, mounter)?);
+    let driver = Arc::new(Driver::new(&node_id, &cfg, &args.state_dir, exec, mounter)?);
     server::serve(&args.endpoint, driver, Services { controller: true, node: true }, shutdown_signal())
         .await
         .map_err(anyhow::Error::msg)?;

@@ -115,6 +115,8 @@ impl Plugin {
         let mut child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
             .args(["all-in-one", "--endpoint", &endpoint, "--node-id", NODE_ID, "--log-format", "text", "--config"])
             .arg(&cfg)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .env("HOLDFAST_LOG", std::env::var("HOLDFAST_LOG").unwrap_or_else(|_| "debug".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup log"))

@@ -107,6 +107,8 @@ impl Setup {
             .arg("--config")
             .arg(&self.pool.config)
             .args(["--log-format", "text"])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
             .stdin(Stdio::null())
             .stdout(out)

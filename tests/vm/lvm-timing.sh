@@ -19,7 +19,7 @@ lvcreate -q -y --type thin-pool -L 3G -n tp0 hft >/dev/null
 w=$(mktemp -d)
 printf '[[pool]]\nname = "t"\nkind = "lvm"\nvolume_group = "hft"\nthin_pool = "tp0"\noverprovision_ratio = 10.0\n' >"$w/c.toml"
 hf=target/debug/holdfast
-$hf all-in-one --endpoint "unix://$w/csi.sock" --node-id vm --config "$w/c.toml" 2>"$w/log" &
+$hf all-in-one --endpoint "unix://$w/csi.sock" --node-id vm --config "$w/c.toml" --state-dir "$w/state" 2>"$w/log" &
 for _ in $(seq 50); do [ -S "$w/csi.sock" ] && break; sleep 0.2; done
 ctl() { $hf ctl --endpoint "unix://$w/csi.sock" "$@" >/dev/null; }
 ms() { date +%s%N; }
