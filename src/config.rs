@@ -40,6 +40,9 @@ pub struct PoolConfig {
     pub path: Option<PathBuf>,
     /// file: space kept free on the pool's filesystem (`"1GiB"`).
     pub reserve: Option<String>,
+    /// file: `thick` (default: every volume's blocks allocated at creation) or `thin` (sparse
+    /// images; a StorageClass may choose per volume with the `provisioning` parameter).
+    pub provisioning: Option<String>,
     /// Filesystem for new filesystem volumes when the request names none (`ext4`, `xfs`, `btrfs`).
     pub default_fs: Option<String>,
     /// lvm: the volume group.
@@ -286,6 +289,7 @@ impl PoolConfig {
         let present: Vec<(&str, bool)> = vec![
             ("path", self.path.is_some()),
             ("reserve", self.reserve.is_some()),
+            ("provisioning", self.provisioning.is_some()),
             ("volume_group", self.volume_group.is_some()),
             ("thin_pool", self.thin_pool.is_some()),
             ("overprovision_ratio", self.overprovision_ratio.is_some()),
@@ -302,7 +306,7 @@ impl PoolConfig {
             ("pool_topology", self.pool_topology.is_some()),
         ];
         let (required, allowed): (&[&str], &[&str]) = match self.kind() {
-            PoolKind::File => (&["path"], &["path", "reserve"]),
+            PoolKind::File => (&["path"], &["path", "reserve", "provisioning"]),
             PoolKind::Lvm => (&["volume_group"], &["volume_group", "thin_pool", "overprovision_ratio", "lvcreate_options"]),
             PoolKind::Zfs => (&["dataset"], &["dataset", "properties", "quota_mode", "sparse"]),
             PoolKind::Nfs => (&["server", "export"], &["server", "export", "mount_options", "subdir", "on_delete", "pool_topology"]),
@@ -320,6 +324,11 @@ impl PoolConfig {
         }
         if let Some(r) = &self.reserve {
             parse_size(r).ok_or_else(|| format!("reserve {r:?} is not a size (examples: \"1GiB\", \"500MiB\")"))?;
+        }
+        if let Some(p) = &self.provisioning {
+            if p != "thick" && p != "thin" {
+                return Err(format!("provisioning {p:?} is neither \"thick\" nor \"thin\""));
+            }
         }
         if let Some(fs) = &self.default_fs {
             let allowed: &[&str] = match self.kind() {

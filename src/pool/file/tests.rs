@@ -15,8 +15,31 @@ fn config(dir: &Path, extra: &str) -> PoolConfig {
     Config::parse(&src).unwrap().pools.remove(0)
 }
 
+/// A pool whose loop-device queue limits live in a fake `/sys/block` under `dir` (fake loop
+/// devices must never reach the real ones).
 fn pool(dir: &Path, exec: Arc<dyn Exec>) -> FilePool {
-    FilePool::new(&config(dir, ""), exec).unwrap()
+    FilePool::new(&config(dir, ""), exec).unwrap().with_sys_block(dir.join("fake-sys-block"))
+}
+
+/// A pool on real loop devices.
+fn real_pool(dir: &Path) -> FilePool {
+    FilePool::new(&config(dir, ""), Arc::new(RealExec)).unwrap()
+}
+
+/// The same request, for a thin volume.
+fn thin(r: CreateRequest) -> CreateRequest {
+    let mut r = r;
+    r.parameters.insert(PARAM_PROVISIONING.into(), "thin".into());
+    r
+}
+
+/// A fake loop device's discard limit, as the kernel shows it.
+fn fake_discard_knob(dir: &Path, dev: &str) -> PathBuf {
+    let queue = dir.join("fake-sys-block").join(dev).join("queue");
+    fs::create_dir_all(&queue).unwrap();
+    let knob = queue.join("discard_max_bytes");
+    fs::write(&knob, "4294966784\n").unwrap();
+    knob
 }
 
 fn req(name: &str, capacity: u64, block: bool, source: Option<Source>) -> CreateRequest {
@@ -144,7 +167,9 @@ async fn attach_reuses_the_existing_device_and_detach_detaches_it() {
         image.display()
     );
     fake.on("losetup --list", vec![Reply::Ok(listed.clone()), Reply::Ok(listed), Reply::Ok(r#"{"loopdevices":[]}"#.into())]);
+    let knob = fake_discard_knob(dir.path(), "loop3");
     assert_eq!(p.attach("v1").await.unwrap(), Attachment::Device("/dev/loop3".into()));
+    assert_eq!(fs::read_to_string(&knob).unwrap(), "0", "a thick volume's device passes no discard");
     p.detach("v1").await.unwrap();
     let assoc = format!("losetup --list --json --associated {}", image.display());
     assert_eq!(fake.lines(), [assoc.clone(), assoc.clone(), "losetup --detach /dev/loop3".into(), assoc]);
@@ -302,14 +327,24 @@ async fn condition_reports_missing_and_damaged_files() {
 async fn real_volume_lifecycle() {
     let dir = tempfile::tempdir().unwrap();
     let _cleanup = Cleanup { mounts: vec![], dir: dir.path().to_owned() };
-    let p = pool(dir.path(), Arc::new(RealExec));
+    let p = real_pool(dir.path());
     let r = req("v1", 64 * MIB, false, None);
     let v = p.create_volume(&r).await.unwrap();
     assert_eq!((v.local.as_str(), v.csi_name.as_str(), v.capacity, v.fs_type.as_deref()), ("v1", "csi-v1", 64 * MIB, Some("ext4")));
     assert_eq!(p.create_volume(&r).await.unwrap(), v, "idempotent");
     assert_eq!(p.get_volume("v1").await.unwrap(), Some(v.clone()));
     assert_eq!(p.list_volumes().await.unwrap(), vec![v.clone()]);
-    assert_eq!(p.promised().unwrap(), 64 * MIB, "a fresh sparse file promises all of it");
+    // Thick by default: every block is allocated, nothing more is promised.
+    assert!(fs::metadata(img(dir.path(), "volumes", "v1")).unwrap().blocks() * 512 >= 64 * MIB, "thick is allocated");
+    assert_eq!(p.promised().unwrap(), 0, "a thick volume holds what it was promised");
+    let t = p.create_volume(&thin(req("t1", 32 * MIB, false, None))).await.unwrap();
+    assert_eq!(p.promised().unwrap(), 32 * MIB, "a fresh thin volume promises all of it");
+    assert!(matches!(p.create_volume(&thin(r.clone())).await, Err(Error::AlreadyExists(_))), "provisioning is compared");
+    let mut bad = r.clone();
+    bad.parameters.insert(PARAM_PROVISIONING.into(), "lazy".into());
+    let err = p.create_volume(&bad).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("provisioning=\"lazy\""), "{err}");
+    p.delete_volume(&t.local).await.unwrap();
 
     struct Case {
         name: &'static str,
@@ -392,7 +427,7 @@ async fn real_leftovers_are_invisible_and_cleaned_by_a_retry() {
 #[tokio::test]
 async fn real_snapshot_and_restore_keep_content() {
     let dir = tempfile::tempdir().unwrap();
-    let p = pool(dir.path(), Arc::new(RealExec));
+    let p = real_pool(dir.path());
     p.create_volume(&req("v1", 8 * MIB, true, None)).await.unwrap();
     let v1 = img(dir.path(), "volumes", "v1");
     write_at(&v1, 0, b"first block");
@@ -420,7 +455,11 @@ async fn real_snapshot_and_restore_keep_content() {
     assert_eq!(read_at(&r1, 0, 11), b"first block");
     assert_eq!(read_at(&r1, 5 * MIB, 8), b"far away");
     assert_eq!(fs::metadata(&r1).unwrap().len(), 16 * MIB);
-    assert!(fs::metadata(&r1).unwrap().blocks() * 512 < 2 * MIB, "holes stay holes");
+    assert!(fs::metadata(&r1).unwrap().blocks() * 512 >= 16 * MIB, "a thick restore is allocated, holes and growth");
+    p.create_volume(&thin(restore("r2", 16 * MIB))).await.unwrap();
+    let r2 = img(dir.path(), "volumes", "r2");
+    assert_eq!(read_at(&r2, 5 * MIB, 8), b"far away");
+    assert!(fs::metadata(&r2).unwrap().blocks() * 512 < 2 * MIB, "a thin restore keeps holes");
 
     p.delete_snapshot("s1").await.unwrap();
     p.delete_snapshot("s1").await.unwrap();
@@ -434,7 +473,7 @@ async fn real_snapshot_of_a_mounted_filesystem() {
     let mnt = dir.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let _cleanup = Cleanup { mounts: vec![mnt.clone()], dir: dir.path().to_owned() };
-    let p = pool(&dir.path().join("pool"), Arc::new(RealExec));
+    let p = real_pool(&dir.path().join("pool"));
     p.create_volume(&req("v1", 32 * MIB, false, None)).await.unwrap();
     let Attachment::Device(dev) = p.attach("v1").await.unwrap() else { panic!("not a device") };
     let run = |argv: &[&str]| {
