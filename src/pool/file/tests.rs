@@ -511,3 +511,79 @@ async fn real_snapshot_of_a_mounted_filesystem() {
     assert!(!before.is_empty() && before != after, "{before:?} vs {after:?}");
     assert_eq!(fs::metadata(&r1).unwrap().len(), 48 * MIB);
 }
+
+/// Mounts `args` (e.g. a tmpfs, or a loop image) at `dir/mnt` for a real test.
+fn mount_at(dir: &Path, args: &[&str]) -> PathBuf {
+    let mnt = dir.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let st = std::process::Command::new("mount").args(args).arg(&mnt).output().unwrap();
+    assert!(st.status.success(), "mount {args:?}: {}", String::from_utf8_lossy(&st.stderr));
+    mnt
+}
+
+/// Fills the filesystem holding `dir` with a file of zeroes, up to ENOSPC.
+fn fill(dir: &Path) {
+    let mut f = File::create(dir.join("filler")).unwrap();
+    let chunk = vec![0u8; MIB as usize];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
+
+#[tokio::test]
+async fn real_thin_volumes_on_a_full_filesystem_are_abnormal_and_thick_ones_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = mount_at(dir.path(), &["-t", "tmpfs", "-o", "size=16m", "tmpfs"]);
+    let _cleanup = Cleanup { mounts: vec![mnt.clone()], dir: dir.path().to_owned() };
+    let p = FilePool::new(&config(&mnt.join("pool"), "provisioning = \"thin\"\n"), Arc::new(RealExec)).unwrap();
+    p.create_volume(&req("t", 4 * MIB, true, None)).await.unwrap();
+    let mut thick = req("k", 4 * MIB, true, None);
+    thick.parameters.insert(PARAM_PROVISIONING.into(), "thick".into());
+    p.create_volume(&thick).await.unwrap();
+    assert!(fs::metadata(img(&mnt.join("pool"), "volumes", "t")).unwrap().blocks() * 512 < MIB, "the pool's default is thin");
+    assert_eq!(p.condition("t").await.unwrap(), Condition::Healthy);
+    assert_eq!(p.condition("k").await.unwrap(), Condition::Healthy);
+    fill(&mnt);
+    match p.condition("t").await.unwrap() {
+        Condition::Abnormal(m) => assert!(m.contains("thin volume") && m.contains("may still write"), "{m}"),
+        Condition::Healthy => panic!("a thin volume the full pool cannot back is healthy"),
+    }
+    assert_eq!(p.condition("k").await.unwrap(), Condition::Healthy, "a thick volume holds its blocks");
+    assert_eq!(p.capacity().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn real_btrfs_thick_images_are_nocow_and_reflink_snapshots_keep_their_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("btrfs.img");
+    File::create(&image).unwrap().set_len(256 * MIB).unwrap();
+    let st = std::process::Command::new("mkfs.btrfs").arg("-q").arg(&image).output().unwrap();
+    assert!(st.status.success(), "mkfs.btrfs: {}", String::from_utf8_lossy(&st.stderr));
+    let mnt = mount_at(dir.path(), &["-o", "loop", &image.to_string_lossy()]);
+    let _cleanup = Cleanup { mounts: vec![mnt.clone()], dir: dir.path().to_owned() };
+    let root = mnt.join("pool");
+    let p = real_pool(&root);
+    let nocow = |path: &Path| {
+        let out = std::process::Command::new("lsattr").arg(path).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").contains('C')
+    };
+    p.create_volume(&req("v1", 32 * MIB, true, None)).await.unwrap();
+    assert!(nocow(&img(&root, "volumes", "v1")), "a thick image on btrfs is NOCOW");
+    assert_eq!(p.promised().unwrap(), 0);
+    p.create_volume(&thin(req("t1", 8 * MIB, true, None))).await.unwrap();
+    assert!(!nocow(&img(&root, "volumes", "t1")), "a thin image keeps copy-on-write (and compression)");
+    p.delete_volume("t1").await.unwrap();
+
+    let before = p.capacity().await.unwrap();
+    p.create_snapshot("v1", "snap-1", "s1").await.unwrap();
+    assert!(nocow(&img(&root, "snapshots", "s1")), "a snapshot of a NOCOW image is NOCOW, so it can share its blocks");
+    assert_eq!(p.promised().unwrap(), 32 * MIB, "the volume's next writes need its size again");
+    let after = p.capacity().await.unwrap();
+    assert!(after + 31 * MIB <= before, "capacity keeps room for the shared blocks: {before} -> {after}");
+
+    p.create_volume(&req("r1", 32 * MIB, true, Some(Source::Snapshot("s1".into())))).await.unwrap();
+    assert_eq!(p.promised().unwrap(), 64 * MIB, "a thick clone shares its source's blocks too");
+    p.delete_snapshot("s1").await.unwrap();
+    assert_eq!(p.promised().unwrap(), 32 * MIB);
+    p.delete_volume("r1").await.unwrap();
+    assert_eq!(p.promised().unwrap(), 0);
+}
