@@ -368,6 +368,7 @@ async fn real_volume_lifecycle() {
     assert_eq!(p.attach("v1").await.unwrap(), Attachment::Device(dev.clone()), "attach twice, one device");
     assert!(matches!(p.delete_volume("v1").await, Err(Error::FailedPrecondition(_))));
     assert_eq!(p.expand_volume("v1", 96 * MIB).await.unwrap(), 96 * MIB);
+    assert!(fs::metadata(img(dir.path(), "volumes", "v1")).unwrap().blocks() * 512 >= 96 * MIB, "expansion allocates the new space");
     let sectors = fs::read_to_string(format!("/sys/class/block/{}/size", dev.file_name().unwrap().to_string_lossy())).unwrap();
     assert_eq!(sectors.trim().parse::<u64>().unwrap() * 512, 96 * MIB, "the loop device sees the growth");
     p.detach("v1").await.unwrap();
@@ -586,4 +587,20 @@ async fn real_btrfs_thick_images_are_nocow_and_reflink_snapshots_keep_their_size
     assert_eq!(p.promised().unwrap(), 32 * MIB);
     p.delete_volume("r1").await.unwrap();
     assert_eq!(p.promised().unwrap(), 0);
+}
+
+#[test]
+fn records_written_before_provisioning_existed_read_as_thin() {
+    // A volume's metadata as earlier releases wrote it (a sparse image, no provisioning).
+    let old = r#"{"local":"v1","csi_name":"pvc-1","capacity":1048576,"block":false,"fs_type":"ext4","source":null,"created":1700000000}"#;
+    let r: VolumeRecord = serde_json::from_str(old).unwrap();
+    assert_eq!((r.provisioning, r.shared, r.info.capacity, r.info.csi_name.as_str()), (Provisioning::Thin, 0, MIB, "pvc-1"));
+    let snap = r#"{"local":"s1","csi_name":"snap-1","source_volume":"v1","size":1048576,"created":1700000000,"ready":true}"#;
+    let s: SnapshotRecord = serde_json::from_str(snap).unwrap();
+    assert_eq!((s.shared, s.info.size), (0, MIB));
+    // What is written now round-trips, and says what it is.
+    let json = serde_json::to_string(&VolumeRecord { provisioning: Provisioning::Thick, shared: 7, ..r }).unwrap();
+    assert!(json.contains(r#""provisioning":"thick""#) && json.contains(r#""shared":7"#), "{json}");
+    let back: VolumeRecord = serde_json::from_str(&json).unwrap();
+    assert_eq!((back.provisioning, back.shared), (Provisioning::Thick, 7));
 }
