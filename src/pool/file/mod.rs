@@ -678,16 +678,17 @@ impl FilePool {
         let knob = self.sys_block.join(&name).join("queue/discard_max_bytes");
         let d = dev.to_path_buf();
         self.blocking(format!("turning off discard on {}", dev.display()), METADATA_DEADLINE, move || {
-            let now = fs::read_to_string(&knob).context(|| format!("reading {}", knob.display()))?;
+            let refuse = |e: std::io::Error| {
+                Error::FailedPrecondition(format!(
+                    "cannot turn off discard on {} ({}: {e}), so a trim inside the volume would free its preallocated blocks; \
+                     make /sys writable for the driver, or use provisioning = \"thin\"",
+                    d.display(),
+                    knob.display()
+                ))
+            };
+            let now = fs::read_to_string(&knob).map_err(refuse)?;
             if now.trim() != "0" {
-                fs::write(&knob, "0").map_err(|e| {
-                    Error::FailedPrecondition(format!(
-                        "cannot turn off discard on {} ({}: {e}), so a trim inside the volume would free its preallocated blocks; \
-                         make /sys writable for the driver, or use provisioning = \"thin\"",
-                        d.display(),
-                        knob.display()
-                    ))
-                })?;
+                fs::write(&knob, "0").map_err(refuse)?;
             }
             Ok(())
         })
@@ -951,7 +952,14 @@ impl Pool for FilePool {
         }
         let dev = loopdev::attach(self.exec.as_ref(), &f.img).await?;
         if thick {
-            self.turn_off_discard(&dev).await?;
+            if let Err(e) = self.turn_off_discard(&dev).await {
+                // A thick volume's device always had discard turned off when it was set up,
+                // so this is a fresh device, unused yet: take it down again.
+                if let Err(d) = loopdev::detach_all(self.exec.as_ref(), &f.img).await {
+                    tracing::warn!(pool = %self.name, local, error = %d, "cannot detach after a failed attach");
+                }
+                return Err(e);
+            }
         }
         Ok(Attachment::Device(dev))
     }

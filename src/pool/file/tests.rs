@@ -604,3 +604,33 @@ fn records_written_before_provisioning_existed_read_as_thin() {
     let back: VolumeRecord = serde_json::from_str(&json).unwrap();
     assert_eq!((back.provisioning, back.shared), (Provisioning::Thick, 7));
 }
+
+#[tokio::test]
+async fn a_thick_attach_that_cannot_turn_off_discard_fails_and_detaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeExec::new());
+    let p = pool(dir.path(), fake.clone());
+    p.create_volume(&req("v1", MIB, false, None)).await.unwrap();
+    let image = img(dir.path(), "volumes", "v1");
+    let on_loop9 = format!(r#"{{"loopdevices":[{{"name":"/dev/loop9","back-file":"{}"}}]}}"#, image.display());
+    let none = r#"{"loopdevices":[]}"#.to_owned();
+    fake.on("losetup --list", vec![Reply::Ok(none.clone()), Reply::Ok(on_loop9), Reply::Ok(none)]);
+    fake.on("losetup --find", vec![Reply::Ok("/dev/loop9\n".into())]);
+    // No fake knob for loop9: the limit cannot be read, as on a read-only /sys.
+    let err = p.attach("v1").await.unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains("cannot turn off discard on /dev/loop9"), "{err}");
+    assert!(fake.lines().contains(&"losetup --detach /dev/loop9".to_owned()), "{:?}", fake.lines());
+}
+
+#[tokio::test]
+async fn a_thin_attach_leaves_discard_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeExec::new());
+    let p = pool(dir.path(), fake.clone());
+    p.create_volume(&thin(req("v1", MIB, false, None))).await.unwrap();
+    fake.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[]}"#.into())]);
+    fake.on("losetup --find", vec![Reply::Ok("/dev/loop4\n".into())]);
+    let knob = fake_discard_knob(dir.path(), "loop4");
+    assert_eq!(p.attach("v1").await.unwrap(), Attachment::Device("/dev/loop4".into()));
+    assert_eq!(fs::read_to_string(&knob).unwrap(), "4294966784\n", "a thin volume's trims give space back");
+}
