@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -13,7 +14,7 @@ use holdfast::config::Config;
 use holdfast::driver::Driver;
 use holdfast::exec::RealExec;
 use holdfast::node::mount::RealMounter;
-use holdfast::server::{self, Services};
+use holdfast::server::{self, Limits, Services};
 
 #[derive(Parser, Debug)]
 #[command(name = "holdfast", version, about = "CSI storage driver: volumes from LVM, ZFS, NFS and file pools")]
@@ -50,6 +51,11 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Controller and Node calls served at once; further calls wait for a free slot (each
+    /// within its own deadline). Identity calls (Probe, GetPluginInfo) are never held back.
+    #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_concurrent_calls: u32,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -103,21 +109,36 @@ async fn all_in_one(args: ServeArgs) -> anyhow::Result<()> {
     let exec = Arc::new(RealExec);
     let mounter = Arc::new(RealMounter::new(exec.clone()));
     let driver = Arc::new(Driver::new(&node_id, &cfg, &args.state_dir, exec, mounter)?);
-    server::serve(&args.endpoint, driver, Services { controller: true, node: true }, shutdown_signal())
+    let limits = Limits { max_concurrent_calls: args.max_concurrent_calls as usize, ..Limits::default() };
+    server::serve(&args.endpoint, driver, Services { controller: true, node: true }, limits, shutdown_signal())
         .await
         .map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
     Ok(())
 }
 
-#[tokio::main]
-async fn main() {
+/// How long, once serving has stopped, the exit waits for blocking calls still running.
+const EXIT_WAIT: Duration = Duration::from_millis(500);
+
+fn main() {
     let cli = Cli::parse();
-    let res = match cli.cmd {
-        Command::AllInOne(a) => all_in_one(a).await,
-        Command::Ctl(a) => holdfast::ctl::run(a).await.map_err(anyhow::Error::msg),
-        Command::Bench(a) => holdfast::bench::run(a).await.map_err(anyhow::Error::msg),
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("holdfast: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
     };
+    let res = runtime.block_on(async {
+        match cli.cmd {
+            Command::AllInOne(a) => all_in_one(a).await,
+            Command::Ctl(a) => holdfast::ctl::run(a).await.map_err(anyhow::Error::msg),
+            Command::Bench(a) => holdfast::bench::run(a).await.map_err(anyhow::Error::msg),
+        }
+    });
+    // Dropping the runtime would wait for every blocking call, and one stuck in the kernel (a
+    // frozen pool filesystem, a hung NFS server) never returns: stop waiting after a moment.
+    runtime.shutdown_timeout(EXIT_WAIT);
     if let Err(e) = res {
         eprintln!("holdfast: {e:#}");
         std::process::exit(1);

@@ -1,15 +1,25 @@
 //! Serving CSI over a Unix socket (or TCP for tests): socket preparation (a stale socket is
-//! replaced, a live one is never stolen, anything that is not a socket is never deleted),
-//! permissions 0660, and graceful shutdown that lets in-flight calls finish.
+//! replaced, a live one is never stolen, anything that is not a socket is never deleted; the
+//! socket is never reachable with permissions looser than 0660, its new directories are 0750
+//! whatever the umask), any client `:authority` accepted ([`authority`]), a bound on concurrent
+//! calls that Identity is exempt from, and a shutdown that removes the socket at once and lets
+//! in-flight calls finish for a bounded time.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::codegen::http;
 use tonic::transport::Server;
+
+pub mod authority;
 
 use crate::csi::{controller::ControllerService, identity::IdentityService, node::NodeService};
 use crate::driver::Driver;
@@ -25,10 +35,35 @@ pub struct Services {
     pub node: bool,
 }
 
+/// How the server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Controller and Node calls served at once; more wait for a free slot (their own deadline
+    /// still applies). Identity calls (Probe, GetPluginInfo) are never counted nor kept waiting.
+    pub max_concurrent_calls: usize,
+    /// How long in-flight calls get to finish after the shutdown signal.
+    pub grace: Duration,
+}
+
+/// The default bound on concurrent Controller and Node calls: well above what a node's
+/// sidecars and kubelet send at once, well below what would exhaust threads or descriptors.
+pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 64;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS, grace: SHUTDOWN_GRACE }
+    }
+}
+
 /// Removes a stale socket at `path`, refusing to touch a live socket or a non-socket file.
+/// Missing parent directories are created 0750 (the umask can only make them stricter).
 pub fn prepare_socket(path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create socket directory {}: {e}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|e| format!("cannot create socket directory {}: {e}", dir.display()))?;
     }
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -45,9 +80,116 @@ pub fn prepare_socket(path: &Path) -> Result<(), String> {
     }
 }
 
+/// Binds a listening socket at `path` that is never reachable with permissions looser than
+/// 0660: it is bound in a fresh 0700 directory next to `path`, given 0660 there, then renamed
+/// into place (the umask of the process plays no part).
+pub fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {
+    let dir = path.parent().ok_or_else(|| format!("{} has no parent directory", path.display()))?;
+    let name = path.file_name().ok_or_else(|| format!("{} names no file", path.display()))?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let private = dir.join(format!(".{}.bind-{}-{nanos}", name.to_string_lossy(), std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&private).map_err(|e| format!("cannot create {}: {e}", private.display()))?;
+    let staged = private.join("csi.sock");
+    let bound = (|| {
+        let listener = tokio::net::UnixListener::bind(&staged).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| format!("cannot set permissions of {}: {e}", path.display()))?;
+        std::fs::rename(&staged, path).map_err(|e| format!("cannot move the socket into place at {}: {e}", path.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
 /// How long in-flight calls get to finish after a shutdown signal. Orchestrators keep their
 /// connections open, so without a bound a stop could wait for them forever.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Removes the socket at `path` if it is still the one this process bound (`ino`): a driver
+/// started meanwhile at the same path keeps its socket.
+fn remove_own_socket(path: &Path, ino: Option<(u64, u64)>) {
+    let now = std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    if now.is_some() && now == ino {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot remove the socket");
+        }
+    }
+}
+
+/// Relays one accepted connection through [`authority::relay`] and hands tonic the other end.
+fn relayed(conn: tokio::net::UnixStream) -> tokio::io::DuplexStream {
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let (from_client, mut to_client) = conn.into_split();
+        let (mut from_server, to_server) = tokio::io::split(ours);
+        let up = async move {
+            if let Err(e) = authority::relay(from_client, to_server).await {
+                tracing::debug!(error = %e, "client connection ended");
+            }
+            std::future::pending::<()>().await
+        };
+        let down = async move {
+            let _ = tokio::io::copy(&mut from_server, &mut to_client).await;
+            let _ = to_client.shutdown().await;
+        };
+        // The connection is over when the server side is: the relay up is dropped with it.
+        tokio::select! {
+            () = down => {}
+            () = up => {}
+        }
+    });
+    theirs
+}
+
+/// The tower layer bounding concurrent Controller and Node calls; see [`Limits`].
+#[derive(Clone)]
+struct CallLimit {
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl<S> tower::Layer<S> for CallLimit {
+    type Service = Limited<S>;
+    fn layer(&self, inner: S) -> Limited<S> {
+        Limited { inner, slots: self.slots.clone() }
+    }
+}
+
+/// A service behind [`CallLimit`].
+#[derive(Clone)]
+struct Limited<S> {
+    inner: S,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Limited<S>
+where
+    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready serves this call; the fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let slots = (!req.uri().path().starts_with("/csi.v1.Identity/")).then(|| self.slots.clone());
+        Box::pin(async move {
+            let _slot = match slots {
+                Some(s) => s.acquire_owned().await.ok(),
+                None => None,
+            };
+            inner.call(req).await
+        })
+    }
+}
 
 /// Runs a server future until it ends, or until `grace` after the shutdown signal fired.
 async fn with_grace<F>(server: F, fired: tokio::sync::oneshot::Receiver<()>, grace: Duration) -> Result<(), String>
@@ -69,34 +211,49 @@ where
     }
 }
 
-/// Serves the chosen services on `endpoint` until `shutdown` completes, then lets in-flight
-/// calls finish (for at most [`SHUTDOWN_GRACE`]) and removes the socket.
-pub async fn serve(endpoint: &str, driver: Arc<Driver>, services: Services, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+/// Serves the chosen services on `endpoint` until `shutdown` completes; then stops accepting
+/// calls, removes the socket at once and lets in-flight calls finish for at most
+/// `limits.grace`.
+pub async fn serve(
+    endpoint: &str,
+    driver: Arc<Driver>,
+    services: Services,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
     let (fire, fired) = tokio::sync::oneshot::channel();
-    let shutdown = async move {
-        shutdown.await;
-        let _ = fire.send(());
-    };
+    let limit = CallLimit { slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_calls.max(1))) };
     let router = Server::builder()
+        .layer(limit)
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_optional_service(services.controller.then(|| ControllerServer::new(ControllerService::new(driver.clone()))))
         .add_optional_service(services.node.then(|| NodeServer::new(NodeService::new(driver.clone()))));
     match Endpoint::parse(endpoint)? {
         Endpoint::Unix(path) => {
             prepare_socket(&path)?;
-            let listener = tokio::net::UnixListener::bind(&path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
-                .map_err(|e| format!("cannot set permissions of {}: {e}", path.display()))?;
-            tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), "serving CSI");
-            let res =
-                with_grace(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown), fired, SHUTDOWN_GRACE).await;
-            let _ = std::fs::remove_file(&path);
+            let listener = bind_socket(&path)?;
+            let ino = std::fs::symlink_metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+            let own = path.clone();
+            let shutdown = async move {
+                shutdown.await;
+                // Gone from the file system at once: nothing new connects while calls finish.
+                remove_own_socket(&own, ino);
+                let _ = fire.send(());
+            };
+            tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), max_concurrent_calls = limits.max_concurrent_calls, "serving CSI");
+            let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(relayed));
+            let res = with_grace(router.serve_with_incoming_shutdown(incoming, shutdown), fired, limits.grace).await;
+            remove_own_socket(&path, ino);
             res
         }
         Endpoint::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), "serving CSI");
-            with_grace(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown), fired, SHUTDOWN_GRACE).await
+            let shutdown = async move {
+                shutdown.await;
+                let _ = fire.send(());
+            };
+            tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), max_concurrent_calls = limits.max_concurrent_calls, "serving CSI");
+            with_grace(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown), fired, limits.grace).await
         }
     }
 }
