@@ -14,7 +14,7 @@ use holdfast::config::Config;
 use holdfast::driver::Driver;
 use holdfast::exec::RealExec;
 use holdfast::node::mount::RealMounter;
-use holdfast::server::{self, Limits, Services};
+use holdfast::server::{self, ServeOptions, Services};
 
 #[derive(Parser, Debug)]
 #[command(name = "holdfast", version, about = "CSI storage driver: volumes from LVM, ZFS, NFS and file pools")]
@@ -93,7 +93,7 @@ async fn shutdown_signal() {
     tracing::info!(signal = name, "shutting down: finishing in-flight calls");
 }
 
-async fn all_in_one(args: ServeArgs) -> anyhow::Result<()> {
+async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let cfg = match &args.config {
         Some(p) => Config::load(p)?,
@@ -109,8 +109,9 @@ async fn all_in_one(args: ServeArgs) -> anyhow::Result<()> {
     let exec = Arc::new(RealExec);
     let mounter = Arc::new(RealMounter::new(exec.clone()));
     let driver = Arc::new(Driver::new(&node_id, &cfg, &args.state_dir, exec, mounter)?);
-    let limits = Limits { max_concurrent_calls: args.max_concurrent_calls as usize, ..Limits::default() };
-    server::serve(&args.endpoint, driver, Services { controller: true, node: true }, limits, shutdown_signal())
+    let options =
+        ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
+    server::serve(&args.endpoint, driver, Services { controller: true, node: true }, options, shutdown_signal())
         .await
         .map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
@@ -122,23 +123,35 @@ const EXIT_WAIT: Duration = Duration::from_millis(500);
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
+    let runtime = |name: &str, threads: Option<usize>| {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.thread_name(name).enable_all();
+        if let Some(n) = threads {
+            b.worker_threads(n);
+        }
+        b.build().unwrap_or_else(|e| {
             eprintln!("holdfast: cannot start the async runtime: {e}");
             std::process::exit(1);
-        }
+        })
     };
-    let res = runtime.block_on(async {
-        match cli.cmd {
-            Command::AllInOne(a) => all_in_one(a).await,
-            Command::Ctl(a) => holdfast::ctl::run(a).await.map_err(anyhow::Error::msg),
-            Command::Bench(a) => holdfast::bench::run(a).await.map_err(anyhow::Error::msg),
+    // The pools and every Controller/Node call run on `calls`; connections and Identity on
+    // `grpc`, which nothing else uses, so Probe answers even when calls block their threads.
+    let calls = runtime("holdfast-call", None);
+    let mut grpc = None;
+    let res = match cli.cmd {
+        Command::AllInOne(a) => {
+            let handle = grpc.insert(runtime("holdfast-grpc", Some(2))).handle().clone();
+            calls.block_on(all_in_one(a, handle))
         }
-    });
-    // Dropping the runtime would wait for every blocking call, and one stuck in the kernel (a
+        Command::Ctl(a) => calls.block_on(holdfast::ctl::run(a)).map_err(anyhow::Error::msg),
+        Command::Bench(a) => calls.block_on(holdfast::bench::run(a)).map_err(anyhow::Error::msg),
+    };
+    // Dropping a runtime would wait for every blocking call, and one stuck in the kernel (a
     // frozen pool filesystem, a hung NFS server) never returns: stop waiting after a moment.
-    runtime.shutdown_timeout(EXIT_WAIT);
+    if let Some(g) = grpc {
+        g.shutdown_timeout(EXIT_WAIT);
+    }
+    calls.shutdown_timeout(EXIT_WAIT);
     if let Err(e) = res {
         eprintln!("holdfast: {e:#}");
         std::process::exit(1);

@@ -36,22 +36,28 @@ pub struct Services {
 }
 
 /// How the server runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
     /// Controller and Node calls served at once; more wait for a free slot (their own deadline
     /// still applies). Identity calls (Probe, GetPluginInfo) are never counted nor kept waiting.
     pub max_concurrent_calls: usize,
     /// How long in-flight calls get to finish after the shutdown signal.
     pub grace: Duration,
+    /// The runtime that accepts connections, speaks HTTP/2 and answers Identity. When set,
+    /// Controller and Node calls run on the runtime [`serve`] is called from, so a call that
+    /// blocks its worker threads (a syscall stuck in the kernel that escaped
+    /// [`crate::blocking::run`]) can never stall Probe, GetPluginInfo or the shutdown.
+    /// `None`: everything on the calling runtime (in-process tests).
+    pub serve_on: Option<tokio::runtime::Handle>,
 }
 
 /// The default bound on concurrent Controller and Node calls: well above what a node's
 /// sidecars and kubelet send at once, well below what would exhaust threads or descriptors.
 pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 64;
 
-impl Default for Limits {
+impl Default for ServeOptions {
     fn default() -> Self {
-        Limits { max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS, grace: SHUTDOWN_GRACE }
+        ServeOptions { max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS, grace: SHUTDOWN_GRACE, serve_on: None }
     }
 }
 
@@ -142,30 +148,44 @@ fn relayed(conn: tokio::net::UnixStream) -> tokio::io::DuplexStream {
     theirs
 }
 
-/// The tower layer bounding concurrent Controller and Node calls; see [`Limits`].
+/// The tower layer that sends Controller and Node calls to their own runtime (when there is
+/// one) and bounds how many run at once; Identity calls pass straight through. See
+/// [`ServeOptions`].
 #[derive(Clone)]
-struct CallLimit {
+struct Calls {
     slots: Arc<tokio::sync::Semaphore>,
+    runtime: Option<tokio::runtime::Handle>,
 }
 
-impl<S> tower::Layer<S> for CallLimit {
-    type Service = Limited<S>;
-    fn layer(&self, inner: S) -> Limited<S> {
-        Limited { inner, slots: self.slots.clone() }
+impl<S> tower::Layer<S> for Calls {
+    type Service = CallsService<S>;
+    fn layer(&self, inner: S) -> CallsService<S> {
+        CallsService { inner, calls: self.clone() }
     }
 }
 
-/// A service behind [`CallLimit`].
+/// A service behind [`Calls`].
 #[derive(Clone)]
-struct Limited<S> {
+struct CallsService<S> {
     inner: S,
-    slots: Arc<tokio::sync::Semaphore>,
+    calls: Calls,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for Limited<S>
+/// Cancels a call's task when the client gives up on it (the future is dropped), as if it ran
+/// inline: its external commands are killed, its locks released.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CallsService<S>
 where
-    S: tower::Service<http::Request<B>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: Send + 'static,
 {
     type Response = S::Response;
@@ -180,13 +200,20 @@ where
         // The clone that was polled ready serves this call; the fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let slots = (!req.uri().path().starts_with("/csi.v1.Identity/")).then(|| self.slots.clone());
+        if req.uri().path().starts_with("/csi.v1.Identity/") {
+            return Box::pin(inner.call(req));
+        }
+        let calls = self.calls.clone();
         Box::pin(async move {
-            let _slot = match slots {
-                Some(s) => s.acquire_owned().await.ok(),
-                None => None,
-            };
-            inner.call(req).await
+            // Waiting here costs no thread; the client's deadline still cuts the wait short.
+            let _slot = calls.slots.acquire_owned().await.ok();
+            let Some(rt) = calls.runtime else { return inner.call(req).await };
+            let task = rt.spawn(inner.call(req));
+            let _abort = AbortOnDrop(task.abort_handle());
+            match task.await {
+                Ok(res) => res,
+                Err(e) => Ok(tonic::Status::internal(format!("the call failed: {e}")).into_http()),
+            }
         })
     }
 }
@@ -213,18 +240,36 @@ where
 
 /// Serves the chosen services on `endpoint` until `shutdown` completes; then stops accepting
 /// calls, removes the socket at once and lets in-flight calls finish for at most
-/// `limits.grace`.
+/// `options.grace`.
 pub async fn serve(
     endpoint: &str,
     driver: Arc<Driver>,
     services: Services,
-    limits: Limits,
-    shutdown: impl Future<Output = ()>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    let Some(server_rt) = options.serve_on.clone() else {
+        return serve_here(endpoint.to_owned(), driver, services, options, None, shutdown).await;
+    };
+    let calls = tokio::runtime::Handle::current();
+    let task = server_rt.spawn(serve_here(endpoint.to_owned(), driver, services, options, Some(calls), shutdown));
+    task.await.map_err(|e| format!("server failed: {e}"))?
+}
+
+async fn serve_here(
+    endpoint: String,
+    driver: Arc<Driver>,
+    services: Services,
+    options: ServeOptions,
+    calls_on: Option<tokio::runtime::Handle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let endpoint = endpoint.as_str();
+    let limits = options;
     let (fire, fired) = tokio::sync::oneshot::channel();
-    let limit = CallLimit { slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_calls.max(1))) };
+    let calls = Calls { slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_calls.max(1))), runtime: calls_on };
     let router = Server::builder()
-        .layer(limit)
+        .layer(calls)
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
         .add_optional_service(services.controller.then(|| ControllerServer::new(ControllerService::new(driver.clone()))))
         .add_optional_service(services.node.then(|| NodeServer::new(NodeService::new(driver.clone()))));
