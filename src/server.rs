@@ -265,9 +265,8 @@ async fn serve_here(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let endpoint = endpoint.as_str();
-    let limits = options;
     let (fire, fired) = tokio::sync::oneshot::channel();
-    let calls = Calls { slots: Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_calls.max(1))), runtime: calls_on };
+    let calls = Calls { slots: Arc::new(tokio::sync::Semaphore::new(options.max_concurrent_calls.max(1))), runtime: calls_on };
     let router = Server::builder()
         .layer(calls)
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
@@ -285,9 +284,9 @@ async fn serve_here(
                 remove_own_socket(&own, ino);
                 let _ = fire.send(());
             };
-            tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), max_concurrent_calls = limits.max_concurrent_calls, "serving CSI");
+            tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), max_concurrent_calls = options.max_concurrent_calls, "serving CSI");
             let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(relayed));
-            let res = with_grace(router.serve_with_incoming_shutdown(incoming, shutdown), fired, limits.grace).await;
+            let res = with_grace(router.serve_with_incoming_shutdown(incoming, shutdown), fired, options.grace).await;
             remove_own_socket(&path, ino);
             res
         }
@@ -297,8 +296,8 @@ async fn serve_here(
                 shutdown.await;
                 let _ = fire.send(());
             };
-            tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), max_concurrent_calls = limits.max_concurrent_calls, "serving CSI");
-            with_grace(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown), fired, limits.grace).await
+            tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), max_concurrent_calls = options.max_concurrent_calls, "serving CSI");
+            with_grace(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown), fired, options.grace).await
         }
     }
 }

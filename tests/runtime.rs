@@ -145,11 +145,22 @@ fn create_request(name: &str, pool: &str) -> CreateVolumeRequest {
     }
 }
 
+/// The Python with grpcio: `HOLDFAST_PYTHON`, else the venv scripts/install-deps makes
+/// (`HOLDFAST_PYTHON_VENV`, default /var/cache/holdfast-python), else `python3`.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOLDFAST_PYTHON") {
+        return p.into();
+    }
+    let venv = std::env::var_os("HOLDFAST_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|| "/var/cache/holdfast-python".into());
+    let p = venv.join("bin/python3");
+    if p.exists() { p } else { "python3".into() }
+}
+
 /// Makes the Python stubs from proto/csi.proto into `out` (grpcio-tools, installed by
 /// scripts/install-deps); a missing grpcio is a failure, not a skip.
 fn python_stubs(out: &Path) {
     let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
-    let res = Command::new("python3")
+    let res = Command::new(python())
         .args(["-m", "grpc_tools.protoc"])
         .arg(format!("-I{}", proto.display()))
         .arg(format!("--python_out={}", out.display()))
@@ -177,7 +188,7 @@ async fn python_grpcio_client_with_default_options_is_answered() {
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/csi_client.py");
     let name = common::unique("py");
-    let out = Command::new("python3").arg(&script).arg(tmp.path()).arg(&socket).args(["py", &name]).output().unwrap();
+    let out = Command::new(python()).arg(&script).arg(tmp.path()).arg(&socket).args(["py", &name]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "the client failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     let answers: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -382,7 +393,7 @@ impl Drop for HungPool {
 
 /// A driver with two file pools, `hung` on a [`FreezableFs`] (frozen on return, with
 /// `stuck` CreateVolume calls on it in flight) and `ok` on the plain temp dir.
-async fn driver_with_a_frozen_pool(tmp: &Path, stuck: usize) -> (HungPool, Channel, Vec<StuckCall>) {
+async fn driver_with_a_frozen_pool(tmp: &Path, stuck: usize, extra: &[&str]) -> (HungPool, Channel, Vec<StuckCall>) {
     let mut fixture = HungPool { driver: None, fs: Some(FreezableFs::new(tmp)) };
     let hung_dir = fixture.fs.as_ref().unwrap().mnt.join("pool");
     let ok_dir = tmp.join("ok");
@@ -390,7 +401,7 @@ async fn driver_with_a_frozen_pool(tmp: &Path, stuck: usize) -> (HungPool, Chann
     std::fs::create_dir(&ok_dir).unwrap();
     let config = file_pools_config(tmp, &[("hung", &hung_dir), ("ok", &ok_dir)]);
     let socket = tmp.join("csi.sock");
-    let driver = fixture.driver.insert(Proc::start(tmp, &socket, &config, "022", &[]));
+    let driver = fixture.driver.insert(Proc::start(tmp, &socket, &config, "022", extra));
     let ch = driver.connect().await;
     fixture.fs.as_ref().unwrap().freeze();
     let mut calls = Vec::new();
@@ -428,7 +439,7 @@ async fn identity_answers_at_once(ch: &Channel) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frozen_pool_stalls_neither_identity_nor_the_shutdown() {
     let tmp = tempdir();
-    let (mut fixture, ch, stuck) = driver_with_a_frozen_pool(tmp.path(), 3).await;
+    let (mut fixture, ch, stuck) = driver_with_a_frozen_pool(tmp.path(), 3, &[]).await;
     identity_answers_at_once(&ch).await;
 
     // SIGTERM: the socket goes at once, well within the grace period, although calls are stuck.
@@ -464,7 +475,7 @@ async fn a_frozen_pool_stalls_neither_identity_nor_the_shutdown() {
 #[ignore = "needs the file pool's blocking calls on crate::blocking::run (filepool branch); run with --ignored"]
 async fn a_frozen_pool_stalls_no_other_pool_and_its_own_calls_time_out() {
     let tmp = tempdir();
-    let (fixture, ch, stuck) = driver_with_a_frozen_pool(tmp.path(), 3).await;
+    let (fixture, ch, stuck) = driver_with_a_frozen_pool(tmp.path(), 3, &[]).await;
     identity_answers_at_once(&ch).await;
     let mut c = ControllerClient::new(ch.clone());
     let t = Instant::now();
@@ -483,5 +494,35 @@ async fn a_frozen_pool_stalls_no_other_pool_and_its_own_calls_time_out() {
         assert!(matches!(code, Code::DeadlineExceeded | Code::Unavailable), "{code:?}");
     }
     identity_answers_at_once(&ch).await;
+    drop(fixture);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_beyond_the_concurrency_limit_queue_and_identity_is_never_held_back() {
+    let tmp = tempdir();
+    let (fixture, ch, stuck) = driver_with_a_frozen_pool(tmp.path(), 1, &["--max-concurrent-calls", "1"]).await;
+    // The one slot is taken by the stuck create: a call on the healthy pool waits for it…
+    let mut c = ControllerClient::new(ch.clone());
+    let name = common::unique("queued");
+    let queued = tokio::spawn(async move {
+        let r = c.create_volume(create_request(&name, "ok")).await;
+        (Instant::now(), r)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!queued.is_finished(), "a call beyond --max-concurrent-calls 1 was served at once");
+    // …while Identity answers at once.
+    identity_answers_at_once(&ch).await;
+
+    // Once the stuck call is done the queued one is served.
+    let thawed = Instant::now();
+    fixture.fs.as_ref().unwrap().thaw();
+    for s in stuck {
+        let _ = tokio::time::timeout(Duration::from_secs(30), s).await.expect("the stuck call ended after the thaw");
+    }
+    let (at, r) = tokio::time::timeout(Duration::from_secs(30), queued).await.expect("the queued call answered").unwrap();
+    let id = r.expect("the queued create succeeded").into_inner().volume.unwrap().volume_id;
+    assert!(at > thawed, "served only after the slot was free");
+    let mut c = ControllerClient::new(ch);
+    c.delete_volume(DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
     drop(fixture);
 }
