@@ -64,10 +64,50 @@ enum LogFormat {
     Json,
 }
 
+/// Writes each log event as exactly one line: a newline or carriage return inside an event (a
+/// request's name formatted into a message, a tool's multi-line stderr) is written escaped, so
+/// no request can forge a log line, whichever code logged it. The formatter hands over one
+/// whole event per `write_all`.
+struct OneLine<W>(W);
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let (body, end) = match buf.strip_suffix(b"\n") {
+            Some(b) => (b, &b"\n"[..]),
+            None => (buf, &b""[..]),
+        };
+        if !body.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+            return self.0.write_all(buf);
+        }
+        let mut line = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            match b {
+                b'\n' => line.extend_from_slice(b"\\n"),
+                b'\r' => line.extend_from_slice(b"\\r"),
+                b => line.push(b),
+            }
+        }
+        line.extend_from_slice(end);
+        self.0.write_all(&line)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG").unwrap_or_else(|_| "info".into());
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| OneLine(std::io::stderr()))
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -155,5 +195,19 @@ fn main() {
     if let Err(e) = res {
         eprintln!("holdfast: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn each_log_event_is_one_line() {
+        let mut out = OneLine(Vec::new());
+        out.write_all(b"INFO created name=a\nINFO forged\r\n").unwrap();
+        out.write_all(b"INFO plain\n").unwrap();
+        assert_eq!(String::from_utf8(out.0).unwrap(), "INFO created name=a\\nINFO forged\\r\nINFO plain\n");
     }
 }
