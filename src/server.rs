@@ -70,6 +70,7 @@ pub fn prepare_socket(path: &Path) -> Result<(), String> {
             .mode(0o750)
             .create(dir)
             .map_err(|e| format!("cannot create socket directory {}: {e}", dir.display()))?;
+        remove_stale_bind_dirs(path);
     }
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -86,14 +87,38 @@ pub fn prepare_socket(path: &Path) -> Result<(), String> {
     }
 }
 
+/// The private directory [`bind_socket`] binds in: `.NAME.bind-PID-NANOS` beside `path`.
+fn bind_dir_prefix(path: &Path) -> Option<String> {
+    Some(format!(".{}.bind-", path.file_name()?.to_string_lossy()))
+}
+
+/// Removes bind directories a killed driver left beside `path` (a socket inside, nothing else:
+/// anything more is not ours and stays).
+fn remove_stale_bind_dirs(path: &Path) {
+    let (Some(dir), Some(prefix)) = (path.parent(), bind_dir_prefix(path)) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        let ours = e.file_name().to_string_lossy().starts_with(&prefix);
+        if !ours || !std::fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let sock = p.join("csi.sock");
+        if std::fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(&sock);
+        }
+        let _ = std::fs::remove_dir(&p);
+    }
+}
+
 /// Binds a listening socket at `path` that is never reachable with permissions looser than
 /// 0660: it is bound in a fresh 0700 directory next to `path`, given 0660 there, then renamed
 /// into place (the umask of the process plays no part).
 pub fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, String> {
     let dir = path.parent().ok_or_else(|| format!("{} has no parent directory", path.display()))?;
-    let name = path.file_name().ok_or_else(|| format!("{} names no file", path.display()))?;
+    let prefix = bind_dir_prefix(path).ok_or_else(|| format!("{} names no file", path.display()))?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let private = dir.join(format!(".{}.bind-{}-{nanos}", name.to_string_lossy(), std::process::id()));
+    let private = dir.join(format!("{prefix}{}-{nanos}", std::process::id()));
     std::fs::DirBuilder::new().mode(0o700).create(&private).map_err(|e| format!("cannot create {}: {e}", private.display()))?;
     let staged = private.join("csi.sock");
     let bound = (|| {
@@ -306,8 +331,8 @@ async fn serve_here(
 mod tests {
     use super::*;
 
-    #[test]
-    fn stale_sockets_are_replaced_and_other_files_kept() {
+    #[tokio::test]
+    async fn stale_sockets_are_replaced_and_other_files_kept() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("csi.sock");
         drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
@@ -317,6 +342,20 @@ mod tests {
         let live = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         assert!(prepare_socket(&sock).unwrap_err().contains("another process"));
         drop(live);
+
+        // A bind directory left by a killed driver goes; one holding anything else stays.
+        let stale = dir.path().join(".csi.sock.bind-1-2");
+        std::fs::create_dir(&stale).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(stale.join("csi.sock")).unwrap());
+        let foreign = dir.path().join(".csi.sock.bind-3-4");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::write(foreign.join("keep"), b"x").unwrap();
+        prepare_socket(&sock).unwrap();
+        assert!(!stale.exists());
+        assert!(foreign.join("keep").exists());
+        let listener = bind_socket(&sock).unwrap();
+        assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+        drop(listener);
 
         let file = dir.path().join("data");
         std::fs::write(&file, b"keep me").unwrap();
