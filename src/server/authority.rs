@@ -485,6 +485,55 @@ mod tests {
         assert!(huffman_decode(&unhex("f1e3 c2e5 f23a 6ba0 ab90 f400")).is_err(), "padding must be ones");
     }
 
+    /// A Huffman encoder built from the same canonical table, for test input.
+    fn huffman_encode(input: &[u8]) -> Vec<u8> {
+        let h = huffman();
+        let mut code_of = vec![(0u32, 0usize); 257];
+        for l in 1..=30 {
+            for k in 0..h.count[l] as usize {
+                code_of[h.symbols[h.first_index[l] + k] as usize] = (h.first_code[l] + k as u32, l);
+            }
+        }
+        let (mut out, mut acc, mut bits) = (Vec::new(), 0u64, 0usize);
+        for &b in input {
+            let (code, len) = code_of[b as usize];
+            acc = (acc << len) | u64::from(code);
+            bits += len;
+            while bits >= 8 {
+                out.push((acc >> (bits - 8)) as u8);
+                bits -= 8;
+            }
+        }
+        if bits > 0 {
+            out.push(((acc << (8 - bits)) as u8) | ((1u8 << (8 - bits)) - 1));
+        }
+        out
+    }
+
+    #[test]
+    fn huffman_round_trips_every_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(huffman_decode(&huffman_encode(&all)).unwrap(), all);
+        assert_eq!(huffman_encode(b"www.example.com"), unhex("f1e3 c2e5 f23a 6ba0 ab90 f4ff"));
+    }
+
+    #[test]
+    fn a_huffman_coded_raw_path_is_rewritten_as_a_plain_literal() {
+        // grpc-java's form: the raw socket path, Huffman-coded, stored in the dynamic table.
+        let path = b"/var/lib/kubelet/plugins/csi.holdfast.dev/csi.sock";
+        let coded = huffman_encode(path);
+        let mut block = vec![0x41, 0x80 | coded.len() as u8];
+        block.extend_from_slice(&coded);
+        let mut table = Table::new();
+        let out = rewrite_block(&mut table, &block).unwrap().expect("rewritten");
+        let mut want = vec![0x41, path.len() as u8];
+        want.extend_from_slice(b"-var-lib-kubelet-plugins-csi.holdfast.dev-csi.sock");
+        assert_eq!(out, want);
+        assert!(parses(&want[2..]));
+        assert_eq!(table.size, 10 + path.len() + 32);
+        assert_eq!(table.name(62), Some(&b":authority"[..]));
+    }
+
     #[test]
     fn unparsable_authorities_are_rewritten_to_the_same_length() {
         // :method POST (indexed 3), :authority literal with incremental indexing (name index 1).
