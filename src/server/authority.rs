@@ -62,6 +62,10 @@ where
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
         let (kind, flags) = (head[3], head[4]);
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if len > MAX_BLOCK {
+            // Far beyond any frame size the server allows (it will refuse it): no buffering.
+            return pass_through(head.to_vec(), pending.take(), from_client, to_server).await;
+        }
         let mut payload = vec![0u8; len];
         from_client.read_exact(&mut payload).await?;
         let frame = [&head[..], &payload[..]].concat();
