@@ -467,12 +467,14 @@ async fn a_frozen_pool_stalls_neither_identity_nor_the_shutdown() {
     let driver = fixture.driver.as_mut().unwrap();
     let status = driver.wait_exit(Duration::from_secs(10));
     assert!(status.is_some(), "the driver did not exit {:?} after SIGTERM (thawed); log:\n{}", t.elapsed(), driver.log_text());
+    // The stuck calls end either by their own deadline (the pool's blocking calls are
+    // bounded) or by the cut at the end of the grace period, which is then logged.
     let log = driver.log_text();
-    assert!(log.contains("stopping anyway"), "the cut is logged: {log}");
+    let timed_out = log.matches("status=\"DeadlineExceeded\"").count() + log.matches("status=\"Unavailable\"").count();
+    assert!(log.contains("stopping anyway") || timed_out >= 3, "the stuck calls were neither cut nor timed out: {log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the file pool's blocking calls on crate::blocking::run (filepool branch); run with --ignored"]
 async fn a_frozen_pool_stalls_no_other_pool_and_its_own_calls_time_out() {
     let tmp = tempdir();
     let (fixture, ch, stuck) = driver_with_a_frozen_pool(tmp.path(), 3, &[]).await;
