@@ -7,10 +7,11 @@
 //! runs them there (or by hand: `tests/vm/run -- target/debug/deps/lvm-…`). Each test makes its
 //! own volume group on a loop device over a sparse file, so tests never see each other's LVs.
 //!
-//! A custom harness (`harness = false`), so that a run outside the VM says plainly that it ran
-//! nothing instead of reporting tests as passed; inside the VM (the guest's `/run/holdfast-vm`,
-//! or `HOLDFAST_VM=1` on a machine with device-mapper) missing device-mapper is a failure.
-//! Arguments: substrings selecting tests by name; `--list`.
+//! The harness is tests/common/real.rs (`harness = false`): outside the VM a run says plainly that
+//! it ran nothing instead of reporting tests as passed; inside it (the guest's `/run/holdfast-vm`,
+//! `HOLDFAST_VM=1` on a machine with device-mapper, or `HOLDFAST_REQUIRE_REAL=1`, which the VM suites
+//! set) missing device-mapper is a failure. Arguments as for libtest: name filters, `--exact`,
+//! `--skip`, `--list`. Tests are listed in `TESTS`, not marked with test attributes (compiled out here).
 
 use std::future::Future;
 use std::os::unix::fs::FileTypeExt;
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use holdfast::config::Config;
 use holdfast::error::Error;
@@ -27,6 +28,12 @@ use holdfast::node::format;
 use holdfast::pool::lvm::{LvmPool, command, report};
 use holdfast::pool::{Attachment, Condition, CreateRequest, Pool, Source};
 use holdfast::volume_id::local_name;
+
+#[path = "common/real.rs"]
+mod real;
+
+// `harness = false` compiles test attributes out without a word: tests go in TESTS.
+const _: () = assert!(!real::has_test_attribute(include_str!("lvm.rs")), "tests/lvm.rs: list tests in TESTS, not with test attributes");
 
 const MIB: u64 = 1 << 20;
 
@@ -65,70 +72,14 @@ fn device_mapper_problem() -> Option<String> {
 }
 
 fn main() -> ExitCode {
-    let mut filters = Vec::new();
-    let mut args = std::env::args().skip(1);
-    let mut list = false;
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--list" => list = true,
-            // libtest options cargo or scripts may pass; their values are not filters.
-            "--test-threads" | "--skip" | "--format" | "--color" | "--logfile" => {
-                args.next();
-            }
-            a if a.starts_with('-') => {}
-            _ => filters.push(a),
-        }
-    }
-    let selected: Vec<_> = TESTS.iter().filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str()))).collect();
-    if list {
-        for (n, _) in &selected {
-            println!("{n}: test");
-        }
-        return ExitCode::SUCCESS;
-    }
-    if !in_vm() {
-        println!(
-            "tests/lvm.rs: NOT RUN ({} tests): they need device-mapper (thin pools, LV activation), which only the test VM has.\n\
-             Run them with tests/vm/lvm-suite.sh (or tests/vm/run -- {}).",
-            selected.len(),
-            std::env::args().next().unwrap_or_default()
-        );
-        println!("lvm: 0 passed, 0 failed, {} skipped", selected.len());
-        return ExitCode::SUCCESS;
-    }
-    if let Some(problem) = device_mapper_problem() {
-        println!("tests/lvm.rs: FAILED before any test: in the test VM, but {problem}");
-        return ExitCode::FAILURE;
-    }
-    println!("\nrunning {} tests", selected.len());
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let started = Instant::now();
-    let (mut passed, mut failed) = (0, Vec::new());
-    for (name, test) in selected {
-        let t = Instant::now();
-        let result = rt.block_on(rt.spawn(test()));
-        let secs = t.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({secs:.1}s)");
-            }
-            Err(e) => {
-                failed.push(*name);
-                println!("test {name} ... FAILED ({secs:.1}s): {e}");
-            }
-        }
-    }
-    let total = started.elapsed().as_secs_f64();
-    if !failed.is_empty() {
-        println!("\nfailures:\n    {}", failed.join("\n    "));
-    }
-    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
-    println!(
-        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; 0 filtered out; finished in {total:.2}s",
-        failed.len()
-    );
-    if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    let suite = real::Suite {
+        file: "tests/lvm.rs",
+        needs: "device-mapper (thin pools, LV activation)",
+        how: "tests/vm/lvm-suite.sh (or tests/vm/run -- this binary)",
+        required: in_vm(),
+        parallel: false,
+    };
+    real::main(&suite, TESTS, device_mapper_problem)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,20 +3,27 @@
 //! the real `holdfast all-in-one` with its own nfs pools and talks CSI to it, then checks the
 //! server's side of the export directly.
 //!
-//! Outside the VM these tests cannot run (this machine's kernel has no NFS) and say so on
-//! stderr. Inside it (`/run/holdfast-vm` exists) or with `HOLDFAST_NFS_TEST=1` they must run: an
-//! NFS server that cannot be started or reached fails every test, loudly.
+//! The harness is tests/common/real.rs (`harness = false`). Outside the VM these tests cannot run
+//! (this machine's kernel has no NFS): the binary says "NOT RUN" and counts nothing as passed.
+//! Inside it (`/run/holdfast-vm` exists), with `HOLDFAST_NFS_TEST=1` or with
+//! `HOLDFAST_REQUIRE_REAL=1` they must run: an NFS server that cannot be started or reached fails
+//! the run before any test. Arguments as for libtest (filters, `--exact`, `--skip`, `--list`,
+//! `--test-threads`); tests are listed in `TESTS`, not marked with test attributes.
 //!
 //! Tests run in parallel, except the ones that stop the server or measure time, which take
 //! [`SERVER`] exclusively. `HOLDFAST_NFS_LOG_DIR=DIR` keeps each plugin's log there.
 
 mod common;
+#[path = "common/real.rs"]
+mod real;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
+use std::future::Future;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::pin::Pin;
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -44,7 +51,10 @@ static SERVER: RwLock<()> = RwLock::const_new(());
 
 const MIB: i64 = 1 << 20;
 
-/// Whether the tests must run (in the VM, or asked to), else why they cannot.
+// `harness = false` compiles test attributes out without a word: tests go in TESTS.
+const _: () = assert!(!real::has_test_attribute(include_str!("nfs.rs")), "tests/nfs.rs: list tests in TESTS, not with test attributes");
+
+/// Whether the tests must run by themselves: in the VM, or asked to with `HOLDFAST_NFS_TEST=1`.
 fn required() -> bool {
     Path::new("/run/holdfast-vm").exists() || std::env::var_os("HOLDFAST_NFS_TEST").is_some_and(|v| v != "0")
 }
@@ -70,22 +80,31 @@ fn setup() -> &'static Result<(), String> {
     })
 }
 
-/// Returns `false` (after saying so where the person running the tests sees it) when NFS tests
-/// cannot run here; panics when they must run and NFS is not available.
-fn nfs_available(test: &str) -> bool {
-    if !required() {
-        // Written to the process's stderr, not the captured test output: a skip must be seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "tests/nfs.rs {test}: NOT RUN: needs the test VM's NFS server (run tests/vm/nfs-suite.sh, or set HOLDFAST_NFS_TEST=1 \
-             with {SERVER_ADDR}:{EXPORT} exported rw,no_root_squash)"
-        );
-        return false;
-    }
-    if let Err(e) = setup() {
-        panic!("NFS is required here (HOLDFAST_NFS_TEST or the test VM) but not available: {e}");
-    }
-    true
+type TestFn = fn() -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+const TESTS: &[(&str, TestFn)] = &[
+    ("multi_node_writers_see_each_others_writes", || Box::pin(multi_node_writers_see_each_others_writes())),
+    ("kubernetes_topology_requirements_place_nfs_volumes", || Box::pin(kubernetes_topology_requirements_place_nfs_volumes())),
+    ("lifecycle_over_nfs_v3_and_v4_2", || Box::pin(lifecycle_over_nfs_v3_and_v4_2())),
+    ("on_delete_leaves_what_it_promises", || Box::pin(on_delete_leaves_what_it_promises())),
+    ("hostile_names_never_touch_anything_outside_the_export", || Box::pin(hostile_names_never_touch_anything_outside_the_export())),
+    ("a_stopped_server_is_reported_abnormal_quickly", || Box::pin(a_stopped_server_is_reported_abnormal_quickly())),
+    ("timing_create_stage_publish_versus_mkdir_and_mount_by_hand", || {
+        Box::pin(timing_create_stage_publish_versus_mkdir_and_mount_by_hand())
+    }),
+];
+
+fn main() -> ExitCode {
+    let suite = real::Suite {
+        file: "tests/nfs.rs",
+        needs: "an NFS server",
+        how: "tests/vm/nfs-suite.sh (or HOLDFAST_NFS_TEST=1 with 127.0.0.1:/srv/holdfast-nfs exported rw,no_root_squash)",
+        required: required(),
+        // Tests that stop the server or measure time take SERVER exclusively.
+        parallel: true,
+    };
+    // The server is started once, before any test: a server that cannot start fails the run.
+    real::main(&suite, TESTS, || setup().as_ref().err().map(|e| format!("the NFS server is not available: {e}")))
 }
 
 /// An nfs `[[pool]]` table on the test export.
@@ -281,11 +300,7 @@ fn mount_of(path: &Path) -> Option<(String, String)> {
 
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
 async fn multi_node_writers_see_each_others_writes() {
-    if !nfs_available("multi_node_writers_see_each_others_writes") {
-        return;
-    }
     let _shared = SERVER.read().await;
     let p = Plugin::start(&pool("nfs-mnmw", "mount_options = [\"nfsvers=4.2\"]")).await;
     let mode = Mode::MultiNodeMultiWriter;
@@ -338,11 +353,7 @@ async fn multi_node_writers_see_each_others_writes() {
     p.delete(id).await;
 }
 
-#[tokio::test]
 async fn kubernetes_topology_requirements_place_nfs_volumes() {
-    if !nfs_available("kubernetes_topology_requirements_place_nfs_volumes") {
-        return;
-    }
     let _shared = SERVER.read().await;
     let p = Plugin::start(&pool("nfs-topo", "")).await;
     // What the external-provisioner sends with WaitForFirstConsumer: the chosen node's segments.
@@ -365,11 +376,7 @@ async fn kubernetes_topology_requirements_place_nfs_volumes() {
     p.delete(&v.volume_id).await;
 }
 
-#[tokio::test]
 async fn lifecycle_over_nfs_v3_and_v4_2() {
-    if !nfs_available("lifecycle_over_nfs_v3_and_v4_2") {
-        return;
-    }
     let _shared = SERVER.read().await;
     let cases = [("nfs-v3", "nfsvers=3", "nfs", "vers=3"), ("nfs-v42", "nfsvers=4.2", "nfs4", "vers=4.2")];
     let config: String = cases.iter().map(|(name, opt, _, _)| pool(name, &format!("mount_options = [\"{opt}\"]"))).collect();
@@ -459,11 +466,7 @@ async fn lifecycle_over_nfs_v3_and_v4_2() {
     }
 }
 
-#[tokio::test]
 async fn on_delete_leaves_what_it_promises() {
-    if !nfs_available("on_delete_leaves_what_it_promises") {
-        return;
-    }
     let _shared = SERVER.read().await;
     let tag = unique("ondel");
     let mut config = String::new();
@@ -529,11 +532,7 @@ fn listing(dir: &Path) -> BTreeSet<PathBuf> {
     out
 }
 
-#[tokio::test]
 async fn hostile_names_never_touch_anything_outside_the_export() {
-    if !nfs_available("hostile_names_never_touch_anything_outside_the_export") {
-        return;
-    }
     let _shared = SERVER.read().await;
     let tag = unique("hostile");
     let config =
@@ -632,11 +631,7 @@ async fn wait_healthy(p: &Plugin, id: &str, target: &Path) {
     }
 }
 
-#[tokio::test]
 async fn a_stopped_server_is_reported_abnormal_quickly() {
-    if !nfs_available("a_stopped_server_is_reported_abnormal_quickly") {
-        return;
-    }
     let _alone = SERVER.write().await;
     // The default (hard) mount, and a soft one that gives up after ~2 s.
     let config = pool("nfs-hard", "mount_options = [\"nfsvers=4.2\"]")
@@ -724,11 +719,7 @@ fn sh(program: &str, args: &[&str]) {
     assert!(run(program, args), "{program} {args:?}");
 }
 
-#[tokio::test]
 async fn timing_create_stage_publish_versus_mkdir_and_mount_by_hand() {
-    if !nfs_available("timing_create_stage_publish_versus_mkdir_and_mount_by_hand") {
-        return;
-    }
     let _alone = SERVER.write().await;
     const ROUNDS: usize = 5;
     let opts = "nfsvers=4.2";

@@ -8,10 +8,11 @@
 //! (`HOLDFAST_ZFS_POOL`, default `hfzfs`) on a VM disk and runs them there. Each test works in
 //! its own parent dataset `<zpool>/t-<test>-<pid>`, destroyed by a Drop guard.
 //!
-//! A custom harness (`harness = false`), so that a run outside the VM says plainly that it ran
-//! nothing instead of reporting tests as passed; inside the VM (the guest's `/run/holdfast-vm`,
-//! or `HOLDFAST_VM=1` on a machine with ZFS) missing ZFS is a failure.
-//! Arguments: substrings selecting tests by name; `--list`.
+//! The harness is tests/common/real.rs (`harness = false`): outside the VM a run says plainly that
+//! it ran nothing instead of reporting tests as passed; inside it (the guest's `/run/holdfast-vm`,
+//! `HOLDFAST_VM=1` on a machine with ZFS, or `HOLDFAST_REQUIRE_REAL=1`, which the VM suites
+//! set) missing ZFS is a failure. Arguments as for libtest: name filters, `--exact`,
+//! `--skip`, `--list`. Tests are listed in `TESTS`, not marked with test attributes (compiled out here).
 
 use std::future::Future;
 use std::io::Write;
@@ -21,7 +22,7 @@ use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use holdfast::config::Config;
@@ -32,6 +33,12 @@ use holdfast::node::{Node, format};
 use holdfast::pool::zfs::{HIDDEN, ZfsPool};
 use holdfast::pool::{Attachment, Condition, CreateRequest, Pool, Source};
 use holdfast::volume_id::local_name;
+
+#[path = "common/real.rs"]
+mod real;
+
+// `harness = false` compiles test attributes out without a word: tests go in TESTS.
+const _: () = assert!(!real::has_test_attribute(include_str!("zfs.rs")), "tests/zfs.rs: list tests in TESTS, not with test attributes");
 
 const MIB: u64 = 1 << 20;
 
@@ -75,70 +82,14 @@ fn zfs_problem() -> Option<String> {
 }
 
 fn main() -> ExitCode {
-    let mut filters = Vec::new();
-    let mut args = std::env::args().skip(1);
-    let mut list = false;
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--list" => list = true,
-            // libtest options cargo or scripts may pass; their values are not filters.
-            "--test-threads" | "--skip" | "--format" | "--color" | "--logfile" => {
-                args.next();
-            }
-            a if a.starts_with('-') => {}
-            _ => filters.push(a),
-        }
-    }
-    let selected: Vec<_> = TESTS.iter().filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str()))).collect();
-    if list {
-        for (n, _) in &selected {
-            println!("{n}: test");
-        }
-        return ExitCode::SUCCESS;
-    }
-    if !in_vm() {
-        println!(
-            "tests/zfs.rs: NOT RUN ({} tests): they need the ZFS kernel module, which only the test VM has.\n\
-             Run them with tests/vm/zfs-suite.sh (or tests/vm/run --zfs -- {}).",
-            selected.len(),
-            std::env::args().next().unwrap_or_default()
-        );
-        println!("zfs: 0 passed, 0 failed, {} skipped", selected.len());
-        return ExitCode::SUCCESS;
-    }
-    if let Some(problem) = zfs_problem() {
-        println!("tests/zfs.rs: FAILED before any test: in the test VM, but {problem}");
-        return ExitCode::FAILURE;
-    }
-    println!("\nrunning {} tests", selected.len());
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let started = Instant::now();
-    let (mut passed, mut failed) = (0, Vec::new());
-    for (name, test) in selected {
-        let t = Instant::now();
-        let result = rt.block_on(rt.spawn(test()));
-        let secs = t.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({secs:.1}s)");
-            }
-            Err(e) => {
-                failed.push(*name);
-                println!("test {name} ... FAILED ({secs:.1}s): {e}");
-            }
-        }
-    }
-    let total = started.elapsed().as_secs_f64();
-    if !failed.is_empty() {
-        println!("\nfailures:\n    {}", failed.join("\n    "));
-    }
-    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
-    println!(
-        "\ntest result: {verdict}. {passed} passed; {} failed; 0 ignored; 0 measured; 0 filtered out; finished in {total:.2}s",
-        failed.len()
-    );
-    if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    let suite = real::Suite {
+        file: "tests/zfs.rs",
+        needs: "the ZFS kernel module and a zpool",
+        how: "tests/vm/zfs-suite.sh (or tests/vm/run --zfs -- this binary)",
+        required: in_vm(),
+        parallel: false,
+    };
+    real::main(&suite, TESTS, zfs_problem)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,8 +10,12 @@
 #   1. tests/lvm.rs (the binary): real LVM tests, each on its own loop-device VG;
 #   2. tests/conformance.rs on a thick pool (tests/fixtures/lvm/conformance-thick.toml), without
 #      the tests that need snapshots or clones: thick pools refuse those by design;
-#   3. tests/conformance.rs on a thin pool (tests/fixtures/lvm/conformance-thin.toml), all of it.
-# Every stage runs even when an earlier one failed; the exit status is non-zero if any failed.
+#   3. tests/conformance.rs on a thin pool (tests/fixtures/lvm/conformance-thin.toml), all of it;
+#   4. every test binary of `pool_tests` below whose tests/NAME.rs exists, on the thick and the
+#      thin pool (HOLDFAST_TEST_CONFIG names the pool's config, as for conformance).
+# Every stage runs even when an earlier one failed; the exit status is non-zero if any failed,
+# or if the suite's LVs are left behind. HOLDFAST_REQUIRE_REAL=1 is set in the guest, so a test
+# binary that cannot use real LVM fails instead of reporting "NOT RUN".
 # The guest runs the binaries from the shared tree: a cargo build on the host that replaces
 # target/debug/holdfast meanwhile crashes the drivers under test (SIGSEGV). When others build
 # in the same tree, set CARGO_TARGET_DIR to a private directory inside the repository.
@@ -33,9 +37,17 @@ thick_skips=(
   clone_copies_the_source_volume
 )
 
+# Test binaries that drive a pool through HOLDFAST_TEST_CONFIG, run like conformance on every pool
+# of this suite when their file exists in the tree.
+pool_tests=(hostile)
+
 if [ "${1:-}" != --guest ]; then
   echo "lvm-suite: building the test binaries on the host"
-  json=$(cargo test --locked --no-run --message-format=json --test lvm --test conformance)
+  present=()
+  for t in "${pool_tests[@]}"; do
+    if [ -e "tests/$t.rs" ]; then present+=("$t"); else echo "lvm-suite: tests/$t.rs is not in this tree: not run"; fi
+  done
+  json=$(cargo test --locked --no-run --message-format=json --test lvm --test conformance "${present[@]/#/--test=}")
   exe() {  # exe TARGET: the test executable cargo built for TARGET
     grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\",\"src_path\"" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1
   }
@@ -45,6 +57,13 @@ if [ "${1:-}" != --guest ]; then
     echo "lvm-suite: cannot find the built test binaries ($lvm_bin, $conf_bin)" >&2
     exit 2
   fi
+  HOLDFAST_POOL_TEST_BINS=""
+  for t in "${present[@]}"; do
+    b=$(exe "$t")
+    [ -x "$b" ] || { echo "lvm-suite: cannot find the built test binary of tests/$t.rs" >&2; exit 2; }
+    HOLDFAST_POOL_TEST_BINS+="$b "
+  done
+  export HOLDFAST_POOL_TEST_BINS
   exec "$here/run" --disk hfthick:4G --disk hfthin:4G --timeout "${HOLDFAST_LVM_SUITE_TIMEOUT:-3600}" \
     -- bash tests/vm/lvm-suite.sh --guest "$lvm_bin" "$conf_bin" "$@"
 fi
@@ -58,6 +77,8 @@ if [ ! -e /run/holdfast-vm ]; then
   exit 2
 fi
 export LVM_SUPPRESS_FD_WARNINGS=1 RUST_BACKTRACE=${RUST_BACKTRACE:-0}
+# The test binaries must run here: anything missing is a failure, never "NOT RUN".
+export HOLDFAST_REQUIRE_REAL=1
 threads=${HOLDFAST_TEST_THREADS:-2}
 
 start=$SECONDS
@@ -77,7 +98,11 @@ stage() {  # stage NAME COMMAND...
   shift
   echo
   echo "== lvm-suite: $name"
-  "$@" || rc=$?
+  # A subshell with errexit of its own: `cmd || rc=$?` would switch errexit off inside functions.
+  set +e
+  (set -e; "$@")
+  rc=$?
+  set -e
   summary+=("$(printf '%-40s %s in %ss' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" $((SECONDS - t)))")
   [ $rc = 0 ] || failed+=("$name")
 }
@@ -93,12 +118,28 @@ stage "conformance, thick LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/
   "$conf_bin" --test-threads="$threads" "${skip_args[@]}" "$@"
 stage "conformance, thin LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/conformance-thin.toml \
   "$conf_bin" --test-threads="$threads" "$@"
+for bin in ${HOLDFAST_POOL_TEST_BINS:-}; do
+  t=$(basename "$bin")
+  t=${t%-*}
+  stage "tests/$t.rs, thick LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/conformance-thick.toml \
+    "$bin" --test-threads="$threads" "$@"
+  stage "tests/$t.rs, thin LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/conformance-thin.toml \
+    "$bin" --test-threads="$threads" "$@"
+done
 
 echo
 echo "== lvm-suite summary ($((SECONDS - start))s in the guest)"
 printf '   %s\n' "${summary[@]}"
-echo "   left behind in the volume groups (should be none):"
-lvs --noheadings -o lv_name,vg_name -S 'lv_name=~^hf' hfthick hfthin | sed 's/^/     /' || true
+# Every test deletes what it made: an LV left behind is a failure too.
+if ! left=$(lvs --noheadings -o lv_name,vg_name -S 'lv_name!=tp0' hfthick hfthin); then
+  failed+=("listing the LVs left behind")
+elif [ -n "${left//[[:space:]]/}" ]; then
+  echo "   left behind in the volume groups (should be none):"
+  echo "$left" | sed 's/^/     /'
+  failed+=("LVs left behind")
+else
+  echo "   left behind in the volume groups: nothing"
+fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "lvm-suite: FAILED: ${failed[*]}"
   exit 1

@@ -13,7 +13,9 @@
 #      names, a stopped server, timing against mkdir + mount by hand);
 #   2. tests/conformance.rs against an nfs pool (HOLDFAST_TEST_CONFIG), except the tests whose
 #      assertions only hold for node-local pools (listed below with the reason);
-# It prints a summary and exits non-zero when part 1 or 2 failed.
+#   3. every test binary of `pool_tests` below whose tests/NAME.rs exists, against the same pool.
+# It prints a summary and exits non-zero when any part failed. HOLDFAST_REQUIRE_REAL=1 is set in
+# the guest, so a test binary that cannot reach the NFS server fails instead of reporting "NOT RUN".
 #
 # Environment: HOLDFAST_NFS_TARGET (the cargo target dir, default target/nfs-vm; the plugins' logs
 # of tests/nfs.rs are kept in its nfs-suite-logs/, or in HOLDFAST_NFS_LOG_DIR),
@@ -36,20 +38,34 @@ node_local_only=(
   "filesystem_volume_full_lifecycle_is_idempotent"              # asserts filesystem size <= volume capacity (no quota)
 )
 
+# Test binaries that drive a pool through HOLDFAST_TEST_CONFIG, run like conformance against the
+# nfs pool when their file exists in the tree.
+pool_tests=(hostile)
+
 if [ ! -e /run/holdfast-vm ]; then
   # --- host side: build, then run this script in the VM ----------------------------------
   cd "$repo"
   export CARGO_TARGET_DIR=${HOLDFAST_NFS_TARGET:-$repo/target/nfs-vm}
   log=$(mktemp)
   trap 'rm -f "$log"' EXIT
-  if ! cargo test --no-run --test nfs --test conformance 2>&1 | tee "$log" >&2; then
+  present=()
+  for t in "${pool_tests[@]}"; do
+    if [ -e "tests/$t.rs" ]; then present+=("$t"); else echo "nfs-suite: tests/$t.rs is not in this tree: not run" >&2; fi
+  done
+  if ! cargo test --locked --no-run --test nfs --test conformance "${present[@]/#/--test=}" 2>&1 | tee "$log" >&2; then
     echo "nfs-suite: cargo test --no-run failed" >&2
     exit 1
   fi
   bin() { sed -n "s|.*Executable tests/$1\.rs (\(.*\))\$|\1|p" "$log" | tail -n1; }
   HOLDFAST_NFS_BIN=$(cd "$repo" && realpath "$(bin nfs)")
   HOLDFAST_CONFORMANCE_BIN=$(cd "$repo" && realpath "$(bin conformance)")
-  export HOLDFAST_NFS_BIN HOLDFAST_CONFORMANCE_BIN
+  HOLDFAST_POOL_TEST_BINS=""
+  for t in "${present[@]}"; do
+    b=$(bin "$t")
+    [ -x "$b" ] || { echo "nfs-suite: cannot find the built test binary of tests/$t.rs" >&2; exit 1; }
+    HOLDFAST_POOL_TEST_BINS+="$(realpath "$b") "
+  done
+  export HOLDFAST_NFS_BIN HOLDFAST_CONFORMANCE_BIN HOLDFAST_POOL_TEST_BINS
   # The plugins' logs of tests/nfs.rs, kept on the shared directory.
   export HOLDFAST_NFS_LOG_DIR=${HOLDFAST_NFS_LOG_DIR:-$CARGO_TARGET_DIR/nfs-suite-logs}
   rm -rf "$HOLDFAST_NFS_LOG_DIR"
@@ -62,6 +78,8 @@ fi
 : "${HOLDFAST_NFS_BIN:?run tests/vm/nfs-suite.sh on the host: it builds the test binaries}"
 : "${HOLDFAST_CONFORMANCE_BIN:?run tests/vm/nfs-suite.sh on the host: it builds the test binaries}"
 export HOLDFAST_NFS_TEST=1
+# The test binaries must run here: anything missing is a failure, never "NOT RUN".
+export HOLDFAST_REQUIRE_REAL=1
 export HOLDFAST_TEST_FS=nfs   # what the conformance suite asks for in its mount capabilities
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
@@ -82,11 +100,13 @@ mount_options = ["nfsvers=4.2"]
 EOF
 
 declare -A result took
+parts=()
 part() {  # part NAME COMMAND...: runs one part, remembers its status and duration
   local name=$1 t0=$SECONDS rc=0
   shift
   echo "== $name: $*"
   "$@" || rc=$?
+  parts+=("$name")
   result[$name]=$rc
   took[$name]=$((SECONDS - t0))
   echo "== $name: exit $rc in ${took[$name]}s"
@@ -98,9 +118,16 @@ for t in "${node_local_only[@]}"; do skips+=(--skip "$t"); done
 part nfs "$HOLDFAST_NFS_BIN" "$@"
 part conformance env HOLDFAST_TEST_CONFIG="$config" "$HOLDFAST_CONFORMANCE_BIN" "${skips[@]}" "$@"
 echo "== conformance: ${#node_local_only[@]} tests not run on nfs (they assert node-local behaviour, see the list at the top): ${node_local_only[*]}"
+for bin in ${HOLDFAST_POOL_TEST_BINS:-}; do
+  t=$(basename "$bin")
+  part "tests/${t%-*}.rs" env HOLDFAST_TEST_CONFIG="$config" "$bin" "$@"
+done
 
 echo
 echo "== summary (total $((SECONDS - start))s)"
-printf '  %-18s exit %s  (%ss)\n' nfs "${result[nfs]}" "${took[nfs]}"
-printf '  %-18s exit %s  (%ss)\n' conformance "${result[conformance]}" "${took[conformance]}"
-[ "${result[nfs]}" = 0 ] && [ "${result[conformance]}" = 0 ]
+failed=0
+for name in "${parts[@]}"; do
+  printf '  %-18s exit %s  (%ss)\n' "$name" "${result[$name]}" "${took[$name]}"
+  [ "${result[$name]}" = 0 ] || failed=1
+done
+exit $failed

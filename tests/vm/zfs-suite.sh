@@ -13,24 +13,36 @@
 #   4. the time to a ready-to-use volume: CreateVolume + NodeStage + NodePublish through
 #      `holdfast ctl` against `holdfast all-in-one`, against `zfs create` + `mount -t zfs` +
 #      `mount --bind` typed by hand, in the same run (HOLDFAST_ZFS_TIMING_ROUNDS, default 5);
-#   5. tests/conformance.rs on zvols formatted xfs (same config as 3).
-# Every stage runs even when an earlier one failed; the exit status is non-zero if any failed.
+#   5. tests/conformance.rs on zvols formatted xfs (same config as 3);
+#   6. every test binary of `pool_tests` below whose tests/NAME.rs exists, on the dataset pool
+#      (fs zfs) and the zvol pool (fs ext4), as for conformance (HOLDFAST_TEST_CONFIG).
+# Every stage runs even when an earlier one failed; the exit status is non-zero if any failed,
+# or if datasets are left behind below the conformance parents. HOLDFAST_REQUIRE_REAL=1 is set in
+# the guest, so a test binary that cannot use real ZFS fails instead of reporting "NOT RUN".
 # Environment: HOLDFAST_ZFS_TARGET (cargo target dir inside the repository, default
 # target/zfs-vm), HOLDFAST_ZFS_SUITE_TIMEOUT (seconds, default 3600), HOLDFAST_TEST_THREADS
 # (conformance threads in the guest, default 2), HOLDFAST_ZFS_STAGES (which stages to run,
-# default "1 2 3 4 5"); extra arguments after the binaries go to every test binary (a name filter).
+# default "1 2 3 4 5 6"); extra arguments after the binaries go to every test binary (a name filter).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cd "$repo"
 
+# Test binaries that drive a pool through HOLDFAST_TEST_CONFIG, run like conformance on every pool
+# of this suite when their file exists in the tree.
+pool_tests=(hostile)
+
 if [ "${1:-}" != --guest ]; then
   # A target directory of its own: others building in the shared target/ would rewrite
   # target/debug/holdfast under the running VM, whose drivers then die with SIGSEGV.
   export CARGO_TARGET_DIR=${HOLDFAST_ZFS_TARGET:-$repo/target/zfs-vm}
   echo "zfs-suite: building the test binaries on the host (in $CARGO_TARGET_DIR)"
-  json=$(cargo test --locked --no-run --message-format=json --test zfs --test conformance)
+  present=()
+  for t in "${pool_tests[@]}"; do
+    if [ -e "tests/$t.rs" ]; then present+=("$t"); else echo "zfs-suite: tests/$t.rs is not in this tree: not run"; fi
+  done
+  json=$(cargo test --locked --no-run --message-format=json --test zfs --test conformance "${present[@]/#/--test=}")
   exe() {  # exe TARGET: the test executable cargo built for TARGET
     grep '"reason":"compiler-artifact"' <<<"$json" | grep "\"name\":\"$1\",\"src_path\"" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1
   }
@@ -41,6 +53,13 @@ if [ "${1:-}" != --guest ]; then
     echo "zfs-suite: cannot find the built binaries ($zfs_bin, $conf_bin, $hf_bin)" >&2
     exit 2
   fi
+  HOLDFAST_POOL_TEST_BINS=""
+  for t in "${present[@]}"; do
+    b=$(exe "$t")
+    [ -x "$b" ] || { echo "zfs-suite: cannot find the built test binary of tests/$t.rs" >&2; exit 2; }
+    HOLDFAST_POOL_TEST_BINS+="$b "
+  done
+  export HOLDFAST_POOL_TEST_BINS
   exec "$here/run" --zfs --disk hfzfs:6G --timeout "${HOLDFAST_ZFS_SUITE_TIMEOUT:-3600}" \
     -- bash tests/vm/zfs-suite.sh --guest "$zfs_bin" "$conf_bin" "$hf_bin" "$@"
 fi
@@ -55,8 +74,10 @@ if [ ! -e /run/holdfast-vm ]; then
   exit 2
 fi
 export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
+# The test binaries must run here: anything missing is a failure, never "NOT RUN".
+export HOLDFAST_REQUIRE_REAL=1
 threads=${HOLDFAST_TEST_THREADS:-2}
-stages=${HOLDFAST_ZFS_STAGES:-1 2 3 4 5}
+stages=${HOLDFAST_ZFS_STAGES:-1 2 3 4 5 6}
 
 start=$SECONDS
 echo "== zfs-suite: zpool hfzfs on the VM disk ($(zfs version | head -n1))"
@@ -71,7 +92,12 @@ stage() {  # stage NAME COMMAND...
   shift
   echo
   echo "== zfs-suite: $name"
-  "$@" || rc=$?
+  # A subshell with errexit of its own: `cmd || rc=$?` would switch errexit off inside
+  # functions, and a failed step of `timing` would go unseen.
+  set +e
+  (set -e; "$@")
+  rc=$?
+  set -e
   summary+=("$(printf '%-44s %s in %ss' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" $((SECONDS - t)))")
   [ $rc = 0 ] || failed+=("$name")
 }
@@ -88,6 +114,7 @@ timing() {
   "$hf_bin" all-in-one --endpoint "$ep" --node-id timing --config tests/fixtures/zfs/conformance-dataset.toml >"$dir/driver.log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+  [ -S "$sock" ] || { echo "timing: the driver did not open $sock within 10 s:"; cat "$dir/driver.log"; return 1; }
   local ctl=("$hf_bin" ctl --endpoint "$ep")
   local hf=() hand=()
   for i in $(seq "$rounds"); do
@@ -132,6 +159,7 @@ timing() {
   echo "    step is one zfs/mount process)"
   # The same calls as the driver timed them (its log: method=… ms=…), without the ctl process.
   for m in CreateVolume NodeStageVolume NodePublishVolume; do
+    grep -q "method=\"$m\".*ms=" "$dir/driver.log" || { echo "timing: the driver logged no timed $m call"; return 1; }
     grep "method=\"$m\"" "$dir/driver.log" | grep -o 'ms=[0-9.]*' | cut -d= -f2 | sort -n |
       awk -v m="$m" '{ v[NR] = $1 } END { if (NR) printf "   inside the driver: %-18s median %6.1f ms (min %.1f, max %.1f, %d calls)\n", m, v[int((NR + 1) / 2)], v[1], v[NR], NR }'
   done
@@ -140,7 +168,10 @@ timing() {
   t1=$(now)
   echo "   one \`holdfast ctl info\` (process start + connect + 4 cheap RPCs): $(( $(ms "$t0" "$t1") / rounds )) ms"
   kill "$pid"
-  wait "$pid" || true
+  local st=0
+  wait "$pid" || st=$?
+  # 143: it was still handling SIGTERM's default action; anything else is a driver that failed.
+  [ "$st" = 0 ] || [ "$st" = 143 ] || { echo "timing: the driver exited with status $st on SIGTERM"; return 1; }
 }
 
 # The capacity test compares GetCapacity before and after a create, so it runs alone, once
@@ -163,6 +194,16 @@ for s in $stages; do
     3) stage "conformance, zvols (fs ext4)" conformance tests/fixtures/zfs/conformance-zvol.toml ext4 ;;
     4) stage "timing: ready-to-use volume" timing ;;
     5) stage "conformance, zvols (fs xfs)" conformance tests/fixtures/zfs/conformance-zvol.toml xfs ;;
+    6)
+      for bin in ${HOLDFAST_POOL_TEST_BINS:-}; do
+        t=$(basename "$bin")
+        t=${t%-*}
+        stage "tests/$t.rs, ZFS datasets (fs zfs)" env HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-dataset.toml \
+          HOLDFAST_TEST_FS=zfs "$bin" --test-threads="$threads" "${extra[@]}"
+        stage "tests/$t.rs, zvols (fs ext4)" env HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-zvol.toml \
+          HOLDFAST_TEST_FS=ext4 "$bin" --test-threads="$threads" "${extra[@]}"
+      done
+      ;;
     *) echo "zfs-suite: unknown stage $s" >&2; exit 2 ;;
   esac
 done
@@ -170,8 +211,16 @@ done
 echo
 echo "== zfs-suite summary ($((SECONDS - start))s in the guest)"
 printf '   %s\n' "${summary[@]}"
-echo "   left behind in hfzfs (should be nothing below the conformance parents):"
-zfs list -H -r -t all -o name hfzfs | sed 's/^/     /' || true
+# Every test destroys what it made: only the zpool and the conformance parents may remain.
+if ! left=$(zfs list -H -r -t all -o name hfzfs); then
+  failed+=("listing the datasets left behind")
+elif left=$(grep -v -x -e hfzfs -e hfzfs/conformance-ds -e hfzfs/conformance-zvol <<<"$left"); then
+  echo "   left behind in hfzfs (should be nothing below the conformance parents):"
+  echo "$left" | sed 's/^/     /'
+  failed+=("datasets left behind")
+else
+  echo "   left behind in hfzfs: nothing below the conformance parents"
+fi
 if [ ${#failed[@]} -gt 0 ]; then
   echo "zfs-suite: FAILED: ${failed[*]}"
   exit 1
