@@ -909,3 +909,51 @@ async fn a_stopped_server_makes_only_the_nfs_pool_sick() {
         p.delete(id).await;
     }
 }
+
+#[tokio::test]
+async fn a_volume_directory_swapped_for_a_symlink_is_never_used_through_it() {
+    if !nfs_available("a_volume_directory_swapped_for_a_symlink_is_never_used_through_it") {
+        return;
+    }
+    let _shared = SERVER.read().await;
+    let p = Plugin::start(&pool("nfs-swap", "mount_options = [\"nfsvers=4.2\"]")).await;
+    let mode = Mode::MultiNodeMultiWriter;
+    let name = unique("swapped");
+    let v = p.create("nfs-swap", &name, mode, &[]).await;
+    let dir = on_server(&name);
+    write_durably(&dir.join("mine"), b"the volume's");
+    // A workload with access to the export moves the directory away and links a victim in.
+    let victim = on_server(&unique("victim"));
+    std::fs::create_dir(&victim).unwrap();
+    write_durably(&victim.join("secret"), b"someone else's");
+    let moved = on_server(&unique("moved"));
+    std::fs::rename(&dir, &moved).unwrap();
+    std::os::unix::fs::symlink(&victim, &dir).unwrap();
+
+    let staging = p.staging("swapped");
+    let stage = NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: path_str(&staging),
+        volume_capability: Some(cap(mode)),
+        ..Default::default()
+    };
+    expect_code(p.node.clone().node_stage_volume(stage).await, Code::FailedPrecondition, "NodeStageVolume of a swapped directory");
+    assert_eq!(mount_of(&staging), None, "something was mounted at the staging path");
+    let snap = CreateSnapshotRequest { name: unique("swapped-snap"), source_volume_id: v.volume_id.clone(), ..Default::default() };
+    expect_code(p.controller.clone().create_snapshot(snap).await, Code::FailedPrecondition, "CreateSnapshot of a swapped directory");
+    let mut clone = create_request("nfs-swap", &unique("swapped-clone"), mode, &[]);
+    clone.volume_content_source =
+        Some(VolumeContentSource { r#type: Some(Source::Volume(VolumeSource { volume_id: v.volume_id.clone() })) });
+    expect_code(p.controller.clone().create_volume(clone).await, Code::FailedPrecondition, "a clone of a swapped directory");
+    let del = DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() };
+    expect_code(p.controller.clone().delete_volume(del).await, Code::FailedPrecondition, "DeleteVolume of a swapped directory");
+    assert_eq!(std::fs::read(victim.join("secret")).unwrap(), b"someone else's", "the victim was touched");
+    assert!(dir.is_symlink(), "the link was moved");
+
+    // Put back, everything works again.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&moved, &dir).unwrap();
+    p.delete(&v.volume_id).await;
+    assert!(!dir.exists());
+    std::fs::remove_dir_all(&victim).unwrap();
+}

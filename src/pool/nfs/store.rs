@@ -308,29 +308,39 @@ pub fn open_dir(root: &Path, subdir: &str) -> Result<Option<OwnedFd>> {
 }
 
 fn open_root(root: &Path) -> Result<OwnedFd> {
-    rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+    rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| Error::io(format!("opening {}", root.display()), e.into()))
 }
 
 /// [`open_dir`] of any relative path (holdfast's own directories included); `""` is the root.
+///
+/// One component at a time, each opened for reading from its parent's descriptor: every open
+/// makes the NFS client check the directory with the server (close-to-open consistency), so
+/// a directory replaced on the server moments ago is seen as replaced, not as the client's
+/// cached entry of the old one.
 fn open_beneath(root: &Path, rel: &str) -> Result<Option<OwnedFd>> {
-    let root_fd = open_root(root)?;
+    let mut fd = open_root(root)?;
     if rel.is_empty() {
-        return Ok(Some(root_fd));
+        return Ok(Some(fd));
     }
     let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    match rustix::fs::openat2(&root_fd, rel, flags, Mode::empty(), how) {
-        Ok(fd) => Ok(Some(fd)),
-        Err(rustix::io::Errno::NOENT) => Ok(None),
-        // ELOOP: a symlink on the way; ENOTDIR: a file; EXDEV: an escape from the root.
-        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR | rustix::io::Errno::XDEV) => Err(Error::FailedPrecondition(format!(
-            "{} is not a plain directory on the export (a symlink or a file replaced it, or a directory above it); \
-             holdfast never follows it: put the volume's directory back, or remove what replaced it",
-            root.join(rel).display()
-        ))),
-        Err(e) => Err(Error::io(format!("opening {}", root.join(rel).display()), e.into())),
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    for component in rel.split('/') {
+        fd = match rustix::fs::openat2(&fd, component, flags, Mode::empty(), how) {
+            Ok(next) => next,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            // ELOOP: a symlink on the way; ENOTDIR: a file; EXDEV: an escape from the root.
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR | rustix::io::Errno::XDEV) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} is not a plain directory on the export (a symlink or a file replaced it, or a directory above it); \
+                     holdfast never follows it: put the volume's directory back, or remove what replaced it",
+                    root.join(rel).display()
+                )));
+            }
+            Err(e) => return Err(Error::io(format!("opening {}", root.join(rel).display()), e.into())),
+        };
     }
+    Ok(Some(fd))
 }
 
 /// A path through which a child process (tar, cp) reaches the directory `fd` holds open, and
