@@ -801,7 +801,8 @@ async fn timing_create_stage_publish_versus_mkdir_and_mount_by_hand() {
     );
 }
 
-/// A volume group on a loop device, for a node-local pool beside the nfs ones; removed on drop.
+/// A volume group with a thin pool `tp0` on a loop device, for a node-local pool beside the nfs
+/// ones; removed on drop.
 struct LoopVg {
     _dir: tempfile::TempDir,
     device: String,
@@ -820,6 +821,8 @@ impl LoopVg {
         let lvg = LoopVg { _dir: dir, device, vg };
         assert!(run("pvcreate", &["-q", &lvg.device]), "pvcreate");
         assert!(run("vgcreate", &["-q", "-s", "1M", &lvg.vg, &lvg.device]), "vgcreate");
+        // A thin pool: lvm pools take snapshots in one.
+        assert!(run("lvcreate", &["-q", "-y", "--type", "thin-pool", "-L", "256M", "-n", "tp0", &lvg.vg]), "lvcreate thin pool");
         lvg
     }
 }
@@ -839,7 +842,7 @@ async fn a_stopped_server_makes_only_the_nfs_pool_sick() {
     }
     let _alone = SERVER.write().await;
     let vg = LoopVg::new("sick");
-    let config = format!("[[pool]]\nname = \"fast\"\nkind = \"lvm\"\nvolume_group = \"{}\"\n\n", vg.vg)
+    let config = format!("[[pool]]\nname = \"fast\"\nkind = \"lvm\"\nvolume_group = \"{}\"\nthin_pool = \"tp0\"\n\n", vg.vg)
         + &pool("shared", "mount_options = [\"nfsvers=4.2\", \"soft\", \"timeo=10\", \"retrans=1\"]");
     let p = Plugin::start(&config).await;
     let mode = Mode::SingleNodeWriter;
