@@ -28,7 +28,13 @@
 //!   removes it, `retain` forgets the volume and leaves its directory, `archive` renames it to
 //!   `archived-<name>-<UTC time>` beside where it was.
 //! - **Node side.** `attach` hands the node `server:/export/<subdir>` to mount with the pool's
-//!   mount options; there is nothing to detach.
+//!   mount options; there is nothing to detach. The server resolves that path itself and
+//!   follows symlinks, so `attach` first checks on the working mount that the directory is
+//!   still a plain directory (no symlink in its place or above it) and refuses otherwise.
+//! - **No symlink is followed.** Every use of a volume's data (archive, copy, move to the trash
+//!   or the archive name) opens its directory beneath the export one component at a time
+//!   without following symlinks ([`store::open_dir`]) and works through the opened descriptor,
+//!   so a workload swapping the directory for a link cannot redirect it.
 //! - **Health.** `condition` checks the server and the directory with child processes under a
 //!   deadline, so a dead server is reported within seconds and never hangs the plugin.
 //!
