@@ -50,6 +50,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("snapshot_restore_and_clone_btrfs", || Box::pin(snapshot_restore_and_clone("btrfs"))),
     ("deleting_a_volume_keeps_its_snapshots_usable", || Box::pin(deleting_a_volume_keeps_its_snapshots_usable())),
     ("capacity_numbers_match_what_fits", || Box::pin(capacity_numbers_match_what_fits())),
+    ("copied_tags_do_not_make_a_second_volume", || Box::pin(copied_tags_do_not_make_a_second_volume())),
 ];
 
 fn in_vm() -> bool {
@@ -342,6 +343,49 @@ async fn foreign_lvs_are_left_alone_and_condition_follows_activation() {
     assert_eq!(pool.condition(&v.local).await.unwrap(), Condition::Healthy, "attach activates again");
     run(&["lvremove", "-q", "-y", &target]).await;
     assert!(matches!(pool.condition(&v.local).await.unwrap(), Condition::Abnormal(m) if m.contains("gone")));
+}
+
+async fn copied_tags_do_not_make_a_second_volume() {
+    let lab = Lab::new("copied", 256).await;
+    lab.thin_pool(128).await;
+    let pool = lab.thin("p", 1.0);
+    let real = pool.create_volume(&request("the-real-one", 16 * MIB, Some("ext4"))).await.unwrap();
+    let snap = pool.create_snapshot(&real.local, "real-snap", "real-snap").await.unwrap();
+    let lvs = lab.lvs().await;
+    let tags_of = |name: String| lvs.iter().find(|l| l.name == name).unwrap_or_else(|| panic!("no LV {name}")).tags.clone();
+    // LVs made by hand, each given every tag of a real volume or snapshot.
+    let copies = [("hf-impostor", tags_of(format!("hf-{}", real.local))), ("hfs-impostor", tags_of(format!("hfs-{}", snap.local)))];
+    for (name, tags) in &copies {
+        assert!(tags.iter().any(|t| t == "holdfast.managed"), "{name}: {tags:?}");
+        run(&["lvcreate", "-q", "-y", "-n", name, "-V", "8M", "--thinpool", &format!("{}/tp0", lab.vg)]).await;
+        let mut argv = vec!["lvchange".to_owned(), "-q".to_owned()];
+        for t in tags {
+            argv.push("--addtag".into());
+            argv.push(t.clone());
+        }
+        argv.push(format!("{}/{name}", lab.vg));
+        run(&argv.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    }
+    let listed: Vec<String> = pool.list_volumes().await.unwrap().into_iter().map(|v| v.local).collect();
+    assert_eq!(listed, std::slice::from_ref(&real.local), "copied tags made a second volume");
+    let snaps: Vec<String> = pool.list_snapshots().await.unwrap().into_iter().map(|s| s.local).collect();
+    assert_eq!(snaps, std::slice::from_ref(&snap.local), "copied tags made a second snapshot");
+    assert_eq!(pool.get_volume("impostor").await.unwrap(), None);
+    assert_eq!(pool.get_snapshot("impostor").await.unwrap(), None);
+    pool.delete_volume("impostor").await.unwrap();
+    pool.delete_snapshot("impostor").await.unwrap();
+    let err = pool.create_volume(&request("impostor", 8 * MIB, Some("ext4"))).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)), "a create took over an LV with copied tags: {err}");
+    let left = lab.holdfast_lvs().await;
+    for (name, _) in &copies {
+        assert!(left.contains(&name.to_string()), "{name} was removed: {left:?}");
+    }
+    // The real volume is still the one and only, and goes when asked.
+    assert_eq!(pool.get_volume(&real.local).await.unwrap().map(|v| v.csi_name), Some("the-real-one".to_owned()));
+    pool.delete_snapshot(&snap.local).await.unwrap();
+    pool.delete_volume(&real.local).await.unwrap();
+    let left = lab.holdfast_lvs().await;
+    assert_eq!(left.len(), 2, "only the hand-made LVs remain: {left:?}");
 }
 
 async fn snapshot_restore_and_clone(fs: &str) {

@@ -791,3 +791,163 @@ async fn timing_create_stage_publish_versus_mkdir_and_mount_by_hand() {
         line("by hand: mkdir + mount + mount --bind", &by_hand),
     );
 }
+
+/// A volume group with a thin pool `tp0` on a loop device, for a node-local pool beside the nfs
+/// ones; removed on drop.
+struct LoopVg {
+    _dir: tempfile::TempDir,
+    device: String,
+    vg: String,
+}
+
+impl LoopVg {
+    fn new(tag: &str) -> LoopVg {
+        let dir = tempfile::Builder::new().prefix("holdfast-nfs-vg-").tempdir_in("/var/tmp").expect("temp dir");
+        let file = dir.path().join("pv.img");
+        File::create(&file).and_then(|f| f.set_len(512 << 20)).expect("PV file");
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(&file).output().expect("losetup");
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let vg = format!("hfsick-{tag}-{}", std::process::id());
+        let lvg = LoopVg { _dir: dir, device, vg };
+        assert!(run("pvcreate", &["-q", &lvg.device]), "pvcreate");
+        assert!(run("vgcreate", &["-q", "-s", "1M", &lvg.vg, &lvg.device]), "vgcreate");
+        // A thin pool: lvm pools take snapshots in one.
+        assert!(run("lvcreate", &["-q", "-y", "--type", "thin-pool", "-L", "256M", "-n", "tp0", &lvg.vg]), "lvcreate thin pool");
+        lvg
+    }
+}
+
+impl Drop for LoopVg {
+    fn drop(&mut self) {
+        run("vgremove", &["-q", "-f", &self.vg]);
+        run("pvremove", &["-q", "-f", &self.device]);
+        run("losetup", &["-d", &self.device]);
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_server_makes_only_the_nfs_pool_sick() {
+    if !nfs_available("a_stopped_server_makes_only_the_nfs_pool_sick") {
+        return;
+    }
+    let _alone = SERVER.write().await;
+    let vg = LoopVg::new("sick");
+    let config = format!("[[pool]]\nname = \"fast\"\nkind = \"lvm\"\nvolume_group = \"{}\"\nthin_pool = \"tp0\"\n\n", vg.vg)
+        + &pool("shared", "mount_options = [\"nfsvers=4.2\", \"soft\", \"timeo=10\", \"retrans=1\"]");
+    let p = Plugin::start(&config).await;
+    let mode = Mode::SingleNodeWriter;
+    let on_nfs = p.create("shared", &unique("sick-nfs"), mode, &[]).await;
+    let on_lvm = p.create("fast", &unique("sick-lvm"), mode, &[]).await;
+    let listed = ok(p.controller.clone().list_volumes(ListVolumesRequest::default()).await, "ListVolumes");
+    assert_eq!(listed.entries.len(), 2, "{listed:?}");
+
+    let restart = ServerRestart;
+    assert!(run("rpc.nfsd", &["0"]), "rpc.nfsd 0");
+    let within = Duration::from_secs(30);
+    let mut c = p.controller.clone();
+    // A create that could land on the sick pool (no pool parameter) cannot know whether an
+    // earlier attempt did: retryable UNAVAILABLE, and nothing is made anywhere.
+    let mut anywhere = create_request("fast", &unique("sick-any"), mode, &[]);
+    anywhere.parameters.clear();
+    let r = tokio::time::timeout(within, c.create_volume(anywhere.clone())).await.expect("CreateVolume did not answer");
+    expect_code(r, Code::Unavailable, "CreateVolume whose candidates include the stopped server's pool");
+    // A create on the healthy pool proceeds.
+    let named = create_request("fast", &unique("sick-fast"), mode, &[]);
+    let r = tokio::time::timeout(within, c.create_volume(named)).await.expect("CreateVolume pool=fast did not answer");
+    let made = ok(r, "CreateVolume pool=fast with the NFS server stopped").volume.expect("no volume");
+    // ListVolumes answers from the healthy pool and lists the sick pool's volume as abnormal.
+    let r = tokio::time::timeout(within, c.list_volumes(ListVolumesRequest::default())).await.expect("ListVolumes did not answer");
+    let listed = ok(r, "ListVolumes with the NFS server stopped");
+    let cond = |id: &str| {
+        listed
+            .entries
+            .iter()
+            .find(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == id))
+            .and_then(|e| e.status.clone()?.volume_condition)
+    };
+    assert!(cond(&on_lvm.volume_id).is_some_and(|c| !c.abnormal), "lvm volume: {:?}", cond(&on_lvm.volume_id));
+    assert!(cond(&made.volume_id).is_some_and(|c| !c.abnormal), "new lvm volume: {:?}", cond(&made.volume_id));
+    assert!(cond(&on_nfs.volume_id).is_some_and(|c| c.abnormal), "nfs volume: {:?}", cond(&on_nfs.volume_id));
+    assert!(
+        !listed.entries.iter().any(|e| e.volume.as_ref().is_some_and(|v| v.volume_id.contains("sick-any"))),
+        "the refused create made a volume"
+    );
+    // GetCapacity: the healthy pool's room.
+    let req = GetCapacityRequest { volume_capabilities: vec![cap(mode)], ..Default::default() };
+    let r = tokio::time::timeout(within, c.get_capacity(req)).await.expect("GetCapacity did not answer");
+    assert!(ok(r, "GetCapacity with the NFS server stopped").available_capacity > 0);
+    // CreateSnapshot of a volume of the healthy pool.
+    let snap = CreateSnapshotRequest { name: unique("sick-snap"), source_volume_id: on_lvm.volume_id.clone(), ..Default::default() };
+    let r = tokio::time::timeout(within, c.create_snapshot(snap)).await.expect("CreateSnapshot did not answer");
+    let snap = ok(r, "CreateSnapshot on lvm with the NFS server stopped").snapshot.expect("no snapshot");
+    // The pool's sickness is logged once, not once per call.
+    let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+    let lines = log.lines().filter(|l| l.contains("pool does not answer") && l.contains("shared")).count();
+    assert_eq!(lines, 1, "log lines about the sick pool:\n{log}");
+
+    drop(restart);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match tokio::time::timeout(within, c.create_volume(anywhere.clone())).await {
+            Ok(Ok(v)) => {
+                p.delete(&v.into_inner().volume.expect("no volume").volume_id).await;
+                break;
+            }
+            other => assert!(Instant::now() < deadline, "creates did not work again within 90 s of restarting the server: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ok(c.delete_snapshot(DeleteSnapshotRequest { snapshot_id: snap.snapshot_id, ..Default::default() }).await, "DeleteSnapshot");
+    for id in [&on_lvm.volume_id, &made.volume_id, &on_nfs.volume_id] {
+        p.delete(id).await;
+    }
+}
+
+#[tokio::test]
+async fn a_volume_directory_swapped_for_a_symlink_is_never_used_through_it() {
+    if !nfs_available("a_volume_directory_swapped_for_a_symlink_is_never_used_through_it") {
+        return;
+    }
+    let _shared = SERVER.read().await;
+    let p = Plugin::start(&pool("nfs-swap", "mount_options = [\"nfsvers=4.2\"]")).await;
+    let mode = Mode::MultiNodeMultiWriter;
+    let name = unique("swapped");
+    let v = p.create("nfs-swap", &name, mode, &[]).await;
+    let dir = on_server(&name);
+    write_durably(&dir.join("mine"), b"the volume's");
+    // A workload with access to the export moves the directory away and links a victim in.
+    let victim = on_server(&unique("victim"));
+    std::fs::create_dir(&victim).unwrap();
+    write_durably(&victim.join("secret"), b"someone else's");
+    let moved = on_server(&unique("moved"));
+    std::fs::rename(&dir, &moved).unwrap();
+    std::os::unix::fs::symlink(&victim, &dir).unwrap();
+
+    let staging = p.staging("swapped");
+    let stage = NodeStageVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        staging_target_path: path_str(&staging),
+        volume_capability: Some(cap(mode)),
+        ..Default::default()
+    };
+    expect_code(p.node.clone().node_stage_volume(stage).await, Code::FailedPrecondition, "NodeStageVolume of a swapped directory");
+    assert_eq!(mount_of(&staging), None, "something was mounted at the staging path");
+    let snap = CreateSnapshotRequest { name: unique("swapped-snap"), source_volume_id: v.volume_id.clone(), ..Default::default() };
+    expect_code(p.controller.clone().create_snapshot(snap).await, Code::FailedPrecondition, "CreateSnapshot of a swapped directory");
+    let mut clone = create_request("nfs-swap", &unique("swapped-clone"), mode, &[]);
+    clone.volume_content_source =
+        Some(VolumeContentSource { r#type: Some(Source::Volume(VolumeSource { volume_id: v.volume_id.clone() })) });
+    expect_code(p.controller.clone().create_volume(clone).await, Code::FailedPrecondition, "a clone of a swapped directory");
+    let del = DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() };
+    expect_code(p.controller.clone().delete_volume(del).await, Code::FailedPrecondition, "DeleteVolume of a swapped directory");
+    assert_eq!(std::fs::read(victim.join("secret")).unwrap(), b"someone else's", "the victim was touched");
+    assert!(dir.is_symlink(), "the link was moved");
+
+    // Put back, everything works again.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&moved, &dir).unwrap();
+    p.delete(&v.volume_id).await;
+    assert!(!dir.exists());
+    std::fs::remove_dir_all(&victim).unwrap();
+}

@@ -55,6 +55,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("parameters_are_checked_and_mounted_volumes_kept", || Box::pin(parameters_are_checked_and_mounted_volumes_kept())),
     ("missing_zpool_and_missing_parent", || Box::pin(missing_zpool_and_missing_parent())),
     ("degraded_zpool_makes_volumes_abnormal", || Box::pin(degraded_zpool_makes_volumes_abnormal())),
+    ("what_an_operator_made_under_a_volume_is_never_destroyed", || Box::pin(what_an_operator_made_under_a_volume_is_never_destroyed())),
+    ("copied_holdfast_properties_do_not_make_a_second_volume", || Box::pin(copied_holdfast_properties_do_not_make_a_second_volume())),
 ];
 
 fn in_vm() -> bool {
@@ -501,6 +503,125 @@ async fn deleting_what_others_depend_on_keeps_their_data() {
     lab.unstage(&d_mnt).await;
     pool.delete_volume(&d.local).await.unwrap();
     assert!(lab.objects().await.is_empty(), "left behind: {:?}", lab.objects().await);
+}
+
+async fn what_an_operator_made_under_a_volume_is_never_destroyed() {
+    let lab = Lab::new("foreign").await;
+    let pool = lab.pool("");
+    let data = noise(MIB as usize, 11);
+    for (case, by_hand) in [("child", "child dataset"), ("snap", "snapshot")] {
+        let v = pool.create_volume(&request(&format!("foreign-{case}"), 32 * MIB, Some("zfs"))).await.unwrap();
+        let dataset = format!("{}/{}", lab.parent, v.local);
+        let (_, mnt) = lab.stage(&pool, &v.local, "zfs", case).await;
+        write_durably(&mnt.join("data"), &data);
+        lab.unstage(&mnt).await;
+        // What an operator makes by hand, with data of its own.
+        let theirs = if case == "child" {
+            let child = format!("{dataset}/by-hand");
+            let at = lab.path(&format!("{case}-child"));
+            std::fs::create_dir_all(&at).unwrap();
+            run(&["zfs", "create", "-o", &format!("mountpoint={}", at.display()), &child]).await;
+            write_durably(&at.join("theirs"), &data);
+            run(&["zfs", "umount", &child]).await;
+            child
+        } else {
+            let snap = format!("{dataset}@by-hand");
+            run(&["zfs", "snapshot", &snap]).await;
+            snap
+        };
+        let err = pool.delete_volume(&v.local).await.expect_err(&format!("DeleteVolume with a {by_hand} beneath it"));
+        assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains(&theirs)), "{by_hand}: {err}");
+        let objects = lab.objects().await;
+        assert!(objects.contains(&theirs) && objects.contains(&dataset), "{by_hand}: something went: {objects:?}");
+        assert!(!objects.iter().any(|o| o.contains(HIDDEN)), "{by_hand}: the volume was hidden anyway: {objects:?}");
+        assert_eq!(pool.get_volume(&v.local).await.unwrap().map(|i| i.local), Some(v.local.clone()), "{by_hand}: the volume is gone");
+        // Their data is intact; once they move it away the delete goes through.
+        if case == "child" {
+            let at = lab.path(&format!("{case}-child"));
+            run(&["zfs", "mount", &theirs]).await;
+            assert_eq!(std::fs::read(at.join("theirs")).unwrap(), data);
+            run(&["zfs", "umount", &theirs]).await;
+            run(&["zfs", "rename", &theirs, &format!("{}/kept-{case}", lab.parent)]).await;
+        } else {
+            run(&["zfs", "clone", &theirs, &format!("{}/kept-{case}", lab.parent)]).await;
+            run(&["zfs", "promote", &format!("{}/kept-{case}", lab.parent)]).await;
+        }
+        pool.delete_volume(&v.local).await.unwrap_or_else(|e| panic!("{by_hand} moved away: {e}"));
+        assert_eq!(pool.get_volume(&v.local).await.unwrap(), None);
+        assert!(lab.objects().await.iter().any(|o| o.ends_with(&format!("kept-{case}"))), "{:?}", lab.objects().await);
+    }
+    // A snapshot taken by hand of a deleted volume that holdfast only hid keeps it too.
+    let v = pool.create_volume(&request("foreign-hidden", 32 * MIB, Some("zfs"))).await.unwrap();
+    let s = pool.create_snapshot(&v.local, "snap-of-hidden", "snap-of-hidden").await.unwrap();
+    pool.delete_volume(&v.local).await.unwrap();
+    let hidden = lab.objects().await.into_iter().find(|o| o.contains(HIDDEN) && !o.contains('@')).expect("hidden volume");
+    run(&["zfs", "snapshot", &format!("{hidden}@by-hand")]).await;
+    pool.delete_snapshot(&s.local).await.unwrap();
+    let objects = lab.objects().await;
+    assert!(objects.contains(&format!("{hidden}@by-hand")), "the sweep destroyed a hand-made snapshot: {objects:?}");
+}
+
+async fn copied_holdfast_properties_do_not_make_a_second_volume() {
+    let lab = Lab::new("copied").await;
+    let pool = lab.pool("");
+    let real = pool.create_volume(&request("the-real-one", 32 * MIB, Some("zfs"))).await.unwrap();
+    let zreal = pool.create_volume(&request("the-real-zvol", 16 * MIB, None)).await.unwrap();
+    let snap = pool.create_snapshot(&real.local, "real-snap", "real-snap").await.unwrap();
+    // Every holdfast:* property set on an object, as `zfs get` shows them.
+    let record = |name: String| async move {
+        let out = run(&["zfs", "get", "-H", "-p", "-o", "property,value", "-s", "local", "all", &name]).await;
+        out.lines().filter(|l| l.starts_with("holdfast:")).map(|l| l.replacen('\t', "=", 1)).collect::<Vec<String>>()
+    };
+    let copy = |what: &str, from: Vec<String>, args: Vec<String>| {
+        let mut argv: Vec<String> = args;
+        let at = argv.len() - 1;
+        for p in from {
+            argv.insert(at, "-o".into());
+            argv.insert(at + 1, p);
+        }
+        assert!(argv.len() > 3, "{what}: nothing to copy");
+        argv
+    };
+    let ds_copy = format!("{}/impostor", lab.parent);
+    let zvol_copy = format!("{}/zimpostor", lab.parent);
+    let snap_copy = format!("{}/{}@impostor", lab.parent, real.local);
+    let argv =
+        copy("dataset", record(format!("{}/{}", lab.parent, real.local)).await, vec!["zfs".into(), "create".into(), ds_copy.clone()]);
+    run(&argv.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let argv = copy(
+        "zvol",
+        record(format!("{}/{}", lab.parent, zreal.local)).await,
+        vec!["zfs".into(), "create".into(), "-V".into(), "16M".into(), zvol_copy.clone()],
+    );
+    run(&argv.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let argv = copy(
+        "snapshot",
+        record(format!("{}/{}@{}", lab.parent, real.local, snap.local)).await,
+        vec!["zfs".into(), "snapshot".into(), snap_copy.clone()],
+    );
+    run(&argv.iter().map(String::as_str).collect::<Vec<_>>()).await;
+
+    let mut listed: Vec<String> = pool.list_volumes().await.unwrap().into_iter().map(|v| v.local).collect();
+    listed.sort();
+    let mut want = vec![real.local.clone(), zreal.local.clone()];
+    want.sort();
+    assert_eq!(listed, want, "a copied record made a second volume");
+    for name in ["impostor", "zimpostor"] {
+        assert_eq!(pool.get_volume(name).await.unwrap(), None, "{name}");
+        pool.delete_volume(name).await.unwrap();
+        let err = pool.create_volume(&request(name, 16 * MIB, Some("zfs"))).await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{name}: a create took over a foreign dataset: {err}");
+    }
+    let snaps: Vec<String> = pool.list_snapshots().await.unwrap().into_iter().map(|s| s.local).collect();
+    assert_eq!(snaps, std::slice::from_ref(&snap.local), "a copied snapshot record made a second snapshot");
+    let objects = lab.objects().await;
+    for o in [&ds_copy, &zvol_copy, &snap_copy] {
+        assert!(objects.contains(o), "{o} was destroyed: {objects:?}");
+    }
+    // The real ones still work, and deleting the real volume refuses for the hand-made snapshot.
+    assert_eq!(pool.get_volume(&real.local).await.unwrap().map(|v| v.csi_name), Some("the-real-one".to_owned()));
+    let err = pool.delete_volume(&real.local).await.unwrap_err();
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains(&snap_copy)), "{err}");
 }
 
 /// Runs commands for real, but after the first whose command line starts with `prefix` has run,

@@ -3,7 +3,7 @@
 //! object. Placement of new volumes is `crate::placement`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
 
@@ -36,12 +36,43 @@ const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
 /// The Controller service.
 pub struct ControllerService {
     d: Arc<Driver>,
+    /// What calls that fan out over every pool last saw of each one: why it is sick, and the
+    /// volumes its last good listing had (shown as abnormal while it is sick).
+    health: Mutex<BTreeMap<String, PoolHealth>>,
+}
+
+/// One pool as the fan-out calls last saw it.
+#[derive(Debug, Default)]
+struct PoolHealth {
+    /// Why the last call failed; `None` while it answers.
+    sick: Option<String>,
+    /// Its volumes at its last good listing.
+    listed: Vec<VolumeInfo>,
 }
 
 impl ControllerService {
     /// Serves the controller for `driver`.
     pub fn new(driver: Arc<Driver>) -> Self {
-        ControllerService { d: driver }
+        ControllerService { d: driver, health: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// Records that `pool` answered; logs when it was sick until now.
+    fn answered(&self, pool: &dyn Pool) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(was) = h.entry(pool.name().to_owned()).or_default().sick.take() {
+            tracing::info!(pool = pool.name(), was = %was, "pool answers again");
+        }
+    }
+
+    /// Records that `pool` failed with `e`, so the call goes on without it; logs when it was
+    /// healthy until now (one line per change, not one per call).
+    fn failed(&self, pool: &dyn Pool, e: &Error) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = h.entry(pool.name().to_owned()).or_default();
+        if entry.sick.is_none() {
+            tracing::warn!(pool = pool.name(), error = %e, "pool does not answer; calls over all pools go on without it");
+        }
+        entry.sick = Some(e.to_string());
     }
 }
 
@@ -90,6 +121,14 @@ pub fn paginate<T>(mut items: Vec<(String, T)>, max: i32, token: &str) -> Result
         rest.truncate(max as usize);
     }
     Ok((rest.into_iter().map(|(_, v)| v).collect(), next))
+}
+
+/// The smallest volume a pool allocating in `unit` bytes can make with filesystem `fs` (none:
+/// raw block): the filesystem's minimum, rounded up to whole units.
+pub fn minimum_size(fs: Option<&str>, unit: u64) -> u64 {
+    let unit = unit.max(1);
+    let min = fs.map(crate::node::format::min_size).unwrap_or(pool::MIB).max(unit);
+    min.div_ceil(unit) * unit
 }
 
 fn timestamp(secs: i64) -> prost_types::Timestamp {
@@ -239,28 +278,61 @@ impl ControllerService {
             capacity = min_size;
         }
 
-        // A retry must find what the first attempt made, wherever it landed.
+        // A retry must find what the first attempt made, wherever it landed. A pool that cannot
+        // be asked is passed over here; whether that may hide the first attempt is decided
+        // once the candidates are known.
+        let mut unasked: Vec<(String, Error)> = Vec::new();
         for pool in self.d.pools.values() {
-            if let Some(v) = pool.get_volume(&local).await? {
-                let limit = req.capacity_range.map(|r| r.limit_bytes as u64).unwrap_or(0);
-                let fits = v.capacity >= capacity && (limit == 0 || v.capacity <= limit);
-                if v.csi_name != req.name {
-                    return Err(Error::AlreadyExists(format!(
-                        "local name {local} in pool {} is taken by volume {:?}",
-                        pool.name(),
-                        v.csi_name
-                    )));
+            let v = match pool.get_volume(&local).await {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    self.answered(pool.as_ref());
+                    continue;
                 }
-                if !fits || v.block != block || v.source != source {
-                    return Err(Error::AlreadyExists(format!(
-                        "volume {:?} already exists with capacity {} bytes ({}), incompatible with this request",
-                        req.name,
-                        v.capacity,
-                        if v.block { "block" } else { "filesystem" }
-                    )));
+                Err(e) => {
+                    self.failed(pool.as_ref(), &e);
+                    unasked.push((pool.name().to_owned(), e));
+                    continue;
                 }
-                return Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) });
+            };
+            self.answered(pool.as_ref());
+            if v.csi_name != req.name {
+                return Err(Error::AlreadyExists(format!(
+                    "local name {local} in pool {} is taken by volume {:?}",
+                    pool.name(),
+                    v.csi_name
+                )));
             }
+            let limit = req.capacity_range.map(|r| r.limit_bytes as u64).unwrap_or(0);
+            let want_fs = if block { None } else { Some(fs_req.clone().unwrap_or_else(|| pool.default_fs().to_owned())) };
+            let mut differences = Vec::new();
+            if v.capacity < capacity || (limit != 0 && v.capacity > limit) {
+                differences.push(format!("its capacity is {} bytes", v.capacity));
+            }
+            if v.block != block {
+                differences.push(format!("it is a {} volume", if v.block { "raw block" } else { "filesystem" }));
+            }
+            // A volume whose record names no filesystem (made before it was recorded) cannot be compared.
+            if !block && v.fs_type.is_some() && v.fs_type != want_fs {
+                differences.push(format!("its filesystem is {}", v.fs_type.as_deref().unwrap_or("none")));
+            }
+            if v.source != source {
+                differences.push(format!("its content source is {:?}", v.source));
+            }
+            // The pool/kind parameters, the access modes and the filesystem select the pools a
+            // volume may live in: one found elsewhere was made for another request.
+            if !pools.iter().any(|p| p.name() == pool.name()) {
+                differences
+                    .push(format!("it lives in pool {}, which this request's parameters and capabilities do not select", pool.name()));
+            }
+            if !differences.is_empty() {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} already exists and is incompatible with this request: {}",
+                    req.name,
+                    differences.join("; ")
+                )));
+            }
+            return Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) });
         }
 
         let requisite: Vec<Segments> = req
@@ -283,9 +355,32 @@ impl ControllerService {
                 self.d.node_id
             )));
         }
+        // A candidate that could not be asked for the name may hold the first attempt of this
+        // very request: creating elsewhere could make a second volume. Retryable.
+        if let Some((name, e)) = unasked.iter().find(|(n, _)| pools.iter().any(|p| p.name() == n)) {
+            return Err(Error::Unavailable(format!(
+                "pool {name} cannot be asked whether volume {} already exists ({e}); retry when it answers, or select another pool \
+                 with the pool parameter",
+                crate::error::bounded(&req.name)
+            )));
+        }
         let mut candidates = Vec::new();
+        let mut sick = Vec::new();
         for p in &pools {
-            candidates.push(Candidate { pool: p.name().to_owned(), segments: self.pool_segments(p.as_ref()), free: p.capacity().await? });
+            match p.capacity().await {
+                Ok(free) => {
+                    self.answered(p.as_ref());
+                    candidates.push(Candidate { pool: p.name().to_owned(), segments: self.pool_segments(p.as_ref()), free });
+                }
+                // It answered the lookup, so the volume is not there: placing elsewhere is safe.
+                Err(e) => {
+                    self.failed(p.as_ref(), &e);
+                    sick.push(format!("{}: {e}", p.name()));
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Err(Error::Unavailable(format!("no candidate pool can tell its free space: {}", sick.join("; "))));
         }
         let fits: Vec<Candidate> = candidates.iter().filter(|c| c.free >= capacity).cloned().collect();
         let Some(choice) = placement::order(fits, &preferred).into_iter().next() else {
@@ -382,13 +477,32 @@ impl ControllerService {
     async fn list(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse> {
         let mut items = Vec::new();
         for pool in self.d.pools.values() {
-            for v in pool.list_volumes().await? {
+            let volumes = match pool.list_volumes().await {
+                Ok(v) => {
+                    self.answered(pool.as_ref());
+                    self.health.lock().unwrap_or_else(|e| e.into_inner()).entry(pool.name().to_owned()).or_default().listed = v.clone();
+                    v
+                }
+                // A sick pool does not fail the listing: the volumes it had last time are listed
+                // as abnormal (none after a restart), the other pools answer as usual.
+                Err(e) => {
+                    self.failed(pool.as_ref(), &e);
+                    let cond = VolumeCondition { abnormal: true, message: format!("pool {} does not answer: {e}", pool.name()) };
+                    let listed = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(pool.name()).map(|h| h.listed.clone());
+                    for v in listed.unwrap_or_default() {
+                        let msg = self.volume_message(pool.as_ref(), &v);
+                        items.push((msg.volume_id.clone(), (msg, cond.clone())));
+                    }
+                    continue;
+                }
+            };
+            for v in volumes {
                 let msg = self.volume_message(pool.as_ref(), &v);
                 let cond = match self.condition_of(pool.as_ref(), &v.local).await {
                     Ok(c) => c,
                     // Deleted since the pool listed it: it is simply not in this listing.
                     Err(Error::NotFound(_)) => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => VolumeCondition { abnormal: true, message: format!("the condition cannot be read: {e}") },
                 };
                 items.push((msg.volume_id.clone(), (msg, cond)));
             }
@@ -417,18 +531,36 @@ impl ControllerService {
     async fn capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse> {
         let caps = if req.volume_capabilities.is_empty() { vec![] } else { decode_caps(&req.volume_capabilities)? };
         let want: Option<Segments> = req.accessible_topology.as_ref().map(|t| t.segments.clone().into_iter().collect());
+        let fs_param = PARAM_FS.iter().find_map(|k| req.parameters.get(*k)).cloned();
+        let fs_cap = caps.iter().map(|c| c.fs_type.clone()).find(|f| !f.is_empty());
+        let block = caps.iter().any(|c| c.block);
         let mut best = 0u64;
+        let mut smallest: Option<u64> = None;
         for p in self.selected_pools(&req.parameters)? {
             let fits_caps = caps.iter().all(|c| c.supported_by(p.as_ref()));
             let fits_topology = want.as_ref().is_none_or(|w| placement::reachable_in(&self.pool_segments(p.as_ref()), p.multi_node(), w));
-            if fits_caps && fits_topology {
-                best = best.max(p.capacity().await?);
+            // The filesystem a create would make there (none for raw block).
+            let fs = (!block).then(|| fs_cap.clone().or(fs_param.clone()).unwrap_or_else(|| p.default_fs().to_owned()));
+            let fits_fs = fs.as_deref().is_none_or(|f| p.filesystems().contains(&f));
+            if !(fits_caps && fits_topology && fits_fs) {
+                continue;
             }
+            // A sick pool offers nothing; the others still answer.
+            let (free, unit) = match (p.capacity().await, p.allocation_unit().await) {
+                (Ok(free), Ok(unit)) => (free, unit.max(1)),
+                (Err(e), _) | (_, Err(e)) => {
+                    self.failed(p.as_ref(), &e);
+                    continue;
+                }
+            };
+            self.answered(p.as_ref());
+            best = best.max(free);
+            smallest = Some(smallest.unwrap_or(u64::MAX).min(minimum_size(fs.as_deref(), unit)));
         }
         Ok(GetCapacityResponse {
             available_capacity: best as i64,
             maximum_volume_size: Some(best as i64),
-            minimum_volume_size: Some(pool::MIB as i64),
+            minimum_volume_size: Some(smallest.unwrap_or(pool::MIB) as i64),
         })
     }
 
@@ -454,7 +586,16 @@ impl ControllerService {
         let _guard = self.d.locks.try_lock(&format!("snap:{}", req.name), &format!("snapshot name {:?}", req.name))?;
         let (pool, v) = self.find_volume(&req.source_volume_id).await?;
         for p in self.d.pools.values() {
-            if let Some(s) = p.get_snapshot(&local).await? {
+            let found = match p.get_snapshot(&local).await {
+                Ok(found) => found,
+                // The snapshot is taken in the source's pool, so only that one must answer.
+                Err(e) if p.name() != pool.name() => {
+                    self.failed(p.as_ref(), &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(s) = found {
                 if s.csi_name != req.name || p.name() != pool.name() || s.source_volume != v.local {
                     return Err(Error::AlreadyExists(format!(
                         "snapshot {:?} already exists with source {}, not {}",
@@ -481,8 +622,22 @@ impl ControllerService {
 
     async fn list_snapshots(&self, req: ListSnapshotsRequest) -> Result<ListSnapshotsResponse> {
         let mut items = Vec::new();
+        // The pool a filter names must answer (an empty answer would say "no such snapshot").
+        let named: Vec<String> =
+            [&req.snapshot_id, &req.source_volume_id].iter().filter_map(|id| VolumeId::parse(id)).map(|id| id.pool).collect();
         for pool in self.d.pools.values() {
-            for s in pool.list_snapshots().await? {
+            let snapshots = match pool.list_snapshots().await {
+                Ok(s) => {
+                    self.answered(pool.as_ref());
+                    s
+                }
+                Err(e) if !named.iter().any(|n| n == pool.name()) => {
+                    self.failed(pool.as_ref(), &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for s in snapshots {
                 let msg = self.snapshot_message(pool.as_ref(), &s);
                 if (!req.snapshot_id.is_empty() && msg.snapshot_id != req.snapshot_id)
                     || (!req.source_volume_id.is_empty() && msg.source_volume_id != req.source_volume_id)
@@ -679,10 +834,307 @@ mod tests {
     }
 
     #[test]
+    fn minimum_sizes_are_the_filesystems_rounded_to_the_unit() {
+        const M: u64 = 1 << 20;
+        let cases = [
+            (None, M, M),
+            (None, 4 * M, 4 * M),
+            (Some("ext4"), M, M),
+            (Some("xfs"), M, 300 * M),
+            (Some("xfs"), 4 * M, 300 * M),
+            (Some("btrfs"), 4 * M, 116 * M),
+            (Some("nfs"), M, M),
+        ];
+        for (fs, unit, want) in cases {
+            assert_eq!(minimum_size(fs, unit), want, "{fs:?} in units of {unit}");
+        }
+    }
+
+    #[test]
     fn a_deleted_token_entry_does_not_break_paging() {
         let ids: Vec<(String, u32)> = [1, 3, 4].iter().map(|i| (format!("file:n:p:v{i}"), *i)).collect();
         // The token names v2, which was deleted since the previous page: listing resumes after it.
         let (page, _) = paginate(ids, 0, "file:n:p:v2").unwrap();
         assert_eq!(page, vec![3, 4]);
+    }
+
+    mod sick_pools {
+        //! One sick pool must not fail the calls that fan out over every pool.
+
+        use std::sync::Mutex;
+
+        use async_trait::async_trait;
+
+        use super::*;
+        use crate::exec::FakeExec;
+        use crate::node::mount::FakeMounter;
+        use crate::pool::{Attachment, Condition};
+        use crate::proto::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+
+        /// A pool in memory that can be made to fail every call, as a pool whose VG, zpool or
+        /// server is gone does.
+        struct FakePool {
+            name: String,
+            free: u64,
+            volumes: Mutex<BTreeMap<String, VolumeInfo>>,
+            snapshots: Mutex<BTreeMap<String, SnapshotInfo>>,
+            sick: Mutex<Option<String>>,
+        }
+
+        impl FakePool {
+            fn new(name: &str, free: u64) -> Arc<FakePool> {
+                Arc::new(FakePool {
+                    name: name.into(),
+                    free,
+                    volumes: Mutex::default(),
+                    snapshots: Mutex::default(),
+                    sick: Mutex::default(),
+                })
+            }
+            fn check(&self) -> Result<()> {
+                match self.sick.lock().unwrap().clone() {
+                    Some(m) => Err(Error::Unavailable(m)),
+                    None => Ok(()),
+                }
+            }
+            fn fall_ill(&self, why: &str) {
+                *self.sick.lock().unwrap() = Some(why.into());
+            }
+            fn recover(&self) {
+                *self.sick.lock().unwrap() = None;
+            }
+            fn names(&self) -> Vec<String> {
+                self.volumes.lock().unwrap().values().map(|v| v.csi_name.clone()).collect()
+            }
+        }
+
+        #[async_trait]
+        impl Pool for FakePool {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn kind(&self) -> PoolKind {
+                PoolKind::File
+            }
+            fn default_fs(&self) -> &str {
+                "ext4"
+            }
+            async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo> {
+                self.check()?;
+                let v = VolumeInfo {
+                    local: req.local.clone(),
+                    csi_name: req.csi_name.clone(),
+                    capacity: req.capacity,
+                    block: req.block,
+                    fs_type: req.fs_type.clone(),
+                    source: req.source.clone(),
+                    created: 0,
+                };
+                self.volumes.lock().unwrap().insert(req.local.clone(), v.clone());
+                Ok(v)
+            }
+            async fn delete_volume(&self, local: &str) -> Result<()> {
+                self.check()?;
+                self.volumes.lock().unwrap().remove(local);
+                Ok(())
+            }
+            async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
+                self.check()?;
+                Ok(self.volumes.lock().unwrap().get(local).cloned())
+            }
+            async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+                self.check()?;
+                Ok(self.volumes.lock().unwrap().values().cloned().collect())
+            }
+            async fn expand_volume(&self, _local: &str, capacity: u64) -> Result<u64> {
+                self.check()?;
+                Ok(capacity)
+            }
+            async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo> {
+                self.check()?;
+                let s = SnapshotInfo {
+                    local: local.into(),
+                    csi_name: csi_name.into(),
+                    source_volume: source_local.into(),
+                    size: 1 << 20,
+                    created: 0,
+                    ready: true,
+                };
+                self.snapshots.lock().unwrap().insert(local.into(), s.clone());
+                Ok(s)
+            }
+            async fn delete_snapshot(&self, local: &str) -> Result<()> {
+                self.check()?;
+                self.snapshots.lock().unwrap().remove(local);
+                Ok(())
+            }
+            async fn get_snapshot(&self, local: &str) -> Result<Option<SnapshotInfo>> {
+                self.check()?;
+                Ok(self.snapshots.lock().unwrap().get(local).cloned())
+            }
+            async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+                self.check()?;
+                Ok(self.snapshots.lock().unwrap().values().cloned().collect())
+            }
+            async fn capacity(&self) -> Result<u64> {
+                self.check()?;
+                Ok(self.free)
+            }
+            async fn attach(&self, _local: &str) -> Result<Attachment> {
+                Err(Error::Unimplemented("not on this fake".into()))
+            }
+            async fn detach(&self, _local: &str) -> Result<()> {
+                Ok(())
+            }
+            async fn condition(&self, local: &str) -> Result<Condition> {
+                self.check()?;
+                match self.volumes.lock().unwrap().contains_key(local) {
+                    true => Ok(Condition::Healthy),
+                    false => Err(Error::NotFound(local.into())),
+                }
+            }
+        }
+
+        const M: u64 = 1 << 20;
+
+        /// A controller over `fast` (100 MiB free) and `slow` (500 MiB free, so placement
+        /// prefers it while it is well).
+        fn controller() -> (ControllerService, Arc<FakePool>, Arc<FakePool>) {
+            let (fast, slow) = (FakePool::new("fast", 100 * M), FakePool::new("slow", 500 * M));
+            let mut pools: BTreeMap<String, Arc<dyn Pool>> = BTreeMap::new();
+            pools.insert("fast".into(), fast.clone());
+            pools.insert("slow".into(), slow.clone());
+            let driver = Driver {
+                node_id: "n1".into(),
+                segments: Segments::from([(crate::placement::NODE_KEY.to_owned(), "n1".to_owned())]),
+                pools,
+                node: crate::node::Node::new(Arc::new(FakeExec::new()), Arc::new(FakeMounter::new())),
+                locks: crate::locks::Locks::new(),
+                state_dir: std::env::temp_dir(),
+            };
+            (ControllerService::new(Arc::new(driver)), fast, slow)
+        }
+
+        fn mount_cap(fs: &str) -> VolumeCapability {
+            VolumeCapability {
+                access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+                access_type: Some(AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() })),
+            }
+        }
+
+        fn create_req(name: &str, fs: &str, params: &[(&str, &str)]) -> CreateVolumeRequest {
+            CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange { required_bytes: 8 * M as i64, limit_bytes: 0 }),
+                volume_capabilities: vec![mount_cap(fs)],
+                parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
+            }
+        }
+
+        fn code(e: Error) -> tonic::Code {
+            tonic::Status::from(e).code()
+        }
+
+        #[tokio::test]
+        async fn list_volumes_answers_from_the_healthy_pools_and_shows_the_sick_ones_volumes_abnormal() {
+            let (c, fast, slow) = controller();
+            c.create(create_req("on-slow", "", &[("pool", "slow")])).await.unwrap();
+            c.create(create_req("on-fast", "", &[("pool", "fast")])).await.unwrap();
+            let all = c.list(ListVolumesRequest::default()).await.unwrap();
+            assert_eq!(all.entries.len(), 2);
+
+            slow.fall_ill("volume group vg-slow is gone");
+            let listed = c.list(ListVolumesRequest::default()).await.expect("a sick pool must not fail ListVolumes");
+            let by_id: BTreeMap<String, VolumeCondition> = listed
+                .entries
+                .iter()
+                .map(|e| (e.volume.clone().unwrap().volume_id, e.status.clone().unwrap().volume_condition.unwrap()))
+                .collect();
+            assert_eq!(by_id.len(), 2, "{by_id:?}");
+            let slow_cond = &by_id["file:n1:slow:on-slow"];
+            assert!(slow_cond.abnormal && slow_cond.message.contains("vg-slow is gone"), "{slow_cond:?}");
+            assert!(!by_id["file:n1:fast:on-fast"].abnormal, "{by_id:?}");
+            assert_eq!(fast.names(), vec!["on-fast".to_owned()]);
+
+            slow.recover();
+            let again = c.list(ListVolumesRequest::default()).await.unwrap();
+            assert!(again.entries.iter().all(|e| !e.status.as_ref().unwrap().volume_condition.as_ref().unwrap().abnormal));
+        }
+
+        #[tokio::test]
+        async fn get_capacity_skips_the_sick_pool() {
+            let (c, _fast, slow) = controller();
+            let req = GetCapacityRequest { volume_capabilities: vec![mount_cap("")], ..Default::default() };
+            assert_eq!(c.capacity(req.clone()).await.unwrap().available_capacity, 500 * M as i64);
+            slow.fall_ill("zpool tank is FAULTED");
+            let got = c.capacity(req.clone()).await.expect("a sick pool must not fail GetCapacity");
+            assert_eq!(got.available_capacity, 100 * M as i64, "only the healthy pool's room counts");
+            // Asked only about the sick pool: it offers nothing, and says so without failing.
+            let only_slow = GetCapacityRequest { parameters: HashMap::from([("pool".into(), "slow".into())]), ..req };
+            assert_eq!(c.capacity(only_slow).await.unwrap().available_capacity, 0);
+        }
+
+        #[tokio::test]
+        async fn create_is_unavailable_only_when_the_sick_pool_could_hold_the_name() {
+            let (c, fast, slow) = controller();
+            let made = c.create(create_req("before", "", &[])).await.unwrap();
+            assert!(made.volume.unwrap().volume_id.contains(":slow:"), "placement prefers the roomier pool while it is well");
+            slow.fall_ill("the NFS server does not answer");
+
+            // The sick pool is a candidate and might hold an earlier attempt: retryable, nothing made.
+            let err = c.create(create_req("new", "", &[])).await.unwrap_err();
+            assert_eq!(code(err), tonic::Code::Unavailable);
+            assert_eq!(fast.names(), Vec::<String>::new(), "a create that could not ask every candidate made a volume");
+
+            // Naming the healthy pool proceeds.
+            let v = c.create(create_req("new", "", &[("pool", "fast")])).await.expect("pool=fast must proceed");
+            assert!(v.volume.unwrap().volume_id.starts_with("file:n1:fast:"));
+            // A name found on a healthy pool is answered, even without a pool parameter.
+            let again = c.create(create_req("new", "", &[])).await.expect("a retry found on a healthy pool");
+            assert!(again.volume.unwrap().volume_id.starts_with("file:n1:fast:"));
+            assert_eq!(fast.names(), vec!["new".to_owned()]);
+        }
+
+        #[tokio::test]
+        async fn create_snapshot_and_list_snapshots_skip_the_sick_pool() {
+            let (c, _fast, slow) = controller();
+            let v = c.create(create_req("src", "", &[("pool", "fast")])).await.unwrap().volume.unwrap();
+            c.create(create_req("other", "", &[("pool", "slow")])).await.unwrap();
+            slow.fall_ill("volume group vg-slow is gone");
+            let snap = CreateSnapshotRequest { name: "snap".into(), source_volume_id: v.volume_id.clone(), ..Default::default() };
+            let s = c.snapshot(snap.clone()).await.expect("a sick pool must not fail CreateSnapshot elsewhere");
+            assert!(s.snapshot.unwrap().snapshot_id.starts_with("file:n1:fast:"));
+            assert!(c.snapshot(snap).await.is_ok(), "the retry finds it");
+            let listed = c.list_snapshots(ListSnapshotsRequest::default()).await.expect("ListSnapshots skips the sick pool");
+            assert_eq!(listed.entries.len(), 1);
+            // A filter that names the sick pool's object cannot be answered with "none".
+            let named = ListSnapshotsRequest { source_volume_id: "file:n1:slow:other".into(), ..Default::default() };
+            assert!(c.list_snapshots(named).await.is_err());
+        }
+
+        #[tokio::test]
+        async fn create_compares_the_filesystem_and_the_pool() {
+            let (c, _fast, _slow) = controller();
+            c.create(create_req("fs", "ext4", &[])).await.unwrap();
+            c.create(create_req("fs", "ext4", &[])).await.expect("the same request again");
+            // No fs_type: the pool's default (ext4) is what the first request got too.
+            c.create(create_req("fs", "", &[])).await.expect("the default filesystem is ext4");
+            let cases =
+                [("another filesystem", create_req("fs", "xfs", &[])), ("another pool", create_req("fs", "ext4", &[("pool", "fast")]))];
+            for (what, req) in cases {
+                let err = c.create(req).await.unwrap_err();
+                assert_eq!(code(err), tonic::Code::AlreadyExists, "{what}");
+            }
+        }
+
+        #[tokio::test]
+        async fn get_capacity_reports_the_smallest_volume_the_filesystem_allows() {
+            let (c, _fast, _slow) = controller();
+            for (fs, want) in [("xfs", 300 * M), ("ext4", M), ("", M)] {
+                let req = GetCapacityRequest { volume_capabilities: vec![mount_cap(fs)], ..Default::default() };
+                assert_eq!(c.capacity(req).await.unwrap().minimum_volume_size, Some(want as i64), "{fs:?}");
+            }
+        }
     }
 }

@@ -26,8 +26,14 @@
 //! again at once), until its last dependent is gone. Likewise a snapshot that clones were made
 //! from is renamed to `…@<local>.deleted-<guid>` and marked for deferred destruction
 //! (`zfs destroy -d`): ZFS destroys it with its last clone. After every delete, hidden volumes
-//! that nothing depends on any more are destroyed. Nothing is ever destroyed with `-R`, so data
-//! another volume depends on never goes.
+//! that nothing depends on any more are destroyed. Nothing is ever destroyed with `-r` or `-R`:
+//! the snapshots holdfast made of a volume are destroyed one by one, then the volume, so data
+//! another volume depends on never goes, and a child dataset or snapshot someone made by hand
+//! beneath a volume makes DeleteVolume FAILED_PRECONDITION, naming it.
+//!
+//! A record names its own object (`holdfast:local`): `holdfast:*` properties copied onto another
+//! dataset, zvol or snapshot do not make it a second copy of the volume (it is not ours, and
+//! left alone).
 //!
 //! Sizes: capacities are whole MiB; a zvol's `volsize` must be a multiple of its
 //! `volblocksize` (at most 128 KiB), so it always is. Datasets are thin (a quota reserves
@@ -48,7 +54,7 @@ use crate::config::{PoolConfig, format_size};
 use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec, ExecError};
 use crate::pool::{Attachment, Condition, CreateRequest, MIB, Pool, SnapshotInfo, Source, VolumeInfo};
-use crate::volume_id::{PoolKind, valid_local_name};
+use crate::volume_id::{PoolKind, local_name, valid_local_name};
 
 use properties::AppliesTo;
 use report::{Kind, Meta, Object, ObjectType};
@@ -239,7 +245,15 @@ impl ZfsPool {
         let Some(meta) = report::decode_meta(o)? else {
             return Ok(None);
         };
-        Ok((meta.pool == self.name && meta.object == object).then_some(meta))
+        if meta.pool != self.name || meta.object != object {
+            return Ok(None);
+        }
+        if !names_itself(o, &meta) {
+            tracing::warn!(pool = %self.name, object = %o.name, record_of = %meta.local, csi_name = %meta.csi_name,
+                "ZFS object carries a holdfast record of another object (copied properties?); it is not ours, leaving it alone");
+            return Ok(None);
+        }
+        Ok(Some(meta))
     }
 
     /// The record of a live volume (not hidden): ours, a dataset or zvol, named by a local name.
@@ -370,6 +384,7 @@ impl ZfsPool {
         Meta {
             pool: self.name.clone(),
             object: ObjectType::Volume,
+            local: req.local.clone(),
             csi_name: req.csi_name.clone(),
             capacity: req.capacity,
             block: req.block,
@@ -599,6 +614,7 @@ impl ZfsPool {
         let meta = Meta {
             pool: self.name.clone(),
             object: ObjectType::Intermediate,
+            local: snapshot.split_once(&format!("@{INTERMEDIATE}")).map(|(_, l)| l.to_owned()).unwrap_or_default(),
             csi_name: String::new(),
             capacity: 0,
             block: false,
@@ -666,8 +682,8 @@ impl ZfsPool {
         out
     }
 
-    async fn destroy(&self, name: &str, recursive: bool, what: &str) -> Result<()> {
-        match self.run(command::destroy(name, recursive)).await {
+    async fn destroy(&self, name: &str, what: &str) -> Result<()> {
+        match self.run(command::destroy(name)).await {
             Ok(_) => {
                 tracing::info!(pool = %self.name, dataset = %name, "destroyed {what}");
                 Ok(())
@@ -676,8 +692,40 @@ impl ZfsPool {
             Err(e) if command::is_busy(&e) => Err(Error::FailedPrecondition(format!(
                 "{what} (ZFS {name}) is in use on this node (mounted or open): unpublish and unstage it first"
             ))),
+            Err(e) if command::has_children(&e) => Err(Error::FailedPrecondition(format!(
+                "{what} (ZFS {name}) has gained a snapshot or child dataset that holdfast did not make; holdfast never destroys \
+                 those: move or destroy them by hand, then retry ({})",
+                e.stderr().trim().replace('\n', "; ")
+            ))),
             Err(e) => Err(Error::exec(format!("destroying ZFS {name} ({what})"), e)),
         }
+    }
+
+    /// Splits what lies beneath volume `v` (`below`: its snapshots, child datasets and their
+    /// snapshots) into the snapshots holdfast made of it and the names of everything else.
+    fn classify<'a>(&self, v: &Object, below: &'a [Object]) -> (Vec<&'a Object>, Vec<String>) {
+        let (mut own, mut foreign) = (Vec::new(), Vec::new());
+        for d in below.iter().filter(|d| d.name != v.name) {
+            let is_own = d.kind == Kind::Snapshot
+                && d.dataset() == v.name
+                && (matches!(self.ours(d, ObjectType::Snapshot), Ok(Some(_)))
+                    || matches!(self.ours(d, ObjectType::Intermediate), Ok(Some(_))));
+            if is_own {
+                own.push(d);
+            } else {
+                foreign.push(d.name.clone());
+            }
+        }
+        (own, foreign)
+    }
+
+    /// Destroys volume `v` that nothing depends on: the snapshots holdfast made of it one by
+    /// one, then the dataset or zvol itself, all without `-r`.
+    async fn destroy_volume(&self, v: &Object, own_snapshots: &[&Object], what: &str) -> Result<()> {
+        for s in own_snapshots {
+            self.destroy(&s.name, &format!("a snapshot holdfast made of {what}")).await?;
+        }
+        self.destroy(&v.name, what).await
     }
 
     /// Destroys the intermediate snapshot `origin` of a destroyed clone, if it is one of ours
@@ -698,7 +746,7 @@ impl ZfsPool {
         if !matches!(self.ours(&found, ObjectType::Intermediate), Ok(Some(_))) || !found.clones.is_empty() {
             return;
         }
-        if let Err(e) = self.destroy(origin, false, "the intermediate snapshot of a destroyed clone").await {
+        if let Err(e) = self.destroy(origin, "the intermediate snapshot of a destroyed clone").await {
             tracing::warn!(pool = %self.name, snapshot = %origin, "{e}");
         }
     }
@@ -726,7 +774,15 @@ impl ZfsPool {
                 if !self.dependents(&snapshots).is_empty() {
                     continue;
                 }
-                self.destroy(&v.name, true, "a deleted volume nothing depends on any more").await?;
+                let below: Vec<Object> =
+                    all.iter().filter(|d| d.name.starts_with(&format!("{}/", v.name)) || d.dataset() == v.name).cloned().collect();
+                let (own, foreign) = self.classify(v, &below);
+                if !foreign.is_empty() {
+                    tracing::warn!(pool = %self.name, dataset = %v.name, foreign = ?foreign,
+                        "a deleted volume holds what holdfast did not make; it is kept until that is moved or destroyed by hand");
+                    continue;
+                }
+                self.destroy_volume(v, &own, "a deleted volume nothing depends on any more").await?;
                 if let Some(origin) = &v.origin {
                     self.drop_intermediate(origin).await;
                 }
@@ -764,6 +820,41 @@ impl ZfsPool {
         *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), problem.clone()));
         problem
     }
+}
+
+/// The local name an object's own ZFS name gives it for a record of type `object`: a volume's
+/// leaf, a snapshot's name, an intermediate snapshot's clone, without a hidden suffix.
+fn own_local(o: &Object, object: ObjectType) -> Option<&str> {
+    let name = match object {
+        ObjectType::Volume => o.leaf(),
+        ObjectType::Snapshot => o.snapshot_name()?,
+        ObjectType::Intermediate => o.snapshot_name()?.strip_prefix(INTERMEDIATE)?,
+    };
+    Some(name.split_once(HIDDEN).map_or(name, |(l, _)| l))
+}
+
+/// Whether the record `meta` found on `o` is the record of `o` itself, not one copied from
+/// another volume or snapshot (`zfs get` + `zfs set` of the `holdfast:*` properties): it names
+/// `o`'s local name, and a snapshot's record names the volume `o` is a snapshot of. Records
+/// written before the local name was stored are held to the name holdfast derives from their
+/// CSI name.
+fn names_itself(o: &Object, meta: &Meta) -> bool {
+    let Some(own) = own_local(o, meta.object) else {
+        return false;
+    };
+    let named = match (meta.local.as_str(), meta.object) {
+        ("", ObjectType::Intermediate) => true,
+        ("", _) => local_name(&meta.csi_name) == own,
+        (l, _) => l == own,
+    };
+    let of_its_volume = match (&meta.object, &meta.source) {
+        (ObjectType::Snapshot, Some(Source::Volume(v))) => {
+            let leaf = o.leaf();
+            v == leaf.split_once(HIDDEN).map_or(leaf, |(l, _)| l)
+        }
+        _ => true,
+    };
+    named && of_its_volume
 }
 
 /// Mount points of the filesystems mounted from `device`, one per filesystem (bind mounts of
@@ -914,15 +1005,28 @@ impl Pool for ZfsPool {
                 meta.csi_name
             )));
         }
-        let snapshots = match self.run(command::get(&o.name, command::SNAPSHOTS, 1)).await {
-            Ok(out) => report::parse_get(&out).map_err(|e| Error::Internal(format!("listing the snapshots of ZFS {}: {e}", o.name)))?,
+        let below = match self.run(command::get_tree(&o.name, command::ALL)).await {
+            Ok(out) => report::parse_get(&out).map_err(|e| Error::Internal(format!("listing what lies beneath ZFS {}: {e}", o.name)))?,
             Err(e) if command::is_missing(&e) => return Ok(()),
-            Err(e) => return Err(Error::exec(format!("listing the snapshots of ZFS {}", o.name), e)),
+            Err(e) => return Err(Error::exec(format!("listing what lies beneath ZFS {}", o.name), e)),
         };
-        let snapshots: Vec<&Object> = snapshots.iter().filter(|s| s.kind == Kind::Snapshot && s.dataset() == o.name).collect();
+        // Hiding or destroying the volume would take what someone else made beneath it along.
+        let (own, foreign) = self.classify(&o, &below);
+        if !foreign.is_empty() {
+            const SHOWN: usize = 5;
+            let more = if foreign.len() > SHOWN { format!(" and {} more", foreign.len() - SHOWN) } else { String::new() };
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} cannot be deleted: ZFS {} holds {}{more}, which holdfast did not make and never destroys; \
+                 move (zfs rename) or destroy them by hand, then retry",
+                crate::error::bounded(&meta.csi_name),
+                o.name,
+                foreign.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let snapshots: Vec<&Object> = below.iter().filter(|s| s.kind == Kind::Snapshot && s.dataset() == o.name).collect();
         let dependents = self.dependents(&snapshots);
         if dependents.is_empty() {
-            self.destroy(&o.name, true, &format!("volume {:?}", meta.csi_name)).await?;
+            self.destroy_volume(&o, &own, &format!("volume {:?}", meta.csi_name)).await?;
             if let Some(origin) = &o.origin {
                 self.drop_intermediate(origin).await;
             }
@@ -1013,6 +1117,7 @@ impl Pool for ZfsPool {
         let meta = Meta {
             pool: self.name.clone(),
             object: ObjectType::Snapshot,
+            local: local.to_owned(),
             csi_name: csi_name.to_owned(),
             capacity: 0,
             block: vmeta.block,
@@ -1056,7 +1161,7 @@ impl Pool for ZfsPool {
         let what = format!("snapshot {:?}", meta.csi_name);
         let mut has_clones = !s.clones.is_empty();
         if !has_clones {
-            match self.run(command::destroy(&s.name, false)).await {
+            match self.run(command::destroy(&s.name)).await {
                 Ok(_) => tracing::info!(pool = %self.name, snapshot = %s.name, "destroyed {what}"),
                 Err(e) if command::is_missing(&e) => {}
                 Err(e) if command::has_clones(&e) => has_clones = true,

@@ -36,6 +36,7 @@ node_local_only=(
   "expansion_grows_the_mounted_filesystem"                      # no per-directory quota: the size is the export's
   "offline_expansion_grows_the_filesystem_at_next_stage"        # same
   "filesystem_volume_full_lifecycle_is_idempotent"              # asserts filesystem size <= volume capacity (no quota)
+  "create_volume_with_another_fs_type_is_already_exists"        # nfs makes only nfs: another fs_type is INVALID_ARGUMENT
 )
 
 # Test binaries that drive a pool through HOLDFAST_TEST_CONFIG, run like conformance against the

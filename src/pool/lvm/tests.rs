@@ -402,9 +402,21 @@ async fn only_marked_lvs_of_this_pool_are_listed_or_removed() {
     let foreign = row("hf-x", 1 << 20, vec![]);
     let other_pool = row("hf-y", 1 << 20, tags::encode(&Meta { pool: "q".into(), ..vol_meta("y", 1 << 20) }).unwrap());
     let damaged = row("hf-z", 1 << 20, vec![tags::MARKER.into(), "holdfast.pool=p".into()]);
+    // LVs made by hand and given every tag of volume a / snapshot s: their record names another LV.
+    let copied = row("hf-copy", 1 << 20, vol_row("a", 1 << 20).tags.clone());
+    let copied_snap = row("hfs-copy", 1 << 20, snap_row("s", "a", 1 << 20).tags.clone());
     on_list(
         &fake,
-        &[thin_pool_row(1 << 30, "1.00"), vol_row("a", 1 << 20), snap_row("s", "a", 1 << 20), foreign.clone(), other_pool, damaged],
+        &[
+            thin_pool_row(1 << 30, "1.00"),
+            vol_row("a", 1 << 20),
+            snap_row("s", "a", 1 << 20),
+            foreign.clone(),
+            other_pool,
+            damaged,
+            copied.clone(),
+            copied_snap,
+        ],
     );
     let vols: Vec<String> = p.list_volumes().await.unwrap().into_iter().map(|v| v.local).collect();
     assert_eq!(vols, ["a"]);
@@ -415,6 +427,10 @@ async fn only_marked_lvs_of_this_pool_are_listed_or_removed() {
     on_lookup(&fake, "hf-x", vec![found(&[foreign])]);
     p.delete_volume("x").await.unwrap();
     assert!(changes(&fake).is_empty(), "a foreign LV is never removed");
+    on_lookup(&fake, "hf-copy", vec![found(&[copied])]);
+    assert_eq!(p.get_volume("copy").await.unwrap(), None, "copied tags are not a second volume a");
+    p.delete_volume("copy").await.unwrap();
+    assert!(changes(&fake).is_empty(), "an LV with copied tags is never removed");
     on_lookup(&fake, "hf-a", vec![found(&[vol_row("a", 1 << 20)])]);
     p.delete_volume("a").await.unwrap();
     assert_eq!(changes(&fake), ["lvremove --yes vg0/hf-a"]);

@@ -28,7 +28,13 @@
 //!   removes it, `retain` forgets the volume and leaves its directory, `archive` renames it to
 //!   `archived-<name>-<UTC time>` beside where it was.
 //! - **Node side.** `attach` hands the node `server:/export/<subdir>` to mount with the pool's
-//!   mount options; there is nothing to detach.
+//!   mount options; there is nothing to detach. The server resolves that path itself and
+//!   follows symlinks, so `attach` first checks on the working mount that the directory is
+//!   still a plain directory (no symlink in its place or above it) and refuses otherwise.
+//! - **No symlink is followed.** Every use of a volume's data (archive, copy, move to the trash
+//!   or the archive name) opens its directory beneath the export one component at a time
+//!   without following symlinks ([`store::open_dir`]) and works through the opened descriptor,
+//!   so a workload swapping the directory for a link cannot redirect it.
 //! - **Health.** `condition` checks the server and the directory with child processes under a
 //!   deadline, so a dead server is reported within seconds and never hangs the plugin.
 //!
@@ -194,7 +200,8 @@ fn overlaps(a: &str, b: &str) -> bool {
 enum Fill {
     Empty,
     Archive(PathBuf),
-    Copy(PathBuf),
+    /// The source directory, opened without following symlinks, and its path for messages.
+    Copy(std::os::fd::OwnedFd, PathBuf),
 }
 
 impl NfsPool {
@@ -443,7 +450,11 @@ impl NfsPool {
                 let src = self.read_volume(layout, check_local(v)?).await?.ok_or_else(|| self.missing(v))?;
                 self.check_fits(req, "volume", v, src.info.capacity)?;
                 let (root, subdir) = (layout.root.clone(), src.subdir.clone());
-                Ok(Fill::Copy(self.fs("inspecting the source volume", move || store::check_inside(&root, &subdir)).await?))
+                let shown = layout.root.join(&src.subdir);
+                let fd = self.fs("opening the source volume", move || store::open_dir(&root, &subdir)).await?.ok_or_else(|| {
+                    Error::FailedPrecondition(format!("the directory {} of source volume {v} is gone from the export", shown.display()))
+                })?;
+                Ok(Fill::Copy(fd, layout.root.join(&src.subdir)))
             }
         }
     }
@@ -491,10 +502,13 @@ impl NfsPool {
                     .args(["--numeric-owner", "--same-owner", "--preserve-permissions", "--xattrs"]);
                 self.run_data(format!("restoring snapshot archive {} into {tmp_s}", archive.display()), cmd).await?;
             }
-            Fill::Copy(src) => {
-                let s = src.to_string_lossy().into_owned();
-                let cmd = Cmd::new("cp").args(["--archive", "--sparse=always", "--no-target-directory", "--", &s, &tmp_s]);
-                self.run_data(format!("copying volume directory {s} to {tmp_s}"), cmd).await?;
+            Fill::Copy(fd, shown) => {
+                // Through the opened directory (`<fd>/.`: the directory itself, not the magic
+                // link), so a source swapped for a symlink since it was opened redirects nothing.
+                let src = format!("{}/.", store::child_path(&fd));
+                let cmd = Cmd::new("cp").args(["--archive", "--sparse=always", "--no-target-directory", "--", &src, &tmp_s]);
+                self.run_data(format!("copying volume directory {} to {tmp_s}", shown.display()), cmd).await?;
+                drop(fd);
             }
         }
         if !attrs.is_empty() {
@@ -680,19 +694,18 @@ impl Pool for NfsPool {
             let _tree = self.tree.lock().await;
             self.fs("deleting the volume", move || {
                 let data = l.data(&m.subdir)?;
-                match (store::entry(&data)?, on_delete) {
-                    // Gone already (an earlier attempt moved it): only the metadata is left.
-                    (Entry::Missing, _) => {}
-                    (_, OnDelete::Retain) => {}
-                    (_, OnDelete::Delete) => {
-                        store::check_inside(&l.root, &m.subdir)?;
-                        std::fs::rename(&data, &t).context(|| format!("moving {} to {}", data.display(), t.display()))?;
+                // The directory is moved without following a symlink (one that replaced it is
+                // refused); gone already (an earlier attempt moved it) leaves only the metadata.
+                match on_delete {
+                    OnDelete::Retain => {}
+                    OnDelete::Delete => {
+                        store::move_dir(&l.root, &m.subdir, &t)?;
                     }
-                    (_, OnDelete::Archive) => {
-                        store::check_inside(&l.root, &m.subdir)?;
+                    OnDelete::Archive => {
                         let to = data.with_file_name(store::archived_name(&m.subdir, now()));
-                        std::fs::rename(&data, &to).context(|| format!("archiving {} as {}", data.display(), to.display()))?;
-                        tracing::info!(from = %data.display(), to = %to.display(), "archived volume directory");
+                        if store::move_dir(&l.root, &m.subdir, &to)? {
+                            tracing::info!(from = %data.display(), to = %to.display(), "archived volume directory");
+                        }
                     }
                 }
                 // The metadata goes last but before the slow removal: from here the volume is gone.
@@ -755,15 +768,23 @@ impl Pool for NfsPool {
         }
         let src = self.read_volume(&layout, source_local).await?.ok_or_else(|| self.missing(source_local))?;
         let (root, sd) = (layout.root.clone(), src.subdir.clone());
-        let data = self.fs("inspecting the source volume", move || store::check_inside(&root, &sd)).await?;
+        let data = layout.root.join(&src.subdir);
+        let shown = data.clone();
+        // tar works in the directory opened here without following symlinks: swapping it for a
+        // link afterwards cannot make the archive take anything else.
+        let dir = self.fs("opening the source volume", move || store::open_dir(&root, &sd)).await?.ok_or_else(|| {
+            Error::FailedPrecondition(format!("the directory {} of volume {source_local} is gone from the export", shown.display()))
+        })?;
         let tmp = layout.tmp_archive(local);
         let tmp_s = tmp.to_string_lossy().into_owned();
         let cmd = Cmd::new("tar")
             .args(["--create", "--file", &tmp_s, "--directory"])
-            .arg(data.to_string_lossy())
+            .arg(store::child_path(&dir))
             .args(["--numeric-owner", "--xattrs", "--sparse", "--one-file-system", "."])
             .timeout(DATA_TIMEOUT);
-        match self.exec.run(cmd).await {
+        let archived = self.exec.run(cmd).await;
+        drop(dir);
+        match archived {
             Ok(_) => {}
             // GNU tar exits 1 when a file changed while it was read: the archive is complete, the
             // file as it was read (a live volume cannot be frozen on NFS).
@@ -830,6 +851,18 @@ impl Pool for NfsPool {
 
     async fn attach(&self, local: &str) -> Result<Attachment> {
         let meta = self.volume(local).await?.ok_or_else(|| self.missing(local))?;
+        // The server resolves the mount path itself, following symlinks, so a volume directory
+        // a workload replaced by a link to another directory would mount that one. Checked on
+        // the working mount first, without following anything: such a volume is not staged.
+        let layout = self.ready().await?;
+        let (root, subdir) = (layout.root.clone(), meta.subdir.clone());
+        let found = self.fs_within("checking the volume's directory", self.probe_timeout, move || store::open_dir(&root, &subdir)).await?;
+        if found.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "the directory {} of volume {local} is gone from the export {}",
+                meta.subdir, self.export.source
+            )));
+        }
         Ok(Attachment::Mount { source: self.mount_source(&meta.subdir), fs_type: "nfs".into(), options: self.export.options.clone() })
     }
 
@@ -862,9 +895,17 @@ impl Pool for NfsPool {
             Err(e) => return Ok(Condition::Abnormal(problem(e))),
         }
         let fresh = Cmd::new("stat").args(["--file-system", "--format=%a %S", "--", &path]).timeout(self.probe_timeout);
-        Ok(match self.exec.run(fresh).await {
-            Ok(_) => Condition::Healthy,
-            Err(e) => Condition::Abnormal(problem(e)),
+        if let Err(e) = self.exec.run(fresh).await {
+            return Ok(Condition::Abnormal(problem(e)));
+        }
+        // `stat` follows symlinks above the directory; this does not (the server answered just now).
+        let (root, subdir) = (self.export.work.clone(), meta.subdir.clone());
+        Ok(match self.fs_within("checking the volume's directory", self.probe_timeout, move || store::open_dir(&root, &subdir)).await {
+            Ok(Some(_)) => Condition::Healthy,
+            Ok(None) => {
+                Condition::Abnormal(format!("the volume's directory {} is gone from the export {}", meta.subdir, self.export.source))
+            }
+            Err(e) => Condition::Abnormal(e.to_string()),
         })
     }
 }

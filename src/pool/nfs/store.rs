@@ -20,8 +20,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -292,6 +295,95 @@ pub fn check_inside(root: &Path, subdir: &str) -> Result<PathBuf> {
         }
     }
     Ok(at)
+}
+
+/// Opens `root/<subdir>` as a directory, resolving beneath `root` without following any
+/// symlink (`openat2` with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): a volume directory that a
+/// workload replaced by a symlink, or a symlink planted above it, is FAILED_PRECONDITION, never
+/// followed. `None` when it does not exist. Work on the volume's data then goes through the
+/// descriptor ([`child_path`]), so swapping the directory afterwards redirects nothing.
+pub fn open_dir(root: &Path, subdir: &str) -> Result<Option<OwnedFd>> {
+    validate_subdir(subdir).map_err(|e| Error::Internal(format!("refusing subdirectory {subdir:?}: {e}")))?;
+    open_beneath(root, subdir)
+}
+
+fn open_root(root: &Path) -> Result<OwnedFd> {
+    rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| Error::io(format!("opening {}", root.display()), e.into()))
+}
+
+/// [`open_dir`] of any relative path (holdfast's own directories included); `""` is the root.
+///
+/// One component at a time, each opened for reading from its parent's descriptor: every open
+/// makes the NFS client check the directory with the server (close-to-open consistency), so
+/// a directory replaced on the server moments ago is seen as replaced, not as the client's
+/// cached entry of the old one.
+fn open_beneath(root: &Path, rel: &str) -> Result<Option<OwnedFd>> {
+    let mut fd = open_root(root)?;
+    if rel.is_empty() {
+        return Ok(Some(fd));
+    }
+    let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    for component in rel.split('/') {
+        fd = match rustix::fs::openat2(&fd, component, flags, Mode::empty(), how) {
+            Ok(next) => next,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            // ELOOP: a symlink on the way; ENOTDIR: a file; EXDEV: an escape from the root.
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR | rustix::io::Errno::XDEV) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} is not a plain directory on the export (a symlink or a file replaced it, or a directory above it); \
+                     holdfast never follows it: put the volume's directory back, or remove what replaced it",
+                    root.join(rel).display()
+                )));
+            }
+            Err(e) => return Err(Error::io(format!("opening {}", root.join(rel).display()), e.into())),
+        };
+    }
+    Ok(Some(fd))
+}
+
+/// A path through which a child process (tar, cp) reaches the directory `fd` holds open, and
+/// nothing else: this process's `/proc/<pid>/fd/<n>`, which the kernel resolves to the opened
+/// directory itself, whatever its path names by then. (A child's own `/proc/self/fd` would need
+/// the descriptor inherited; this way it stays close-on-exec.) Keep `fd` open while the child runs.
+pub fn child_path(fd: &OwnedFd) -> String {
+    format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd())
+}
+
+/// Moves the volume directory `root/<subdir>` to `to` (in holdfast's own tree on the export, or
+/// beside it for an archive) without following a symlink: the parent is opened as by
+/// [`open_dir`], the last component checked to be a directory and renamed from there. A
+/// directory swapped for a symlink after the check is moved as the link, never through it.
+/// `Ok(false)` when it is not there.
+pub fn move_dir(root: &Path, subdir: &str, to: &Path) -> Result<bool> {
+    validate_subdir(subdir).map_err(|e| Error::Internal(format!("refusing subdirectory {subdir:?}: {e}")))?;
+    let (parent_rel, last) = subdir.rsplit_once('/').unwrap_or(("", subdir));
+    let Some(parent) = open_beneath(root, parent_rel)? else { return Ok(false) };
+    match rustix::fs::statat(&parent, last, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(rustix::io::Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(Error::io(format!("inspecting {}", root.join(subdir).display()), e.into())),
+        Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::Directory => {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is not the volume's directory any more (a symlink or a file replaced it); holdfast neither follows nor \
+                 removes it: put the directory back or remove what replaced it, then retry",
+                root.join(subdir).display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    let (Some(to_dir), Some(to_name)) = (to.parent(), to.file_name()) else {
+        return Err(Error::Internal(format!("{} is not a path to move a directory to", to.display())));
+    };
+    let to_rel = to_dir
+        .strip_prefix(root)
+        .map_err(|_| Error::Internal(format!("{} is outside the export {}", to.display(), root.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let to_fd = open_beneath(root, &to_rel)?.ok_or_else(|| Error::Internal(format!("{} is missing", to_dir.display())))?;
+    rustix::fs::renameat(&parent, last, &to_fd, to_name)
+        .map_err(|e| Error::io(format!("moving {} to {}", root.join(subdir).display(), to.display()), e.into()))?;
+    Ok(true)
 }
 
 /// Removes the empty parent directories of `subdir` (made by [`make_parents`]), deepest first,

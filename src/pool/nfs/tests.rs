@@ -28,6 +28,19 @@ enum Do {
     Fail(i32, String),
     /// Never answer: time out after the command's own timeout.
     Hang,
+    /// Run the hook first (a workload acting between the pool's checks and the command), then
+    /// the command for real.
+    Before(Hook),
+}
+
+/// Something a test does while the pool is between two steps.
+#[derive(Clone)]
+struct Hook(Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 /// Records every command; answers `mount`/`umount` with success and everything else for real,
@@ -78,6 +91,10 @@ impl Exec for TestExec {
         };
         match answer {
             Do::Real => RealExec.run(cmd).await,
+            Do::Before(hook) => {
+                (hook.0)();
+                RealExec.run(cmd).await
+            }
             Do::Ok(out) => Ok(Output { stdout: out.into(), stderr: String::new() }),
             Do::Fail(code, stderr) => Err(ExecError::Failed { cmd: cmd.display(), code, stdout: String::new(), stderr }),
             Do::Hang => {
@@ -321,7 +338,9 @@ async fn a_silent_server_is_reported_quickly_and_known_volumes_stay_visible() {
         Condition::Abnormal(m) => assert!(m.contains("did not answer"), "{m}"),
         Condition::Healthy => panic!("a silent server is healthy"),
     }
-    assert!(matches!(r.pool.attach(&v.local).await, Ok(Attachment::Mount { .. })));
+    // Staging is refused: the volume's directory cannot be checked (no symlink in its place)
+    // while the server does not answer. (It used to be answered from memory.)
+    assert!(matches!(r.pool.attach(&v.local).await, Err(Error::Unavailable(_))));
     assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
     // A volume never seen cannot be vouched for.
     assert!(matches!(r.pool.get_volume("pvc-other").await, Err(Error::Unavailable(_))));
@@ -632,4 +651,64 @@ async fn a_failed_copy_leaves_nothing_behind() {
     r.exec.on("cp", vec![Do::Real]);
     r.pool.create_volume(&clone).await.unwrap();
     assert!(r.exec.lines().iter().any(|l| l.starts_with("cp --archive --sparse=always --no-target-directory -- ")), "{:?}", r.exec.lines());
+}
+
+#[tokio::test]
+async fn a_volume_directory_replaced_by_a_symlink_is_never_followed() {
+    let r = rig("");
+    let victim = r.dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("secret"), b"not the volume's").unwrap();
+    let v = r.pool.create_volume(&r.req("pvc-sym", &[])).await.unwrap();
+    let dir = r.work().join("pvc-sym");
+    std::fs::write(dir.join("mine"), b"the volume's").unwrap();
+    let moved = r.work().join("moved-away");
+    let (d, m, vi) = (dir.clone(), moved.clone(), victim.clone());
+    let swap = Hook(Arc::new(move || {
+        std::fs::rename(&d, &m).unwrap();
+        std::os::unix::fs::symlink(&vi, &d).unwrap();
+    }));
+    let (d, m) = (dir.clone(), moved.clone());
+    let unswap = move || {
+        std::fs::remove_file(&d).unwrap();
+        std::fs::rename(&m, &d).unwrap();
+    };
+    let holds = |p: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    };
+
+    // Swapped between the pool's check and the archive / copy: they still read the volume.
+    r.exec.on("tar --create", vec![Do::Before(swap.clone())]);
+    let snap = r.pool.create_snapshot(&v.local, "snap-race", "snap-race").await.unwrap();
+    unswap();
+    let restore = CreateRequest { source: Some(Source::Snapshot(snap.local.clone())), ..r.req("pvc-restored", &[]) };
+    r.pool.create_volume(&restore).await.unwrap();
+    assert_eq!(holds(&r.work().join("pvc-restored")), ["mine"], "the archive went through the link");
+    r.exec.on("cp", vec![Do::Before(swap.clone())]);
+    let clone = CreateRequest { source: Some(Source::Volume(v.local.clone())), ..r.req("pvc-cloned", &[]) };
+    r.pool.create_volume(&clone).await.unwrap();
+    unswap();
+    assert_eq!(holds(&r.work().join("pvc-cloned")), ["mine"], "the copy went through the link");
+    r.exec.on("cp", vec![Do::Real]);
+
+    // Replaced for good: nothing goes through the link, and the node is refused the volume.
+    std::fs::rename(&dir, &moved).unwrap();
+    std::os::unix::fs::symlink(&victim, &dir).unwrap();
+    let refused = |what: &str, e: Error| assert!(matches!(e, Error::FailedPrecondition(_)), "{what}: {e}");
+    refused("snapshot", r.pool.create_snapshot(&v.local, "snap-link", "snap-link").await.unwrap_err());
+    let clone = CreateRequest { source: Some(Source::Volume(v.local.clone())), ..r.req("pvc-cloned-2", &[]) };
+    refused("clone", r.pool.create_volume(&clone).await.unwrap_err());
+    refused("attach", r.pool.attach(&v.local).await.unwrap_err());
+    assert!(matches!(r.pool.condition(&v.local).await.unwrap(), Condition::Abnormal(_)));
+    refused("delete", r.pool.delete_volume(&v.local).await.unwrap_err());
+    let archive = r.with_config("on_delete = \"archive\"\n");
+    refused("archive", archive.delete_volume(&v.local).await.unwrap_err());
+    assert_eq!(holds(&victim), ["secret"], "the victim directory was touched");
+    assert!(dir.is_symlink(), "the link was moved or removed");
+    assert!(r.pool.get_volume(&v.local).await.unwrap().is_some(), "a refused delete forgot the volume");
+    unswap();
+    r.pool.delete_volume(&v.local).await.unwrap();
+    assert!(!dir.exists() && holds(&victim) == ["secret"]);
 }

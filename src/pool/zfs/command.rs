@@ -33,6 +33,16 @@ pub fn get(target: &str, types: &str, depth: u32) -> Cmd {
     cmd.args(["-t", types]).arg(all_properties()).arg(target).timeout(READ_TIMEOUT)
 }
 
+/// `zfs get` of every property holdfast reads, of `target` and all its descendants of `types`
+/// (child datasets and zvols at any depth, and their snapshots).
+pub fn get_tree(target: &str, types: &str) -> Cmd {
+    Cmd::new("zfs")
+        .args(["get", "-H", "-p", "-o", "name,property,value,source", "-r", "-t", types])
+        .arg(all_properties())
+        .arg(target)
+        .timeout(READ_TIMEOUT)
+}
+
 /// `zfs get available` of one dataset.
 pub fn get_available(dataset: &str) -> Cmd {
     Cmd::new("zfs").args(["get", "-H", "-p", "-o", "value", "available", dataset]).timeout(READ_TIMEOUT)
@@ -85,14 +95,11 @@ pub fn inherit(name: &str, key: &str) -> Cmd {
     Cmd::new("zfs").arg("inherit").arg(key).arg(name).timeout(CHANGE_TIMEOUT)
 }
 
-/// Destroys a dataset or zvol with its snapshots (`-r`; never `-R`, which would take clones,
-/// i.e. other volumes, with it), or one snapshot.
-pub fn destroy(name: &str, recursive: bool) -> Cmd {
-    let mut cmd = Cmd::new("zfs").arg("destroy");
-    if recursive {
-        cmd = cmd.arg("-r");
-    }
-    cmd.arg(name).timeout(DESTROY_TIMEOUT)
+/// Destroys one dataset, zvol or snapshot. Never recursive (`-r` / `-R`): holdfast destroys
+/// the snapshots it made one by one first, so whatever someone else made beneath a volume
+/// (a child dataset, a snapshot) makes the destroy fail instead of going with it.
+pub fn destroy(name: &str) -> Cmd {
+    Cmd::new("zfs").arg("destroy").arg(name).timeout(DESTROY_TIMEOUT)
 }
 
 /// Destroys a snapshot now, or, while clones depend on it, marks it to be destroyed by ZFS
@@ -150,6 +157,12 @@ pub fn is_no_space(e: &ExecError) -> bool {
 /// Mounted or open (`dataset is busy`, `pool or dataset is busy`).
 pub fn is_busy(e: &ExecError) -> bool {
     failed_with(e, &["is busy"])
+}
+
+/// A dataset or zvol that still has snapshots or children (`filesystem has children`,
+/// `volume has children`): something was made beneath it since it was inspected.
+pub fn has_children(e: &ExecError) -> bool {
+    failed_with(e, &["has children"])
 }
 
 /// A snapshot that clones depend on (`snapshot has dependent clones`).

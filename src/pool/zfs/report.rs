@@ -18,6 +18,10 @@ pub const NATIVE: [&str; 12] =
 pub const P_POOL: &str = "holdfast:pool";
 /// `volume`, `snapshot` or `intermediate` (the hidden snapshot a clone is made from).
 pub const P_TYPE: &str = "holdfast:type";
+/// The local name of the object the record belongs to (a volume's, a snapshot's, or for an
+/// intermediate snapshot the clone's): a record copied onto another dataset or snapshot names
+/// the wrong object there and is not taken for a record of it.
+pub const P_LOCAL: &str = "holdfast:local";
 /// The CSI name, percent-encoded ([`encode`]).
 pub const P_NAME: &str = "holdfast:name";
 /// The capacity the volume was requested with (bytes): the idempotency key of a retry.
@@ -35,7 +39,7 @@ pub const P_SIZE: &str = "holdfast:size";
 pub const P_PENDING: &str = "holdfast:pending";
 
 /// The user properties holdfast reads, in the order it asks for them.
-pub const USER: [&str; 9] = [P_POOL, P_TYPE, P_NAME, P_CAPACITY, P_BLOCK, P_FS, P_SOURCE, P_SIZE, P_PENDING];
+pub const USER: [&str; 10] = [P_POOL, P_TYPE, P_LOCAL, P_NAME, P_CAPACITY, P_BLOCK, P_FS, P_SOURCE, P_SIZE, P_PENDING];
 
 /// Every property of [`NATIVE`] and [`USER`], comma-separated, for `zfs get`.
 pub fn all_properties() -> String {
@@ -221,6 +225,9 @@ pub struct Meta {
     pub pool: String,
     /// What it is.
     pub object: ObjectType,
+    /// The local name of the object it belongs to ([`P_LOCAL`]); empty in records written
+    /// before holdfast stored it.
+    pub local: String,
     /// The CSI name (volumes and snapshots).
     pub csi_name: String,
     /// The requested capacity (volumes).
@@ -241,6 +248,9 @@ impl Meta {
     /// The properties to set (`-o key=value`) to store this record.
     pub fn properties(&self) -> Vec<(String, String)> {
         let mut p = vec![(P_POOL.to_owned(), self.pool.clone()), (P_TYPE.to_owned(), self.object.as_str().to_owned())];
+        if !self.local.is_empty() {
+            p.push((P_LOCAL.to_owned(), self.local.clone()));
+        }
         if self.object == ObjectType::Intermediate {
             return p;
         }
@@ -307,6 +317,7 @@ pub fn decode_meta(o: &Object) -> Result<Option<Meta>, String> {
     Ok(Some(Meta {
         pool: pool.clone(),
         object,
+        local: get(P_LOCAL).unwrap_or_default().to_owned(),
         csi_name,
         capacity: number(P_CAPACITY)?,
         block: get(P_BLOCK) == Some("1"),

@@ -40,8 +40,25 @@ fn pool(extra: &str) -> (ZfsPool, Arc<FakeExec>) {
 const MISSING: &str = "cannot open 'x': dataset does not exist\n";
 
 /// `zfs get` rows of one object: native properties from `native` (others `-`), user
-/// properties set locally.
+/// properties set locally. A holdfast record gets the `holdfast:local` its name implies unless
+/// `user` sets it (`""`: a record written before holdfast stored it).
 fn rows(name: &str, kind: &str, native: &[(&str, &str)], user: &[(&str, &str)]) -> String {
+    let implied = {
+        let own = match name.split_once('@') {
+            Some((_, snap)) => snap.strip_prefix(INTERMEDIATE).unwrap_or(snap),
+            None => name.rsplit('/').next().unwrap(),
+        };
+        own.split_once(HIDDEN).map_or(own, |(l, _)| l).to_owned()
+    };
+    let mut user = user.to_vec();
+    match user.iter().position(|(k, _)| *k == report::P_LOCAL) {
+        Some(i) if user[i].1.is_empty() => {
+            user.remove(i);
+        }
+        Some(_) => {}
+        None if user.iter().any(|(k, _)| *k == report::P_POOL) => user.push((report::P_LOCAL, implied.as_str())),
+        None => {}
+    }
     let mut out = String::new();
     for p in report::NATIVE {
         let v = match p {
@@ -178,7 +195,7 @@ fn names_encode_to_one_line_and_back() {
 #[test]
 fn classifies_captured_failures() {
     type Class = fn(&ExecError) -> bool;
-    let classes: [(&str, Class); 8] = [
+    let classes: [(&str, Class); 9] = [
         ("missing", command::is_missing),
         ("no_pool", command::is_no_pool),
         ("exists", command::is_exists),
@@ -186,6 +203,7 @@ fn classifies_captured_failures() {
         ("no_space", command::is_no_space),
         ("busy", command::is_busy),
         ("has_clones", command::has_clones),
+        ("has_children", command::has_children),
         ("bad_property", command::is_bad_property),
     ];
     struct Case {
@@ -208,7 +226,7 @@ fn classifies_captured_failures() {
         Case { file: "set-volsize-too-big.err", want: &["no_space"] },
         Case { file: "destroy-open-zvol.err", want: &["busy"] },
         Case { file: "destroy-snapshot-with-clones.err", want: &["has_clones"] },
-        Case { file: "destroy-has-snapshots.err", want: &[] },
+        Case { file: "destroy-has-snapshots.err", want: &["has_children"] },
         Case { file: "set-refquota-below-used.err", want: &[] },
         Case { file: "create-bad-value.err", want: &["bad_property"] },
         Case { file: "create-bad-recordsize.err", want: &["bad_property"] },
@@ -311,7 +329,7 @@ async fn creates_a_dataset_with_exact_argv_and_reads_it_back() {
     assert_eq!(
         lines[1],
         "zfs create -o mountpoint=legacy -o refquota=33554432 -o compression=lz4 -o recordsize=16K -o holdfast:pool=p \
-         -o holdfast:type=volume -o holdfast:name=v1 -o holdfast:capacity=33554432 -o holdfast:fs=zfs tank/hf/v1"
+         -o holdfast:type=volume -o holdfast:local=v1 -o holdfast:name=v1 -o holdfast:capacity=33554432 -o holdfast:fs=zfs tank/hf/v1"
     );
 
     // The same request again finds it; another capacity is a conflict.
@@ -340,13 +358,13 @@ async fn creates_zvols_sparse_or_reserved() {
         Case {
             extra: "",
             fs: None,
-            want: "zfs create -V 16777216 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:name=z1 \
+            want: "zfs create -V 16777216 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=z1 -o holdfast:name=z1 \
                    -o holdfast:capacity=16777216 -o holdfast:block=1 tank/hf/z1",
         },
         Case {
             extra: "sparse = true\nproperties = { volblocksize = \"16K\", atime = \"off\" }",
             fs: Some("xfs"),
-            want: "zfs create -s -V 16777216 -o volblocksize=16K -o holdfast:pool=p -o holdfast:type=volume -o holdfast:name=z1 \
+            want: "zfs create -s -V 16777216 -o volblocksize=16K -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=z1 -o holdfast:name=z1 \
                    -o holdfast:capacity=16777216 -o holdfast:fs=xfs tank/hf/z1",
         },
     ];
@@ -440,7 +458,7 @@ async fn restores_and_clones_with_exact_argv() {
     let clone = fake.lines().into_iter().find(|l| l.starts_with("zfs clone")).unwrap();
     assert_eq!(
         clone,
-        "zfs clone -o mountpoint=legacy -o refquota=33554432 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:name=r1 \
+        "zfs clone -o mountpoint=legacy -o refquota=33554432 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=r1 -o holdfast:name=r1 \
          -o holdfast:capacity=33554432 -o holdfast:fs=zfs -o holdfast:source=snapshot:s1 tank/hf/src@s1 tank/hf/r1"
     );
     // Too small, or as a zvol: refused before anything is made.
@@ -467,8 +485,8 @@ async fn restores_and_clones_with_exact_argv() {
     assert_eq!(
         changes,
         [
-            "zfs snapshot -o holdfast:pool=p -o holdfast:type=intermediate tank/hf/src@clone.c1",
-            "zfs clone -o refreservation=auto -o holdfast:pool=p -o holdfast:type=volume -o holdfast:name=c1 \
+            "zfs snapshot -o holdfast:pool=p -o holdfast:type=intermediate -o holdfast:local=c1 tank/hf/src@clone.c1",
+            "zfs clone -o refreservation=auto -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=c1 -o holdfast:name=c1 \
              -o holdfast:capacity=33554432 -o holdfast:block=1 -o holdfast:source=volume:src -o holdfast:pending=1 \
              tank/hf/src@clone.c1 tank/hf/c1",
             "zfs set volsize=33554432 tank/hf/c1",
@@ -481,7 +499,7 @@ async fn restores_and_clones_with_exact_argv() {
 fn pool_with_snapshots(snapshot_rows: String) -> (ZfsPool, Arc<FakeExec>) {
     let (p, fake) = pool("");
     fake.on(&get_line("tank/hf/v1", command::DATASETS, 0), vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 8 * MIB, &[]))]);
-    fake.on(&get_line("tank/hf/v1", command::SNAPSHOTS, 1), vec![Reply::Ok(snapshot_rows)]);
+    fake.on(&command::get_tree("tank/hf/v1", command::ALL).display(), vec![Reply::Ok(snapshot_rows)]);
     fake.on(&get_line("tank/hf", command::ALL, 2), vec![Reply::Ok(String::new())]);
     (p, fake)
 }
@@ -505,32 +523,55 @@ async fn deletes_classify_dependents() {
         )
     };
     let foreign = rows("tank/hf/v1@auto-daily", "snapshot", &[("defer_destroy", "off")], &[]);
+    let child = rows("tank/hf/v1/by-hand", "filesystem", &[("mounted", "no")], &[]);
+    // A snapshot with a record copied from a CSI snapshot of another volume is not ours either.
+    let copied = csi_snapshot("s7", "-").replace("tank/hf/v1@s7", "tank/hf/v1@mine");
     struct Case {
         name: &'static str,
         snapshots: String,
-        want: &'static str,
+        // The changes made, or a word the FAILED_PRECONDITION must name.
+        want: std::result::Result<&'static [&'static str], &'static str>,
     }
     let cases = [
-        Case { name: "nothing", snapshots: String::new(), want: "zfs destroy -r tank/hf/v1" },
+        Case { name: "nothing", snapshots: String::new(), want: Ok(&["zfs destroy tank/hf/v1"]) },
         Case {
-            name: "foreign snapshot and unused intermediate",
-            snapshots: foreign.clone() + &intermediate("-"),
-            want: "zfs destroy -r tank/hf/v1",
+            name: "an unused intermediate",
+            snapshots: intermediate("-"),
+            want: Ok(&["zfs destroy tank/hf/v1@clone.c9", "zfs destroy tank/hf/v1"]),
         },
-        Case { name: "a CSI snapshot", snapshots: csi_snapshot("s1", "-"), want: "zfs rename tank/hf/v1 tank/hf/v1.deleted-42" },
-        Case { name: "a clone", snapshots: intermediate("tank/hf/c9"), want: "zfs rename tank/hf/v1 tank/hf/v1.deleted-42" },
+        Case { name: "a foreign snapshot", snapshots: foreign.clone() + &intermediate("-"), want: Err("tank/hf/v1@auto-daily") },
+        Case { name: "a child dataset", snapshots: child.clone(), want: Err("tank/hf/v1/by-hand") },
+        Case { name: "a copied record", snapshots: copied, want: Err("tank/hf/v1@mine") },
+        Case {
+            name: "a foreign snapshot beside a CSI snapshot",
+            snapshots: csi_snapshot("s1", "-") + &foreign,
+            want: Err("tank/hf/v1@auto-daily"),
+        },
+        Case { name: "a CSI snapshot", snapshots: csi_snapshot("s1", "-"), want: Ok(&["zfs rename tank/hf/v1 tank/hf/v1.deleted-42"]) },
+        Case { name: "a clone", snapshots: intermediate("tank/hf/c9"), want: Ok(&["zfs rename tank/hf/v1 tank/hf/v1.deleted-42"]) },
         Case {
             name: "a foreign snapshot a clone was made from",
             snapshots: rows("tank/hf/v1@mine", "snapshot", &[("clones", "tank/other")], &[]),
-            want: "zfs rename tank/hf/v1 tank/hf/v1.deleted-42",
+            want: Err("tank/hf/v1@mine"),
         },
     ];
     for c in cases {
         let (p, fake) = pool_with_snapshots(c.snapshots);
-        p.delete_volume("v1").await.unwrap();
+        let got = p.delete_volume("v1").await;
         let changes: Vec<String> = fake.lines().into_iter().filter(|l| !l.starts_with("zfs get")).collect();
-        assert_eq!(changes, [c.want], "{}", c.name);
+        match c.want {
+            Ok(want) => {
+                got.unwrap_or_else(|e| panic!("{}: {e}", c.name));
+                assert_eq!(changes, want, "{}", c.name);
+            }
+            Err(named) => {
+                let e = got.expect_err(c.name);
+                assert!(matches!(&e, Error::FailedPrecondition(m) if m.contains(named)), "{}: {e}", c.name);
+                assert!(changes.is_empty(), "{}: nothing may change, but: {changes:?}", c.name);
+            }
+        }
     }
+
     // A mounted dataset is refused, not destroyed under its users.
     let (p, fake) = pool("");
     let mounted = volume_rows("tank/hf/v1", "filesystem", 8 * MIB, &[]).replace("mounted\tno", "mounted\tyes");
@@ -541,11 +582,11 @@ async fn deletes_classify_dependents() {
     let (p, fake) = pool("");
     let clone = volume_rows("tank/hf/c9", "filesystem", 8 * MIB, &[]).replace("origin\t-", "origin\ttank/hf/v1@clone.c9");
     fake.on(&get_line("tank/hf/c9", command::DATASETS, 0), vec![Reply::Ok(clone)]);
-    fake.on(&get_line("tank/hf/c9", command::SNAPSHOTS, 1), vec![Reply::Ok(String::new())]);
+    fake.on(&command::get_tree("tank/hf/c9", command::ALL).display(), vec![Reply::Ok(String::new())]);
     fake.on(&get_line("tank/hf/v1@clone.c9", command::SNAPSHOTS, 0), vec![Reply::Ok(intermediate("-"))]);
     p.delete_volume("c9").await.unwrap();
     let changes: Vec<String> = fake.lines().into_iter().filter(|l| !l.starts_with("zfs get")).collect();
-    assert_eq!(changes, ["zfs destroy -r tank/hf/c9", "zfs destroy tank/hf/v1@clone.c9"]);
+    assert_eq!(changes, ["zfs destroy tank/hf/c9", "zfs destroy tank/hf/v1@clone.c9"]);
 }
 
 #[tokio::test]
@@ -582,13 +623,26 @@ async fn sweep_destroys_hidden_volumes_nothing_depends_on() {
         )
         + &hidden("tank/hf/c.deleted-8")
         + &rows("tank/hf/c.deleted-8@auto", "snapshot", &[("defer_destroy", "off")], &[])
+        + &hidden("tank/hf/d.deleted-5")
+        + &rows(
+            "tank/hf/d.deleted-5@clone.z",
+            "snapshot",
+            &[("defer_destroy", "off")],
+            &[("holdfast:pool", "p"), ("holdfast:type", "intermediate")],
+        )
+        + &hidden("tank/hf/e.deleted-6")
+        + &rows("tank/hf/e.deleted-6/kid", "filesystem", &[], &[])
         + &rows("tank/hf/x.deleted-1", "filesystem", &[], &[]);
     let (p, fake) = pool("");
     fake.on(&get_line("tank/hf", command::ALL, 2), vec![Reply::Ok(tree), Reply::Ok(String::new())]);
     p.sweep().await.unwrap();
     let changes: Vec<String> = fake.lines().into_iter().filter(|l| !l.starts_with("zfs get")).collect();
-    // a is kept (b was cloned from its snapshot, now marked), c goes, x is not ours.
-    assert_eq!(changes, ["zfs destroy -d tank/hf/a.deleted-7@s1.deleted-9", "zfs destroy -r tank/hf/c.deleted-8"]);
+    // a is kept (b was cloned from its snapshot, now marked); c and e are kept, for a snapshot
+    // and a child dataset someone made by hand; d goes, its own snapshot first; x is not ours.
+    assert_eq!(
+        changes,
+        ["zfs destroy -d tank/hf/a.deleted-7@s1.deleted-9", "zfs destroy tank/hf/d.deleted-5@clone.z", "zfs destroy tank/hf/d.deleted-5"]
+    );
 }
 
 #[tokio::test]
@@ -655,4 +709,61 @@ async fn attach_expand_and_condition() {
         assert_eq!(p.get_volume(bad).await.unwrap(), None, "{bad}");
     }
     assert_eq!(fake.lines().iter().filter(|l| l.contains("a.deleted") || l.contains("../x")).count(), 0);
+}
+
+#[tokio::test]
+async fn a_record_copied_onto_another_object_is_not_ours() {
+    let (p, fake) = pool("");
+    // tank/hf/v2 and tank/hf/v1@s2 carry the records of volume v1 and of its snapshot s1.
+    let copied_volume = volume_rows("tank/hf/v2", "filesystem", 8 * MIB, &[("holdfast:local", "v1"), ("holdfast:name", "v1")]);
+    let snapshot = |name: &str, local: &str, source: &str| {
+        rows(
+            name,
+            "snapshot",
+            &[("defer_destroy", "off")],
+            &[
+                ("holdfast:pool", "p"),
+                ("holdfast:type", "snapshot"),
+                ("holdfast:local", local),
+                ("holdfast:name", local),
+                ("holdfast:source", source),
+            ],
+        )
+    };
+    let real = volume_rows("tank/hf/v1", "filesystem", 8 * MIB, &[]);
+    fake.on(&get_line("tank/hf", command::DATASETS, 1), vec![Reply::Ok(real.clone() + &copied_volume)]);
+    fake.on(&get_line("tank/hf/v2", command::DATASETS, 0), vec![Reply::Ok(copied_volume)]);
+    fake.on(
+        &get_line("tank/hf", command::SNAPSHOTS, 2),
+        vec![Reply::Ok(
+            snapshot("tank/hf/v1@s1", "s1", "volume:v1")
+                + &snapshot("tank/hf/v1@s2", "s1", "volume:v1")
+                + &snapshot("tank/hf/v2@s1", "s1", "volume:v1"),
+        )],
+    );
+    let listed: Vec<String> = p.list_volumes().await.unwrap().into_iter().map(|v| v.local).collect();
+    assert_eq!(listed, ["v1"], "a copy of v1's record is not a second v1");
+    assert_eq!(p.get_volume("v2").await.unwrap(), None);
+    p.delete_volume("v2").await.unwrap();
+    let snaps: Vec<String> = p.list_snapshots().await.unwrap().into_iter().map(|s| s.local).collect();
+    assert_eq!(snaps, ["s1"], "only the snapshot the record names");
+    // A create of the name finds an object that is not ours: refused, not taken over.
+    let err = p.create_volume(&req("v2", 8 * MIB, Some("zfs"))).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+    assert!(fake.lines().iter().all(|l| l.starts_with("zfs get")), "{:?}", fake.lines());
+}
+
+#[test]
+fn records_written_before_the_local_name_was_stored_are_held_to_the_derived_name() {
+    let legacy = |name: &str, csi: &str| {
+        let user =
+            [("holdfast:pool", "p"), ("holdfast:type", "volume"), ("holdfast:local", ""), ("holdfast:name", csi), ("holdfast:fs", "zfs")];
+        let text = rows(name, "filesystem", &[("refquota", "8388608"), ("mounted", "no")], &user);
+        report::parse_get(&text).unwrap().remove(0)
+    };
+    let (p, _) = pool("");
+    let derived = crate::volume_id::local_name("PVC Data");
+    assert!(p.live_volume(&legacy(&format!("tank/hf/{derived}"), "PVC Data")).unwrap().is_some());
+    assert!(p.live_volume(&legacy("tank/hf/v1", "v1")).unwrap().is_some());
+    assert!(p.live_volume(&legacy("tank/hf/other", "v1")).unwrap().is_none(), "a copy of a legacy record");
 }
