@@ -17,7 +17,7 @@ use crate::error::{Error, Result, bounded};
 use crate::node::mountinfo::MountInfo;
 use crate::node::records::{Backing, MountKey, PublishRecord, StageRecord, VolumeRecord};
 use crate::node::safepath::{RequestPath, same_path};
-use crate::node::{Peeled, rdev_at};
+use crate::node::{Peeled, device_number, rdev_at};
 use crate::pool::{Attachment, Condition, Pool, VolumeInfo};
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self, rpc};
@@ -172,7 +172,7 @@ impl NodeService {
                 .to_owned()
         };
         let backing = match attachment {
-            Attachment::Device(p) => Backing::Device { path: p.clone(), dev: rdev_at(&RequestPath::internal(p)?).await.ok().flatten() },
+            Attachment::Device(p) => Backing::Device { path: p.clone(), dev: device_number(p).await },
             Attachment::Mount { source, fs_type, .. } => Backing::Source { source: source.clone(), fs_type: fs_type.clone() },
         };
         let entry = StageRecord { path: staging.as_path().to_owned(), backing, fs_type: fs.clone(), block: cap.block, mount: None };
@@ -209,8 +209,8 @@ impl NodeService {
             // Nothing of it is staged anywhere: an attachment left by a stage that crashed
             // before writing its record is the only thing to undo.
             if rec.stages.is_empty() {
-                if let Ok((pool, local)) = self.resolve(&r.volume_id) {
-                    pool.detach(&local).await?;
+                if let Ok((pool, v)) = self.existing(&r.volume_id).await {
+                    pool.detach(&v.local).await?;
                 }
             }
             return Ok(NodeUnstageVolumeResponse {});
@@ -229,7 +229,10 @@ impl NodeService {
         rec.remove_stage(staging.as_path());
         if rec.stages.is_empty() {
             if let Ok((pool, local)) = self.resolve(&r.volume_id) {
-                pool.detach(&local).await?;
+                match pool.detach(&local).await {
+                    Ok(()) | Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         self.d.records.save(&rec).await?;
@@ -458,10 +461,19 @@ impl NodeService {
         }
         let is_block = v.block || r.volume_capability.as_ref().and_then(|c| decode_cap(Some(c)).ok()).is_some_and(|c| c.block);
         if is_block {
-            // Nothing to grow on the node; the path must still be one of the volume's.
+            // Nothing to grow on the node; the path must still be one of the volume's: a
+            // recorded staging or publish path, or a node of the volume's own device (the
+            // kubelet may name the device path it was given).
             let path = self.d.paths.check("volume_path", &r.volume_path).ok();
             let rec = self.d.records.load(&r.volume_id).await?;
-            let known = path.zip(rec).is_some_and(|(p, rec)| rec.stage_at(p.as_path()).is_some() || rec.publish_at(p.as_path()).is_some());
+            let mut known = false;
+            if let (Some(p), Some(rec)) = (path, rec) {
+                known = rec.stage_at(p.as_path()).is_some() || rec.publish_at(p.as_path()).is_some();
+                if !known {
+                    let rdev = rdev_at(&p).await.ok().flatten();
+                    known = rdev.is_some() && rec.stages.iter().any(|s| matches!(s.backing, Backing::Device { dev, .. } if dev == rdev));
+                }
+            }
             if !known {
                 return Err(Error::NotFound(format!(
                     "volume_path {} is not a path of volume {} on this node",
@@ -548,5 +560,286 @@ impl Node for NodeService {
             max_volumes_per_node: 0,
             accessible_topology: Some(topology(&self.d.segments)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The node service over a real file pool driven by [`FakeExec`] and a [`FakeMounter`]:
+    //! what is recorded and what is unmounted, with nothing real mounted.
+
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::exec::{FakeExec, Reply};
+    use crate::node::mount::{FakeMounter, MountCall, Mounter};
+    use crate::proto::volume_capability::{AccessMode, AccessType, MountVolume};
+
+    struct Rig {
+        dir: tempfile::TempDir,
+        exec: Arc<FakeExec>,
+        mounter: Arc<FakeMounter>,
+        pool: Arc<OneVolume>,
+        svc: NodeService,
+        id: String,
+    }
+
+    fn cap(mode: Mode, fs: &str) -> VolumeCapability {
+        VolumeCapability {
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+            access_type: Some(AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() })),
+        }
+    }
+
+    /// A pool of one filesystem volume `v1` on a "device" that is a plain file (its signature
+    /// comes from the scripted blkid), counting detaches.
+    struct OneVolume {
+        device: PathBuf,
+        detached: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Pool for OneVolume {
+        fn name(&self) -> &str {
+            "p"
+        }
+        fn kind(&self) -> crate::volume_id::PoolKind {
+            crate::volume_id::PoolKind::File
+        }
+        fn default_fs(&self) -> &str {
+            "xfs"
+        }
+        async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
+            Ok((local == "v1").then(|| VolumeInfo {
+                local: "v1".into(),
+                csi_name: "csi-v1".into(),
+                capacity: 1 << 20,
+                block: false,
+                fs_type: Some("xfs".into()),
+                source: None,
+                created: 0,
+            }))
+        }
+        async fn attach(&self, local: &str) -> Result<Attachment> {
+            assert_eq!(local, "v1");
+            Ok(Attachment::Device(self.device.clone()))
+        }
+        async fn detach(&self, local: &str) -> Result<()> {
+            self.detached.lock().unwrap().push(local.to_owned());
+            Ok(())
+        }
+        async fn condition(&self, _local: &str) -> Result<Condition> {
+            Ok(Condition::Healthy)
+        }
+        // The node service calls nothing else.
+        async fn create_volume(&self, _: &crate::pool::CreateRequest) -> Result<VolumeInfo> {
+            Err(Error::Unimplemented("not in this fake".into()))
+        }
+        async fn delete_volume(&self, _: &str) -> Result<()> {
+            Err(Error::Unimplemented("not in this fake".into()))
+        }
+        async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+            Err(Error::Unimplemented("not in this fake".into()))
+        }
+        async fn expand_volume(&self, _: &str, _: u64) -> Result<u64> {
+            Err(Error::Unimplemented("not in this fake".into()))
+        }
+        async fn create_snapshot(&self, _: &str, _: &str, _: &str) -> Result<crate::pool::SnapshotInfo> {
+            Err(Error::Unimplemented("not in this fake".into()))
+        }
+        async fn delete_snapshot(&self, _: &str) -> Result<()> {
+            Err(Error::Unimplemented("not in this fake".into()))
+        }
+        async fn get_snapshot(&self, _: &str) -> Result<Option<crate::pool::SnapshotInfo>> {
+            Err(Error::Unimplemented("not in this fake".into()))
+        }
+        async fn list_snapshots(&self) -> Result<Vec<crate::pool::SnapshotInfo>> {
+            Err(Error::Unimplemented("not in this fake".into()))
+        }
+        async fn capacity(&self) -> Result<u64> {
+            Err(Error::Unimplemented("not in this fake".into()))
+        }
+    }
+
+    fn driver(dir: &Path, exec: Arc<FakeExec>, mounter: Arc<FakeMounter>, pool: Arc<OneVolume>) -> Arc<Driver> {
+        let mut d = Driver::new("n1", &Config::parse("").unwrap(), &dir.join("state"), exec, mounter).unwrap();
+        d.pools.insert("p".into(), pool);
+        Arc::new(d)
+    }
+
+    async fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let (exec, mounter) = (Arc::new(FakeExec::new()), Arc::new(FakeMounter::new()));
+        let device = dir.path().join("dev-loop9");
+        std::fs::File::create(&device).unwrap().set_len(1 << 20).unwrap();
+        let pool = Arc::new(OneVolume { device, detached: Default::default() });
+        exec.on("blkid", vec![Reply::Ok("DEVNAME=/dev/loop9\nUUID=u-1\nTYPE=xfs\n".into())]);
+        let d = driver(dir.path(), exec.clone(), mounter.clone(), pool.clone());
+        let id = d.id_for(pool.as_ref(), "v1").to_string();
+        Rig { dir, exec, mounter, pool, svc: NodeService::new(d), id }
+    }
+
+    impl Rig {
+        fn path(&self, p: &str) -> String {
+            self.dir.path().join(p).display().to_string()
+        }
+        async fn stage_at(&self, p: &str, c: VolumeCapability) -> Result<NodeStageVolumeResponse> {
+            let r = NodeStageVolumeRequest {
+                volume_id: self.id.clone(),
+                staging_target_path: p.into(),
+                volume_capability: Some(c),
+                ..Default::default()
+            };
+            self.svc.stage(r).await
+        }
+        async fn publish_at(&self, staging: &str, target: &str, mode: Mode) -> Result<NodePublishVolumeResponse> {
+            let r = NodePublishVolumeRequest {
+                volume_id: self.id.clone(),
+                staging_target_path: staging.into(),
+                target_path: target.into(),
+                volume_capability: Some(cap(mode, "xfs")),
+                ..Default::default()
+            };
+            self.svc.publish(r).await
+        }
+        fn unmounts(&self) -> Vec<PathBuf> {
+            self.mounter
+                .calls()
+                .into_iter()
+                .filter_map(|c| match c {
+                    MountCall::Unmount { target } => Some(target),
+                    _ => None,
+                })
+                .collect()
+        }
+        /// How often `v1` was detached.
+        fn detaches(&self) -> usize {
+            self.pool.detached.lock().unwrap().iter().filter(|l| *l == "v1").count()
+        }
+    }
+
+    #[tokio::test]
+    async fn unpublish_and_unstage_touch_only_the_volumes_mounts() {
+        let r = rig().await;
+        let (stage, target) = (r.path("stage"), r.path("pods/p1/mount"));
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        r.publish_at(&stage, &target, Mode::SingleNodeWriter).await.unwrap();
+        let foreign = r.dir.path().join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        r.mounter.add_mount("tmpfs", &foreign, "tmpfs", &["rw"]);
+        struct Case {
+            name: &'static str,
+            id: String,
+        }
+        let cases = [
+            Case { name: "the volume", id: r.id.clone() },
+            Case { name: "a volume that does not exist", id: "file:n1:p:nope".into() },
+            Case { name: "a malformed id", id: "no-such-volume".into() },
+            Case { name: "another node's id", id: "file:n2:p:v1".into() },
+        ];
+        for c in &cases {
+            let path = foreign.display().to_string();
+            let un = NodeUnpublishVolumeRequest { volume_id: c.id.clone(), target_path: path.clone() };
+            r.svc.unpublish(un).await.unwrap_or_else(|e| panic!("{}: unpublish: {e}", c.name));
+            let us = NodeUnstageVolumeRequest { volume_id: c.id.clone(), staging_target_path: path };
+            r.svc.unstage(us).await.unwrap_or_else(|e| panic!("{}: unstage: {e}", c.name));
+            assert!(r.unmounts().is_empty(), "{}: unmounted {:?}", c.name, r.unmounts());
+            assert!(foreign.is_dir(), "{}", c.name);
+        }
+        assert_eq!(r.detaches(), 0, "the volume is staged: never detached by a call on another path");
+
+        // Its own paths: the bind, then the staging mount, then the loop device.
+        let un = NodeUnpublishVolumeRequest { volume_id: r.id.clone(), target_path: target.clone() };
+        r.svc.unpublish(un).await.unwrap();
+        let us = NodeUnstageVolumeRequest { volume_id: r.id.clone(), staging_target_path: format!("{stage}/./") };
+        r.svc.unstage(us).await.unwrap();
+        assert_eq!(r.unmounts(), [PathBuf::from(&target), PathBuf::from(&stage)]);
+        assert_eq!(r.detaches(), 1);
+        assert!(!Path::new(&target).exists() && Path::new(&stage).is_dir());
+        assert_eq!(r.svc.d.records.load(&r.id).await.unwrap(), None, "an unstaged volume has no record left");
+    }
+
+    #[tokio::test]
+    async fn records_outlive_the_process() {
+        let r = rig().await;
+        let (stage, target) = (r.path("stage"), r.path("pods/p1/mount"));
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        r.publish_at(&stage, &target, Mode::SingleNodeWriter).await.unwrap();
+        // A new driver on the same state directory (the mounts stay, as they do across a restart).
+        let again = NodeService::new(driver(r.dir.path(), r.exec.clone(), r.mounter.clone(), r.pool.clone()));
+        let other = r.path("stage-2");
+        let stage2 = NodeStageVolumeRequest {
+            volume_id: r.id.clone(),
+            staging_target_path: other,
+            volume_capability: Some(cap(Mode::SingleNodeWriter, "xfs")),
+            ..Default::default()
+        };
+        let err = again.stage(stage2).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains(&stage), "{err}");
+        again.unpublish(NodeUnpublishVolumeRequest { volume_id: r.id.clone(), target_path: target.clone() }).await.unwrap();
+        again.unstage(NodeUnstageVolumeRequest { volume_id: r.id.clone(), staging_target_path: stage.clone() }).await.unwrap();
+        assert_eq!(r.unmounts(), [PathBuf::from(&target), PathBuf::from(&stage)]);
+    }
+
+    #[tokio::test]
+    async fn paths_that_are_not_the_volumes_are_not_found() {
+        let r = rig().await;
+        let (stage, target) = (r.path("stage"), r.path("pods/p1/mount"));
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        r.publish_at(&stage, &target, Mode::SingleNodeWriter).await.unwrap();
+        let foreign = r.dir.path().join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        r.mounter.add_mount("/dev/sdq", &foreign, "xfs", &["rw"]);
+        let empty = r.path("empty");
+        std::fs::create_dir(&empty).unwrap();
+        struct Case {
+            name: &'static str,
+            id: String,
+            path: String,
+        }
+        let cases = [
+            Case { name: "host root", id: r.id.clone(), path: "/".into() },
+            Case { name: "relative", id: r.id.clone(), path: "pods/p1/mount".into() },
+            Case { name: "foreign xfs", id: r.id.clone(), path: foreign.display().to_string() },
+            Case { name: "unmounted directory", id: r.id.clone(), path: empty },
+            Case { name: "under /proc", id: r.id.clone(), path: format!("/proc/self/root{target}") },
+            Case { name: "unknown id, relative", id: "file:n1:p:nope".into(), path: "x".into() },
+            Case { name: "unknown id, the volume's path", id: "file:n1:p:nope".into(), path: target.clone() },
+        ];
+        for c in &cases {
+            let st = NodeGetVolumeStatsRequest { volume_id: c.id.clone(), volume_path: c.path.clone(), staging_target_path: String::new() };
+            assert!(matches!(r.svc.stats(st).await, Err(Error::NotFound(_))), "stats: {}", c.name);
+            let ex = NodeExpandVolumeRequest { volume_id: c.id.clone(), volume_path: c.path.clone(), ..Default::default() };
+            assert!(matches!(r.svc.expand(ex).await, Err(Error::NotFound(_))), "expand: {}", c.name);
+        }
+        let grows = || r.exec.lines().iter().filter(|l| l.starts_with("xfs_growfs")).count();
+        assert_eq!(grows(), 1, "only the stage grew (a no-op on a full-size filesystem)");
+        // Publishing from the foreign mount exposes nothing.
+        let err = r.publish_at(&foreign.display().to_string(), &r.path("pods/p2/mount"), Mode::SingleNodeWriter).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+        // A single writer gets one target.
+        let err = r.publish_at(&stage, &r.path("pods/p3/mount"), Mode::SingleNodeSingleWriter).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains(&target), "{err}");
+        let binds = r.mounter.calls().into_iter().filter(|c| matches!(c, MountCall::Bind { .. })).count();
+        assert_eq!(binds, 1, "only the first publish bound anything");
+    }
+
+    #[tokio::test]
+    async fn a_failed_stage_leaves_nothing_attached_or_recorded() {
+        let r = rig().await;
+        let stage = r.path("stage");
+        // The device holds xfs; ext4 is asked for.
+        let err = r.stage_at(&stage, cap(Mode::SingleNodeWriter, "ext4")).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        assert_eq!(r.detaches(), 1, "the loop device attached for it is detached again: {:?}", r.exec.lines());
+        assert_eq!(r.svc.d.records.load(&r.id).await.unwrap(), None);
+        // A foreign mount at the staging path: refused, nothing attached, nothing unmounted.
+        r.mounter.add_mount("tmpfs", Path::new(&stage), "tmpfs", &["rw"]);
+        let err = r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        assert_eq!(r.detaches(), 2);
+        assert!(r.unmounts().is_empty());
+        assert_eq!(r.mounter.mounts().await.unwrap().len(), 1, "the foreign mount is still there");
     }
 }

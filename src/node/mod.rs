@@ -463,6 +463,12 @@ impl DeviceId {
     }
 }
 
+/// The device number of the block device a pool handed out (links such as `/dev/vg/lv`
+/// followed: the pool's own path, not a request path); `None` when it is not a block device.
+pub async fn device_number(device: &Path) -> Option<u64> {
+    DeviceId::of(device).await.ok().and_then(|d| d.rdev)
+}
+
 /// Whether `m`, the mount at a target whose node has device number `target_rdev`, is `device`
 /// bound onto it. (The recording fake binds nothing real, so the mount's root names the source.)
 async fn same_block_bind(m: &MountInfo, target_rdev: Option<u64>, device: &Path) -> bool {
