@@ -114,7 +114,14 @@ impl NodeService {
         // gone (a reboot, an unmount by hand) no longer counts.
         let mut stale = Vec::new();
         for s in rec.stages.iter().filter(|s| !same_path(&s.path, staging.as_path())) {
-            if !self.still_staged(s).await? {
+            // A bind published from it outlives a staging mount unmounted by hand: still in use.
+            let mut in_use = self.still_staged(s).await?;
+            for p in rec.publishes.iter().filter(|p| same_path(&p.staging, &s.path)) {
+                if !in_use {
+                    in_use = self.still_published(p).await?;
+                }
+            }
+            if !in_use {
                 stale.push(s.path.clone());
             } else if cap.mode_supported() {
                 return Err(Error::FailedPrecondition(format!(
@@ -823,6 +830,22 @@ mod tests {
         assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains(&target), "{err}");
         let binds = r.mounter.calls().into_iter().filter(|c| matches!(c, MountCall::Bind { .. })).count();
         assert_eq!(binds, 1, "only the first publish bound anything");
+    }
+
+    #[tokio::test]
+    async fn a_staging_whose_mount_is_gone_still_counts_while_a_publish_lives() {
+        let r = rig().await;
+        let (stage, target) = (r.path("stage"), r.path("pods/p1/mount"));
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        r.publish_at(&stage, &target, Mode::SingleNodeWriter).await.unwrap();
+        // Someone unmounts the staging path by hand; the bind lives on.
+        let staged = r.mounter.mount_at(&RequestPath::internal(Path::new(&stage)).unwrap()).await.unwrap().unwrap();
+        r.mounter.unmount(&RequestPath::internal(Path::new(&stage)).unwrap(), staged.id).await.unwrap();
+        let err = r.stage_at(&r.path("stage-2"), cap(Mode::SingleNodeWriter, "xfs")).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+        // Once the publish is gone too, the stale staging no longer holds the volume back.
+        r.svc.unpublish(NodeUnpublishVolumeRequest { volume_id: r.id.clone(), target_path: target }).await.unwrap();
+        r.stage_at(&r.path("stage-2"), cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
     }
 
     #[tokio::test]
