@@ -23,6 +23,11 @@ pub struct Config {
     /// e.g. `"topology.kubernetes.io/zone" = "zone-a"`.
     #[serde(default)]
     pub topology: BTreeMap<String, String>,
+    /// Where request paths (staging, target, volume paths) may point: absolute prefixes such
+    /// as the kubelet's or Nomad's roots. Unset: any absolute path but `/proc` and `/sys`.
+    /// A top-level key, so it goes before the first `[topology]` / `[[pool]]` table.
+    #[serde(default)]
+    pub allowed_path_prefixes: Vec<PathBuf>,
     /// The pools.
     #[serde(default, rename = "pool")]
     pub pools: Vec<PoolConfig>,
@@ -133,6 +138,9 @@ impl Config {
             let at = e.span().map(|s| format!("line {}: ", line_of(src, s.start))).unwrap_or_default();
             ConfigError(format!("{at}{}", e.message()))
         })?;
+        if let Err(e) = crate::node::safepath::PathPolicy::new(&cfg.allowed_path_prefixes) {
+            return Err(ConfigError(format!("allowed_path_prefixes: {e}")));
+        }
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         for p in &cfg.pools {
             let line = line_of(src, p.name.span().start);
@@ -523,6 +531,17 @@ default_fs = "xfs"
         for c in cases {
             let cfg = Config::parse(&(file("a", &c.a) + &file("b", &c.b))).unwrap();
             assert_eq!(check_overlaps(&cfg).is_err(), c.overlap, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn allowed_path_prefixes_are_absolute() {
+        let cfg = Config::parse("allowed_path_prefixes = [\"/var/lib/kubelet\", \"/var/lib/nomad//\"]\n").unwrap();
+        assert_eq!(cfg.allowed_path_prefixes, [PathBuf::from("/var/lib/kubelet"), PathBuf::from("/var/lib/nomad//")]);
+        assert!(Config::parse("").unwrap().allowed_path_prefixes.is_empty());
+        for bad in ["allowed_path_prefixes = [\"var/lib\"]\n", "allowed_path_prefixes = [\"/a/../b\"]\n"] {
+            let err = Config::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("allowed_path_prefixes") && err.contains("absolute"), "{bad}: {err}");
         }
     }
 

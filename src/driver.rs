@@ -12,6 +12,8 @@ use crate::exec::Exec;
 use crate::locks::Locks;
 use crate::node::Node;
 use crate::node::mount::Mounter;
+use crate::node::records::Records;
+use crate::node::safepath::PathPolicy;
 use crate::placement::{NODE_KEY, Segments};
 use crate::pool::{self, Pool};
 use crate::volume_id::{VolumeId, valid_node_id};
@@ -33,6 +35,10 @@ pub struct Driver {
     pub locks: Locks,
     /// The driver's own durable state (stage and freeze records), 0700.
     pub state_dir: PathBuf,
+    /// Where request paths may point (`allowed_path_prefixes`).
+    pub paths: PathPolicy,
+    /// What this node staged and published for each volume (in `state_dir`).
+    pub records: Records,
 }
 
 impl Driver {
@@ -67,6 +73,8 @@ impl Driver {
             node: Node::new(exec, mounter),
             locks: Locks::new(),
             state_dir: state_dir.to_owned(),
+            paths: PathPolicy::new(&cfg.allowed_path_prefixes)?,
+            records: Records::new(state_dir),
         })
     }
 

@@ -23,12 +23,28 @@ pub struct Cmd {
     pub timeout: Duration,
     /// Written to the child's stdin, then closed.
     pub stdin: Option<Vec<u8>>,
+    /// Given to the child as its stdin instead (e.g. an opened mount target, which the child
+    /// then names `/proc/self/fd/0`, so nothing can swap the path under it).
+    pub stdin_fd: Option<StdinFd>,
 }
+
+/// A descriptor handed to a child as its stdin (shared, so a [`Cmd`] stays cheap to clone).
+/// Two are equal when they are the same descriptor.
+#[derive(Debug, Clone)]
+pub struct StdinFd(pub std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl PartialEq for StdinFd {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for StdinFd {}
 
 impl Cmd {
     /// A command with no arguments and the default timeout.
     pub fn new(program: impl Into<String>) -> Self {
-        Cmd { program: program.into(), args: Vec::new(), timeout: DEFAULT_TIMEOUT, stdin: None }
+        Cmd { program: program.into(), args: Vec::new(), timeout: DEFAULT_TIMEOUT, stdin: None, stdin_fd: None }
     }
     /// Appends one argument.
     pub fn arg(mut self, a: impl Into<String>) -> Self {
@@ -42,6 +58,11 @@ impl Cmd {
         S: Into<String>,
     {
         self.args.extend(it.into_iter().map(Into::into));
+        self
+    }
+    /// Gives the child `fd` as its stdin.
+    pub fn stdin_fd(mut self, fd: std::os::fd::OwnedFd) -> Self {
+        self.stdin_fd = Some(StdinFd(std::sync::Arc::new(fd)));
         self
     }
     /// Sets the timeout.
@@ -140,10 +161,15 @@ impl Exec for RealExec {
         use std::process::Stdio;
         use tokio::io::AsyncWriteExt;
         let line = cmd.display();
+        let stdin = match (&cmd.stdin, &cmd.stdin_fd) {
+            (Some(_), _) => Stdio::piped(),
+            (None, Some(StdinFd(fd))) => Stdio::from(fd.try_clone().map_err(|source| ExecError::Spawn { cmd: line.clone(), source })?),
+            (None, None) => Stdio::null(),
+        };
         let mut c = tokio::process::Command::new(&cmd.program);
         c.args(&cmd.args)
             .env("LC_ALL", "C")
-            .stdin(if cmd.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // If the gRPC request is cancelled the future is dropped; the child must not outlive it.
@@ -252,6 +278,15 @@ mod tests {
         assert_eq!(out.stdout.trim(), "C");
         let err = RealExec.run(Cmd::new("sleep").arg("5").timeout(Duration::from_millis(100))).await.unwrap_err();
         assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn real_exec_hands_a_descriptor_as_stdin() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"through the fd").unwrap();
+        let fd: std::os::fd::OwnedFd = std::fs::File::open(dir.path().join("f")).unwrap().into();
+        let out = RealExec.run(Cmd::new("cat").stdin_fd(fd)).await.unwrap();
+        assert_eq!(out.stdout, "through the fd");
     }
 
     #[tokio::test]

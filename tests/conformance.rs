@@ -762,6 +762,55 @@ async fn filesystem_volume_full_lifecycle_is_idempotent() {
 }
 
 #[tokio::test]
+async fn stats_and_expand_answer_not_found_for_paths_that_are_not_the_volumes() {
+    let d = Driver::start().await;
+    d.require_node(&[NodeCap::GetVolumeStats, NodeCap::ExpandVolume]).await;
+    let (gone, _) = deleted_ids(&d, "not-its-path").await;
+    let m = d.mounted_volume("not-its-path", Mode::SingleNodeWriter).await;
+    let id = m.volume.volume_id.clone();
+    let empty = d.staging_dir("not-its-path-empty");
+    // Spec NodeGetVolumeStats / NodeExpandVolume: "Volume does not exist" and "volume_path
+    // does not exist" → NOT_FOUND. An unknown volume is NOT_FOUND whatever its path looks like;
+    // a known volume's path that is neither its staging nor a publish path is not found either.
+    let cases: [(&str, &str, String); 7] = [
+        ("unknown volume, relative path", &gone, "relative/path".into()),
+        ("unknown volume, missing path", &gone, "/holdfast-no-such-path".into()),
+        ("unknown volume, a real volume's path", &gone, path_str(&m.target)),
+        ("known volume, relative path", &id, "relative/path".into()),
+        ("known volume, the host root", &id, "/".into()),
+        ("known volume, an empty directory", &id, path_str(&empty)),
+        ("known volume, missing path", &id, path_str(&empty.join("missing"))),
+    ];
+    for (name, vid, path) in &cases {
+        let stats = NodeGetVolumeStatsRequest { volume_id: vid.to_string(), volume_path: path.clone(), staging_target_path: String::new() };
+        expect_code(d.node().node_get_volume_stats(stats).await, Code::NotFound, &format!("NodeGetVolumeStats: {name}"));
+        let expand = NodeExpandVolumeRequest { volume_id: vid.to_string(), volume_path: path.clone(), ..Default::default() };
+        expect_code(d.node().node_expand_volume(expand).await, Code::NotFound, &format!("NodeExpandVolume: {name}"));
+    }
+    d.tear_down(&m).await;
+}
+
+#[tokio::test]
+async fn single_writer_refuses_a_second_target() {
+    let d = Driver::start().await;
+    let m = d.mounted_volume("single-writer", Mode::SingleNodeSingleWriter).await;
+    let id = m.volume.volume_id.clone();
+    // The same target again is idempotent.
+    d.publish(&id, &m.staging, &m.target, &m.cap, false).await;
+    // Spec NodePublishVolume, SINGLE_NODE_SINGLE_WRITER: a second target → FAILED_PRECONDITION.
+    let second = d.target_path("single-writer-2");
+    let r = d.node().node_publish_volume(d.publish_request(&id, &m.staging, &second, &m.cap, false)).await;
+    expect_code(r, Code::FailedPrecondition, "NodePublishVolume at a second target");
+    assert!(!is_mount_point(&second), "the second target was mounted");
+    // Once the first is unpublished, another target is fine.
+    d.unpublish(&id, &m.target).await;
+    d.publish(&id, &m.staging, &second, &m.cap, false).await;
+    d.unpublish(&id, &second).await;
+    d.unstage(&id, &m.staging).await;
+    d.delete(&id).await;
+}
+
+#[tokio::test]
 async fn publish_without_staging_path_fails_precondition() {
     let d = Driver::start().await;
     d.require_node(&[NodeCap::StageUnstageVolume]).await;

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use holdfast::error::Error;
 use holdfast::exec::{Cmd, Exec, ExecError, Output, RealExec};
 use holdfast::node::mount::{Mounter, RealMounter};
+use holdfast::node::mountinfo::MountInfo;
+use holdfast::node::safepath::RequestPath;
 use holdfast::node::{Node, format, mountinfo};
 use holdfast::pool::{Attachment, Condition};
 
@@ -71,6 +73,24 @@ impl Drop for Scratch {
     }
 }
 
+/// A path of the scratch directory as a request path.
+fn rp(p: impl AsRef<Path>) -> RequestPath {
+    RequestPath::internal(p.as_ref()).unwrap()
+}
+
+/// Every mount line counts as the caller's own: these tests mount only their own things.
+fn any(_: &MountInfo) -> bool {
+    true
+}
+
+fn cond(node: &Node, p: &Path, block: bool) -> Condition {
+    node.condition(p, block, &mountinfo::read().unwrap())
+}
+
+fn stats(node: &Node, p: &Path) -> holdfast::node::Stats {
+    node.stats(p, &mountinfo::read().unwrap()).unwrap()
+}
+
 /// Runs real commands and remembers which programs ran.
 #[derive(Default)]
 struct Recorder(std::sync::Mutex<Vec<String>>);
@@ -103,25 +123,25 @@ async fn filesystem_life(fs: &str) {
     let (stage, rw, ro) = (s.path("stage"), s.path("pods/a/mount"), s.path("pods/b/mount"));
     let att = Attachment::Device(dev.clone());
 
-    node.stage_filesystem(&att, &stage, fs, &[]).await.unwrap();
+    node.stage_filesystem(&att, &rp(&stage), fs, &[]).await.unwrap();
     assert_eq!(format::probe(&RealExec, &dev).await.unwrap().unwrap().kind, fs);
-    node.stage_filesystem(&att, &stage, fs, &[]).await.unwrap();
+    node.stage_filesystem(&att, &rp(&stage), fs, &[]).await.unwrap();
     assert_eq!(mountinfo::find_by_mount_point(&mountinfo::read().unwrap(), &stage).len(), 1, "staged once");
     write_file(&stage.join("hello")).unwrap();
 
-    node.publish_filesystem(&stage, &rw, false, &[]).await.unwrap();
-    node.publish_filesystem(&stage, &ro, true, &["nosuid".into()]).await.unwrap();
-    node.publish_filesystem(&stage, &ro, true, &["nosuid".into()]).await.unwrap();
+    node.publish_filesystem(&rp(&stage), &rp(&rw), false, &[]).await.unwrap();
+    node.publish_filesystem(&rp(&stage), &rp(&ro), true, &["nosuid".into()]).await.unwrap();
+    node.publish_filesystem(&rp(&stage), &rp(&ro), true, &["nosuid".into()]).await.unwrap();
     assert_eq!(std::fs::read(ro.join("hello")).unwrap(), b"holdfast");
     write_file(&rw.join("from-rw")).unwrap();
     let err = write_file(&ro.join("from-ro")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
-    let err = node.publish_filesystem(&stage, &rw, true, &[]).await.unwrap_err();
+    let err = node.publish_filesystem(&rp(&stage), &rp(&rw), true, &[]).await.unwrap_err();
     assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
-    assert_eq!(node.condition(&rw, false), Condition::Healthy);
-    assert_eq!(node.condition(&ro, false), Condition::Healthy);
+    assert_eq!(cond(&node, &rw, false), Condition::Healthy);
+    assert_eq!(cond(&node, &ro, false), Condition::Healthy);
 
-    let before = node.stats(&rw).unwrap();
+    let before = stats(&node, &rw);
     assert!(before.total_bytes > 200 * MIB && before.used_bytes > 0 && before.available_bytes < before.total_bytes, "{before:?}");
     if fs == "btrfs" {
         assert_eq!(before.total_inodes, None, "btrfs has no fixed inode count");
@@ -131,10 +151,10 @@ async fn filesystem_life(fs: &str) {
 
     std::fs::OpenOptions::new().write(true).open(&image).unwrap().set_len(IMAGE_SIZE + 200 * MIB).unwrap();
     sh("losetup", &["-c", dev.to_str().unwrap()]);
-    match node.expand_filesystem(&dev, &stage).await {
+    match node.expand_filesystem(&dev, &rp(&stage)).await {
         Ok(capacity) => {
             assert_eq!(capacity, IMAGE_SIZE + 200 * MIB, "NodeExpandVolume reports the device's capacity");
-            let after = node.stats(&rw).unwrap().total_bytes;
+            let after = stats(&node, &rw).total_bytes;
             assert!(
                 after > before.total_bytes + 150 * MIB,
                 "the published path sees the grown filesystem: {after} after {}",
@@ -150,19 +170,19 @@ async fn filesystem_life(fs: &str) {
     }
 
     for target in [&rw, &ro] {
-        node.unpublish(target).await.unwrap();
-        node.unpublish(target).await.unwrap();
+        node.unpublish(&rp(target), &any, true).await.unwrap();
+        node.unpublish(&rp(target), &any, true).await.unwrap();
         assert!(!target.exists(), "{}", target.display());
     }
-    assert!(matches!(node.condition(&rw, false), Condition::Abnormal(_)));
-    node.unstage(&stage).await.unwrap();
-    node.unstage(&stage).await.unwrap();
-    assert!(!node.is_mounted(&stage).unwrap());
+    assert!(matches!(cond(&node, &rw, false), Condition::Abnormal(_)));
+    node.unstage(&rp(&stage), &any).await.unwrap();
+    node.unstage(&rp(&stage), &any).await.unwrap();
+    assert!(!node.is_mounted(&rp(&stage)).await.unwrap());
 
     // Staged again, the data is still there: nothing was reformatted.
-    node.stage_filesystem(&att, &stage, fs, &[]).await.unwrap();
+    node.stage_filesystem(&att, &rp(&stage), fs, &[]).await.unwrap();
     assert!(stage.join("from-rw").exists());
-    node.unstage(&stage).await.unwrap();
+    node.unstage(&rp(&stage), &any).await.unwrap();
 }
 
 #[tokio::test]
@@ -203,9 +223,9 @@ async fn a_device_with_a_signature_is_never_formatted() {
         let uuid = format::probe(&RealExec, &image).await.unwrap().unwrap().uuid;
         let dev = s.attach(&image);
         let stage = s.path(&format!("stage-{}", c.fs));
-        let err = node.stage_filesystem(&Attachment::Device(dev.clone()), &stage, c.fs, &[]).await.unwrap_err();
+        let err = node.stage_filesystem(&Attachment::Device(dev.clone()), &rp(&stage), c.fs, &[]).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains(c.want), "{}: {err}", c.name);
-        assert!(!node.is_mounted(&stage).unwrap(), "{}", c.name);
+        assert!(!node.is_mounted(&rp(&stage)).await.unwrap(), "{}", c.name);
         let after = format::probe(&RealExec, &dev).await.unwrap().unwrap();
         assert_eq!((after.kind.as_str(), after.uuid), (c.want, uuid), "{}: the device is untouched", c.name);
         // And mkfs itself refuses, whatever its caller did.
@@ -243,14 +263,14 @@ async fn raw_block_publish() {
     let dev = s.attach(&image);
     let node = s.node();
     let (rw, ro) = (s.path("publish/pvc/pod-rw"), s.path("publish/pvc/pod-ro"));
-    node.publish_block(&dev, &rw, false).await.unwrap();
-    node.publish_block(&dev, &ro, true).await.unwrap();
-    node.publish_block(&dev, &ro, true).await.unwrap();
+    node.publish_block(&dev, &rp(&rw), false).await.unwrap();
+    node.publish_block(&dev, &rp(&ro), true).await.unwrap();
+    node.publish_block(&dev, &rp(&ro), true).await.unwrap();
     for t in [&rw, &ro] {
         assert!(std::fs::metadata(t).unwrap().file_type().is_block_device(), "{}", t.display());
-        assert_eq!(node.stats(t).unwrap().total_bytes, 64 * MIB);
-        assert_eq!(node.stats(t).unwrap().total_inodes, None);
-        assert_eq!(node.condition(t, true), Condition::Healthy);
+        assert_eq!(stats(&node, t).total_bytes, 64 * MIB);
+        assert_eq!(stats(&node, t).total_inodes, None);
+        assert_eq!(cond(&node, t, true), Condition::Healthy);
     }
     std::fs::OpenOptions::new().write(true).open(&rw).unwrap().write_all(b"raw").unwrap();
     let mut buf = [0u8; 3];
@@ -261,10 +281,10 @@ async fn raw_block_publish() {
     let mounts = mountinfo::read().unwrap();
     assert!(mountinfo::top_at(&mounts, &ro).unwrap().mount_options.iter().any(|o| o == "ro"));
     assert!(mountinfo::top_at(&mounts, &rw).unwrap().mount_options.iter().any(|o| o == "rw"));
-    assert!(matches!(node.publish_block(&dev, &ro, false).await, Err(Error::AlreadyExists(_))));
+    assert!(matches!(node.publish_block(&dev, &rp(&ro), false).await, Err(Error::AlreadyExists(_))));
     for t in [&rw, &ro] {
-        node.unpublish(t).await.unwrap();
-        node.unpublish(t).await.unwrap();
+        node.unpublish(&rp(t), &any, true).await.unwrap();
+        node.unpublish(&rp(t), &any, true).await.unwrap();
         assert!(!t.exists());
     }
 }
@@ -276,8 +296,8 @@ async fn condition_sees_a_deleted_backing_file_and_a_filesystem_gone_read_only()
     let dev = s.attach(&image);
     let node = s.node();
     let stage = s.path("stage");
-    node.stage_filesystem(&Attachment::Device(dev.clone()), &stage, "ext4", &["errors=remount-ro".into()]).await.unwrap();
-    assert_eq!(node.condition(&stage, false), Condition::Healthy);
+    node.stage_filesystem(&Attachment::Device(dev.clone()), &rp(&stage), "ext4", &["errors=remount-ro".into()]).await.unwrap();
+    assert_eq!(cond(&node, &stage, false), Condition::Healthy);
 
     // ext4 can be told to act as if it hit an error; with errors=remount-ro the kernel then
     // turns the superblock read-only under the read-write mount.
@@ -285,23 +305,23 @@ async fn condition_sees_a_deleted_backing_file_and_a_filesystem_gone_read_only()
     let trigger = PathBuf::from("/sys/fs/ext4").join(name).join("trigger_fs_error");
     assert!(trigger.exists(), "{} is missing", trigger.display());
     std::fs::write(&trigger, "holdfast test").unwrap();
-    match node.condition(&stage, false) {
+    match cond(&node, &stage, false) {
         Condition::Abnormal(m) => assert!(m.contains("read-only"), "{m}"),
         Condition::Healthy => panic!("a filesystem remounted read-only after an error must be abnormal"),
     }
-    node.unstage(&stage).await.unwrap();
+    node.unstage(&rp(&stage), &any).await.unwrap();
 
     // A loop device whose backing file was deleted under a mount.
     let image = s.image("other.img", 64 * MIB);
     let dev = s.attach(&image);
-    node.stage_filesystem(&Attachment::Device(dev.clone()), &stage, "ext4", &[]).await.unwrap();
-    assert_eq!(node.condition(&stage, false), Condition::Healthy);
+    node.stage_filesystem(&Attachment::Device(dev.clone()), &rp(&stage), "ext4", &[]).await.unwrap();
+    assert_eq!(cond(&node, &stage, false), Condition::Healthy);
     std::fs::remove_file(&image).unwrap();
-    match node.condition(&stage, false) {
+    match cond(&node, &stage, false) {
         Condition::Abnormal(m) => assert!(m.contains("deleted"), "{m}"),
         Condition::Healthy => panic!("a deleted backing file must be abnormal"),
     }
-    node.unstage(&stage).await.unwrap();
+    node.unstage(&rp(&stage), &any).await.unwrap();
 }
 
 #[tokio::test]
@@ -311,14 +331,14 @@ async fn condition_sees_an_xfs_shutdown() {
     let dev = s.attach(&image);
     let node = s.node();
     let stage = s.path("stage");
-    node.stage_filesystem(&Attachment::Device(dev), &stage, "xfs", &[]).await.unwrap();
-    assert_eq!(node.condition(&stage, false), Condition::Healthy);
+    node.stage_filesystem(&Attachment::Device(dev), &rp(&stage), "xfs", &[]).await.unwrap();
+    assert_eq!(cond(&node, &stage, false), Condition::Healthy);
     sh("xfs_io", &["-x", "-c", "shutdown", stage.to_str().unwrap()]);
-    match node.condition(&stage, false) {
+    match cond(&node, &stage, false) {
         Condition::Abnormal(m) => assert!(m.contains("Input/output error"), "{m}"),
         Condition::Healthy => panic!("a shut-down XFS must be abnormal"),
     }
-    node.unstage(&stage).await.unwrap();
+    node.unstage(&rp(&stage), &any).await.unwrap();
 }
 
 #[tokio::test]
@@ -326,12 +346,12 @@ async fn unmount_of_nothing_is_classified() {
     let s = Scratch::new();
     let m = RealMounter::new(Arc::new(RealExec));
     std::fs::create_dir(s.path("empty")).unwrap();
-    assert!(matches!(m.unmount(&s.path("empty")).await, Err(Error::NotFound(_))));
-    assert!(matches!(m.unmount(&s.path("missing")).await, Err(Error::NotFound(_))));
+    assert!(matches!(m.unmount(&rp(s.path("empty")), 1).await, Err(Error::NotFound(_))));
+    assert!(matches!(m.unmount(&rp(s.path("missing")), 1).await, Err(Error::NotFound(_))));
     let node = s.node();
-    node.unstage(&s.path("missing")).await.unwrap();
-    node.unpublish(&s.path("missing")).await.unwrap();
-    let err = node.publish_filesystem(&s.path("empty"), &s.path("target"), false, &[]).await.unwrap_err();
+    node.unstage(&rp(s.path("missing")), &any).await.unwrap();
+    node.unpublish(&rp(s.path("missing")), &any, true).await.unwrap();
+    let err = node.publish_filesystem(&rp(s.path("empty")), &rp(s.path("target")), false, &[]).await.unwrap_err();
     assert!(err.to_string().contains("volume is not staged"), "{err}");
 }
 
@@ -343,7 +363,7 @@ async fn copy_gets_a_new_uuid(fs: &str) {
     let dev = s.attach(&image);
     let node = s.node();
     let stage = s.path("stage");
-    node.stage_filesystem(&Attachment::Device(dev.clone()), &stage, fs, &[]).await.unwrap();
+    node.stage_filesystem(&Attachment::Device(dev.clone()), &rp(&stage), fs, &[]).await.unwrap();
     write_file(&stage.join("data")).unwrap();
     // Copy while mounted and dirty: a journal/log to replay, like a live snapshot.
     sh("sync", &[]);
@@ -368,10 +388,10 @@ async fn copy_gets_a_new_uuid(fs: &str) {
     // The copy mounts beside its source (btrfs refuses a second device with the same fsid).
     let copy_dev = s.attach(&copy);
     let copy_stage = s.path("copy-stage");
-    node.stage_filesystem(&Attachment::Device(copy_dev), &copy_stage, fs, &[]).await.unwrap();
+    node.stage_filesystem(&Attachment::Device(copy_dev), &rp(&copy_stage), fs, &[]).await.unwrap();
     assert_eq!(std::fs::read(copy_stage.join("data")).unwrap(), b"holdfast");
-    node.unstage(&copy_stage).await.unwrap();
-    node.unstage(&stage).await.unwrap();
+    node.unstage(&rp(&copy_stage), &any).await.unwrap();
+    node.unstage(&rp(&stage), &any).await.unwrap();
 
     // Blank images are left alone.
     let blank = s.image("blank.img", 16 * MIB);

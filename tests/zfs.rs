@@ -29,6 +29,7 @@ use holdfast::config::Config;
 use holdfast::error::Error;
 use holdfast::exec::{Cmd, Exec, ExecError, Output, RealExec};
 use holdfast::node::mount::RealMounter;
+use holdfast::node::safepath::RequestPath;
 use holdfast::node::{Node, format};
 use holdfast::pool::zfs::{HIDDEN, ZfsPool};
 use holdfast::pool::{Attachment, Condition, CreateRequest, Pool, Source};
@@ -156,13 +157,16 @@ impl Lab {
     async fn stage(&self, pool: &dyn Pool, local: &str, fs: &str, name: &str) -> (Attachment, PathBuf) {
         let attachment = pool.attach(local).await.unwrap_or_else(|e| panic!("attach {local}: {e}"));
         let staging = self.path(name);
-        self.node.stage_filesystem(&attachment, &staging, fs, &[]).await.unwrap_or_else(|e| panic!("stage {local}: {e}"));
+        let at = RequestPath::internal(&staging).unwrap();
+        self.node.stage_filesystem(&attachment, &at, fs, &[]).await.unwrap_or_else(|e| panic!("stage {local}: {e}"));
         self.mounts.lock().unwrap().push(staging.clone());
         (attachment, staging)
     }
 
     async fn unstage(&self, staging: &Path) {
-        self.node.unstage(staging).await.unwrap_or_else(|e| panic!("unstage {}: {e}", staging.display()));
+        let at = RequestPath::internal(staging).unwrap();
+        // Only this lab's own mounts are ever at its paths.
+        self.node.unstage(&at, &|_| true).await.unwrap_or_else(|e| panic!("unstage {}: {e}", staging.display()));
         self.mounts.lock().unwrap().retain(|m| m != staging);
     }
 }
@@ -325,7 +329,7 @@ async fn zvol_filesystem_and_block_volumes() {
     let before = fs_size(&staging);
     assert_eq!(pool.expand_volume(&v.local, 128 * MIB).await.unwrap(), 128 * MIB);
     assert_eq!(format::size_of(&dev).unwrap(), 128 * MIB);
-    let grown = lab.node.expand_filesystem(&dev, &staging).await.unwrap();
+    let grown = lab.node.expand_filesystem(&dev, &RequestPath::internal(&staging).unwrap()).await.unwrap();
     assert_eq!(grown, 128 * MIB);
     assert!(fs_size(&staging) > before + 50 * MIB, "ext4 grew from {before} to {}", fs_size(&staging));
     assert_eq!(pool.condition(&v.local).await.unwrap(), Condition::Healthy);

@@ -14,10 +14,13 @@ pub mod format;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
+pub mod records;
 pub mod safepath;
 
-use mount::Mounter;
+use mount::{BindSource, Mounter};
 use mountinfo::MountInfo;
+use records::dev_name;
+use safepath::RequestPath;
 
 /// Mounts stacked on one path are peeled one by one; more than this means something keeps
 /// mounting there, and looping on would never end.
@@ -72,21 +75,29 @@ impl Node {
     /// holding a different filesystem is FAILED_PRECONDITION), then mounts it at `staging` with
     /// `mount_flags`. For a `Mount` attachment, mounts the source. Idempotent: an existing mount
     /// of the same source at `staging` is success; a different source there is ALREADY_EXISTS.
+    /// Returns the filesystem type mounted.
     ///
     /// An empty `fs_type` accepts whatever supported filesystem the device holds (and is
     /// INVALID_ARGUMENT on a blank device). XFS is mounted with `nouuid`, because snapshots and
     /// clones of a volume carry its UUID and may be mounted beside it.
-    pub async fn stage_filesystem(&self, attachment: &Attachment, staging: &Path, fs_type: &str, mount_flags: &[String]) -> Result<()> {
-        let mounts = self.mounter.mounts()?;
+    pub async fn stage_filesystem(
+        &self,
+        attachment: &Attachment,
+        staging: &RequestPath,
+        fs_type: &str,
+        mount_flags: &[String],
+    ) -> Result<String> {
+        let top = self.mounter.mount_at(staging).await?;
+        let shown = staging.as_path().display();
         match attachment {
             Attachment::Device(device) => {
-                if let Some(top) = top_at(&mounts, staging) {
-                    if same_device(top, device) {
-                        return Ok(());
+                let id = DeviceId::of(device).await?;
+                if let Some(top) = top {
+                    if id.is(&top) {
+                        return Ok(top.fs_type);
                     }
                     return Err(Error::AlreadyExists(format!(
-                        "staging path {} already has {} mounted, not {}",
-                        staging.display(),
+                        "staging path {shown} already has {} mounted, not {}",
                         top.source,
                         device.display()
                     )));
@@ -96,9 +107,10 @@ impl Node {
                 // grown here, so it never comes back smaller than its capacity. ext4 grows
                 // offline before the mount; xfs and btrfs can only grow mounted (a no-op when full).
                 // By device identity, not path: /dev/zvol/… and /dev/<vg>/<lv> are links to /dev/zd0, /dev/dm-3.
-                let unmounted_elsewhere = !mounts.iter().any(|m| same_device(m, device));
+                let unmounted_elsewhere = !self.mounter.mounts().await?.iter().any(|m| id.is(m));
                 if !fresh && unmounted_elsewhere && fs == "ext4" {
-                    let (fs_bytes, dev_bytes) = (format::ext_fs_bytes(self.exec.as_ref(), device).await?, format::size_of(device)?);
+                    let fs_bytes = format::ext_fs_bytes(self.exec.as_ref(), device).await?;
+                    let dev_bytes = size_of(device).await?;
                     if fs_bytes + (1 << 20) <= dev_bytes {
                         tracing::info!(device = %device.display(), fs_bytes, dev_bytes, "growing ext4 to the volume's size before mounting");
                         format::grow_offline_ext(self.exec.as_ref(), device).await?;
@@ -108,28 +120,25 @@ impl Node {
                 if fs == "xfs" && !options.iter().any(|o| o == "nouuid") {
                     options.push("nouuid".into());
                 }
-                create_dir(staging)?;
+                create_dir(staging).await?;
                 self.mounter.mount(&device.to_string_lossy(), staging, &fs, &options).await?;
                 if !fresh && fs != "ext4" {
-                    format::grow(self.exec.as_ref(), &fs, device, staging).await?;
+                    format::grow(self.exec.as_ref(), &fs, device, staging.as_path()).await?;
                 }
-                Ok(())
+                Ok(fs)
             }
             Attachment::Mount { source, fs_type: mount_fs, options } => {
-                if let Some(top) = top_at(&mounts, staging) {
+                if let Some(top) = top {
                     if same_source(&top.source, source) {
-                        return Ok(());
+                        return Ok(mount_fs.clone());
                     }
-                    return Err(Error::AlreadyExists(format!(
-                        "staging path {} already has {} mounted, not {source}",
-                        staging.display(),
-                        top.source
-                    )));
+                    return Err(Error::AlreadyExists(format!("staging path {shown} already has {} mounted, not {source}", top.source)));
                 }
                 let mut all = options.clone();
                 all.extend(mount_flags.iter().filter(|f| !options.contains(f)).cloned());
-                create_dir(staging)?;
-                self.mounter.mount(source, staging, mount_fs, &all).await
+                create_dir(staging).await?;
+                self.mounter.mount(source, staging, mount_fs, &all).await?;
+                Ok(mount_fs.clone())
             }
         }
     }
@@ -170,40 +179,46 @@ impl Node {
         }
     }
 
-    /// Unmounts whatever is mounted at `staging` (idempotent; a path that does not exist or is
-    /// not mounted is success). The directory itself is left: the CO owns it.
-    pub async fn unstage(&self, staging: &Path) -> Result<()> {
-        self.unmount_all(staging).await
+    /// Unmounts the volume's mounts at `staging` (`is_own` tells which are), layer by layer,
+    /// and stops at anything else, which is left alone. The directory itself is left: the CO
+    /// owns it.
+    pub async fn unstage(&self, staging: &RequestPath, is_own: &(dyn Fn(&MountInfo) -> bool + Sync)) -> Result<Peeled> {
+        self.unmount_own(staging, is_own).await
     }
 
     /// Bind-mounts the staged filesystem at `staging` onto `target` (created as a directory),
     /// read-only when asked, with `mount_flags`. Idempotent: the same publish again is success;
     /// `target` holding something else, or the same volume with the other read-only mode, is
     /// ALREADY_EXISTS. Nothing mounted at `staging` is FAILED_PRECONDITION.
-    pub async fn publish_filesystem(&self, staging: &Path, target: &Path, readonly: bool, mount_flags: &[String]) -> Result<()> {
-        let mounts = self.mounter.mounts()?;
-        let Some(staged) = top_at(&mounts, staging) else {
-            return Err(Error::FailedPrecondition(format!("volume is not staged: nothing is mounted at {}", staging.display())));
+    pub async fn publish_filesystem(
+        &self,
+        staging: &RequestPath,
+        target: &RequestPath,
+        readonly: bool,
+        mount_flags: &[String],
+    ) -> Result<()> {
+        let Some(staged) = self.mounter.mount_at(staging).await? else {
+            return Err(Error::FailedPrecondition(format!("volume is not staged: nothing is mounted at {}", staging.as_path().display())));
         };
-        if let Some(top) = top_at(&mounts, target) {
+        if let Some(top) = self.mounter.mount_at(target).await? {
             // A bind shows the same device and the same root inside the filesystem as its source.
             if top.major_minor != staged.major_minor || top.root != staged.root {
                 return Err(Error::AlreadyExists(format!(
                     "target path {} already has {} ({}) mounted, not the volume staged at {}",
-                    target.display(),
+                    target.as_path().display(),
                     top.source,
                     top.root.display(),
-                    staging.display()
+                    staging.as_path().display()
                 )));
             }
-            return check_readonly(top, readonly, staged.mount_options.iter().any(|o| o == "ro"), target);
+            return check_readonly(&top, readonly, staged.mount_options.iter().any(|o| o == "ro"), target.as_path());
         }
-        create_dir(target)?;
+        create_dir(target).await?;
         let mut options = mount_flags.to_vec();
         if readonly && !options.iter().any(|o| o == "ro") {
             options.push("ro".into());
         }
-        self.mounter.bind(staging, target, &options).await
+        self.mounter.bind(BindSource::Mount(staging), target, &options).await
     }
 
     /// Bind-mounts the device node onto `target` (created as a file), read-only when asked.
@@ -212,115 +227,110 @@ impl Node {
     /// The kernel does not apply a mount's `ro` flag to writes through a device node, so a
     /// read-only block publish is marked `ro` in the mount table but is enforced by the
     /// container runtime (the kubelet grants the container read access to the device only).
-    pub async fn publish_block(&self, device: &Path, target: &Path, readonly: bool) -> Result<()> {
-        match std::fs::metadata(device) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(format!("device {} of the volume does not exist on this node", device.display())));
-            }
-            other => other.context(|| format!("checking device {}", device.display()))?,
-        };
-        let mounts = self.mounter.mounts()?;
-        if let Some(top) = top_at(&mounts, target) {
-            if !same_block_bind(top, target, device) {
+    pub async fn publish_block(&self, device: &Path, target: &RequestPath, readonly: bool) -> Result<()> {
+        let d = device.to_owned();
+        let exists = run_path(device, "checking the device", move || match std::fs::metadata(&d) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            other => other.map(|_| true).context(|| format!("checking device {}", d.display())),
+        })
+        .await?;
+        if !exists {
+            return Err(Error::NotFound(format!("device {} of the volume does not exist on this node", device.display())));
+        }
+        let shown = target.as_path().display();
+        if let Some(top) = self.mounter.mount_at(target).await? {
+            let rdev = rdev_at(target).await?;
+            if !same_block_bind(&top, rdev, device).await {
                 return Err(Error::AlreadyExists(format!(
-                    "target path {} already has {} mounted, not device {}",
-                    target.display(),
+                    "target path {shown} already has {} mounted, not device {}",
                     top.root.display(),
                     device.display()
                 )));
             }
-            return check_readonly(top, readonly, false, target);
+            return check_readonly(&top, readonly, false, target.as_path());
         }
-        match std::fs::symlink_metadata(target) {
-            Ok(m) if m.is_dir() => {
-                return Err(Error::FailedPrecondition(format!(
-                    "target path {} is a directory; a raw block volume is published on a file",
-                    target.display()
-                )));
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(parent) = target.parent() {
-                    create_dir(parent)?;
+        let t = target.clone();
+        run_path(target.as_path(), "creating the target file", move || {
+            if let Some(fd) = t.open_path()? {
+                let st = rustix::fs::fstat(&fd).map_err(|e| Error::io(format!("inspecting {}", t.as_path().display()), e.into()))?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+                    return Err(Error::FailedPrecondition(format!(
+                        "target path {} is a directory; a raw block volume is published on a file",
+                        t.as_path().display()
+                    )));
                 }
-                // create(true) without truncate: a file that appeared meanwhile is reused, never emptied.
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(target)
-                    .context(|| format!("creating the target file {}", target.display()))?;
-            }
-            Err(e) => return Err(Error::io(format!("checking target path {}", target.display()), e)),
-        }
-        let options: Vec<String> = if readonly { vec!["ro".into()] } else { vec![] };
-        self.mounter.bind(device, target, &options).await
-    }
-
-    /// Unmounts `target` and removes it (idempotent). Only an empty directory or a file is
-    /// removed: a directory that still has content after every unmount is FAILED_PRECONDITION,
-    /// since deleting it would delete data.
-    pub async fn unpublish(&self, target: &Path) -> Result<()> {
-        self.unmount_all(target).await?;
-        let meta = match std::fs::symlink_metadata(target) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            other => other.context(|| format!("checking target path {}", target.display()))?,
-        };
-        let removed = if meta.is_dir() { std::fs::remove_dir(target) } else { std::fs::remove_file(target) };
-        match removed {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Err(Error::FailedPrecondition(format!(
-                "target path {} is unmounted but not empty; holdfast does not delete its content (check what wrote there)",
-                target.display()
-            ))),
-            Err(e) => Err(Error::io(format!("removing target path {}", target.display()), e)),
-        }
-    }
-
-    /// Unmounts every layer mounted at `path`; nothing mounted (or no such path) is success.
-    async fn unmount_all(&self, path: &Path) -> Result<()> {
-        let mut busy_retries = BUSY_RETRIES;
-        for _ in 0..MAX_LAYERS + BUSY_RETRIES {
-            let mounts = self.mounter.mounts()?;
-            let Some(top) = top_at(&mounts, path) else {
                 return Ok(());
+            }
+            // Never truncates: a file that appeared meanwhile is reused, never emptied.
+            t.create_file().map(drop)
+        })
+        .await?;
+        let options: Vec<String> = if readonly { vec!["ro".into()] } else { vec![] };
+        self.mounter.bind(BindSource::Device(device), target, &options).await
+    }
+
+    /// Unmounts the volume's mounts at `target` (`is_own` tells which are) and, when `remove`
+    /// (holdfast created the path) and nothing else is mounted there, removes it. Only an empty
+    /// directory or a file is removed: a directory that still has content after the unmounts
+    /// is FAILED_PRECONDITION, since deleting it would delete data.
+    pub async fn unpublish(&self, target: &RequestPath, is_own: &(dyn Fn(&MountInfo) -> bool + Sync), remove: bool) -> Result<Peeled> {
+        let peeled = self.unmount_own(target, is_own).await?;
+        if matches!(peeled, Peeled::Foreign(_)) || !remove {
+            return Ok(peeled);
+        }
+        let t = target.clone();
+        run_path(target.as_path(), "removing the target path", move || t.remove()).await?;
+        Ok(peeled)
+    }
+
+    /// Unmounts every layer at `path` that `is_own`; stops at the first that is not.
+    async fn unmount_own(&self, path: &RequestPath, is_own: &(dyn Fn(&MountInfo) -> bool + Sync)) -> Result<Peeled> {
+        let mut busy_retries = BUSY_RETRIES;
+        let mut peeled = Peeled::Nothing;
+        for _ in 0..MAX_LAYERS + BUSY_RETRIES {
+            let Some(top) = self.mounter.mount_at(path).await? else {
+                return Ok(peeled);
             };
-            // Unmount the path as the kernel names it (symlinks resolved).
-            match self.mounter.unmount(&top.mount_point).await {
-                Ok(()) | Err(Error::NotFound(_)) => {}
+            if !is_own(&top) {
+                return Ok(Peeled::Foreign(top));
+            }
+            match self.mounter.unmount(path, top.id).await {
+                Ok(()) => peeled = Peeled::Unmounted,
+                Err(Error::NotFound(_)) | Err(Error::Aborted(_)) => {}
                 // A file descriptor inherited by a child between fork and exec, or a process
                 // that is just exiting, keeps a mount busy for a moment; a real user does not
                 // go away, and the error then says what is busy.
-                Err(Error::Exec { source, .. }) if source.stderr().contains("busy") && busy_retries > 0 => {
+                Err(e) if is_busy(&e) && busy_retries > 0 => {
                     busy_retries -= 1;
-                    tracing::debug!(path = %path.display(), "unmount busy, retrying: {source}");
+                    tracing::debug!(path = %path.as_path().display(), "unmount busy, retrying: {e}");
                     tokio::time::sleep(BUSY_PAUSE).await;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::Internal(format!("{} is still mounted after {MAX_LAYERS} unmounts", path.display())))
+        Err(Error::Internal(format!("{} is still mounted after {MAX_LAYERS} unmounts", path.as_path().display())))
     }
 
     /// Grows the filesystem mounted at `mount_path` (on `device`) to fill the device, online.
     /// Returns the new filesystem size in bytes.
-    pub async fn expand_filesystem(&self, device: &Path, mount_path: &Path) -> Result<u64> {
-        let mounts = self.mounter.mounts()?;
-        let Some(top) = top_at(&mounts, mount_path) else {
-            return Err(Error::FailedPrecondition(format!("cannot grow the filesystem: nothing is mounted at {}", mount_path.display())));
+    pub async fn expand_filesystem(&self, device: &Path, mount_path: &RequestPath) -> Result<u64> {
+        let Some(top) = self.mounter.mount_at(mount_path).await? else {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot grow the filesystem: nothing is mounted at {}",
+                mount_path.as_path().display()
+            )));
         };
         let Some(sig) = format::probe(self.exec.as_ref(), device).await? else {
             return Err(Error::FailedPrecondition(format!("cannot grow the filesystem: {} holds none", device.display())));
         };
         format::grow(self.exec.as_ref(), &sig.kind, device, &top.mount_point).await?;
         // CSI wants the volume's capacity, not the filesystem's usable size.
-        format::size_of(device)
+        size_of(device).await
     }
 
     /// Whether `path` is a mount point (per `/proc/self/mountinfo`).
-    pub fn is_mounted(&self, path: &Path) -> Result<bool> {
-        Ok(top_at(&self.mounter.mounts()?, path).is_some())
+    pub async fn is_mounted(&self, path: &RequestPath) -> Result<bool> {
+        Ok(self.mounter.mount_at(path).await?.is_some())
     }
 
     /// Health of a staged or published volume at `path`: [`Condition::Abnormal`] when nothing
@@ -328,18 +338,18 @@ impl Node {
     /// (the kernel does that after I/O errors), when `path` is no longer the block device it
     /// should be (`expect_block`: a published raw block volume), or when the device behind the
     /// mount is gone (removed, or a loop device whose backing file was deleted). A mount table
-    /// that cannot be read is reported as abnormal too, with the reason.
-    pub fn condition(&self, path: &Path, expect_block: bool) -> Condition {
-        match self.check(path, expect_block) {
+    /// that cannot be read is reported as abnormal too, with the reason. `mounts` is the mount
+    /// table ([`Mounter::mounts`]); this runs on the blocking pool (it stats `path`).
+    pub fn condition(&self, path: &Path, expect_block: bool, mounts: &[MountInfo]) -> Condition {
+        match self.check(path, expect_block, mounts) {
             Ok(None) => Condition::Healthy,
             Ok(Some(why)) => Condition::Abnormal(why),
             Err(e) => Condition::Abnormal(format!("cannot check {}: {e}", path.display())),
         }
     }
 
-    fn check(&self, path: &Path, expect_block: bool) -> Result<Option<String>> {
-        let mounts = self.mounter.mounts()?;
-        let Some(top) = top_at(&mounts, path) else {
+    fn check(&self, path: &Path, expect_block: bool, mounts: &[MountInfo]) -> Result<Option<String>> {
+        let Some(top) = top_at(mounts, path) else {
             return Ok(Some(format!("nothing is mounted at {} any more", path.display())));
         };
         if expect_block {
@@ -384,8 +394,8 @@ impl Node {
     /// Usage of the filesystem at `path` (statvfs), or of the block device at `path`. For a
     /// block device only `total_bytes` is known (used and available are 0, inodes `None`).
     /// A filesystem path with nothing mounted is NOT_FOUND: statvfs would describe whatever
-    /// filesystem holds the empty directory, not the volume.
-    pub fn stats(&self, path: &Path) -> Result<Stats> {
+    /// filesystem holds the empty directory, not the volume. Runs on the blocking pool.
+    pub fn stats(&self, path: &Path, mounts: &[MountInfo]) -> Result<Stats> {
         let meta = match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotFound(format!("volume path {} does not exist", path.display())));
@@ -395,7 +405,7 @@ impl Node {
         if meta.file_type().is_block_device() {
             return Ok(Stats { total_bytes: format::size_of(path)?, ..Stats::default() });
         }
-        if !self.is_mounted(path)? {
+        if top_at(mounts, path).is_none() {
             return Err(Error::NotFound(format!("nothing is mounted at volume path {}", path.display())));
         }
         let st = nix::sys::statvfs::statvfs(path).map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
@@ -425,31 +435,60 @@ fn top_at<'a>(mounts: &'a [MountInfo], path: &Path) -> Option<&'a MountInfo> {
     })
 }
 
-/// Whether the mount `m` is of `device`: the same path (as given or resolved, e.g.
-/// `/dev/vg/lv` → `/dev/dm-3`) or the same device number.
-fn same_device(m: &MountInfo, device: &Path) -> bool {
-    if Path::new(&m.source) == device {
-        return true;
-    }
-    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&m.source), std::fs::canonicalize(device)) {
-        if a == b {
-            return true;
-        }
-    }
-    // btrfs shows an anonymous device number, so this only backs up the path checks.
-    std::fs::metadata(device)
-        .ok()
-        .filter(|meta| meta.file_type().is_block_device())
-        .is_some_and(|meta| dev_name(meta.rdev()) == m.major_minor)
+/// A device as the pool named it, resolved once (off the async workers): its canonical path
+/// and device number, so a mount line can be matched by either.
+struct DeviceId {
+    path: PathBuf,
+    canonical: Option<PathBuf>,
+    rdev: Option<u64>,
 }
 
-/// Whether `m`, the mount at `target`, is `device` bound onto it: `target` then is that
-/// device node. (The recording fake binds nothing real, so the mount's root names the source.)
-fn same_block_bind(m: &MountInfo, target: &Path, device: &Path) -> bool {
-    match (std::fs::metadata(target), std::fs::metadata(device)) {
-        (Ok(t), Ok(d)) if t.file_type().is_block_device() && d.file_type().is_block_device() => t.rdev() == d.rdev(),
+impl DeviceId {
+    async fn of(device: &Path) -> Result<DeviceId> {
+        let d = device.to_owned();
+        run_path(device, "resolving the device", move || {
+            let canonical = std::fs::canonicalize(&d).ok();
+            let rdev = std::fs::metadata(&d).ok().filter(|m| m.file_type().is_block_device()).map(|m| m.rdev());
+            Ok(DeviceId { path: d, canonical, rdev })
+        })
+        .await
+    }
+
+    /// Whether mount `m` is of this device: the same path (as given or resolved, e.g.
+    /// `/dev/vg/lv` → `/dev/dm-3`) or the same device number (btrfs shows an anonymous one, so
+    /// the number only backs up the path checks).
+    fn is(&self, m: &MountInfo) -> bool {
+        let src = Path::new(&m.source);
+        src == self.path || self.canonical.as_deref() == Some(src) || self.rdev.is_some_and(|r| dev_name(r) == m.major_minor)
+    }
+}
+
+/// The device number of the block device a pool handed out (links such as `/dev/vg/lv`
+/// followed: the pool's own path, not a request path); `None` when it is not a block device.
+pub async fn device_number(device: &Path) -> Option<u64> {
+    DeviceId::of(device).await.ok().and_then(|d| d.rdev)
+}
+
+/// Whether `m`, the mount at a target whose node has device number `target_rdev`, is `device`
+/// bound onto it. (The recording fake binds nothing real, so the mount's root names the source.)
+async fn same_block_bind(m: &MountInfo, target_rdev: Option<u64>, device: &Path) -> bool {
+    let dev = DeviceId::of(device).await.ok().and_then(|d| d.rdev);
+    match (target_rdev, dev) {
+        (Some(t), Some(d)) => t == d,
         _ => m.root == device || Path::new(&m.source) == device,
     }
+}
+
+/// The device number of the block device node at `path` (opened without following a
+/// symlink), `None` when it is something else or missing.
+pub async fn rdev_at(path: &RequestPath) -> Result<Option<u64>> {
+    let p = path.clone();
+    run_path(path.as_path(), "inspecting the path", move || {
+        let Some(fd) = p.open_path()? else { return Ok(None) };
+        let st = rustix::fs::fstat(&fd).map_err(|e| Error::io(format!("inspecting {}", p.as_path().display()), e.into()))?;
+        Ok((rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::BlockDevice).then_some(st.st_rdev))
+    })
+    .await
 }
 
 /// Whether two mount sources name the same thing (NFS sources differ only by a trailing `/`).
@@ -471,10 +510,6 @@ fn check_readonly(existing: &MountInfo, readonly: bool, staged_ro: bool, target:
         target.display(),
         mode(readonly)
     )))
-}
-
-fn dev_name(rdev: u64) -> String {
-    format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev))
 }
 
 /// What is wrong with block device `rdev` (named `name` in messages), per sysfs: gone, or a
@@ -499,8 +534,42 @@ fn device_health(rdev: u64, name: &str) -> Option<String> {
     None
 }
 
-fn create_dir(path: &Path) -> Result<()> {
-    std::fs::create_dir_all(path).context(|| format!("creating directory {}", path.display()))
+/// What [`Node::unstage`] and [`Node::unpublish`] found at the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peeled {
+    /// Nothing was mounted there.
+    Nothing,
+    /// The volume's mounts were unmounted; nothing is mounted there now.
+    Unmounted,
+    /// Something that is not the volume's is mounted there (on top); it was left alone.
+    Foreign(MountInfo),
+}
+
+/// Whether an unmount failed because the mount is in use.
+fn is_busy(e: &Error) -> bool {
+    match e {
+        Error::Exec { source, .. } => source.stderr().contains("busy"),
+        Error::Io { source, .. } => source.raw_os_error() == Some(libc::EBUSY),
+        _ => false,
+    }
+}
+
+/// Runs a blocking call on `path` through [`crate::blocking::run`].
+async fn run_path<T: Send + 'static>(path: &Path, what: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let what = format!("{what} {}", path.display());
+    crate::blocking::run(&format!("path:{}", path.display()), &what, crate::blocking::METADATA_DEADLINE, f).await?
+}
+
+/// The size of a device or file, off the async workers.
+async fn size_of(device: &Path) -> Result<u64> {
+    let d = device.to_owned();
+    run_path(device, "reading the size of", move || format::size_of(&d)).await
+}
+
+/// Creates a directory target beneath its root, no symlink followed.
+async fn create_dir(path: &RequestPath) -> Result<()> {
+    let p = path.clone();
+    run_path(path.as_path(), "creating directory", move || p.create_dir_all().map(drop)).await
 }
 
 #[cfg(test)]
@@ -536,6 +605,13 @@ mod tests {
         fn path(&self, p: &str) -> PathBuf {
             self.dir.path().join(p)
         }
+        fn rp(&self, p: &str) -> RequestPath {
+            RequestPath::internal(&self.path(p)).unwrap()
+        }
+        /// Whatever of mount lines is an own mount: the unit tests below only mount their own.
+        fn anything(_: &MountInfo) -> bool {
+            true
+        }
         fn progs(&self) -> Vec<String> {
             self.exec.calls().iter().map(|c| c[0].clone()).collect()
         }
@@ -543,7 +619,7 @@ mod tests {
             self.mounter.calls().into_iter().filter(|c| !matches!(c, MountCall::Unmount { .. })).collect()
         }
         async fn stage(&self, fs: &str) -> Result<()> {
-            self.node.stage_filesystem(&Attachment::Device(self.device.clone()), &self.path("stage"), fs, &["noatime".into()]).await
+            self.node.stage_filesystem(&Attachment::Device(self.device.clone()), &self.rp("stage"), fs, &["noatime".into()]).await.map(drop)
         }
     }
 
@@ -685,8 +761,8 @@ mod tests {
         let r = rig(vec![]);
         let att = Attachment::Mount { source: "srv:/export/v1".into(), fs_type: "nfs".into(), options: vec!["vers=4.2".into()] };
         let flags = vec!["noatime".to_string(), "vers=4.2".to_string()];
-        r.node.stage_filesystem(&att, &r.path("stage"), "ext4", &flags).await.unwrap();
-        r.node.stage_filesystem(&att, &r.path("stage"), "ext4", &flags).await.unwrap();
+        r.node.stage_filesystem(&att, &r.rp("stage"), "ext4", &flags).await.unwrap();
+        r.node.stage_filesystem(&att, &r.rp("stage"), "ext4", &flags).await.unwrap();
         assert_eq!(
             r.mounts(),
             [MountCall::Mount {
@@ -698,7 +774,7 @@ mod tests {
         );
         assert!(r.exec.calls().is_empty(), "a mount attachment is never probed");
         let other = Attachment::Mount { source: "srv:/export/v2".into(), fs_type: "nfs".into(), options: vec![] };
-        assert!(matches!(r.node.stage_filesystem(&other, &r.path("stage"), "", &[]).await, Err(Error::AlreadyExists(_))));
+        assert!(matches!(r.node.stage_filesystem(&other, &r.rp("stage"), "", &[]).await, Err(Error::AlreadyExists(_))));
     }
 
     #[tokio::test]
@@ -722,14 +798,26 @@ mod tests {
         let link = r.path("dev-link");
         std::os::unix::fs::symlink(&r.device, &link).unwrap();
         r.mounter.add_mount(&r.device.to_string_lossy(), &r.path("elsewhere"), "ext4", &["rw"]);
-        r.node.stage_filesystem(&Attachment::Device(link), &r.path("stage"), "ext4", &[]).await.unwrap();
+        r.node.stage_filesystem(&Attachment::Device(link), &r.rp("stage"), "ext4", &[]).await.unwrap();
         assert_eq!(r.progs(), ["blkid"], "no e2fsck/resize2fs while the device is mounted elsewhere");
+    }
+
+    #[tokio::test]
+    async fn stage_creates_no_directory_through_a_symlink() {
+        let r = rig(vec![found("ext4")]);
+        let victim = r.path("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::os::unix::fs::symlink(&victim, r.path("link")).unwrap();
+        let through = RequestPath::internal(&r.path("link/stage")).unwrap();
+        let err = r.node.stage_filesystem(&Attachment::Device(r.device.clone()), &through, "ext4", &[]).await.unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains("symbolic link"), "{err}");
+        assert!(!victim.join("stage").exists() && r.mounts().is_empty(), "nothing created or mounted through the link");
     }
 
     #[tokio::test]
     async fn publish_filesystem_binds_once_with_the_requested_mode() {
         let r = rig(vec![found("ext4")]);
-        let (stage, target) = (r.path("stage"), r.path("pods/p1/mount"));
+        let (stage, target) = (r.rp("stage"), r.rp("pods/p1/mount"));
         let err = r.node.publish_filesystem(&stage, &target, false, &[]).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains("volume is not staged"), "{err}");
 
@@ -737,106 +825,123 @@ mod tests {
         let flags = vec!["nosuid".to_string()];
         r.node.publish_filesystem(&stage, &target, true, &flags).await.unwrap();
         r.node.publish_filesystem(&stage, &target, true, &flags).await.unwrap();
-        assert!(target.is_dir());
+        assert!(r.path("pods/p1/mount").is_dir());
         let binds: Vec<MountCall> = r.mounts().into_iter().filter(|c| matches!(c, MountCall::Bind { .. })).collect();
-        assert_eq!(binds, [MountCall::Bind { source: stage.clone(), target: target.clone(), options: vec!["nosuid".into(), "ro".into()] }]);
-        assert!(r.node.is_mounted(&target).unwrap());
+        assert_eq!(
+            binds,
+            [MountCall::Bind { source: r.path("stage"), target: r.path("pods/p1/mount"), options: vec!["nosuid".into(), "ro".into()] }]
+        );
+        assert!(r.node.is_mounted(&target).await.unwrap());
 
         let err = r.node.publish_filesystem(&stage, &target, false, &[]).await.unwrap_err();
         assert!(matches!(err, Error::AlreadyExists(_)) && err.to_string().contains("read-only"), "{err}");
 
-        let foreign = r.path("pods/p2/mount");
-        r.mounter.add_mount("tmpfs", &foreign, "tmpfs", &["rw"]);
+        let foreign = r.rp("pods/p2/mount");
+        r.mounter.add_mount("tmpfs", foreign.as_path(), "tmpfs", &["rw"]);
         assert!(matches!(r.node.publish_filesystem(&stage, &foreign, false, &[]).await, Err(Error::AlreadyExists(_))));
     }
 
     #[tokio::test]
     async fn publish_block_creates_a_file_and_binds_the_device() {
         let r = rig(vec![]);
-        let target = r.path("publish/pvc-1/pod-1");
+        let target = r.rp("publish/pvc-1/pod-1");
         r.node.publish_block(&r.device, &target, true).await.unwrap();
         r.node.publish_block(&r.device, &target, true).await.unwrap();
-        assert!(std::fs::metadata(&target).unwrap().is_file());
-        assert_eq!(r.mounts(), [MountCall::Bind { source: r.device.clone(), target: target.clone(), options: vec!["ro".into()] }]);
+        assert!(std::fs::metadata(target.as_path()).unwrap().is_file());
+        assert_eq!(
+            r.mounts(),
+            [MountCall::Bind { source: r.device.clone(), target: target.as_path().to_owned(), options: vec!["ro".into()] }]
+        );
         assert!(matches!(r.node.publish_block(&r.device, &target, false).await, Err(Error::AlreadyExists(_))));
-        assert!(matches!(r.node.publish_block(&r.path("no-such-dev"), &r.path("t2"), false).await, Err(Error::NotFound(_))));
+        assert!(matches!(r.node.publish_block(&r.path("no-such-dev"), &r.rp("t2"), false).await, Err(Error::NotFound(_))));
         std::fs::create_dir(r.path("a-dir")).unwrap();
-        assert!(matches!(r.node.publish_block(&r.device, &r.path("a-dir"), false).await, Err(Error::FailedPrecondition(_))));
+        assert!(matches!(r.node.publish_block(&r.device, &r.rp("a-dir"), false).await, Err(Error::FailedPrecondition(_))));
 
-        r.node.unpublish(&target).await.unwrap();
-        assert!(!target.exists());
-        assert!(!r.node.is_mounted(&target).unwrap());
+        r.node.unpublish(&target, &Rig::anything, true).await.unwrap();
+        assert!(!target.as_path().exists());
+        assert!(!r.node.is_mounted(&target).await.unwrap());
     }
 
     #[tokio::test]
-    async fn unpublish_and_unstage_are_idempotent() {
+    async fn unpublish_and_unstage_unmount_only_their_own_layers() {
         let r = rig(vec![found("xfs")]);
-        let (stage, target) = (r.path("stage"), r.path("target"));
+        let (stage, target) = (r.rp("stage"), r.rp("target"));
         // Missing paths are success, and nothing is unmounted.
-        r.node.unpublish(&target).await.unwrap();
-        r.node.unstage(&stage).await.unwrap();
+        assert_eq!(r.node.unpublish(&target, &Rig::anything, true).await.unwrap(), Peeled::Nothing);
+        assert_eq!(r.node.unstage(&stage, &Rig::anything).await.unwrap(), Peeled::Nothing);
         assert!(r.mounter.calls().is_empty());
 
         r.stage("xfs").await.unwrap();
         r.node.publish_filesystem(&stage, &target, false, &[]).await.unwrap();
-        // A second layer on the target (e.g. a publish retried after a crash) is peeled too.
-        r.mounter.add_mount("tmpfs", &target, "tmpfs", &["rw"]);
-        r.node.unpublish(&target).await.unwrap();
-        r.node.unpublish(&target).await.unwrap();
-        assert!(!target.exists() && !r.node.is_mounted(&target).unwrap());
-        r.node.unstage(&stage).await.unwrap();
-        r.node.unstage(&stage).await.unwrap();
-        assert!(!r.node.is_mounted(&stage).unwrap());
-        assert!(stage.is_dir(), "the staging directory belongs to the CO");
-        let unmounts = r.mounter.calls().into_iter().filter(|c| matches!(c, MountCall::Unmount { .. })).count();
-        assert_eq!(unmounts, 3);
+        let mounts = r.mounter.mounts().await.unwrap();
+        let own_mm = mountinfo::top_at(&mounts, stage.as_path()).unwrap().major_minor.clone();
+        let own = move |m: &MountInfo| m.major_minor == own_mm;
+        // Someone else's tmpfs on top of the bind is left alone, and so is the bind beneath it.
+        r.mounter.add_mount("tmpfs", target.as_path(), "tmpfs", &["rw"]);
+        assert!(matches!(r.node.unpublish(&target, &own, true).await.unwrap(), Peeled::Foreign(m) if m.fs_type == "tmpfs"));
+        assert!(target.as_path().is_dir(), "the path of a foreign mount is not removed");
+        let unmounts = || r.mounter.calls().into_iter().filter(|c| matches!(c, MountCall::Unmount { .. })).count();
+        assert_eq!(unmounts(), 0);
+        // Without it, the bind goes and the target with it.
+        let tmpfs = r.mounter.mount_at(&target).await.unwrap().unwrap();
+        r.mounter.unmount(&target, tmpfs.id).await.unwrap();
+        assert_eq!(r.node.unpublish(&target, &own, true).await.unwrap(), Peeled::Unmounted);
+        assert_eq!(r.node.unpublish(&target, &own, true).await.unwrap(), Peeled::Nothing);
+        assert!(!target.as_path().exists() && !r.node.is_mounted(&target).await.unwrap());
+        assert_eq!(r.node.unstage(&stage, &own).await.unwrap(), Peeled::Unmounted);
+        assert_eq!(r.node.unstage(&stage, &own).await.unwrap(), Peeled::Nothing);
+        assert!(!r.node.is_mounted(&stage).await.unwrap());
+        assert!(stage.as_path().is_dir(), "the staging directory belongs to the CO");
     }
 
     #[tokio::test]
     async fn unpublish_never_deletes_content() {
         let r = rig(vec![]);
-        let target = r.path("target");
-        std::fs::create_dir(&target).unwrap();
-        std::fs::write(target.join("data"), b"precious").unwrap();
-        let err = r.node.unpublish(&target).await.unwrap_err();
+        let target = r.rp("target");
+        std::fs::create_dir(target.as_path()).unwrap();
+        std::fs::write(target.as_path().join("data"), b"precious").unwrap();
+        let err = r.node.unpublish(&target, &Rig::anything, true).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
-        assert_eq!(std::fs::read(target.join("data")).unwrap(), b"precious");
+        assert_eq!(std::fs::read(target.as_path().join("data")).unwrap(), b"precious");
+        r.node.unpublish(&target, &Rig::anything, false).await.unwrap();
+        assert!(target.as_path().is_dir(), "a path holdfast did not create is never removed");
     }
 
     #[tokio::test]
     async fn unstage_retries_a_moment_of_busy_then_reports_it() {
         let r = rig(vec![found("ext4")]);
+        let stage = r.rp("stage");
         r.stage("ext4").await.unwrap();
         r.mounter.fail_next("unmount", "umount: /stage: target is busy.");
-        r.node.unstage(&r.path("stage")).await.unwrap();
-        assert!(!r.node.is_mounted(&r.path("stage")).unwrap());
+        r.node.unstage(&stage, &Rig::anything).await.unwrap();
+        assert!(!r.node.is_mounted(&stage).await.unwrap());
 
         r.stage("ext4").await.unwrap();
         for _ in 0..=BUSY_RETRIES {
             r.mounter.fail_next("unmount", "umount: /stage: target is busy.");
         }
-        let err = r.node.unstage(&r.path("stage")).await.unwrap_err();
+        let err = r.node.unstage(&stage, &Rig::anything).await.unwrap_err();
         assert!(err.to_string().contains("busy"), "{err}");
-        assert!(r.node.is_mounted(&r.path("stage")).unwrap());
+        assert!(r.node.is_mounted(&stage).await.unwrap());
 
         r.mounter.fail_next("unmount", "umount: /stage: permission denied");
-        let err = r.node.unstage(&r.path("stage")).await.unwrap_err();
+        let err = r.node.unstage(&stage, &Rig::anything).await.unwrap_err();
         assert!(err.to_string().contains("permission denied"), "not retried: {err}");
     }
 
     #[tokio::test]
     async fn expand_grows_the_filesystem_found_on_the_device() {
         let r = rig(vec![found("xfs")]);
-        let err = r.node.expand_filesystem(&r.device, &r.path("stage")).await.unwrap_err();
+        let err = r.node.expand_filesystem(&r.device, &r.rp("stage")).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
         // The fake mount is not real, so statvfs fails after the grow; the argv is what matters here.
         r.stage("xfs").await.unwrap();
-        let _ = r.node.expand_filesystem(&r.device, &r.path("stage")).await;
+        let _ = r.node.expand_filesystem(&r.device, &r.rp("stage")).await;
         assert_eq!(r.exec.lines().last().unwrap(), &format!("xfs_growfs -d {}", r.path("stage").display()));
     }
 
-    #[test]
-    fn condition_reports_lost_and_read_only_mounts() {
+    #[tokio::test]
+    async fn condition_reports_lost_and_read_only_mounts() {
         let r = rig(vec![]);
         let line = |mp: &str, mount: &str, sb: &str, source: &str| MountInfo {
             id: 1,
@@ -871,8 +976,9 @@ mod tests {
             Case { path: "healthy", block: true, want: Some("not a block device") },
             Case { path: "unmounted-but-listed", block: false, want: Some("cannot stat") },
         ];
+        let mounts = r.mounter.mounts().await.unwrap();
         for c in cases {
-            match (r.node.condition(&r.path(c.path), c.block), c.want) {
+            match (r.node.condition(&r.path(c.path), c.block, &mounts), c.want) {
                 (Condition::Healthy, None) => {}
                 (Condition::Abnormal(m), Some(want)) => assert!(m.contains(want), "{}: {m}", c.path),
                 (got, want) => panic!("{}: got {got:?}, want {want:?}", c.path),
@@ -884,7 +990,7 @@ mod tests {
     fn stats_refuses_an_unmounted_directory() {
         let r = rig(vec![]);
         std::fs::create_dir(r.path("empty")).unwrap();
-        assert!(matches!(r.node.stats(&r.path("empty")), Err(Error::NotFound(_))));
-        assert!(matches!(r.node.stats(&r.path("missing")), Err(Error::NotFound(_))));
+        assert!(matches!(r.node.stats(&r.path("empty"), &[]), Err(Error::NotFound(_))));
+        assert!(matches!(r.node.stats(&r.path("missing"), &[]), Err(Error::NotFound(_))));
     }
 }

@@ -1,34 +1,60 @@
-//! The [`Mounter`] trait (mount, bind, unmount, list mounts), its real implementation over the
-//! `mount`/`umount` binaries through [`crate::exec::Exec`], and a recording fake.
+//! The [`Mounter`] trait (mount, bind, unmount, read the mount table), its real implementation
+//! and a recording fake. Every target is a [`RequestPath`]: the real mounter opens it beneath
+//! its root without following a symlink and mounts through that descriptor (`mount` is given
+//! the opened directory as its stdin and told `/proc/self/fd/0`; binds are made in-process
+//! with `open_tree` + `move_mount`), so nothing can swap the path between check and mount.
+//! Every blocking syscall runs through [`crate::blocking::run`].
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rustix::fs::{AtFlags, CWD, OFlags, StatxAttributes, StatxFlags};
+use rustix::mount::{MountFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags};
 
+use crate::blocking::{self, METADATA_DEADLINE};
 use crate::error::{Error, Result};
 use crate::exec::{Cmd, Exec};
 use crate::node::mountinfo::{self, MountInfo};
+use crate::node::safepath::RequestPath;
+
+/// What a bind mount makes visible at its target.
+#[derive(Debug, Clone, Copy)]
+pub enum BindSource<'a> {
+    /// The root of the mount at a (staging) path, opened beneath its root with no symlink followed.
+    Mount(&'a RequestPath),
+    /// A device node the pool handed out (`/dev/loop3`, `/dev/vg/lv`): trusted, not a request path.
+    Device(&'a Path),
+}
 
 /// Mount operations.
 #[async_trait]
 pub trait Mounter: Send + Sync {
-    /// `mount -t fs_type -o options source target` (`fs_type` empty: let mount detect).
-    async fn mount(&self, source: &str, target: &Path, fs_type: &str, options: &[String]) -> Result<()>;
-    /// Bind-mounts `source` onto `target`; when `options` contains `ro`, the bind is made
-    /// read-only (bind, then remount `bind,ro`, since the kernel ignores `ro` on the first call).
-    /// Only per-mount flags ([`PER_MOUNT_FLAGS`]) apply to a bind; other options are ignored.
-    async fn bind(&self, source: &Path, target: &Path, options: &[String]) -> Result<()>;
-    /// Unmounts `target` (one layer). When nothing is mounted at `target` the answer is
-    /// [`Error::NotFound`], so callers can tell "already gone" from a failure.
-    async fn unmount(&self, target: &Path) -> Result<()>;
-    /// The current mount table of this process (`/proc/self/mountinfo`).
-    fn mounts(&self) -> Result<Vec<MountInfo>>;
+    /// `mount -t fs_type -o options source target` (`fs_type` empty: let mount detect), through
+    /// the opened target directory.
+    async fn mount(&self, source: &str, target: &RequestPath, fs_type: &str, options: &[String]) -> Result<()>;
+    /// Bind-mounts `source` onto `target`. Only per-mount flags ([`PER_MOUNT_FLAGS`]) apply to
+    /// a bind; other options are ignored. With flags (`ro`), the bind is made and given its
+    /// flags in a private holding directory first and only then attached at `target`, so a
+    /// read-only bind is never visible read-write there.
+    async fn bind(&self, source: BindSource<'_>, target: &RequestPath, options: &[String]) -> Result<()>;
+    /// Unmounts the topmost mount at `target`, and only if it is still mount `mount_id` (as
+    /// [`Mounter::mount_at`] found it). Nothing mounted there is [`Error::NotFound`]; a busy
+    /// mount is an error whose message says "busy".
+    async fn unmount(&self, target: &RequestPath, mount_id: u32) -> Result<()>;
+    /// The current mount table of this process (`/proc/self/mountinfo`), read off the async workers.
+    async fn mounts(&self) -> Result<Vec<MountInfo>>;
+    /// The topmost mount whose mount point is `path` (what opening `path` reaches), if `path`
+    /// is a mount point. Found through the opened path, so a symlink in the allowed prefix
+    /// (the kernel shows canonical paths) does not matter and no symlink below it is followed.
+    async fn mount_at(&self, path: &RequestPath) -> Result<Option<MountInfo>>;
 }
 
-/// Options that belong to a mount rather than to the filesystem, so a bind mount honours them
-/// (through a remount). Filesystem options such as `discard` only mean something at stage time.
+/// Options that belong to a mount rather than to the filesystem, so a bind mount honours them.
+/// Filesystem options such as `discard` only mean something at stage time.
 pub const PER_MOUNT_FLAGS: [&str; 17] = [
     "ro",
     "rw",
@@ -52,36 +78,190 @@ pub const PER_MOUNT_FLAGS: [&str; 17] = [
 /// Mounting can wait on a network server (NFS); a hung mount must not hold the request forever.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// `umount`'s exit code for "mount failure", which includes "not mounted".
-const UMOUNT_FAILURE: i32 = 32;
+/// Where the real mounter makes read-only (or otherwise flagged) binds before attaching them.
+pub const DEFAULT_HOLD_DIR: &str = "/run/holdfast/binds";
 
 /// The options of `options` that apply to a bind mount.
 pub fn bind_flags(options: &[String]) -> Vec<String> {
     options.iter().filter(|o| PER_MOUNT_FLAGS.contains(&o.as_str())).cloned().collect()
 }
 
-/// Mounts with the util-linux `mount` and `umount` binaries.
+/// The `mount(2)` flags of a bind remount with `flags` (from [`bind_flags`]).
+fn remount_flags(flags: &[String]) -> MountFlags {
+    let mut out = MountFlags::BIND;
+    for f in flags {
+        out |= match f.as_str() {
+            "ro" => MountFlags::RDONLY,
+            "nosuid" => MountFlags::NOSUID,
+            "nodev" => MountFlags::NODEV,
+            "noexec" => MountFlags::NOEXEC,
+            "noatime" => MountFlags::NOATIME,
+            "nodiratime" => MountFlags::NODIRATIME,
+            "relatime" => MountFlags::RELATIME,
+            "strictatime" => MountFlags::STRICTATIME,
+            "nosymfollow" => MountFlags::NOSYMFOLLOW,
+            // The positive forms are the defaults of a fresh bind.
+            _ => MountFlags::empty(),
+        };
+    }
+    out
+}
+
+/// Mounts with the util-linux `mount` binary (filesystems) and the kernel's mount API (binds).
 #[derive(Clone)]
 pub struct RealMounter {
-    /// Runs `mount` and `umount`.
+    /// Runs `mount`.
     pub exec: Arc<dyn Exec>,
+    /// A directory only holdfast uses, where flagged binds are prepared ([`DEFAULT_HOLD_DIR`]).
+    pub hold_dir: PathBuf,
 }
 
 impl RealMounter {
-    /// A mounter over `exec`.
+    /// A mounter over `exec`, preparing flagged binds in [`DEFAULT_HOLD_DIR`].
     pub fn new(exec: Arc<dyn Exec>) -> Self {
-        RealMounter { exec }
+        RealMounter { exec, hold_dir: PathBuf::from(DEFAULT_HOLD_DIR) }
+    }
+    /// The same, preparing flagged binds in `dir` (created 0700 when missing).
+    pub fn with_hold_dir(exec: Arc<dyn Exec>, dir: &Path) -> Self {
+        RealMounter { exec, hold_dir: dir.to_owned() }
     }
 }
 
-fn path_arg(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
+fn domain(p: &RequestPath) -> String {
+    format!("path:{}", p.as_path().display())
+}
+
+fn sys(what: impl FnOnce() -> String) -> impl FnOnce(rustix::io::Errno) -> Error {
+    move |e| Error::io(what(), e.into())
+}
+
+/// The mount id of what `fd` is, and whether it is the root of that mount (a mount point).
+/// `AT_STATX_DONT_SYNC`: never asks a (possibly hung) NFS server.
+/// A filesystem that has shut down (XFS after an error) answers statx with EIO; the kernel's
+/// own view of the descriptor (`fdinfo`'s `mnt_id`, and its path compared with the mount
+/// table) still tells, without asking the filesystem.
+fn mount_id_of(fd: &OwnedFd) -> Result<(u64, bool)> {
+    match rustix::fs::statx(fd.as_fd(), "", AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC, StatxFlags::MNT_ID) {
+        Ok(st) => {
+            let root =
+                st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) && st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT);
+            Ok((st.stx_mnt_id, root))
+        }
+        Err(_) => {
+            use std::os::fd::AsRawFd;
+            let raw = fd.as_fd().as_raw_fd();
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}"))
+                .map_err(|e| Error::io(format!("reading /proc/self/fdinfo/{raw}"), e))?;
+            let id: u64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("mnt_id:"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| Error::Internal(format!("no mnt_id in /proc/self/fdinfo/{raw}")))?;
+            let at = std::fs::read_link(crate::node::safepath::fd_path(fd))
+                .map_err(|e| Error::io(format!("reading the path of descriptor {raw}"), e))?;
+            let table = mountinfo::read()?;
+            let root = table.iter().any(|m| u64::from(m.id) == id && m.mount_point == at);
+            Ok((id, root))
+        }
+    }
+}
+
+fn mount_at_blocking(path: &RequestPath) -> Result<Option<MountInfo>> {
+    let Some(fd) = path.open_path()? else { return Ok(None) };
+    let (id, is_root) = mount_id_of(&fd)?;
+    if !is_root {
+        return Ok(None);
+    }
+    let table = mountinfo::read()?;
+    Ok(table.into_iter().find(|m| u64::from(m.id) == id))
+}
+
+static HOLD_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Binds `source` at `target` (see [`Mounter::bind`]); runs on the blocking pool.
+fn bind_blocking(source: &BindSourceOwned, target: &RequestPath, flags: &[String], hold_dir: &Path) -> Result<()> {
+    let shown = || target.as_path().display().to_string();
+    let Some(tfd) = target.open_path()? else {
+        return Err(Error::NotFound(format!("bind target {} does not exist", shown())));
+    };
+    let clone_flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    let (clone, is_file) = match source {
+        BindSourceOwned::Mount(rp) => {
+            let Some(sfd) = rp.open_path()? else {
+                return Err(Error::NotFound(format!("bind source {} does not exist", rp.as_path().display())));
+            };
+            let t = rustix::mount::open_tree(sfd.as_fd(), "", clone_flags | OpenTreeFlags::AT_EMPTY_PATH)
+                .map_err(sys(|| format!("cloning the mount at {}", rp.as_path().display())))?;
+            (t, false)
+        }
+        BindSourceOwned::Device(dev) => {
+            let t = rustix::mount::open_tree(CWD, dev.as_path(), clone_flags).map_err(sys(|| format!("cloning {}", dev.display())))?;
+            (t, true)
+        }
+    };
+    let attach = if flags.is_empty() { clone } else { flagged(clone, is_file, flags, hold_dir)? };
+    rustix::mount::move_mount(
+        attach.as_fd(),
+        "",
+        tfd.as_fd(),
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(sys(|| format!("attaching the bind mount at {}", shown())))
+}
+
+/// Gives a detached bind its per-mount flags before anyone can see it: attaches it in a
+/// private holding directory, remounts it there with the flags, clones that (a clone keeps the
+/// flags) and detaches the holding mount. Returns the flagged, detached clone.
+fn flagged(clone: OwnedFd, is_file: bool, flags: &[String], hold_dir: &Path) -> Result<OwnedFd> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(hold_dir)
+        .map_err(|e| Error::io(format!("creating {}", hold_dir.display()), e))?;
+    let hold = hold_dir.join(format!("{}-{}", std::process::id(), HOLD_SEQ.fetch_add(1, Ordering::Relaxed)));
+    if is_file { std::fs::File::create(&hold).map(drop) } else { std::fs::create_dir(&hold) }
+        .map_err(|e| Error::io(format!("creating {}", hold.display()), e))?;
+    let result = (|| {
+        rustix::mount::move_mount(clone.as_fd(), "", CWD, &hold, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+            .map_err(sys(|| format!("attaching a bind at {}", hold.display())))?;
+        let done = rustix::mount::mount_remount(&hold, remount_flags(flags), "")
+            .map_err(sys(|| format!("applying {} to a bind at {}", flags.join(","), hold.display())))
+            .and_then(|()| {
+                rustix::mount::open_tree(CWD, &hold, OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC)
+                    .map_err(sys(|| format!("cloning the bind at {}", hold.display())))
+            });
+        // Nobody uses the holding mount: detaching it cannot lose anything.
+        if let Err(e) = rustix::mount::unmount(&hold, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
+            tracing::warn!(hold = %hold.display(), "could not detach a holding bind: {e}");
+        }
+        done
+    })();
+    let removed = if is_file { std::fs::remove_file(&hold) } else { std::fs::remove_dir(&hold) };
+    if let Err(e) = removed {
+        tracing::warn!(hold = %hold.display(), "could not remove a holding path: {e}");
+    }
+    result
+}
+
+/// [`BindSource`] owned, to move into a blocking task.
+enum BindSourceOwned {
+    Mount(RequestPath),
+    Device(PathBuf),
 }
 
 #[async_trait]
 impl Mounter for RealMounter {
-    async fn mount(&self, source: &str, target: &Path, fs_type: &str, options: &[String]) -> Result<()> {
-        let mut cmd = Cmd::new("mount");
+    async fn mount(&self, source: &str, target: &RequestPath, fs_type: &str, options: &[String]) -> Result<()> {
+        let t = target.clone();
+        let fd = blocking::run(&domain(target), &format!("opening {}", target.as_path().display()), METADATA_DEADLINE, move || {
+            t.open(OFlags::PATH | OFlags::DIRECTORY)
+        })
+        .await??
+        .ok_or_else(|| Error::NotFound(format!("mount target {} does not exist", target.as_path().display())))?;
+        // --no-canonicalize: mount must not resolve /proc/self/fd/0 back into a path.
+        let mut cmd = Cmd::new("mount").arg("--no-canonicalize");
         if !fs_type.is_empty() {
             cmd = cmd.args(["-t", fs_type]);
         }
@@ -89,45 +269,50 @@ impl Mounter for RealMounter {
             cmd = cmd.arg("-o").arg(options.join(","));
         }
         // `--` so that a source starting with `-` can never be read as an option.
-        let cmd = cmd.arg("--").arg(source).arg(path_arg(target)).timeout(MOUNT_TIMEOUT);
-        self.exec.run(cmd).await.map_err(|e| Error::exec(format!("mounting {source} at {}", target.display()), e))?;
+        let cmd = cmd.arg("--").arg(source).arg("/proc/self/fd/0").stdin_fd(fd).timeout(MOUNT_TIMEOUT);
+        self.exec.run(cmd).await.map_err(|e| Error::exec(format!("mounting {source} at {}", target.as_path().display()), e))?;
         Ok(())
     }
 
-    async fn bind(&self, source: &Path, target: &Path, options: &[String]) -> Result<()> {
-        let cmd = Cmd::new("mount").args(["--bind", "--"]).arg(path_arg(source)).arg(path_arg(target)).timeout(MOUNT_TIMEOUT);
-        self.exec.run(cmd).await.map_err(|e| Error::exec(format!("bind-mounting {} at {}", source.display(), target.display()), e))?;
-        let flags = bind_flags(options);
-        if flags.is_empty() {
-            return Ok(());
-        }
-        let opts = format!("remount,bind,{}", flags.join(","));
-        let cmd = Cmd::new("mount").args(["-o", &opts, "--"]).arg(path_arg(target)).timeout(MOUNT_TIMEOUT);
-        if let Err(e) = self.exec.run(cmd).await {
-            // A bind left without its flags (rw where ro was asked) must not stay behind.
-            if let Err(undo) = self.unmount(target).await {
-                tracing::warn!(target = %target.display(), "could not undo a bind whose remount failed: {undo}");
-            }
-            return Err(Error::exec(format!("applying {} to the bind mount at {}", flags.join(","), target.display()), e));
-        }
-        Ok(())
+    async fn bind(&self, source: BindSource<'_>, target: &RequestPath, options: &[String]) -> Result<()> {
+        let owned = match source {
+            BindSource::Mount(p) => BindSourceOwned::Mount(p.clone()),
+            BindSource::Device(d) => BindSourceOwned::Device(d.to_owned()),
+        };
+        let (t, flags, hold) = (target.clone(), bind_flags(options), self.hold_dir.clone());
+        let what = format!("bind-mounting at {}", target.as_path().display());
+        blocking::run(&domain(target), &what, MOUNT_TIMEOUT, move || bind_blocking(&owned, &t, &flags, &hold)).await?
     }
 
-    async fn unmount(&self, target: &Path) -> Result<()> {
-        let cmd = Cmd::new("umount").arg(path_arg(target)).timeout(MOUNT_TIMEOUT);
-        match self.exec.run(cmd).await {
-            Ok(_) => Ok(()),
-            // umount says "not mounted" or "no mount point specified" with the generic exit 32;
-            // the mount table, not the message, decides whether that means "already gone".
-            Err(e) if e.code() == Some(UMOUNT_FAILURE) && mountinfo::top_at(&self.mounts()?, target).is_none() => {
-                Err(Error::NotFound(format!("nothing is mounted at {}", target.display())))
+    async fn unmount(&self, target: &RequestPath, mount_id: u32) -> Result<()> {
+        let t = target.clone();
+        let what = format!("unmounting {}", target.as_path().display());
+        blocking::run(&domain(target), &what, MOUNT_TIMEOUT, move || {
+            let shown = t.as_path().display().to_string();
+            let Some(fd) = t.open_path()? else { return Err(Error::NotFound(format!("nothing is mounted at {shown}"))) };
+            let (id, is_root) = mount_id_of(&fd)?;
+            if !is_root {
+                return Err(Error::NotFound(format!("nothing is mounted at {shown}")));
             }
-            Err(e) => Err(Error::exec(format!("unmounting {}", target.display()), e)),
-        }
+            if id != u64::from(mount_id) {
+                return Err(Error::Aborted(format!("the mount at {shown} changed while holdfast was unmounting it; retry")));
+            }
+            // An open descriptor would keep the mount busy; the path was just checked to have no
+            // symlink below its root, and NOFOLLOW keeps the last component from becoming one.
+            drop(fd);
+            rustix::mount::unmount(t.as_path(), UnmountFlags::NOFOLLOW).map_err(|e| Error::io(format!("unmounting {shown}"), e.into()))
+        })
+        .await?
     }
 
-    fn mounts(&self) -> Result<Vec<MountInfo>> {
-        mountinfo::read()
+    async fn mounts(&self) -> Result<Vec<MountInfo>> {
+        blocking::run("mount-table", "reading the mount table", METADATA_DEADLINE, mountinfo::read).await?
+    }
+
+    async fn mount_at(&self, path: &RequestPath) -> Result<Option<MountInfo>> {
+        let p = path.clone();
+        let what = format!("looking up the mount at {}", path.as_path().display());
+        blocking::run(&domain(path), &what, METADATA_DEADLINE, move || mount_at_blocking(&p)).await?
     }
 }
 
@@ -229,7 +414,8 @@ impl FakeState {
 
 #[async_trait]
 impl Mounter for FakeMounter {
-    async fn mount(&self, source: &str, target: &Path, fs_type: &str, options: &[String]) -> Result<()> {
+    async fn mount(&self, source: &str, target: &RequestPath, fs_type: &str, options: &[String]) -> Result<()> {
+        let target = target.as_path();
         let mut s = self.state.lock().unwrap();
         s.calls.push(MountCall::Mount { source: source.into(), target: target.into(), fs_type: fs_type.into(), options: options.to_vec() });
         if let Some(e) = s.take_failure("mount") {
@@ -251,7 +437,12 @@ impl Mounter for FakeMounter {
         Ok(())
     }
 
-    async fn bind(&self, source: &Path, target: &Path, options: &[String]) -> Result<()> {
+    async fn bind(&self, source: BindSource<'_>, target: &RequestPath, options: &[String]) -> Result<()> {
+        let source = match source {
+            BindSource::Mount(p) => p.as_path(),
+            BindSource::Device(d) => d,
+        };
+        let target = target.as_path();
         let mut s = self.state.lock().unwrap();
         s.calls.push(MountCall::Bind { source: source.into(), target: target.into(), options: options.to_vec() });
         if let Some(e) = s.take_failure("bind") {
@@ -285,37 +476,46 @@ impl Mounter for FakeMounter {
         Ok(())
     }
 
-    async fn unmount(&self, target: &Path) -> Result<()> {
+    async fn unmount(&self, target: &RequestPath, mount_id: u32) -> Result<()> {
+        let target = target.as_path();
         let mut s = self.state.lock().unwrap();
         s.calls.push(MountCall::Unmount { target: target.into() });
         if let Some(e) = s.take_failure("unmount") {
             return Err(e);
         }
         match s.table.iter().rposition(|m| m.mount_point == target) {
-            Some(i) => {
+            Some(i) if s.table[i].id == mount_id => {
                 s.table.remove(i);
                 Ok(())
             }
+            Some(_) => Err(Error::Aborted(format!("the mount at {} changed while holdfast was unmounting it; retry", target.display()))),
             None => Err(Error::NotFound(format!("nothing is mounted at {}", target.display()))),
         }
     }
 
-    fn mounts(&self) -> Result<Vec<MountInfo>> {
+    async fn mounts(&self) -> Result<Vec<MountInfo>> {
         Ok(self.state.lock().unwrap().table.clone())
+    }
+
+    async fn mount_at(&self, path: &RequestPath) -> Result<Option<MountInfo>> {
+        Ok(mountinfo::top_at(&self.state.lock().unwrap().table, path.as_path()).cloned())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exec::{FakeExec, Reply};
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    fn rp(p: &str) -> RequestPath {
+        RequestPath::internal(Path::new(p)).unwrap()
+    }
+
     #[tokio::test]
-    async fn real_mounter_argv() {
+    async fn real_mounter_mounts_through_the_opened_target() {
         struct Case {
             name: &'static str,
             source: &'static str,
@@ -329,90 +529,67 @@ mod tests {
                 source: "/dev/loop3",
                 fs_type: "ext4",
                 options: &["noatime", "discard"],
-                want: "mount -t ext4 -o noatime,discard -- /dev/loop3 /t",
+                want: "mount --no-canonicalize -t ext4 -o noatime,discard -- /dev/loop3 /proc/self/fd/0",
             },
-            Case { name: "no type, no options", source: "tank/v", fs_type: "", options: &[], want: "mount -- tank/v /t" },
+            Case {
+                name: "no type, no options",
+                source: "tank/v",
+                fs_type: "",
+                options: &[],
+                want: "mount --no-canonicalize -- tank/v /proc/self/fd/0",
+            },
             Case {
                 name: "nfs",
                 source: "srv:/export/v",
                 fs_type: "nfs",
                 options: &["vers=4.2"],
-                want: "mount -t nfs -o vers=4.2 -- srv:/export/v /t",
+                want: "mount --no-canonicalize -t nfs -o vers=4.2 -- srv:/export/v /proc/self/fd/0",
             },
         ];
+        let dir = tempfile::tempdir().unwrap();
+        let target = rp(&dir.path().display().to_string());
         for c in cases {
-            let exec = Arc::new(FakeExec::new());
-            RealMounter::new(exec.clone()).mount(c.source, Path::new("/t"), c.fs_type, &strings(c.options)).await.unwrap();
+            let exec = Arc::new(crate::exec::FakeExec::new());
+            RealMounter::new(exec.clone()).mount(c.source, &target, c.fs_type, &strings(c.options)).await.unwrap();
             assert_eq!(exec.lines(), [c.want], "{}", c.name);
         }
-    }
-
-    #[tokio::test]
-    async fn real_bind_remounts_only_for_per_mount_flags() {
-        struct Case {
-            name: &'static str,
-            options: &'static [&'static str],
-            want: &'static [&'static str],
-        }
-        let cases = [
-            Case { name: "plain", options: &[], want: &["mount --bind -- /s /t"] },
-            Case { name: "fs options only", options: &["discard"], want: &["mount --bind -- /s /t"] },
-            Case { name: "read-only", options: &["ro"], want: &["mount --bind -- /s /t", "mount -o remount,bind,ro -- /t"] },
-            Case {
-                name: "ro and flags",
-                options: &["nosuid", "discard", "ro", "noexec"],
-                want: &["mount --bind -- /s /t", "mount -o remount,bind,nosuid,ro,noexec -- /t"],
-            },
-        ];
-        for c in cases {
-            let exec = Arc::new(FakeExec::new());
-            RealMounter::new(exec.clone()).bind(Path::new("/s"), Path::new("/t"), &strings(c.options)).await.unwrap();
-            assert_eq!(exec.lines(), c.want, "{}", c.name);
-        }
-    }
-
-    #[tokio::test]
-    async fn real_bind_undoes_the_bind_when_remount_fails() {
-        let exec = Arc::new(FakeExec::new());
-        exec.on("mount -o", vec![Reply::Fail(32, "mount: /t: permission denied.".into())]);
-        let err = RealMounter::new(exec.clone()).bind(Path::new("/s"), Path::new("/t"), &strings(&["ro"])).await.unwrap_err();
-        assert!(err.to_string().contains("permission denied"), "{err}");
-        assert_eq!(exec.lines(), ["mount --bind -- /s /t", "mount -o remount,bind,ro -- /t", "umount /t"]);
-    }
-
-    #[tokio::test]
-    async fn real_unmount_classifies_not_mounted() {
-        let exec = Arc::new(FakeExec::new());
-        exec.on("umount", vec![Reply::Fail(32, "umount: /holdfast-not-mounted: not mounted.".into())]);
-        let err = RealMounter::new(exec.clone()).unmount(Path::new("/holdfast-not-mounted")).await.unwrap_err();
+        let exec = Arc::new(crate::exec::FakeExec::new());
+        let missing = rp(&dir.path().join("missing").display().to_string());
+        let err = RealMounter::new(exec.clone()).mount("x", &missing, "", &[]).await.unwrap_err();
         assert!(matches!(err, Error::NotFound(_)), "{err}");
-        // "/" is mounted, so a failure there is a real failure, whatever its message.
-        let err = RealMounter::new(exec.clone()).unmount(Path::new("/")).await.unwrap_err();
-        assert!(matches!(err, Error::Exec { .. }), "{err}");
-        exec.on("umount", vec![Reply::Fail(16, "cannot write".into())]);
-        let err = RealMounter::new(exec.clone()).unmount(Path::new("/holdfast-not-mounted")).await.unwrap_err();
-        assert!(matches!(err, Error::Exec { .. }), "{err}");
+        assert!(exec.calls().is_empty());
+    }
+
+    #[test]
+    fn bind_flags_map_to_remount_flags() {
+        let f = remount_flags(&bind_flags(&strings(&["nosuid", "discard", "ro", "noexec", "rw"])));
+        assert_eq!(f, MountFlags::BIND | MountFlags::NOSUID | MountFlags::RDONLY | MountFlags::NOEXEC);
+        assert_eq!(remount_flags(&[]), MountFlags::BIND);
     }
 
     #[tokio::test]
     async fn fake_simulates_the_table() {
         let m = FakeMounter::new();
-        m.mount("/dev/loop3", Path::new("/stage"), "ext4", &[]).await.unwrap();
-        m.bind(Path::new("/stage/sub"), Path::new("/pub"), &strings(&["ro", "discard"])).await.unwrap();
-        m.bind(Path::new("/dev/loop4"), Path::new("/blk"), &[]).await.unwrap();
-        let t = m.mounts().unwrap();
+        m.mount("/dev/loop3", &rp("/stage"), "ext4", &[]).await.unwrap();
+        m.bind(BindSource::Mount(&rp("/stage/sub")), &rp("/pub"), &strings(&["ro", "discard"])).await.unwrap();
+        m.bind(BindSource::Device(Path::new("/dev/loop4")), &rp("/blk"), &[]).await.unwrap();
+        let t = m.mounts().await.unwrap();
         let pubm = mountinfo::top_at(&t, Path::new("/pub")).unwrap();
         assert_eq!((pubm.source.as_str(), pubm.fs_type.as_str(), pubm.root.as_path()), ("/dev/loop3", "ext4", Path::new("/sub")));
         assert_eq!(pubm.mount_options, ["ro"]);
         assert_eq!(pubm.major_minor, mountinfo::top_at(&t, Path::new("/stage")).unwrap().major_minor);
         assert_eq!(mountinfo::top_at(&t, Path::new("/blk")).unwrap().root, Path::new("/dev/loop4"));
+        assert_eq!(m.mount_at(&rp("/pub")).await.unwrap().map(|m| m.id), Some(pubm.id));
+        assert_eq!(m.mount_at(&rp("/nothing")).await.unwrap(), None);
 
-        m.unmount(Path::new("/pub")).await.unwrap();
-        assert!(matches!(m.unmount(Path::new("/pub")).await, Err(Error::NotFound(_))));
+        let id = pubm.id;
+        assert!(matches!(m.unmount(&rp("/pub"), id + 100).await, Err(Error::Aborted(_))), "another mount id is not unmounted");
+        m.unmount(&rp("/pub"), id).await.unwrap();
+        assert!(matches!(m.unmount(&rp("/pub"), id).await, Err(Error::NotFound(_))));
         m.fail_next("mount", "boom");
-        assert!(m.mount("x", Path::new("/y"), "", &[]).await.is_err());
-        assert!(m.mount("x", Path::new("/y"), "", &[]).await.is_ok());
-        assert_eq!(m.calls().len(), 7);
-        assert_eq!(m.calls()[3], MountCall::Unmount { target: "/pub".into() });
+        assert!(m.mount("x", &rp("/y"), "", &[]).await.is_err());
+        assert!(m.mount("x", &rp("/y"), "", &[]).await.is_ok());
+        assert_eq!(m.calls().len(), 8);
+        assert_eq!(m.calls()[4], MountCall::Unmount { target: "/pub".into() });
     }
 }

@@ -1,0 +1,344 @@
+//! Stage records: what holdfast mounted for each volume on this node, kept durably in the
+//! driver's state directory. NodeUnstage, NodeUnpublish, NodeExpandVolume and
+//! NodeGetVolumeStats get a volume id and a path but no volume context; the record (what was
+//! mounted: a device and its `dev_t`, or a dataset / export) together with the mount table
+//! tells whether the path holds this volume, so nothing else is ever unmounted, grown or
+//! reported. A record is written (tmp file, fsync, rename, directory fsync) before the mount it
+//! describes, so a crash at any point leaves a record the next call can act on.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::blocking::{self, METADATA_DEADLINE};
+use crate::error::{Error, Result};
+use crate::node::mountinfo::MountInfo;
+use crate::node::safepath::same_path;
+
+/// Everything holdfast mounted for one volume on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// The CSI volume id.
+    pub volume_id: String,
+    /// Where it is staged (one path for single-node access modes; several for shared volumes).
+    #[serde(default)]
+    pub stages: Vec<StageRecord>,
+    /// Where it is published.
+    #[serde(default)]
+    pub publishes: Vec<PublishRecord>,
+}
+
+/// One staging of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// The normalised staging path.
+    pub path: PathBuf,
+    /// What holds the volume's data.
+    pub backing: Backing,
+    /// The filesystem mounted at the staging path (empty: a raw block volume, or not known yet).
+    pub fs_type: String,
+    /// A raw block volume: nothing is mounted at the staging path.
+    pub block: bool,
+    /// The staging mount as the kernel showed it once mounted; binds of it show the same.
+    #[serde(default)]
+    pub mount: Option<MountKey>,
+}
+
+/// What a volume's staging mounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Backing {
+    /// A block device node, and its device number (`None` if it was not a block device).
+    Device {
+        /// The path the pool handed out.
+        path: PathBuf,
+        /// Its `st_rdev`.
+        dev: Option<u64>,
+    },
+    /// A mount source (a ZFS dataset, an NFS export subdirectory).
+    Source {
+        /// The source as given to `mount`.
+        source: String,
+        /// Its filesystem type (`zfs`, `nfs`).
+        fs_type: String,
+    },
+}
+
+/// How the kernel identifies a mount's content: the device and the root inside the filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountKey {
+    /// `major:minor`.
+    pub major_minor: String,
+    /// The root inside the filesystem.
+    pub root: PathBuf,
+}
+
+/// One publish of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRecord {
+    /// The normalised target path.
+    pub target: PathBuf,
+    /// The staging path it was published from.
+    pub staging: PathBuf,
+    /// That staging as it was recorded when publishing: identifies the bind even once the
+    /// staging mount is gone (unmounted by hand) or its record dropped.
+    pub stage: StageRecord,
+}
+
+/// `major:minor` of a device number, as mountinfo shows it.
+pub fn dev_name(rdev: u64) -> String {
+    format!("{}:{}", rustix::fs::major(rdev), rustix::fs::minor(rdev))
+}
+
+impl StageRecord {
+    /// Whether mount `m` shows this staging's data: the staging mount itself or a bind of it.
+    pub fn holds(&self, m: &MountInfo) -> bool {
+        if let Some(k) = &self.mount {
+            if k.major_minor != m.major_minor || k.root != m.root {
+                return false;
+            }
+        }
+        match &self.backing {
+            Backing::Device { path, dev } => {
+                if dev.is_some_and(|d| dev_name(d) == m.major_minor) {
+                    return true;
+                }
+                // btrfs shows an anonymous device number: then the source and the type must
+                // both match (anyone can name a tmpfs "/dev/loop3", not make it btrfs).
+                let fs_ok = if self.fs_type.is_empty() { m.fs_type != "tmpfs" } else { m.fs_type == self.fs_type };
+                fs_ok && Path::new(&m.source) == path
+            }
+            Backing::Source { source, fs_type } => {
+                let fs_ok = m.fs_type == *fs_type || (fs_type == "nfs" && m.fs_type.starts_with("nfs"));
+                fs_ok && m.source.trim_end_matches('/') == source.trim_end_matches('/')
+            }
+        }
+    }
+
+    /// Whether a block device numbered `rdev` (the node at a published path) is this volume's
+    /// device. Without a device number on either side (the test fakes use plain files), the
+    /// bind's mount line must name the device.
+    pub fn is_device(&self, rdev: Option<u64>, m: &MountInfo) -> bool {
+        let Backing::Device { path, dev } = &self.backing else { return false };
+        match (dev, rdev) {
+            (Some(d), Some(r)) => *d == r,
+            _ => m.root == *path || Path::new(&m.source) == path,
+        }
+    }
+
+    /// The device path, for block-backed volumes.
+    pub fn device(&self) -> Option<&Path> {
+        match &self.backing {
+            Backing::Device { path, .. } => Some(path),
+            Backing::Source { .. } => None,
+        }
+    }
+}
+
+impl VolumeRecord {
+    /// An empty record for `volume_id`.
+    pub fn new(volume_id: &str) -> Self {
+        VolumeRecord { volume_id: volume_id.to_owned(), stages: Vec::new(), publishes: Vec::new() }
+    }
+
+    /// The staging at `path`, if recorded.
+    pub fn stage_at(&self, path: &Path) -> Option<&StageRecord> {
+        self.stages.iter().find(|s| same_path(&s.path, path))
+    }
+
+    /// The publish at `target`, if recorded.
+    pub fn publish_at(&self, target: &Path) -> Option<&PublishRecord> {
+        self.publishes.iter().find(|p| same_path(&p.target, target))
+    }
+
+    /// Drops the staging at `path`.
+    pub fn remove_stage(&mut self, path: &Path) {
+        self.stages.retain(|s| !same_path(&s.path, path));
+    }
+
+    /// Drops the publish at `target`.
+    pub fn remove_publish(&mut self, target: &Path) {
+        self.publishes.retain(|p| !same_path(&p.target, target));
+    }
+
+    /// Whether nothing is recorded any more.
+    pub fn is_empty(&self) -> bool {
+        self.stages.is_empty() && self.publishes.is_empty()
+    }
+}
+
+/// The record store: one JSON file per volume under `<state_dir>/stage`.
+#[derive(Debug, Clone)]
+pub struct Records {
+    dir: PathBuf,
+}
+
+impl Records {
+    /// The store in `state_dir` (its `stage` directory is created on first write, 0700).
+    pub fn new(state_dir: &Path) -> Self {
+        Records { dir: state_dir.join("stage") }
+    }
+
+    /// The file of `volume_id`: a hash, since ids may be long and hold any allowed character.
+    fn file(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{}.json", hex::encode(Sha256::digest(volume_id.as_bytes()))))
+    }
+
+    /// The record of `volume_id`, if any.
+    pub async fn load(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
+        let (file, id) = (self.file(volume_id), volume_id.to_owned());
+        blocking::run("state-dir", "reading a stage record", METADATA_DEADLINE, move || {
+            let text = match std::fs::read(&file) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io(format!("reading stage record {}", file.display()), e)),
+            };
+            let rec: VolumeRecord = serde_json::from_slice(&text)
+                .map_err(|e| Error::Internal(format!("stage record {} is damaged ({e}); move it away to start afresh", file.display())))?;
+            if rec.volume_id != id {
+                return Err(Error::Internal(format!("stage record {} names another volume", file.display())));
+            }
+            Ok(Some(rec))
+        })
+        .await?
+    }
+
+    /// Writes `rec` durably (an empty record removes the file).
+    pub async fn save(&self, rec: &VolumeRecord) -> Result<()> {
+        let (dir, file) = (self.dir.clone(), self.file(&rec.volume_id));
+        let body = if rec.is_empty() { None } else { Some(serde_json::to_vec_pretty(rec).map_err(|e| Error::Internal(e.to_string()))?) };
+        blocking::run("state-dir", "writing a stage record", METADATA_DEADLINE, move || write_durably(&dir, &file, body.as_deref())).await?
+    }
+}
+
+/// tmp + fsync + rename + directory fsync, so the file is either the old or the new record.
+fn write_durably(dir: &Path, file: &Path, body: Option<&[u8]>) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let io = |what: &str, e: std::io::Error| Error::io(format!("{what} {}", file.display()), e);
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io("creating the directory of", e))?;
+    match body {
+        None => match std::fs::remove_file(file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io("removing", e)),
+        },
+        Some(body) => {
+            let tmp = file.with_extension("json.tmp");
+            let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
+            f.write_all(body).and_then(|()| f.sync_all()).map_err(|e| io("writing", e))?;
+            std::fs::rename(&tmp, file).map_err(|e| io("renaming into place", e))?;
+        }
+    }
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("syncing the directory of", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(mm: &str, root: &str, fs: &str, source: &str) -> MountInfo {
+        MountInfo {
+            id: 1,
+            parent: 1,
+            major_minor: mm.into(),
+            root: root.into(),
+            mount_point: "/x".into(),
+            mount_options: vec!["rw".into()],
+            fs_type: fs.into(),
+            source: source.into(),
+            super_options: vec!["rw".into()],
+        }
+    }
+
+    fn device_stage(fs: &str, mount: Option<(&str, &str)>) -> StageRecord {
+        StageRecord {
+            path: "/stage".into(),
+            backing: Backing::Device { path: "/dev/loop3".into(), dev: Some(rustix::fs::makedev(7, 3)) },
+            fs_type: fs.into(),
+            block: false,
+            mount: mount.map(|(mm, root)| MountKey { major_minor: mm.into(), root: root.into() }),
+        }
+    }
+
+    #[test]
+    fn holds_only_the_volumes_own_mounts() {
+        let nfs = StageRecord {
+            path: "/stage".into(),
+            backing: Backing::Source { source: "srv:/export/v1".into(), fs_type: "nfs".into() },
+            fs_type: "nfs".into(),
+            block: false,
+            mount: None,
+        };
+        struct Case {
+            name: &'static str,
+            stage: StageRecord,
+            mount: MountInfo,
+            want: bool,
+        }
+        let cases = [
+            Case {
+                name: "ext4 on the device",
+                stage: device_stage("ext4", None),
+                mount: line("7:3", "/", "ext4", "/dev/loop3"),
+                want: true,
+            },
+            Case { name: "a foreign tmpfs", stage: device_stage("ext4", None), mount: line("0:55", "/", "tmpfs", "tmpfs"), want: false },
+            Case {
+                name: "a tmpfs named like the device",
+                stage: device_stage("", None),
+                mount: line("0:55", "/", "tmpfs", "/dev/loop3"),
+                want: false,
+            },
+            Case { name: "another device", stage: device_stage("ext4", None), mount: line("7:4", "/", "ext4", "/dev/loop4"), want: false },
+            Case {
+                name: "btrfs: anonymous number, recorded",
+                stage: device_stage("btrfs", Some(("0:77", "/"))),
+                mount: line("0:77", "/", "btrfs", "/dev/loop3"),
+                want: true,
+            },
+            Case {
+                name: "btrfs: another anonymous number",
+                stage: device_stage("btrfs", Some(("0:77", "/"))),
+                mount: line("0:78", "/", "btrfs", "/dev/loop3"),
+                want: false,
+            },
+            Case {
+                name: "a bind of a subdirectory is not the staging mount",
+                stage: device_stage("ext4", Some(("7:3", "/"))),
+                mount: line("7:3", "/sub", "ext4", "/dev/loop3"),
+                want: false,
+            },
+            Case { name: "nfs4 of the export", stage: nfs.clone(), mount: line("0:60", "/", "nfs4", "srv:/export/v1/"), want: true },
+            Case { name: "another export", stage: nfs.clone(), mount: line("0:60", "/", "nfs4", "srv:/export/v2"), want: false },
+            Case { name: "not nfs", stage: nfs, mount: line("0:60", "/", "tmpfs", "srv:/export/v1"), want: false },
+        ];
+        for c in cases {
+            assert_eq!(c.stage.holds(&c.mount), c.want, "{}", c.name);
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_and_vanish_when_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Records::new(dir.path());
+        assert_eq!(store.load("file:n:p:v1").await.unwrap(), None);
+        let mut rec = VolumeRecord::new("file:n:p:v1");
+        rec.stages.push(device_stage("ext4", None));
+        rec.publishes.push(PublishRecord { target: "/t".into(), staging: "/stage".into(), stage: device_stage("ext4", None) });
+        store.save(&rec).await.unwrap();
+        let again = Records::new(dir.path());
+        assert_eq!(again.load("file:n:p:v1").await.unwrap().as_ref(), Some(&rec));
+        assert_eq!(again.load("file:n:p:v2").await.unwrap(), None);
+        assert!(rec.stage_at(Path::new("/stage")).is_some() && rec.publish_at(Path::new("/t")).is_some());
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join("stage")).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o700);
+
+        rec.remove_publish(Path::new("/t"));
+        rec.remove_stage(Path::new("/stage"));
+        store.save(&rec).await.unwrap();
+        assert_eq!(store.load("file:n:p:v1").await.unwrap(), None);
+        assert_eq!(std::fs::read_dir(dir.path().join("stage")).unwrap().count(), 0, "no file, no temporary left");
+    }
+}
