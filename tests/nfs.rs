@@ -89,6 +89,10 @@ const TESTS: &[(&str, TestFn)] = &[
     ("on_delete_leaves_what_it_promises", || Box::pin(on_delete_leaves_what_it_promises())),
     ("hostile_names_never_touch_anything_outside_the_export", || Box::pin(hostile_names_never_touch_anything_outside_the_export())),
     ("a_stopped_server_is_reported_abnormal_quickly", || Box::pin(a_stopped_server_is_reported_abnormal_quickly())),
+    ("a_stopped_server_makes_only_the_nfs_pool_sick", || Box::pin(a_stopped_server_makes_only_the_nfs_pool_sick())),
+    ("a_volume_directory_swapped_for_a_symlink_is_never_used_through_it", || {
+        Box::pin(a_volume_directory_swapped_for_a_symlink_is_never_used_through_it())
+    }),
     ("timing_create_stage_publish_versus_mkdir_and_mount_by_hand", || {
         Box::pin(timing_create_stage_publish_versus_mkdir_and_mount_by_hand())
     }),
@@ -826,11 +830,7 @@ impl Drop for LoopVg {
     }
 }
 
-#[tokio::test]
 async fn a_stopped_server_makes_only_the_nfs_pool_sick() {
-    if !nfs_available("a_stopped_server_makes_only_the_nfs_pool_sick") {
-        return;
-    }
     let _alone = SERVER.write().await;
     let vg = LoopVg::new("sick");
     let config = format!("[[pool]]\nname = \"fast\"\nkind = \"lvm\"\nvolume_group = \"{}\"\nthin_pool = \"tp0\"\n\n", vg.vg)
@@ -904,11 +904,7 @@ async fn a_stopped_server_makes_only_the_nfs_pool_sick() {
     }
 }
 
-#[tokio::test]
 async fn a_volume_directory_swapped_for_a_symlink_is_never_used_through_it() {
-    if !nfs_available("a_volume_directory_swapped_for_a_symlink_is_never_used_through_it") {
-        return;
-    }
     let _shared = SERVER.read().await;
     let p = Plugin::start(&pool("nfs-swap", "mount_options = [\"nfsvers=4.2\"]")).await;
     let mode = Mode::MultiNodeMultiWriter;

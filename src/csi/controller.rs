@@ -1011,6 +1011,8 @@ mod tests {
                 node: crate::node::Node::new(Arc::new(FakeExec::new()), Arc::new(FakeMounter::new())),
                 locks: crate::locks::Locks::new(),
                 state_dir: std::env::temp_dir(),
+                paths: crate::node::safepath::PathPolicy::default(),
+                records: crate::node::records::Records::new(&std::env::temp_dir()),
             };
             (ControllerService::new(Arc::new(driver)), fast, slow)
         }
