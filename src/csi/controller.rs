@@ -373,7 +373,15 @@ impl ControllerService {
     }
 
     async fn condition_of(&self, pool: &dyn Pool, local: &str) -> Result<VolumeCondition> {
-        Ok(match pool.condition(local).await? {
+        let condition = pool.condition(local).await?;
+        // A freeze left open past its deadline (crate::node::freeze) makes a healthy pool's
+        // volume abnormal: its writers may be blocked.
+        if condition == pool::Condition::Healthy {
+            if let Some(m) = self.d.freezer.stuck_message(pool.name(), local).await {
+                return Ok(VolumeCondition { abnormal: true, message: m });
+            }
+        }
+        Ok(match condition {
             pool::Condition::Healthy => VolumeCondition { abnormal: false, message: "volume is healthy".into() },
             pool::Condition::Abnormal(m) => VolumeCondition { abnormal: true, message: m },
         })
