@@ -87,8 +87,11 @@ pub struct Record {
 /// What [`Freezer::recover`] did with one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recovered {
-    /// The filesystem was thawed (or found not frozen) and the record removed.
+    /// The filesystem was frozen: thawed, and the record removed.
     Thawed(PathBuf),
+    /// The filesystem was not frozen (the crash came before the freeze or after the thaw):
+    /// the record was removed.
+    NotFrozen(PathBuf),
     /// The record was from an earlier boot, or its mount is gone: removed, nothing to thaw.
     Dropped(PathBuf),
     /// The thaw failed: the record stays (the volume reports abnormal), the error is logged.
@@ -273,7 +276,9 @@ impl Freezer {
             return Ok(());
         }
         s.since = None;
-        self.thaw(mp).await?;
+        if !self.thaw(mp).await? {
+            tracing::warn!(mount_point = %mp.display(), "the filesystem was thawed by something else during the operation");
+        }
         self.remove_record(mp).await?;
         tracing::info!(mount_point = %mp.display(), "thawed");
         drop(s);
@@ -285,12 +290,13 @@ impl Freezer {
         Ok(())
     }
 
-    /// `fsfreeze --unfreeze`; a filesystem that is not frozen (EINVAL) counts as thawed.
-    async fn thaw(&self, mp: &Path) -> Result<()> {
+    /// `fsfreeze --unfreeze`: `true` when it thawed, `false` when the filesystem was not frozen
+    /// (EINVAL), which counts as thawed too.
+    async fn thaw(&self, mp: &Path) -> Result<bool> {
         let cmd = Cmd::new("fsfreeze").args(["--unfreeze", &*mp.to_string_lossy()]).timeout(self.fsfreeze_timeout());
         match self.exec.run(cmd).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.stderr().contains("Invalid argument") => Ok(()),
+            Ok(_) => Ok(true),
+            Err(e) if e.stderr().contains("Invalid argument") => Ok(false),
             Err(e) => {
                 tracing::error!(mount_point = %mp.display(), error = %e, "THAW FAILED: the filesystem stays frozen");
                 Err(Error::Internal(format!(
@@ -304,7 +310,8 @@ impl Freezer {
 
     async fn record_for(&self, target: &Target, mp: &Path) -> Result<Record> {
         let (path, mp_owned) = (self.mountinfo.clone(), mp.to_owned());
-        let mounts = blocking::run("mountinfo", "reading the mount table", METADATA_DEADLINE, move || mountinfo::read_from(&path)).await??;
+        let mounts =
+            blocking::run("mountinfo", "reading the mount table", METADATA_DEADLINE, move || mountinfo::read_from(&path)).await??;
         let major_minor = mountinfo::top_at(&mounts, &mp_owned).map(|m| m.major_minor.clone()).unwrap_or_default();
         Ok(Record {
             pool: target.pool.clone(),
@@ -348,7 +355,8 @@ impl Freezer {
             return Ok(Vec::new());
         }
         let path = self.mountinfo.clone();
-        let mounts = blocking::run("mountinfo", "reading the mount table", METADATA_DEADLINE, move || mountinfo::read_from(&path)).await??;
+        let mounts =
+            blocking::run("mountinfo", "reading the mount table", METADATA_DEADLINE, move || mountinfo::read_from(&path)).await??;
         let boot = boot_id();
         let mut out = Vec::new();
         for (file, r) in records {
@@ -359,9 +367,13 @@ impl Freezer {
                 Recovered::Dropped(mp)
             } else {
                 match self.thaw(&mp).await {
-                    Ok(()) => {
+                    Ok(true) => {
                         tracing::warn!(mount_point = %mp.display(), pool = %r.pool, volume = %r.volume, purpose = %r.purpose, "thawed a filesystem left frozen by an interrupted operation");
                         Recovered::Thawed(mp)
+                    }
+                    Ok(false) => {
+                        tracing::info!(mount_point = %mp.display(), pool = %r.pool, volume = %r.volume, purpose = %r.purpose, "an interrupted operation's filesystem was not frozen; removed its freeze record");
+                        Recovered::NotFrozen(mp)
                     }
                     Err(e) => {
                         out.push(Recovered::Failed(mp, e.to_string()));
@@ -384,7 +396,8 @@ impl Freezer {
         let dir = self.dir.clone()?;
         let limit = self.stuck_after().as_secs();
         let (pool, volume) = (pool.to_owned(), volume.to_owned());
-        let records = blocking::run("state", "reading freeze records", METADATA_DEADLINE, move || list_records(&dir, false)).await.ok()?.ok()?;
+        let records =
+            blocking::run("state", "reading freeze records", METADATA_DEADLINE, move || list_records(&dir, false)).await.ok()?.ok()?;
         let now = unix_now();
         records
             .into_iter()
@@ -450,9 +463,9 @@ fn record_path_in(dir: Option<&Path>, mp: &Path) -> PathBuf {
 
 fn read_record(path: &Path) -> Result<Option<Record>> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::Internal(format!("freeze record {} is unreadable: {e}; check the filesystem it names, then remove it", path.display()))),
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::Internal(format!("freeze record {} is unreadable: {e}; check the filesystem it names, then remove it", path.display()))
+        }),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(format!("reading freeze record {}", path.display()), e)),
     }

@@ -213,7 +213,16 @@ impl LvmPool {
         let default_fs = cfg.default_fs.clone().unwrap_or_else(|| "ext4".to_owned());
         // Replaced by the driver's own (`with_freezer`); this one keeps no records.
         let freezer = Arc::new(Freezer::unrecorded(exec.clone()));
-        Ok(LvmPool { name, vg, thin_pool: cfg.thin_pool.clone(), overprovision_ratio: ratio, lvcreate_options: options, default_fs, exec, freezer })
+        Ok(LvmPool {
+            name,
+            vg,
+            thin_pool: cfg.thin_pool.clone(),
+            overprovision_ratio: ratio,
+            lvcreate_options: options,
+            default_fs,
+            exec,
+            freezer,
+        })
     }
 
     /// Freezes with `freezer` (the driver's: recorded, shared by its pools).
@@ -237,7 +246,13 @@ impl LvmPool {
     /// Runs `snapshot` (an `lvcreate --snapshot` of `origin`, for snapshot or clone `purpose`)
     /// with the filesystems LVM's suspend does not freeze frozen by the [`Freezer`] (its
     /// policy: recorded, thawed on every path, FAILED_PRECONDITION when it cannot freeze).
-    async fn snapshot_frozen(&self, origin: &Lv, origin_local: &str, purpose: String, snapshot: crate::exec::Cmd) -> Result<(), SnapshotError> {
+    async fn snapshot_frozen(
+        &self,
+        origin: &Lv,
+        origin_local: &str,
+        purpose: String,
+        snapshot: crate::exec::Cmd,
+    ) -> Result<(), SnapshotError> {
         let device = self.device_path(origin);
         let mount_points = crate::blocking::run("mountinfo", "reading the mount table", crate::blocking::METADATA_DEADLINE, move || {
             mounted_filesystems(&device)
@@ -252,7 +267,9 @@ impl LvmPool {
             match self.resume_suspended().await {
                 Ok(n) if !n.is_empty() => tracing::warn!(pool = %self.name, devices = ?n, "resumed after a killed snapshot command"),
                 Ok(_) => {}
-                Err(e) => tracing::error!(pool = %self.name, error = %e, "cannot check for suspended devices after a killed snapshot command"),
+                Err(e) => {
+                    tracing::error!(pool = %self.name, error = %e, "cannot check for suspended devices after a killed snapshot command")
+                }
             }
         }
         result.map_err(SnapshotError::Freeze)?.map_err(SnapshotError::Lvm)
@@ -563,7 +580,13 @@ impl LvmPool {
 
     /// Runs an `lvcreate` of volume `lv` (a snapshot of `origin`, frozen, for a clone).
     /// `Ok(Some)`: the LV already existed and matches (a retry that raced); `Ok(None)`: created.
-    async fn run_create(&self, cmd: crate::exec::Cmd, lv: &str, req: &CreateRequest, origin: Option<(&Lv, &str)>) -> Result<Option<VolumeInfo>> {
+    async fn run_create(
+        &self,
+        cmd: crate::exec::Cmd,
+        lv: &str,
+        req: &CreateRequest,
+        origin: Option<(&Lv, &str)>,
+    ) -> Result<Option<VolumeInfo>> {
         let result = match origin {
             Some((o, local)) => match self.snapshot_frozen(o, local, format!("clone {:?}", req.csi_name), cmd).await {
                 Ok(()) => Ok(()),

@@ -620,7 +620,10 @@ impl ZfsPool {
             pending: false,
         };
         let dataset = snapshot.split_once('@').map_or(snapshot, |(d, _)| d);
-        match self.snapshot_frozen(dataset, format!("clone of volume {source_local:?}"), command::snapshot(snapshot, &meta.properties())).await {
+        match self
+            .snapshot_frozen(dataset, format!("clone of volume {source_local:?}"), command::snapshot(snapshot, &meta.properties()))
+            .await
+        {
             Ok(()) => {
                 tracing::info!(pool = %self.name, snapshot = %snapshot, source = %source_local, "took the intermediate snapshot of a clone");
                 Ok(())

@@ -92,7 +92,8 @@ async fn a_filesystem_that_cannot_be_frozen_is_failed_precondition_and_not_copie
         f.fake.on("fsfreeze --freeze", vec![Reply::Fail(1, c.stderr.into())]);
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let r = ran.clone();
-        let err = f.freezer.around(target(&["/mnt/vol"]), async move { r.store(true, std::sync::atomic::Ordering::SeqCst) }).await.unwrap_err();
+        let err =
+            f.freezer.around(target(&["/mnt/vol"]), async move { r.store(true, std::sync::atomic::Ordering::SeqCst) }).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(ref m) if m.contains(c.want) && m.contains("/mnt/vol")), "{}: {err}", c.name);
         assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "{}: the copy ran unfrozen", c.name);
         // A failed freeze froze nothing: thawing could release someone else's freeze.
@@ -144,7 +145,10 @@ async fn a_dropped_caller_still_thaws() {
 #[tokio::test]
 async fn a_failed_thaw_is_the_error_and_keeps_the_record_until_a_retry_thaws() {
     let f = fixture(FROZEN_DEADLINE);
-    f.fake.on("fsfreeze --unfreeze", vec![Reply::Fail(1, "fsfreeze: /mnt/vol: unfreeze failed: Input/output error".into()), Reply::Ok(String::new())]);
+    f.fake.on(
+        "fsfreeze --unfreeze",
+        vec![Reply::Fail(1, "fsfreeze: /mnt/vol: unfreeze failed: Input/output error".into()), Reply::Ok(String::new())],
+    );
     let err = f.freezer.around(target(&["/mnt/vol"]), async { Ok::<(), String>(()) }).await.unwrap_err();
     assert!(matches!(err, Error::Internal(ref m) if m.contains("fsfreeze --unfreeze /mnt/vol")), "{err}");
     assert_eq!(records(&f.state).unwrap().len(), 1, "the filesystem may be frozen: the record stays");
@@ -213,11 +217,7 @@ async fn recovery_thaws_what_records_name_and_drops_what_is_gone() {
     got.sort_by_key(|r| format!("{r:?}"));
     assert_eq!(
         got,
-        [
-            Recovered::Dropped("/mnt/gone".into()),
-            Recovered::Dropped("/mnt/other-boot".into()),
-            Recovered::Thawed("/mnt/vol".into())
-        ]
+        [Recovered::Dropped("/mnt/gone".into()), Recovered::Dropped("/mnt/other-boot".into()), Recovered::Thawed("/mnt/vol".into())]
     );
     assert_eq!(fsfreeze_lines(&f.fake), ["fsfreeze --unfreeze /mnt/vol"], "only the mount still there is thawed");
     assert!(records(&f.state).unwrap().is_empty());
