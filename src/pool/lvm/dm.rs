@@ -21,9 +21,12 @@ pub fn resume(name: &str) -> Cmd {
 /// A device belongs to `vg` when its name is `<vg>-<lv>` with every `-` in the VG name doubled
 /// (device-mapper's escaping), so VG `a` never claims `a--b-lv` of VG `a-b`, and its uuid is
 /// an LVM one. attr is `L`ive/`I`nactive, then `s` when suspended, e.g. `L-sw`.
+///
+/// Lower layers come first (a thin pool's `-tpool` and hidden `_tdata`/`_tmeta` LVs, a thick
+/// snapshot's `-real`/`-cow`): a device is resumed only once what it sits on is live again.
 pub fn suspended(vg: &str, info_output: &str) -> Vec<String> {
     let prefix = format!("{}-", vg.replace('-', "--"));
-    info_output
+    let mut names: Vec<String> = info_output
         .lines()
         .filter_map(|line| {
             let mut f = line.trim().split('|');
@@ -32,7 +35,13 @@ pub fn suspended(vg: &str, info_output: &str) -> Vec<String> {
             let ours = !rest.is_empty() && !rest.starts_with('-') && uuid.starts_with("LVM-");
             (ours && attr.chars().nth(2) == Some('s')).then(|| name.to_owned())
         })
-        .collect()
+        .collect();
+    let layer = |n: &str| {
+        let lv = n.strip_prefix(&prefix).unwrap_or(n);
+        ["-tpool", "-real", "-cow"].iter().any(|s| lv.ends_with(s)) || lv.contains('_')
+    };
+    names.sort_by_key(|n| !layer(n));
+    names
 }
 
 #[cfg(test)]
@@ -50,9 +59,21 @@ hf--vg-tp-tpool|LVM-0fNqM2w3bKZ3JkW0aqvZfzqZp1Wb3h4hBBBBoV3X8r1Yb6C9nSdO2Q7eUjmH
 hf--vg--x-hf--a|LVM-1fNqM2w3bKZ3JkW0aqvZfzqZp1Wb3h4h3mK1oV3X8r1Yb6C9nSdO2Q7eUjmHbQ5z|L-sw
 hf--vg-crypt|CRYPT-LUKS2-0123|L-sw
 ";
-        assert_eq!(suspended("hf-vg", out), ["hf--vg-hf--a", "hf--vg-tp-tpool"]);
+        assert_eq!(suspended("hf-vg", out), ["hf--vg-tp-tpool", "hf--vg-hf--a"], "the pool before the thin LV on it");
         assert_eq!(suspended("hf-vg-x", out), ["hf--vg--x-hf--a"]);
         assert!(suspended("other", out).is_empty());
         assert!(suspended("hf-vg", "No devices found\n").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_pool_resumes_only_its_own_suspended_devices() {
+        use crate::exec::{FakeExec, Reply};
+        use crate::pool::Pool;
+        let fake = std::sync::Arc::new(FakeExec::new());
+        fake.on("dmsetup info", vec![Reply::Ok("vg0-hf-a|LVM-abc|L-sw\nvg0-hf-b|LVM-abd|L--w\nvg1-hf-a|LVM-abe|L-sw\n".into())]);
+        let cfg = crate::config::Config::parse("[[pool]]\nname = \"p\"\nkind = \"lvm\"\nvolume_group = \"vg0\"\n").unwrap().pools.remove(0);
+        let pool = crate::pool::lvm::LvmPool::new(&cfg, fake.clone()).unwrap();
+        pool.recover().await.unwrap();
+        assert_eq!(fake.lines(), ["dmsetup info -c --noheadings --separator | -o name,uuid,attr", "dmsetup resume vg0-hf-a"]);
     }
 }
