@@ -47,8 +47,9 @@ pub const NODE_ID: &str = "conformance-node";
 /// 1 MiB.
 pub const MIB: i64 = 1 << 20;
 
-/// How long the driver gets to create its socket.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the driver gets to create its socket. Generous: in the TCG test VM on a loaded
+/// host, loading the debug binary alone takes 5 to 15 s.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the driver gets to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
