@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::exec::Exec;
 use crate::locks::Locks;
 use crate::node::Node;
+use crate::node::freeze::Freezer;
 use crate::node::mount::Mounter;
 use crate::node::records::Records;
 use crate::node::safepath::PathPolicy;
@@ -39,11 +40,25 @@ pub struct Driver {
     pub paths: PathPolicy,
     /// What this node staged and published for each volume (in `state_dir`).
     pub records: Records,
+    /// Freezes filesystems around snapshots and clones, for every pool ([`crate::node::freeze`]).
+    pub freezer: Arc<Freezer>,
 }
 
 impl Driver {
-    /// Opens every configured pool.
+    /// Opens every configured pool, freezing with the default deadline.
     pub fn new(node_id: &str, cfg: &Config, state_dir: &Path, exec: Arc<dyn Exec>, mounter: Arc<dyn Mounter>) -> Result<Driver> {
+        Self::with_freeze_deadline(node_id, cfg, state_dir, exec, mounter, crate::node::freeze::FROZEN_DEADLINE)
+    }
+
+    /// Opens every configured pool; a filesystem stays frozen at most `freeze_deadline`.
+    pub fn with_freeze_deadline(
+        node_id: &str,
+        cfg: &Config,
+        state_dir: &Path,
+        exec: Arc<dyn Exec>,
+        mounter: Arc<dyn Mounter>,
+        freeze_deadline: std::time::Duration,
+    ) -> Result<Driver> {
         if !valid_node_id(node_id) {
             return Err(Error::InvalidArgument(format!(
                 "node id {node_id:?} is not usable: 1 to 48 characters of A-Z, a-z, 0-9, '.', '_' and '-' (set --node-id)"
@@ -62,9 +77,10 @@ impl Driver {
         // Before any pool is opened (opening creates directories): overlapping pools could
         // delete each other's volumes.
         crate::config::check_overlaps(cfg).map_err(|e| Error::InvalidArgument(format!("configuration: {e}")))?;
+        let freezer = Arc::new(Freezer::new(state_dir, exec.clone())?.with_deadline(freeze_deadline));
         let mut pools = BTreeMap::new();
         for pc in &cfg.pools {
-            pools.insert(pc.name().to_owned(), pool::open(pc, exec.clone())?);
+            pools.insert(pc.name().to_owned(), pool::open(pc, exec.clone(), freezer.clone())?);
         }
         Ok(Driver {
             node_id: node_id.to_owned(),
@@ -75,7 +91,31 @@ impl Driver {
             state_dir: state_dir.to_owned(),
             paths: PathPolicy::new(&cfg.allowed_path_prefixes)?,
             records: Records::new(state_dir),
+            freezer,
         })
+    }
+
+    /// Start-up repair, before serving: thaws every filesystem a freeze record names (a
+    /// driver killed mid-snapshot) and lets each pool undo what it left half-done (LVM resumes
+    /// device-mapper devices left suspended). What it does is logged; a failure is logged and
+    /// the driver serves anyway (the volumes concerned report abnormal), since refusing to
+    /// start would leave even the healthy ones unusable.
+    pub async fn recover(&self) {
+        match self.freezer.recover().await {
+            Ok(done) => {
+                for r in done {
+                    if let crate::node::freeze::Recovered::Failed(mp, e) = r {
+                        tracing::error!(mount_point = %mp.display(), error = %e, "cannot thaw a filesystem left frozen");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the freeze records; filesystems may be left frozen"),
+        }
+        for (name, pool) in &self.pools {
+            if let Err(e) = pool.recover().await {
+                tracing::error!(pool = %name, error = %e, "start-up repair of the pool failed");
+            }
+        }
     }
 
     /// The pool a (parsed) id names, if it is one of ours. Ids of another node, an unknown pool

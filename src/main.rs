@@ -48,6 +48,10 @@ struct ServeArgs {
     /// the node's disk and survive restarts of the driver (in a container: a hostPath).
     #[arg(long, env = "HOLDFAST_STATE_DIR", default_value = "/var/lib/holdfast/state")]
     state_dir: PathBuf,
+    /// The longest a filesystem stays frozen for a snapshot or clone (seconds): past it the
+    /// copy is stopped, the filesystem thawed and the call fails DEADLINE_EXCEEDED.
+    #[arg(long, env = "HOLDFAST_FREEZE_DEADLINE", default_value_t = holdfast::node::freeze::FROZEN_DEADLINE.as_secs())]
+    freeze_deadline: u64,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -148,7 +152,10 @@ async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow
     }
     let exec = Arc::new(RealExec);
     let mounter = Arc::new(RealMounter::new(exec.clone()));
-    let driver = Arc::new(Driver::new(&node_id, &cfg, &args.state_dir, exec, mounter)?);
+    let freeze_deadline = std::time::Duration::from_secs(args.freeze_deadline.max(1));
+    let driver = Arc::new(Driver::with_freeze_deadline(&node_id, &cfg, &args.state_dir, exec, mounter, freeze_deadline)?);
+    // Before serving: nothing a killed predecessor froze or suspended stays so.
+    driver.recover().await;
     let options =
         ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
     server::serve(&args.endpoint, driver, Services { controller: true, node: true }, options, shutdown_signal())

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use holdfast::config::Config;
 use holdfast::error::Error;
@@ -51,6 +51,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("deleting_a_volume_keeps_its_snapshots_usable", || Box::pin(deleting_a_volume_keeps_its_snapshots_usable())),
     ("capacity_numbers_match_what_fits", || Box::pin(capacity_numbers_match_what_fits())),
     ("copied_tags_do_not_make_a_second_volume", || Box::pin(copied_tags_do_not_make_a_second_volume())),
+    ("the_driver_resumes_its_suspended_devices_at_start_up", || Box::pin(the_driver_resumes_its_suspended_devices_at_start_up())),
 ];
 
 fn in_vm() -> bool {
@@ -497,4 +498,76 @@ async fn capacity_numbers_match_what_fits() {
     assert!(thick.capacity().await.unwrap() <= all - 64 * MIB);
     thin.delete_volume(&v.local).await.unwrap();
     assert_eq!(thin.capacity().await.unwrap(), 96 * MIB);
+}
+
+/// `dmsetup info` attributes of the device of `vg/lv` (e.g. `L-sw`; `s`: suspended).
+async fn dm_attr(vg: &str, lv: &str) -> String {
+    let name = format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"));
+    run(&["dmsetup", "info", "-c", "--noheadings", "-o", "attr", &name]).await.trim().to_owned()
+}
+
+/// A `lvcreate --snapshot` or `lvextend` killed mid-way leaves its origin suspended (here
+/// `dmsetup suspend` does the same): the driver resumes the devices of its own volume group
+/// before it serves, and leaves another volume group's alone.
+async fn the_driver_resumes_its_suspended_devices_at_start_up() {
+    let ours = Lab::new("resume", 256).await;
+    ours.thin_pool(128).await;
+    let theirs = Lab::new("foreign", 64).await;
+    let pool = ours.thin("resume", 1.0);
+    let v = pool.create_volume(&request("suspended", 16 * MIB, Some("ext4"))).await.unwrap();
+    let dev = ours.device(&pool, &v.local).await;
+    run(&["lvcreate", "-q", "-y", "-L", "8M", "-n", "other", &theirs.vg]).await;
+    let lv = holdfast::pool::lvm::volume_lv(&v.local);
+    for (vg, lv) in [(ours.vg.as_str(), lv.as_str()), (theirs.vg.as_str(), "other")] {
+        let name = format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"));
+        run(&["dmsetup", "suspend", &name]).await;
+        assert_eq!(dm_attr(vg, lv).await.chars().nth(2), Some('s'), "{vg}/{lv} is suspended");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("holdfast.toml");
+    std::fs::write(&config, format!("[[pool]]\nname = \"resume\"\nkind = \"lvm\"\nvolume_group = \"{}\"\nthin_pool = \"tp0\"\n", ours.vg))
+        .unwrap();
+    let socket = dir.path().join("csi.sock");
+    let log = std::fs::File::create(dir.path().join("driver.log")).unwrap();
+    let mut driver = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args(["all-in-one", "--node-id", "lvm-test", "--endpoint", &format!("unix://{}", socket.display())])
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn holdfast");
+    // The repair runs before the socket is served.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() && Instant::now() < deadline && driver.try_wait().unwrap().is_none() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = driver.kill();
+    let _ = driver.wait();
+    let log = std::fs::read_to_string(dir.path().join("driver.log")).unwrap_or_default();
+    let (ours_attr, theirs_attr) = (dm_attr(&ours.vg, &lv).await, dm_attr(&theirs.vg, "other").await);
+    // Resumed by hand before asserting, so a failure cannot leave the VM's devices suspended.
+    for (vg, lv) in [(ours.vg.as_str(), lv.as_str()), (theirs.vg.as_str(), "other")] {
+        let name = format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"));
+        let _ = std::process::Command::new("dmsetup").args(["resume", &name]).output();
+    }
+    assert!(socket.exists(), "the driver did not start; its log:\n{log}");
+    assert_eq!(ours_attr.chars().nth(2), Some('-'), "our LV is still suspended ({ours_attr}); log:\n{log}");
+    assert!(log.contains("resumed a device-mapper device left suspended"), "not logged:\n{log}");
+    assert_eq!(theirs_attr.chars().nth(2), Some('s'), "another volume group's device was resumed");
+    // Writable again: a direct write to the device returns.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = dev.clone();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&d).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+        f.sync_all().unwrap();
+        let _ = tx.send(());
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(20)).is_ok(), "a write to the resumed device hangs");
+    pool.delete_volume(&v.local).await.unwrap();
 }

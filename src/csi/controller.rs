@@ -468,7 +468,15 @@ impl ControllerService {
     }
 
     async fn condition_of(&self, pool: &dyn Pool, local: &str) -> Result<VolumeCondition> {
-        Ok(match pool.condition(local).await? {
+        let condition = pool.condition(local).await?;
+        // A freeze left open past its deadline (crate::node::freeze) makes a healthy pool's
+        // volume abnormal: its writers may be blocked.
+        if condition == pool::Condition::Healthy {
+            if let Some(m) = self.d.freezer.stuck_message(pool.name(), local).await {
+                return Ok(VolumeCondition { abnormal: true, message: m });
+            }
+        }
+        Ok(match condition {
             pool::Condition::Healthy => VolumeCondition { abnormal: false, message: "volume is healthy".into() },
             pool::Condition::Abnormal(m) => VolumeCondition { abnormal: true, message: m },
         })
@@ -1013,6 +1021,7 @@ mod tests {
                 state_dir: std::env::temp_dir(),
                 paths: crate::node::safepath::PathPolicy::default(),
                 records: crate::node::records::Records::new(&std::env::temp_dir()),
+                freezer: Arc::new(crate::node::freeze::Freezer::unrecorded(Arc::new(FakeExec::new()))),
             };
             (ControllerService::new(Arc::new(driver)), fast, slow)
         }

@@ -379,6 +379,11 @@ impl NodeService {
             Condition::Abnormal(m) => Some(m),
             Condition::Healthy => None,
         };
+        // Freeze records (crate::node::freeze): Linux has no frozen flag, so a freeze left
+        // open past its deadline (a failed thaw) is what says the filesystem may be frozen.
+        if condition.is_none() {
+            condition = self.d.freezer.stuck_message(pool.name(), &v.local).await;
+        }
         let mut usage = Vec::new();
         if condition.is_some() {
             let path = self.d.paths.check("volume_path", &r.volume_path).map_err(|_| {

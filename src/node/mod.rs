@@ -11,6 +11,7 @@ use crate::exec::Exec;
 use crate::pool::{Attachment, Condition};
 
 pub mod format;
+pub mod freeze;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;

@@ -16,8 +16,10 @@
 //!
 //! Consistency: a snapshot or clone of a mounted volume is taken with its filesystem frozen.
 //! LVM's device suspend freezes ext4 and XFS itself, but not btrfs (whose superblock is not
-//! tied to one block device), so holdfast freezes btrfs with `fsfreeze` around `lvcreate`, in a
-//! task of its own so that a cancelled request cannot leave it frozen. A btrfs copy taken
+//! tied to one block device), so holdfast freezes btrfs around `lvcreate` through
+//! [`crate::node::freeze`] (recorded, thawed on every path, FAILED_PRECONDITION when it cannot
+//! be frozen). A device left suspended by a killed `lvcreate`/`lvextend` is resumed at start-up
+//! ([`dm`]). A btrfs copy taken
 //! unfrozen carries an fsync log tree that no longer mounts once the copy gets a new fsid.
 //!
 //! `detach` leaves the LV active. Deactivating buys nothing on a node that owns its volume
@@ -29,6 +31,7 @@
 //! volume group with `vgcreate -s 1M` to give callers exactly the whole MiB they ask for.
 
 pub mod command;
+pub mod dm;
 pub mod report;
 pub mod tags;
 
@@ -41,6 +44,7 @@ use async_trait::async_trait;
 use crate::config::{PoolConfig, format_size};
 use crate::error::{Context, Error, Result};
 use crate::exec::Exec;
+use crate::node::freeze::{Freezer, Target};
 use crate::pool::{Attachment, Condition, CreateRequest, MIB, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::volume_id::{PoolKind, valid_local_name};
 
@@ -163,6 +167,8 @@ pub struct LvmPool {
     lvcreate_options: Vec<String>,
     default_fs: String,
     exec: Arc<dyn Exec>,
+    /// Freezes btrfs volumes around snapshots (the driver's, shared by its pools).
+    freezer: Arc<Freezer>,
 }
 
 impl std::fmt::Debug for LvmPool {
@@ -205,7 +211,68 @@ impl LvmPool {
             }
         }
         let default_fs = cfg.default_fs.clone().unwrap_or_else(|| "ext4".to_owned());
-        Ok(LvmPool { name, vg, thin_pool: cfg.thin_pool.clone(), overprovision_ratio: ratio, lvcreate_options: options, default_fs, exec })
+        // Replaced by the driver's own (`with_freezer`); this one keeps no records.
+        let freezer = Arc::new(Freezer::unrecorded(exec.clone()));
+        Ok(LvmPool {
+            name,
+            vg,
+            thin_pool: cfg.thin_pool.clone(),
+            overprovision_ratio: ratio,
+            lvcreate_options: options,
+            default_fs,
+            exec,
+            freezer,
+        })
+    }
+
+    /// Freezes with `freezer` (the driver's: recorded, shared by its pools).
+    pub fn with_freezer(mut self, freezer: Arc<Freezer>) -> Self {
+        self.freezer = freezer;
+        self
+    }
+
+    /// Resumes the device-mapper devices of this pool's volume group left suspended (by a
+    /// killed `lvcreate --snapshot` or `lvextend`); returns their names. See [`dm`].
+    pub async fn resume_suspended(&self) -> Result<Vec<String>> {
+        let out = self.exec.run(dm::info()).await.map_err(|e| Error::exec("listing device-mapper devices", e))?;
+        let names = dm::suspended(&self.vg, &out.stdout);
+        for name in &names {
+            self.exec.run(dm::resume(name)).await.map_err(|e| Error::exec(format!("resuming device-mapper device {name}"), e))?;
+            tracing::warn!(pool = %self.name, device = %name, "resumed a device-mapper device left suspended by an interrupted LVM command");
+        }
+        Ok(names)
+    }
+
+    /// Runs `snapshot` (an `lvcreate --snapshot` of `origin`, for snapshot or clone `purpose`)
+    /// with the filesystems LVM's suspend does not freeze frozen by the [`Freezer`] (its
+    /// policy: recorded, thawed on every path, FAILED_PRECONDITION when it cannot freeze).
+    async fn snapshot_frozen(
+        &self,
+        origin: &Lv,
+        origin_local: &str,
+        purpose: String,
+        snapshot: crate::exec::Cmd,
+    ) -> Result<(), SnapshotError> {
+        let device = self.device_path(origin);
+        let mount_points = crate::blocking::run("mountinfo", "reading the mount table", crate::blocking::METADATA_DEADLINE, move || {
+            mounted_filesystems(&device)
+        })
+        .await
+        .map_err(SnapshotError::Freeze)?;
+        let target = Target { pool: self.name.clone(), volume: origin_local.to_owned(), mount_points, purpose };
+        let exec = self.exec.clone();
+        let result = self.freezer.around(target, async move { exec.run(snapshot).await.map(|_| ()) }).await;
+        // A killed lvcreate can leave the origin suspended, and its writers hanging.
+        if matches!(result, Err(Error::DeadlineExceeded(_)) | Ok(Err(crate::exec::ExecError::Timeout { .. }))) {
+            match self.resume_suspended().await {
+                Ok(n) if !n.is_empty() => tracing::warn!(pool = %self.name, devices = ?n, "resumed after a killed snapshot command"),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(pool = %self.name, error = %e, "cannot check for suspended devices after a killed snapshot command")
+                }
+            }
+        }
+        result.map_err(SnapshotError::Freeze)?.map_err(SnapshotError::Lvm)
     }
 
     /// The volume group.
@@ -480,7 +547,10 @@ impl LvmPool {
         let cmd = command::lvcreate_snapshot(&self.vg, &origin_lv.name, lv_name, &tags, true);
         // A clone copies a volume that may be mounted and written: freeze it. A snapshot is
         // never mounted.
-        let freeze = matches!(source, Source::Volume(_)).then_some(&origin_lv);
+        let freeze = match source {
+            Source::Volume(v) => Some((&origin_lv, v.as_str())),
+            Source::Snapshot(_) => None,
+        };
         if let Some(existing) = self.run_create(cmd, lv_name, req, freeze).await? {
             return Ok(existing);
         }
@@ -510,12 +580,18 @@ impl LvmPool {
 
     /// Runs an `lvcreate` of volume `lv` (a snapshot of `origin`, frozen, for a clone).
     /// `Ok(Some)`: the LV already existed and matches (a retry that raced); `Ok(None)`: created.
-    async fn run_create(&self, cmd: crate::exec::Cmd, lv: &str, req: &CreateRequest, origin: Option<&Lv>) -> Result<Option<VolumeInfo>> {
+    async fn run_create(
+        &self,
+        cmd: crate::exec::Cmd,
+        lv: &str,
+        req: &CreateRequest,
+        origin: Option<(&Lv, &str)>,
+    ) -> Result<Option<VolumeInfo>> {
         let result = match origin {
-            Some(o) => match snapshot_frozen(self.exec.clone(), self.device_path(o), cmd).await {
+            Some((o, local)) => match self.snapshot_frozen(o, local, format!("clone {:?}", req.csi_name), cmd).await {
                 Ok(()) => Ok(()),
                 Err(SnapshotError::Lvm(e)) => Err(e),
-                Err(SnapshotError::Thaw(what)) => return Err(SnapshotError::thaw_error(what)),
+                Err(SnapshotError::Freeze(e)) => return Err(e),
             },
             None => self.exec.run(cmd).await.map(|_| ()),
         };
@@ -600,53 +676,12 @@ fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
     points
 }
 
-/// How long freezing (which first writes out dirty data) or thawing may take.
-const FREEZE_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Runs `snapshot` (an `lvcreate --snapshot` of `origin`) with every filesystem mounted from
-/// `origin` frozen, and thaws them whatever happens. It runs as a task of its own: dropping
-/// the caller's future must never leave a filesystem frozen.
-async fn snapshot_frozen(exec: Arc<dyn Exec>, origin: PathBuf, snapshot: crate::exec::Cmd) -> Result<(), SnapshotError> {
-    let task = tokio::spawn(async move {
-        let mut frozen = Vec::new();
-        for point in mounted_filesystems(&origin) {
-            let freeze = crate::exec::Cmd::new("fsfreeze").arg("--freeze").arg(point.to_string_lossy()).timeout(FREEZE_TIMEOUT);
-            match exec.run(freeze).await {
-                Ok(_) => frozen.push(point),
-                // Already frozen by someone else, or a filesystem without freeze support:
-                // the snapshot is still crash-consistent.
-                Err(e) => tracing::warn!(mount = %point.display(), "cannot freeze before the snapshot: {e}"),
-            }
-        }
-        let result = exec.run(snapshot).await.map(|_| ()).map_err(SnapshotError::Lvm);
-        let mut thaw_failed = Vec::new();
-        for point in frozen {
-            let thaw = crate::exec::Cmd::new("fsfreeze").arg("--unfreeze").arg(point.to_string_lossy()).timeout(FREEZE_TIMEOUT);
-            if let Err(e) = exec.run(thaw).await {
-                tracing::error!(mount = %point.display(), "THAW FAILED, the filesystem stays frozen: {e}");
-                thaw_failed.push(format!("{} ({e})", point.display()));
-            }
-        }
-        match result {
-            Ok(()) if !thaw_failed.is_empty() => Err(SnapshotError::Thaw(thaw_failed.join(", "))),
-            other => other,
-        }
-    });
-    task.await.unwrap_or_else(|e| Err(SnapshotError::Thaw(format!("the snapshot task died ({e}); check for frozen filesystems"))))
-}
-
-/// Why [`snapshot_frozen`] failed.
+/// Why [`LvmPool::snapshot_frozen`] failed.
 enum SnapshotError {
     /// lvcreate failed (to be classified).
     Lvm(crate::exec::ExecError),
-    /// A filesystem could not be thawed: the operator must run `fsfreeze --unfreeze`.
-    Thaw(String),
-}
-
-impl SnapshotError {
-    fn thaw_error(what: String) -> Error {
-        Error::Internal(format!("filesystems are still frozen: {what}; thaw them with fsfreeze --unfreeze MOUNTPOINT"))
-    }
+    /// The freeze policy refused or a thaw failed (already the answer).
+    Freeze(Error),
 }
 
 /// Polls for `path` (udev creates `/dev/<vg>/<lv>` shortly after activation).
@@ -810,9 +845,9 @@ impl Pool for LvmPool {
         };
         let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
         let cmd = command::lvcreate_snapshot(&self.vg, &source.name, &lv_name, &tags, false);
-        match snapshot_frozen(self.exec.clone(), self.device_path(&source), cmd).await {
+        match self.snapshot_frozen(&source, source_local, format!("snapshot {csi_name:?}"), cmd).await {
             Ok(()) => tracing::info!(pool = %self.name, lv = %lv_name, source = %source.name, "created thin snapshot"),
-            Err(SnapshotError::Thaw(what)) => return Err(SnapshotError::thaw_error(what)),
+            Err(SnapshotError::Freeze(e)) => return Err(e),
             Err(SnapshotError::Lvm(e)) if command::is_lv_exists(&e) => {
                 let lv =
                     self.lookup(&lv_name).await?.ok_or_else(|| Error::Aborted(format!("snapshot LV {lv_name} came and went; retry")))?;
@@ -889,6 +924,10 @@ impl Pool for LvmPool {
     async fn detach(&self, _local: &str) -> Result<()> {
         // LVs stay active: see the module documentation.
         Ok(())
+    }
+
+    async fn recover(&self) -> Result<()> {
+        self.resume_suspended().await.map(|_| ())
     }
 
     async fn condition(&self, local: &str) -> Result<Condition> {

@@ -25,13 +25,17 @@ pub fn round_up_mib(bytes: u64) -> u64 {
     bytes.max(1).div_ceil(MIB).saturating_mul(MIB)
 }
 
-/// Opens the pool a `[[pool]]` table describes.
-pub fn open(cfg: &crate::config::PoolConfig, exec: std::sync::Arc<dyn crate::exec::Exec>) -> Result<std::sync::Arc<dyn Pool>> {
+/// Opens the pool a `[[pool]]` table describes; block-backed pools freeze with `freezer`.
+pub fn open(
+    cfg: &crate::config::PoolConfig,
+    exec: std::sync::Arc<dyn crate::exec::Exec>,
+    freezer: std::sync::Arc<crate::node::freeze::Freezer>,
+) -> Result<std::sync::Arc<dyn Pool>> {
     match cfg.kind() {
-        PoolKind::File => Ok(std::sync::Arc::new(file::FilePool::new(cfg, exec)?)),
-        PoolKind::Lvm => Ok(std::sync::Arc::new(lvm::LvmPool::new(cfg, exec)?)),
+        PoolKind::File => Ok(std::sync::Arc::new(file::FilePool::new(cfg, exec)?.with_freezer(freezer))),
+        PoolKind::Lvm => Ok(std::sync::Arc::new(lvm::LvmPool::new(cfg, exec)?.with_freezer(freezer))),
         PoolKind::Nfs => Ok(std::sync::Arc::new(nfs::NfsPool::new(cfg, exec)?)),
-        PoolKind::Zfs => Ok(std::sync::Arc::new(zfs::ZfsPool::new(cfg, exec)?)),
+        PoolKind::Zfs => Ok(std::sync::Arc::new(zfs::ZfsPool::new(cfg, exec)?.with_freezer(freezer))),
     }
 }
 
@@ -187,4 +191,11 @@ pub trait Pool: Send + Sync {
     async fn detach(&self, local: &str) -> Result<()>;
     /// Health of the backing storage of an existing volume.
     async fn condition(&self, local: &str) -> Result<Condition>;
+
+    /// Start-up repair, before serving: undoes what a killed driver left half-done in the
+    /// pool's storage itself (LVM: device-mapper devices left suspended). Frozen filesystems
+    /// are the [`Freezer`](crate::node::freeze::Freezer)'s, not the pool's.
+    async fn recover(&self) -> Result<()> {
+        Ok(())
+    }
 }

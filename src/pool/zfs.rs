@@ -17,7 +17,8 @@
 //! volume a `zfs clone` of its hidden intermediate snapshot (destroyed with the clone). A zvol
 //! copy is then grown to the requested size and its ext4/xfs/btrfs gets a new UUID, so the copy
 //! mounts beside its source; until then it carries `holdfast:pending` and a retried create
-//! finishes it. Zvols with mounted filesystems are snapshotted with those filesystems frozen.
+//! finishes it. Zvols with mounted filesystems are snapshotted with those filesystems frozen,
+//! through [`crate::node::freeze`] and its one policy.
 //!
 //! Deleting what others depend on: a ZFS clone needs its origin snapshot, and a snapshot its
 //! dataset. So a volume that still has CSI snapshots, or snapshots that clones were made from,
@@ -53,6 +54,7 @@ use async_trait::async_trait;
 use crate::config::{PoolConfig, format_size};
 use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec, ExecError};
+use crate::node::freeze::{Freezer, Target};
 use crate::pool::{Attachment, Condition, CreateRequest, MIB, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::volume_id::{PoolKind, local_name, valid_local_name};
 
@@ -105,6 +107,8 @@ pub struct ZfsPool {
     default_fs: String,
     exec: Arc<dyn Exec>,
     health: Mutex<Option<(Instant, Option<String>)>>,
+    /// Freezes the filesystems on zvols around snapshots (the driver's, shared by its pools).
+    freezer: Arc<Freezer>,
 }
 
 impl std::fmt::Debug for ZfsPool {
@@ -175,9 +179,17 @@ impl ZfsPool {
             quota_mode,
             sparse: cfg.sparse.unwrap_or(false),
             default_fs,
+            freezer: Arc::new(Freezer::unrecorded(exec.clone())),
             exec,
             health: Mutex::new(None),
         })
+    }
+
+    /// Freezes with `freezer` (the driver's: recorded, shared by its pools); the one made by
+    /// `new` keeps no records.
+    pub fn with_freezer(mut self, freezer: Arc<Freezer>) -> Self {
+        self.freezer = freezer;
+        self
     }
 
     /// The parent dataset.
@@ -624,7 +636,10 @@ impl ZfsPool {
             pending: false,
         };
         let dataset = snapshot.split_once('@').map_or(snapshot, |(d, _)| d);
-        match self.snapshot_frozen(dataset, command::snapshot(snapshot, &meta.properties())).await {
+        match self
+            .snapshot_frozen(dataset, format!("clone of volume {source_local:?}"), command::snapshot(snapshot, &meta.properties()))
+            .await
+        {
             Ok(()) => {
                 tracing::info!(pool = %self.name, snapshot = %snapshot, source = %source_local, "took the intermediate snapshot of a clone");
                 Ok(())
@@ -634,17 +649,27 @@ impl ZfsPool {
                 Err(Error::ResourceExhausted(format!("no room to snapshot volume {source_local:?} for a clone: {}", e.stderr().trim())))
             }
             Err(SnapshotError::Zfs(e)) => Err(Error::exec(format!("snapshotting {dataset} for a clone"), e)),
-            Err(SnapshotError::Thaw(what)) => Err(SnapshotError::thaw_error(what)),
+            Err(SnapshotError::Freeze(e)) => Err(e),
         }
     }
 
-    /// Runs `snapshot` of `dataset`; for a zvol, with the filesystems mounted from it frozen.
-    async fn snapshot_frozen(&self, dataset: &str, snapshot: Cmd) -> Result<(), SnapshotError> {
+    /// Runs `snapshot` of `dataset`; for a zvol, with the filesystems mounted from it frozen by
+    /// the [`Freezer`] (its policy: recorded, thawed on every path, FAILED_PRECONDITION when a
+    /// mounted filesystem cannot be frozen).
+    async fn snapshot_frozen(&self, dataset: &str, purpose: String, snapshot: Cmd) -> Result<(), SnapshotError> {
         let device = Self::zvol_device(dataset);
         // A dataset's snapshot is consistent by itself (it includes everything written through
         // the filesystem); a zvol's needs the filesystem on it to write out its cache first.
-        let points = if device.exists() { mounted_filesystems(&device) } else { Vec::new() };
-        snapshot_with_frozen(self.exec.clone(), points, snapshot).await
+        let mount_points = crate::blocking::run("mountinfo", "reading the mount table", crate::blocking::METADATA_DEADLINE, move || {
+            if device.exists() { mounted_filesystems(&device) } else { Vec::new() }
+        })
+        .await
+        .map_err(SnapshotError::Freeze)?;
+        let volume = dataset.rsplit('/').next().unwrap_or(dataset).to_owned();
+        let target = Target { pool: self.name.clone(), volume, mount_points, purpose };
+        let exec = self.exec.clone();
+        let done = self.freezer.around(target, async move { exec.run(snapshot).await.map(|_| ()) }).await;
+        done.map_err(SnapshotError::Freeze)?.map_err(SnapshotError::Zfs)
     }
 
     /// Why `o` (a volume) cannot be destroyed or renamed now, if it cannot: a mounted dataset
@@ -883,51 +908,12 @@ fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
     points
 }
 
-/// How long freezing (which first writes out dirty data) or thawing may take.
-const FREEZE_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Runs `snapshot` with the filesystems at `points` frozen, and thaws them whatever happens. It
-/// runs as a task of its own: dropping the caller's future must never leave a filesystem frozen.
-async fn snapshot_with_frozen(exec: Arc<dyn Exec>, points: Vec<PathBuf>, snapshot: Cmd) -> Result<(), SnapshotError> {
-    let task = tokio::spawn(async move {
-        let mut frozen = Vec::new();
-        for point in points {
-            let freeze = Cmd::new("fsfreeze").arg("--freeze").arg(point.to_string_lossy()).timeout(FREEZE_TIMEOUT);
-            match exec.run(freeze).await {
-                Ok(_) => frozen.push(point),
-                // Already frozen by someone else, or no freeze support: still crash-consistent.
-                Err(e) => tracing::warn!(mount = %point.display(), "cannot freeze before the snapshot: {e}"),
-            }
-        }
-        let result = exec.run(snapshot).await.map(|_| ()).map_err(SnapshotError::Zfs);
-        let mut thaw_failed = Vec::new();
-        for point in frozen {
-            let thaw = Cmd::new("fsfreeze").arg("--unfreeze").arg(point.to_string_lossy()).timeout(FREEZE_TIMEOUT);
-            if let Err(e) = exec.run(thaw).await {
-                tracing::error!(mount = %point.display(), "THAW FAILED, the filesystem stays frozen: {e}");
-                thaw_failed.push(format!("{} ({e})", point.display()));
-            }
-        }
-        match result {
-            Ok(()) if !thaw_failed.is_empty() => Err(SnapshotError::Thaw(thaw_failed.join(", "))),
-            other => other,
-        }
-    });
-    task.await.unwrap_or_else(|e| Err(SnapshotError::Thaw(format!("the snapshot task died ({e}); check for frozen filesystems"))))
-}
-
-/// Why [`snapshot_with_frozen`] failed.
+/// Why [`ZfsPool::snapshot_frozen`] failed.
 enum SnapshotError {
     /// `zfs snapshot` failed (to be classified).
     Zfs(ExecError),
-    /// A filesystem could not be thawed: the operator must run `fsfreeze --unfreeze`.
-    Thaw(String),
-}
-
-impl SnapshotError {
-    fn thaw_error(what: String) -> Error {
-        Error::Internal(format!("filesystems are still frozen: {what}; thaw them with fsfreeze --unfreeze MOUNTPOINT"))
-    }
+    /// The freeze policy refused or a thaw failed (already the answer).
+    Freeze(Error),
 }
 
 /// Polls for `path` (udev creates `/dev/zvol/...` shortly after the zvol appears).
@@ -1127,9 +1113,9 @@ impl Pool for ZfsPool {
             pending: false,
         };
         let name = format!("{}@{local}", v.name);
-        match self.snapshot_frozen(&v.name, command::snapshot(&name, &meta.properties())).await {
+        match self.snapshot_frozen(&v.name, format!("snapshot {csi_name:?}"), command::snapshot(&name, &meta.properties())).await {
             Ok(()) => tracing::info!(pool = %self.name, snapshot = %name, "took ZFS snapshot"),
-            Err(SnapshotError::Thaw(what)) => return Err(SnapshotError::thaw_error(what)),
+            Err(SnapshotError::Freeze(e)) => return Err(e),
             Err(SnapshotError::Zfs(e)) if command::is_exists(&e) => {}
             Err(SnapshotError::Zfs(e)) if command::is_no_space(&e) => {
                 return Err(Error::ResourceExhausted(format!(

@@ -47,8 +47,9 @@ pub const NODE_ID: &str = "conformance-node";
 /// 1 MiB.
 pub const MIB: i64 = 1 << 20;
 
-/// How long the driver gets to create its socket.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the driver gets to create its socket. Generous: in the TCG test VM on a loaded
+/// host, loading the debug binary alone takes 5 to 15 s.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the driver gets to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -73,6 +74,14 @@ pub struct Setup {
     /// The socket path the driver will listen on.
     pub socket: PathBuf,
     pool: PoolUnderTest,
+    launch: Launch,
+}
+
+/// Extra command-line arguments and environment of the driver process (kept for restarts).
+#[derive(Debug, Clone, Default)]
+struct Launch {
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl Setup {
@@ -91,30 +100,32 @@ impl Setup {
                 PoolUnderTest { name: "conformance".into(), kind: "file".into(), config, owned: true }
             }
         };
-        Setup { tmp, socket, pool }
+        Setup { tmp, socket, pool, launch: Launch::default() }
+    }
+
+    /// The temp dir the driver will run in (to put wrapper scripts in place before it starts).
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Adds a command-line argument of `all-in-one`.
+    pub fn arg(mut self, a: &str) -> Setup {
+        self.launch.args.push(a.to_owned());
+        self
+    }
+
+    /// Sets an environment variable of the driver process (e.g. PATH with wrapper scripts first).
+    pub fn env(mut self, key: &str, value: &str) -> Setup {
+        self.launch.envs.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Spawns the driver and waits until its socket accepts connections.
     pub async fn start(self) -> Driver {
         let dir = self.tmp.path().to_path_buf();
         let log = dir.join("driver.log");
-        let out = File::create(&log).expect("create driver log");
-        let err = out.try_clone().expect("dup driver log");
         let endpoint = format!("unix://{}", self.socket.display());
-        let child = Command::new(env!("CARGO_BIN_EXE_holdfast"))
-            .arg("all-in-one")
-            .args(["--endpoint", &endpoint, "--node-id", NODE_ID])
-            .arg("--config")
-            .arg(&self.pool.config)
-            .args(["--log-format", "text"])
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn holdfast");
+        let child = spawn_driver(&dir, &endpoint, &self.pool.config, &self.launch, &log);
         let fs_type = std::env::var("HOLDFAST_TEST_FS").unwrap_or_else(|_| "ext4".into());
         // The Driver owns the child from here on, so a failed start still cleans up.
         let mut driver = Driver {
@@ -128,13 +139,9 @@ impl Setup {
             tmp: Some(self.tmp),
             clients: None,
             leftovers: Mutex::new(Vec::new()),
+            launch: self.launch,
         };
-        let channel = driver.wait_for_socket().await;
-        driver.clients = Some(Clients {
-            identity: IdentityClient::new(channel.clone()),
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel),
-        });
+        driver.connect().await;
         driver
     }
 }
@@ -150,13 +157,30 @@ impl Setup {
         let text = make(tmp.path());
         std::fs::write(&config, text).expect("write config");
         let pool = PoolUnderTest { owned: true, ..pool_from_config(&config) };
-        Setup { tmp, socket, pool }
+        Setup { tmp, socket, pool, launch: Launch::default() }
     }
+}
 
-    /// The temp dir the driver will run in.
-    pub fn dir(&self) -> &Path {
-        self.tmp.path()
-    }
+/// Starts `holdfast all-in-one` in `dir` (state in `dir/state`), appending to `log`.
+fn spawn_driver(dir: &Path, endpoint: &str, config: &Path, launch: &Launch, log: &Path) -> Child {
+    let out = File::options().create(true).append(true).open(log).expect("open driver log");
+    let err = out.try_clone().expect("dup driver log");
+    Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .arg("all-in-one")
+        .args(["--endpoint", endpoint, "--node-id", NODE_ID])
+        .arg("--config")
+        .arg(config)
+        .args(["--log-format", "text"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(&launch.args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+        .envs(launch.envs.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn holdfast")
 }
 
 impl Default for Setup {
@@ -204,6 +228,7 @@ pub struct Driver {
     /// through the driver, so a failed test leaves nothing in a shared pool (an LVM volume
     /// group in the VM) and nothing attached.
     leftovers: Mutex<Vec<Leftover>>,
+    launch: Launch,
 }
 
 /// Something to undo if the test does not, in the order Drop undoes them.
@@ -219,6 +244,32 @@ impl Driver {
     /// Starts a driver on the pool the environment names (see the module doc).
     pub async fn start() -> Driver {
         Setup::new().start().await
+    }
+
+    async fn connect(&mut self) {
+        let channel = self.wait_for_socket().await;
+        self.clients = Some(Clients {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        });
+    }
+
+    /// Kills the driver with SIGKILL (no clean-up of its own) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        self.clients = None;
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the driver again, with the same config, state directory, arguments and
+    /// environment, and reconnects (after [`Driver::kill`], as a supervisor would).
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart: the driver is still running");
+        self.child = Some(spawn_driver(&self.dir, &self.endpoint, &self.pool.config, &self.launch, &self.log));
+        self.connect().await;
     }
 
     async fn wait_for_socket(&mut self) -> Channel {
@@ -364,6 +415,12 @@ impl Driver {
         let snap = ok(resp, &format!("CreateSnapshot {name}")).snapshot.expect("CreateSnapshot answered no snapshot");
         self.remember(Leftover::Snapshot(snap.snapshot_id.clone()));
         snap
+    }
+
+    /// Deletes snapshot `snapshot_id` at the end of the test if the test does not (for
+    /// snapshots a test created by its own CreateSnapshot calls).
+    pub fn remember_snapshot(&self, snapshot_id: &str) {
+        self.remember(Leftover::Snapshot(snapshot_id.to_owned()));
     }
 
     /// Deletes a snapshot, failing the test on any error.

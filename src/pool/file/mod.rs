@@ -34,8 +34,9 @@
 //!
 //! Snapshots and clones are independent copies of the image, so a volume that has snapshots can
 //! be deleted and its snapshots stay usable. A source that is mounted (through its loop device,
-//! per this process's mount table) is frozen with `fsfreeze` for the copy; a raw block volume in
-//! use cannot be frozen and is copied as it is.
+//! per this process's mount table) is frozen for the copy through [`crate::node::freeze`] (its
+//! policy: recorded first, thawed on every path, FAILED_PRECONDITION when it cannot be frozen);
+//! a raw block volume in use has no filesystem to freeze and is copied as it is.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -52,6 +53,7 @@ use crate::blocking::{self, METADATA_DEADLINE};
 use crate::config::{PoolConfig, format_size, parse_size};
 use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec};
+use crate::node::freeze::{Freezer, Target};
 use crate::node::{format, loopdev, mountinfo};
 use crate::pool::{Attachment, Condition, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::volume_id::{PoolKind, valid_local_name};
@@ -63,8 +65,6 @@ const DEFAULT_FS: &str = "ext4";
 /// How long an image copy may take. Generous: without reflink, `cp` reads every allocated
 /// byte, and a mounted source stays frozen for the whole copy.
 const COPY_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
-/// How long `fsfreeze` may take (freezing flushes the filesystem's dirty data).
-const FREEZE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long allocating or growing an image may take. `fallocate` only reserves extents on
 /// ext4/xfs/btrfs (instant); the margin is for slow disks and filesystems that zero blocks.
 const ALLOCATE_DEADLINE: Duration = Duration::from_secs(120);
@@ -216,6 +216,8 @@ pub struct FilePool {
     in_flight: Arc<Mutex<u64>>,
     /// Serialises claims, so two creations never both count the same free space.
     claiming: tokio::sync::Mutex<()>,
+    /// Freezes a mounted source around its copy (the driver's, shared by its pools).
+    freezer: Arc<Freezer>,
 }
 
 fn now() -> i64 {
@@ -310,67 +312,40 @@ fn grow_and_sync(path: &Path, len: u64) -> Result<()> {
     f.sync_all().context(|| format!("syncing {}", path.display()))
 }
 
-/// Copies `src` to `dst` with `cp` (reflink when the filesystem can, holes kept). When `src` is
-/// attached to a loop device that is mounted, the filesystem is frozen around the copy so the
-/// copy is consistent, and thawed afterwards whatever happened.
-///
-/// Runs as its own task: if the caller's request is cancelled mid-copy, the task still thaws
-/// the filesystem (a frozen filesystem would block the application's writes forever).
-async fn copy_image(exec: Arc<dyn Exec>, mountinfo_path: PathBuf, src: PathBuf, dst: PathBuf) -> Result<()> {
-    let task = tokio::spawn(async move {
-        let devices = loopdev::find(exec.as_ref(), &src).await?;
-        let mut freeze_at: Vec<PathBuf> = Vec::new();
-        if !devices.is_empty() {
-            let mounts = mountinfo::read_from(&mountinfo_path)?;
-            for d in &devices {
-                // One superblock, however many mount points (binds): freezing one freezes it.
-                if let Some(m) = mountinfo::find_by_source(&mounts, &d.to_string_lossy()).first() {
-                    freeze_at.push(m.mount_point.clone());
-                }
-            }
-        }
-        let mut frozen: Vec<&Path> = Vec::new();
-        let mut failed_freeze: Option<&Path> = None;
-        let mut result = Ok(());
-        for mp in &freeze_at {
-            let cmd = Cmd::new("fsfreeze").args(["--freeze", &*mp.to_string_lossy()]).timeout(FREEZE_TIMEOUT);
-            // Thawed afterwards even if the freeze fails: one that timed out may still take effect.
-            frozen.push(mp);
-            if let Err(e) = exec.run(cmd).await {
-                failed_freeze = Some(mp);
-                result = Err(Error::exec(format!("freezing {} for a consistent copy of {}", mp.display(), src.display()), e));
-                break;
-            }
-        }
-        if result.is_ok() {
-            let (s, d) = (src.to_string_lossy(), dst.to_string_lossy());
-            let cmd = Cmd::new("cp").args(["--reflink=auto", "--sparse=always", s.as_ref(), d.as_ref()]).timeout(COPY_TIMEOUT);
-            result = exec.run(cmd).await.context(|| format!("copying {s} to {d}")).map(|_| ());
-        }
-        for mp in frozen.into_iter().rev() {
-            let cmd = Cmd::new("fsfreeze").args(["--unfreeze", &*mp.to_string_lossy()]).timeout(FREEZE_TIMEOUT);
-            match exec.run(cmd).await {
-                Ok(_) => {}
-                // Thawing what never froze fails too, and says nothing new.
-                Err(_) if failed_freeze == Some(mp) => {}
-                // A filesystem left frozen blocks its application: that outranks any other error.
-                Err(e) => {
-                    tracing::error!(mount_point = %mp.display(), error = %e, "cannot thaw a filesystem frozen for a copy");
-                    result = Err(Error::exec(
-                        format!(
-                            "thawing {} after copying {} (run `fsfreeze --unfreeze {}` now)",
-                            mp.display(),
-                            src.display(),
-                            mp.display()
-                        ),
-                        e,
-                    ));
-                }
-            }
-        }
-        result
-    });
-    task.await.map_err(|e| Error::Internal(format!("image copy task failed: {e}")))?
+/// The mount points to freeze for a consistent copy of `src`: one per loop device of `src`
+/// that is mounted (one superblock, however many mount points: freezing one freezes it).
+async fn mounted_from(exec: &dyn Exec, mountinfo_path: &Path, src: &Path) -> Result<Vec<PathBuf>> {
+    let devices = loopdev::find(exec, src).await?;
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let path = mountinfo_path.to_owned();
+    let mounts = crate::blocking::run("mountinfo", "reading the mount table", crate::blocking::METADATA_DEADLINE, move || {
+        mountinfo::read_from(&path)
+    })
+    .await??;
+    Ok(devices
+        .iter()
+        .filter_map(|d| mountinfo::find_by_source(&mounts, &d.to_string_lossy()).first().map(|m| m.mount_point.clone()))
+        .collect())
+}
+
+impl FilePool {
+    /// Copies `src` (the image of `volume`, or of a snapshot) to `dst` with `cp` (reflink when
+    /// the filesystem can, holes kept). A mounted source is frozen around the copy by the
+    /// driver's [`Freezer`](crate::node::freeze::Freezer), whose policy applies: a mounted
+    /// filesystem that cannot be frozen is FAILED_PRECONDITION, the copy runs in a task of its
+    /// own and the filesystem is thawed on every path. A raw block volume in use has no
+    /// filesystem to freeze and is copied as it is.
+    async fn copy_image(&self, volume: &str, purpose: String, src: &Path, dst: &Path) -> Result<()> {
+        let mount_points = mounted_from(self.exec.as_ref(), &self.mountinfo, src).await?;
+        let (s, d) = (src.to_string_lossy().into_owned(), dst.to_string_lossy().into_owned());
+        let cmd = Cmd::new("cp").args(["--reflink=auto", "--sparse=always", s.as_str(), d.as_str()]).timeout(COPY_TIMEOUT);
+        let exec = self.exec.clone();
+        let target = Target { pool: self.name.clone(), volume: volume.to_owned(), mount_points, purpose };
+        let copied = self.freezer.around(target, async move { exec.run(cmd).await }).await?;
+        copied.context(|| format!("copying {s} to {d}")).map(|_| ())
+    }
 }
 
 impl FilePool {
@@ -399,6 +374,8 @@ impl FilePool {
                 .create(&dir)
                 .context(|| format!("creating pool directory {}", dir.display()))?;
         }
+        // Replaced by the driver's own (`with_freezer`); this one keeps no records.
+        let freezer = Arc::new(Freezer::unrecorded(exec.clone()));
         Ok(FilePool {
             domain: format!("pool:{name}"),
             name,
@@ -411,7 +388,14 @@ impl FilePool {
             sys_block: PathBuf::from(SYS_BLOCK),
             in_flight: Arc::new(Mutex::new(0)),
             claiming: tokio::sync::Mutex::new(()),
+            freezer,
         })
+    }
+
+    /// Freezes mounted sources with `freezer` (the driver's: recorded, shared by its pools).
+    pub fn with_freezer(mut self, freezer: Arc<Freezer>) -> Self {
+        self.freezer = freezer;
+        self
     }
 
     /// Reads the mount table from `path` instead of `/proc/self/mountinfo` (tests).
@@ -625,7 +609,11 @@ impl FilePool {
                     // `cp` writes into the existing (NOCOW) file.
                     self.create_tmp(f, true).await?;
                 }
-                copy_image(self.exec.clone(), self.mountinfo.clone(), src, f.tmp_img.clone()).await?;
+                let volume = match &req.source {
+                    Some(Source::Volume(v)) => v.as_str(),
+                    _ => "",
+                };
+                self.copy_image(volume, format!("clone {:?}", req.csi_name), &src, &f.tmp_img).await?;
                 self.size_tmp(f, req.capacity, provisioning).await?;
                 if !req.block {
                     // The copy carries its source's filesystem UUID; XFS refuses to mount two
@@ -870,7 +858,7 @@ impl Pool for FilePool {
                 // btrfs reflinks only between files of one kind (NOCOW or not).
                 self.create_tmp(&f, true).await?;
             }
-            copy_image(self.exec.clone(), self.mountinfo.clone(), src.img.clone(), f.tmp_img.clone()).await?;
+            self.copy_image(source_local, format!("snapshot {csi_name:?}"), &src.img, &f.tmp_img).await?;
             let tmp = f.tmp_img.clone();
             self.blocking(format!("syncing {}", tmp.display()), ALLOCATE_DEADLINE, move || {
                 sync_file(&tmp)?;

@@ -136,10 +136,12 @@ fn new_creates_a_private_tree_and_reads_the_config() {
 #[tokio::test]
 async fn open_refuses_invalid_configs() {
     let dir = tempfile::tempdir().unwrap();
-    let p = crate::pool::open(&config(dir.path(), ""), Arc::new(FakeExec::new())).unwrap();
+    let exec = Arc::new(FakeExec::new());
+    let freezer = Arc::new(Freezer::unrecorded(exec.clone()));
+    let p = crate::pool::open(&config(dir.path(), ""), exec.clone(), freezer.clone()).unwrap();
     assert_eq!(p.name(), "p1");
     let zfs = Config::parse("[[pool]]\nname = \"z\"\nkind = \"zfs\"\ndataset = \"tank/../hf\"\n").unwrap().pools.remove(0);
-    let err = crate::pool::open(&zfs, Arc::new(FakeExec::new())).err().unwrap();
+    let err = crate::pool::open(&zfs, exec, freezer).err().unwrap();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
 
@@ -259,9 +261,11 @@ async fn a_failed_freeze_skips_the_copy_and_a_failed_thaw_is_the_error() {
     let (fake, p) = mounted_source(dir.path());
     p.create_volume(&req("v1", MIB, false, None)).await.unwrap();
     fake.0.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[{"name":"/dev/loop3","back-file":"/x"}]}"#.into())]);
-    fake.0.on("fsfreeze --freeze", vec![Reply::Fail(1, "fsfreeze: /mnt/vol: freeze failed".into())]);
+    fake.0.on("fsfreeze --freeze", vec![Reply::Fail(1, "fsfreeze: /mnt/vol: freeze failed: Operation not supported".into())]);
     let err = p.create_snapshot("v1", "snap-1", "s1").await.unwrap_err();
-    assert!(err.to_string().contains("freezing /mnt/vol"), "{err}");
+    // The one freeze policy (issue 9): a mounted filesystem that cannot be frozen is
+    // FAILED_PRECONDITION saying so (it was INTERNAL "freezing /mnt/vol" before).
+    assert!(matches!(err, Error::FailedPrecondition(ref m) if m.contains("/mnt/vol cannot be frozen")), "{err}");
     assert!(!fake.0.lines().iter().any(|l| l.starts_with("cp ")), "no unfrozen copy");
 
     fake.0.on("fsfreeze --freeze", vec![Reply::Ok(String::new())]);
