@@ -347,8 +347,10 @@ mod any_pool {
         let target = d.target_path("foreign-unpublish");
         let foreign = ForeignMount::tmpfs(&target);
         let req = NodeUnpublishVolumeRequest { volume_id: unknown_volume_id(&d), target_path: path_str(&target) };
-        ok(d.node().node_unpublish_volume(req).await, "NodeUnpublishVolume of an unknown volume at a foreign mount");
+        let r = d.node().node_unpublish_volume(req).await;
+        // What happened to the foreign mount first, then the answer.
         foreign.assert_untouched("NodeUnpublishVolume of an unknown volume");
+        ok(r, "NodeUnpublishVolume of an unknown volume at a foreign mount");
     }
 
     /// Item 1: the same with a real, published volume whose target is elsewhere: OK, the
@@ -360,8 +362,10 @@ mod any_pool {
         let path = d.target_path("foreign-unpublish-real");
         let foreign = ForeignMount::tmpfs(&path);
         let req = NodeUnpublishVolumeRequest { volume_id: m.volume.volume_id.clone(), target_path: path_str(&path) };
-        ok(d.node().node_unpublish_volume(req).await, "NodeUnpublishVolume of a real volume at a foreign mount");
+        let r = d.node().node_unpublish_volume(req).await;
+        // What happened to the foreign mount first, then the answer.
         foreign.assert_untouched("NodeUnpublishVolume of a real volume at a foreign path");
+        ok(r, "NodeUnpublishVolume of a real volume at a foreign mount");
         assert!(is_mount_point(&m.target), "the volume's own target was unmounted by an unpublish of another path");
         d.tear_down(&m).await;
     }
@@ -374,8 +378,10 @@ mod any_pool {
         let staging = d.dir.join("staging").join("foreign-unstage");
         let foreign = ForeignMount::tmpfs(&staging);
         let req = NodeUnstageVolumeRequest { volume_id: unknown_volume_id(&d), staging_target_path: path_str(&staging) };
-        ok(d.node().node_unstage_volume(req).await, "NodeUnstageVolume of an unknown volume at a foreign mount");
+        let r = d.node().node_unstage_volume(req).await;
+        // What happened to the foreign mount first, then the answer.
         foreign.assert_untouched("NodeUnstageVolume of an unknown volume");
+        ok(r, "NodeUnstageVolume of an unknown volume at a foreign mount");
     }
 
     /// Item 1: NodeUnstageVolume of a real volume staged elsewhere, at a foreign mount: OK,
@@ -390,8 +396,10 @@ mod any_pool {
         let path = d.dir.join("staging").join("foreign-unstage-real");
         let foreign = ForeignMount::tmpfs(&path);
         let req = NodeUnstageVolumeRequest { volume_id: v.volume_id.clone(), staging_target_path: path_str(&path) };
-        ok(d.node().node_unstage_volume(req).await, "NodeUnstageVolume of a real volume at a foreign mount");
+        let r = d.node().node_unstage_volume(req).await;
+        // What happened to the foreign mount first, then the answer.
         foreign.assert_untouched("NodeUnstageVolume of a real volume at a foreign path");
+        ok(r, "NodeUnstageVolume of a real volume at a foreign mount");
         assert!(is_mount_point(&staging), "the volume's own staging mount was unmounted by an unstage of another path");
         d.unstage(&v.volume_id, &staging).await;
         d.delete(&v.volume_id).await;
@@ -637,6 +645,46 @@ mod any_pool {
         d.unstage(&id, &first).await;
         assert!(mounts_of(&identity).is_empty(), "mounts of the volume left after unstage: {:?}", mounts_of(&identity));
         d.delete(&id).await;
+    }
+
+    /// Item 1: what a volume has staged is still known after a kill -9 and restart (the stage
+    /// record): an unstage at a foreign mount is a no-op, stats of "/" are NOT_FOUND, a second
+    /// staging path is FAILED_PRECONDITION, and the real unstage unmounts the volume.
+    #[tokio::test]
+    async fn stage_records_survive_a_restart() {
+        let outer = Outer::new();
+        let opts = StartOptions { state_dir: Some(outer.path().join("state")), ..Default::default() };
+        let mut first = Setup::new().start_with(opts.clone()).await;
+        let cap = first.mount_cap(Mode::SingleNodeWriter);
+        let v = first.create(&unique("restart"), first.fs_volume_size(), cap.clone()).await;
+        let id = v.volume_id.clone();
+        let staging = outer.path().join("staging");
+        std::fs::create_dir_all(&staging).expect("create staging dir");
+        first.stage(&id, &staging, &cap).await;
+        write_durably(&staging.join("kept"), b"staged before the restart\n");
+        first.kill9();
+        let pool = first.pool.clone();
+        let second = Setup::with_config(&pool.config, &pool.name, &pool.kind).start_with(opts).await;
+        second.adopt_leftovers_of(std::slice::from_ref(&id), &[(id.clone(), staging.clone())]);
+        let foreign = ForeignMount::tmpfs(&outer.path().join("foreign"));
+
+        let req = NodeUnstageVolumeRequest { volume_id: id.clone(), staging_target_path: path_str(&foreign.path) };
+        let r = second.node().node_unstage_volume(req).await;
+        foreign.assert_untouched("NodeUnstageVolume at a foreign mount after a restart");
+        ok(r, "NodeUnstageVolume at a foreign mount after a restart");
+        assert!(is_mount_point(&staging), "the volume's staging mount is gone after an unstage of another path");
+        let req = NodeGetVolumeStatsRequest { volume_id: id.clone(), volume_path: "/".into(), staging_target_path: String::new() };
+        expect_code(second.node().node_get_volume_stats(req).await, Code::NotFound, "NodeGetVolumeStats at / after a restart");
+        let other = outer.path().join("other");
+        std::fs::create_dir_all(&other).expect("create dir");
+        let r = second.node().node_stage_volume(second.stage_request(&id, &other, &cap)).await;
+        expect_code(r, Code::FailedPrecondition, "NodeStageVolume at a second path after a restart");
+        assert!(!is_mount_point(&other), "staged at a second path after a restart");
+        let stats = second.stats(&id, &staging, &staging).await;
+        assert!(!stats.volume_condition.expect("no volume_condition").abnormal, "the staged volume reports abnormal after a restart");
+        second.unstage(&id, &staging).await;
+        assert!(!is_mount_point(&staging), "NodeUnstageVolume after a restart left the volume mounted");
+        second.delete(&id).await;
     }
 }
 
