@@ -209,15 +209,15 @@ async fn a_10kb_volume_id_is_not_found_with_a_short_message() {
 }
 
 /// The calls the log tests send a hostile id to.
-async fn send_hostile_id(d: &Driver, id: &str) -> Vec<tonic::Status> {
+async fn send_hostile_id(d: &Driver, id: &str) -> Vec<(&'static str, tonic::Status)> {
     let staging = d.staging_dir("hostile-id");
     let mut errs = Vec::new();
     let r = d.controller().controller_get_volume(ControllerGetVolumeRequest { volume_id: id.to_owned() }).await;
-    errs.extend(r.err());
+    errs.extend(r.err().map(|s| ("ControllerGetVolume", s)));
     let req = NodeUnstageVolumeRequest { volume_id: id.to_owned(), staging_target_path: path_str(&staging) };
-    errs.extend(d.node().node_unstage_volume(req).await.err());
+    errs.extend(d.node().node_unstage_volume(req).await.err().map(|s| ("NodeUnstageVolume", s)));
     let req = NodeGetVolumeStatsRequest { volume_id: id.to_owned(), volume_path: path_str(&staging), staging_target_path: String::new() };
-    errs.extend(d.node().node_get_volume_stats(req).await.err());
+    errs.extend(d.node().node_get_volume_stats(req).await.err().map(|s| ("NodeGetVolumeStats", s)));
     errs
 }
 
@@ -232,9 +232,9 @@ async fn a_newline_in_a_volume_id_cannot_forge_a_text_log_line() {
     let forged = format!("1999-01-01T00:00:00.000000Z ERROR holdfast: {marker} all volumes deleted");
     let id = format!("file:{NODE_ID}:conformance:x\n{forged}\r\x1b[2K");
     let mut wrong = Vec::new();
-    for s in send_hostile_id(&d, &id).await {
+    for (call, s) in send_hostile_id(&d, &id).await {
         if s.message().contains(['\n', '\r', '\x1b']) {
-            wrong.push(format!("an answer carries a raw control character: {:?}", s.message()));
+            wrong.push(format!("the answer to {call} carries a raw control character: {:?}", s.message()));
         }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -297,13 +297,13 @@ async fn a_python_grpcio_client_with_default_options_is_answered() {
     let script = r#"
 import sys, grpc
 for target in ("unix:" + sys.argv[1], "unix://" + sys.argv[1]):
-ch = grpc.insecure_channel(target)
-info = ch.unary_unary("/csi.v1.Identity/GetPluginInfo")(b"", timeout=10)
-assert b"csi.holdfast.dev" in info, info
-ch.unary_unary("/csi.v1.Identity/Probe")(b"", timeout=10)
-node = ch.unary_unary("/csi.v1.Node/NodeGetInfo")(b"", timeout=10)
-assert sys.argv[2].encode() in node, node
-ch.close()
+    ch = grpc.insecure_channel(target)
+    info = ch.unary_unary("/csi.v1.Identity/GetPluginInfo")(b"", timeout=10)
+    assert b"csi.holdfast.dev" in info, info
+    ch.unary_unary("/csi.v1.Identity/Probe")(b"", timeout=10)
+    node = ch.unary_unary("/csi.v1.Node/NodeGetInfo")(b"", timeout=10)
+    assert sys.argv[2].encode() in node, node
+    ch.close()
 print("ok")
 "#;
     let out = Command::new("python3").arg("-c").arg(script).arg(path_str(&d.socket)).arg(NODE_ID).output().expect("run python3");
