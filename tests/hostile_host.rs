@@ -278,7 +278,7 @@ async fn a_newline_in_a_volume_id_keeps_json_logs_valid() {
 #[tokio::test]
 async fn socket_directory_is_not_world_writable_under_umask_000() {
     let mut setup = Setup::new();
-    let parent = setup.dir().join("run").join("holdfast");
+    let parent = setup.temp_dir().join("run").join("holdfast");
     setup.socket = parent.join("csi.sock");
     let d = setup.start_with(StartOptions { umask: Some(0), ..Default::default() }).await;
     for dir in [parent.clone(), parent.parent().expect("parent").to_path_buf()] {

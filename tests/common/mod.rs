@@ -838,27 +838,31 @@ pub struct StartOptions {
 
 impl Setup {
     /// Like [`Setup::new`], but with a pool of this test's own: `config` is the config file
-    /// and `pool`/`kind` name its first pool. The harness does not read the env's config.
+    /// and `pool`/`kind` name its first pool (the env's config is not used).
     pub fn with_config(config: &Path, pool: &str, kind: &str) -> Setup {
-        let tmp = tempfile::Builder::new().prefix("holdfast-test-").tempdir().expect("create temp dir");
-        let socket = tmp.path().join("csi.sock");
-        let pool = PoolUnderTest { name: pool.to_owned(), kind: kind.to_owned(), config: config.to_path_buf(), owned: true };
-        Setup { tmp, socket, pool }
+        let mut setup = Setup::new();
+        setup.pool = PoolUnderTest { name: pool.to_owned(), kind: kind.to_owned(), config: config.to_path_buf(), owned: true };
+        setup
     }
 
     /// The driver's temp dir (socket, log; removed when the driver is dropped).
-    pub fn dir(&self) -> &Path {
+    pub fn temp_dir(&self) -> &Path {
         self.tmp.path()
     }
 
-    /// Spawns the driver as [`Setup::start`] does, with `opts` applied.
+    /// Spawns the driver as [`Setup::start`] does, then replaces it, before any call, with one
+    /// started with `opts` (same socket, log and clients' endpoint): built on [`Setup::start`]
+    /// so that this keeps working whatever else the harness learns to pass.
     pub async fn start_with(self, opts: StartOptions) -> Driver {
-        let dir = self.tmp.path().to_path_buf();
-        let log = dir.join("driver.log");
-        let out = File::create(&log).expect("create driver log");
+        let mut driver = self.start().await;
+        driver.clients = None;
+        if let Some(mut child) = driver.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let out = File::create(&driver.log).expect("create driver log");
         let err = out.try_clone().expect("dup driver log");
-        let endpoint = format!("unix://{}", self.socket.display());
-        let state = opts.state_dir.clone().unwrap_or_else(|| dir.join("state"));
+        let state = opts.state_dir.clone().unwrap_or_else(|| driver.dir.join("state"));
         let format = opts.log_format.clone().unwrap_or_else(|| "text".into());
         let bin = env!("CARGO_BIN_EXE_holdfast");
         let mut cmd = match opts.umask {
@@ -870,9 +874,9 @@ impl Setup {
             None => Command::new(bin),
         };
         cmd.arg("all-in-one")
-            .args(["--endpoint", &endpoint, "--node-id", NODE_ID])
+            .args(["--endpoint", &driver.endpoint, "--node-id", NODE_ID])
             .arg("--config")
-            .arg(&self.pool.config)
+            .arg(&driver.pool.config)
             .args(["--log-format", &format])
             .arg("--state-dir")
             .arg(&state)
@@ -881,20 +885,14 @@ impl Setup {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        let child = cmd.spawn().expect("spawn holdfast");
-        let fs_type = std::env::var("HOLDFAST_TEST_FS").unwrap_or_else(|_| "ext4".into());
-        let mut driver = Driver {
-            dir,
-            socket: self.socket,
-            endpoint,
-            pool: self.pool,
-            fs_type,
-            child: Some(child),
-            log,
-            tmp: Some(self.tmp),
-            clients: None,
-            leftovers: Mutex::new(Vec::new()),
-        };
+        if opts.umask.is_some() {
+            // The first driver created the socket's directory: let this one create it.
+            let _ = std::fs::remove_file(&driver.socket);
+            for dir in driver.socket.ancestors().skip(1).take_while(|a| a.starts_with(&driver.dir) && *a != driver.dir.as_path()) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        driver.child = Some(cmd.spawn().expect("spawn holdfast"));
         let channel = driver.wait_for_socket().await;
         driver.clients = Some(Clients {
             identity: IdentityClient::new(channel.clone()),
