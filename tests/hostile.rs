@@ -353,7 +353,7 @@ async fn stage_records_survive_a_restart() {
     write_durably(&staging.join("kept"), b"staged before the restart\n");
     first.kill9();
     let pool = first.pool.clone();
-    let second = Setup::with_config(&pool.config, &pool.name, &pool.kind).start_with(opts).await;
+    let second = Setup::with_own_pool(&pool.config, &pool.name, &pool.kind).start_with(opts).await;
     second.adopt_leftovers_of(std::slice::from_ref(&id), &[(id.clone(), staging.clone())]);
     let foreign = ForeignMount::tmpfs(&outer.path().join("foreign"));
 

@@ -259,7 +259,7 @@ async fn a_newline_in_a_volume_id_keeps_json_logs_valid() {
     let outer = Outer::new();
     let cfg = outer.file_config(&outer.path().join("pool"), "");
     let opts = StartOptions { log_format: Some("json".into()), ..Default::default() };
-    let d = Setup::with_config(&cfg, "conformance", "file").start_with(opts).await;
+    let d = Setup::with_own_pool(&cfg, "conformance", "file").start_with(opts).await;
     let marker = unique("forged");
     let id = format!("file:{NODE_ID}:conformance:x\n{{\"level\":\"ERROR\",\"message\":\"{marker}\"}}\n\"");
     send_hostile_id(&d, &id).await;
@@ -362,7 +362,7 @@ async fn thick_volume_writes_succeed_while_the_pool_filesystem_fills() {
     let outer = Outer::new();
     let (_lo, _fs, fs_dir) = small_pool_fs(&outer, 192);
     let cfg = outer.file_config(&fs_dir.join("pool"), "");
-    let d = Setup::with_config(&cfg, "conformance", "file").start().await;
+    let d = Setup::with_own_pool(&cfg, "conformance", "file").start().await;
     let cap = ext4_cap(Mode::SingleNodeWriter);
     let v = d.create(&unique("thick"), 64 * MIB, cap.clone()).await;
     let id = v.volume_id.clone();
@@ -420,7 +420,7 @@ async fn a_thin_volume_on_a_full_pool_filesystem_reports_abnormal() {
     let outer = Outer::new();
     let (_lo, _fs, fs_dir) = small_pool_fs(&outer, 128);
     let cfg = outer.file_config(&fs_dir.join("pool"), "");
-    let d = Setup::with_config(&cfg, "conformance", "file").start().await;
+    let d = Setup::with_own_pool(&cfg, "conformance", "file").start().await;
     let cap = ext4_cap(Mode::SingleNodeWriter);
     let mut req = d.create_request(&unique("thin"), 64 * MIB, cap.clone());
     req.parameters.insert("provisioning".into(), "thin".into());
@@ -469,7 +469,7 @@ async fn a_frozen_pool_filesystem_stalls_only_its_own_pool() {
     let extra = format!("[[pool]]\nname = \"frozen\"\nkind = \"file\"\npath = \"{}\"\n\n", frozen_pool.display());
     // "frozen" first in the file, so the healthy pool is not simply the first one served.
     let cfg = outer.file_config(&outer.path().join("pool"), &extra);
-    let mut d = Setup::with_config(&cfg, "conformance", "file").start().await;
+    let mut d = Setup::with_own_pool(&cfg, "conformance", "file").start().await;
     let cap = ext4_cap(Mode::SingleNodeWriter);
     let mut on_frozen = d.create_request(&unique("on-frozen"), 16 * MIB, cap.clone());
     on_frozen.parameters.insert("pool".into(), "frozen".into());
@@ -583,7 +583,7 @@ async fn killed_during_snapshot(step: &str) {
     let second: Option<Driver>;
     let _thaw = Thaw { paths: vec![staging.clone()], paused_pid_file: Some(ctl.join("paused")) };
 
-    first = Some(Setup::with_config(&cfg, "conformance", "file").start_with(opts.clone()).await);
+    first = Some(Setup::with_own_pool(&cfg, "conformance", "file").start_with(opts.clone()).await);
     let d = first.as_ref().expect("driver");
     let cap = ext4_cap(Mode::SingleNodeWriter);
     let v = d.create(&unique("killed-snap"), 64 * MIB, cap.clone()).await;
@@ -610,7 +610,7 @@ async fn killed_during_snapshot(step: &str) {
     std::fs::remove_file(ctl.join("pause")).expect("clear pause step");
     let _ = std::fs::remove_file(ctl.join("paused"));
 
-    second = Some(Setup::with_config(&cfg, "conformance", "file").start_with(opts).await);
+    second = Some(Setup::with_own_pool(&cfg, "conformance", "file").start_with(opts).await);
     let d = second.as_ref().expect("driver");
     d.adopt_leftovers_of(std::slice::from_ref(&id), &[(id.clone(), staging.clone())]);
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -170,7 +170,7 @@ impl Drop for Outer {
 /// A driver on a `file` pool of the test's own in `outer` (whatever the environment says).
 pub async fn file_driver(outer: &Outer, extra_config: &str) -> Driver {
     let cfg = outer.file_config(&outer.path().join("pool"), extra_config);
-    Setup::with_config(&cfg, "conformance", "file").start().await
+    Setup::with_own_pool(&cfg, "conformance", "file").start().await
 }
 
 /// How many mounts are stacked at `path`.

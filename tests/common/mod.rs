@@ -839,7 +839,7 @@ pub struct StartOptions {
 impl Setup {
     /// Like [`Setup::new`], but with a pool of this test's own: `config` is the config file
     /// and `pool`/`kind` name its first pool (the env's config is not used).
-    pub fn with_config(config: &Path, pool: &str, kind: &str) -> Setup {
+    pub fn with_own_pool(config: &Path, pool: &str, kind: &str) -> Setup {
         let mut setup = Setup::new();
         setup.pool = PoolUnderTest { name: pool.to_owned(), kind: kind.to_owned(), config: config.to_path_buf(), owned: true };
         setup
