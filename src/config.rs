@@ -40,6 +40,9 @@ pub struct PoolConfig {
     pub path: Option<PathBuf>,
     /// file: space kept free on the pool's filesystem (`"1GiB"`).
     pub reserve: Option<String>,
+    /// file: `thick` (default: every volume's blocks allocated at creation) or `thin` (sparse
+    /// images; a StorageClass may choose per volume with the `provisioning` parameter).
+    pub provisioning: Option<String>,
     /// Filesystem for new filesystem volumes when the request names none (`ext4`, `xfs`, `btrfs`).
     pub default_fs: Option<String>,
     /// lvm: the volume group.
@@ -151,12 +154,142 @@ impl Config {
     }
 }
 
+/// What a pool occupies, for the overlap check: two pools that occupy the same or nested
+/// storage could see, change or delete each other's volumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Occupies {
+    /// A directory (file pools), canonicalised where it exists.
+    Dir(PathBuf),
+    /// A volume group and its thin pool, if any (lvm pools).
+    Vg(String, Option<String>),
+    /// A dataset, as its components (zfs pools).
+    Dataset(Vec<String>),
+    /// An NFS server and the components of its export path (nfs pools).
+    Export(String, Vec<String>),
+}
+
+impl Occupies {
+    /// Whether two pools occupying `self` and `other` overlap: the same thing, or one nested in
+    /// the other.
+    fn overlaps(&self, other: &Occupies) -> bool {
+        fn nested<T: PartialEq>(a: &[T], b: &[T]) -> bool {
+            a.starts_with(b) || b.starts_with(a)
+        }
+        match (self, other) {
+            (Occupies::Dir(a), Occupies::Dir(b)) => a.starts_with(b) || b.starts_with(a),
+            // LVs of pools with different thin pools (or a thick and a thin pool) of one VG
+            // are told apart by their pool's marker tag; one VG + one thin pool twice is not.
+            (Occupies::Vg(a, ta), Occupies::Vg(b, tb)) => a == b && ta == tb,
+            (Occupies::Dataset(a), Occupies::Dataset(b)) => nested(a, b),
+            (Occupies::Export(sa, a), Occupies::Export(sb, b)) => sa == sb && nested(a, b),
+            _ => false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Occupies::Dir(p) => format!("directory {}", p.display()),
+            Occupies::Vg(vg, None) => format!("volume group {vg}"),
+            Occupies::Vg(vg, Some(tp)) => format!("thin pool {vg}/{tp}"),
+            Occupies::Dataset(d) => format!("dataset {}", d.join("/")),
+            Occupies::Export(s, e) => format!("export {s}:/{}", e.join("/")),
+        }
+    }
+}
+
+/// `path` made comparable: the longest existing ancestor resolved by `canon` (symlinks,
+/// `..`), the rest normalised by hand (it does not exist, so it holds no symlink).
+fn comparable_path(path: &Path, canon: &dyn Fn(&Path) -> Option<PathBuf>) -> PathBuf {
+    use std::path::Component;
+    let mut existing = path.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    let mut base = loop {
+        if let Some(c) = canon(&existing) {
+            break c;
+        }
+        match (existing.file_name().map(|n| n.to_owned()), existing.parent().map(Path::to_path_buf)) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            // Nothing of it exists (or `..` ends it): normalise the whole path by hand.
+            _ => {
+                rest.clear();
+                break PathBuf::new();
+            }
+        }
+    };
+    let tail: Vec<std::ffi::OsString> = if base.as_os_str().is_empty() {
+        path.components().filter(|c| matches!(c, Component::Normal(_) | Component::ParentDir)).map(|c| c.as_os_str().to_owned()).collect()
+    } else {
+        rest.into_iter().rev().collect()
+    };
+    if base.as_os_str().is_empty() {
+        base.push("/");
+    }
+    for part in tail {
+        if part == ".." {
+            base.pop();
+        } else if part != "." {
+            base.push(part);
+        }
+    }
+    base
+}
+
+fn components(s: &str) -> Vec<String> {
+    s.split('/').filter(|c| !c.is_empty() && *c != ".").map(str::to_owned).collect()
+}
+
+impl PoolConfig {
+    fn occupies(&self, canon: &dyn Fn(&Path) -> Option<PathBuf>) -> Option<Occupies> {
+        match self.kind() {
+            PoolKind::File => self.path.as_deref().map(|p| Occupies::Dir(comparable_path(p, canon))),
+            PoolKind::Lvm => self.volume_group.clone().map(|vg| Occupies::Vg(vg, self.thin_pool.clone())),
+            PoolKind::Zfs => self.dataset.as_deref().map(|d| Occupies::Dataset(components(d))),
+            PoolKind::Nfs => {
+                let server = self.server.as_deref()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+                Some(Occupies::Export(server, components(self.export.as_deref()?)))
+            }
+        }
+    }
+}
+
+/// Refuses pools that occupy the same or nested storage: file pools on equal or nested
+/// directories (compared after resolving symlinks and `..` where the directories exist), lvm
+/// pools on the same volume group and thin pool, zfs pools on the same or nested datasets, nfs
+/// pools on the same server with the same or nested exports. The error names both pools.
+pub fn check_overlaps(cfg: &Config) -> Result<(), ConfigError> {
+    check_overlaps_with(&cfg.pools, &|p: &Path| std::fs::canonicalize(p).ok())
+}
+
+fn check_overlaps_with(pools: &[PoolConfig], canon: &dyn Fn(&Path) -> Option<PathBuf>) -> Result<(), ConfigError> {
+    let occupied: Vec<(&PoolConfig, Occupies)> = pools.iter().filter_map(|p| Some((p, p.occupies(canon)?))).collect();
+    for (i, (a, oa)) in occupied.iter().enumerate() {
+        for (b, ob) in &occupied[i + 1..] {
+            if oa.overlaps(ob) {
+                let what = if oa == ob { "the same storage" } else { "nested storage" };
+                return Err(ConfigError(format!(
+                    "pools {:?} ({}) and {:?} ({}) occupy {what}: one pool could see, change or delete the other's volumes; \
+                     give each pool storage of its own",
+                    a.name(),
+                    oa.describe(),
+                    b.name(),
+                    ob.describe()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl PoolConfig {
     /// Checks that the keys present are the ones the kind needs and understands.
     fn check_keys(&self) -> Result<(), String> {
         let present: Vec<(&str, bool)> = vec![
             ("path", self.path.is_some()),
             ("reserve", self.reserve.is_some()),
+            ("provisioning", self.provisioning.is_some()),
             ("volume_group", self.volume_group.is_some()),
             ("thin_pool", self.thin_pool.is_some()),
             ("overprovision_ratio", self.overprovision_ratio.is_some()),
@@ -173,7 +306,7 @@ impl PoolConfig {
             ("pool_topology", self.pool_topology.is_some()),
         ];
         let (required, allowed): (&[&str], &[&str]) = match self.kind() {
-            PoolKind::File => (&["path"], &["path", "reserve"]),
+            PoolKind::File => (&["path"], &["path", "reserve", "provisioning"]),
             PoolKind::Lvm => (&["volume_group"], &["volume_group", "thin_pool", "overprovision_ratio", "lvcreate_options"]),
             PoolKind::Zfs => (&["dataset"], &["dataset", "properties", "quota_mode", "sparse"]),
             PoolKind::Nfs => (&["server", "export"], &["server", "export", "mount_options", "subdir", "on_delete", "pool_topology"]),
@@ -191,6 +324,11 @@ impl PoolConfig {
         }
         if let Some(r) = &self.reserve {
             parse_size(r).ok_or_else(|| format!("reserve {r:?} is not a size (examples: \"1GiB\", \"500MiB\")"))?;
+        }
+        if let Some(p) = &self.provisioning {
+            if p != "thick" && p != "thin" {
+                return Err(format!("provisioning {p:?} is neither \"thick\" nor \"thin\""));
+            }
         }
         if let Some(fs) = &self.default_fs {
             let allowed: &[&str] = match self.kind() {
@@ -283,6 +421,108 @@ default_fs = "xfs"
         for c in cases {
             let err = Config::parse(c.src).unwrap_err().to_string();
             assert!(err.contains(c.want), "{}: {err:?} does not contain {:?}", c.name, c.want);
+        }
+    }
+
+    fn pools(src: &str) -> Vec<PoolConfig> {
+        Config::parse(src).unwrap().pools
+    }
+
+    fn file(name: &str, path: &str) -> String {
+        format!("[[pool]]\nname = \"{name}\"\nkind = \"file\"\npath = \"{path}\"\n")
+    }
+
+    #[test]
+    fn overlapping_pools_are_refused_naming_both() {
+        struct Case {
+            name: &'static str,
+            src: String,
+            want: Option<&'static str>,
+        }
+        let lvm = |n: &str, vg: &str, tp: Option<&str>| {
+            let tp = tp.map(|t| format!("thin_pool = \"{t}\"\n")).unwrap_or_default();
+            format!("[[pool]]\nname = \"{n}\"\nkind = \"lvm\"\nvolume_group = \"{vg}\"\n{tp}")
+        };
+        let zfs = |n: &str, d: &str| format!("[[pool]]\nname = \"{n}\"\nkind = \"zfs\"\ndataset = \"{d}\"\n");
+        let nfs = |n: &str, s: &str, e: &str| format!("[[pool]]\nname = \"{n}\"\nkind = \"nfs\"\nserver = \"{s}\"\nexport = \"{e}\"\n");
+        let cases = [
+            Case {
+                name: "file equal",
+                src: file("a", "/p/x") + &file("b", "/p/x"),
+                want: Some("\"a\" (directory /p/x) and \"b\" (directory /p/x) occupy the same"),
+            },
+            Case { name: "file trailing slash", src: file("a", "/p/x/") + &file("b", "/p/x"), want: Some("the same storage") },
+            Case { name: "file dot-dot", src: file("a", "/p/x/../x") + &file("b", "/p/x"), want: Some("the same storage") },
+            Case { name: "file nested", src: file("a", "/p") + &file("b", "/p/x/y"), want: Some("nested storage") },
+            Case {
+                name: "file nested, inner first",
+                src: file("a", "/p/x/y") + &file("b", "/p"),
+                want: Some("\"a\" (directory /p/x/y) and \"b\""),
+            },
+            Case { name: "file siblings", src: file("a", "/p/x") + &file("b", "/p/xy"), want: None },
+            Case { name: "lvm same vg", src: lvm("a", "vg0", None) + &lvm("b", "vg0", None), want: Some("volume group vg0") },
+            Case {
+                name: "lvm same thin pool",
+                src: lvm("a", "vg0", Some("tp")) + &lvm("b", "vg0", Some("tp")),
+                want: Some("thin pool vg0/tp"),
+            },
+            Case { name: "lvm two thin pools of one vg", src: lvm("a", "vg0", Some("tp")) + &lvm("b", "vg0", Some("tq")), want: None },
+            Case { name: "lvm thick and thin of one vg", src: lvm("a", "vg0", None) + &lvm("b", "vg0", Some("tp")), want: None },
+            Case { name: "lvm other vg", src: lvm("a", "vg0", None) + &lvm("b", "vg1", None), want: None },
+            Case { name: "zfs equal", src: zfs("a", "tank/hf") + &zfs("b", "tank/hf"), want: Some("dataset tank/hf") },
+            Case { name: "zfs nested", src: zfs("a", "tank/hf") + &zfs("b", "tank/hf/fast"), want: Some("nested storage") },
+            Case { name: "zfs prefix of a name is not nesting", src: zfs("a", "tank/hf") + &zfs("b", "tank/hf2"), want: None },
+            Case { name: "nfs equal", src: nfs("a", "srv", "/export") + &nfs("b", "SRV", "/export/"), want: Some("export srv:/export") },
+            Case { name: "nfs nested", src: nfs("a", "srv", "/export") + &nfs("b", "srv", "/export/k8s"), want: Some("nested storage") },
+            Case { name: "nfs root export", src: nfs("a", "srv", "/") + &nfs("b", "srv", "/export"), want: Some("nested storage") },
+            Case { name: "nfs other server", src: nfs("a", "srv", "/export") + &nfs("b", "srv2", "/export"), want: None },
+            Case {
+                name: "nfs ipv6 brackets",
+                src: nfs("a", "[fd00::1]", "/e") + &nfs("b", "fd00::1", "/e"),
+                want: Some("the same storage"),
+            },
+            Case { name: "different kinds", src: file("a", "/tank/hf") + &zfs("b", "tank/hf"), want: None },
+            Case {
+                name: "third pool overlaps the first",
+                src: file("a", "/p") + &file("b", "/q") + &file("c", "/p/c"),
+                want: Some("\"a\""),
+            },
+        ];
+        // Nothing of these paths exists: the check must not depend on the host.
+        let canon = |_: &Path| None;
+        for c in cases {
+            let got = check_overlaps_with(&pools(&c.src), &canon);
+            match (c.want, got) {
+                (None, Ok(())) => {}
+                (Some(w), Err(ConfigError(m))) => assert!(m.contains(w), "{}: {m:?} does not contain {w:?}", c.name),
+                (w, g) => panic!("{}: want {w:?}, got {g:?}", c.name),
+            }
+        }
+    }
+
+    #[test]
+    fn overlap_check_resolves_symlinks_and_dot_dot_of_existing_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir_all(real.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let d = dir.path().display();
+        struct Case {
+            name: &'static str,
+            a: String,
+            b: String,
+            overlap: bool,
+        }
+        let cases = [
+            Case { name: "symlink to the same dir", a: format!("{d}/real"), b: format!("{d}/link"), overlap: true },
+            Case { name: "missing child under a symlink", a: format!("{d}/real/new"), b: format!("{d}/link/new"), overlap: true },
+            Case { name: "nested through a symlink", a: format!("{d}/link/sub"), b: format!("{d}/real"), overlap: true },
+            Case { name: "dot-dot through an existing dir", a: format!("{d}/real/sub/.."), b: format!("{d}/link"), overlap: true },
+            Case { name: "separate dirs", a: format!("{d}/real/sub"), b: format!("{d}/other"), overlap: false },
+        ];
+        for c in cases {
+            let cfg = Config::parse(&(file("a", &c.a) + &file("b", &c.b))).unwrap();
+            assert_eq!(check_overlaps(&cfg).is_err(), c.overlap, "{}", c.name);
         }
     }
 

@@ -53,6 +53,9 @@ impl Driver {
             .map_err(|e| Error::io(format!("creating state directory {}", state_dir.display()), e))?;
         let mut segments = cfg.topology.clone();
         segments.insert(NODE_KEY.to_owned(), node_id.to_owned());
+        // Before any pool is opened (opening creates directories): overlapping pools could
+        // delete each other's volumes.
+        crate::config::check_overlaps(cfg).map_err(|e| Error::InvalidArgument(format!("configuration: {e}")))?;
         let mut pools = BTreeMap::new();
         for pc in &cfg.pools {
             pools.insert(pc.name().to_owned(), pool::open(pc, exec.clone())?);

@@ -90,6 +90,26 @@ pub fn bounded(s: &str) -> String {
     out
 }
 
+/// Longest gRPC status message sent: the final safety net under [`bounded`], so no message can
+/// grow into metadata a client refuses.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `msg` fit to be a status message: control characters other than newline and tab escaped
+/// (no terminal escapes reach an operator's screen), cut to [`MAX_MESSAGE`] bytes with the
+/// full length noted.
+pub fn status_message(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len().min(MAX_MESSAGE));
+    for c in msg.chars() {
+        let piece: String = if c.is_control() && c != '\n' && c != '\t' { c.escape_default().collect() } else { c.to_string() };
+        if out.len() + piece.len() > MAX_MESSAGE - 40 {
+            out.push_str(&format!("… (cut, {} bytes in all)", msg.len()));
+            return out;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -154,7 +174,7 @@ impl From<Error> for tonic::Status {
             Error::Exec { source: ExecError::Timeout { .. }, .. } => Code::DeadlineExceeded,
             Error::Exec { .. } | Error::Io { .. } | Error::Internal(_) => Code::Internal,
         };
-        tonic::Status::new(code, e.to_string())
+        tonic::Status::new(code, status_message(&e.to_string()))
     }
 }
 
@@ -196,6 +216,16 @@ mod tests {
         let long = bounded(&"x".repeat(10_000));
         assert!(long.len() < MAX_ECHO + 40 && long.ends_with("(cut, 10000 bytes in all)"), "{long}");
         assert!(bounded(&"é".repeat(300)).contains("(cut, 600 bytes in all)"), "cut on a character boundary");
+    }
+
+    #[test]
+    fn status_messages_are_capped_and_escaped() {
+        let s = tonic::Status::from(Error::NotFound(format!("volume {} does not exist", "v".repeat(10_000))));
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().len() <= MAX_MESSAGE, "{} bytes", s.message().len());
+        assert!(s.message().ends_with("(cut, 10022 bytes in all)"), "{}", s.message());
+        let s = tonic::Status::from(Error::Internal("a\x1b[31mred\r\nnext\tcol".into()));
+        assert_eq!(s.message(), "a\\u{1b}[31mred\\r\nnext\tcol");
     }
 
     #[test]

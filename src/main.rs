@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -13,7 +14,7 @@ use holdfast::config::Config;
 use holdfast::driver::Driver;
 use holdfast::exec::RealExec;
 use holdfast::node::mount::RealMounter;
-use holdfast::server::{self, Services};
+use holdfast::server::{self, ServeOptions, Services};
 
 #[derive(Parser, Debug)]
 #[command(name = "holdfast", version, about = "CSI storage driver: volumes from LVM, ZFS, NFS and file pools")]
@@ -50,6 +51,11 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Controller and Node calls served at once; further calls wait for a free slot (each
+    /// within its own deadline). Identity calls (Probe, GetPluginInfo) are never held back.
+    #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_concurrent_calls: u32,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -58,10 +64,50 @@ enum LogFormat {
     Json,
 }
 
+/// Writes each log event as exactly one line: a newline or carriage return inside an event (a
+/// request's name formatted into a message, a tool's multi-line stderr) is written escaped, so
+/// no request can forge a log line, whichever code logged it. The formatter hands over one
+/// whole event per `write_all`.
+struct OneLine<W>(W);
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let (body, end) = match buf.strip_suffix(b"\n") {
+            Some(b) => (b, &b"\n"[..]),
+            None => (buf, &b""[..]),
+        };
+        if !body.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+            return self.0.write_all(buf);
+        }
+        let mut line = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            match b {
+                b'\n' => line.extend_from_slice(b"\\n"),
+                b'\r' => line.extend_from_slice(b"\\r"),
+                b => line.push(b),
+            }
+        }
+        line.extend_from_slice(end);
+        self.0.write_all(&line)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG").unwrap_or_else(|_| "info".into());
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| OneLine(std::io::stderr()))
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -87,7 +133,7 @@ async fn shutdown_signal() {
     tracing::info!(signal = name, "shutting down: finishing in-flight calls");
 }
 
-async fn all_in_one(args: ServeArgs) -> anyhow::Result<()> {
+async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let cfg = match &args.config {
         Some(p) => Config::load(p)?,
@@ -103,23 +149,65 @@ async fn all_in_one(args: ServeArgs) -> anyhow::Result<()> {
     let exec = Arc::new(RealExec);
     let mounter = Arc::new(RealMounter::new(exec.clone()));
     let driver = Arc::new(Driver::new(&node_id, &cfg, &args.state_dir, exec, mounter)?);
-    server::serve(&args.endpoint, driver, Services { controller: true, node: true }, shutdown_signal())
+    let options =
+        ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
+    server::serve(&args.endpoint, driver, Services { controller: true, node: true }, options, shutdown_signal())
         .await
         .map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
     Ok(())
 }
 
-#[tokio::main]
-async fn main() {
+/// How long, once serving has stopped, the exit waits for blocking calls still running.
+const EXIT_WAIT: Duration = Duration::from_millis(500);
+
+fn main() {
     let cli = Cli::parse();
-    let res = match cli.cmd {
-        Command::AllInOne(a) => all_in_one(a).await,
-        Command::Ctl(a) => holdfast::ctl::run(a).await.map_err(anyhow::Error::msg),
-        Command::Bench(a) => holdfast::bench::run(a).await.map_err(anyhow::Error::msg),
+    let runtime = |name: &str, threads: Option<usize>| {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.thread_name(name).enable_all();
+        if let Some(n) = threads {
+            b.worker_threads(n);
+        }
+        b.build().unwrap_or_else(|e| {
+            eprintln!("holdfast: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        })
     };
+    // The pools and every Controller/Node call run on `calls`; connections and Identity on
+    // `grpc`, which nothing else uses, so Probe answers even when calls block their threads.
+    let calls = runtime("holdfast-call", None);
+    let mut grpc = None;
+    let res = match cli.cmd {
+        Command::AllInOne(a) => {
+            let handle = grpc.insert(runtime("holdfast-grpc", Some(2))).handle().clone();
+            calls.block_on(all_in_one(a, handle))
+        }
+        Command::Ctl(a) => calls.block_on(holdfast::ctl::run(a)).map_err(anyhow::Error::msg),
+        Command::Bench(a) => calls.block_on(holdfast::bench::run(a)).map_err(anyhow::Error::msg),
+    };
+    // Dropping a runtime would wait for every blocking call, and one stuck in the kernel (a
+    // frozen pool filesystem, a hung NFS server) never returns: stop waiting after a moment.
+    if let Some(g) = grpc {
+        g.shutdown_timeout(EXIT_WAIT);
+    }
+    calls.shutdown_timeout(EXIT_WAIT);
     if let Err(e) = res {
         eprintln!("holdfast: {e:#}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn each_log_event_is_one_line() {
+        let mut out = OneLine(Vec::new());
+        out.write_all(b"INFO created name=a\nINFO forged\r\n").unwrap();
+        out.write_all(b"INFO plain\n").unwrap();
+        assert_eq!(String::from_utf8(out.0).unwrap(), "INFO created name=a\\nINFO forged\\r\nINFO plain\n");
     }
 }

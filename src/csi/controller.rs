@@ -162,7 +162,7 @@ impl ControllerService {
 
     /// Resolves a volume id to its pool and volume; NOT_FOUND when either is missing.
     async fn find_volume(&self, id: &str) -> Result<(Arc<dyn Pool>, VolumeInfo)> {
-        let missing = || Error::NotFound(format!("volume {id} does not exist"));
+        let missing = || Error::NotFound(format!("volume {} does not exist", crate::error::bounded(id)));
         let vid = VolumeId::parse(id).ok_or_else(missing)?;
         let pool = self.d.pool_of(&vid).ok_or_else(missing)?.clone();
         let v = pool.get_volume(&vid.local).await?.ok_or_else(missing)?;
@@ -170,7 +170,7 @@ impl ControllerService {
     }
 
     async fn find_snapshot(&self, id: &str) -> Result<(Arc<dyn Pool>, SnapshotInfo)> {
-        let missing = || Error::NotFound(format!("snapshot {id} does not exist"));
+        let missing = || Error::NotFound(format!("snapshot {} does not exist", crate::error::bounded(id)));
         let sid = VolumeId::parse(id).ok_or_else(missing)?;
         let pool = self.d.pool_of(&sid).ok_or_else(missing)?.clone();
         let s = pool.get_snapshot(&sid.local).await?.ok_or_else(missing)?;

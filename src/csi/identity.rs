@@ -1,4 +1,6 @@
-//! CSI Identity: who the plugin is, what it offers, whether it is ready.
+//! CSI Identity: who the plugin is, what it offers, whether it is ready. Nothing here touches
+//! a pool or makes a blocking call: these answers must come in milliseconds whatever the
+//! storage is doing (liveness probes and registrars depend on them).
 
 use std::sync::Arc;
 
@@ -56,6 +58,10 @@ impl Identity for IdentityService {
         }))
     }
 
+    /// Ready whenever it answers: the socket only appears once every pool is open (start-up
+    /// opens them before serving), and a pool's later sickness is reported through volume
+    /// conditions and the log (`crate::csi::HealthLog`), never here, since a not-ready Probe
+    /// makes the liveness probe restart the plugin, which cures no pool.
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         Ok(Response::new(ProbeResponse { ready: Some(true) }))
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tonic::{Response, Status};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, bounded};
 use crate::placement::Segments;
 use crate::proto;
 use crate::proto::volume_capability::access_mode::Mode;
@@ -109,26 +109,59 @@ pub fn topology(segments: &Segments) -> proto::Topology {
     proto::Topology { segments: segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>() }
 }
 
-/// Runs one call and logs it (method, volume id, duration, status code).
+/// Runs one call and logs it (method, volume id, duration, status code). The id comes from
+/// the request, so it is logged [`bounded`]: no forged lines, no 10 KB log lines; the message
+/// is logged escaped (Debug), so a newline from a request or a tool's stderr stays on one line.
 pub async fn traced<T>(method: &'static str, id: &str, fut: impl Future<Output = Result<T>>) -> Result<Response<T>, Status> {
     let started = Instant::now();
     let res = fut.await;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let volume = bounded(id);
     match res {
         Ok(v) => {
-            tracing::info!(method, volume = id, ms = format_args!("{ms:.1}"), status = "OK");
+            tracing::info!(method, volume = %volume, ms = format_args!("{ms:.1}"), status = "OK");
             Ok(Response::new(v))
         }
         Err(e) => {
             let status = Status::from(e);
             let code = format!("{:?}", status.code());
+            let message = status.message();
             if matches!(status.code(), tonic::Code::Internal | tonic::Code::DeadlineExceeded | tonic::Code::Unknown) {
-                tracing::error!(method, volume = id, ms = format_args!("{ms:.1}"), status = code, message = status.message());
+                tracing::error!(method, volume = %volume, ms = format_args!("{ms:.1}"), status = code, message = ?message);
             } else {
-                tracing::warn!(method, volume = id, ms = format_args!("{ms:.1}"), status = code, message = status.message());
+                tracing::warn!(method, volume = %volume, ms = format_args!("{ms:.1}"), status = code, message = ?message);
             }
             Err(status)
         }
+    }
+}
+
+/// Remembers each pool's last known health and logs a line when it changes (not on every
+/// check): the liveness probe never sees pool health (Probe answers ready once the pools are
+/// open), operators see it here and in volume conditions. Pools call [`HealthLog::note`]
+/// wherever they learn their health (a zpool status, a VG lookup, an NFS export check).
+#[derive(Default)]
+pub struct HealthLog {
+    last: std::sync::Mutex<HashMap<String, Option<String>>>,
+}
+
+impl HealthLog {
+    /// Records `problem` (None = healthy) for `pool`; logs and answers true when it differs
+    /// from the last one recorded (the first record of a healthy pool is not a change).
+    pub fn note(&self, pool: &str, problem: Option<&str>) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let before = last.get(pool).cloned().flatten();
+        let changed = before.as_deref() != problem;
+        if changed {
+            last.insert(pool.to_owned(), problem.map(str::to_owned));
+        }
+        drop(last);
+        match (changed, problem) {
+            (false, _) => {}
+            (true, Some(p)) => tracing::warn!(pool, problem = ?p, "pool is unhealthy: its volumes report an abnormal condition"),
+            (true, None) => tracing::info!(pool, was = ?before.unwrap_or_default(), "pool is healthy again"),
+        }
+        changed
     }
 }
 
@@ -164,6 +197,17 @@ mod tests {
                 (got, want) => panic!("{}: got {got:?}, want {want:?}", c.name),
             }
         }
+    }
+
+    #[test]
+    fn pool_health_is_logged_once_per_change() {
+        let log = HealthLog::default();
+        assert!(!log.note("p1", None), "a healthy first check is no change");
+        assert!(log.note("p1", Some("zpool tank is DEGRADED")));
+        assert!(!log.note("p1", Some("zpool tank is DEGRADED")), "the same problem again is not logged again");
+        assert!(log.note("p1", Some("zpool tank is FAULTED")));
+        assert!(log.note("p1", None));
+        assert!(!log.note("p2", None), "pools are tracked apart");
     }
 
     #[test]

@@ -139,6 +139,26 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// A driver on the config `make` writes, given the temp dir the driver will run in (pools
+    /// may live inside it: they are cleaned up with it). Its first `[[pool]]` is the pool under
+    /// test, owned by this driver alone.
+    pub fn with_config(make: impl FnOnce(&Path) -> String) -> Setup {
+        let tmp = tempfile::Builder::new().prefix("holdfast-test-").tempdir().expect("create temp dir");
+        let socket = tmp.path().join("csi.sock");
+        let config = tmp.path().join("holdfast.toml");
+        let text = make(tmp.path());
+        std::fs::write(&config, text).expect("write config");
+        let pool = PoolUnderTest { owned: true, ..pool_from_config(&config) };
+        Setup { tmp, socket, pool }
+    }
+
+    /// The temp dir the driver will run in.
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
 impl Default for Setup {
     fn default() -> Self {
         Setup::new()

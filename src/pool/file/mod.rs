@@ -1,0 +1,1029 @@
+//! The `file` pool: each volume is a file in the pool directory with a JSON metadata file
+//! beside it; the node attaches it to a loop device.
+//!
+//! Layout (everything stays inside the pool directory; local names are validated before any
+//! path is built from them):
+//!
+//! ```text
+//! <path>/volumes/<local>.img     the volume's data (preallocated, or sparse when thin)
+//! <path>/volumes/<local>.json    VolumeRecord: the volume exists exactly when this file does
+//! <path>/snapshots/<local>.img   an independent copy of a volume's image
+//! <path>/snapshots/<local>.json  SnapshotRecord
+//! <path>/*/.<local>.{img,json}.tmp   half-made files of a creation in progress
+//! ```
+//!
+//! Crash safety: the metadata rename is the single commit point. A creation builds the image as
+//! `.<local>.img.tmp`, fsyncs it, renames it to `<local>.img`, then writes the metadata (tmp,
+//! fsync, rename, fsync of the directory). Until the metadata is in place nothing is visible;
+//! afterwards the volume is complete. Deletion removes the metadata first. So the only leftovers
+//! a crash can leave are temporaries and an image without metadata, and a retry of the same
+//! name (create or delete) removes them.
+//!
+//! Provisioning: a `thick` volume (the default) has every block allocated at creation
+//! (`fallocate`, instant on ext4/xfs/btrfs), so its writes never fail for lack of pool space:
+//! its loop device is attached with discard turned off (a discard would punch holes into the
+//! image), the image is re-allocated at every attach (healing holes an older attach let
+//! through), btrfs images are NOCOW (`chattr +C` while empty), and a reflink copy of a thick
+//! image keeps room for the blocks its sharers' next writes need (see `room`). A `thin` volume
+//! is a sparse file that takes blocks as it is written; its promise is counted as room, and it
+//! reports an abnormal condition when the pool filesystem can no longer back it.
+//!
+//! Every filesystem call on the pool directory runs through [`crate::blocking::run`] in the
+//! domain `pool:<name>`: a hung or frozen pool filesystem makes this pool's calls fail with
+//! DEADLINE_EXCEEDED (then UNAVAILABLE) while other pools keep answering.
+//!
+//! Snapshots and clones are independent copies of the image, so a volume that has snapshots can
+//! be deleted and its snapshots stay usable. A source that is mounted (through its loop device,
+//! per this process's mount table) is frozen with `fsfreeze` for the copy; a raw block volume in
+//! use cannot be frozen and is copied as it is.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::blocking::{self, METADATA_DEADLINE};
+use crate::config::{PoolConfig, format_size, parse_size};
+use crate::error::{Context, Error, Result};
+use crate::exec::{Cmd, Exec};
+use crate::node::{format, loopdev, mountinfo};
+use crate::pool::{Attachment, Condition, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
+use crate::volume_id::{PoolKind, valid_local_name};
+
+mod room;
+
+/// Filesystem for filesystem volumes when neither the request nor the config names one.
+const DEFAULT_FS: &str = "ext4";
+/// How long an image copy may take. Generous: without reflink, `cp` reads every allocated
+/// byte, and a mounted source stays frozen for the whole copy.
+const COPY_TIMEOUT: Duration = Duration::from_secs(2 * 3600);
+/// How long `fsfreeze` may take (freezing flushes the filesystem's dirty data).
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long allocating or growing an image may take. `fallocate` only reserves extents on
+/// ext4/xfs/btrfs (instant); the margin is for slow disks and filesystems that zero blocks.
+const ALLOCATE_DEADLINE: Duration = Duration::from_secs(120);
+/// How long `chattr` may take.
+const CHATTR_TIMEOUT: Duration = Duration::from_secs(30);
+/// The StorageClass parameter (and config key) choosing thick or thin volumes.
+pub const PARAM_PROVISIONING: &str = "provisioning";
+/// Where the kernel shows block devices' queue limits.
+const SYS_BLOCK: &str = "/sys/block";
+
+/// Whether a volume's blocks are allocated when it is created (thick) or when written (thin).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provisioning {
+    /// Every block allocated at creation: writes never fail for lack of pool space.
+    #[default]
+    Thick,
+    /// A sparse file: blocks are taken as they are written.
+    Thin,
+}
+
+impl Provisioning {
+    /// `thick` or `thin`; anything else is `None`.
+    pub fn parse(s: &str) -> Option<Provisioning> {
+        match s {
+            "thick" => Some(Provisioning::Thick),
+            "thin" => Some(Provisioning::Thin),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Provisioning::Thick => "thick",
+            Provisioning::Thin => "thin",
+        }
+    }
+}
+
+/// Volumes made before provisioning existed were sparse files.
+fn legacy_provisioning() -> Provisioning {
+    Provisioning::Thin
+}
+
+/// What a volume's metadata file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct VolumeRecord {
+    #[serde(flatten)]
+    info: VolumeInfo,
+    #[serde(default = "legacy_provisioning")]
+    provisioning: Provisioning,
+    /// Bytes of pool space kept for this image beyond its own allocation: blocks it shares
+    /// with another image (reflink) that the next write to either needs anew.
+    #[serde(default)]
+    shared: u64,
+}
+
+/// What a snapshot's metadata file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SnapshotRecord {
+    #[serde(flatten)]
+    info: SnapshotInfo,
+    /// As [`VolumeRecord::shared`]: a reflink snapshot of a thick volume keeps the volume's
+    /// size, because the volume's next writes need new blocks.
+    #[serde(default)]
+    shared: u64,
+}
+
+/// What the pool's filesystem can do for copies and allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolFs {
+    /// btrfs: reflinks, and thick images must be NOCOW (a COW image needs new blocks on every
+    /// overwrite, preallocated or not).
+    Btrfs,
+    /// ext2/3/4, tmpfs: `cp` makes real copies, which take their blocks at once.
+    Copies,
+    /// Anything else (xfs, bcachefs, nfs 4.2…): copies may share blocks (reflink).
+    MayReflink,
+}
+
+impl PoolFs {
+    fn of(path: &Path) -> Result<PoolFs> {
+        use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC, statfs};
+        let st = statfs(path).map_err(|e| Error::io(format!("statfs of pool directory {}", path.display()), e.into()))?;
+        let t = st.filesystem_type();
+        Ok(if t == BTRFS_SUPER_MAGIC {
+            PoolFs::Btrfs
+        } else if t == EXT4_SUPER_MAGIC || t == TMPFS_MAGIC {
+            // EXT4_SUPER_MAGIC is ext2's and ext3's too.
+            PoolFs::Copies
+        } else {
+            PoolFs::MayReflink
+        })
+    }
+
+    fn may_reflink(self) -> bool {
+        self != PoolFs::Copies
+    }
+}
+
+/// Volumes or snapshots: the two directories of the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Volume,
+    Snapshot,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Volume => "volumes",
+            Kind::Snapshot => "snapshots",
+        }
+    }
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// The files of one volume or snapshot.
+#[derive(Debug, Clone)]
+struct Files {
+    dir: PathBuf,
+    img: PathBuf,
+    meta: PathBuf,
+    tmp_img: PathBuf,
+    tmp_meta: PathBuf,
+}
+
+/// A `file` pool: image files in a directory, attached to loop devices on this node.
+pub struct FilePool {
+    name: String,
+    root: PathBuf,
+    reserve: u64,
+    default_fs: String,
+    /// Provisioning of volumes whose request does not choose.
+    provisioning: Provisioning,
+    exec: Arc<dyn Exec>,
+    /// The mount table consulted to find a mounted source before copying it.
+    mountinfo: PathBuf,
+    /// Where loop devices' queue limits are set (`/sys/block`; a fake tree in tests).
+    sys_block: PathBuf,
+    /// The [`blocking::run`] domain of this pool's filesystem calls.
+    domain: String,
+    /// Bytes claimed by creations, clones, snapshots and expansions in progress.
+    in_flight: Arc<Mutex<u64>>,
+    /// Serialises claims, so two creations never both count the same free space.
+    claiming: tokio::sync::Mutex<()>,
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Removes a file; one that is not there is success.
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io(format!("removing {}", path.display()), e)),
+        _ => Ok(()),
+    }
+}
+
+/// Makes renames and removals in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// Reads a metadata file; `None` when it does not exist.
+fn read_meta<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    let bytes = match fs::read(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        r => r.context(|| format!("reading metadata {}", path.display()))?,
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        Error::Internal(format!("metadata {} is unreadable: {e}; fix or remove it (the image beside it holds the data)", path.display()))
+    })
+}
+
+/// Writes a metadata file atomically: temporary file, fsync, rename, fsync of the directory.
+fn write_meta<T: Serialize>(files: &Files, value: &T) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(format!("encoding metadata: {e}")))?;
+    let tmp = &files.tmp_meta;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)
+        .context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&json).and_then(|_| f.sync_all()).context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(tmp, &files.meta).context(|| format!("renaming {} to {}", tmp.display(), files.meta.display()))?;
+    sync_dir(&files.dir)
+}
+
+/// Flushes a file's data to disk.
+fn sync_file(path: &Path) -> Result<()> {
+    File::open(path).and_then(|f| f.sync_all()).context(|| format!("syncing {}", path.display()))
+}
+
+/// Apparent size and allocated bytes of a file.
+fn sizes(path: &Path) -> Result<(u64, u64)> {
+    let m = fs::metadata(path).context(|| format!("inspecting {}", path.display()))?;
+    Ok((m.len(), m.blocks() * 512))
+}
+
+/// Allocates every block of `path` up to `len` bytes (filling holes, growing the file when
+/// shorter) and flushes it. No space is RESOURCE_EXHAUSTED; a filesystem that cannot
+/// preallocate is FAILED_PRECONDITION (thin provisioning is the way out).
+fn allocate(path: &Path, len: u64) -> Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    let f = OpenOptions::new().write(true).open(path).context(|| format!("opening {}", path.display()))?;
+    let end = i64::try_from(len).map_err(|_| Error::OutOfRange(format!("{len} bytes is too large for a file")))?;
+    match fallocate(&f, FallocateFlags::empty(), 0, end) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ENOSPC) => {
+            return Err(Error::ResourceExhausted(format!(
+                "the filesystem of {} has no room to allocate {}",
+                path.display(),
+                format_size(len)
+            )));
+        }
+        Err(nix::errno::Errno::EOPNOTSUPP) => {
+            return Err(Error::FailedPrecondition(format!(
+                "the filesystem of {} cannot preallocate files; use provisioning = \"thin\" for this pool",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(Error::io(format!("allocating {} bytes of {}", len, path.display()), e.into())),
+    }
+    f.sync_all().context(|| format!("syncing {}", path.display()))
+}
+
+/// Grows `path` to `len` bytes (sparse) and flushes it; never shrinks.
+fn grow_and_sync(path: &Path, len: u64) -> Result<()> {
+    let f = OpenOptions::new().write(true).open(path).context(|| format!("opening {}", path.display()))?;
+    let cur = f.metadata().context(|| format!("inspecting {}", path.display()))?.len();
+    if cur < len {
+        f.set_len(len).context(|| format!("growing {} to {len} bytes", path.display()))?;
+    }
+    f.sync_all().context(|| format!("syncing {}", path.display()))
+}
+
+/// Copies `src` to `dst` with `cp` (reflink when the filesystem can, holes kept). When `src` is
+/// attached to a loop device that is mounted, the filesystem is frozen around the copy so the
+/// copy is consistent, and thawed afterwards whatever happened.
+///
+/// Runs as its own task: if the caller's request is cancelled mid-copy, the task still thaws
+/// the filesystem (a frozen filesystem would block the application's writes forever).
+async fn copy_image(exec: Arc<dyn Exec>, mountinfo_path: PathBuf, src: PathBuf, dst: PathBuf) -> Result<()> {
+    let task = tokio::spawn(async move {
+        let devices = loopdev::find(exec.as_ref(), &src).await?;
+        let mut freeze_at: Vec<PathBuf> = Vec::new();
+        if !devices.is_empty() {
+            let mounts = mountinfo::read_from(&mountinfo_path)?;
+            for d in &devices {
+                // One superblock, however many mount points (binds): freezing one freezes it.
+                if let Some(m) = mountinfo::find_by_source(&mounts, &d.to_string_lossy()).first() {
+                    freeze_at.push(m.mount_point.clone());
+                }
+            }
+        }
+        let mut frozen: Vec<&Path> = Vec::new();
+        let mut failed_freeze: Option<&Path> = None;
+        let mut result = Ok(());
+        for mp in &freeze_at {
+            let cmd = Cmd::new("fsfreeze").args(["--freeze", &*mp.to_string_lossy()]).timeout(FREEZE_TIMEOUT);
+            // Thawed afterwards even if the freeze fails: one that timed out may still take effect.
+            frozen.push(mp);
+            if let Err(e) = exec.run(cmd).await {
+                failed_freeze = Some(mp);
+                result = Err(Error::exec(format!("freezing {} for a consistent copy of {}", mp.display(), src.display()), e));
+                break;
+            }
+        }
+        if result.is_ok() {
+            let (s, d) = (src.to_string_lossy(), dst.to_string_lossy());
+            let cmd = Cmd::new("cp").args(["--reflink=auto", "--sparse=always", s.as_ref(), d.as_ref()]).timeout(COPY_TIMEOUT);
+            result = exec.run(cmd).await.context(|| format!("copying {s} to {d}")).map(|_| ());
+        }
+        for mp in frozen.into_iter().rev() {
+            let cmd = Cmd::new("fsfreeze").args(["--unfreeze", &*mp.to_string_lossy()]).timeout(FREEZE_TIMEOUT);
+            match exec.run(cmd).await {
+                Ok(_) => {}
+                // Thawing what never froze fails too, and says nothing new.
+                Err(_) if failed_freeze == Some(mp) => {}
+                // A filesystem left frozen blocks its application: that outranks any other error.
+                Err(e) => {
+                    tracing::error!(mount_point = %mp.display(), error = %e, "cannot thaw a filesystem frozen for a copy");
+                    result = Err(Error::exec(
+                        format!(
+                            "thawing {} after copying {} (run `fsfreeze --unfreeze {}` now)",
+                            mp.display(),
+                            src.display(),
+                            mp.display()
+                        ),
+                        e,
+                    ));
+                }
+            }
+        }
+        result
+    });
+    task.await.map_err(|e| Error::Internal(format!("image copy task failed: {e}")))?
+}
+
+impl FilePool {
+    /// Opens the pool at `cfg.path`, creating its directory tree (0700) if missing.
+    pub fn new(cfg: &PoolConfig, exec: Arc<dyn Exec>) -> Result<FilePool> {
+        let name = cfg.name().to_owned();
+        let root = cfg.path.clone().ok_or_else(|| Error::InvalidArgument(format!("file pool {name:?} needs `path`")))?;
+        if !root.is_absolute() {
+            return Err(Error::InvalidArgument(format!("file pool {name:?}: path {} must be absolute", root.display())));
+        }
+        let reserve = match &cfg.reserve {
+            None => 0,
+            Some(r) => parse_size(r).ok_or_else(|| Error::InvalidArgument(format!("file pool {name:?}: reserve {r:?} is not a size")))?,
+        };
+        let provisioning = match &cfg.provisioning {
+            None => Provisioning::default(),
+            Some(p) => Provisioning::parse(p).ok_or_else(|| {
+                Error::InvalidArgument(format!("file pool {name:?}: provisioning {p:?} is neither \"thick\" nor \"thin\""))
+            })?,
+        };
+        for kind in [Kind::Volume, Kind::Snapshot] {
+            let dir = root.join(kind.dir());
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .context(|| format!("creating pool directory {}", dir.display()))?;
+        }
+        Ok(FilePool {
+            domain: format!("pool:{name}"),
+            name,
+            root,
+            reserve,
+            default_fs: cfg.default_fs.clone().unwrap_or_else(|| DEFAULT_FS.to_owned()),
+            provisioning,
+            exec,
+            mountinfo: PathBuf::from(mountinfo::PROC_MOUNTINFO),
+            sys_block: PathBuf::from(SYS_BLOCK),
+            in_flight: Arc::new(Mutex::new(0)),
+            claiming: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Reads the mount table from `path` instead of `/proc/self/mountinfo` (tests).
+    pub fn with_mountinfo(mut self, path: impl Into<PathBuf>) -> Self {
+        self.mountinfo = path.into();
+        self
+    }
+
+    /// Sets loop devices' queue limits under `path` instead of `/sys/block` (tests).
+    pub fn with_sys_block(mut self, path: impl Into<PathBuf>) -> Self {
+        self.sys_block = path.into();
+        self
+    }
+
+    /// The pool directory.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// Runs `f` (filesystem calls on the pool) off the async workers, within `deadline`.
+    async fn blocking<T, F>(&self, what: String, deadline: Duration, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        blocking::run(&self.domain, &what, deadline, f).await?
+    }
+
+    fn files(&self, kind: Kind, local: &str) -> Result<Files> {
+        // The one gate between a name and a path: nothing but [a-z0-9_-] reaches the filesystem.
+        if !valid_local_name(local) {
+            return Err(Error::InvalidArgument(format!("{local:?} is not a valid {} name in file pool {:?}", kind.noun(), self.name)));
+        }
+        let dir = self.root.join(kind.dir());
+        Ok(Files {
+            img: dir.join(format!("{local}.img")),
+            meta: dir.join(format!("{local}.json")),
+            tmp_img: dir.join(format!(".{local}.img.tmp")),
+            tmp_meta: dir.join(format!(".{local}.json.tmp")),
+            dir,
+        })
+    }
+
+    /// The provisioning a request asks for (its `provisioning` parameter), or the pool's.
+    fn provisioning_of(&self, req: &CreateRequest) -> Result<Provisioning> {
+        match req.parameters.get(PARAM_PROVISIONING) {
+            None => Ok(self.provisioning),
+            Some(p) => Provisioning::parse(p).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "parameter {PARAM_PROVISIONING}={} is neither \"thick\" nor \"thin\"",
+                    crate::error::bounded(p)
+                ))
+            }),
+        }
+    }
+
+    async fn pool_fs(&self) -> Result<PoolFs> {
+        let root = self.root.clone();
+        self.blocking(format!("statfs of pool directory {}", root.display()), METADATA_DEADLINE, move || PoolFs::of(&root)).await
+    }
+
+    /// Removes the half-made leftovers of `local`: temporaries, and an image without metadata.
+    async fn clean_leftovers(&self, kind: Kind, f: &Files) -> Result<()> {
+        let ff = f.clone();
+        let orphan = self
+            .blocking(format!("removing leftovers in {}", f.dir.display()), METADATA_DEADLINE, move || {
+                remove_if_exists(&ff.tmp_img)?;
+                remove_if_exists(&ff.tmp_meta)?;
+                Ok(!ff.meta.exists() && ff.img.exists())
+            })
+            .await?;
+        if orphan {
+            if kind == Kind::Volume {
+                if let Some(dev) = loopdev::find(self.exec.as_ref(), &f.img).await?.first() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "{} (a leftover without metadata) is attached to {}; detach it with `losetup -d {}`",
+                        f.img.display(),
+                        dev.display(),
+                        dev.display()
+                    )));
+                }
+            }
+            let img = f.img.clone();
+            self.blocking(format!("removing {}", img.display()), METADATA_DEADLINE, move || remove_if_exists(&img)).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a half-made temporary image after a failure (best effort: the failure is what
+    /// the caller reports, and a retry removes what is left).
+    async fn discard_tmp(&self, f: &Files) {
+        let tmp = f.tmp_img.clone();
+        let _ = self.blocking(format!("removing {}", tmp.display()), METADATA_DEADLINE, move || remove_if_exists(&tmp)).await;
+    }
+
+    /// Moves a finished temporary image into place and commits its metadata. On failure the
+    /// image is removed again, so nothing half-made stays visible.
+    async fn commit<T: Serialize + Send + 'static>(&self, f: &Files, meta: T) -> Result<()> {
+        let ff = f.clone();
+        self.blocking(format!("committing {}", f.meta.display()), METADATA_DEADLINE, move || {
+            let r = fs::rename(&ff.tmp_img, &ff.img)
+                .context(|| format!("renaming {} to {}", ff.tmp_img.display(), ff.img.display()))
+                .and_then(|_| write_meta(&ff, &meta));
+            if r.is_err() && !ff.meta.exists() {
+                let _ = remove_if_exists(&ff.img);
+                let _ = remove_if_exists(&ff.tmp_meta);
+            }
+            r
+        })
+        .await
+    }
+
+    async fn read_record<T: DeserializeOwned + Send + 'static>(&self, f: &Files) -> Result<Option<T>> {
+        let meta = f.meta.clone();
+        self.blocking(format!("reading {}", meta.display()), METADATA_DEADLINE, move || read_meta::<T>(&meta)).await
+    }
+
+    async fn read_volume(&self, f: &Files, local: &str) -> Result<Option<VolumeRecord>> {
+        Ok(self.read_record::<VolumeRecord>(f).await?.map(|mut r| {
+            r.info.local = local.to_owned();
+            r
+        }))
+    }
+
+    async fn read_snapshot(&self, f: &Files, local: &str) -> Result<Option<SnapshotRecord>> {
+        Ok(self.read_record::<SnapshotRecord>(f).await?.map(|mut r| {
+            r.info.local = local.to_owned();
+            r
+        }))
+    }
+
+    async fn list<T: DeserializeOwned + Send + 'static>(&self, kind: Kind) -> Result<Vec<T>> {
+        let dir = self.root.join(kind.dir());
+        let pool = self.name.clone();
+        self.blocking(format!("listing {}", dir.display()), METADATA_DEADLINE, move || {
+            let mut out = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(|e| room::dir_error(&dir, e))? {
+                let entry = entry.context(|| format!("listing {}", dir.display()))?;
+                let name = entry.file_name();
+                // Temporaries start with '.', which no local name does.
+                let Some(local) = name.to_str().and_then(|n| n.strip_suffix(".json")).filter(|l| valid_local_name(l)) else {
+                    continue;
+                };
+                match read_meta::<T>(&entry.path()) {
+                    Ok(Some(v)) => out.push(v),
+                    Ok(None) => {}
+                    // One damaged file must not hide every other object; condition() reports it.
+                    Err(e) => tracing::warn!(pool = %pool, local, error = %e, "skipping unreadable {}", kind.noun()),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Creates an empty temporary image (0600); on btrfs a thick one is made NOCOW while it is
+    /// still empty (the flag does not apply to data already written).
+    async fn create_tmp(&self, f: &Files, nocow: bool) -> Result<()> {
+        let tmp = f.tmp_img.clone();
+        self.blocking(format!("creating {}", tmp.display()), METADATA_DEADLINE, move || {
+            OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).context(|| format!("creating {}", tmp.display()))?;
+            Ok(())
+        })
+        .await?;
+        if nocow {
+            let path = f.tmp_img.to_string_lossy();
+            let cmd = Cmd::new("chattr").args(["+C", path.as_ref()]).timeout(CHATTR_TIMEOUT);
+            self.exec.run(cmd).await.context(|| format!("making {path} NOCOW (chattr +C) so its preallocated blocks stay its own"))?;
+        }
+        Ok(())
+    }
+
+    /// Sizes a temporary image to `capacity`: allocated (thick) or sparse (thin), then flushed.
+    async fn size_tmp(&self, f: &Files, capacity: u64, provisioning: Provisioning) -> Result<()> {
+        let tmp = f.tmp_img.clone();
+        let what = format!(
+            "{} {} for {}",
+            if provisioning == Provisioning::Thick { "allocating" } else { "sizing" },
+            format_size(capacity),
+            tmp.display()
+        );
+        self.blocking(what, ALLOCATE_DEADLINE, move || {
+            grow_and_sync(&tmp, capacity)?;
+            if provisioning == Provisioning::Thick {
+                // Also fills the holes a sparse copy left.
+                allocate(&tmp, capacity)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Builds the temporary image of a new volume: an empty file of `capacity`, or a copy of
+    /// `source` grown to `capacity` with a new filesystem UUID.
+    async fn build_image(
+        &self,
+        req: &CreateRequest,
+        f: &Files,
+        source: Option<PathBuf>,
+        provisioning: Provisioning,
+        fs: PoolFs,
+    ) -> Result<()> {
+        let nocow = fs == PoolFs::Btrfs && provisioning == Provisioning::Thick;
+        match source {
+            None => {
+                self.create_tmp(f, nocow).await?;
+                self.size_tmp(f, req.capacity, provisioning).await
+            }
+            Some(src) => {
+                if nocow {
+                    // `cp` writes into the existing (NOCOW) file.
+                    self.create_tmp(f, true).await?;
+                }
+                copy_image(self.exec.clone(), self.mountinfo.clone(), src, f.tmp_img.clone()).await?;
+                self.size_tmp(f, req.capacity, provisioning).await?;
+                if !req.block {
+                    // The copy carries its source's filesystem UUID; XFS refuses to mount two
+                    // filesystems with one UUID, and others confuse them (by-uuid links).
+                    format::regenerate_uuid(self.exec.as_ref(), &f.tmp_img).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The image to copy a new volume from and its size, after checking it exists and fits.
+    async fn source_image(&self, req: &CreateRequest) -> Result<Option<(PathBuf, u64)>> {
+        let (kind, local, min) = match &req.source {
+            None => return Ok(None),
+            Some(Source::Snapshot(s)) => {
+                let f = self.files(Kind::Snapshot, s)?;
+                let snap = self.read_snapshot(&f, s).await?;
+                let snap = snap.ok_or_else(|| Error::NotFound(format!("snapshot {s} does not exist in file pool {:?}", self.name)))?;
+                (Kind::Snapshot, s, snap.info.size)
+            }
+            Some(Source::Volume(v)) => {
+                let f = self.files(Kind::Volume, v)?;
+                let vol = self.read_volume(&f, v).await?;
+                let vol = vol.ok_or_else(|| Error::NotFound(format!("source volume {v} does not exist in file pool {:?}", self.name)))?;
+                (Kind::Volume, v, vol.info.capacity)
+            }
+        };
+        if req.capacity < min {
+            return Err(Error::OutOfRange(format!(
+                "volume {} cannot be {} when its source {} {local} holds {}: request at least the source's size",
+                req.local,
+                format_size(req.capacity),
+                kind.noun(),
+                format_size(min)
+            )));
+        }
+        Ok(Some((self.files(kind, local)?.img, min)))
+    }
+
+    /// Turns discard off on a thick volume's loop device: the loop driver implements discard
+    /// (fstrim, `-o discard`, mkfs) by punching holes into the image, which would give back the
+    /// blocks the volume was promised. Writes of zeroes then fall back to writing zero pages.
+    ///
+    /// The limit outlives the attachment (the kernel keeps a user-set discard limit on the
+    /// device and refuses to raise it again once discard is off), so a loop device that served
+    /// a thick volume serves later ones without discard too.
+    async fn turn_off_discard(&self, dev: &Path) -> Result<()> {
+        let name = dev.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let knob = self.sys_block.join(&name).join("queue/discard_max_bytes");
+        let d = dev.to_path_buf();
+        self.blocking(format!("turning off discard on {}", dev.display()), METADATA_DEADLINE, move || {
+            let refuse = |e: std::io::Error| {
+                Error::FailedPrecondition(format!(
+                    "cannot turn off discard on {} ({}: {e}), so a trim inside the volume would free its preallocated blocks; \
+                     make /sys writable for the driver, or use provisioning = \"thin\"",
+                    d.display(),
+                    knob.display()
+                ))
+            };
+            let now = fs::read_to_string(&knob).map_err(refuse)?;
+            if now.trim() != "0" {
+                fs::write(&knob, "0").map_err(refuse)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Pool for FilePool {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> PoolKind {
+        PoolKind::File
+    }
+
+    fn default_fs(&self) -> &str {
+        &self.default_fs
+    }
+
+    fn accepts_parameter(&self, key: &str) -> bool {
+        key == PARAM_PROVISIONING
+    }
+
+    async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo> {
+        let provisioning = self.provisioning_of(req)?;
+        let f = self.files(Kind::Volume, &req.local)?;
+        if let Some(r) = self.read_volume(&f, &req.local).await? {
+            let v = &r.info;
+            if v.csi_name == req.csi_name
+                && v.capacity == req.capacity
+                && v.block == req.block
+                && v.source == req.source
+                && r.provisioning == provisioning
+            {
+                return Ok(r.info);
+            }
+            return Err(Error::AlreadyExists(format!(
+                "volume {} in file pool {:?} already exists for another request (name {:?}, {}, {}, {}, source {:?}); \
+                 this request asks for name {:?}, {}, {}, {}, source {:?}",
+                req.local,
+                self.name,
+                v.csi_name,
+                format_size(v.capacity),
+                if v.block { "block" } else { "filesystem" },
+                r.provisioning.as_str(),
+                v.source,
+                req.csi_name,
+                format_size(req.capacity),
+                if req.block { "block" } else { "filesystem" },
+                provisioning.as_str(),
+                req.source,
+            )));
+        }
+        let source = self.source_image(req).await?;
+        self.clean_leftovers(Kind::Volume, &f).await?;
+        let _claim = self.claim(req.capacity, &format!("volume {} ({})", req.local, req.csi_name)).await?;
+        let fs = self.pool_fs().await?;
+        if let Err(e) = self.build_image(req, &f, source.as_ref().map(|s| s.0.clone()), provisioning, fs).await {
+            self.discard_tmp(&f).await;
+            return Err(e);
+        }
+        // A reflinked thick clone shares its source's blocks: writes to either need new ones.
+        let shared = match &source {
+            Some((_, size)) if provisioning == Provisioning::Thick && fs.may_reflink() => (*size).min(req.capacity),
+            _ => 0,
+        };
+        let info = VolumeInfo {
+            local: req.local.clone(),
+            csi_name: req.csi_name.clone(),
+            capacity: req.capacity,
+            block: req.block,
+            fs_type: if req.block { None } else { Some(req.fs_type.clone().unwrap_or_else(|| self.default_fs.clone())) },
+            source: req.source.clone(),
+            created: now(),
+        };
+        self.commit(&f, VolumeRecord { info: info.clone(), provisioning, shared }).await?;
+        tracing::info!(pool = %self.name, local = %info.local, capacity = info.capacity, provisioning = provisioning.as_str(), "created volume");
+        Ok(info)
+    }
+
+    async fn delete_volume(&self, local: &str) -> Result<()> {
+        let f = self.files(Kind::Volume, local)?;
+        let img = f.img.clone();
+        if self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || Ok(img.exists())).await? {
+            if let Some(dev) = loopdev::find(self.exec.as_ref(), &f.img).await?.first() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {local} is still attached to {}: unstage it on this node first",
+                    dev.display()
+                )));
+            }
+        }
+        let ff = f.clone();
+        self.blocking(format!("deleting volume {local} in {}", f.dir.display()), METADATA_DEADLINE, move || {
+            // Metadata first: from here on the volume is gone, and what remains is a leftover.
+            remove_if_exists(&ff.meta)?;
+            sync_dir(&ff.dir)?;
+            remove_if_exists(&ff.img)?;
+            remove_if_exists(&ff.tmp_img)?;
+            remove_if_exists(&ff.tmp_meta)?;
+            sync_dir(&ff.dir)
+        })
+        .await
+    }
+
+    async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
+        let f = self.files(Kind::Volume, local)?;
+        Ok(self.read_volume(&f, local).await?.map(|r| r.info))
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        Ok(self.list::<VolumeRecord>(Kind::Volume).await?.into_iter().map(|r| r.info).collect())
+    }
+
+    async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
+        let f = self.files(Kind::Volume, local)?;
+        let r = self
+            .read_volume(&f, local)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {local} does not exist in file pool {:?}", self.name)))?;
+        if capacity <= r.info.capacity {
+            return Ok(r.info.capacity);
+        }
+        let img = f.img.clone();
+        let (len, _) = self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || sizes(&img)).await?;
+        // After a crash between growing the file and updating the metadata, the file is
+        // already (partly) grown: only the rest needs room.
+        let _claim = self
+            .claim(capacity.saturating_sub(len.max(r.info.capacity)), &format!("growing volume {local} to {}", format_size(capacity)))
+            .await?;
+        let (img, provisioning) = (f.img.clone(), r.provisioning);
+        self.blocking(format!("growing {} to {}", f.img.display(), format_size(capacity)), ALLOCATE_DEADLINE, move || {
+            grow_and_sync(&img, capacity)?;
+            if provisioning == Provisioning::Thick {
+                allocate(&img, capacity)?;
+            }
+            Ok(())
+        })
+        .await?;
+        for dev in loopdev::find(self.exec.as_ref(), &f.img).await? {
+            loopdev::refresh_capacity(self.exec.as_ref(), &dev).await?;
+        }
+        let ff = f.clone();
+        let record = VolumeRecord { info: VolumeInfo { capacity, ..r.info }, ..r };
+        self.blocking(format!("writing {}", f.meta.display()), METADATA_DEADLINE, move || write_meta(&ff, &record)).await?;
+        tracing::info!(pool = %self.name, local, capacity, "expanded volume");
+        Ok(capacity)
+    }
+
+    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo> {
+        let f = self.files(Kind::Snapshot, local)?;
+        let src = self.files(Kind::Volume, source_local)?;
+        if let Some(s) = self.read_snapshot(&f, local).await? {
+            if s.info.csi_name == csi_name && s.info.source_volume == source_local {
+                return Ok(s.info);
+            }
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {local} in file pool {:?} already exists as {:?} of volume {}; this request asks for {csi_name:?} of volume {source_local}",
+                self.name, s.info.csi_name, s.info.source_volume
+            )));
+        }
+        let Some(source) = self.read_volume(&src, source_local).await? else {
+            return Err(Error::NotFound(format!("volume {source_local} does not exist in file pool {:?}", self.name)));
+        };
+        self.clean_leftovers(Kind::Snapshot, &f).await?;
+        let fs = self.pool_fs().await?;
+        let img = src.img.clone();
+        let (len, allocated) = self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || sizes(&img)).await?;
+        let thick = source.provisioning == Provisioning::Thick;
+        // A real copy keeps holes, so it takes what the source has allocated. A reflink copy
+        // of a thick volume takes nothing now, but the volume's next writes need new blocks:
+        // the pool keeps the volume's size for them until the snapshot is deleted.
+        let shared = if thick && fs.may_reflink() { len } else { 0 };
+        let claim = if shared > 0 { shared } else { allocated };
+        let _claim = self.claim(claim, &format!("snapshot {local} of volume {source_local}")).await?;
+        let copied = async {
+            if fs == PoolFs::Btrfs && thick {
+                // btrfs reflinks only between files of one kind (NOCOW or not).
+                self.create_tmp(&f, true).await?;
+            }
+            copy_image(self.exec.clone(), self.mountinfo.clone(), src.img.clone(), f.tmp_img.clone()).await?;
+            let tmp = f.tmp_img.clone();
+            self.blocking(format!("syncing {}", tmp.display()), ALLOCATE_DEADLINE, move || {
+                sync_file(&tmp)?;
+                sizes(&tmp)
+            })
+            .await
+        }
+        .await;
+        let size = match copied {
+            Ok((len, _)) => len,
+            Err(e) => {
+                self.discard_tmp(&f).await;
+                return Err(e);
+            }
+        };
+        let info = SnapshotInfo {
+            local: local.to_owned(),
+            csi_name: csi_name.to_owned(),
+            source_volume: source_local.to_owned(),
+            size,
+            created: now(),
+            ready: true,
+        };
+        self.commit(&f, SnapshotRecord { info: info.clone(), shared }).await?;
+        tracing::info!(pool = %self.name, local, source = source_local, size, shared, "created snapshot");
+        Ok(info)
+    }
+
+    async fn delete_snapshot(&self, local: &str) -> Result<()> {
+        let f = self.files(Kind::Snapshot, local)?;
+        let ff = f.clone();
+        self.blocking(format!("deleting snapshot {local} in {}", f.dir.display()), METADATA_DEADLINE, move || {
+            remove_if_exists(&ff.meta)?;
+            sync_dir(&ff.dir)?;
+            remove_if_exists(&ff.img)?;
+            remove_if_exists(&ff.tmp_img)?;
+            remove_if_exists(&ff.tmp_meta)?;
+            sync_dir(&ff.dir)
+        })
+        .await
+    }
+
+    async fn get_snapshot(&self, local: &str) -> Result<Option<SnapshotInfo>> {
+        let f = self.files(Kind::Snapshot, local)?;
+        Ok(self.read_snapshot(&f, local).await?.map(|r| r.info))
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(self.list::<SnapshotRecord>(Kind::Snapshot).await?.into_iter().map(|r| r.info).collect())
+    }
+
+    async fn capacity(&self) -> Result<u64> {
+        self.room().await
+    }
+
+    async fn attach(&self, local: &str) -> Result<Attachment> {
+        let f = self.files(Kind::Volume, local)?;
+        let Some(r) = self.read_volume(&f, local).await? else {
+            return Err(Error::NotFound(format!("volume {local} does not exist in file pool {:?}", self.name)));
+        };
+        let img = f.img.clone();
+        let len = match self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || Ok(fs::metadata(&img))).await? {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::FailedPrecondition(format!("backing file {} of volume {local} is missing", f.img.display())));
+            }
+            Err(e) => return Err(Error::io(format!("inspecting {}", f.img.display()), e)),
+        };
+        let thick = r.provisioning == Provisioning::Thick;
+        if thick {
+            // Heals holes that a discard passed through before (an older attach): cheap when
+            // every block is already allocated. A failure leaves the volume usable; its
+            // condition says what is missing.
+            let img = f.img.clone();
+            if let Err(e) = self.blocking(format!("re-allocating {}", img.display()), ALLOCATE_DEADLINE, move || allocate(&img, len)).await
+            {
+                tracing::warn!(pool = %self.name, local, error = %e, "cannot re-allocate a thick volume's image");
+            }
+        }
+        let dev = loopdev::attach(self.exec.as_ref(), &f.img).await?;
+        if thick {
+            if let Err(e) = self.turn_off_discard(&dev).await {
+                // A thick volume's device always had discard turned off when it was set up,
+                // so this is a fresh device, unused yet: take it down again.
+                if let Err(d) = loopdev::detach_all(self.exec.as_ref(), &f.img).await {
+                    tracing::warn!(pool = %self.name, local, error = %d, "cannot detach after a failed attach");
+                }
+                return Err(e);
+            }
+        }
+        Ok(Attachment::Device(dev))
+    }
+
+    async fn detach(&self, local: &str) -> Result<()> {
+        let f = self.files(Kind::Volume, local)?;
+        loopdev::detach_all(self.exec.as_ref(), &f.img).await
+    }
+
+    async fn condition(&self, local: &str) -> Result<Condition> {
+        let f = self.files(Kind::Volume, local)?;
+        let r = match self.read_volume(&f, local).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Error::NotFound(format!("volume {local} does not exist in file pool {:?}", self.name))),
+            // Unreadable metadata, or a hung pool filesystem: the volume is listed, but not well.
+            Err(e) => return Ok(Condition::Abnormal(e.to_string())),
+        };
+        let (img, root) = (f.img.clone(), self.root.clone());
+        let inspected = self
+            .blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || Ok((fs::metadata(&img), room::free_bytes(&root))))
+            .await;
+        let (meta, free) = match inspected {
+            Ok(v) => v,
+            Err(e) => return Ok(Condition::Abnormal(e.to_string())),
+        };
+        let m = match meta {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Ok(Condition::Abnormal(format!("backing file {} is missing", f.img.display())));
+            }
+            Err(e) => return Ok(Condition::Abnormal(format!("backing file {} cannot be inspected: {e}", f.img.display()))),
+            Ok(m) => m,
+        };
+        if m.len() < r.info.capacity {
+            return Ok(Condition::Abnormal(format!(
+                "backing file {} is {} bytes, smaller than the volume's {} bytes",
+                f.img.display(),
+                m.len(),
+                r.info.capacity
+            )));
+        }
+        // Blocks the volume may still write but does not hold: all of a thin volume's unwritten
+        // space, none of a thick one's (unless something punched holes into it).
+        let holes = m.len().saturating_sub(m.blocks() * 512);
+        let free = match free {
+            Ok(free) => free,
+            Err(e) => return Ok(Condition::Abnormal(e.to_string())),
+        };
+        if holes > free {
+            let what = match r.provisioning {
+                Provisioning::Thin => "this thin volume",
+                Provisioning::Thick => "this thick volume (its image lost preallocated blocks)",
+            };
+            return Ok(Condition::Abnormal(format!(
+                "the filesystem of file pool {:?} has {} free, less than the {} {what} may still write: \
+                 writes inside the volume can fail; free space in {}",
+                self.name,
+                format_size(free),
+                format_size(holes),
+                self.root.display()
+            )));
+        }
+        Ok(Condition::Healthy)
+    }
+}
+
+#[cfg(test)]
+mod tests;
