@@ -893,3 +893,126 @@ fn detach_loops_under(dir: &Path) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for tests that control how the driver starts (tests/hostile.rs): a config of their
+// own, a state directory that outlives one driver process (restart after kill -9), extra
+// environment (a PATH with wrapper tools first), a umask.
+
+/// How [`Setup::start_with`] starts the driver, beyond what [`Setup::start`] does.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The state directory (default: `state` in the driver's temp dir). Give the same one to
+    /// a second driver to see what a restarted driver does with the first one's records.
+    pub state_dir: Option<PathBuf>,
+    /// Extra environment variables for the driver process.
+    pub env: Vec<(String, String)>,
+    /// `text` (default) or `json`.
+    pub log_format: Option<String>,
+    /// Starts the driver under this umask (through `sh -c 'umask …; exec …'`).
+    pub umask: Option<u32>,
+}
+
+impl Setup {
+    /// Like [`Setup::new`], but with a pool of this test's own: `config` is the config file
+    /// and `pool`/`kind` name its first pool (the env's config is not used).
+    pub fn with_own_pool(config: &Path, pool: &str, kind: &str) -> Setup {
+        let mut setup = Setup::new();
+        setup.pool = PoolUnderTest { name: pool.to_owned(), kind: kind.to_owned(), config: config.to_path_buf(), owned: true };
+        setup
+    }
+
+    /// The driver's temp dir (socket, log; removed when the driver is dropped).
+    pub fn temp_dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Spawns the driver as [`Setup::start`] does, then replaces it, before any call, with one
+    /// started with `opts` (same socket, log and clients' endpoint): built on [`Setup::start`]
+    /// so that this keeps working whatever else the harness learns to pass.
+    pub async fn start_with(self, opts: StartOptions) -> Driver {
+        let mut driver = self.start().await;
+        driver.clients = None;
+        if let Some(mut child) = driver.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let out = File::create(&driver.log).expect("create driver log");
+        let err = out.try_clone().expect("dup driver log");
+        let state = opts.state_dir.clone().unwrap_or_else(|| driver.dir.join("state"));
+        let format = opts.log_format.clone().unwrap_or_else(|| "text".into());
+        let bin = env!("CARGO_BIN_EXE_holdfast");
+        let mut cmd = match opts.umask {
+            Some(mask) => {
+                let mut c = Command::new("sh");
+                c.arg("-c").arg(format!("umask {mask:03o} && exec \"$0\" \"$@\"")).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.arg("all-in-one")
+            .args(["--endpoint", &driver.endpoint, "--node-id", NODE_ID])
+            .arg("--config")
+            .arg(&driver.pool.config)
+            .args(["--log-format", &format])
+            .arg("--state-dir")
+            .arg(&state)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        if opts.umask.is_some() {
+            // The first driver created the socket's directory: let this one create it.
+            let _ = std::fs::remove_file(&driver.socket);
+            for dir in driver.socket.ancestors().skip(1).take_while(|a| a.starts_with(&driver.dir) && *a != driver.dir.as_path()) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        driver.child = Some(cmd.spawn().expect("spawn holdfast"));
+        let channel = driver.wait_for_socket().await;
+        driver.clients = Some(Clients {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        });
+        driver
+    }
+}
+
+impl Driver {
+    /// Kills the driver with SIGKILL (no clean-up of its own) and reaps it. What the helpers
+    /// remembered is forgotten: a restarted driver (or the test) undoes it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.leftovers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Hands what the helpers remembered to be undone by another driver (after a restart on
+    /// the same pool and state), so that one's Drop cleans up the test's volumes.
+    pub fn adopt_leftovers_of(&self, volumes: &[String], staged: &[(String, PathBuf)]) {
+        for v in volumes {
+            self.remember(Leftover::Volume(v.clone()));
+        }
+        for (v, p) in staged {
+            self.remember(Leftover::Staged(v.clone(), path_str(p)));
+        }
+    }
+}
+
+/// Unmounts everything under `dir` (deepest first) and detaches loop devices backed by files
+/// under it; returns what could not be unmounted. For test dirs outside a driver's own.
+pub fn clean_up_dir(dir: &Path) -> Vec<PathBuf> {
+    let mut left = unmount_all_under(dir);
+    detach_loops_under(dir);
+    left.extend(unmount_all_under(dir));
+    left
+}
+
+/// The mount points in this process's mount table, as [`is_mount_point`] sees them.
+pub fn all_mount_points() -> Vec<PathBuf> {
+    mount_points()
+}

@@ -1,0 +1,377 @@
+//! Hostile and careless callers (issue 8), on any pool: the real `holdfast all-in-one` binary is
+//! asked to unmount, grow, expose or report on things that are not its volumes, to follow
+//! symlinks to a victim, and to stage one volume at several paths. Every test asserts what an
+//! operator would check afterwards: the foreign data is untouched, the call answered the code
+//! the issue requires, and nothing the test did not ask for is left mounted.
+//!
+//! The pool is the one the environment names (`HOLDFAST_TEST_CONFIG`, as tests/conformance.rs;
+//! default a fresh `file` pool), so the VM suites run this binary against lvm, zfs and nfs
+//! pools. The host-only cases (frozen and full pool filesystems, overlapping pools, kill -9
+//! during snapshots, logs, sockets) are in tests/hostile_host.rs.
+//!
+//! Every mount and loop device a test makes is undone by a guard (tests/common/hostile.rs), so
+//! a failing test leaves nothing behind; tests only ever touch paths under their own temp dirs.
+
+mod common;
+#[path = "common/hostile.rs"]
+mod hostile_guards;
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use holdfast::proto::volume_capability::access_mode::Mode;
+use holdfast::proto::*;
+use hostile_guards::*;
+use tonic::Code;
+
+/// Issue 8 item 1: NodeUnpublishVolume of a volume that does not exist, at a path where
+/// someone else's tmpfs is mounted: OK, and the tmpfs stays mounted with its file.
+#[tokio::test]
+async fn unpublish_of_an_unknown_volume_leaves_a_foreign_mount_alone() {
+    let d = Driver::start().await;
+    let target = d.target_path("foreign-unpublish");
+    let foreign = ForeignMount::tmpfs(&target);
+    let req = NodeUnpublishVolumeRequest { volume_id: unknown_volume_id(&d), target_path: path_str(&target) };
+    let r = d.node().node_unpublish_volume(req).await;
+    // What happened to the foreign mount first, then the answer.
+    foreign.assert_untouched("NodeUnpublishVolume of an unknown volume");
+    ok(r, "NodeUnpublishVolume of an unknown volume at a foreign mount");
+}
+
+/// Item 1: the same with a real, published volume whose target is elsewhere: OK, the
+/// foreign mount is untouched and the volume's own target stays published.
+#[tokio::test]
+async fn unpublish_of_a_real_volume_leaves_a_foreign_mount_alone() {
+    let d = Driver::start().await;
+    let m = d.mounted_volume("real-unpublish", Mode::SingleNodeWriter).await;
+    let path = d.target_path("foreign-unpublish-real");
+    let foreign = ForeignMount::tmpfs(&path);
+    let req = NodeUnpublishVolumeRequest { volume_id: m.volume.volume_id.clone(), target_path: path_str(&path) };
+    let r = d.node().node_unpublish_volume(req).await;
+    // What happened to the foreign mount first, then the answer.
+    foreign.assert_untouched("NodeUnpublishVolume of a real volume at a foreign path");
+    ok(r, "NodeUnpublishVolume of a real volume at a foreign mount");
+    assert!(is_mount_point(&m.target), "the volume's own target was unmounted by an unpublish of another path");
+    d.tear_down(&m).await;
+}
+
+/// Item 1: NodeUnstageVolume of a volume that does not exist at a foreign mount: OK,
+/// untouched.
+#[tokio::test]
+async fn unstage_of_an_unknown_volume_leaves_a_foreign_mount_alone() {
+    let d = Driver::start().await;
+    let staging = d.dir.join("staging").join("foreign-unstage");
+    let foreign = ForeignMount::tmpfs(&staging);
+    let req = NodeUnstageVolumeRequest { volume_id: unknown_volume_id(&d), staging_target_path: path_str(&staging) };
+    let r = d.node().node_unstage_volume(req).await;
+    // What happened to the foreign mount first, then the answer.
+    foreign.assert_untouched("NodeUnstageVolume of an unknown volume");
+    ok(r, "NodeUnstageVolume of an unknown volume at a foreign mount");
+}
+
+/// Item 1: NodeUnstageVolume of a real volume staged elsewhere, at a foreign mount: OK,
+/// the foreign mount is untouched and the volume stays staged where it is.
+#[tokio::test]
+async fn unstage_of_a_real_volume_leaves_a_foreign_mount_alone() {
+    let d = Driver::start().await;
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    let v = d.create(&unique("real-unstage"), d.fs_volume_size(), cap.clone()).await;
+    let staging = d.staging_dir("real-unstage");
+    d.stage(&v.volume_id, &staging, &cap).await;
+    let path = d.dir.join("staging").join("foreign-unstage-real");
+    let foreign = ForeignMount::tmpfs(&path);
+    let req = NodeUnstageVolumeRequest { volume_id: v.volume_id.clone(), staging_target_path: path_str(&path) };
+    let r = d.node().node_unstage_volume(req).await;
+    // What happened to the foreign mount first, then the answer.
+    foreign.assert_untouched("NodeUnstageVolume of a real volume at a foreign path");
+    ok(r, "NodeUnstageVolume of a real volume at a foreign mount");
+    assert!(is_mount_point(&staging), "the volume's own staging mount was unmounted by an unstage of another path");
+    d.unstage(&v.volume_id, &staging).await;
+    d.delete(&v.volume_id).await;
+}
+
+/// Item 2: a target path that is a symlink to a victim directory, or that has a symlink
+/// in a parent component, or that goes through /proc/self/root: refused, nothing mounted.
+#[tokio::test]
+async fn publish_through_a_symlink_or_proc_is_refused() {
+    let d = Driver::start().await;
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    let v = d.create(&unique("symlink-publish"), d.fs_volume_size(), cap.clone()).await;
+    let id = v.volume_id.clone();
+    let staging = d.staging_dir("symlink-publish");
+    d.stage(&id, &staging, &cap).await;
+    let refused = [Code::InvalidArgument, Code::FailedPrecondition];
+
+    // The target itself is a link to the victim.
+    let victim = Victim::new(&d.dir.join("victim-a"));
+    let target = d.target_path("symlink-leaf");
+    symlink(&victim.dir, &target).expect("make the symlink");
+    let before = mounts_under(&d.dir);
+    let r = d.node().node_publish_volume(d.publish_request(&id, &staging, &target, &cap, false)).await;
+    expect_one_of(r, &refused, "NodePublishVolume at a symlink to a victim dir");
+    victim.assert_untouched("NodePublishVolume at a symlink");
+    assert!(std::fs::symlink_metadata(&target).map(|m| m.file_type().is_symlink()).unwrap_or(false), "the symlink was replaced");
+    assert_eq!(mounts_under(&d.dir), before, "NodePublishVolume at a symlink mounted something");
+
+    // A parent component is a link: <pods>/link → <victim root>, target <pods>/link/mount.
+    let victim_root = d.dir.join("victim-b");
+    let victim = Victim::new(&victim_root.join("mount"));
+    let link = d.dir.join("pods").join("symlink-parent");
+    std::fs::create_dir_all(link.parent().expect("parent")).expect("create pods dir");
+    symlink(&victim_root, &link).expect("make the symlink");
+    let target = link.join("mount");
+    let r = d.node().node_publish_volume(d.publish_request(&id, &staging, &target, &cap, false)).await;
+    expect_one_of(r, &refused, "NodePublishVolume below a symlinked parent");
+    victim.assert_untouched("NodePublishVolume below a symlinked parent");
+    assert_eq!(mounts_under(&d.dir), before, "NodePublishVolume below a symlinked parent mounted something");
+
+    // /proc/self/root/… names the same place by a magic link.
+    let real = d.target_path("proc-root");
+    let via_proc = PathBuf::from(format!("/proc/self/root{}", path_str(&real)));
+    let r = d.node().node_publish_volume(d.publish_request(&id, &staging, &via_proc, &cap, false)).await;
+    expect_one_of(r, &refused, "NodePublishVolume at /proc/self/root/…");
+    assert!(!is_mount_point(&real), "NodePublishVolume through /proc/self/root mounted the volume at {}", real.display());
+    assert_eq!(mounts_under(&d.dir), before, "NodePublishVolume through /proc/self/root mounted something");
+
+    d.unstage(&id, &staging).await;
+    d.delete(&id).await;
+}
+
+/// Item 2: a staging path that is a symlink to a victim, or under /proc/self/root:
+/// refused, nothing mounted there.
+#[tokio::test]
+async fn stage_through_a_symlink_or_proc_is_refused() {
+    let d = Driver::start().await;
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    let v = d.create(&unique("symlink-stage"), d.fs_volume_size(), cap.clone()).await;
+    let id = v.volume_id.clone();
+    let refused = [Code::InvalidArgument, Code::FailedPrecondition];
+    let victim = Victim::new(&d.dir.join("victim-stage"));
+    let link = d.dir.join("staging").join("symlink-stage");
+    std::fs::create_dir_all(link.parent().expect("parent")).expect("create staging dir");
+    symlink(&victim.dir, &link).expect("make the symlink");
+    let before = mounts_under(&d.dir);
+    let r = d.node().node_stage_volume(d.stage_request(&id, &link, &cap)).await;
+    expect_one_of(r, &refused, "NodeStageVolume at a symlink to a victim dir");
+    victim.assert_untouched("NodeStageVolume at a symlink");
+    assert_eq!(mounts_under(&d.dir), before, "NodeStageVolume at a symlink mounted something");
+
+    let real = d.staging_dir("proc-stage");
+    let via_proc = PathBuf::from(format!("/proc/self/root{}", path_str(&real)));
+    let r = d.node().node_stage_volume(d.stage_request(&id, &via_proc, &cap)).await;
+    expect_one_of(r, &refused, "NodeStageVolume at /proc/self/root/…");
+    assert!(!is_mount_point(&real), "NodeStageVolume through /proc/self/root mounted the volume at {}", real.display());
+    assert_eq!(mounts_under(&d.dir), before, "NodeStageVolume through /proc/self/root mounted something");
+    d.delete(&id).await;
+}
+
+/// Item 2: a raw block publish whose target is a symlink to a victim file: refused, the
+/// file keeps its content and nothing is bound over it.
+#[tokio::test]
+async fn block_publish_through_a_symlink_to_a_file_is_refused() {
+    let d = Driver::start().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    if d.pool.kind == "nfs" {
+        // An nfs pool serves no raw block volume, so there is nothing to bind over the victim:
+        // what must hold there is that it refuses to make one.
+        let r = d.controller().create_volume(d.create_request(&unique("symlink-block"), 16 * MIB, cap.clone())).await;
+        expect_code(r, Code::InvalidArgument, "CreateVolume of a raw block volume on an nfs pool");
+        return;
+    }
+    let v = d.create(&unique("symlink-block"), 16 * MIB, cap.clone()).await;
+    let id = v.volume_id.clone();
+    let staging = d.staging_dir("symlink-block");
+    d.stage(&id, &staging, &cap).await;
+    let victim_file = d.dir.join("victim-file");
+    let content = format!("a file that is not a device {}\n", unique("b")).into_bytes();
+    write_durably(&victim_file, &content);
+    let target = d.target_path("symlink-block");
+    symlink(&victim_file, &target).expect("make the symlink");
+    let before = mounts_under(&d.dir);
+    let r = d.node().node_publish_volume(d.publish_request(&id, &staging, &target, &cap, false)).await;
+    expect_one_of(r, &[Code::InvalidArgument, Code::FailedPrecondition], "block NodePublishVolume at a symlink to a file");
+    assert!(!is_mount_point(&victim_file), "the volume's device was bound over the victim file");
+    let meta = std::fs::metadata(&victim_file).expect("stat victim file");
+    assert!(meta.file_type().is_file(), "the victim is no longer a regular file: {:?}", meta.file_type());
+    assert_eq!(std::fs::read(&victim_file).expect("read victim file"), content, "the victim file changed");
+    assert_eq!(mounts_under(&d.dir), before, "block NodePublishVolume at a symlink mounted something");
+    d.unstage(&id, &staging).await;
+    d.delete(&id).await;
+}
+
+/// Item 1: NodeExpandVolume whose volume_path is a foreign XFS mount (with room to grow):
+/// NOT_FOUND, and the foreign filesystem keeps its size.
+#[tokio::test]
+async fn expand_at_a_foreign_xfs_mount_is_not_found_and_grows_nothing() {
+    let d = Driver::start().await;
+    let m = d.mounted_volume("foreign-expand", Mode::SingleNodeWriter).await;
+    let id = m.volume.volume_id.clone();
+    let grown = expand_controller(&d, &id, m.volume.capacity_bytes + 64 * MIB, &m.cap).await;
+
+    // A 640 MiB image holding a 320 MiB XFS: xfs_growfs would double it.
+    let image = d.dir.join("foreign-xfs.img");
+    std::fs::File::create(&image).and_then(|f| f.set_len(640 << 20)).expect("create xfs image");
+    assert!(run("mkfs.xfs", &["-q", "-d", "size=320m", &path_str(&image)]), "mkfs.xfs");
+    let lo = Loop::attach(&image);
+    let point = d.dir.join("foreign-xfs");
+    let mount = MountGuard::mount(&lo.dev, &point, &["-t", "xfs"]);
+    let file = point.join("precious.txt");
+    write_durably(&file, b"foreign xfs data\n");
+    let size = fs_total_bytes(&point);
+    let info = xfs_data_blocks(&point);
+
+    for (what, staging) in [("no staging path", String::new()), ("the volume's staging path", path_str(&m.staging))] {
+        let r = d.node().node_expand_volume(expand_request(&id, &point, &staging, grown, &m.cap)).await;
+        expect_code(r, Code::NotFound, &format!("NodeExpandVolume at a foreign XFS mount ({what})"));
+        assert_eq!(fs_total_bytes(&point), size, "the foreign XFS was grown ({what})");
+        assert_eq!(xfs_data_blocks(&point), info, "xfs_info: the foreign XFS was grown ({what})");
+    }
+    let r = d.node().node_expand_volume(expand_request(&unknown_volume_id(&d), &point, "", grown, &m.cap)).await;
+    expect_code(r, Code::NotFound, "NodeExpandVolume of an unknown volume at a foreign XFS mount");
+    assert_eq!(fs_total_bytes(&point), size, "the foreign XFS was grown (unknown volume)");
+    assert_eq!(std::fs::read(&file).expect("read foreign file"), b"foreign xfs data\n");
+    drop(mount);
+    drop(lo);
+    d.tear_down(&m).await;
+}
+
+/// The data block count `xfs_info` reports.
+fn xfs_data_blocks(point: &Path) -> String {
+    let out = Command::new("xfs_info").arg(point).output().expect("run xfs_info");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let data = text.lines().find(|l| l.trim_start().starts_with("data")).unwrap_or_else(|| panic!("xfs_info: {text}"));
+    data.split_whitespace().find_map(|w| w.strip_prefix("blocks=")).unwrap_or("?").trim_end_matches(',').to_owned()
+}
+
+/// Item 1: NodePublishVolume with someone else's mount as staging_target_path: NOT_FOUND
+/// or FAILED_PRECONDITION, and nothing of it appears at the target; with the volume staged
+/// elsewhere and with it not staged at all.
+#[tokio::test]
+async fn publish_from_a_foreign_staging_mount_exposes_nothing() {
+    let d = Driver::start().await;
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    let v = d.create(&unique("foreign-staging"), d.fs_volume_size(), cap.clone()).await;
+    let id = v.volume_id.clone();
+    let foreign = ForeignMount::tmpfs(&d.dir.join("staging").join("foreign-staging"));
+    let want = [Code::NotFound, Code::FailedPrecondition];
+
+    let target = d.target_path("foreign-staging-unstaged");
+    let r = d.node().node_publish_volume(d.publish_request(&id, &foreign.path, &target, &cap, false)).await;
+    expect_one_of(r, &want, "NodePublishVolume from a foreign staging mount (volume not staged)");
+    assert!(!is_mount_point(&target), "the foreign mount was exposed at the target (volume not staged)");
+    assert!(!target.join("precious.txt").exists(), "the foreign file is visible at the target");
+
+    let staging = d.staging_dir("foreign-staging-own");
+    d.stage(&id, &staging, &cap).await;
+    let target = d.target_path("foreign-staging-staged");
+    let r = d.node().node_publish_volume(d.publish_request(&id, &foreign.path, &target, &cap, false)).await;
+    expect_one_of(r, &want, "NodePublishVolume from a foreign staging mount (volume staged elsewhere)");
+    assert!(!is_mount_point(&target), "the foreign mount was exposed at the target (volume staged elsewhere)");
+    assert!(!target.join("precious.txt").exists(), "the foreign file is visible at the target");
+    foreign.assert_untouched("NodePublishVolume from a foreign staging mount");
+    d.unstage(&id, &staging).await;
+    d.delete(&id).await;
+}
+
+/// Item 1: NodeGetVolumeStats(volume_path="/") and at a foreign mount: NOT_FOUND, never
+/// the host root reported as a healthy volume.
+#[tokio::test]
+async fn stats_of_root_or_a_foreign_mount_is_not_found() {
+    let d = Driver::start().await;
+    let m = d.mounted_volume("stats-root", Mode::SingleNodeWriter).await;
+    let id = m.volume.volume_id.clone();
+    let foreign = ForeignMount::tmpfs(&d.dir.join("foreign-stats"));
+    for (what, path) in [("/", PathBuf::from("/")), ("a foreign tmpfs", foreign.path.clone())] {
+        for staging in [String::new(), path_str(&m.staging)] {
+            let req =
+                NodeGetVolumeStatsRequest { volume_id: id.clone(), volume_path: path_str(&path), staging_target_path: staging.clone() };
+            let r = d.node().node_get_volume_stats(req).await;
+            expect_code(r, Code::NotFound, &format!("NodeGetVolumeStats at {what} (staging {staging:?})"));
+        }
+    }
+    let req = NodeGetVolumeStatsRequest { volume_id: unknown_volume_id(&d), volume_path: "/".into(), staging_target_path: String::new() };
+    expect_code(d.node().node_get_volume_stats(req).await, Code::NotFound, "NodeGetVolumeStats of an unknown volume at /");
+    foreign.assert_untouched("NodeGetVolumeStats at a foreign mount");
+    d.tear_down(&m).await;
+}
+
+/// Item 1: a single-node volume staged at `<a>/b`, then at `<a>/./b`, `<a>//b` (the same
+/// path once normalised: OK, or FAILED_PRECONDITION) and at another path
+/// (FAILED_PRECONDITION naming the first): one mount of the volume in the end.
+#[tokio::test]
+async fn a_single_node_volume_is_staged_at_one_path() {
+    let d = Driver::start().await;
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    let v = d.create(&unique("one-staging"), d.fs_volume_size(), cap.clone()).await;
+    let id = v.volume_id.clone();
+    let first = d.staging_dir("one/b");
+    d.stage(&id, &first, &cap).await;
+    let identity = mount_identity(&first).expect("the staging path is mounted");
+    let a = path_str(first.parent().expect("parent"));
+    for spelled in [format!("{a}/./b"), format!("{a}//b"), format!("{a}/b/")] {
+        let mut req = d.stage_request(&id, &first, &cap);
+        req.staging_target_path = spelled.clone();
+        let r = d.node().node_stage_volume(req).await;
+        match r {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::FailedPrecondition => {}
+            Err(s) => panic!(
+                "NodeStageVolume at {spelled:?}: expected OK (same path) or FAILED_PRECONDITION, got {:?}: {}",
+                s.code(),
+                s.message()
+            ),
+        }
+    }
+    let other = d.staging_dir("one-other");
+    let r = d.node().node_stage_volume(d.stage_request(&id, &other, &cap)).await;
+    let s = expect_code(r, Code::FailedPrecondition, "NodeStageVolume of a staged single-node volume at a second path");
+    assert!(s.message().contains(&path_str(&first)), "FAILED_PRECONDITION does not name the first staging path: {}", s.message());
+    assert!(!is_mount_point(&other), "the volume was mounted at the second staging path");
+    let all = mounts_of(&identity);
+    assert_eq!(all.len(), 1, "the volume is mounted {} times: {all:?}", all.len());
+    d.unstage(&id, &first).await;
+    assert!(mounts_of(&identity).is_empty(), "mounts of the volume left after unstage: {:?}", mounts_of(&identity));
+    d.delete(&id).await;
+}
+
+/// Item 1: what a volume has staged is still known after a kill -9 and restart (the stage
+/// record): an unstage at a foreign mount is a no-op, stats of "/" are NOT_FOUND, a second
+/// staging path is FAILED_PRECONDITION, and the real unstage unmounts the volume.
+#[tokio::test]
+async fn stage_records_survive_a_restart() {
+    let outer = Outer::new();
+    let opts = StartOptions { state_dir: Some(outer.path().join("state")), ..Default::default() };
+    let mut first = Setup::new().start_with(opts.clone()).await;
+    let cap = first.mount_cap(Mode::SingleNodeWriter);
+    let v = first.create(&unique("restart"), first.fs_volume_size(), cap.clone()).await;
+    let id = v.volume_id.clone();
+    let staging = outer.path().join("staging");
+    std::fs::create_dir_all(&staging).expect("create staging dir");
+    first.stage(&id, &staging, &cap).await;
+    write_durably(&staging.join("kept"), b"staged before the restart\n");
+    first.kill9();
+    let pool = first.pool.clone();
+    let second = Setup::with_own_pool(&pool.config, &pool.name, &pool.kind).start_with(opts).await;
+    second.adopt_leftovers_of(std::slice::from_ref(&id), &[(id.clone(), staging.clone())]);
+    let foreign = ForeignMount::tmpfs(&outer.path().join("foreign"));
+
+    let req = NodeUnstageVolumeRequest { volume_id: id.clone(), staging_target_path: path_str(&foreign.path) };
+    let r = second.node().node_unstage_volume(req).await;
+    foreign.assert_untouched("NodeUnstageVolume at a foreign mount after a restart");
+    ok(r, "NodeUnstageVolume at a foreign mount after a restart");
+    assert!(is_mount_point(&staging), "the volume's staging mount is gone after an unstage of another path");
+    let req = NodeGetVolumeStatsRequest { volume_id: id.clone(), volume_path: "/".into(), staging_target_path: String::new() };
+    expect_code(second.node().node_get_volume_stats(req).await, Code::NotFound, "NodeGetVolumeStats at / after a restart");
+    let other = outer.path().join("other");
+    std::fs::create_dir_all(&other).expect("create dir");
+    let r = second.node().node_stage_volume(second.stage_request(&id, &other, &cap)).await;
+    expect_code(r, Code::FailedPrecondition, "NodeStageVolume at a second path after a restart");
+    assert!(!is_mount_point(&other), "staged at a second path after a restart");
+    let stats = second.stats(&id, &staging, &staging).await;
+    assert!(!stats.volume_condition.expect("no volume_condition").abnormal, "the staged volume reports abnormal after a restart");
+    second.unstage(&id, &staging).await;
+    assert!(!is_mount_point(&staging), "NodeUnstageVolume after a restart left the volume mounted");
+    second.delete(&id).await;
+}
