@@ -249,7 +249,7 @@ impl ControllerService {
         }
 
         let local = local_name(&req.name);
-        let _guard = self.d.locks.try_lock(&format!("name:{}", req.name), &format!("volume name {:?}", req.name))?;
+        let _guard = self.d.locks.try_lock(&format!("name:{}", req.name), &format!("volume name {}", crate::error::bounded(&req.name)))?;
 
         // The source pins the pool: copies are made inside the pool that holds the source.
         let (source, min_size) = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
@@ -438,7 +438,8 @@ impl ControllerService {
             }
             return Ok(DeleteVolumeResponse {});
         };
-        let _guard = self.d.locks.try_lock(&format!("vol:{}", req.volume_id), &format!("volume {}", req.volume_id))?;
+        let _guard =
+            self.d.locks.try_lock(&format!("vol:{}", req.volume_id), &format!("volume {}", crate::error::bounded(&req.volume_id)))?;
         pool.delete_volume(&vid.local).await?;
         Ok(DeleteVolumeResponse {})
     }
@@ -575,7 +576,8 @@ impl ControllerService {
     async fn expand(&self, req: ControllerExpandVolumeRequest) -> Result<ControllerExpandVolumeResponse> {
         require("volume_id", &req.volume_id)?;
         let range = req.capacity_range.ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
-        let _guard = self.d.locks.try_lock(&format!("vol:{}", req.volume_id), &format!("volume {}", req.volume_id))?;
+        let _guard =
+            self.d.locks.try_lock(&format!("vol:{}", req.volume_id), &format!("volume {}", crate::error::bounded(&req.volume_id)))?;
         let (pool, v) = self.find_volume(&req.volume_id).await?;
         let want = capacity_for(Some(&range), v.capacity)?;
         let got = pool.expand_volume(&v.local, want).await?;
@@ -591,7 +593,8 @@ impl ControllerService {
             }
         }
         let local = local_name(&req.name);
-        let _guard = self.d.locks.try_lock(&format!("snap:{}", req.name), &format!("snapshot name {:?}", req.name))?;
+        let _guard =
+            self.d.locks.try_lock(&format!("snap:{}", req.name), &format!("snapshot name {}", crate::error::bounded(&req.name)))?;
         let (pool, v) = self.find_volume(&req.source_volume_id).await?;
         for p in self.d.pools.values() {
             let found = match p.get_snapshot(&local).await {
@@ -623,7 +626,10 @@ impl ControllerService {
         require("snapshot_id", &req.snapshot_id)?;
         let Some(sid) = VolumeId::parse(&req.snapshot_id) else { return Ok(DeleteSnapshotResponse {}) };
         let Some(pool) = self.d.pool_of(&sid).cloned() else { return Ok(DeleteSnapshotResponse {}) };
-        let _guard = self.d.locks.try_lock(&format!("snapid:{}", req.snapshot_id), &format!("snapshot {}", req.snapshot_id))?;
+        let _guard = self
+            .d
+            .locks
+            .try_lock(&format!("snapid:{}", req.snapshot_id), &format!("snapshot {}", crate::error::bounded(&req.snapshot_id)))?;
         pool.delete_snapshot(&sid.local).await?;
         Ok(DeleteSnapshotResponse {})
     }

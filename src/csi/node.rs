@@ -38,10 +38,11 @@ impl NodeService {
 
     /// The pool and local name of an id this node serves; NOT_FOUND otherwise.
     fn resolve(&self, id: &str) -> Result<(Arc<dyn Pool>, String)> {
-        let vid = VolumeId::parse(id).ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        let vid = VolumeId::parse(id).ok_or_else(|| Error::NotFound(format!("volume {} does not exist", bounded(id))))?;
         let pool = self.d.pool_of(&vid).ok_or_else(|| {
             Error::NotFound(format!(
-                "volume {id} is not served by this node ({}): no such pool here or it belongs to another node",
+                "volume {} is not served by this node ({}): no such pool here or it belongs to another node",
+                bounded(id),
                 self.d.node_id
             ))
         })?;
@@ -50,12 +51,12 @@ impl NodeService {
 
     async fn existing(&self, id: &str) -> Result<(Arc<dyn Pool>, VolumeInfo)> {
         let (pool, local) = self.resolve(id)?;
-        let v = pool.get_volume(&local).await?.ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+        let v = pool.get_volume(&local).await?.ok_or_else(|| Error::NotFound(format!("volume {} does not exist", bounded(id))))?;
         Ok((pool, v))
     }
 
     fn lock(&self, id: &str) -> Result<crate::locks::Guard> {
-        self.d.locks.try_lock(&format!("vol:{id}"), &format!("volume {id}"))
+        self.d.locks.try_lock(&format!("vol:{id}"), &format!("volume {}", bounded(id)))
     }
 
     /// A request path, checked against the path policy (INVALID_ARGUMENT otherwise).
@@ -352,7 +353,8 @@ impl NodeService {
     /// (NOT_FOUND otherwise: a relative path, `/`, a foreign mount, nothing mounted).
     /// `Err(Ok(message))`: the path could not be checked in time (a hung mount).
     async fn volume_path(&self, id: &str, volume_path: &str) -> Result<(RequestPath, StageRecord, MountInfo)> {
-        let not_found = || Error::NotFound(format!("volume_path {} is not a path of volume {id} on this node", bounded(volume_path)));
+        let not_found =
+            || Error::NotFound(format!("volume_path {} is not a path of volume {} on this node", bounded(volume_path), bounded(id)));
         let path = self.d.paths.check("volume_path", volume_path).map_err(|_| not_found())?;
         let rec = self.d.records.load(id).await?.ok_or_else(not_found)?;
         let stage = match (rec.stage_at(path.as_path()), rec.publish_at(path.as_path())) {
