@@ -383,9 +383,10 @@ async fn kubernetes_topology_requirements_place_nfs_volumes() {
 async fn lifecycle_over_nfs_v3_and_v4_2() {
     let _shared = SERVER.read().await;
     let cases = [("nfs-v3", "nfsvers=3", "nfs", "vers=3"), ("nfs-v42", "nfsvers=4.2", "nfs4", "vers=4.2")];
-    let config: String = cases.iter().map(|(name, opt, _, _)| pool(name, &format!("mount_options = [\"{opt}\"]"))).collect();
-    let p = Plugin::start(&config).await;
-    for (pool_name, _, want_fs, want_vers) in cases {
+    // One driver per pool: two pools on one export are refused (they could take each other's
+    // directories), so each NFS version gets a driver of its own.
+    for (pool_name, opt, want_fs, want_vers) in cases {
+        let p = Plugin::start(&pool(pool_name, &format!("mount_options = [\"{opt}\"]"))).await;
         let mode = Mode::SingleNodeWriter;
         let name = unique(pool_name);
         let v = p.create(pool_name, &name, mode, &[("mode", "0777")]).await;
@@ -473,12 +474,11 @@ async fn lifecycle_over_nfs_v3_and_v4_2() {
 async fn on_delete_leaves_what_it_promises() {
     let _shared = SERVER.read().await;
     let tag = unique("ondel");
-    let mut config = String::new();
+    // One driver per pool: pools on one export are refused at start-up.
     for how in ["delete", "retain", "archive"] {
-        config += &pool(&format!("nfs-{how}"), &format!("on_delete = \"{how}\"\nsubdir = \"{tag}/{how}/${{pvc.metadata.name}}\""));
-    }
-    let p = Plugin::start(&config).await;
-    for how in ["delete", "retain", "archive"] {
+        let p =
+            Plugin::start(&pool(&format!("nfs-{how}"), &format!("on_delete = \"{how}\"\nsubdir = \"{tag}/{how}/${{pvc.metadata.name}}\"")))
+                .await;
         let v = p
             .create(
                 &format!("nfs-{how}"),
@@ -539,9 +539,11 @@ fn listing(dir: &Path) -> BTreeSet<PathBuf> {
 async fn hostile_names_never_touch_anything_outside_the_export() {
     let _shared = SERVER.read().await;
     let tag = unique("hostile");
-    let config =
-        pool("nfs-plain", "") + &pool("nfs-nested", &format!("subdir = \"{tag}/${{pvc.metadata.namespace}}/${{pvc.metadata.name}}\""));
-    let p = Plugin::start(&config).await;
+    // One driver per pool: pools on one export are refused at start-up.
+    let plain = Plugin::start(&pool("nfs-plain", "")).await;
+    let nested =
+        Plugin::start(&pool("nfs-nested", &format!("subdir = \"{tag}/${{pvc.metadata.namespace}}/${{pvc.metadata.name}}\""))).await;
+    let p = &plain;
     let watched = ["/etc", "/srv", "/run/holdfast"];
     let before: Vec<BTreeSet<PathBuf>> = watched.iter().map(|d| listing(Path::new(d))).collect();
     struct Case {
@@ -581,7 +583,9 @@ async fn hostile_names_never_touch_anything_outside_the_export() {
     let before_export = listing(Path::new(EXPORT));
     for c in cases {
         let req = create_request(c.pool, c.name, Mode::SingleNodeWriter, c.params);
-        let s = expect_code(p.controller.clone().create_volume(req).await, c.want, &format!("CreateVolume {:?} {:?}", c.name, c.params));
+        let driver = if c.pool == "nfs-plain" { &plain } else { &nested };
+        let s =
+            expect_code(driver.controller.clone().create_volume(req).await, c.want, &format!("CreateVolume {:?} {:?}", c.name, c.params));
         assert!(!s.message().is_empty());
     }
     for (d, b) in watched.iter().zip(&before) {
@@ -638,12 +642,13 @@ async fn wait_healthy(p: &Plugin, id: &str, target: &Path) {
 async fn a_stopped_server_is_reported_abnormal_quickly() {
     let _alone = SERVER.write().await;
     // The default (hard) mount, and a soft one that gives up after ~2 s.
-    let config = pool("nfs-hard", "mount_options = [\"nfsvers=4.2\"]")
-        + &pool("nfs-soft", "mount_options = [\"nfsvers=4.2\", \"soft\", \"timeo=10\", \"retrans=1\"]");
-    let p = Plugin::start(&config).await;
+    // One driver per pool: pools on one export are refused at start-up.
+    let hard = Plugin::start(&pool("nfs-hard", "mount_options = [\"nfsvers=4.2\"]")).await;
+    let soft = Plugin::start(&pool("nfs-soft", "mount_options = [\"nfsvers=4.2\", \"soft\", \"timeo=10\", \"retrans=1\"]")).await;
     let mut report = Vec::new();
     let mut failures = Vec::new();
     for pool_name in ["nfs-soft", "nfs-hard"] {
+        let p = if pool_name == "nfs-soft" { &soft } else { &hard };
         let mode = Mode::MultiNodeMultiWriter;
         let v = p.create(pool_name, &unique(pool_name), mode, &[]).await;
         let id = v.volume_id.clone();
