@@ -656,7 +656,7 @@ async fn a_stopped_server_is_reported_abnormal_quickly() {
         p.stage(&id, &staging, mode).await;
         p.publish(&id, &staging, &target, mode, false).await;
         write_durably(&target.join("f"), b"x");
-        let (healthy, _) = stats_within(&p, &id, &target, Duration::from_secs(30)).await.unwrap();
+        let (healthy, _) = stats_within(p, &id, &target, Duration::from_secs(30)).await.unwrap();
         assert!(!healthy.abnormal, "{pool_name}: {}", healthy.message);
 
         for (how, stop, start) in [
@@ -690,7 +690,7 @@ async fn a_stopped_server_is_reported_abnormal_quickly() {
                 Ok(Err(s)) => failures.push(format!("{pool_name} after {how}: ControllerGetVolume {:?}: {}", s.code(), s.message())),
                 Err(_) => failures.push(format!("{pool_name} after {how}: ControllerGetVolume did not answer within 30 s")),
             }
-            match stats_within(&p, &id, &target, Duration::from_secs(30)).await {
+            match stats_within(p, &id, &target, Duration::from_secs(30)).await {
                 Ok((c, took)) => {
                     report.push(format!("{pool_name} after {how}: abnormal={} in {took:.1?}: {}", c.abnormal, c.message));
                     if !c.abnormal || took > Duration::from_secs(10) {
@@ -704,7 +704,7 @@ async fn a_stopped_server_is_reported_abnormal_quickly() {
             }
             assert!(run(&start[0], &start[1..].iter().map(String::as_str).collect::<Vec<_>>()), "restarting after {how}");
             drop(restart);
-            wait_healthy(&p, &id, &target).await;
+            wait_healthy(p, &id, &target).await;
         }
         p.unpublish(&id, &target).await;
         p.unstage(&id, &staging).await;
