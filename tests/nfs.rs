@@ -146,7 +146,7 @@ impl Plugin {
             .stderr(out)
             .spawn()
             .expect("spawn holdfast");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         let channel = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("holdfast exited with {status} at start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
@@ -156,7 +156,7 @@ impl Plugin {
                     break ch;
                 }
             }
-            assert!(Instant::now() < deadline, "holdfast did not listen within 20 s");
+            assert!(Instant::now() < deadline, "holdfast did not listen within 60 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         Plugin {

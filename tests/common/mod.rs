@@ -49,7 +49,7 @@ pub const MIB: i64 = 1 << 20;
 
 /// How long the driver gets to create its socket. Generous: in the TCG test VM on a loaded
 /// host, loading the debug binary alone takes 5 to 15 s.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the driver gets to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
