@@ -765,7 +765,9 @@ async fn filesystem_volume_full_lifecycle_is_idempotent() {
 async fn stats_and_expand_answer_not_found_for_paths_that_are_not_the_volumes() {
     let d = Driver::start().await;
     d.require_node(&[NodeCap::GetVolumeStats, NodeCap::ExpandVolume]).await;
-    let (gone, _) = deleted_ids(&d, "not-its-path").await;
+    // A real id of a deleted volume (no snapshot needed: thick LVM pools have none).
+    let gone = d.create(&unique("not-its-path"), 8 * MIB, d.mount_cap(Mode::SingleNodeWriter)).await.volume_id;
+    d.delete(&gone).await;
     let m = d.mounted_volume("not-its-path", Mode::SingleNodeWriter).await;
     let id = m.volume.volume_id.clone();
     let empty = d.staging_dir("not-its-path-empty");
