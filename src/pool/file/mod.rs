@@ -232,6 +232,17 @@ fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// Removes an object's files, metadata first: from then on the object is gone and what remains
+/// is a leftover a retry removes. Durable when it returns.
+fn remove_files(f: &Files) -> Result<()> {
+    remove_if_exists(&f.meta)?;
+    sync_dir(&f.dir)?;
+    remove_if_exists(&f.img)?;
+    remove_if_exists(&f.tmp_img)?;
+    remove_if_exists(&f.tmp_meta)?;
+    sync_dir(&f.dir)
+}
+
 /// Makes renames and removals in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
@@ -771,16 +782,7 @@ impl Pool for FilePool {
             }
         }
         let ff = f.clone();
-        self.blocking(format!("deleting volume {local} in {}", f.dir.display()), METADATA_DEADLINE, move || {
-            // Metadata first: from here on the volume is gone, and what remains is a leftover.
-            remove_if_exists(&ff.meta)?;
-            sync_dir(&ff.dir)?;
-            remove_if_exists(&ff.img)?;
-            remove_if_exists(&ff.tmp_img)?;
-            remove_if_exists(&ff.tmp_meta)?;
-            sync_dir(&ff.dir)
-        })
-        .await
+        self.blocking(format!("deleting volume {local} in {}", f.dir.display()), METADATA_DEADLINE, move || remove_files(&ff)).await
     }
 
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
@@ -890,15 +892,7 @@ impl Pool for FilePool {
     async fn delete_snapshot(&self, local: &str) -> Result<()> {
         let f = self.files(Kind::Snapshot, local)?;
         let ff = f.clone();
-        self.blocking(format!("deleting snapshot {local} in {}", f.dir.display()), METADATA_DEADLINE, move || {
-            remove_if_exists(&ff.meta)?;
-            sync_dir(&ff.dir)?;
-            remove_if_exists(&ff.img)?;
-            remove_if_exists(&ff.tmp_img)?;
-            remove_if_exists(&ff.tmp_meta)?;
-            sync_dir(&ff.dir)
-        })
-        .await
+        self.blocking(format!("deleting snapshot {local} in {}", f.dir.display()), METADATA_DEADLINE, move || remove_files(&ff)).await
     }
 
     async fn get_snapshot(&self, local: &str) -> Result<Option<SnapshotInfo>> {
