@@ -20,6 +20,7 @@ pub mod agent_proto {
 
 pub mod bench;
 pub mod blocking;
+pub mod certs;
 pub mod config;
 pub mod csi;
 pub mod ctl;
@@ -32,4 +33,5 @@ pub mod node;
 pub mod placement;
 pub mod pool;
 pub mod server;
+pub mod tls;
 pub mod volume_id;
