@@ -346,13 +346,17 @@ impl Placement {
 
     /// The best pool, or the error to answer: INVALID_ARGUMENT when no pool matches the
     /// parameters at all (a typo in a StorageClass), UNAVAILABLE when a pool that would match
-    /// is on a node that is down (retry), RESOURCE_EXHAUSTED otherwise (the orchestrator
-    /// reschedules). The message names every pool considered and why it was refused, bounded.
+    /// is on a node that is down or no pool is known at all (retry), RESOURCE_EXHAUSTED
+    /// otherwise (the orchestrator reschedules). The message names every pool considered and why it was refused, bounded.
     pub fn choice(&self, req: &PlacementRequest) -> Result<&PoolCandidate, Error> {
         if let Some(best) = self.ordered.first() {
             return Ok(best);
         }
         let what = format!("no pool can take a volume of {}", crate::config::format_size(req.capacity));
+        // No pool at all: no agent has registered (yet); not the request's fault.
+        if self.refused.is_empty() {
+            return Err(Error::Unavailable(format!("{what}: no pool is registered; retry when the nodes' agents have registered")));
+        }
         if self.refused.iter().all(|c| c.refusal.by_parameters()) {
             return Err(Error::InvalidArgument(format!(
                 "{what}: no pool matches the parameters {}{}",
@@ -370,9 +374,6 @@ impl Placement {
     /// `: pool p on node n: why; …`, at most [`MAX_LISTED`] pools, refusals by parameters
     /// last (they say least), then a count of the rest.
     fn listing(&self) -> String {
-        if self.refused.is_empty() {
-            return ": no pool is registered".to_owned();
-        }
         let mut refused: Vec<&Considered> = self.refused.iter().collect();
         refused.sort_by_key(|c| c.refusal.by_parameters());
         let mut out = String::from(": ");
@@ -766,7 +767,7 @@ mod tests {
             Case {
                 name: "no pool at all",
                 got: code(vec![], req(gib)),
-                want: "invalid: no pool can take a volume of 1 GiB: no pool matches the parameters (none): no pool is registered",
+                want: "unavailable: no pool can take a volume of 1 GiB: no pool is registered; retry when the nodes' agents have registered",
             },
         ];
         for c in cases {
