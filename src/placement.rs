@@ -468,6 +468,15 @@ pub fn place(pools: &[PoolCandidate], req: &PlacementRequest) -> Placement {
     out
 }
 
+/// What GetCapacity (and `maximum_volume_size`) answers for `segment` (None: anywhere): the
+/// largest single volume that one pool matching the request's parameters, inside the segment,
+/// on a node that is up, could take now; 0 when there is none. Not a sum over pools: a
+/// scheduler told "10 GiB" must be able to place one 10 GiB volume there.
+pub fn capacity(pools: &[PoolCandidate], req: &PlacementRequest, segment: Option<&Segments>) -> u64 {
+    let req = PlacementRequest { capacity: 0, requisite: segment.into_iter().cloned().collect(), preferred: vec![], ..req.clone() };
+    pools.iter().filter(|p| refusal(p, &req).is_none()).map(|p| p.largest_volume).max().unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -874,6 +883,42 @@ mod tests {
                 (Err(Error::InvalidArgument(m)), Err(want)) => assert_eq!(m, want, "{}", c.name),
                 (got, want) => panic!("{}: got {got:?}, want {want:?}", c.name),
             }
+        }
+    }
+
+    #[test]
+    fn capacity_is_the_largest_single_volume_per_segment() {
+        let gib = 1 << 30;
+        let pools = vec![
+            pool("a", "fast", 5 * gib),
+            with(pool("a", "vg", 7 * gib), |p| p.kind = "lvm".into()),
+            pool("b", "slow", 9 * gib),
+            with(pool("c", "bulk", 20 * gib), |p| p.node_state = NodeState::Down),
+            pool("d", "small", gib),
+        ];
+        struct Case {
+            name: &'static str,
+            req: PlacementRequest,
+            segment: Option<Segments>,
+            want: u64,
+        }
+        let any = PlacementRequest::default();
+        let cases = [
+            Case { name: "anywhere: the biggest pool, not the sum", req: any.clone(), segment: None, want: 9 * gib },
+            Case { name: "node a", req: any.clone(), segment: Some(seg(&[(NODE_KEY, "a")])), want: 7 * gib },
+            Case { name: "zone z1 (nodes a, b)", req: any.clone(), segment: Some(seg(&[("zone", "z1")])), want: 9 * gib },
+            Case { name: "zone z2: node c is down", req: any.clone(), segment: Some(seg(&[("zone", "z2")])), want: gib },
+            Case { name: "node c is down", req: any.clone(), segment: Some(seg(&[(NODE_KEY, "c")])), want: 0 },
+            Case {
+                name: "kind parameter on node a",
+                req: PlacementRequest { kind: Some("file".into()), ..any.clone() },
+                segment: Some(seg(&[(NODE_KEY, "a")])),
+                want: 5 * gib,
+            },
+            Case { name: "unknown node", req: any.clone(), segment: Some(seg(&[(NODE_KEY, "x")])), want: 0 },
+        ];
+        for c in cases {
+            assert_eq!(capacity(&pools, &c.req, c.segment.as_ref()), c.want, "{}", c.name);
         }
     }
 }
