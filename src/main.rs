@@ -1,6 +1,6 @@
 //! The `holdfast` binary: a thin CLI over the library. `all-in-one` serves every CSI service
 //! for the pools on this node; `ctl` is an operator's CSI client; `bench` measures a running
-//! driver. The only place that uses `anyhow`.
+//! driver; `certs` makes TLS certificates for the Agent API. The only place that uses `anyhow`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -31,6 +31,8 @@ enum Command {
     Ctl(holdfast::ctl::CtlArgs),
     /// Measure a running driver against the raw tools.
     Bench(holdfast::bench::BenchArgs),
+    /// Make a cluster CA and node certificates for the Agent API's mutual TLS.
+    Certs(holdfast::certs::CertsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -192,6 +194,7 @@ fn main() {
         }
         Command::Ctl(a) => calls.block_on(holdfast::ctl::run(a)).map_err(anyhow::Error::msg),
         Command::Bench(a) => calls.block_on(holdfast::bench::run(a)).map_err(anyhow::Error::msg),
+        Command::Certs(a) => holdfast::certs::run(a).map_err(anyhow::Error::msg),
     };
     // Dropping a runtime would wait for every blocking call, and one stuck in the kernel (a
     // frozen pool filesystem, a hung NFS server) never returns: stop waiting after a moment.
