@@ -21,4 +21,5 @@ pub mod node;
 pub mod placement;
 pub mod pool;
 pub mod server;
+pub mod store;
 pub mod volume_id;
