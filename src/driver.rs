@@ -77,7 +77,8 @@ impl Driver {
         // Before any pool is opened (opening creates directories): overlapping pools could
         // delete each other's volumes.
         crate::config::check_overlaps(cfg).map_err(|e| Error::InvalidArgument(format!("configuration: {e}")))?;
-        let freezer = Arc::new(Freezer::new(state_dir, exec.clone())?.with_deadline(freeze_deadline));
+        // The pools read the mount table through the freezer's mounter: the driver's.
+        let freezer = Arc::new(Freezer::new(state_dir, exec.clone())?.with_deadline(freeze_deadline).with_mounter(mounter.clone()));
         let mut pools = BTreeMap::new();
         for pc in &cfg.pools {
             pools.insert(pc.name().to_owned(), pool::open(pc, exec.clone(), freezer.clone())?);
