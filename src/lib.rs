@@ -9,6 +9,7 @@ pub mod proto {
 
 pub mod bench;
 pub mod blocking;
+pub mod client;
 pub mod config;
 pub mod csi;
 pub mod ctl;
