@@ -200,6 +200,12 @@ impl Records {
         Ok(rec)
     }
 
+    /// Start-up, before serving: removes the temporaries of record writes a crash
+    /// interrupted (the record they were for is the one still in place). Returns what it removed.
+    pub async fn clean_temporaries(&self) -> Result<Vec<PathBuf>> {
+        self.store.clean_temporaries().await
+    }
+
     /// Writes `rec` durably (an empty record removes the file).
     pub async fn save(&self, rec: &VolumeRecord) -> Result<()> {
         let name = Self::name(&rec.volume_id);
@@ -313,5 +319,24 @@ mod tests {
         store.save(&rec).await.unwrap();
         assert_eq!(store.load("file:n:p:v1").await.unwrap(), None);
         assert_eq!(std::fs::read_dir(dir.path().join("stage")).unwrap().count(), 0, "no file, no temporary left");
+    }
+
+    #[tokio::test]
+    async fn start_up_removes_interrupted_writes_and_keeps_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Records::new(dir.path());
+        assert!(store.clean_temporaries().await.unwrap().is_empty(), "no directory yet: nothing to clean");
+        let mut rec = VolumeRecord::new("file:n:p:v1");
+        rec.stages.push(device_stage("ext4", None));
+        store.save(&rec).await.unwrap();
+        let stage = dir.path().join("stage");
+        let name = Records::name("file:n:p:v1");
+        // A crash mid-write, in the naming of this store and of the writer before it.
+        for tmp in [format!(".{name}.json.tmp"), format!("{name}.json.tmp")] {
+            std::fs::write(stage.join(&tmp), b"{\"volume_id\": ").unwrap();
+        }
+        assert_eq!(store.clean_temporaries().await.unwrap().len(), 2);
+        assert_eq!(store.load("file:n:p:v1").await.unwrap(), Some(rec));
+        assert_eq!(std::fs::read_dir(&stage).unwrap().count(), 1, "only the record is left");
     }
 }
