@@ -128,7 +128,7 @@ impl Freezer {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| Error::io(format!("creating the freeze record directory {}", dir.display()), e))?;
-        let store = Store::new(dir, "state", METADATA_DEADLINE).described(noun().what, noun().if_damaged);
+        let store = Store::new(dir, "state", METADATA_DEADLINE).described(noun().what, noun().if_damaged).creating_dir();
         Ok(Freezer { store: Some(store), ..Freezer::unrecorded(exec) })
     }
 
