@@ -21,6 +21,7 @@ pub mod agent_proto {
 pub mod bench;
 pub mod blocking;
 pub mod certs;
+pub mod client;
 pub mod config;
 pub mod csi;
 pub mod ctl;
@@ -34,4 +35,5 @@ pub mod placement;
 pub mod pool;
 pub mod server;
 pub mod tls;
+pub mod store;
 pub mod volume_id;

@@ -25,7 +25,8 @@ pub fn round_up_mib(bytes: u64) -> u64 {
     bytes.max(1).div_ceil(MIB).saturating_mul(MIB)
 }
 
-/// Opens the pool a `[[pool]]` table describes; block-backed pools freeze with `freezer`.
+/// Opens the pool a `[[pool]]` table describes; block-backed pools freeze with `freezer`, and
+/// every pool reads the mount table through its mounter (the driver's).
 pub fn open(
     cfg: &crate::config::PoolConfig,
     exec: std::sync::Arc<dyn crate::exec::Exec>,
@@ -34,7 +35,8 @@ pub fn open(
     match cfg.kind() {
         PoolKind::File => Ok(std::sync::Arc::new(file::FilePool::new(cfg, exec)?.with_freezer(freezer))),
         PoolKind::Lvm => Ok(std::sync::Arc::new(lvm::LvmPool::new(cfg, exec)?.with_freezer(freezer))),
-        PoolKind::Nfs => Ok(std::sync::Arc::new(nfs::NfsPool::new(cfg, exec)?)),
+        // The driver's mount table, which its freezer holds.
+        PoolKind::Nfs => Ok(std::sync::Arc::new(nfs::NfsPool::new(cfg, exec)?.with_mounter(freezer.mounter()))),
         PoolKind::Zfs => Ok(std::sync::Arc::new(zfs::ZfsPool::new(cfg, exec)?.with_freezer(freezer))),
     }
 }

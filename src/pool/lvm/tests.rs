@@ -650,3 +650,25 @@ fn config_mistakes_are_named() {
     .unwrap();
     assert_eq!((ok.volume_group(), ok.thin_pool(), ok.default_fs()), ("vg0", Some("tp0"), "xfs"));
 }
+
+/// The mount points to freeze come from the driver's mount table (here the fake): ext4/XFS
+/// (shown with the device's number) are left to LVM's own suspend, btrfs (an anonymous number,
+/// matched by its source) is frozen once however many binds it has, and foreign mounts never.
+#[tokio::test]
+async fn only_filesystems_lvm_cannot_freeze_are_handed_to_the_freezer() {
+    use crate::node::mount::{FakeMounter, Mounter};
+    let table = FakeMounter::new();
+    let line = |mm: &str, source: &str, at: &str, fs: &str| {
+        let text = format!("30 1 {mm} / {at} rw shared:1 - {fs} {source} rw\n");
+        crate::node::mountinfo::parse(&text).unwrap().remove(0)
+    };
+    // /dev/null stands in for the LV's device node: a real device, 1:3.
+    table.add_line(line("1:3", "/dev/null", "/mnt/ext4", "ext4"));
+    table.add_line(line("0:77", "/dev/null", "/mnt/btrfs", "btrfs"));
+    table.add_line(line("0:77", "/dev/null", "/mnt/btrfs-bind", "btrfs"));
+    table.add_line(line("0:78", "/dev/zero", "/mnt/other", "btrfs"));
+    table.add_line(line("0:79", "tmpfs", "/mnt/tmp", "tmpfs"));
+    let mounts = table.mounts().await.unwrap();
+    assert_eq!(mounted_filesystems(Path::new("/dev/null"), &mounts), [PathBuf::from("/mnt/btrfs")]);
+    assert!(mounted_filesystems(Path::new("/dev/holdfast-no-such-lv"), &mounts).is_empty());
+}

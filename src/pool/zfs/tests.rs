@@ -767,3 +767,24 @@ fn records_written_before_the_local_name_was_stored_are_held_to_the_derived_name
     assert!(p.live_volume(&legacy("tank/hf/v1", "v1")).unwrap().is_some());
     assert!(p.live_volume(&legacy("tank/hf/other", "v1")).unwrap().is_none(), "a copy of a legacy record");
 }
+
+/// A zvol's filesystems are found in the driver's mount table (here the fake): by the device's
+/// number (ext4, XFS) or by its source (btrfs), one mount point per filesystem, nothing foreign.
+#[tokio::test]
+async fn the_mounts_of_a_zvol_come_from_the_mount_table() {
+    use crate::node::mount::{FakeMounter, Mounter};
+    let table = FakeMounter::new();
+    let line = |mm: &str, source: &str, at: &str, fs: &str| {
+        let text = format!("30 1 {mm} / {at} rw shared:1 - {fs} {source} rw\n");
+        crate::node::mountinfo::parse(&text).unwrap().remove(0)
+    };
+    // /dev/null stands in for the zvol's device node: a real device, 1:3.
+    table.add_line(line("1:3", "/dev/null", "/mnt/ext4", "ext4"));
+    table.add_line(line("1:3", "/dev/null", "/mnt/ext4-bind", "ext4"));
+    table.add_line(line("0:77", "/dev/null", "/mnt/btrfs", "btrfs"));
+    table.add_line(line("0:78", "/dev/zero", "/mnt/other", "ext4"));
+    table.add_line(line("0:79", "tmpfs", "/mnt/tmp", "tmpfs"));
+    let mounts = table.mounts().await.unwrap();
+    let got = copy::mounted_filesystems(Path::new("/dev/null"), &mounts);
+    assert_eq!(got, [PathBuf::from("/mnt/ext4"), PathBuf::from("/mnt/btrfs")]);
+}
