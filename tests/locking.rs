@@ -329,3 +329,60 @@ async fn a_read_only_publish_killed_at_any_step_is_repaired_by_its_retry() {
         d.delete(&id).await;
     }
 }
+
+/// Item 1: a copy holds its source. While a clone of a volume copies (held), the source cannot
+/// be deleted, expanded or staged; while a restore from a snapshot copies, the snapshot cannot
+/// be deleted. Each answers ABORTED and succeeds once the copy is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_holds_its_source_until_it_is_done() {
+    let outer = Outer::new();
+    let (d, copy) = driver(&outer, &[]).await;
+    let _release = Release(&copy);
+    let cap = ext4_cap(Mode::SingleNodeWriter);
+    let src = d.create(&unique("copied"), 64 * MIB, cap.clone()).await;
+    let snap = d.snapshot(&unique("copied-snap"), &src.volume_id).await;
+
+    copy.set("pause-cp");
+    let mut c = d.controller();
+    let req = clone_request(&d, &unique("clone"), &src.volume_id);
+    let clone = tokio::spawn(async move { c.create_volume(req).await });
+    copy.wait_held().await;
+    let r = d.controller().delete_volume(DeleteVolumeRequest { volume_id: src.volume_id.clone(), ..Default::default() }).await;
+    expect_code(r, Code::Aborted, "DeleteVolume of a clone's source during the copy");
+    let grow = ControllerExpandVolumeRequest {
+        volume_id: src.volume_id.clone(),
+        capacity_range: Some(CapacityRange { required_bytes: 128 * MIB, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    expect_code(d.controller().controller_expand_volume(grow).await, Code::Aborted, "ControllerExpandVolume of a clone's source");
+    let staging = d.staging_dir("copied");
+    let r = d.node().node_stage_volume(d.stage_request(&src.volume_id, &staging, &cap)).await;
+    expect_code(r, Code::Aborted, "NodeStageVolume of a clone's source during the copy");
+    copy.clear("pause-cp");
+    let clone = ok(clone.await.expect("join"), "the held clone").volume.expect("a volume");
+    d.adopt_leftovers_of(std::slice::from_ref(&clone.volume_id), &[]);
+
+    copy.set("pause-cp");
+    let mut c = d.controller();
+    let mut req = d.create_request(&unique("restore"), 64 * MIB, cap.clone());
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let restore = tokio::spawn(async move { c.create_volume(req).await });
+    copy.wait_held().await;
+    let r = d.controller().delete_snapshot(DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() }).await;
+    expect_code(r, Code::Aborted, "DeleteSnapshot of a restore's source during the copy");
+    copy.clear("pause-cp");
+    let restored = ok(restore.await.expect("join"), "the held restore").volume.expect("a volume");
+    d.adopt_leftovers_of(std::slice::from_ref(&restored.volume_id), &[]);
+
+    // Done: every refused call goes through now.
+    d.delete(&restored.volume_id).await;
+    d.delete(&clone.volume_id).await;
+    d.delete_snapshot(&snap.snapshot_id).await;
+    d.stage(&src.volume_id, &staging, &cap).await;
+    d.unstage(&src.volume_id, &staging).await;
+    d.delete(&src.volume_id).await;
+}
