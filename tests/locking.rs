@@ -268,8 +268,8 @@ fn is_readonly_mount(path: &Path) -> Option<bool> {
 
 /// Item 5: a driver killed at each step of a read-only publish (bind held in the holding
 /// directory; bind attached at the target; and what a two-step bind left, a writable bind at
-/// the target) is repaired by the retried publish after the restart: OK, one read-only mount
-/// at the target, writes refused, no holding mount of the dead driver left. A finished
+/// the target) is repaired: the restarted driver detaches the dead one's holding binds, and the
+/// retried publish answers OK with one read-only mount at the target, writes refused. A finished
 /// read-write publish asked again read-only stays ALREADY_EXISTS (spec).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_publish_killed_at_any_step_is_repaired_by_its_retry() {
@@ -305,6 +305,11 @@ async fn a_read_only_publish_killed_at_any_step_is_repaired_by_its_retry() {
         }
 
         d.restart().await;
+        assert!(
+            holding_mounts(&hold_prefix).is_empty(),
+            "{step}: the restarted driver left the killed one's holding binds: {:?}",
+            holding_mounts(&hold_prefix)
+        );
         d.publish(&id, &staging, &target, &cap, true).await;
         assert_eq!(mounts_at(&target), 1, "{step}: one mount at the target after the retry");
         assert_eq!(is_readonly_mount(&target), Some(true), "{step}: the retried publish is read-only");
