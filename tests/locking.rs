@@ -325,8 +325,12 @@ async fn a_read_only_publish_killed_at_any_step_is_repaired_by_its_retry() {
         if step == holdfast::node::mount::CRASH_ATTACHED {
             // A finished read-write publish is not a half-made read-only one.
             d.publish(&id, &staging, &target, &cap, false).await;
-            let r = d.node().node_publish_volume(d.publish_request(&id, &staging, &target, &cap, true)).await;
-            expect_code(r, Code::AlreadyExists, "a read-only publish over a finished read-write one");
+            for attempt in 0..2 {
+                let r = d.node().node_publish_volume(d.publish_request(&id, &staging, &target, &cap, true)).await;
+                expect_code(r, Code::AlreadyExists, &format!("read-only publish {attempt} over a finished read-write one"));
+                assert_eq!(is_readonly_mount(&target), Some(false), "the read-write publish is left as it was");
+                assert_eq!(mounts_at(&target), 1);
+            }
             d.unpublish(&id, &target).await;
         }
         d.unstage(&id, &staging).await;

@@ -333,8 +333,14 @@ impl NodeService {
         } else {
             self.d.node.publish_filesystem(&staging, &target, readonly, &cap.mount_flags).await
         };
-        if res.is_err() && rec != before && !self.still_published(rec.publish_at(target.as_path()).expect("just recorded")).await? {
-            self.d.records.save(&before).await?;
+        if res.is_err() && rec != before {
+            // A refused publish never rewrites an earlier one's entry (a read-write publish must
+            // not come to look like a half-made read-only one); a new entry stays only if its
+            // bind is there after all.
+            let earlier = before.publish_at(target.as_path()).is_some();
+            if earlier || !self.still_published(rec.publish_at(target.as_path()).expect("just recorded")).await? {
+                self.d.records.save(&before).await?;
+            }
         }
         res.map(|()| NodePublishVolumeResponse {})
     }
