@@ -29,8 +29,8 @@ pub const KNOWN_FS: [&str; 5] = ["ext4", "xfs", "btrfs", "zfs", "nfs"];
 
 /// The local object an id names on this driver: its pool and its local name. `None` when the
 /// id names nothing here (not an id this driver issues, another node's, an unknown pool). The
-/// only place the CSI services turn an id into an object, so a change of the id format changes
-/// this function alone; `kind` is what the caller expects the id to name.
+/// lock sites and the node service turn ids into objects here only, so a change of the id
+/// format changes this function, not them; `kind` is what the caller expects the id to name.
 pub fn object_of(d: &Driver, kind: ObjectKind, id: &str) -> Option<(Arc<dyn Pool>, String)> {
     let _ = kind; // Volume and snapshot ids share one format for now.
     let vid = crate::volume_id::VolumeId::parse(id)?;

@@ -211,7 +211,8 @@ fn hold_prefix() -> &'static str {
     })
 }
 
-/// Makes the holding directory (0700) and, when it is new, a private mount of its own, so a
+/// Makes the holding directory (0700) and, while it is empty and no mount yet (its first use
+/// since boot), a private mount of its own, so a
 /// bind attached there for a moment never propagates to other mount namespaces (a host `/run`
 /// is usually shared). Then clears what killed drivers left there.
 fn prepare_hold_dir(hold_dir: &Path) -> Result<()> {
