@@ -23,6 +23,7 @@ pub mod blocking;
 pub mod certs;
 pub mod client;
 pub mod config;
+pub mod crash;
 pub mod csi;
 pub mod ctl;
 pub mod driver;

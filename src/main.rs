@@ -155,9 +155,11 @@ async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow
     let exec = Arc::new(RealExec);
     let mounter = Arc::new(RealMounter::new(exec.clone()));
     let freeze_deadline = std::time::Duration::from_secs(args.freeze_deadline.max(1));
-    let driver = Arc::new(Driver::with_freeze_deadline(&node_id, &cfg, &args.state_dir, exec, mounter, freeze_deadline)?);
-    // Before serving: nothing a killed predecessor froze or suspended stays so.
+    let driver = Arc::new(Driver::with_freeze_deadline(&node_id, &cfg, &args.state_dir, exec, mounter.clone(), freeze_deadline)?);
+    // Before serving: nothing a killed predecessor froze or suspended stays so, and no
+    // holding bind of a killed publish pins a volume.
     driver.recover().await;
+    mounter.recover().await;
     let options =
         ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
     server::serve(&args.endpoint, driver, Services { controller: true, node: true }, options, shutdown_signal())

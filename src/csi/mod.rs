@@ -3,12 +3,16 @@
 
 use std::collections::HashMap;
 use std::path::{Component, Path};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Response, Status};
 
+use crate::driver::Driver;
 use crate::error::{Error, Result, bounded};
+use crate::locks::{LockKey, ObjectKind};
 use crate::placement::Segments;
+use crate::pool::Pool;
 use crate::proto;
 use crate::proto::volume_capability::access_mode::Mode;
 
@@ -22,6 +26,35 @@ pub const SUPPORTED_MODES: [Mode; 4] =
 
 /// Every filesystem type some pool kind serves; which pool serves which is `Pool::filesystems`.
 pub const KNOWN_FS: [&str; 5] = ["ext4", "xfs", "btrfs", "zfs", "nfs"];
+
+/// The local object an id names on this driver: its pool and its local name. `None` when the
+/// id names nothing here (not an id this driver issues, another node's, an unknown pool). The
+/// lock sites and the node service turn ids into objects here only, so a change of the id
+/// format changes this function, not them; `kind` is what the caller expects the id to name.
+pub fn object_of(d: &Driver, kind: ObjectKind, id: &str) -> Option<(Arc<dyn Pool>, String)> {
+    let _ = kind; // Volume and snapshot ids share one format for now.
+    let vid = crate::volume_id::VolumeId::parse(id)?;
+    let pool = d.pool_of(&vid)?;
+    Some((pool.clone(), vid.local))
+}
+
+/// The lock of the object an id names ([`object_of`]); an id that names nothing here is locked
+/// by its text, so calls on it (an unstage of a volume whose pool left the config) still
+/// serialise.
+pub fn lock_key(d: &Driver, kind: ObjectKind, id: &str) -> LockKey {
+    match object_of(d, kind, id) {
+        Some((pool, local)) => LockKey::new(pool.name(), kind, &local),
+        None => LockKey::unresolved(kind, id),
+    }
+}
+
+/// The locks a create of CSI name `csi_name` takes for its own object: every local name it may
+/// find or make ([`crate::volume_id::local_name`]; any other name a retry looks under belongs
+/// here too), in every pool, since a retry must find the first attempt wherever it landed.
+pub fn name_keys(d: &Driver, kind: ObjectKind, csi_name: &str) -> Vec<LockKey> {
+    let locals = [crate::volume_id::local_name(csi_name)];
+    d.pools.keys().flat_map(|pool| locals.iter().map(move |local| LockKey::new(pool, kind, local))).collect()
+}
 
 /// INVALID_ARGUMENT unless `value` is non-empty.
 pub fn require(field: &str, value: &str) -> Result<()> {

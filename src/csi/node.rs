@@ -11,9 +11,10 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::controller::CTX_FS_TYPE;
-use super::{decode_cap, require, topology, traced};
+use super::{decode_cap, lock_key, object_of, require, topology, traced};
 use crate::driver::Driver;
 use crate::error::{Error, Result, bounded};
+use crate::locks::ObjectKind;
 use crate::node::mountinfo::MountInfo;
 use crate::node::records::{Backing, MountKey, PublishRecord, StageRecord, VolumeRecord};
 use crate::node::safepath::{RequestPath, same_path};
@@ -38,15 +39,16 @@ impl NodeService {
 
     /// The pool and local name of an id this node serves; NOT_FOUND otherwise.
     fn resolve(&self, id: &str) -> Result<(Arc<dyn Pool>, String)> {
-        let vid = VolumeId::parse(id).ok_or_else(|| Error::NotFound(format!("volume {} does not exist", bounded(id))))?;
-        let pool = self.d.pool_of(&vid).ok_or_else(|| {
+        if VolumeId::parse(id).is_none() {
+            return Err(Error::NotFound(format!("volume {} does not exist", bounded(id))));
+        }
+        object_of(&self.d, ObjectKind::Volume, id).ok_or_else(|| {
             Error::NotFound(format!(
                 "volume {} is not served by this node ({}): no such pool here or it belongs to another node",
                 bounded(id),
                 self.d.node_id
             ))
-        })?;
-        Ok((pool.clone(), vid.local))
+        })
     }
 
     async fn existing(&self, id: &str) -> Result<(Arc<dyn Pool>, VolumeInfo)> {
@@ -55,8 +57,9 @@ impl NodeService {
         Ok((pool, v))
     }
 
+    /// The lock of the volume `id` names (the same one the controller takes for it).
     fn lock(&self, id: &str) -> Result<crate::locks::Guard> {
-        self.d.locks.try_lock(&format!("vol:{id}"), &format!("volume {}", bounded(id)))
+        self.d.locks.try_lock(lock_key(&self.d, ObjectKind::Volume, id))
     }
 
     /// A request path, checked against the path policy (INVALID_ARGUMENT otherwise).
@@ -91,6 +94,22 @@ impl NodeService {
     /// or (raw block) its device node bound there.
     async fn owns(&self, s: &StageRecord, at: &RequestPath, m: &MountInfo) -> Result<bool> {
         if s.block { Ok(s.is_device(rdev_at(at).await?, m)) } else { Ok(s.holds(m)) }
+    }
+
+    /// The shared tail of unstage and unpublish: runs `peel` (the node operation that unmounts
+    /// the volume's own layers at `path`) and answers whether the path is now free of the
+    /// volume, so its record entry may go. Something else mounted on top is left alone and
+    /// logged; the call then answers OK (the volume is not reachable there) and keeps its
+    /// record, since the volume's own layers may lie beneath.
+    async fn peeled(&self, call: &str, id: &str, path: &RequestPath, peel: impl Future<Output = Result<Peeled>>) -> Result<bool> {
+        let Peeled::Foreign(m) = peel.await? else { return Ok(true) };
+        tracing::warn!(
+            volume = id,
+            path = %path.as_path().display(),
+            found = %m.source,
+            "{call}: something else is mounted at the path; left alone"
+        );
+        Ok(false)
     }
 
     async fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
@@ -223,16 +242,10 @@ impl NodeService {
             }
             return Ok(NodeUnstageVolumeResponse {});
         };
-        if !entry.block {
-            if let Peeled::Foreign(m) = self.d.node.unstage(&staging, &|m| entry.holds(m)).await? {
-                tracing::warn!(
-                    volume = r.volume_id,
-                    staging = %shown,
-                    found = %m.source,
-                    "NodeUnstageVolume: something else is mounted at the staging path; left alone"
-                );
-                return Ok(NodeUnstageVolumeResponse {});
-            }
+        if !entry.block
+            && !self.peeled("NodeUnstageVolume", &r.volume_id, &staging, self.d.node.unstage(&staging, &|m| entry.holds(m))).await?
+        {
+            return Ok(NodeUnstageVolumeResponse {});
         }
         rec.remove_stage(staging.as_path());
         if rec.stages.is_empty() {
@@ -296,18 +309,22 @@ impl NodeService {
                 }
             }
         }
+        let readonly = r.readonly || cap.read_only_mode();
+        if readonly {
+            self.repair_readonly(&r.volume_id, &rec, &stage, &target).await?;
+        }
         let before = rec.clone();
-        if rec.publish_at(target.as_path()).is_none_or(|p| p.stage != stage) {
+        if rec.publish_at(target.as_path()).is_none_or(|p| p.stage != stage || p.readonly != readonly) {
             rec.remove_publish(target.as_path());
             rec.publishes.push(PublishRecord {
                 target: target.as_path().to_owned(),
                 staging: staging.as_path().to_owned(),
                 stage: stage.clone(),
+                readonly,
             });
             // Durable before the bind, so unpublish knows the bind after any crash.
             self.d.records.save(&rec).await?;
         }
-        let readonly = r.readonly || cap.read_only_mode();
         let res = if cap.block {
             match stage.device() {
                 Some(dev) => self.d.node.publish_block(dev, &target, readonly).await,
@@ -316,10 +333,39 @@ impl NodeService {
         } else {
             self.d.node.publish_filesystem(&staging, &target, readonly, &cap.mount_flags).await
         };
-        if res.is_err() && rec != before && !self.still_published(rec.publish_at(target.as_path()).expect("just recorded")).await? {
-            self.d.records.save(&before).await?;
+        if res.is_err() && rec != before {
+            // A refused publish never rewrites an earlier one's entry (a read-write publish must
+            // not come to look like a half-made read-only one); a new entry stays only if its
+            // bind is there after all.
+            let earlier = before.publish_at(target.as_path()).is_some();
+            if earlier || !self.still_published(rec.publish_at(target.as_path()).expect("just recorded")).await? {
+                self.d.records.save(&before).await?;
+            }
         }
         res.map(|()| NodePublishVolumeResponse {})
+    }
+
+    /// Before a read-only publish at `target`: a bind of the volume found writable there while
+    /// the record says a read-only publish was made at that target is that publish cut short
+    /// (a driver killed between its bind and its read-only remount). It never was a finished
+    /// publish, so it is unmounted and the publish made again, rather than refused as
+    /// ALREADY_EXISTS forever. A writable publish recorded as such stays ALREADY_EXISTS (spec).
+    async fn repair_readonly(&self, id: &str, rec: &VolumeRecord, stage: &StageRecord, target: &RequestPath) -> Result<()> {
+        if !rec.publish_at(target.as_path()).is_some_and(|p| p.readonly && p.stage == *stage) {
+            return Ok(());
+        }
+        let Some(top) = self.d.node.mounter.mount_at(target).await? else { return Ok(()) };
+        if top.mount_options.iter().any(|o| o == "ro") || !self.owns(stage, target, &top).await? {
+            return Ok(());
+        }
+        tracing::warn!(volume = id, target = %target.as_path().display(), "a read-only publish was cut short and left a writable bind; redoing it");
+        let rdev = if stage.block { rdev_at(target).await? } else { None };
+        let is_own = |m: &MountInfo| {
+            let own = if stage.block { stage.is_device(rdev, m) } else { stage.holds(m) };
+            own && !m.mount_options.iter().any(|o| o == "ro")
+        };
+        self.d.node.unpublish(target, &is_own, false).await?;
+        Ok(())
     }
 
     async fn unpublish(&self, r: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse> {
@@ -334,13 +380,7 @@ impl NodeService {
         };
         let rdev = if entry.stage.block { rdev_at(&target).await? } else { None };
         let is_own = |m: &MountInfo| if entry.stage.block { entry.stage.is_device(rdev, m) } else { entry.stage.holds(m) };
-        if let Peeled::Foreign(m) = self.d.node.unpublish(&target, &is_own, true).await? {
-            tracing::warn!(
-                volume = r.volume_id,
-                target = %shown,
-                found = %m.source,
-                "NodeUnpublishVolume: something else is mounted at the target path; left alone"
-            );
+        if !self.peeled("NodeUnpublishVolume", &r.volume_id, &target, self.d.node.unpublish(&target, &is_own, true)).await? {
             return Ok(NodeUnpublishVolumeResponse {});
         }
         rec.remove_publish(target.as_path());
@@ -587,7 +627,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::exec::{FakeExec, Reply};
-    use crate::node::mount::{FakeMounter, MountCall, Mounter};
+    use crate::node::mount::{BindSource, FakeMounter, MountCall, Mounter};
     use crate::proto::volume_capability::{AccessMode, AccessType, MountVolume};
 
     struct Rig {
@@ -772,6 +812,68 @@ mod tests {
         assert_eq!(r.detaches(), 1);
         assert!(!Path::new(&target).exists() && Path::new(&stage).is_dir());
         assert_eq!(r.svc.d.records.load(&r.id).await.unwrap(), None, "an unstaged volume has no record left");
+    }
+
+    #[tokio::test]
+    async fn a_read_only_publish_left_writable_is_redone_and_a_finished_writable_one_is_not() {
+        let r = rig().await;
+        let (stage, target) = (r.path("stage"), r.path("pods/p1/mount"));
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        let publish = |readonly: bool| NodePublishVolumeRequest {
+            volume_id: r.id.clone(),
+            staging_target_path: stage.clone(),
+            target_path: target.clone(),
+            volume_capability: Some(cap(Mode::SingleNodeWriter, "xfs")),
+            readonly,
+            ..Default::default()
+        };
+        r.svc.publish(publish(true)).await.unwrap();
+        // What a driver killed between a bind and its read-only remount left: the record of a
+        // read-only publish, a writable bind of the volume at the target.
+        let at = RequestPath::internal(Path::new(&target)).unwrap();
+        let bound = r.mounter.mount_at(&at).await.unwrap().unwrap();
+        r.mounter.unmount(&at, bound.id).await.unwrap();
+        r.mounter.bind(BindSource::Mount(&RequestPath::internal(Path::new(&stage)).unwrap()), &at, &[]).await.unwrap();
+        let before = r.mounter.calls().len();
+        r.svc.publish(publish(true)).await.unwrap();
+        let calls = r.mounter.calls()[before..].to_vec();
+        assert!(
+            matches!(&calls[..], [MountCall::Unmount { target: t }, MountCall::Bind { options, .. }] if t.as_path() == Path::new(&target) && options.iter().any(|o| o == "ro")),
+            "the writable bind is unmounted and bound again read-only: {calls:?}"
+        );
+        let top = r.mounter.mount_at(&at).await.unwrap().unwrap();
+        assert!(top.mount_options.iter().any(|o| o == "ro"), "{top:?}");
+
+        // A finished read-write publish asked read-only, twice: refused both times, untouched.
+        r.svc.unpublish(NodeUnpublishVolumeRequest { volume_id: r.id.clone(), target_path: target.clone() }).await.unwrap();
+        r.svc.publish(publish(false)).await.unwrap();
+        let before = r.mounter.calls().len();
+        for _ in 0..2 {
+            assert!(matches!(r.svc.publish(publish(true)).await, Err(Error::AlreadyExists(_))));
+        }
+        assert_eq!(r.mounter.calls().len(), before, "nothing unmounted or bound");
+        assert!(!r.svc.d.records.load(&r.id).await.unwrap().unwrap().publish_at(Path::new(&target)).unwrap().readonly);
+    }
+
+    #[tokio::test]
+    async fn node_calls_take_the_lock_the_controller_takes_for_the_volume() {
+        let r = rig().await;
+        let stage = r.path("stage");
+        // What CreateSnapshot of this volume holds while it freezes and copies.
+        let held = r.svc.d.locks.try_lock(crate::locks::LockKey::new("p", ObjectKind::Volume, "v1")).unwrap();
+        let aborted = |e: Error| matches!(e, Error::Aborted(ref m) if m.contains("volume v1 in pool p"));
+        assert!(aborted(r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap_err()));
+        let us = NodeUnstageVolumeRequest { volume_id: r.id.clone(), staging_target_path: stage.clone() };
+        assert!(aborted(r.svc.unstage(us.clone()).await.unwrap_err()));
+        let un = NodeUnpublishVolumeRequest { volume_id: r.id.clone(), target_path: r.path("t") };
+        assert!(aborted(r.svc.unpublish(un).await.unwrap_err()));
+        assert!(aborted(r.publish_at(&stage, &r.path("t"), Mode::SingleNodeWriter).await.unwrap_err()));
+        let ex = NodeExpandVolumeRequest { volume_id: r.id.clone(), volume_path: stage.clone(), ..Default::default() };
+        assert!(aborted(r.svc.expand(ex).await.unwrap_err()));
+        assert!(r.mounter.calls().is_empty() && r.detaches() == 0, "nothing done under another call's lock");
+        drop(held);
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        r.svc.unstage(us).await.unwrap();
     }
 
     #[tokio::test]
