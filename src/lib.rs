@@ -35,6 +35,6 @@ pub mod node;
 pub mod placement;
 pub mod pool;
 pub mod server;
-pub mod tls;
 pub mod store;
+pub mod tls;
 pub mod volume_id;
