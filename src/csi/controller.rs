@@ -1210,6 +1210,85 @@ mod tests {
             }
         }
 
+        /// A volume as earlier versions made it: the legacy local name, no uid, no parameters.
+        fn legacy_volume(csi_name: &str, local: &str) -> VolumeInfo {
+            VolumeInfo {
+                local: local.into(),
+                csi_name: csi_name.into(),
+                capacity: 8 * M,
+                block: false,
+                fs_type: Some("ext4".into()),
+                source: None,
+                created: 0,
+                uid: None,
+                source_uid: None,
+                parameters: None,
+            }
+        }
+
+        #[tokio::test]
+        async fn volumes_of_earlier_versions_are_found_by_their_name_and_keep_their_legacy_id() {
+            let (c, _fast, slow) = controller();
+            let name = "PVC Data";
+            let legacy = crate::volume_id::legacy_local_name(name);
+            slow.volumes.lock().unwrap().insert(legacy.clone(), legacy_volume(name, &legacy));
+            let v = c.create(create_req(name, "ext4", &[])).await.unwrap().volume.unwrap();
+            assert_eq!(v.volume_id, format!("file:n1:slow:{legacy}"), "the retry found the legacy volume");
+            assert_eq!(slow.volumes.lock().unwrap().len(), 1, "and made no second one");
+            let got = c.get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await.unwrap();
+            assert_eq!(got.volume.unwrap().volume_id, v.volume_id, "the legacy id names it");
+            // A current id with a uid never names a volume that has none.
+            let forged = format!("file:n1:slow:{legacy}:v0123456789ab");
+            let err = c.get_volume(ControllerGetVolumeRequest { volume_id: forged.clone() }).await.unwrap_err();
+            assert_eq!(code(err), tonic::Code::NotFound);
+            c.delete(DeleteVolumeRequest { volume_id: forged, ..Default::default() }).await.unwrap();
+            assert_eq!(slow.volumes.lock().unwrap().len(), 1, "a forged current id deleted the legacy volume");
+            c.delete(DeleteVolumeRequest { volume_id: v.volume_id, ..Default::default() }).await.unwrap();
+            assert!(slow.volumes.lock().unwrap().is_empty(), "the legacy id deletes it");
+        }
+
+        #[tokio::test]
+        async fn a_legacy_volume_of_another_name_neither_answers_nor_blocks_a_create() {
+            let (c, _fast, slow) = controller();
+            // The old derivation gave "team-data-<hash>" (a clean name) to itself and the same
+            // name to "Team/Data": a legacy volume of the first is not the second's.
+            let first = "Team/Data";
+            let legacy = crate::volume_id::legacy_local_name(first);
+            slow.volumes.lock().unwrap().insert(legacy.clone(), legacy_volume(&legacy, &legacy));
+            let v = c.create(create_req(first, "ext4", &[])).await.expect("a fresh name is never refused").volume.unwrap();
+            let id = VolumeId::parse(&v.volume_id).unwrap();
+            assert_eq!(id.local, crate::volume_id::local_name(first));
+            assert!(id.tag.is_some(), "a new volume gets a current id: {}", v.volume_id);
+            assert_eq!(slow.volumes.lock().unwrap()[&legacy].csi_name, legacy, "the legacy volume is untouched");
+            // The legacy volume's own retry still finds it.
+            let own = c.create(create_req(&legacy, "ext4", &[])).await.unwrap().volume.unwrap();
+            assert_eq!(own.volume_id, format!("file:n1:slow:{legacy}"));
+        }
+
+        #[tokio::test]
+        async fn snapshots_list_by_the_source_they_were_taken_of() {
+            let (c, _fast, _slow) = controller();
+            let first = c.create(create_req("src", "ext4", &[])).await.unwrap().volume.unwrap();
+            let snap = CreateSnapshotRequest { name: "snap".into(), source_volume_id: first.volume_id.clone(), ..Default::default() };
+            let s = c.snapshot(snap).await.unwrap().snapshot.unwrap();
+            assert_eq!(s.source_volume_id, first.volume_id);
+            c.delete(DeleteVolumeRequest { volume_id: first.volume_id.clone(), ..Default::default() }).await.unwrap();
+            let second = c.create(create_req("src", "ext4", &[])).await.unwrap().volume.unwrap();
+            assert_ne!(second.volume_id, first.volume_id);
+            let of = |id: &str| ListSnapshotsRequest { source_volume_id: id.into(), ..Default::default() };
+            assert!(c.list_snapshots(of(&second.volume_id)).await.unwrap().entries.is_empty());
+            assert_eq!(c.list_snapshots(of(&first.volume_id)).await.unwrap().entries.len(), 1);
+            // A restore's recorded source is that very snapshot (its id with its uid).
+            let restore = CreateVolumeRequest {
+                volume_content_source: Some(VolumeContentSource {
+                    r#type: Some(volume_content_source::Type::Snapshot(SnapshotSource { snapshot_id: s.snapshot_id.clone() })),
+                }),
+                ..create_req("restored", "ext4", &[])
+            };
+            let r = c.create(restore.clone()).await.unwrap().volume.unwrap();
+            assert_eq!(r.content_source, restore.volume_content_source);
+        }
+
         #[tokio::test]
         async fn get_capacity_reports_the_smallest_volume_the_filesystem_allows() {
             let (c, _fast, _slow) = controller();
