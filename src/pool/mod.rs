@@ -114,7 +114,7 @@ impl VolumeInfo {
     pub fn conflicts_with(&self, req: &CreateRequest) -> Vec<String> {
         let mut d = Vec::new();
         if self.csi_name != req.csi_name {
-            d.push(format!("it belongs to CSI name {:?}", crate::error::bounded(&self.csi_name)));
+            d.push(format!("it belongs to CSI name {}", crate::error::bounded(&self.csi_name)));
         }
         let fits = if req.limit == 0 { self.capacity == req.capacity } else { (req.capacity..=req.limit).contains(&self.capacity) };
         if !fits {
@@ -140,7 +140,7 @@ impl VolumeInfo {
             for k in keys {
                 match (have.get(k), req.parameters.get(k)) {
                     (a, b) if a == b => {}
-                    (Some(a), _) => d.push(format!("its parameter {k} is {:?}", crate::error::bounded(a))),
+                    (Some(a), _) => d.push(format!("its parameter {k} is {}", crate::error::bounded(a))),
                     (None, _) => d.push(format!("it was made without parameter {k}")),
                 }
             }
@@ -267,5 +267,111 @@ pub trait Pool: Send + Sync {
     /// are the [`Freezer`](crate::node::freeze::Freezer)'s, not the pool's.
     async fn recover(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> CreateRequest {
+        CreateRequest {
+            csi_name: "pvc-1".into(),
+            local: "pvc-1-0123456789abcdef".into(),
+            capacity: 64 * MIB,
+            block: false,
+            fs_type: Some("ext4".into()),
+            source: Some(Source::Snapshot("s1".into())),
+            parameters: [("compression".to_owned(), "lz4".to_owned())].into(),
+            limit: 0,
+            uid: "0123456789ab".into(),
+            source_uid: Some("ba9876543210".into()),
+        }
+    }
+
+    fn made_by(r: &CreateRequest) -> VolumeInfo {
+        VolumeInfo {
+            local: r.local.clone(),
+            csi_name: r.csi_name.clone(),
+            capacity: r.capacity,
+            block: r.block,
+            fs_type: r.fs_type.clone(),
+            source: r.source.clone(),
+            created: 1,
+            uid: Some(r.uid.clone()),
+            source_uid: r.source_uid.clone(),
+            parameters: Some(r.parameters.clone()),
+        }
+    }
+
+    #[test]
+    fn a_retry_is_compared_with_everything_the_record_holds() {
+        struct Case {
+            name: &'static str,
+            req: CreateRequest,
+            want: &'static [&'static str],
+        }
+        let r = request();
+        let v = made_by(&r);
+        let cases = [
+            Case {
+                name: "the same request (another fresh uid)",
+                req: CreateRequest { uid: "ffffffffffff".into(), ..r.clone() },
+                want: &[],
+            },
+            Case { name: "other csi name", req: CreateRequest { csi_name: "pvc-2".into(), ..r.clone() }, want: &["CSI name"] },
+            Case { name: "smaller, no limit", req: CreateRequest { capacity: 32 * MIB, ..r.clone() }, want: &["capacity"] },
+            Case { name: "bigger", req: CreateRequest { capacity: 128 * MIB, limit: 256 * MIB, ..r.clone() }, want: &["capacity"] },
+            Case { name: "within the limit", req: CreateRequest { capacity: 32 * MIB, limit: 64 * MIB, ..r.clone() }, want: &[] },
+            Case { name: "above the limit", req: CreateRequest { capacity: 32 * MIB, limit: 48 * MIB, ..r.clone() }, want: &["capacity"] },
+            Case { name: "block", req: CreateRequest { block: true, fs_type: None, ..r.clone() }, want: &["filesystem volume"] },
+            Case { name: "fs type", req: CreateRequest { fs_type: Some("xfs".into()), ..r.clone() }, want: &["filesystem is ext4"] },
+            Case { name: "fs type left to the pool", req: CreateRequest { fs_type: None, ..r.clone() }, want: &[] },
+            Case { name: "no source", req: CreateRequest { source: None, source_uid: None, ..r.clone() }, want: &["content source"] },
+            Case {
+                name: "a source of the same name made again",
+                req: CreateRequest { source_uid: Some("000000000000".into()), ..r.clone() },
+                want: &["another object of the same name"],
+            },
+            Case {
+                name: "another parameter value",
+                req: CreateRequest { parameters: [("compression".to_owned(), "off".to_owned())].into(), ..r.clone() },
+                want: &["parameter compression is \"lz4\""],
+            },
+            Case {
+                name: "parameter left out",
+                req: CreateRequest { parameters: BTreeMap::new(), ..r.clone() },
+                want: &["parameter compression"],
+            },
+            Case {
+                name: "parameter added",
+                req: CreateRequest {
+                    parameters: [("compression".to_owned(), "lz4".to_owned()), ("atime".to_owned(), "off".to_owned())].into(),
+                    ..r.clone()
+                },
+                want: &["without parameter atime"],
+            },
+            Case {
+                name: "two differences",
+                req: CreateRequest { capacity: 128 * MIB, block: true, fs_type: None, ..r.clone() },
+                want: &["capacity", "filesystem volume"],
+            },
+        ];
+        for c in cases {
+            let got = v.conflicts_with(&c.req);
+            assert_eq!(got.len(), c.want.len(), "{}: {got:?}", c.name);
+            for (g, w) in got.iter().zip(c.want) {
+                assert!(g.contains(w), "{}: {g:?} does not say {w:?}", c.name);
+            }
+        }
+    }
+
+    #[test]
+    fn what_an_old_record_does_not_hold_is_not_compared() {
+        let r = request();
+        let old = VolumeInfo { parameters: None, fs_type: None, source_uid: None, uid: None, ..made_by(&r) };
+        let other = CreateRequest { parameters: BTreeMap::new(), fs_type: Some("xfs".into()), source_uid: None, ..r.clone() };
+        assert_eq!(old.conflicts_with(&other), Vec::<String>::new());
+        assert_eq!(old.conflicts_with(&r), Vec::<String>::new());
     }
 }

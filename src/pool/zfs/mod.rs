@@ -491,7 +491,7 @@ impl ZfsPool {
         // and the filesystem as this pool resolves the request's.
         let recorded = VolumeInfo { capacity: meta.capacity, ..Self::volume_info(&o, meta.clone()) };
         let mut differences = recorded.conflicts_with(&CreateRequest { fs_type: fs_type.clone(), ..req.clone() });
-        if !req.block && meta.fs_type != fs_type && meta.fs_type.is_none() {
+        if !req.block && meta.fs_type.is_none() {
             differences.push("its filesystem is not recorded".to_owned());
         }
         if !differences.is_empty() {
