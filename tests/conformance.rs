@@ -1320,10 +1320,22 @@ async fn a_name_equal_to_another_names_local_name_gets_its_own_volume() {
     let first = format!("{}/Data", unique("Team"));
     let names = [first.clone(), holdfast::volume_id::legacy_local_name(&first), holdfast::volume_id::local_name(&first)];
     let cap = d.mount_cap(Mode::SingleNodeWriter);
+    // ABORTED is contention, which a CO retries: a create of `Team/Data` also holds the local
+    // name earlier versions gave it, which is the second name's too.
     let create = |name: &str| {
         let mut c = d.controller();
         let req = d.create_request(name, d.fs_volume_size(), cap.clone());
-        async move { c.create_volume(req).await }
+        async move {
+            let mut tries = 0;
+            loop {
+                let r = c.create_volume(req.clone()).await;
+                tries += 1;
+                if code_of(&r) != Code::Aborted || tries == 50 {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     };
     let (a, b, c) = tokio::join!(create(&names[0]), create(&names[1]), create(&names[2]));
     let mut volumes = Vec::new();

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
 
-use super::{Capability, decode_caps, require, topology, traced};
+use super::{Capability, decode_caps, lock_key, name_keys, require, topology, traced};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::locks::{LockKey, ObjectKind};
 use crate::placement::{self, Candidate, Segments};
 use crate::pool::{self, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::proto::controller_server::Controller;
@@ -278,7 +279,17 @@ impl ControllerService {
         }
 
         let local = local_name(&req.name);
-        let _guard = self.d.locks.try_lock(&format!("name:{}", req.name), &format!("volume name {}", crate::error::bounded(&req.name)))?;
+        // The new volume's local name (in every pool, where a retry looks for it) and the source
+        // object: no delete, expand, snapshot or stage of the source runs while it is copied.
+        let source_key = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            Some(volume_content_source::Type::Snapshot(s)) => Some(lock_key(&self.d, ObjectKind::Snapshot, &s.snapshot_id)),
+            Some(volume_content_source::Type::Volume(v)) => Some(lock_key(&self.d, ObjectKind::Volume, &v.volume_id)),
+            None => None,
+        };
+        // A retry may find a volume of an earlier version under the legacy name: held too.
+        let legacy = legacy_local_name(&req.name);
+        let names = name_keys(&self.d, ObjectKind::Volume, &local).chain(name_keys(&self.d, ObjectKind::Volume, &legacy));
+        let _guard = self.d.locks.try_lock_all(names.chain(source_key))?;
 
         // The source pins the pool: copies are made inside the pool that holds the source.
         let (source, min_size) = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
@@ -480,8 +491,7 @@ impl ControllerService {
             }
             return Ok(DeleteVolumeResponse {});
         };
-        let _guard =
-            self.d.locks.try_lock(&format!("vol:{}", req.volume_id), &format!("volume {}", crate::error::bounded(&req.volume_id)))?;
+        let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Volume, &vid.local))?;
         // The volume under that name may be another one (deleted and created again): left alone.
         if pool.get_volume(&vid.local).await?.is_some_and(|v| !vid.names_volume(v.uid.as_deref())) {
             return Ok(DeleteVolumeResponse {});
@@ -622,8 +632,7 @@ impl ControllerService {
     async fn expand(&self, req: ControllerExpandVolumeRequest) -> Result<ControllerExpandVolumeResponse> {
         require("volume_id", &req.volume_id)?;
         let range = req.capacity_range.ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
-        let _guard =
-            self.d.locks.try_lock(&format!("vol:{}", req.volume_id), &format!("volume {}", crate::error::bounded(&req.volume_id)))?;
+        let _guard = self.d.locks.try_lock(lock_key(&self.d, ObjectKind::Volume, &req.volume_id))?;
         let (pool, v) = self.find_volume(&req.volume_id).await?;
         let want = capacity_for(Some(&range), v.capacity)?;
         let got = pool.expand_volume(&v.local, want).await?;
@@ -639,8 +648,13 @@ impl ControllerService {
             }
         }
         let local = local_name(&req.name);
-        let _guard =
-            self.d.locks.try_lock(&format!("snap:{}", req.name), &format!("snapshot name {}", crate::error::bounded(&req.name)))?;
+        // The snapshot's local name (in every pool, where a retry looks for it) and its source
+        // volume: no unstage, expand or delete of the volume runs while it is frozen and copied,
+        // and a second snapshot of it waits its turn (ABORTED) instead of sharing the freeze.
+        let source_key = lock_key(&self.d, ObjectKind::Volume, &req.source_volume_id);
+        let legacy = legacy_local_name(&req.name);
+        let names = name_keys(&self.d, ObjectKind::Snapshot, &local).chain(name_keys(&self.d, ObjectKind::Snapshot, &legacy));
+        let _guard = self.d.locks.try_lock_all(names.chain([source_key]))?;
         let (pool, v) = self.find_volume(&req.source_volume_id).await?;
         for p in self.d.pools.values() {
             let found = match self.snapshot_named(p.as_ref(), &req.name, &local).await {
@@ -676,10 +690,7 @@ impl ControllerService {
             return Ok(DeleteSnapshotResponse {});
         };
         let Some(pool) = self.d.pool_of(&sid).cloned() else { return Ok(DeleteSnapshotResponse {}) };
-        let _guard = self
-            .d
-            .locks
-            .try_lock(&format!("snapid:{}", req.snapshot_id), &format!("snapshot {}", crate::error::bounded(&req.snapshot_id)))?;
+        let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Snapshot, &sid.local))?;
         // The snapshot under that name may be another one (deleted and taken again): left alone.
         if pool.get_snapshot(&sid.local).await?.is_some_and(|s| !sid.names_snapshot(s.uid.as_deref())) {
             return Ok(DeleteSnapshotResponse {});

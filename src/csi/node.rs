@@ -11,9 +11,10 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::controller::CTX_FS_TYPE;
-use super::{decode_cap, require, topology, traced};
+use super::{decode_cap, lock_key, object_of, require, topology, traced};
 use crate::driver::Driver;
 use crate::error::{Error, Result, bounded};
+use crate::locks::ObjectKind;
 use crate::node::mountinfo::MountInfo;
 use crate::node::records::{Backing, MountKey, PublishRecord, StageRecord, VolumeRecord};
 use crate::node::safepath::{RequestPath, same_path};
@@ -38,18 +39,17 @@ impl NodeService {
 
     /// The pool and local name of an id this node serves; NOT_FOUND otherwise.
     fn resolve(&self, id: &str) -> Result<(Arc<dyn Pool>, String)> {
-        // A snapshot id names no volume.
-        let vid = VolumeId::parse(id)
-            .filter(VolumeId::may_name_volume)
-            .ok_or_else(|| Error::NotFound(format!("volume {} does not exist", bounded(id))))?;
-        let pool = self.d.pool_of(&vid).ok_or_else(|| {
+        // Not an id, or a snapshot's: no volume.
+        if !VolumeId::parse(id).is_some_and(|v| v.may_name_volume()) {
+            return Err(Error::NotFound(format!("volume {} does not exist", bounded(id))));
+        }
+        object_of(&self.d, ObjectKind::Volume, id).ok_or_else(|| {
             Error::NotFound(format!(
                 "volume {} is not served by this node ({}): no such pool here or it belongs to another node",
                 bounded(id),
                 self.d.node_id
             ))
-        })?;
-        Ok((pool.clone(), vid.local))
+        })
     }
 
     /// The volume an id names: NOT_FOUND also when the object under its local name is another
@@ -64,8 +64,9 @@ impl NodeService {
         Ok((pool, v))
     }
 
+    /// The lock of the volume `id` names (the same one the controller takes for it).
     fn lock(&self, id: &str) -> Result<crate::locks::Guard> {
-        self.d.locks.try_lock(&format!("vol:{id}"), &format!("volume {}", bounded(id)))
+        self.d.locks.try_lock(lock_key(&self.d, ObjectKind::Volume, id))
     }
 
     /// A request path, checked against the path policy (INVALID_ARGUMENT otherwise).
@@ -100,6 +101,22 @@ impl NodeService {
     /// or (raw block) its device node bound there.
     async fn owns(&self, s: &StageRecord, at: &RequestPath, m: &MountInfo) -> Result<bool> {
         if s.block { Ok(s.is_device(rdev_at(at).await?, m)) } else { Ok(s.holds(m)) }
+    }
+
+    /// The shared tail of unstage and unpublish: runs `peel` (the node operation that unmounts
+    /// the volume's own layers at `path`) and answers whether the path is now free of the
+    /// volume, so its record entry may go. Something else mounted on top is left alone and
+    /// logged; the call then answers OK (the volume is not reachable there) and keeps its
+    /// record, since the volume's own layers may lie beneath.
+    async fn peeled(&self, call: &str, id: &str, path: &RequestPath, peel: impl Future<Output = Result<Peeled>>) -> Result<bool> {
+        let Peeled::Foreign(m) = peel.await? else { return Ok(true) };
+        tracing::warn!(
+            volume = id,
+            path = %path.as_path().display(),
+            found = %m.source,
+            "{call}: something else is mounted at the path; left alone"
+        );
+        Ok(false)
     }
 
     async fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
@@ -232,16 +249,10 @@ impl NodeService {
             }
             return Ok(NodeUnstageVolumeResponse {});
         };
-        if !entry.block {
-            if let Peeled::Foreign(m) = self.d.node.unstage(&staging, &|m| entry.holds(m)).await? {
-                tracing::warn!(
-                    volume = r.volume_id,
-                    staging = %shown,
-                    found = %m.source,
-                    "NodeUnstageVolume: something else is mounted at the staging path; left alone"
-                );
-                return Ok(NodeUnstageVolumeResponse {});
-            }
+        if !entry.block
+            && !self.peeled("NodeUnstageVolume", &r.volume_id, &staging, self.d.node.unstage(&staging, &|m| entry.holds(m))).await?
+        {
+            return Ok(NodeUnstageVolumeResponse {});
         }
         rec.remove_stage(staging.as_path());
         if rec.stages.is_empty() {
@@ -308,18 +319,22 @@ impl NodeService {
                 }
             }
         }
+        let readonly = r.readonly || cap.read_only_mode();
+        if readonly {
+            self.repair_readonly(&r.volume_id, &rec, &stage, &target).await?;
+        }
         let before = rec.clone();
-        if rec.publish_at(target.as_path()).is_none_or(|p| p.stage != stage) {
+        if rec.publish_at(target.as_path()).is_none_or(|p| p.stage != stage || p.readonly != readonly) {
             rec.remove_publish(target.as_path());
             rec.publishes.push(PublishRecord {
                 target: target.as_path().to_owned(),
                 staging: staging.as_path().to_owned(),
                 stage: stage.clone(),
+                readonly,
             });
             // Durable before the bind, so unpublish knows the bind after any crash.
             self.d.records.save(&rec).await?;
         }
-        let readonly = r.readonly || cap.read_only_mode();
         let res = if cap.block {
             match stage.device() {
                 Some(dev) => self.d.node.publish_block(dev, &target, readonly).await,
@@ -334,6 +349,29 @@ impl NodeService {
         res.map(|()| NodePublishVolumeResponse {})
     }
 
+    /// Before a read-only publish at `target`: a bind of the volume found writable there while
+    /// the record says a read-only publish was made at that target is that publish cut short
+    /// (a driver killed between its bind and its read-only remount). It never was a finished
+    /// publish, so it is unmounted and the publish made again, rather than refused as
+    /// ALREADY_EXISTS forever. A writable publish recorded as such stays ALREADY_EXISTS (spec).
+    async fn repair_readonly(&self, id: &str, rec: &VolumeRecord, stage: &StageRecord, target: &RequestPath) -> Result<()> {
+        if !rec.publish_at(target.as_path()).is_some_and(|p| p.readonly && p.stage == *stage) {
+            return Ok(());
+        }
+        let Some(top) = self.d.node.mounter.mount_at(target).await? else { return Ok(()) };
+        if top.mount_options.iter().any(|o| o == "ro") || !self.owns(stage, target, &top).await? {
+            return Ok(());
+        }
+        tracing::warn!(volume = id, target = %target.as_path().display(), "a read-only publish was cut short and left a writable bind; redoing it");
+        let rdev = if stage.block { rdev_at(target).await? } else { None };
+        let is_own = |m: &MountInfo| {
+            let own = if stage.block { stage.is_device(rdev, m) } else { stage.holds(m) };
+            own && !m.mount_options.iter().any(|o| o == "ro")
+        };
+        self.d.node.unpublish(target, &is_own, false).await?;
+        Ok(())
+    }
+
     async fn unpublish(&self, r: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse> {
         require("volume_id", &r.volume_id)?;
         let target = self.path("target_path", &r.target_path)?;
@@ -346,13 +384,7 @@ impl NodeService {
         };
         let rdev = if entry.stage.block { rdev_at(&target).await? } else { None };
         let is_own = |m: &MountInfo| if entry.stage.block { entry.stage.is_device(rdev, m) } else { entry.stage.holds(m) };
-        if let Peeled::Foreign(m) = self.d.node.unpublish(&target, &is_own, true).await? {
-            tracing::warn!(
-                volume = r.volume_id,
-                target = %shown,
-                found = %m.source,
-                "NodeUnpublishVolume: something else is mounted at the target path; left alone"
-            );
+        if !self.peeled("NodeUnpublishVolume", &r.volume_id, &target, self.d.node.unpublish(&target, &is_own, true)).await? {
             return Ok(NodeUnpublishVolumeResponse {});
         }
         rec.remove_publish(target.as_path());
