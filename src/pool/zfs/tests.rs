@@ -183,6 +183,41 @@ fn decodes_holdfast_records() {
 }
 
 #[test]
+fn uids_and_parameters_round_trip_through_the_properties() {
+    let meta = report::Meta {
+        pool: "p".into(),
+        object: ObjectType::Volume,
+        local: "v1".into(),
+        csi_name: "pvc-1".into(),
+        capacity: 8 * MIB,
+        block: false,
+        fs_type: Some("zfs".into()),
+        source: Some(Source::Snapshot("s1".into())),
+        size: 0,
+        pending: false,
+        uid: Some("0123456789ab".into()),
+        source_uid: Some("ba9876543210".into()),
+        parameters: Some([("recordsize".to_owned(), "16K".to_owned()), ("odd".to_owned(), "tab\there %".to_owned())].into()),
+    };
+    let user: Vec<(String, String)> = meta.properties();
+    let user: Vec<(&str, &str)> = user.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let o = report::parse_get(&rows("tank/hf/v1", "filesystem", &[("refquota", "8388608")], &user)).unwrap().remove(0);
+    assert_eq!(report::decode_meta(&o).unwrap(), Some(meta.clone()));
+    // A record of an earlier version has neither: not compared, legacy id.
+    let old = report::Meta { uid: None, source_uid: None, parameters: None, ..meta };
+    let user: Vec<(String, String)> = old.properties();
+    let user: Vec<(&str, &str)> = user.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let o = report::parse_get(&rows("tank/hf/v1", "filesystem", &[("refquota", "8388608")], &user)).unwrap().remove(0);
+    assert_eq!(report::decode_meta(&o).unwrap(), Some(old));
+    // Damaged: an error, never a uid that would make an id that does not parse.
+    for (k, v) in [(report::P_UID, "../etc"), (report::P_SOURCE_UID, "0123"), (report::P_PARAMS, "[1,2]")] {
+        let mut bad = o.clone();
+        bad.user.insert(k.into(), v.into());
+        assert!(report::decode_meta(&bad).is_err(), "{k}={v}");
+    }
+}
+
+#[test]
 fn names_encode_to_one_line_and_back() {
     let cases = ["pvc-1", "with space", "100%", "tab\there", "new\nline", "名前", "", "%25 literal"];
     for c in cases {
