@@ -148,7 +148,7 @@ fn changes(fake: &FakeExec) -> Vec<String> {
     lines(fake).into_iter().filter(|l| !l.starts_with("lvs ") && !l.starts_with("vgs ")).collect()
 }
 
-const V1_TAGS: &str = "--addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v1 --addtag holdfast.name=6373692d7631 --addtag holdfast.created=T --addtag holdfast.capacity=16777216 --addtag holdfast.fs=ext4 --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0";
+const V1_TAGS: &str = "--addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v1 --addtag holdfast.name=6373692d7631 --addtag holdfast.created=T --addtag holdfast.schema=2 --addtag holdfast.capacity=16777216 --addtag holdfast.fs=ext4 --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0";
 
 #[tokio::test]
 async fn creates_thick_thin_and_optioned_lvs_with_exact_argv() {
@@ -474,7 +474,7 @@ async fn snapshots_are_tagged_thin_snapshots_and_idempotent() {
     assert_eq!(
         changes(&fake),
         [
-            "lvcreate --yes --snapshot --name hfs-s1 --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=snapshot --addtag holdfast.local=s1 --addtag holdfast.name=6373692d7331 --addtag holdfast.created=T --addtag holdfast.size=16777216 --addtag holdfast.source=volume:v1 --addtag holdfast.uid=0123456789ab vg0/hf-v1"
+            "lvcreate --yes --snapshot --name hfs-s1 --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=snapshot --addtag holdfast.local=s1 --addtag holdfast.name=6373692d7331 --addtag holdfast.created=T --addtag holdfast.schema=2 --addtag holdfast.size=16777216 --addtag holdfast.source=volume:v1 --addtag holdfast.uid=0123456789ab vg0/hf-v1"
         ]
     );
     // Retried: found, same answer, no second LV; other source or name: ALREADY_EXISTS.
@@ -509,7 +509,7 @@ async fn restore_is_a_writable_thin_snapshot_grown_and_given_a_new_uuid() {
     let v = p.create_volume(&req).await.unwrap();
     assert_eq!((v.capacity, v.source.clone()), (32 << 20, Some(Source::Snapshot("s1".into()))));
     let want = [
-        "lvcreate --yes --snapshot --name hf-v2 --setactivationskip n --activate y --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v2 --addtag holdfast.name=6373692d7632 --addtag holdfast.created=T --addtag holdfast.capacity=33554432 --addtag holdfast.fs=ext4 --addtag holdfast.source=snapshot:s1 --addtag holdfast.pending --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0 vg0/hfs-s1".to_owned(),
+        "lvcreate --yes --snapshot --name hf-v2 --setactivationskip n --activate y --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v2 --addtag holdfast.name=6373692d7632 --addtag holdfast.created=T --addtag holdfast.schema=2 --addtag holdfast.capacity=33554432 --addtag holdfast.fs=ext4 --addtag holdfast.source=snapshot:s1 --addtag holdfast.pending --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0 vg0/hfs-s1".to_owned(),
         "lvextend --yes --size 33554432b vg0/hf-v2".to_owned(),
         format!("blkid -p -o export {}", dev.display()),
         "lvchange --deltag holdfast.pending vg0/hf-v2".to_owned(),

@@ -210,7 +210,7 @@ fn uids_and_parameters_round_trip_through_the_properties() {
     let o = report::parse_get(&rows("tank/hf/v1", "filesystem", &[("refquota", "8388608")], &user)).unwrap().remove(0);
     assert_eq!(report::decode_meta(&o).unwrap(), Some(old));
     // Damaged: an error, never a uid that would make an id that does not parse.
-    for (k, v) in [(report::P_UID, "../etc"), (report::P_SOURCE_UID, "0123"), (report::P_PARAMS, "[1,2]")] {
+    for (k, v) in [(report::P_UID, "../etc"), (report::P_SOURCE_UID, "0123"), (report::P_PARAMS, "[1,2]"), (report::P_SCHEMA, "3")] {
         let mut bad = o.clone();
         bad.user.insert(k.into(), v.into());
         assert!(report::decode_meta(&bad).is_err(), "{k}={v}");
@@ -368,7 +368,7 @@ async fn creates_a_dataset_with_exact_argv_and_reads_it_back() {
         lines[1],
         "zfs create -o mountpoint=legacy -o refquota=33554432 -o compression=lz4 -o recordsize=16K -o holdfast:pool=p \
          -o holdfast:type=volume -o holdfast:local=v1 -o holdfast:name=v1 -o holdfast:capacity=33554432 -o holdfast:fs=zfs \
-         -o holdfast:uid=0123456789ab -o holdfast:params={\"recordsize\":\"16K\"} tank/hf/v1"
+         -o holdfast:uid=0123456789ab -o holdfast:params={\"recordsize\":\"16K\"} -o holdfast:schema=2 tank/hf/v1"
     );
 
     // The same request again finds it; another capacity is a conflict.
@@ -398,13 +398,13 @@ async fn creates_zvols_sparse_or_reserved() {
             extra: "",
             fs: None,
             want: "zfs create -V 16777216 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=z1 -o holdfast:name=z1 \
-                   -o holdfast:capacity=16777216 -o holdfast:block=1 -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/z1",
+                   -o holdfast:capacity=16777216 -o holdfast:block=1 -o holdfast:uid=0123456789ab -o holdfast:params={} -o holdfast:schema=2 tank/hf/z1",
         },
         Case {
             extra: "sparse = true\nproperties = { volblocksize = \"16K\", atime = \"off\" }",
             fs: Some("xfs"),
             want: "zfs create -s -V 16777216 -o volblocksize=16K -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=z1 -o holdfast:name=z1 \
-                   -o holdfast:capacity=16777216 -o holdfast:fs=xfs -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/z1",
+                   -o holdfast:capacity=16777216 -o holdfast:fs=xfs -o holdfast:uid=0123456789ab -o holdfast:params={} -o holdfast:schema=2 tank/hf/z1",
         },
     ];
     for c in cases {
@@ -498,7 +498,7 @@ async fn restores_and_clones_with_exact_argv() {
     assert_eq!(
         clone,
         "zfs clone -o mountpoint=legacy -o refquota=33554432 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=r1 -o holdfast:name=r1 \
-         -o holdfast:capacity=33554432 -o holdfast:fs=zfs -o holdfast:source=snapshot:s1 -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/src@s1 tank/hf/r1"
+         -o holdfast:capacity=33554432 -o holdfast:fs=zfs -o holdfast:source=snapshot:s1 -o holdfast:uid=0123456789ab -o holdfast:params={} -o holdfast:schema=2 tank/hf/src@s1 tank/hf/r1"
     );
     // Too small, or as a zvol: refused before anything is made.
     for (bad, fs) in [(8 * MIB, Some("zfs")), (32 * MIB, Some("ext4")), (32 * MIB, None)] {
@@ -527,7 +527,7 @@ async fn restores_and_clones_with_exact_argv() {
             "zfs snapshot -o holdfast:pool=p -o holdfast:type=intermediate -o holdfast:local=c1 tank/hf/src@clone.c1",
             "zfs clone -o refreservation=auto -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=c1 -o holdfast:name=c1 \
              -o holdfast:capacity=33554432 -o holdfast:block=1 -o holdfast:source=volume:src -o holdfast:pending=1 \
-             -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/src@clone.c1 tank/hf/c1",
+             -o holdfast:uid=0123456789ab -o holdfast:params={} -o holdfast:schema=2 tank/hf/src@clone.c1 tank/hf/c1",
             "zfs set volsize=33554432 tank/hf/c1",
             "zfs inherit holdfast:pending tank/hf/c1",
         ]
