@@ -232,8 +232,9 @@ pub trait Pool: Send + Sync {
         None
     }
 
-    /// Creates a volume, or returns the existing one when it was made by the same request.
-    /// Same name, different capacity/kind/source → `AlreadyExists`. No room → `ResourceExhausted`.
+    /// Creates a volume, or returns the existing one when it was made by the same request
+    /// ([`VolumeInfo::conflicts_with`] finds nothing; it keeps its own uid). Otherwise
+    /// `AlreadyExists` naming the differences. No room → `ResourceExhausted`.
     async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo>;
     /// Deletes a volume; succeeds when it is already gone.
     async fn delete_volume(&self, local: &str) -> Result<()>;
