@@ -214,17 +214,31 @@ async fn colliding_names_get_distinct_volumes() {
             d.create_request(&a, size, d.mount_cap(Mode::SingleNodeWriter)),
             d.create_request(&b, size, d.mount_cap(Mode::SingleNodeWriter)),
         );
-        let (da, db) = (rng.millis(30), rng.millis(30));
-        let (va, vb) = tokio::join!(
-            async {
-                tokio::time::sleep(da).await;
-                create_retrying(&d, ra).await
-            },
-            async {
-                tokio::time::sleep(db).await;
-                create_retrying(&d, rb).await
+        // Rounds cycle through: both at once (seeded skew), the derived-looking name first,
+        // the other first; the sequential orders are the "fresh name refused" case.
+        let (va, vb) = match round % 3 {
+            0 => {
+                let (da, db) = (rng.millis(30), rng.millis(30));
+                tokio::join!(
+                    async {
+                        tokio::time::sleep(da).await;
+                        create_retrying(&d, ra).await
+                    },
+                    async {
+                        tokio::time::sleep(db).await;
+                        create_retrying(&d, rb).await
+                    }
+                )
             }
-        );
+            1 => {
+                let vb = create_retrying(&d, rb).await;
+                (create_retrying(&d, ra).await, vb)
+            }
+            _ => {
+                let va = create_retrying(&d, ra).await;
+                (va, create_retrying(&d, rb).await)
+            }
+        };
         assert_ne!(va.volume_id, vb.volume_id, "round {round}: CreateVolume {a:?} and {b:?} answered the same volume id");
         let (data_a, data_b) = (rng.bytes(DATA_LEN), rng.bytes(DATA_LEN));
         write_volume(&d, &va.volume_id, &format!("a{round}"), &data_a).await;
@@ -523,6 +537,12 @@ async fn two_snapshots_of_a_mounted_volume_never_thaw_each_other() {
             }
         }
         assert!(!ok.is_empty(), "round {round}: neither of two concurrent snapshots succeeded");
+        eprintln!(
+            "round {round}: {} of 2 snapshots answered OK; copies {:?}; thaws {:?}",
+            ok.len(),
+            w.calls(tool, pattern).iter().map(|c| (c.start, c.end)).collect::<Vec<_>>(),
+            w.calls("fsfreeze", "--unfreeze").iter().map(|c| c.start).collect::<Vec<_>>()
+        );
 
         let deadline = Instant::now() + Duration::from_secs(15);
         while !writer.is_finished() && Instant::now() < deadline {
@@ -595,13 +615,14 @@ async fn a_copy_longer_than_the_deadline_finishes_on_retry() {
         w.slow("cp", copy_time, "");
         let creq = clone_request(&d, &unique("slow-clone"), 0, Source::Volume(VolumeSource { volume_id: src.volume_id.clone() }));
         let started = Instant::now();
-        let (resp, tries) = until_ok("CreateVolume (clone) under a 1 s deadline", &retry, bound, || {
+        let answer = try_until_ok("CreateVolume (clone) under a 1 s deadline", &retry, bound, || {
             let mut c = d.controller();
             let mut r = tonic::Request::new(creq.clone());
             r.set_timeout(deadline);
             async move { c.create_volume(r).await }
         })
         .await;
+        let (resp, tries) = answer.unwrap_or_else(|e| panic!("round {round}: {e}; the copy was started {} times", w.calls("cp", "").len()));
         w.slow("cp", Duration::ZERO, "");
         let clone = resp.volume.expect("CreateVolume answered no volume");
         d.remember_volume(&clone.volume_id);
@@ -617,13 +638,14 @@ async fn a_copy_longer_than_the_deadline_finishes_on_retry() {
         w.clear("cp");
         w.slow("cp", copy_time, "");
         let sreq = CreateSnapshotRequest { name: unique("slow-snap"), source_volume_id: src.volume_id.clone(), ..Default::default() };
-        let (resp, tries) = until_ok("CreateSnapshot under a 1 s deadline", &retry, bound, || {
+        let answer = try_until_ok("CreateSnapshot under a 1 s deadline", &retry, bound, || {
             let mut c = d.controller();
             let mut r = tonic::Request::new(sreq.clone());
             r.set_timeout(deadline);
             async move { c.create_snapshot(r).await }
         })
         .await;
+        let (resp, tries) = answer.unwrap_or_else(|e| panic!("round {round}: {e}; the copy was started {} times", w.calls("cp", "").len()));
         w.slow("cp", Duration::ZERO, "");
         let snap = resp.snapshot.expect("CreateSnapshot answered no snapshot");
         d.remember_snapshot(&snap.snapshot_id);

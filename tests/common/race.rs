@@ -214,27 +214,46 @@ pub fn now_secs() -> f64 {
 /// Sends `call` until it answers OK, retrying (after a short pause) on the codes in `retry`
 /// (ABORTED: an operation on the object is in progress), for at most `bound`. Fails the test
 /// on any other code or when the bound passes; returns the answer and how many calls it took.
-pub async fn until_ok<T, F, Fut>(what: &str, retry: &[Code], bound: Duration, mut call: F) -> (T, u32)
+pub async fn until_ok<T, F, Fut>(what: &str, retry: &[Code], bound: Duration, call: F) -> (T, u32)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    try_until_ok(what, retry, bound, call).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`until_ok`], answering why it gave up instead of failing the test (so the caller can add
+/// what it saw meanwhile).
+pub async fn try_until_ok<T, F, Fut>(what: &str, retry: &[Code], bound: Duration, mut call: F) -> Result<(T, u32), String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
     let deadline = Instant::now() + bound;
     let mut tries = 0;
+    let mut last = String::from("nothing");
     loop {
         tries += 1;
         let left = deadline.saturating_duration_since(Instant::now());
         let r = match tokio::time::timeout(left.max(Duration::from_millis(1)), call()).await {
             Ok(r) => r,
-            Err(_) => panic!("{what}: no answer within {bound:?} ({tries} calls)"),
+            Err(_) => return Err(format!("{what}: no OK within {bound:?} ({tries} calls; the last answered {last})")),
         };
         match r {
-            Ok(resp) => return (resp.into_inner(), tries),
+            Ok(resp) => return Ok((resp.into_inner(), tries)),
             Err(s) if retry.contains(&s.code()) && Instant::now() < deadline => {
+                last = format!("{:?}: {}", s.code(), s.message());
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            Err(s) if retry.contains(&s.code()) => {
+                return Err(format!("{what}: no OK within {bound:?} ({tries} calls; the last answered {:?}: {})", s.code(), s.message()));
+            }
             Err(s) => {
-                panic!("{what}: expected OK (retrying {retry:?} for {bound:?}), got {:?} after {tries} calls: {}", s.code(), s.message())
+                return Err(format!(
+                    "{what}: expected OK (retrying {retry:?} for {bound:?}), got {:?} after {tries} calls: {}",
+                    s.code(),
+                    s.message()
+                ));
             }
         }
     }
