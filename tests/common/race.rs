@@ -124,9 +124,10 @@ impl Wrappers {
             let script = format!(
                 "#!/bin/sh\n\
                  # holdfast concurrency test: logs {tool} and sleeps first when {ctl}/{tool}.delay says so\n\
-                 # (\"SECONDS [PATTERN]\": only calls whose arguments contain PATTERN)\n\
+                 # (\"SECONDS [PATTERN]\": only calls whose arguments contain PATTERN, or begin\n\
+                 # with it when it starts with ^)\n\
                  delay=0\n\
-                 if [ -f {ctl}/{tool}.delay ]; then\n  read d pat < {ctl}/{tool}.delay\n  case \"$*\" in *\"$pat\"*) delay=$d;; esac\nfi\n\
+                 if [ -f {ctl}/{tool}.delay ]; then\n  read d pat < {ctl}/{tool}.delay\n  case \"$pat\" in\n    ^*) case \"$*\" in \"${{pat#^}}\"*) delay=$d;; esac;;\n    *) case \"$*\" in *\"$pat\"*) delay=$d;; esac;;\n  esac\nfi\n\
                  echo \"start $(date +%s.%N) $$ $*\" >> {ctl}/{tool}.log\n\
                  [ \"$delay\" = 0 ] || sleep \"$delay\"\n\
                  {real} \"$@\"\n\
@@ -147,7 +148,8 @@ impl Wrappers {
         format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
     }
 
-    /// Makes calls of `tool` whose arguments contain `pattern` ("" for all) sleep `delay`
+    /// Makes calls of `tool` whose arguments contain `pattern` ("" for all; `^p`: that begin
+    /// with `p`) sleep `delay`
     /// before the real tool runs; `Duration::ZERO` stops slowing it.
     pub fn slow(&self, tool: &str, delay: Duration, pattern: &str) {
         let path = self.ctl.join(format!("{tool}.delay"));
@@ -177,7 +179,7 @@ impl Wrappers {
                 _ => {}
             }
         }
-        calls.into_iter().map(|(_, c)| c).filter(|c| c.args.contains(pattern)).collect()
+        calls.into_iter().map(|(_, c)| c).filter(|c| matches_pattern(&c.args, pattern)).collect()
     }
 
     /// Forgets the calls logged so far (between rounds).
@@ -196,6 +198,14 @@ impl Wrappers {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         false
+    }
+}
+
+/// Whether a call's arguments match a [`Wrappers::slow`] pattern.
+fn matches_pattern(args: &str, pattern: &str) -> bool {
+    match pattern.strip_prefix('^') {
+        Some(p) => args.starts_with(p),
+        None => args.contains(pattern),
     }
 }
 
@@ -471,7 +481,7 @@ pub fn pool_refuses_copies(d: &Driver) -> bool {
 pub fn copy_step(kind: &str) -> (&'static str, &'static str) {
     match kind {
         "lvm" => ("lvcreate", "--snapshot"),
-        "zfs" => ("zfs", "snapshot"),
+        "zfs" => ("zfs", "^snapshot"),
         _ => ("cp", ""),
     }
 }
