@@ -91,30 +91,51 @@ fn clone_request(d: &Driver, name: &str, required: i64, source: Source) -> Creat
 
 /// Creates a volume, retrying while the driver answers ABORTED (another call on the name).
 async fn create_retrying(d: &Driver, req: CreateVolumeRequest) -> Volume {
+    create_result(d, req).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`create_retrying`] answering the failure instead of failing the test: for calls raced
+/// with others, which must all have ended (and what they made remembered for the clean-up)
+/// before the test may fail.
+async fn create_result(d: &Driver, req: CreateVolumeRequest) -> Result<Volume, String> {
     let what = format!("CreateVolume {}", req.name);
-    let (resp, _) = until_ok(&what, &[Code::Aborted], STEP, || {
+    let (resp, _) = try_until_ok(&what, &[Code::Aborted], STEP, || {
         let mut c = d.controller();
         let r = req.clone();
         async move { c.create_volume(r).await }
     })
-    .await;
-    let v = resp.volume.expect("CreateVolume answered no volume");
+    .await?;
+    let v = resp.volume.ok_or_else(|| format!("{what} answered no volume"))?;
     d.remember_volume(&v.volume_id);
-    v
+    Ok(v)
 }
 
 /// Creates a snapshot, retrying while the driver answers ABORTED.
 async fn snapshot_retrying(d: &Driver, name: &str, source: &str) -> Snapshot {
+    snapshot_result(d, name, source).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`snapshot_retrying`] answering the failure instead of failing the test.
+async fn snapshot_result(d: &Driver, name: &str, source: &str) -> Result<Snapshot, String> {
     let req = CreateSnapshotRequest { name: name.to_owned(), source_volume_id: source.to_owned(), ..Default::default() };
-    let (resp, _) = until_ok(&format!("CreateSnapshot {name}"), &[Code::Aborted], STEP, || {
+    let what = format!("CreateSnapshot {name}");
+    let (resp, _) = try_until_ok(&what, &[Code::Aborted], STEP, || {
         let mut c = d.controller();
         let r = req.clone();
         async move { c.create_snapshot(r).await }
     })
-    .await;
-    let s = resp.snapshot.expect("CreateSnapshot answered no snapshot");
+    .await?;
+    let s = resp.snapshot.ok_or_else(|| format!("{what} answered no snapshot"))?;
     d.remember_snapshot(&s.snapshot_id);
-    s
+    Ok(s)
+}
+
+/// Both results of two raced calls, or the first failure (only once both have ended).
+fn both<A, B>(round: u32, a: Result<A, String>, b: Result<B, String>) -> (A, B) {
+    match (a, b) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => panic!("round {round}: {e}"),
+    }
 }
 
 /// Deletes a volume, retrying while the driver answers ABORTED.
@@ -219,16 +240,17 @@ async fn colliding_names_get_distinct_volumes() {
         let (va, vb) = match round % 3 {
             0 => {
                 let (da, db) = (rng.millis(30), rng.millis(30));
-                tokio::join!(
+                let (va, vb) = tokio::join!(
                     async {
                         tokio::time::sleep(da).await;
-                        create_retrying(&d, ra).await
+                        create_result(&d, ra).await
                     },
                     async {
                         tokio::time::sleep(db).await;
-                        create_retrying(&d, rb).await
+                        create_result(&d, rb).await
                     }
-                )
+                );
+                both(round, va, vb)
             }
             1 => {
                 let vb = create_retrying(&d, rb).await;
@@ -275,13 +297,14 @@ async fn a_volume_and_a_snapshot_with_one_name_stay_apart() {
         let (vol, snap) = tokio::join!(
             async {
                 tokio::time::sleep(dv).await;
-                create_retrying(&d, vreq).await
+                create_result(&d, vreq).await
             },
             async {
                 tokio::time::sleep(ds).await;
-                snapshot_retrying(&d, &name, &src.volume_id).await
+                snapshot_result(&d, &name, &src.volume_id).await
             }
         );
+        let (vol, snap) = both(round, vol, snap);
         assert_ne!(vol.volume_id, snap.snapshot_id, "round {round}: the volume and the snapshot named {name:?} got the same id");
         let data_v = rng.bytes(DATA_LEN);
         write_volume(&d, &vol.volume_id, &format!("vol{round}"), &data_v).await;
@@ -607,7 +630,9 @@ async fn a_copy_longer_than_the_deadline_finishes_on_retry() {
     });
     let w = Wrappers::new(setup.dir(), TOOLS);
     let path = w.path_env();
-    let d = setup.env("PATH", &path).start().await;
+    let mut d = setup.env("PATH", &path).start().await;
+    // Its own file pool, whatever filesystem the environment's pool is tested with.
+    d.fs_type = "ext4".into();
     let pool_dir = file_pool_dir(&d).expect("a file pool");
     let deadline = Duration::from_secs(1);
     let bound = Duration::from_secs(45);
