@@ -697,6 +697,13 @@ async fn a_copy_longer_than_the_deadline_finishes_on_retry() {
     }
 }
 
+/// The crash point between attaching a bind (in the driver's holding directory) and giving it
+/// its read-only flag.
+const CRASH_STEP: &str = "bind-held";
+
+/// Read-only publishes in flight when the driver is killed, per round.
+const KILLED_PUBLISHES: u32 = 4;
+
 /// Fails unless the mount at `target` is read-only in the mount table and refuses a write.
 fn assert_read_only(target: &Path, what: &str) {
     let (_, _, options) = mount_at(target).unwrap_or_else(|| panic!("{what}: nothing is mounted at {}", target.display()));
@@ -750,16 +757,24 @@ impl Drop for RwWatch {
     }
 }
 
-/// Race 7: read-only publishes, many of them, some cut by kill -9 at a seeded moment. The
-/// driver has no window between the bind and a read-only remount any more (the bind is
-/// flagged before it is attached), so this asserts what that promises: a mount-table watcher
-/// never sees a publish target read-write; after a restart the retried read-only NodePublish
-/// answers OK and is read-only, with the data readable; and after the unstage nothing of the
-/// volume is left mounted anywhere (no half-made bind) and its device is released.
+/// Race 7: read-only publishes, many of them, some cut by kill -9 at a seeded moment, and one
+/// per round by a crash forced between attaching the bind and making it read-only (the
+/// driver's `bind-held` test crash point, where the build has it). The driver flags a bind
+/// before it attaches it at the target, so this asserts what that promises: a mount-table
+/// watcher never sees a publish target read-write; after a restart the retried read-only
+/// NodePublish answers OK and is read-only, with the data readable; once everything is
+/// unpublished the staging mount is the volume's only mount (no half-made bind left anywhere),
+/// and after the unstage its device is released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_publish_is_never_writable_even_across_kill_9() {
     let mut rng = Seeded::new("a_read_only_publish_is_never_writable_even_across_kill_9");
-    let mut d = Driver::start().await;
+    let setup = Setup::new();
+    // A driver with test crash points (debug builds; src/crash.rs where it exists) dies with
+    // SIGKILL exactly between attaching a read-only bind and making it read-only, while this
+    // file exists; one without them ignores the variable and is killed by the test instead.
+    let armed = setup.dir().join("crash-armed");
+    let crash_at = format!("{CRASH_STEP}@{}", armed.display());
+    let mut d = setup.env("HOLDFAST_TEST_CRASH_AT", &crash_at).start().await;
     let mut rescue = FrozenRescue::new(&d.dir);
     let cap = d.mount_cap(Mode::SingleNodeWriter);
     let v = d.create(&unique("ro"), d.fs_volume_size(), cap.clone()).await;
@@ -781,31 +796,71 @@ async fn a_read_only_publish_is_never_writable_even_across_kill_9() {
             assert_read_only(&target, &format!("round {round}, publish {k}"));
             d.unpublish(&id, &target).await;
         }
-        // kill -9 while a read-only publish is in flight.
-        let target = d.target_path(&format!("ro-{round}-killed"));
-        let mut n = d.node();
-        let req = d.publish_request(&id, &staging, &target, &cap, true);
-        let call = tokio::spawn(async move { n.node_publish_volume(req).await });
+        // kill -9 while read-only publishes are in flight: several at once, so that the kill
+        // lands inside one of them more often than a single call's few milliseconds allow.
+        let targets: Vec<_> = (0..KILLED_PUBLISHES).map(|k| d.target_path(&format!("ro-{round}-killed-{k}"))).collect();
+        let calls: Vec<_> = targets
+            .iter()
+            .map(|t| {
+                let mut n = d.node();
+                let req = d.publish_request(&id, &staging, t, &cap, true);
+                tokio::spawn(async move { n.node_publish_volume(req).await })
+            })
+            .collect();
         tokio::time::sleep(Duration::from_micros(rng.below(30_000))).await;
         d.kill();
-        let _ = call.await;
+        let mut answered = 0;
+        for c in calls {
+            answered += usize::from(matches!(c.await, Ok(Ok(_))));
+        }
+        eprintln!("round {round}: {answered} of {KILLED_PUBLISHES} read-only publishes had answered when the driver was killed");
         d.restart().await;
+        for (k, target) in targets.iter().enumerate() {
+            let req = d.publish_request(&id, &staging, target, &cap, true);
+            until_ok("NodePublishVolume (read-only) retried after kill -9", &[Code::Aborted], STEP, || {
+                let mut n = d.node();
+                let r = req.clone();
+                async move { n.node_publish_volume(r).await }
+            })
+            .await;
+            d.publish(&id, &staging, target, &cap, true).await;
+            assert_read_only(target, &format!("round {round}: read-only publish {k} retried after kill -9 ({answered} had answered)"));
+            let got = std::fs::read(target.join(DATA_FILE)).ok().map(|x| sha256(&x));
+            assert_eq!(got, Some(sha256(&data)), "round {round}: the read-only publish does not show the volume's data");
+            d.unpublish(&id, target).await;
+        }
+
+        // The crash forced at the step between the bind and its read-only flag.
+        let target = d.target_path(&format!("ro-{round}-crashed"));
+        std::fs::write(&armed, b"").expect("arm the crash point");
         let req = d.publish_request(&id, &staging, &target, &cap, true);
-        until_ok("NodePublishVolume (read-only) retried after kill -9", &[Code::Aborted], STEP, || {
+        let first = tokio::time::timeout(STEP, d.node().node_publish_volume(req.clone())).await.expect("NodePublishVolume hung");
+        let crashed = !armed.exists();
+        let _ = std::fs::remove_file(&armed);
+        eprintln!("round {round}: crash point {CRASH_STEP}: {}", if crashed { "the driver died there" } else { "not in this driver" });
+        if !crashed {
+            ok(first, "NodePublishVolume (read-only) of a driver without crash points");
+        }
+        d.kill();
+        d.restart().await;
+        until_ok("NodePublishVolume (read-only) retried after a crash mid-bind", &[Code::Aborted], STEP, || {
             let mut n = d.node();
             let r = req.clone();
             async move { n.node_publish_volume(r).await }
         })
         .await;
         d.publish(&id, &staging, &target, &cap, true).await;
-        assert_read_only(&target, &format!("round {round}: the read-only publish retried after kill -9"));
-        let got = std::fs::read(target.join(DATA_FILE)).ok().map(|x| sha256(&x));
-        assert_eq!(got, Some(sha256(&data)), "round {round}: the read-only publish does not show the volume's data");
+        assert_read_only(&target, &format!("round {round}: the read-only publish retried after a crash at {CRASH_STEP}"));
         d.unpublish(&id, &target).await;
     }
     let (rw, polls) = watch.finish();
     assert!(rw.is_empty(), "a read-only publish target was seen read-write in the mount table ({polls} reads): {rw:#?}");
-    eprintln!("read the mount table {polls} times during {} read-only publishes", rounds() * (per_round + 1));
+    eprintln!("read the mount table {polls} times during {} read-only publishes", rounds() * (per_round + KILLED_PUBLISHES));
+    // Everything is unpublished: the staging mount must be the volume's only mount (a
+    // half-made bind left by a kill, e.g. in the driver's holding directory, would be a
+    // read-write mount of it that nobody asked for, and would keep its device busy).
+    let mounts = mount_points_of_device(&staged.major_minor);
+    assert_eq!(mounts, vec![staging.clone()], "after every publish was undone, the volume is still mounted elsewhere");
     d.unstage(&id, &staging).await;
     staged.assert_released("after unpublishing everything and unstaging");
     d.delete(&id).await;
