@@ -697,6 +697,60 @@ async fn a_copy_longer_than_the_deadline_finishes_on_retry() {
     }
 }
 
+/// Issue 10 item 4's other half: kill -9 of the driver while a clone's copy runs (its tools die
+/// with it, as in a container), then a restart. The retried clone answers OK within a bound
+/// with the source's data, and no temporary file is left in the pool directory. Always on a
+/// `file` pool of its own (the image copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_cut_by_kill_9_finishes_after_the_restart() {
+    let mut rng = Seeded::new("a_copy_cut_by_kill_9_finishes_after_the_restart");
+    let setup = Setup::with_config(|dir| {
+        let pool = dir.join("pool");
+        std::fs::create_dir_all(&pool).expect("create pool dir");
+        format!("[[pool]]\nname = \"conformance\"\nkind = \"file\"\npath = \"{}\"\n", pool.display())
+    });
+    let w = Wrappers::new(setup.dir(), TOOLS);
+    let path = w.path_env();
+    let mut d = setup.env("PATH", &path).start().await;
+    d.fs_type = "ext4".into();
+    let pool_dir = file_pool_dir(&d).expect("a file pool");
+    for round in 0..rounds() {
+        let src = d.create(&unique("killed-src"), d.fs_volume_size(), d.mount_cap(Mode::SingleNodeWriter)).await;
+        let data = rng.bytes(DATA_LEN);
+        write_volume(&d, &src.volume_id, &format!("killed-src{round}"), &data).await;
+        w.clear("cp");
+        w.slow("cp", Duration::from_millis(1500 + rng.below(1000)), "");
+        let creq = clone_request(&d, &unique("killed-clone"), 0, Source::Volume(VolumeSource { volume_id: src.volume_id.clone() }));
+        let mut c = d.controller();
+        let r = creq.clone();
+        let call = tokio::spawn(async move { c.create_volume(r).await });
+        assert!(w.wait_for_call("cp", "", 1, STEP).await, "round {round}: the clone never reached its copy");
+        tokio::time::sleep(rng.millis(500)).await;
+        d.kill();
+        // The driver's tools go with it (a container's processes all die): the wrappers, which
+        // log their pids, are this test's own scripts.
+        w.kill_running("cp");
+        let _ = call.await;
+        w.slow("cp", Duration::ZERO, "");
+        d.restart().await;
+        let (resp, tries) = until_ok("CreateVolume (clone) retried after kill -9 mid-copy", &[Code::Aborted], STEP, || {
+            let mut c = d.controller();
+            let r = creq.clone();
+            async move { c.create_volume(r).await }
+        })
+        .await;
+        let clone = resp.volume.expect("CreateVolume answered no volume");
+        d.remember_volume(&clone.volume_id);
+        eprintln!("round {round}: the clone answered OK after the restart in {tries} calls; copies started: {}", w.calls("cp", "").len());
+        let got = read_volume(&d, &clone.volume_id, &format!("killed-clone{round}")).await.map(|x| sha256(&x));
+        assert_eq!(got, Some(sha256(&data)), "round {round}: the clone finished after kill -9 does not hold its source's data");
+        let left = temp_files_under(&pool_dir);
+        assert!(left.is_empty(), "round {round}: temporary files left in the pool after the restarted copy: {left:?}");
+        delete_retrying(&d, &clone.volume_id).await;
+        delete_retrying(&d, &src.volume_id).await;
+    }
+}
+
 /// The crash point between attaching a bind (in the driver's holding directory) and giving it
 /// its read-only flag.
 const CRASH_STEP: &str = "bind-held";

@@ -182,6 +182,30 @@ impl Wrappers {
         calls.into_iter().map(|(_, c)| c).filter(|c| matches_pattern(&c.args, pattern)).collect()
     }
 
+    /// Kills (SIGKILL) the wrappers of `tool` still running, with the children they started
+    /// (a sleep, the real tool): what a crash of the driver's whole container would take along.
+    pub fn kill_running(&self, tool: &str) {
+        let text = std::fs::read_to_string(self.ctl.join(format!("{tool}.log"))).unwrap_or_default();
+        let mut running: Vec<&str> = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.splitn(4, ' ').collect();
+            match f.as_slice() {
+                ["start", _, pid, ..] => running.push(pid),
+                ["end", _, pid, ..] => running.retain(|p| p != pid),
+                _ => {}
+            }
+        }
+        for pid in running.iter().filter_map(|p| p.parse::<i32>().ok()) {
+            // The wrapper first (so it starts nothing more), then the children it started.
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            let kill = |p: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+            let _ = kill(pid);
+            for child in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+                let _ = kill(child);
+            }
+        }
+    }
+
     /// Forgets the calls logged so far (between rounds).
     pub fn clear(&self, tool: &str) {
         let _ = std::fs::remove_file(self.ctl.join(format!("{tool}.log")));
