@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::exec::Exec;
+use crate::jobs::{Job, Jobs, Work};
 use crate::locks::Locks;
 use crate::node::Node;
 use crate::node::freeze::Freezer;
@@ -42,6 +43,8 @@ pub struct Driver {
     pub records: Records,
     /// Freezes filesystems around snapshots and clones, for every pool ([`crate::node::freeze`]).
     pub freezer: Arc<Freezer>,
+    /// Copies (clones, restores, snapshots) running detached from their requests.
+    pub jobs: Jobs,
 }
 
 impl Driver {
@@ -92,6 +95,7 @@ impl Driver {
             paths: PathPolicy::new(&cfg.allowed_path_prefixes)?,
             records: Records::new(state_dir),
             freezer,
+            jobs: Jobs::new(state_dir)?,
         })
     }
 
@@ -116,6 +120,69 @@ impl Driver {
                 tracing::error!(pool = %name, error = %e, "start-up repair of the pool failed");
             }
         }
+        // After the pools' repair, which removed the killed copies' temporaries.
+        self.restart_copies();
+    }
+
+    /// Runs again every copy a killed predecessor recorded and did not finish, as detached
+    /// jobs holding their locks, so a retry of the request finds them running.
+    fn restart_copies(&self) {
+        let recorded = match self.jobs.recorded() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the copy records; unfinished copies restart when their requests are retried");
+                return;
+            }
+        };
+        for work in recorded {
+            let Some(pool) = self.pools.get(work.pool()).cloned() else {
+                tracing::error!(job = %work.key(), pool = %work.pool(), "a recorded copy names a pool that is no longer configured; its request fails until retried elsewhere");
+                continue;
+            };
+            let started =
+                self.locks.try_lock(&work.lock_key(), &work.what()).and_then(|guard| self.start_copy(pool, work.clone(), None, guard));
+            match started {
+                Ok(_) => tracing::info!(job = %work.key(), "restarted a copy left unfinished by a killed driver"),
+                Err(e) => tracing::error!(job = %work.key(), error = %e, "cannot restart a recorded copy"),
+            }
+        }
+    }
+
+    /// Starts `work` in `pool` as a detached job ([`crate::jobs`]) holding `locks` until it
+    /// ends. The job is done when the pool has made the object and reads it back complete.
+    pub fn start_copy<L: Send + 'static>(
+        &self,
+        pool: Arc<dyn Pool>,
+        work: Work,
+        asked: Option<Box<dyn std::any::Any + Send + Sync>>,
+        locks: L,
+    ) -> Result<Arc<Job>> {
+        let w = work.clone();
+        let run = async move {
+            match w {
+                Work::Volume { request, .. } => {
+                    pool.create_volume(&request).await?;
+                    // Verified from the committed record, not from what create answered.
+                    match pool.get_volume(&request.local).await? {
+                        Some(v) if v.capacity >= request.capacity => Ok(()),
+                        Some(v) => Err(Error::Internal(format!(
+                            "the copy {} was made with {} bytes, less than the {} asked",
+                            request.local, v.capacity, request.capacity
+                        ))),
+                        None => Err(Error::Internal(format!("the copy {} vanished right after it was made", request.local))),
+                    }
+                }
+                Work::Snapshot { source, csi_name, local, .. } => {
+                    pool.create_snapshot(&source, &csi_name, &local).await?;
+                    match pool.get_snapshot(&local).await? {
+                        Some(s) if s.ready => Ok(()),
+                        Some(_) => Err(Error::Internal(format!("the snapshot {local} is not ready right after it was made"))),
+                        None => Err(Error::Internal(format!("the snapshot {local} vanished right after it was made"))),
+                    }
+                }
+            }
+        };
+        self.jobs.start(work, asked, None, locks, run)
     }
 
     /// The pool a (parsed) id names, if it is one of ours. Ids of another node, an unknown pool

@@ -4,12 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::{Capability, decode_caps, require, topology, traced};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::jobs::{self, Work};
 use crate::placement::{self, Candidate, Segments};
 use crate::pool::{self, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::proto::controller_server::Controller;
@@ -216,7 +218,14 @@ impl ControllerService {
         Ok((pool, s))
     }
 
+    /// CreateVolume, waiting for a copy the default time.
+    #[cfg(test)]
     async fn create(&self, req: CreateVolumeRequest) -> Result<CreateVolumeResponse> {
+        self.create_within(req, jobs::DEFAULT_WAIT).await
+    }
+
+    /// CreateVolume; a copy is waited for at most `budget` (the request's deadline).
+    async fn create_within(&self, req: CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
         require("name", &req.name)?;
         let caps = decode_caps(&req.volume_capabilities)?;
         let block = caps[0].block;
@@ -249,7 +258,20 @@ impl ControllerService {
         }
 
         let local = local_name(&req.name);
-        let _guard = self.d.locks.try_lock(&format!("name:{}", req.name), &format!("volume name {}", crate::error::bounded(&req.name)))?;
+        let asked = CreateVolumeRequest { secrets: HashMap::new(), ..req.clone() };
+        // A copy an earlier attempt started may still run, detached: wait for it, then answer
+        // from what it made, as for any retry.
+        if let Some(job) = self.d.jobs.find(&jobs::volume_key(&local)) {
+            if job.work().csi_name() == req.name && job.started_for(&asked) {
+                self.d.jobs.wait(&job, budget).await?;
+            } else if !job.ended() {
+                return Err(Error::Aborted(format!(
+                    "volume {} is being copied for another request; retry when it has finished",
+                    crate::error::bounded(&req.name)
+                )));
+            }
+        }
+        let guard = self.d.locks.try_lock(&format!("name:{}", req.name), &format!("volume name {}", crate::error::bounded(&req.name)))?;
 
         // The source pins the pool: copies are made inside the pool that holds the source.
         let (source, min_size) = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
@@ -418,8 +440,18 @@ impl ControllerService {
         }
         let params: BTreeMap<String, String> =
             req.parameters.iter().filter(|(k, _)| pool.accepts_parameter(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let creq = CreateRequest { csi_name: req.name.clone(), local, capacity, block, fs_type, source, parameters: params };
-        let v = pool.create_volume(&creq).await?;
+        let creq = CreateRequest { csi_name: req.name.clone(), local: local.clone(), capacity, block, fs_type, source, parameters: params };
+        if creq.source.is_none() {
+            let v = pool.create_volume(&creq).await?;
+            drop(guard);
+            return Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) });
+        }
+        // A copy may outlast this request's deadline: it runs detached, holding the lock.
+        let work = Work::Volume { pool: pool.name().to_owned(), request: creq };
+        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard)?;
+        self.d.jobs.wait(&job, budget).await?;
+        let missing = || Error::Internal(format!("the copy {local} vanished right after it was made"));
+        let v = pool.get_volume(&local).await?.ok_or_else(missing)?;
         Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) })
     }
 
@@ -440,6 +472,12 @@ impl ControllerService {
         };
         let _guard =
             self.d.locks.try_lock(&format!("vol:{}", req.volume_id), &format!("volume {}", crate::error::bounded(&req.volume_id)))?;
+        if self.d.jobs.running(&jobs::volume_key(&vid.local)) {
+            return Err(Error::Aborted(format!(
+                "volume {} is still being copied; retry when it has finished",
+                crate::error::bounded(&req.volume_id)
+            )));
+        }
         pool.delete_volume(&vid.local).await?;
         Ok(DeleteVolumeResponse {})
     }
@@ -584,7 +622,14 @@ impl ControllerService {
         Ok(ControllerExpandVolumeResponse { capacity_bytes: got as i64, node_expansion_required: !v.block })
     }
 
+    /// CreateSnapshot, waiting for a copy the default time.
+    #[cfg(test)]
     async fn snapshot(&self, req: CreateSnapshotRequest) -> Result<CreateSnapshotResponse> {
+        self.snapshot_within(req, jobs::DEFAULT_WAIT).await
+    }
+
+    /// CreateSnapshot; a copy is waited for at most `budget` (the request's deadline).
+    async fn snapshot_within(&self, req: CreateSnapshotRequest, budget: Duration) -> Result<CreateSnapshotResponse> {
         require("name", &req.name)?;
         require("source_volume_id", &req.source_volume_id)?;
         for key in req.parameters.keys() {
@@ -593,8 +638,18 @@ impl ControllerService {
             }
         }
         let local = local_name(&req.name);
-        let _guard =
-            self.d.locks.try_lock(&format!("snap:{}", req.name), &format!("snapshot name {}", crate::error::bounded(&req.name)))?;
+        let asked = CreateSnapshotRequest { secrets: HashMap::new(), ..req.clone() };
+        if let Some(job) = self.d.jobs.find(&jobs::snapshot_key(&local)) {
+            if job.work().csi_name() == req.name && job.started_for(&asked) {
+                self.d.jobs.wait(&job, budget).await?;
+            } else if !job.ended() {
+                return Err(Error::Aborted(format!(
+                    "snapshot {} is being copied for another request; retry when it has finished",
+                    crate::error::bounded(&req.name)
+                )));
+            }
+        }
+        let guard = self.d.locks.try_lock(&format!("snap:{}", req.name), &format!("snapshot name {}", crate::error::bounded(&req.name)))?;
         let (pool, v) = self.find_volume(&req.source_volume_id).await?;
         for p in self.d.pools.values() {
             let found = match p.get_snapshot(&local).await {
@@ -618,7 +673,13 @@ impl ControllerService {
                 return Ok(CreateSnapshotResponse { snapshot: Some(self.snapshot_message(p.as_ref(), &s)) });
             }
         }
-        let s = pool.create_snapshot(&v.local, &req.name, &local).await?;
+        // A snapshot may be a copy that outlasts this request's deadline: detached, holding the lock.
+        let work =
+            Work::Snapshot { pool: pool.name().to_owned(), source: v.local.clone(), csi_name: req.name.clone(), local: local.clone() };
+        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard)?;
+        self.d.jobs.wait(&job, budget).await?;
+        let missing = || Error::Internal(format!("the snapshot {local} vanished right after it was made"));
+        let s = pool.get_snapshot(&local).await?.ok_or_else(missing)?;
         Ok(CreateSnapshotResponse { snapshot: Some(self.snapshot_message(pool.as_ref(), &s)) })
     }
 
@@ -630,6 +691,12 @@ impl ControllerService {
             .d
             .locks
             .try_lock(&format!("snapid:{}", req.snapshot_id), &format!("snapshot {}", crate::error::bounded(&req.snapshot_id)))?;
+        if self.d.jobs.running(&jobs::snapshot_key(&sid.local)) {
+            return Err(Error::Aborted(format!(
+                "snapshot {} is still being copied; retry when it has finished",
+                crate::error::bounded(&req.snapshot_id)
+            )));
+        }
         pool.delete_snapshot(&sid.local).await?;
         Ok(DeleteSnapshotResponse {})
     }
@@ -682,9 +749,10 @@ fn rpc_cap(t: rpc::Type) -> ControllerServiceCapability {
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(&self, r: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
         let r = r.into_inner();
         let name = r.name.clone();
-        traced("CreateVolume", &name, self.create(r)).await
+        traced("CreateVolume", &name, self.create_within(r, budget)).await
     }
 
     async fn delete_volume(&self, r: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
@@ -745,9 +813,10 @@ impl Controller for ControllerService {
     }
 
     async fn create_snapshot(&self, r: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
         let r = r.into_inner();
         let id = r.source_volume_id.clone();
-        traced("CreateSnapshot", &id, self.snapshot(r)).await
+        traced("CreateSnapshot", &id, self.snapshot_within(r, budget)).await
     }
 
     async fn delete_snapshot(&self, r: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
@@ -1028,6 +1097,7 @@ mod tests {
                 paths: crate::node::safepath::PathPolicy::default(),
                 records: crate::node::records::Records::new(&std::env::temp_dir()),
                 freezer: Arc::new(crate::node::freeze::Freezer::unrecorded(Arc::new(FakeExec::new()))),
+                jobs: crate::jobs::Jobs::unrecorded(),
             };
             (ControllerService::new(Arc::new(driver)), fast, slow)
         }

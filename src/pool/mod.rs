@@ -49,8 +49,8 @@ pub enum Source {
     Volume(String),
 }
 
-/// A request to create a volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A request to create a volume (serialisable: a copy job records it, [`crate::jobs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateRequest {
     /// The CSI name (idempotency key), up to 128 characters.
     pub csi_name: String,
