@@ -10,14 +10,14 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::exec::Exec;
 use crate::jobs::{Job, Jobs, Work};
-use crate::locks::Locks;
+use crate::locks::{LockKey, Locks, ObjectKind};
 use crate::node::Node;
 use crate::node::freeze::Freezer;
 use crate::node::mount::Mounter;
 use crate::node::records::Records;
 use crate::node::safepath::PathPolicy;
 use crate::placement::{NODE_KEY, Segments};
-use crate::pool::{self, Pool};
+use crate::pool::{self, Pool, Source};
 use crate::volume_id::{VolumeId, valid_node_id};
 
 /// Driver name registered with orchestrators.
@@ -140,10 +140,27 @@ impl Driver {
                 continue;
             };
             let started =
-                self.locks.try_lock(&work.lock_key(), &work.what()).and_then(|guard| self.start_copy(pool, work.clone(), None, guard));
+                self.locks.try_lock_all(self.copy_locks(&work)).and_then(|guard| self.start_copy(pool, work.clone(), None, guard));
             match started {
                 Ok(_) => tracing::info!(job = %work.key(), "restarted a copy left unfinished by a killed driver"),
                 Err(e) => tracing::error!(job = %work.key(), error = %e, "cannot restart a recorded copy"),
+            }
+        }
+    }
+
+    /// The locks the request of `work` takes (and a restarted job takes again): the new
+    /// object's local name in every pool, and the source object.
+    fn copy_locks(&self, work: &Work) -> Vec<LockKey> {
+        match work {
+            Work::Volume { pool, request } => {
+                let source = request.source.as_ref().map(|s| match s {
+                    Source::Snapshot(l) => LockKey::new(pool, ObjectKind::Snapshot, l),
+                    Source::Volume(l) => LockKey::new(pool, ObjectKind::Volume, l),
+                });
+                crate::csi::name_keys(self, ObjectKind::Volume, &request.local).chain(source).collect()
+            }
+            Work::Snapshot { pool, source, local, .. } => {
+                crate::csi::name_keys(self, ObjectKind::Snapshot, local).chain([LockKey::new(pool, ObjectKind::Volume, source)]).collect()
             }
         }
     }

@@ -65,15 +65,6 @@ impl Work {
         }
     }
 
-    /// The operation lock its request holds: the same key the controller's CreateVolume
-    /// (`name:<CSI name>`) or CreateSnapshot (`snap:<CSI name>`) takes.
-    pub fn lock_key(&self) -> String {
-        match self {
-            Work::Volume { request, .. } => format!("name:{}", request.csi_name),
-            Work::Snapshot { csi_name, .. } => format!("snap:{csi_name}"),
-        }
-    }
-
     /// The pool that does the work.
     pub fn pool(&self) -> &str {
         match self {

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::{Capability, decode_caps, require, topology, traced};
+use super::{Capability, decode_caps, lock_key, name_keys, require, topology, traced};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::jobs::{self, Work};
+use crate::locks::{LockKey, ObjectKind};
 use crate::placement::{self, Candidate, Segments};
 use crate::pool::{self, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::proto::controller_server::Controller;
@@ -271,7 +272,14 @@ impl ControllerService {
                 )));
             }
         }
-        let guard = self.d.locks.try_lock(&format!("name:{}", req.name), &format!("volume name {}", crate::error::bounded(&req.name)))?;
+        // The new volume's local name (in every pool, where a retry looks for it) and the source
+        // object: no delete, expand, snapshot or stage of the source runs while it is copied.
+        let source_key = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            Some(volume_content_source::Type::Snapshot(s)) => Some(lock_key(&self.d, ObjectKind::Snapshot, &s.snapshot_id)),
+            Some(volume_content_source::Type::Volume(v)) => Some(lock_key(&self.d, ObjectKind::Volume, &v.volume_id)),
+            None => None,
+        };
+        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Volume, &local).chain(source_key))?;
 
         // The source pins the pool: copies are made inside the pool that holds the source.
         let (source, min_size) = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
@@ -470,14 +478,7 @@ impl ControllerService {
             }
             return Ok(DeleteVolumeResponse {});
         };
-        let _guard =
-            self.d.locks.try_lock(&format!("vol:{}", req.volume_id), &format!("volume {}", crate::error::bounded(&req.volume_id)))?;
-        if self.d.jobs.running(&jobs::volume_key(&vid.local)) {
-            return Err(Error::Aborted(format!(
-                "volume {} is still being copied; retry when it has finished",
-                crate::error::bounded(&req.volume_id)
-            )));
-        }
+        let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Volume, &vid.local))?;
         pool.delete_volume(&vid.local).await?;
         Ok(DeleteVolumeResponse {})
     }
@@ -614,8 +615,7 @@ impl ControllerService {
     async fn expand(&self, req: ControllerExpandVolumeRequest) -> Result<ControllerExpandVolumeResponse> {
         require("volume_id", &req.volume_id)?;
         let range = req.capacity_range.ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
-        let _guard =
-            self.d.locks.try_lock(&format!("vol:{}", req.volume_id), &format!("volume {}", crate::error::bounded(&req.volume_id)))?;
+        let _guard = self.d.locks.try_lock(lock_key(&self.d, ObjectKind::Volume, &req.volume_id))?;
         let (pool, v) = self.find_volume(&req.volume_id).await?;
         let want = capacity_for(Some(&range), v.capacity)?;
         let got = pool.expand_volume(&v.local, want).await?;
@@ -649,7 +649,11 @@ impl ControllerService {
                 )));
             }
         }
-        let guard = self.d.locks.try_lock(&format!("snap:{}", req.name), &format!("snapshot name {}", crate::error::bounded(&req.name)))?;
+        // The snapshot's local name (in every pool, where a retry looks for it) and its source
+        // volume: no unstage, expand or delete of the volume runs while it is frozen and copied,
+        // and a second snapshot of it waits its turn (ABORTED) instead of sharing the freeze.
+        let source_key = lock_key(&self.d, ObjectKind::Volume, &req.source_volume_id);
+        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Snapshot, &local).chain([source_key]))?;
         let (pool, v) = self.find_volume(&req.source_volume_id).await?;
         for p in self.d.pools.values() {
             let found = match p.get_snapshot(&local).await {
@@ -687,16 +691,7 @@ impl ControllerService {
         require("snapshot_id", &req.snapshot_id)?;
         let Some(sid) = VolumeId::parse(&req.snapshot_id) else { return Ok(DeleteSnapshotResponse {}) };
         let Some(pool) = self.d.pool_of(&sid).cloned() else { return Ok(DeleteSnapshotResponse {}) };
-        let _guard = self
-            .d
-            .locks
-            .try_lock(&format!("snapid:{}", req.snapshot_id), &format!("snapshot {}", crate::error::bounded(&req.snapshot_id)))?;
-        if self.d.jobs.running(&jobs::snapshot_key(&sid.local)) {
-            return Err(Error::Aborted(format!(
-                "snapshot {} is still being copied; retry when it has finished",
-                crate::error::bounded(&req.snapshot_id)
-            )));
-        }
+        let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Snapshot, &sid.local))?;
         pool.delete_snapshot(&sid.local).await?;
         Ok(DeleteSnapshotResponse {})
     }

@@ -3,12 +3,16 @@
 
 use std::collections::HashMap;
 use std::path::{Component, Path};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::{Response, Status};
 
+use crate::driver::Driver;
 use crate::error::{Error, Result, bounded};
+use crate::locks::{LockKey, ObjectKind};
 use crate::placement::Segments;
+use crate::pool::Pool;
 use crate::proto;
 use crate::proto::volume_capability::access_mode::Mode;
 
@@ -22,6 +26,33 @@ pub const SUPPORTED_MODES: [Mode; 4] =
 
 /// Every filesystem type some pool kind serves; which pool serves which is `Pool::filesystems`.
 pub const KNOWN_FS: [&str; 5] = ["ext4", "xfs", "btrfs", "zfs", "nfs"];
+
+/// The local object an id names on this driver: its pool and its local name. `None` when the
+/// id names nothing here (not an id this driver issues, another node's, an unknown pool). The
+/// only place the CSI services turn an id into an object, so a change of the id format changes
+/// this function alone; `kind` is what the caller expects the id to name.
+pub fn object_of(d: &Driver, kind: ObjectKind, id: &str) -> Option<(Arc<dyn Pool>, String)> {
+    let _ = kind; // Volume and snapshot ids share one format for now.
+    let vid = crate::volume_id::VolumeId::parse(id)?;
+    let pool = d.pool_of(&vid)?;
+    Some((pool.clone(), vid.local))
+}
+
+/// The lock of the object an id names ([`object_of`]); an id that names nothing here is locked
+/// by its text, so calls on it (an unstage of a volume whose pool left the config) still
+/// serialise.
+pub fn lock_key(d: &Driver, kind: ObjectKind, id: &str) -> LockKey {
+    match object_of(d, kind, id) {
+        Some((pool, local)) => LockKey::new(pool.name(), kind, &local),
+        None => LockKey::unresolved(kind, id),
+    }
+}
+
+/// The locks of a new object's local name in every pool: a create looks the name up in all of
+/// them (a retry must find the first attempt wherever it landed), so it holds the name in all.
+pub fn name_keys<'a>(d: &'a Driver, kind: ObjectKind, local: &'a str) -> impl Iterator<Item = LockKey> + 'a {
+    d.pools.keys().map(move |pool| LockKey::new(pool, kind, local))
+}
 
 /// INVALID_ARGUMENT unless `value` is non-empty.
 pub fn require(field: &str, value: &str) -> Result<()> {

@@ -11,9 +11,10 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::controller::CTX_FS_TYPE;
-use super::{decode_cap, require, topology, traced};
+use super::{decode_cap, lock_key, object_of, require, topology, traced};
 use crate::driver::Driver;
 use crate::error::{Error, Result, bounded};
+use crate::locks::ObjectKind;
 use crate::node::mountinfo::MountInfo;
 use crate::node::records::{Backing, MountKey, PublishRecord, StageRecord, VolumeRecord};
 use crate::node::safepath::{RequestPath, same_path};
@@ -38,15 +39,16 @@ impl NodeService {
 
     /// The pool and local name of an id this node serves; NOT_FOUND otherwise.
     fn resolve(&self, id: &str) -> Result<(Arc<dyn Pool>, String)> {
-        let vid = VolumeId::parse(id).ok_or_else(|| Error::NotFound(format!("volume {} does not exist", bounded(id))))?;
-        let pool = self.d.pool_of(&vid).ok_or_else(|| {
+        if VolumeId::parse(id).is_none() {
+            return Err(Error::NotFound(format!("volume {} does not exist", bounded(id))));
+        }
+        object_of(&self.d, ObjectKind::Volume, id).ok_or_else(|| {
             Error::NotFound(format!(
                 "volume {} is not served by this node ({}): no such pool here or it belongs to another node",
                 bounded(id),
                 self.d.node_id
             ))
-        })?;
-        Ok((pool.clone(), vid.local))
+        })
     }
 
     async fn existing(&self, id: &str) -> Result<(Arc<dyn Pool>, VolumeInfo)> {
@@ -55,8 +57,9 @@ impl NodeService {
         Ok((pool, v))
     }
 
+    /// The lock of the volume `id` names (the same one the controller takes for it).
     fn lock(&self, id: &str) -> Result<crate::locks::Guard> {
-        self.d.locks.try_lock(&format!("vol:{id}"), &format!("volume {}", bounded(id)))
+        self.d.locks.try_lock(lock_key(&self.d, ObjectKind::Volume, id))
     }
 
     /// A request path, checked against the path policy (INVALID_ARGUMENT otherwise).

@@ -97,16 +97,17 @@ async fn a_new_request_replaces_a_failed_job_nobody_was_told_of() {
 #[tokio::test]
 async fn the_job_holds_its_locks_until_it_ends() {
     let (jobs, locks) = (Jobs::unrecorded(), Locks::new());
-    let guard = locks.try_lock("name:csi-v4", "volume name csi-v4").unwrap();
+    let key = || crate::locks::LockKey::new("p1", crate::locks::ObjectKind::Volume, "v4");
+    let guard = locks.try_lock(key()).unwrap();
     let (gate, started) = (Arc::new(tokio::sync::Notify::new()), Arc::new(AtomicUsize::new(0)));
     let job = jobs.start(work("v4"), None, None, guard, gated(&gate, &started, Ok(()))).unwrap();
     while started.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(locks.try_lock("name:csi-v4", "volume name csi-v4").is_err(), "the running copy holds the name's lock");
+    assert!(locks.try_lock(key()).is_err(), "the running copy holds the name's lock");
     gate.notify_waiters();
     jobs.wait(&job, Duration::from_secs(5)).await.unwrap();
-    assert!(locks.try_lock("name:csi-v4", "volume name csi-v4").is_ok(), "released when the copy ended");
+    assert!(locks.try_lock(key()).is_ok(), "released when the copy ended");
 }
 
 #[tokio::test]

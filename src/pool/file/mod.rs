@@ -348,10 +348,22 @@ impl FilePool {
     /// filesystem that cannot be frozen is FAILED_PRECONDITION, the copy runs in a task of its
     /// own and the filesystem is thawed on every path. A raw block volume in use has no
     /// filesystem to freeze and is copied as it is.
+    ///
+    /// `cp` writes through a descriptor of `dst` opened here (`/proc/self/fd/0`), never by its
+    /// path: a `cp` orphaned by a killed driver keeps writing into the file it had, which the
+    /// restarted driver has unlinked, and can never create or fill a later attempt's file.
     async fn copy_image(&self, volume: &str, purpose: String, src: &Path, dst: &Path) -> Result<()> {
         let mount_points = mounted_from(self.exec.as_ref(), &self.mountinfo, src).await?;
         let (s, d) = (src.to_string_lossy().into_owned(), dst.to_string_lossy().into_owned());
-        let cmd = Cmd::new("cp").args(["--reflink=auto", "--sparse=always", s.as_str(), d.as_str()]).timeout(COPY_TIMEOUT);
+        let target = dst.to_owned();
+        let fd = self
+            .blocking(format!("opening {d}"), METADATA_DEADLINE, move || {
+                let f = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&target);
+                f.map(std::os::fd::OwnedFd::from).context(|| format!("opening {}", target.display()))
+            })
+            .await?;
+        let cmd =
+            Cmd::new("cp").args(["--reflink=auto", "--sparse=always", s.as_str(), "/proc/self/fd/0"]).stdin_fd(fd).timeout(COPY_TIMEOUT);
         let exec = self.exec.clone();
         let target = Target { pool: self.name.clone(), volume: volume.to_owned(), mount_points, purpose };
         let copied = self.freezer.around(target, async move { exec.run(cmd).await }).await?;
@@ -718,8 +730,10 @@ impl Pool for FilePool {
         let f = self.files(Kind::Volume, &req.local)?;
         if let Some(r) = self.read_volume(&f, &req.local).await? {
             let v = &r.info;
+            // A copy records what it really copied, which may be more than was asked.
+            let capacity_fits = v.capacity == req.capacity || (v.source.is_some() && v.capacity > req.capacity);
             if v.csi_name == req.csi_name
-                && v.capacity == req.capacity
+                && capacity_fits
                 && v.block == req.block
                 && v.source == req.source
                 && r.provisioning == provisioning
@@ -743,23 +757,34 @@ impl Pool for FilePool {
                 req.source,
             )));
         }
-        let source = self.source_image(req).await?;
+        // First, so a copy restarted after a kill removes its temporaries even when it then
+        // fails (its source gone).
         self.clean_leftovers(Kind::Volume, &f).await?;
+        let source = self.source_image(req).await?;
         let _claim = self.claim(req.capacity, &format!("volume {} ({})", req.local, req.csi_name)).await?;
         let fs = self.pool_fs().await?;
-        if let Err(e) = self.build_image(req, &f, source.as_ref().map(|s| s.0.clone()), provisioning, fs).await {
-            self.discard_tmp(&f).await;
-            return Err(e);
-        }
+        let tmp = f.tmp_img.clone();
+        let built = async {
+            self.build_image(req, &f, source.as_ref().map(|s| s.0.clone()), provisioning, fs).await?;
+            self.blocking(format!("inspecting {}", tmp.display()), METADATA_DEADLINE, move || sizes(&tmp)).await
+        };
+        // A copy is as large as what was really copied (its source may have grown meanwhile).
+        let capacity = match built.await {
+            Ok((len, _)) => len.max(req.capacity),
+            Err(e) => {
+                self.discard_tmp(&f).await;
+                return Err(e);
+            }
+        };
         // A reflinked thick clone shares its source's blocks: writes to either need new ones.
         let shared = match &source {
-            Some((_, size)) if provisioning == Provisioning::Thick && fs.may_reflink() => (*size).min(req.capacity),
+            Some((_, size)) if provisioning == Provisioning::Thick && fs.may_reflink() => (*size).min(capacity),
             _ => 0,
         };
         let info = VolumeInfo {
             local: req.local.clone(),
             csi_name: req.csi_name.clone(),
-            capacity: req.capacity,
+            capacity,
             block: req.block,
             fs_type: if req.block { None } else { Some(req.fs_type.clone().unwrap_or_else(|| self.default_fs.clone())) },
             source: req.source.clone(),
@@ -841,10 +866,10 @@ impl Pool for FilePool {
                 self.name, s.info.csi_name, s.info.source_volume
             )));
         }
+        self.clean_leftovers(Kind::Snapshot, &f).await?;
         let Some(source) = self.read_volume(&src, source_local).await? else {
             return Err(Error::NotFound(format!("volume {source_local} does not exist in file pool {:?}", self.name)));
         };
-        self.clean_leftovers(Kind::Snapshot, &f).await?;
         let fs = self.pool_fs().await?;
         let img = src.img.clone();
         let (len, allocated) = self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || sizes(&img)).await?;

@@ -225,13 +225,14 @@ async fn snapshot_freezes_a_mounted_source_around_the_copy() {
     fake.0.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[{"name":"/dev/loop3","back-file":"/x"}]}"#.into())]);
     let s = p.create_snapshot("v1", "snap-1", "s1").await.unwrap();
     assert_eq!((s.size, s.source_volume.as_str(), s.ready), (MIB, "v1", true));
-    let (src, tmp) = (img(&dir.path().join("pool"), "volumes", "v1"), dir.path().join("pool/snapshots/.s1.img.tmp"));
+    let src = img(&dir.path().join("pool"), "volumes", "v1");
     assert_eq!(
         fake.0.lines(),
         [
             format!("losetup --list --json --associated {}", src.display()),
             "fsfreeze --freeze /mnt/vol".into(),
-            format!("cp --reflink=auto --sparse=always {} {}", src.display(), tmp.display()),
+            // Written through a descriptor of the temporary, never by path (issue 10 item 4).
+            format!("cp --reflink=auto --sparse=always {} /proc/self/fd/0", src.display()),
             "fsfreeze --unfreeze /mnt/vol".into(),
         ]
     );
@@ -287,8 +288,8 @@ async fn a_clone_copies_the_source_image() {
     let v = p.create_volume(&req("v2", 2 * MIB, true, Some(Source::Volume("v1".into())))).await.unwrap();
     assert_eq!(v.source, Some(Source::Volume("v1".into())));
     let lines = fake.0.lines();
-    let tmp = dir.path().join("volumes/.v2.img.tmp");
-    assert_eq!(lines.last().unwrap(), &format!("cp --reflink=auto --sparse=always {} {}", src.display(), tmp.display()));
+    // Written through a descriptor of the temporary, never by path (issue 10 item 4).
+    assert_eq!(lines.last().unwrap(), &format!("cp --reflink=auto --sparse=always {} /proc/self/fd/0", src.display()));
     let copy = img(dir.path(), "volumes", "v2");
     assert_eq!(read_at(&copy, 4096, 5), b"hello");
     assert_eq!(fs::metadata(&copy).unwrap().len(), 2 * MIB);
