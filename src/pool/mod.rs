@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::volume_id::PoolKind;
 
+pub mod copy;
 pub mod file;
 pub mod lvm;
 pub mod nfs;

@@ -54,7 +54,7 @@ use crate::config::{PoolConfig, format_size, parse_size};
 use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec};
 use crate::node::freeze::{Freezer, Target};
-use crate::node::{format, loopdev, mountinfo};
+use crate::node::{loopdev, mountinfo};
 use crate::pool::{Attachment, Condition, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::volume_id::{PoolKind, valid_local_name};
 
@@ -637,13 +637,9 @@ impl FilePool {
                     _ => "",
                 };
                 self.copy_image(volume, format!("clone {:?}", req.csi_name), &src, &f.tmp_img).await?;
-                self.size_tmp(f, req.capacity, provisioning).await?;
-                if !req.block {
-                    // The copy carries its source's filesystem UUID; XFS refuses to mount two
-                    // filesystems with one UUID, and others confuse them (by-uuid links).
-                    format::regenerate_uuid(self.exec.as_ref(), &f.tmp_img).await?;
-                }
-                Ok(())
+                // The shared flow: sized, a new filesystem UUID; the commit that follows is the mark.
+                let copy = ImageCopy { pool: self, files: f, provisioning };
+                crate::pool::copy::finish(self.exec.as_ref(), &copy, req.capacity, req.block).await
             }
         }
     }
@@ -1029,6 +1025,31 @@ impl Pool for FilePool {
             )));
         }
         Ok(Condition::Healthy)
+    }
+}
+
+/// A copied image being finished: the kind-specific steps of the shared flow
+/// ([`crate::pool::copy`]). The copy is the temporary image, whose commit (rename and
+/// metadata, by the caller) marks it finished.
+struct ImageCopy<'a> {
+    pool: &'a FilePool,
+    files: &'a Files,
+    provisioning: Provisioning,
+}
+
+#[async_trait]
+impl crate::pool::copy::Copy for ImageCopy<'_> {
+    async fn grow_to(&self, capacity: u64) -> Result<()> {
+        // Also allocates a thick copy's holes, even when it needs no growing.
+        self.pool.size_tmp(self.files, capacity, self.provisioning).await
+    }
+
+    async fn device(&self, _filesystem: bool) -> Result<Option<PathBuf>> {
+        Ok(Some(self.files.tmp_img.clone()))
+    }
+
+    async fn mark_finished(&self) -> Result<()> {
+        Ok(())
     }
 }
 
