@@ -157,11 +157,12 @@ impl Driver {
                     Source::Snapshot(l) => LockKey::new(pool, ObjectKind::Snapshot, l),
                     Source::Volume(l) => LockKey::new(pool, ObjectKind::Volume, l),
                 });
-                crate::csi::name_keys(self, ObjectKind::Volume, &request.local).chain(source).collect()
+                crate::csi::name_keys(self, ObjectKind::Volume, &request.csi_name).into_iter().chain(source).collect()
             }
-            Work::Snapshot { pool, source, local, .. } => {
-                crate::csi::name_keys(self, ObjectKind::Snapshot, local).chain([LockKey::new(pool, ObjectKind::Volume, source)]).collect()
-            }
+            Work::Snapshot { pool, source, csi_name, .. } => crate::csi::name_keys(self, ObjectKind::Snapshot, csi_name)
+                .into_iter()
+                .chain([LockKey::new(pool, ObjectKind::Volume, source)])
+                .collect(),
         }
     }
 

@@ -10,6 +10,7 @@ pub mod proto {
 pub mod bench;
 pub mod blocking;
 pub mod config;
+pub mod crash;
 pub mod csi;
 pub mod ctl;
 pub mod driver;

@@ -279,7 +279,7 @@ impl ControllerService {
             Some(volume_content_source::Type::Volume(v)) => Some(lock_key(&self.d, ObjectKind::Volume, &v.volume_id)),
             None => None,
         };
-        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Volume, &local).chain(source_key))?;
+        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Volume, &req.name).into_iter().chain(source_key))?;
 
         // The source pins the pool: copies are made inside the pool that holds the source.
         let (source, min_size) = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
@@ -653,7 +653,7 @@ impl ControllerService {
         // volume: no unstage, expand or delete of the volume runs while it is frozen and copied,
         // and a second snapshot of it waits its turn (ABORTED) instead of sharing the freeze.
         let source_key = lock_key(&self.d, ObjectKind::Volume, &req.source_volume_id);
-        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Snapshot, &local).chain([source_key]))?;
+        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Snapshot, &req.name).into_iter().chain([source_key]))?;
         let (pool, v) = self.find_volume(&req.source_volume_id).await?;
         for p in self.d.pools.values() {
             let found = match p.get_snapshot(&local).await {

@@ -48,10 +48,12 @@ pub fn lock_key(d: &Driver, kind: ObjectKind, id: &str) -> LockKey {
     }
 }
 
-/// The locks of a new object's local name in every pool: a create looks the name up in all of
-/// them (a retry must find the first attempt wherever it landed), so it holds the name in all.
-pub fn name_keys<'a>(d: &'a Driver, kind: ObjectKind, local: &'a str) -> impl Iterator<Item = LockKey> + 'a {
-    d.pools.keys().map(move |pool| LockKey::new(pool, kind, local))
+/// The locks a create of CSI name `csi_name` takes for its own object: every local name it may
+/// find or make ([`crate::volume_id::local_name`]; any other name a retry looks under belongs
+/// here too), in every pool, since a retry must find the first attempt wherever it landed.
+pub fn name_keys(d: &Driver, kind: ObjectKind, csi_name: &str) -> Vec<LockKey> {
+    let locals = [crate::volume_id::local_name(csi_name)];
+    d.pools.keys().flat_map(|pool| locals.iter().map(move |local| LockKey::new(pool, kind, local))).collect()
 }
 
 /// INVALID_ARGUMENT unless `value` is non-empty.

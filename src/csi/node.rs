@@ -96,6 +96,22 @@ impl NodeService {
         if s.block { Ok(s.is_device(rdev_at(at).await?, m)) } else { Ok(s.holds(m)) }
     }
 
+    /// The shared tail of unstage and unpublish: runs `peel` (the node operation that unmounts
+    /// the volume's own layers at `path`) and answers whether the path is now free of the
+    /// volume, so its record entry may go. Something else mounted on top is left alone and
+    /// logged; the call then answers OK (the volume is not reachable there) and keeps its
+    /// record, since the volume's own layers may lie beneath.
+    async fn peeled(&self, call: &str, id: &str, path: &RequestPath, peel: impl Future<Output = Result<Peeled>>) -> Result<bool> {
+        let Peeled::Foreign(m) = peel.await? else { return Ok(true) };
+        tracing::warn!(
+            volume = id,
+            path = %path.as_path().display(),
+            found = %m.source,
+            "{call}: something else is mounted at the path; left alone"
+        );
+        Ok(false)
+    }
+
     async fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
         require("volume_id", &r.volume_id)?;
         let staging = self.path("staging_target_path", &r.staging_target_path)?;
@@ -226,16 +242,10 @@ impl NodeService {
             }
             return Ok(NodeUnstageVolumeResponse {});
         };
-        if !entry.block {
-            if let Peeled::Foreign(m) = self.d.node.unstage(&staging, &|m| entry.holds(m)).await? {
-                tracing::warn!(
-                    volume = r.volume_id,
-                    staging = %shown,
-                    found = %m.source,
-                    "NodeUnstageVolume: something else is mounted at the staging path; left alone"
-                );
-                return Ok(NodeUnstageVolumeResponse {});
-            }
+        if !entry.block
+            && !self.peeled("NodeUnstageVolume", &r.volume_id, &staging, self.d.node.unstage(&staging, &|m| entry.holds(m))).await?
+        {
+            return Ok(NodeUnstageVolumeResponse {});
         }
         rec.remove_stage(staging.as_path());
         if rec.stages.is_empty() {
@@ -299,18 +309,22 @@ impl NodeService {
                 }
             }
         }
+        let readonly = r.readonly || cap.read_only_mode();
+        if readonly {
+            self.repair_readonly(&r.volume_id, &rec, &stage, &target).await?;
+        }
         let before = rec.clone();
-        if rec.publish_at(target.as_path()).is_none_or(|p| p.stage != stage) {
+        if rec.publish_at(target.as_path()).is_none_or(|p| p.stage != stage || p.readonly != readonly) {
             rec.remove_publish(target.as_path());
             rec.publishes.push(PublishRecord {
                 target: target.as_path().to_owned(),
                 staging: staging.as_path().to_owned(),
                 stage: stage.clone(),
+                readonly,
             });
             // Durable before the bind, so unpublish knows the bind after any crash.
             self.d.records.save(&rec).await?;
         }
-        let readonly = r.readonly || cap.read_only_mode();
         let res = if cap.block {
             match stage.device() {
                 Some(dev) => self.d.node.publish_block(dev, &target, readonly).await,
@@ -325,6 +339,29 @@ impl NodeService {
         res.map(|()| NodePublishVolumeResponse {})
     }
 
+    /// Before a read-only publish at `target`: a bind of the volume found writable there while
+    /// the record says a read-only publish was made at that target is that publish cut short
+    /// (a driver killed between its bind and its read-only remount). It never was a finished
+    /// publish, so it is unmounted and the publish made again, rather than refused as
+    /// ALREADY_EXISTS forever. A writable publish recorded as such stays ALREADY_EXISTS (spec).
+    async fn repair_readonly(&self, id: &str, rec: &VolumeRecord, stage: &StageRecord, target: &RequestPath) -> Result<()> {
+        if !rec.publish_at(target.as_path()).is_some_and(|p| p.readonly && p.stage == *stage) {
+            return Ok(());
+        }
+        let Some(top) = self.d.node.mounter.mount_at(target).await? else { return Ok(()) };
+        if top.mount_options.iter().any(|o| o == "ro") || !self.owns(stage, target, &top).await? {
+            return Ok(());
+        }
+        tracing::warn!(volume = id, target = %target.as_path().display(), "a read-only publish was cut short and left a writable bind; redoing it");
+        let rdev = if stage.block { rdev_at(target).await? } else { None };
+        let is_own = |m: &MountInfo| {
+            let own = if stage.block { stage.is_device(rdev, m) } else { stage.holds(m) };
+            own && !m.mount_options.iter().any(|o| o == "ro")
+        };
+        self.d.node.unpublish(target, &is_own, false).await?;
+        Ok(())
+    }
+
     async fn unpublish(&self, r: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse> {
         require("volume_id", &r.volume_id)?;
         let target = self.path("target_path", &r.target_path)?;
@@ -337,13 +374,7 @@ impl NodeService {
         };
         let rdev = if entry.stage.block { rdev_at(&target).await? } else { None };
         let is_own = |m: &MountInfo| if entry.stage.block { entry.stage.is_device(rdev, m) } else { entry.stage.holds(m) };
-        if let Peeled::Foreign(m) = self.d.node.unpublish(&target, &is_own, true).await? {
-            tracing::warn!(
-                volume = r.volume_id,
-                target = %shown,
-                found = %m.source,
-                "NodeUnpublishVolume: something else is mounted at the target path; left alone"
-            );
+        if !self.peeled("NodeUnpublishVolume", &r.volume_id, &target, self.d.node.unpublish(&target, &is_own, true)).await? {
             return Ok(NodeUnpublishVolumeResponse {});
         }
         rec.remove_publish(target.as_path());

@@ -178,6 +178,87 @@ fn mount_at_blocking(path: &RequestPath) -> Result<Option<MountInfo>> {
 
 static HOLD_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// The kernel's start time of process `pid` (clock ticks since boot, field 22 of
+/// `/proc/<pid>/stat`): with the pid, it names one process for good, even across pid reuse (a
+/// driver that is pid 1 of its container every time it starts).
+fn start_time(pid: &str) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its closing one.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19).map(str::to_owned)
+}
+
+/// This process's prefix for its holding paths: `<pid>-<start time>`.
+fn hold_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| {
+        let pid = std::process::id().to_string();
+        let start = start_time("self").unwrap_or_else(|| "0".into());
+        format!("{pid}-{start}")
+    })
+}
+
+/// Makes the holding directory (0700) and, when it is new, a private mount of its own, so a
+/// bind attached there for a moment never propagates to other mount namespaces (a host `/run`
+/// is usually shared). Then clears what killed drivers left there.
+fn prepare_hold_dir(hold_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(hold_dir)
+        .map_err(|e| Error::io(format!("creating {}", hold_dir.display()), e))?;
+    let is_mount = std::fs::File::open(hold_dir)
+        .ok()
+        .and_then(|f| rustix::fs::statx(&f, "", AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC, StatxFlags::empty()).ok())
+        .is_some_and(|st| {
+            st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) && st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
+        });
+    let empty = std::fs::read_dir(hold_dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+    // Only while empty: binding over a directory that holds another driver's holding mount
+    // would hide that mount from its owner.
+    if !is_mount && empty {
+        let made = rustix::mount::mount_bind(hold_dir, hold_dir)
+            .and_then(|()| rustix::mount::mount_change(hold_dir, rustix::mount::MountPropagationFlags::PRIVATE));
+        if let Err(e) = made {
+            tracing::warn!(hold = %hold_dir.display(), "could not make the holding directory a private mount: {e}");
+        }
+    }
+    sweep_hold_dir(hold_dir);
+    Ok(())
+}
+
+/// Detaches and removes the holding paths of processes that are gone: a driver killed while a
+/// bind sat there leaves a mount that pins the volume's filesystem (its device could never be
+/// detached). Another live process's paths are its work in flight and stay.
+fn sweep_hold_dir(hold_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(hold_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // `<pid>-<start>-<seq>`; drivers before the start time named them `<pid>-<seq>`.
+        let parts: Vec<&str> = name.splitn(3, '-').collect();
+        let live = match parts[..] {
+            [pid, start, _] => start_time(pid).as_deref() == Some(start),
+            [pid, _] => start_time(pid).is_some(),
+            _ => true,
+        };
+        if live || !parts[0].chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let path = entry.path();
+        // Holding binds are single layers; a few tries cover a bind stacked by a racing sweep.
+        for _ in 0..4 {
+            if rustix::mount::unmount(&path, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW).is_err() {
+                break;
+            }
+            tracing::warn!(hold = %path.display(), "detached a holding bind left by a driver that was killed");
+        }
+        let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) { std::fs::remove_dir(&path) } else { std::fs::remove_file(&path) };
+        if let Err(e) = removed {
+            tracing::warn!(hold = %path.display(), "could not remove a holding path left by a killed driver: {e}");
+        }
+    }
+}
+
 /// Binds `source` at `target` (see [`Mounter::bind`]); runs on the blocking pool.
 fn bind_blocking(source: &BindSourceOwned, target: &RequestPath, flags: &[String], hold_dir: &Path) -> Result<()> {
     let shown = || target.as_path().display().to_string();
@@ -199,6 +280,18 @@ fn bind_blocking(source: &BindSourceOwned, target: &RequestPath, flags: &[String
             (t, true)
         }
     };
+    if !flags.is_empty() && crate::crash::armed(CRASH_WRITABLE_AT_TARGET) {
+        // Test only: leave what a driver that bound first and remounted read-only after left
+        // when it was killed in between, a writable bind at the target.
+        let _ = rustix::mount::move_mount(
+            clone.as_fd(),
+            "",
+            tfd.as_fd(),
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        );
+        crate::crash::point(CRASH_WRITABLE_AT_TARGET);
+    }
     let attach = if flags.is_empty() { clone } else { flagged(clone, is_file, flags, hold_dir)? };
     rustix::mount::move_mount(
         attach.as_fd(),
@@ -207,25 +300,36 @@ fn bind_blocking(source: &BindSourceOwned, target: &RequestPath, flags: &[String
         "",
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
-    .map_err(sys(|| format!("attaching the bind mount at {}", shown())))
+    .map_err(sys(|| format!("attaching the bind mount at {}", shown())))?;
+    crate::crash::point(CRASH_ATTACHED);
+    Ok(())
 }
+
+/// Crash point (tests, [`crate::crash`]): a flagged bind attached in the holding directory, not
+/// flagged yet.
+pub const CRASH_HELD: &str = "bind-held";
+/// Crash point: a bind attached at its target, before the call answers.
+pub const CRASH_ATTACHED: &str = "bind-attached";
+/// Crash point that first leaves a writable bind at the target (what a two-step bind left).
+pub const CRASH_WRITABLE_AT_TARGET: &str = "bind-writable-at-target";
 
 /// Gives a detached bind its per-mount flags before anyone can see it: attaches it in a
 /// private holding directory, remounts it there with the flags, clones that (a clone keeps the
 /// flags) and detaches the holding mount. Returns the flagged, detached clone.
+///
+/// The kernel's one-step way, `mount_setattr(MOUNT_ATTR_RDONLY)` on the detached clone, has no
+/// safe binding in rustix (and this crate forbids `unsafe`), hence the holding directory. A
+/// driver killed half-way leaves at most a holding bind there, never anything at the target;
+/// the next flagged bind detaches it ([`sweep_hold_dir`]).
 fn flagged(clone: OwnedFd, is_file: bool, flags: &[String], hold_dir: &Path) -> Result<OwnedFd> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(hold_dir)
-        .map_err(|e| Error::io(format!("creating {}", hold_dir.display()), e))?;
-    let hold = hold_dir.join(format!("{}-{}", std::process::id(), HOLD_SEQ.fetch_add(1, Ordering::Relaxed)));
+    prepare_hold_dir(hold_dir)?;
+    let hold = hold_dir.join(format!("{}-{}", hold_prefix(), HOLD_SEQ.fetch_add(1, Ordering::Relaxed)));
     if is_file { std::fs::File::create(&hold).map(drop) } else { std::fs::create_dir(&hold) }
         .map_err(|e| Error::io(format!("creating {}", hold.display()), e))?;
     let result = (|| {
         rustix::mount::move_mount(clone.as_fd(), "", CWD, &hold, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
             .map_err(sys(|| format!("attaching a bind at {}", hold.display())))?;
+        crate::crash::point(CRASH_HELD);
         let done = rustix::mount::mount_remount(&hold, remount_flags(flags), "")
             .map_err(sys(|| format!("applying {} to a bind at {}", flags.join(","), hold.display())))
             .and_then(|()| {

@@ -85,6 +85,10 @@ pub struct PublishRecord {
     /// That staging as it was recorded when publishing: identifies the bind even once the
     /// staging mount is gone (unmounted by hand) or its record dropped.
     pub stage: StageRecord,
+    /// The publish asked for a read-only bind: one of the volume's binds found writable there
+    /// is a publish cut short (a crash), never a finished one, and a retry redoes it.
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// `major:minor` of a device number, as mountinfo shows it.
@@ -326,7 +330,12 @@ mod tests {
         assert_eq!(store.load("file:n:p:v1").await.unwrap(), None);
         let mut rec = VolumeRecord::new("file:n:p:v1");
         rec.stages.push(device_stage("ext4", None));
-        rec.publishes.push(PublishRecord { target: "/t".into(), staging: "/stage".into(), stage: device_stage("ext4", None) });
+        rec.publishes.push(PublishRecord {
+            target: "/t".into(),
+            staging: "/stage".into(),
+            stage: device_stage("ext4", None),
+            readonly: false,
+        });
         store.save(&rec).await.unwrap();
         let again = Records::new(dir.path());
         assert_eq!(again.load("file:n:p:v1").await.unwrap().as_ref(), Some(&rec));
