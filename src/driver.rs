@@ -18,7 +18,7 @@ use crate::node::records::Records;
 use crate::node::safepath::PathPolicy;
 use crate::placement::{NODE_KEY, Segments};
 use crate::pool::{self, Pool, Source};
-use crate::volume_id::{VolumeId, valid_node_id};
+use crate::volume_id::{Object, VolumeId, valid_node_id};
 
 /// Driver name registered with orchestrators.
 pub const DRIVER_NAME: &str = "csi.holdfast.dev";
@@ -190,8 +190,8 @@ impl Driver {
                         None => Err(Error::Internal(format!("the copy {} vanished right after it was made", request.local))),
                     }
                 }
-                Work::Snapshot { source, csi_name, local, .. } => {
-                    pool.create_snapshot(&source, &csi_name, &local).await?;
+                Work::Snapshot { source, csi_name, local, uid, .. } => {
+                    pool.create_snapshot(&source, &csi_name, &local, &uid).await?;
                     match pool.get_snapshot(&local).await? {
                         Some(s) if s.ready => Ok(()),
                         Some(_) => Err(Error::Internal(format!("the snapshot {local} is not ready right after it was made"))),
@@ -216,9 +216,27 @@ impl Driver {
         Some(pool)
     }
 
-    /// The id of a local object of `pool`.
+    /// The legacy (uid-less) id of a local object of `pool`: right only for objects made
+    /// before uids existed; use [`Driver::object_id`] for any object read from a pool.
     pub fn id_for(&self, pool: &dyn Pool, local: &str) -> VolumeId {
         let node = pool.kind().is_node_local().then_some(self.node_id.as_str());
         VolumeId::new(pool.kind(), node, pool.name(), local)
+    }
+
+    /// The id of the volume or snapshot `local` of `pool` whose recorded uid is `uid` (a
+    /// legacy id when it has none, see [`crate::volume_id`]).
+    pub fn object_id(&self, pool: &dyn Pool, local: &str, object: Object, uid: Option<&str>) -> VolumeId {
+        let node = pool.kind().is_node_local().then_some(self.node_id.as_str());
+        VolumeId::of(pool.kind(), node, pool.name(), local, object, uid)
+    }
+
+    /// The id of a volume as its pool reports it.
+    pub fn volume_id(&self, pool: &dyn Pool, v: &crate::pool::VolumeInfo) -> VolumeId {
+        self.object_id(pool, &v.local, Object::Volume, v.uid.as_deref())
+    }
+
+    /// The id of a snapshot as its pool reports it.
+    pub fn snapshot_id(&self, pool: &dyn Pool, s: &crate::pool::SnapshotInfo) -> VolumeId {
+        self.object_id(pool, &s.local, Object::Snapshot, s.uid.as_deref())
     }
 }

@@ -53,6 +53,8 @@ pub enum Work {
         csi_name: String,
         /// The snapshot's local name.
         local: String,
+        /// The uid recorded with the snapshot if this job makes it.
+        uid: String,
     },
 }
 

@@ -1197,3 +1197,220 @@ async fn socket_is_not_world_accessible() {
     let mode = meta.permissions().mode() & 0o777;
     assert_eq!(mode & !0o660, 0, "socket mode {mode:o} is wider than 0660");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Identity of volumes and snapshots (issue 10: names and ids cannot collide, ids are never reused)
+
+/// The volume ids ListVolumes reports.
+async fn listed_volume_ids(d: &Driver) -> BTreeSet<String> {
+    d.list_volume_ids(0).await.into_iter().collect()
+}
+
+#[tokio::test]
+async fn a_volume_id_and_a_snapshot_id_are_never_taken_for_each_other() {
+    let d = Driver::start().await;
+    d.require_controller(&[CtrlCap::CreateDeleteSnapshot, CtrlCap::GetVolume, CtrlCap::ExpandVolume]).await;
+    // One CSI name for both: the same local name, in the pool's two namespaces.
+    let name = unique("same1");
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    let vol = d.create(&name, d.fs_volume_size(), cap.clone()).await;
+    let snap = d.snapshot(&name, &vol.volume_id).await;
+    assert_ne!(vol.volume_id, snap.snapshot_id, "a volume and a snapshot share an id");
+
+    let s_id = snap.snapshot_id.clone();
+    let get = ControllerGetVolumeRequest { volume_id: s_id.clone() };
+    expect_code(d.controller().controller_get_volume(get).await, Code::NotFound, "ControllerGetVolume with a snapshot id");
+    let expand = ControllerExpandVolumeRequest {
+        volume_id: s_id.clone(),
+        capacity_range: Some(CapacityRange { required_bytes: 2 * d.fs_volume_size(), limit_bytes: 0 }),
+        ..Default::default()
+    };
+    expect_code(d.controller().controller_expand_volume(expand).await, Code::NotFound, "ControllerExpandVolume with a snapshot id");
+    let validate =
+        ValidateVolumeCapabilitiesRequest { volume_id: s_id.clone(), volume_capabilities: vec![cap.clone()], ..Default::default() };
+    expect_code(d.controller().validate_volume_capabilities(validate).await, Code::NotFound, "ValidateVolumeCapabilities, snapshot id");
+    let staging = d.staging_dir("snapshot-id");
+    let stage = d.stage_request(&s_id, &staging, &cap);
+    expect_code(d.node().node_stage_volume(stage).await, Code::NotFound, "NodeStageVolume with a snapshot id");
+    assert!(!is_mount_point(&staging), "a snapshot id was staged");
+
+    // Restoring "from a snapshot" that is a volume, cloning "a volume" that is a snapshot.
+    let wrong_kinds = [
+        ("snapshot source with a volume id", Source::Snapshot(SnapshotSource { snapshot_id: vol.volume_id.clone() })),
+        ("volume source with a snapshot id", Source::Volume(VolumeSource { volume_id: s_id.clone() })),
+    ];
+    for (what, source) in wrong_kinds {
+        let req = CreateVolumeRequest {
+            volume_content_source: Some(VolumeContentSource { r#type: Some(source) }),
+            ..d.create_request(&unique("wrong-kind"), d.fs_volume_size(), cap.clone())
+        };
+        expect_code(d.controller().create_volume(req).await, Code::NotFound, &format!("CreateVolume with a {what}"));
+    }
+
+    // Deleting the one with the other's id: OK (nothing by that id), and nothing is deleted.
+    let del = DeleteVolumeRequest { volume_id: s_id.clone(), ..Default::default() };
+    ok(d.controller().delete_volume(del).await, "DeleteVolume with a snapshot id");
+    let del = DeleteSnapshotRequest { snapshot_id: vol.volume_id.clone(), ..Default::default() };
+    ok(d.controller().delete_snapshot(del).await, "DeleteSnapshot with a volume id");
+    let get = ControllerGetVolumeRequest { volume_id: vol.volume_id.clone() };
+    let still = ok(d.controller().controller_get_volume(get).await, "ControllerGetVolume after the wrong-kind deletes");
+    assert_eq!(still.volume.map(|v| v.volume_id), Some(vol.volume_id.clone()));
+    assert!(listed_volume_ids(&d).await.contains(&vol.volume_id), "the volume is gone from ListVolumes");
+    let by_id = d.list_snapshots(ListSnapshotsRequest { snapshot_id: s_id.clone(), ..Default::default() }).await;
+    assert_eq!(by_id.iter().map(|s| s.snapshot_id.clone()).collect::<Vec<_>>(), vec![s_id.clone()], "the snapshot is gone");
+    // And the ids do not cross in ListSnapshots' filters either.
+    let crossed = d.list_snapshots(ListSnapshotsRequest { snapshot_id: vol.volume_id.clone(), ..Default::default() }).await;
+    assert!(crossed.is_empty(), "ListSnapshots by a volume id lists {crossed:?}");
+    // The snapshot still restores: its data was not touched.
+    let restore = CreateVolumeRequest {
+        volume_content_source: Some(VolumeContentSource { r#type: Some(Source::Snapshot(SnapshotSource { snapshot_id: s_id.clone() })) }),
+        ..d.create_request(&unique("restore-same1"), vol.capacity_bytes, cap.clone())
+    };
+    let restored = d.create_with(restore).await;
+    d.delete(&restored.volume_id).await;
+    d.delete_snapshot(&s_id).await;
+    d.delete(&vol.volume_id).await;
+}
+
+#[tokio::test]
+async fn a_volume_created_again_under_its_name_gets_a_new_id_and_the_old_id_reaches_nothing() {
+    let d = Driver::start().await;
+    d.require_controller(&[CtrlCap::CreateDeleteSnapshot, CtrlCap::GetVolume, CtrlCap::ListSnapshots]).await;
+    let name = unique("reborn");
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    let first = d.create(&name, d.fs_volume_size(), cap.clone()).await;
+    let snap_name = unique("reborn-snap");
+    let snap = d.snapshot(&snap_name, &first.volume_id).await;
+    d.delete(&first.volume_id).await;
+    let second = d.create(&name, d.fs_volume_size(), cap.clone()).await;
+    assert_ne!(second.volume_id, first.volume_id, "a volume created again under its name got the deleted one's id");
+
+    let get = ControllerGetVolumeRequest { volume_id: first.volume_id.clone() };
+    expect_code(d.controller().controller_get_volume(get).await, Code::NotFound, "ControllerGetVolume with the deleted volume's id");
+    let staging = d.staging_dir("reborn-old");
+    let stage = d.stage_request(&first.volume_id, &staging, &cap);
+    expect_code(d.node().node_stage_volume(stage).await, Code::NotFound, "NodeStageVolume with the deleted volume's id");
+    assert!(!is_mount_point(&staging), "the old id staged the new volume");
+    // The snapshot of the deleted volume is not the new volume's.
+    let of_new = d.list_snapshots(ListSnapshotsRequest { source_volume_id: second.volume_id.clone(), ..Default::default() }).await;
+    assert!(of_new.is_empty(), "ListSnapshots of the new volume lists the deleted one's snapshots: {of_new:?}");
+    let of_old = d.list_snapshots(ListSnapshotsRequest { source_volume_id: first.volume_id.clone(), ..Default::default() }).await;
+    assert_eq!(of_old.iter().map(|s| s.snapshot_id.clone()).collect::<Vec<_>>(), vec![snap.snapshot_id.clone()]);
+    assert_eq!(of_old[0].source_volume_id, first.volume_id, "the snapshot no longer names the volume it was taken of");
+    // A snapshot retry naming the new volume as its source is another request.
+    let again = CreateSnapshotRequest { name: snap_name, source_volume_id: second.volume_id.clone(), ..Default::default() };
+    expect_code(d.controller().create_snapshot(again).await, Code::AlreadyExists, "CreateSnapshot of the new volume, old snapshot's name");
+    // Deleting by the old id (a PV deleted late) leaves the new volume alone.
+    d.delete(&first.volume_id).await;
+    let get = ControllerGetVolumeRequest { volume_id: second.volume_id.clone() };
+    ok(d.controller().controller_get_volume(get).await, "ControllerGetVolume of the new volume after DeleteVolume of the old id");
+    // The new id stages the new volume.
+    let staging = d.staging_dir("reborn-new");
+    d.stage(&second.volume_id, &staging, &cap).await;
+    d.unstage(&second.volume_id, &staging).await;
+    d.delete_snapshot(&snap.snapshot_id).await;
+    d.delete(&second.volume_id).await;
+}
+
+#[tokio::test]
+async fn a_name_equal_to_another_names_local_name_gets_its_own_volume() {
+    let d = Driver::start().await;
+    // issue 10: `Team/Data` and `team-data-<hash>` (the local name earlier versions derived
+    // from it), and the one derived today, are three CSI names: three volumes, created at once.
+    let first = format!("{}/Data", unique("Team"));
+    let names = [first.clone(), holdfast::volume_id::legacy_local_name(&first), holdfast::volume_id::local_name(&first)];
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    // ABORTED is contention, which a CO retries: a create of `Team/Data` also holds the local
+    // name earlier versions gave it, which is the second name's too.
+    let create = |name: &str| {
+        let mut c = d.controller();
+        let req = d.create_request(name, d.fs_volume_size(), cap.clone());
+        async move {
+            let mut tries = 0;
+            loop {
+                let r = c.create_volume(req.clone()).await;
+                tries += 1;
+                if code_of(&r) != Code::Aborted || tries == 50 {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let (a, b, c) = tokio::join!(create(&names[0]), create(&names[1]), create(&names[2]));
+    let mut volumes = Vec::new();
+    for (name, r) in names.iter().zip([a, b, c]) {
+        let v = ok(r, &format!("CreateVolume {name:?}")).volume.expect("CreateVolume answered no volume");
+        d.remember_volume(&v.volume_id);
+        volumes.push(v);
+    }
+    let ids: BTreeSet<&String> = volumes.iter().map(|v| &v.volume_id).collect();
+    assert_eq!(ids.len(), 3, "distinct names share a volume: {ids:?}");
+    for (name, v) in names.iter().zip(&volumes) {
+        let again = d.create(name, d.fs_volume_size(), cap.clone()).await;
+        assert_eq!(again.volume_id, v.volume_id, "a retry of {name:?} found another volume");
+    }
+    // Each holds its own data.
+    let mut mounted = Vec::new();
+    for (i, v) in volumes.iter().enumerate() {
+        let (staging, target) = (d.staging_dir(&format!("collide-{i}")), d.target_path(&format!("collide-{i}")));
+        d.stage(&v.volume_id, &staging, &cap).await;
+        d.publish(&v.volume_id, &staging, &target, &cap, false).await;
+        write_durably(&target.join("whose"), names[i].as_bytes());
+        mounted.push((v.volume_id.clone(), staging, target));
+    }
+    for (i, (id, staging, target)) in mounted.iter().enumerate() {
+        let found = std::fs::read(target.join("whose")).expect("read back");
+        assert_eq!(String::from_utf8_lossy(&found), names[i], "volume {id} holds another volume's data");
+        assert_eq!(
+            std::fs::read_dir(target).expect("list the volume").filter_map(|e| e.ok()).filter(|e| e.file_name() == "whose").count(),
+            1
+        );
+        d.unpublish(id, target).await;
+        d.unstage(id, staging).await;
+        d.delete(id).await;
+    }
+}
+
+#[tokio::test]
+async fn a_create_retry_with_other_pool_parameters_or_filesystem_is_already_exists() {
+    let d = Driver::start().await;
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    // A parameter of the pool under test that shapes the volume, with two values.
+    let parameter = match d.pool.kind.as_str() {
+        "file" => Some(("provisioning", "thin", "thick")),
+        "zfs" => Some(("compression", "lz4", "off")),
+        "nfs" => Some(("mode", "0750", "0770")),
+        _ => None, // lvm takes no StorageClass parameters: only the filesystem is compared
+    };
+    if let Some((key, one, other)) = parameter {
+        let name = unique("params");
+        let with = |value: Option<&str>| {
+            let mut req = d.create_request(&name, d.fs_volume_size(), cap.clone());
+            if let Some(v) = value {
+                req.parameters.insert(key.to_owned(), v.to_owned());
+            }
+            req
+        };
+        let v = d.create_with(with(Some(one))).await;
+        assert_eq!(d.create_with(with(Some(one))).await.volume_id, v.volume_id, "the same request found another volume");
+        for (what, value) in [("another value", Some(other)), ("no value", None)] {
+            let status = expect_code(d.controller().create_volume(with(value)).await, Code::AlreadyExists, &format!("{key} with {what}"));
+            assert!(status.message().contains(key), "the answer does not name the parameter {key}: {}", status.message());
+        }
+        d.delete(&v.volume_id).await;
+    }
+    if d.pool.kind != "nfs" {
+        let name = unique("fstype");
+        let v = d.create(&name, d.fs_volume_size(), cap.clone()).await;
+        let other_fs = if d.fs_type == "ext4" { "xfs" } else { "ext4" };
+        let mut other = d.mount_cap(Mode::SingleNodeWriter);
+        if let Some(volume_capability::AccessType::Mount(m)) = other.access_type.as_mut() {
+            m.fs_type = other_fs.to_owned();
+        }
+        let req = d.create_request(&name, 320 * MIB, other);
+        let status = expect_code(d.controller().create_volume(req).await, Code::AlreadyExists, "the same name with another fs type");
+        assert!(status.message().contains("filesystem"), "the answer does not name the filesystem: {}", status.message());
+        d.delete(&v.volume_id).await;
+    }
+}

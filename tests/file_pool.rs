@@ -37,7 +37,7 @@ fn file_pool(name: &str, path: &Path, extra: &str) -> String {
 
 /// The image file of a file-pool volume.
 fn image_of(pool_dir: &Path, volume_id: &str) -> PathBuf {
-    let local = volume_id.rsplit(':').next().expect("volume id has fields");
+    let local = holdfast::volume_id::VolumeId::parse(volume_id).expect("a holdfast volume id").local;
     pool_dir.join("volumes").join(format!("{local}.img"))
 }
 

@@ -203,6 +203,9 @@ fn request(csi_name: &str, capacity: u64, fs: Option<&str>) -> CreateRequest {
         fs_type: fs.map(str::to_owned),
         source: None,
         parameters: Default::default(),
+        limit: 0,
+        uid: holdfast::volume_id::new_uid(),
+        source_uid: None,
     }
 }
 
@@ -255,7 +258,7 @@ async fn thick_volume_lifecycle() {
     assert!(fs_size(&mnt) > before + 20 * MIB, "ext4 grew from {before} to {}", fs_size(&mnt));
 
     assert!(matches!(pool.delete_volume(&req.local).await, Err(Error::FailedPrecondition(_))), "a mounted LV is not removed");
-    let snap = pool.create_snapshot(&req.local, "snap", "snap").await.unwrap_err();
+    let snap = pool.create_snapshot(&req.local, "snap", "snap", &holdfast::volume_id::new_uid()).await.unwrap_err();
     assert!(matches!(&snap, Error::FailedPrecondition(m) if m.contains("snapshots need a thin pool")), "{snap:?}");
     let copy = CreateRequest { source: Some(Source::Volume(req.local.clone())), ..request("copy", 40 * MIB, Some("ext4")) };
     assert!(matches!(pool.create_volume(&copy).await, Err(Error::InvalidArgument(_))));
@@ -351,7 +354,7 @@ async fn copied_tags_do_not_make_a_second_volume() {
     lab.thin_pool(128).await;
     let pool = lab.thin("p", 1.0);
     let real = pool.create_volume(&request("the-real-one", 16 * MIB, Some("ext4"))).await.unwrap();
-    let snap = pool.create_snapshot(&real.local, "real-snap", "real-snap").await.unwrap();
+    let snap = pool.create_snapshot(&real.local, "real-snap", "real-snap", &holdfast::volume_id::new_uid()).await.unwrap();
     let lvs = lab.lvs().await;
     let tags_of = |name: String| lvs.iter().find(|l| l.name == name).unwrap_or_else(|| panic!("no LV {name}")).tags.clone();
     // LVs made by hand, each given every tag of a real volume or snapshot.
@@ -401,9 +404,13 @@ async fn snapshot_restore_and_clone(fs: &str) {
     write_durably(&src_mnt.join("before"), &before);
 
     // Snapshot of the mounted, written filesystem (crash-consistent, as CSI takes them).
-    let snap = pool.create_snapshot(&src.local, &format!("{fs}-snap"), "snap1").await.unwrap();
+    let snap = pool.create_snapshot(&src.local, &format!("{fs}-snap"), "snap1", &holdfast::volume_id::new_uid()).await.unwrap();
     assert_eq!((snap.source_volume.as_str(), snap.size, snap.ready), (src.local.as_str(), size, true));
-    assert_eq!(pool.create_snapshot(&src.local, &format!("{fs}-snap"), "snap1").await.unwrap(), snap, "retry");
+    assert_eq!(
+        pool.create_snapshot(&src.local, &format!("{fs}-snap"), "snap1", &holdfast::volume_id::new_uid()).await.unwrap(),
+        snap,
+        "retry"
+    );
     assert_eq!(pool.list_snapshots().await.unwrap(), vec![snap.clone()]);
     write_durably(&src_mnt.join("after"), b"written after the snapshot\n");
 
@@ -456,7 +463,7 @@ async fn deleting_a_volume_keeps_its_snapshots_usable() {
     let data = b"outlives its volume\n".repeat(5000);
     write_durably(&mnt.join("data"), &data);
     lab.umount(&mnt).await;
-    let snap = pool.create_snapshot(&src.local, "orphan-snap", "orphan-snap").await.unwrap();
+    let snap = pool.create_snapshot(&src.local, "orphan-snap", "orphan-snap", &holdfast::volume_id::new_uid()).await.unwrap();
 
     pool.delete_volume(&src.local).await.unwrap();
     assert_eq!(pool.get_volume(&src.local).await.unwrap(), None);

@@ -196,6 +196,9 @@ fn request(csi_name: &str, capacity: u64, fs: Option<&str>) -> CreateRequest {
         fs_type: fs.map(str::to_owned),
         source: None,
         parameters: Default::default(),
+        limit: 0,
+        uid: holdfast::volume_id::new_uid(),
+        source_uid: None,
     }
 }
 
@@ -360,11 +363,14 @@ async fn dataset_snapshot_restore_and_clone() {
     let before = noise(3 * MIB as usize, 7);
     write_durably(&src_mnt.join("before"), &before);
 
-    let snap = pool.create_snapshot(&src.local, "ds-snap", "ds-snap").await.unwrap();
+    let snap = pool.create_snapshot(&src.local, "ds-snap", "ds-snap", &holdfast::volume_id::new_uid()).await.unwrap();
     assert_eq!((snap.source_volume.as_str(), snap.size, snap.ready), (src.local.as_str(), 64 * MIB, true));
-    assert_eq!(pool.create_snapshot(&src.local, "ds-snap", "ds-snap").await.unwrap(), snap, "retry");
+    assert_eq!(pool.create_snapshot(&src.local, "ds-snap", "ds-snap", &holdfast::volume_id::new_uid()).await.unwrap(), snap, "retry");
     assert_eq!(pool.list_snapshots().await.unwrap(), vec![snap.clone()]);
-    assert!(matches!(pool.create_snapshot("other", "ds-snap", "ds-snap").await, Err(Error::AlreadyExists(_))));
+    assert!(matches!(
+        pool.create_snapshot("other", "ds-snap", "ds-snap", &holdfast::volume_id::new_uid()).await,
+        Err(Error::AlreadyExists(_))
+    ));
     write_durably(&src_mnt.join("after"), b"written after the snapshot\n");
 
     // Restore into a larger volume; a zvol request from a dataset snapshot is refused.
@@ -416,7 +422,7 @@ async fn zvol_copies_mount_beside_their_source(fs: &str) {
     write_durably(&src_mnt.join("before"), &before);
 
     // Snapshot of the mounted filesystem (frozen while it is taken).
-    let snap = pool.create_snapshot(&src.local, &format!("{fs}-snap"), "snap1").await.unwrap();
+    let snap = pool.create_snapshot(&src.local, &format!("{fs}-snap"), "snap1", &holdfast::volume_id::new_uid()).await.unwrap();
     assert_eq!(snap.size, size);
     write_durably(&src_mnt.join("after"), b"written after the snapshot\n");
 
@@ -462,7 +468,7 @@ async fn deleting_what_others_depend_on_keeps_their_data() {
     let data = noise(MIB as usize, 3);
     write_durably(&a_mnt.join("data"), &data);
     lab.unstage(&a_mnt).await;
-    let snap = pool.create_snapshot(&a.local, "snap-of-a", "snap-of-a").await.unwrap();
+    let snap = pool.create_snapshot(&a.local, "snap-of-a", "snap-of-a", &holdfast::volume_id::new_uid()).await.unwrap();
 
     // A has a snapshot: deleting A hides it (the name is free again), the snapshot stays usable.
     pool.delete_volume(&a.local).await.unwrap();
@@ -556,7 +562,7 @@ async fn what_an_operator_made_under_a_volume_is_never_destroyed() {
     }
     // A snapshot taken by hand of a deleted volume that holdfast only hid keeps it too.
     let v = pool.create_volume(&request("foreign-hidden", 32 * MIB, Some("zfs"))).await.unwrap();
-    let s = pool.create_snapshot(&v.local, "snap-of-hidden", "snap-of-hidden").await.unwrap();
+    let s = pool.create_snapshot(&v.local, "snap-of-hidden", "snap-of-hidden", &holdfast::volume_id::new_uid()).await.unwrap();
     pool.delete_volume(&v.local).await.unwrap();
     let hidden = lab.objects().await.into_iter().find(|o| o.contains(HIDDEN) && !o.contains('@')).expect("hidden volume");
     run(&["zfs", "snapshot", &format!("{hidden}@by-hand")]).await;
@@ -570,7 +576,7 @@ async fn copied_holdfast_properties_do_not_make_a_second_volume() {
     let pool = lab.pool("");
     let real = pool.create_volume(&request("the-real-one", 32 * MIB, Some("zfs"))).await.unwrap();
     let zreal = pool.create_volume(&request("the-real-zvol", 16 * MIB, None)).await.unwrap();
-    let snap = pool.create_snapshot(&real.local, "real-snap", "real-snap").await.unwrap();
+    let snap = pool.create_snapshot(&real.local, "real-snap", "real-snap", &holdfast::volume_id::new_uid()).await.unwrap();
     // Every holdfast:* property set on an object, as `zfs get` shows them.
     let record = |name: String| async move {
         let out = run(&["zfs", "get", "-H", "-p", "-o", "property,value", "-s", "local", "all", &name]).await;

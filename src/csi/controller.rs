@@ -19,7 +19,7 @@ use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self, rpc};
 use crate::proto::volume_content_source::{self, SnapshotSource, VolumeSource};
 use crate::proto::*;
-use crate::volume_id::{PoolKind, VolumeId, local_name};
+use crate::volume_id::{Object, PoolKind, VolumeId, legacy_local_name, local_name, new_uid};
 
 /// Capacity of a volume whose request gives no capacity range.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
@@ -165,10 +165,12 @@ impl ControllerService {
     fn volume_message(&self, pool: &dyn Pool, v: &VolumeInfo) -> Volume {
         let source = v.source.as_ref().map(|s| {
             let t = match s {
-                Source::Snapshot(l) => {
-                    volume_content_source::Type::Snapshot(SnapshotSource { snapshot_id: self.d.id_for(pool, l).to_string() })
-                }
-                Source::Volume(l) => volume_content_source::Type::Volume(VolumeSource { volume_id: self.d.id_for(pool, l).to_string() }),
+                Source::Snapshot(l) => volume_content_source::Type::Snapshot(SnapshotSource {
+                    snapshot_id: self.d.object_id(pool, l, Object::Snapshot, v.source_uid.as_deref()).to_string(),
+                }),
+                Source::Volume(l) => volume_content_source::Type::Volume(VolumeSource {
+                    volume_id: self.d.object_id(pool, l, Object::Volume, v.source_uid.as_deref()).to_string(),
+                }),
             };
             VolumeContentSource { r#type: Some(t) }
         });
@@ -177,7 +179,7 @@ impl ControllerService {
             ctx.insert(CTX_FS_TYPE.to_owned(), fs.clone());
         }
         Volume {
-            volume_id: self.d.id_for(pool, &v.local).to_string(),
+            volume_id: self.d.volume_id(pool, v).to_string(),
             capacity_bytes: v.capacity as i64,
             volume_context: ctx,
             content_source: source,
@@ -194,29 +196,56 @@ impl ControllerService {
     fn snapshot_message(&self, pool: &dyn Pool, s: &SnapshotInfo) -> Snapshot {
         Snapshot {
             size_bytes: s.size as i64,
-            snapshot_id: self.d.id_for(pool, &s.local).to_string(),
-            source_volume_id: self.d.id_for(pool, &s.source_volume).to_string(),
+            snapshot_id: self.d.snapshot_id(pool, s).to_string(),
+            source_volume_id: self.d.object_id(pool, &s.source_volume, Object::Volume, s.source_uid.as_deref()).to_string(),
             creation_time: Some(timestamp(s.created)),
             ready_to_use: s.ready,
             group_snapshot_id: String::new(),
         }
     }
 
-    /// Resolves a volume id to its pool and volume; NOT_FOUND when either is missing.
+    /// Resolves a volume id to its pool and volume; NOT_FOUND when either is missing, when the
+    /// id is a snapshot's, or when the volume under that name is another one (another uid).
     async fn find_volume(&self, id: &str) -> Result<(Arc<dyn Pool>, VolumeInfo)> {
         let missing = || Error::NotFound(format!("volume {} does not exist", crate::error::bounded(id)));
-        let vid = VolumeId::parse(id).ok_or_else(missing)?;
+        let vid = VolumeId::parse(id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
         let pool = self.d.pool_of(&vid).ok_or_else(missing)?.clone();
-        let v = pool.get_volume(&vid.local).await?.ok_or_else(missing)?;
+        let v = pool.get_volume(&vid.local).await?.filter(|v| vid.names_volume(v.uid.as_deref())).ok_or_else(missing)?;
         Ok((pool, v))
     }
 
+    /// As [`Self::find_volume`], for snapshot ids.
     async fn find_snapshot(&self, id: &str) -> Result<(Arc<dyn Pool>, SnapshotInfo)> {
         let missing = || Error::NotFound(format!("snapshot {} does not exist", crate::error::bounded(id)));
-        let sid = VolumeId::parse(id).ok_or_else(missing)?;
+        let sid = VolumeId::parse(id).filter(VolumeId::may_name_snapshot).ok_or_else(missing)?;
         let pool = self.d.pool_of(&sid).ok_or_else(missing)?.clone();
-        let s = pool.get_snapshot(&sid.local).await?.ok_or_else(missing)?;
+        let s = pool.get_snapshot(&sid.local).await?.filter(|s| sid.names_snapshot(s.uid.as_deref())).ok_or_else(missing)?;
         Ok((pool, s))
+    }
+
+    /// The volume a retried create of `csi_name` may find in `pool`: under its local name, or
+    /// under the name earlier versions derived when it was made for this very CSI name.
+    async fn volume_named(&self, pool: &dyn Pool, csi_name: &str, local: &str) -> Result<Option<VolumeInfo>> {
+        if let Some(v) = pool.get_volume(local).await? {
+            return Ok(Some(v));
+        }
+        let legacy = legacy_local_name(csi_name);
+        if legacy == local {
+            return Ok(None);
+        }
+        Ok(pool.get_volume(&legacy).await?.filter(|v| v.csi_name == csi_name))
+    }
+
+    /// As [`Self::volume_named`], for snapshots.
+    async fn snapshot_named(&self, pool: &dyn Pool, csi_name: &str, local: &str) -> Result<Option<SnapshotInfo>> {
+        if let Some(s) = pool.get_snapshot(local).await? {
+            return Ok(Some(s));
+        }
+        let legacy = legacy_local_name(csi_name);
+        if legacy == local {
+            return Ok(None);
+        }
+        Ok(pool.get_snapshot(&legacy).await?.filter(|s| s.csi_name == csi_name))
     }
 
     /// CreateVolume, waiting for a copy the default time.
@@ -287,7 +316,7 @@ impl ControllerService {
                 require("volume_content_source.snapshot.snapshot_id", &s.snapshot_id)?;
                 let (p, snap) = self.find_snapshot(&s.snapshot_id).await?;
                 pools.retain(|c| c.name() == p.name());
-                (Some(Source::Snapshot(snap.local)), snap.size)
+                (Some((Source::Snapshot(snap.local), snap.uid)), snap.size)
             }
             Some(volume_content_source::Type::Volume(v)) => {
                 require("volume_content_source.volume.volume_id", &v.volume_id)?;
@@ -296,10 +325,12 @@ impl ControllerService {
                     return Err(Error::InvalidArgument(format!("source volume {} is not of the requested access type", v.volume_id)));
                 }
                 pools.retain(|c| c.name() == p.name());
-                (Some(Source::Volume(vol.local)), vol.capacity)
+                (Some((Source::Volume(vol.local), vol.uid)), vol.capacity)
             }
             None => (None, 0),
         };
+        let (source, source_uid) = source.unzip();
+        let source_uid = source_uid.flatten();
         if capacity < min_size {
             let required = req.capacity_range.map(|r| r.required_bytes).unwrap_or(0);
             if required > 0 {
@@ -313,7 +344,7 @@ impl ControllerService {
         // once the candidates are known.
         let mut unasked: Vec<(String, Error)> = Vec::new();
         for pool in self.d.pools.values() {
-            let v = match pool.get_volume(&local).await {
+            let v = match self.volume_named(pool.as_ref(), &req.name, &local).await {
                 Ok(Some(v)) => v,
                 Ok(None) => {
                     self.answered(pool.as_ref());
@@ -335,20 +366,21 @@ impl ControllerService {
             }
             let limit = req.capacity_range.map(|r| r.limit_bytes as u64).unwrap_or(0);
             let want_fs = if block { None } else { Some(fs_req.clone().unwrap_or_else(|| pool.default_fs().to_owned())) };
-            let mut differences = Vec::new();
-            if v.capacity < capacity || (limit != 0 && v.capacity > limit) {
-                differences.push(format!("its capacity is {} bytes", v.capacity));
-            }
-            if v.block != block {
-                differences.push(format!("it is a {} volume", if v.block { "raw block" } else { "filesystem" }));
-            }
-            // A volume whose record names no filesystem (made before it was recorded) cannot be compared.
-            if !block && v.fs_type.is_some() && v.fs_type != want_fs {
-                differences.push(format!("its filesystem is {}", v.fs_type.as_deref().unwrap_or("none")));
-            }
-            if v.source != source {
-                differences.push(format!("its content source is {:?}", v.source));
-            }
+            // What this request would ask of that pool; any existing size from `capacity` up to
+            // the limit answers it (the pool may have rounded up, or it was expanded since).
+            let asked = CreateRequest {
+                csi_name: req.name.clone(),
+                local: v.local.clone(),
+                capacity,
+                block,
+                fs_type: want_fs,
+                source: source.clone(),
+                parameters: accepted_parameters(pool.as_ref(), &req.parameters),
+                limit: if limit == 0 { u64::MAX } else { limit },
+                uid: String::new(),
+                source_uid: source_uid.clone(),
+            };
+            let mut differences = v.conflicts_with(&asked);
             // The pool/kind parameters, the access modes and the filesystem select the pools a
             // volume may live in: one found elsewhere was made for another request.
             if !pools.iter().any(|p| p.name() == pool.name()) {
@@ -446,9 +478,18 @@ impl ControllerService {
                 crate::config::format_size(unit)
             )));
         }
-        let params: BTreeMap<String, String> =
-            req.parameters.iter().filter(|(k, _)| pool.accepts_parameter(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let creq = CreateRequest { csi_name: req.name.clone(), local: local.clone(), capacity, block, fs_type, source, parameters: params };
+        let creq = CreateRequest {
+            csi_name: req.name.clone(),
+            local: local.clone(),
+            capacity,
+            block,
+            fs_type,
+            source,
+            parameters: accepted_parameters(pool.as_ref(), &req.parameters),
+            limit,
+            uid: new_uid(),
+            source_uid,
+        };
         if creq.source.is_none() {
             let v = pool.create_volume(&creq).await?;
             drop(guard);
@@ -466,7 +507,8 @@ impl ControllerService {
     async fn delete(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
         require("volume_id", &req.volume_id)?;
         // An id we could never have issued names nothing: deleting nothing succeeds (spec).
-        let Some(vid) = VolumeId::parse(&req.volume_id) else { return Ok(DeleteVolumeResponse {}) };
+        // A snapshot id names no volume: nothing to delete.
+        let Some(vid) = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume) else { return Ok(DeleteVolumeResponse {}) };
         let Some(pool) = self.d.pool_of(&vid).cloned() else {
             if vid.node.as_deref().is_some_and(|n| n != self.d.node_id) && self.d.pools.contains_key(&vid.pool) {
                 return Err(Error::Unavailable(format!(
@@ -479,6 +521,10 @@ impl ControllerService {
             return Ok(DeleteVolumeResponse {});
         };
         let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Volume, &vid.local))?;
+        // The volume under that name may be another one (deleted and created again): left alone.
+        if pool.get_volume(&vid.local).await?.is_some_and(|v| !vid.names_volume(v.uid.as_deref())) {
+            return Ok(DeleteVolumeResponse {});
+        }
         pool.delete_volume(&vid.local).await?;
         Ok(DeleteVolumeResponse {})
     }
@@ -656,7 +702,7 @@ impl ControllerService {
         let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Snapshot, &req.name).into_iter().chain([source_key]))?;
         let (pool, v) = self.find_volume(&req.source_volume_id).await?;
         for p in self.d.pools.values() {
-            let found = match p.get_snapshot(&local).await {
+            let found = match self.snapshot_named(p.as_ref(), &req.name, &local).await {
                 Ok(found) => found,
                 // The snapshot is taken in the source's pool, so only that one must answer.
                 Err(e) if p.name() != pool.name() => {
@@ -666,20 +712,26 @@ impl ControllerService {
                 Err(e) => return Err(e),
             };
             if let Some(s) = found {
-                if s.csi_name != req.name || p.name() != pool.name() || s.source_volume != v.local {
+                // Its source must be this very volume, not an earlier one of the same name.
+                if s.csi_name != req.name || p.name() != pool.name() || s.source_volume != v.local || s.source_uid != v.uid {
                     return Err(Error::AlreadyExists(format!(
                         "snapshot {:?} already exists with source {}, not {}",
                         req.name,
-                        self.d.id_for(p.as_ref(), &s.source_volume),
-                        req.source_volume_id
+                        self.d.object_id(p.as_ref(), &s.source_volume, Object::Volume, s.source_uid.as_deref()),
+                        crate::error::bounded(&req.source_volume_id)
                     )));
                 }
                 return Ok(CreateSnapshotResponse { snapshot: Some(self.snapshot_message(p.as_ref(), &s)) });
             }
         }
         // A snapshot may be a copy that outlasts this request's deadline: detached, holding the lock.
-        let work =
-            Work::Snapshot { pool: pool.name().to_owned(), source: v.local.clone(), csi_name: req.name.clone(), local: local.clone() };
+        let work = Work::Snapshot {
+            pool: pool.name().to_owned(),
+            source: v.local.clone(),
+            csi_name: req.name.clone(),
+            local: local.clone(),
+            uid: new_uid(),
+        };
         let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard)?;
         self.d.jobs.wait(&job, budget).await?;
         let missing = || Error::Internal(format!("the snapshot {local} vanished right after it was made"));
@@ -689,9 +741,16 @@ impl ControllerService {
 
     async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<DeleteSnapshotResponse> {
         require("snapshot_id", &req.snapshot_id)?;
-        let Some(sid) = VolumeId::parse(&req.snapshot_id) else { return Ok(DeleteSnapshotResponse {}) };
+        // A volume id names no snapshot: nothing to delete.
+        let Some(sid) = VolumeId::parse(&req.snapshot_id).filter(VolumeId::may_name_snapshot) else {
+            return Ok(DeleteSnapshotResponse {});
+        };
         let Some(pool) = self.d.pool_of(&sid).cloned() else { return Ok(DeleteSnapshotResponse {}) };
         let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Snapshot, &sid.local))?;
+        // The snapshot under that name may be another one (deleted and taken again): left alone.
+        if pool.get_snapshot(&sid.local).await?.is_some_and(|s| !sid.names_snapshot(s.uid.as_deref())) {
+            return Ok(DeleteSnapshotResponse {});
+        }
         pool.delete_snapshot(&sid.local).await?;
         Ok(DeleteSnapshotResponse {})
     }
@@ -733,6 +792,11 @@ impl ControllerService {
         let (pool, s) = self.find_snapshot(&req.snapshot_id).await?;
         Ok(GetSnapshotResponse { snapshot: Some(self.snapshot_message(pool.as_ref(), &s)) })
     }
+}
+
+/// The request parameters `pool` understands: what a create passes it, and compares on a retry.
+fn accepted_parameters(pool: &dyn Pool, parameters: &HashMap<String, String>) -> BTreeMap<String, String> {
+    parameters.iter().filter(|(k, _)| pool.accepts_parameter(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 fn rpc_cap(t: rpc::Type) -> ControllerServiceCapability {
@@ -1007,6 +1071,9 @@ mod tests {
                     fs_type: req.fs_type.clone(),
                     source: req.source.clone(),
                     created: 0,
+                    uid: Some(req.uid.clone()),
+                    source_uid: req.source_uid.clone(),
+                    parameters: Some(req.parameters.clone()),
                 };
                 self.volumes.lock().unwrap().insert(req.local.clone(), v.clone());
                 Ok(v)
@@ -1028,8 +1095,9 @@ mod tests {
                 self.check()?;
                 Ok(capacity)
             }
-            async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo> {
+            async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo> {
                 self.check()?;
+                let source_uid = self.volumes.lock().unwrap().get(source_local).and_then(|v| v.uid.clone());
                 let s = SnapshotInfo {
                     local: local.into(),
                     csi_name: csi_name.into(),
@@ -1037,6 +1105,8 @@ mod tests {
                     size: 1 << 20,
                     created: 0,
                     ready: true,
+                    uid: Some(uid.into()),
+                    source_uid,
                 };
                 self.snapshots.lock().unwrap().insert(local.into(), s.clone());
                 Ok(s)
@@ -1121,8 +1191,8 @@ mod tests {
         #[tokio::test]
         async fn list_volumes_answers_from_the_healthy_pools_and_shows_the_sick_ones_volumes_abnormal() {
             let (c, fast, slow) = controller();
-            c.create(create_req("on-slow", "", &[("pool", "slow")])).await.unwrap();
-            c.create(create_req("on-fast", "", &[("pool", "fast")])).await.unwrap();
+            let on_slow = c.create(create_req("on-slow", "", &[("pool", "slow")])).await.unwrap().volume.unwrap().volume_id;
+            let on_fast = c.create(create_req("on-fast", "", &[("pool", "fast")])).await.unwrap().volume.unwrap().volume_id;
             let all = c.list(ListVolumesRequest::default()).await.unwrap();
             assert_eq!(all.entries.len(), 2);
 
@@ -1134,9 +1204,9 @@ mod tests {
                 .map(|e| (e.volume.clone().unwrap().volume_id, e.status.clone().unwrap().volume_condition.unwrap()))
                 .collect();
             assert_eq!(by_id.len(), 2, "{by_id:?}");
-            let slow_cond = &by_id["file:n1:slow:on-slow"];
+            let slow_cond = &by_id[&on_slow];
             assert!(slow_cond.abnormal && slow_cond.message.contains("vg-slow is gone"), "{slow_cond:?}");
-            assert!(!by_id["file:n1:fast:on-fast"].abnormal, "{by_id:?}");
+            assert!(!by_id[&on_fast].abnormal, "{by_id:?}");
             assert_eq!(fast.names(), vec!["on-fast".to_owned()]);
 
             slow.recover();
@@ -1208,6 +1278,85 @@ mod tests {
                 let err = c.create(req).await.unwrap_err();
                 assert_eq!(code(err), tonic::Code::AlreadyExists, "{what}");
             }
+        }
+
+        /// A volume as earlier versions made it: the legacy local name, no uid, no parameters.
+        fn legacy_volume(csi_name: &str, local: &str) -> VolumeInfo {
+            VolumeInfo {
+                local: local.into(),
+                csi_name: csi_name.into(),
+                capacity: 8 * M,
+                block: false,
+                fs_type: Some("ext4".into()),
+                source: None,
+                created: 0,
+                uid: None,
+                source_uid: None,
+                parameters: None,
+            }
+        }
+
+        #[tokio::test]
+        async fn volumes_of_earlier_versions_are_found_by_their_name_and_keep_their_legacy_id() {
+            let (c, _fast, slow) = controller();
+            let name = "PVC Data";
+            let legacy = crate::volume_id::legacy_local_name(name);
+            slow.volumes.lock().unwrap().insert(legacy.clone(), legacy_volume(name, &legacy));
+            let v = c.create(create_req(name, "ext4", &[])).await.unwrap().volume.unwrap();
+            assert_eq!(v.volume_id, format!("file:n1:slow:{legacy}"), "the retry found the legacy volume");
+            assert_eq!(slow.volumes.lock().unwrap().len(), 1, "and made no second one");
+            let got = c.get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await.unwrap();
+            assert_eq!(got.volume.unwrap().volume_id, v.volume_id, "the legacy id names it");
+            // A current id with a uid never names a volume that has none.
+            let forged = format!("file:n1:slow:{legacy}:v0123456789ab");
+            let err = c.get_volume(ControllerGetVolumeRequest { volume_id: forged.clone() }).await.unwrap_err();
+            assert_eq!(code(err), tonic::Code::NotFound);
+            c.delete(DeleteVolumeRequest { volume_id: forged, ..Default::default() }).await.unwrap();
+            assert_eq!(slow.volumes.lock().unwrap().len(), 1, "a forged current id deleted the legacy volume");
+            c.delete(DeleteVolumeRequest { volume_id: v.volume_id, ..Default::default() }).await.unwrap();
+            assert!(slow.volumes.lock().unwrap().is_empty(), "the legacy id deletes it");
+        }
+
+        #[tokio::test]
+        async fn a_legacy_volume_of_another_name_neither_answers_nor_blocks_a_create() {
+            let (c, _fast, slow) = controller();
+            // The old derivation gave "team-data-<hash>" (a clean name) to itself and the same
+            // name to "Team/Data": a legacy volume of the first is not the second's.
+            let first = "Team/Data";
+            let legacy = crate::volume_id::legacy_local_name(first);
+            slow.volumes.lock().unwrap().insert(legacy.clone(), legacy_volume(&legacy, &legacy));
+            let v = c.create(create_req(first, "ext4", &[])).await.expect("a fresh name is never refused").volume.unwrap();
+            let id = VolumeId::parse(&v.volume_id).unwrap();
+            assert_eq!(id.local, crate::volume_id::local_name(first));
+            assert!(id.tag.is_some(), "a new volume gets a current id: {}", v.volume_id);
+            assert_eq!(slow.volumes.lock().unwrap()[&legacy].csi_name, legacy, "the legacy volume is untouched");
+            // The legacy volume's own retry still finds it.
+            let own = c.create(create_req(&legacy, "ext4", &[])).await.unwrap().volume.unwrap();
+            assert_eq!(own.volume_id, format!("file:n1:slow:{legacy}"));
+        }
+
+        #[tokio::test]
+        async fn snapshots_list_by_the_source_they_were_taken_of() {
+            let (c, _fast, _slow) = controller();
+            let first = c.create(create_req("src", "ext4", &[])).await.unwrap().volume.unwrap();
+            let snap = CreateSnapshotRequest { name: "snap".into(), source_volume_id: first.volume_id.clone(), ..Default::default() };
+            let s = c.snapshot(snap).await.unwrap().snapshot.unwrap();
+            assert_eq!(s.source_volume_id, first.volume_id);
+            c.delete(DeleteVolumeRequest { volume_id: first.volume_id.clone(), ..Default::default() }).await.unwrap();
+            let second = c.create(create_req("src", "ext4", &[])).await.unwrap().volume.unwrap();
+            assert_ne!(second.volume_id, first.volume_id);
+            let of = |id: &str| ListSnapshotsRequest { source_volume_id: id.into(), ..Default::default() };
+            assert!(c.list_snapshots(of(&second.volume_id)).await.unwrap().entries.is_empty());
+            assert_eq!(c.list_snapshots(of(&first.volume_id)).await.unwrap().entries.len(), 1);
+            // A restore's recorded source is that very snapshot (its id with its uid).
+            let restore = CreateVolumeRequest {
+                volume_content_source: Some(VolumeContentSource {
+                    r#type: Some(volume_content_source::Type::Snapshot(SnapshotSource { snapshot_id: s.snapshot_id.clone() })),
+                }),
+                ..create_req("restored", "ext4", &[])
+            };
+            let r = c.create(restore.clone()).await.unwrap().volume.unwrap();
+            assert_eq!(r.content_source, restore.volume_content_source);
         }
 
         #[tokio::test]

@@ -30,10 +30,18 @@ pub const KNOWN_FS: [&str; 5] = ["ext4", "xfs", "btrfs", "zfs", "nfs"];
 /// The local object an id names on this driver: its pool and its local name. `None` when the
 /// id names nothing here (not an id this driver issues, another node's, an unknown pool). The
 /// only place the CSI services turn an id into an object, so a change of the id format changes
-/// this function alone; `kind` is what the caller expects the id to name.
+/// this function alone; `kind` is what the caller expects the id to name: a volume id never
+/// names a snapshot, nor the reverse (legacy ids, without a kind, may name either). Whether the
+/// object there is the one the id names (its uid) is for the caller to check on the object.
 pub fn object_of(d: &Driver, kind: ObjectKind, id: &str) -> Option<(Arc<dyn Pool>, String)> {
-    let _ = kind; // Volume and snapshot ids share one format for now.
     let vid = crate::volume_id::VolumeId::parse(id)?;
+    let fits = match kind {
+        ObjectKind::Volume => vid.may_name_volume(),
+        ObjectKind::Snapshot => vid.may_name_snapshot(),
+    };
+    if !fits {
+        return None;
+    }
     let pool = d.pool_of(&vid)?;
     Some((pool.clone(), vid.local))
 }
@@ -52,7 +60,8 @@ pub fn lock_key(d: &Driver, kind: ObjectKind, id: &str) -> LockKey {
 /// find or make ([`crate::volume_id::local_name`]; any other name a retry looks under belongs
 /// here too), in every pool, since a retry must find the first attempt wherever it landed.
 pub fn name_keys(d: &Driver, kind: ObjectKind, csi_name: &str) -> Vec<LockKey> {
-    let locals = [crate::volume_id::local_name(csi_name)];
+    // And the earlier derivation's name, under which a retry also looks.
+    let locals = [crate::volume_id::local_name(csi_name), crate::volume_id::legacy_local_name(csi_name)];
     d.pools.keys().flat_map(|pool| locals.iter().map(move |local| LockKey::new(pool, kind, local))).collect()
 }
 

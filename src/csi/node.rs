@@ -39,7 +39,8 @@ impl NodeService {
 
     /// The pool and local name of an id this node serves; NOT_FOUND otherwise.
     fn resolve(&self, id: &str) -> Result<(Arc<dyn Pool>, String)> {
-        if VolumeId::parse(id).is_none() {
+        // Not an id, or a snapshot's: no volume.
+        if !VolumeId::parse(id).is_some_and(|v| v.may_name_volume()) {
             return Err(Error::NotFound(format!("volume {} does not exist", bounded(id))));
         }
         object_of(&self.d, ObjectKind::Volume, id).ok_or_else(|| {
@@ -51,9 +52,15 @@ impl NodeService {
         })
     }
 
+    /// The volume an id names: NOT_FOUND also when the object under its local name is another
+    /// one (deleted and created again: another uid), so an old PV never reaches a new volume.
     async fn existing(&self, id: &str) -> Result<(Arc<dyn Pool>, VolumeInfo)> {
         let (pool, local) = self.resolve(id)?;
-        let v = pool.get_volume(&local).await?.ok_or_else(|| Error::NotFound(format!("volume {} does not exist", bounded(id))))?;
+        let missing = || Error::NotFound(format!("volume {} does not exist", bounded(id)));
+        let v = pool.get_volume(&local).await?.ok_or_else(missing)?;
+        if !VolumeId::parse(id).is_some_and(|vid| vid.names_volume(v.uid.as_deref())) {
+            return Err(missing());
+        }
         Ok((pool, v))
     }
 
@@ -249,11 +256,14 @@ impl NodeService {
         }
         rec.remove_stage(staging.as_path());
         if rec.stages.is_empty() {
-            if let Ok((pool, local)) = self.resolve(&r.volume_id) {
-                match pool.detach(&local).await {
+            // Only the volume this id names is detached, never one created again under its name.
+            match self.existing(&r.volume_id).await {
+                Ok((pool, v)) => match pool.detach(&v.local).await {
                     Ok(()) | Err(Error::NotFound(_)) => {}
                     Err(e) => return Err(e),
-                }
+                },
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         self.d.records.save(&rec).await?;
@@ -667,6 +677,9 @@ mod tests {
                 fs_type: Some("xfs".into()),
                 source: None,
                 created: 0,
+                uid: None,
+                source_uid: None,
+                parameters: None,
             }))
         }
         async fn attach(&self, local: &str) -> Result<Attachment> {
@@ -693,7 +706,7 @@ mod tests {
         async fn expand_volume(&self, _: &str, _: u64) -> Result<u64> {
             Err(Error::Unimplemented("not in this fake".into()))
         }
-        async fn create_snapshot(&self, _: &str, _: &str, _: &str) -> Result<crate::pool::SnapshotInfo> {
+        async fn create_snapshot(&self, _: &str, _: &str, _: &str, _: &str) -> Result<crate::pool::SnapshotInfo> {
             Err(Error::Unimplemented("not in this fake".into()))
         }
         async fn delete_snapshot(&self, _: &str) -> Result<()> {

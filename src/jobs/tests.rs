@@ -18,6 +18,9 @@ fn work(local: &str) -> Work {
             fs_type: Some("ext4".into()),
             source: Some(crate::pool::Source::Volume("src".into())),
             parameters: Default::default(),
+            limit: 0,
+            uid: "u".into(),
+            source_uid: None,
         },
     }
 }
@@ -126,7 +129,7 @@ async fn a_killed_drivers_jobs_are_found_in_their_records_until_they_end() {
     let state = tempfile::tempdir().unwrap();
     let first = Jobs::new(state.path()).unwrap();
     first.start(work("k1"), None, None, (), std::future::pending()).unwrap();
-    let snap = Work::Snapshot { pool: "p1".into(), source: "k1".into(), csi_name: "s".into(), local: "s1".into() };
+    let snap = Work::Snapshot { pool: "p1".into(), source: "k1".into(), csi_name: "s".into(), local: "s1".into(), uid: "u1".into() };
     first.start(snap.clone(), None, None, (), std::future::pending()).unwrap();
     // A half-written record of a job that never started, and a damaged one.
     std::fs::write(state.path().join("copies/.volume-k9.json.tmp"), b"{").unwrap();

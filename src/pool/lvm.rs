@@ -374,6 +374,9 @@ impl LvmPool {
             fs_type: meta.fs_type,
             source: meta.source,
             created: meta.created,
+            uid: meta.uid,
+            source_uid: meta.source_uid,
+            parameters: meta.parameters,
         }
     }
 
@@ -389,6 +392,8 @@ impl LvmPool {
             size: if meta.size > 0 { meta.size } else { lv.size },
             created: meta.created,
             ready: true,
+            uid: meta.uid,
+            source_uid: meta.source_uid,
         }
     }
 
@@ -454,22 +459,15 @@ impl LvmPool {
                 )));
             }
         };
-        let same = meta.csi_name == req.csi_name
-            && meta.capacity == req.capacity
-            && meta.block == req.block
-            && meta.fs_type == req.fs_type
-            && meta.source == req.source;
-        if !same {
+        // The capacity the volume was requested with is compared (the LV is rounded to extents).
+        let recorded = VolumeInfo { capacity: meta.capacity, ..Self::volume_info(&lv, meta.clone()) };
+        let differences = recorded.conflicts_with(req);
+        if !differences.is_empty() {
             return Err(Error::AlreadyExists(format!(
-                "volume {:?} already exists in pool {:?} with capacity {}, {}, source {:?}; this request asks for {}, {}, source {:?}",
-                meta.csi_name,
+                "volume {:?} already exists in pool {:?} for another request: {}",
+                req.csi_name,
                 self.name,
-                format_size(meta.capacity),
-                if meta.block { "block".to_owned() } else { meta.fs_type.clone().unwrap_or_default() },
-                meta.source,
-                format_size(req.capacity),
-                if req.block { "block".to_owned() } else { req.fs_type.clone().unwrap_or_default() },
-                req.source
+                differences.join("; ")
             )));
         }
         if meta.pending {
@@ -561,6 +559,9 @@ impl LvmPool {
             size: 0,
             created: now(),
             pending,
+            uid: Some(req.uid.clone()),
+            source_uid: req.source_uid.clone(),
+            parameters: Some(req.parameters.clone()),
         }
     }
 
@@ -778,7 +779,7 @@ impl Pool for LvmPool {
         Ok(self.read_volume(&lv.name).await?.capacity)
     }
 
-    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo> {
+    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo> {
         if self.thin_pool.is_none() {
             // CreateSnapshot has no code of its own for this; the request is well-formed but
             // the pool is not set up for it, which is FAILED_PRECONDITION.
@@ -828,6 +829,9 @@ impl Pool for LvmPool {
             size: source.size,
             created: now(),
             pending: false,
+            uid: Some(uid.to_owned()),
+            source_uid: source_meta.uid.clone(),
+            parameters: None,
         };
         let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
         let cmd = command::lvcreate_snapshot(&self.vg, &source.name, &lv_name, &tags, false);

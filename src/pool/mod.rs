@@ -67,6 +67,15 @@ pub struct CreateRequest {
     pub source: Option<Source>,
     /// StorageClass / request parameters, for pool kinds that understand some.
     pub parameters: BTreeMap<String, String>,
+    /// The request's `limit_bytes` (0: none). An existing volume answers a retry when its
+    /// capacity lies in `capacity..=limit`, or is exactly `capacity` when there is no limit
+    /// (the pool never made it bigger than asked, so a bigger one was made by another request).
+    pub limit: u64,
+    /// A fresh uid ([`crate::volume_id::new_uid`]): recorded only if this request creates the
+    /// volume; an existing compatible volume answers with the uid it has.
+    pub uid: String,
+    /// The recorded uid of the source object, when there is a source and it has one.
+    pub source_uid: Option<String>,
 }
 
 /// A volume as the pool stores it (the pool is the source of truth).
@@ -86,6 +95,59 @@ pub struct VolumeInfo {
     pub source: Option<Source>,
     /// Creation time, seconds since the Unix epoch.
     pub created: i64,
+    /// The uid recorded at creation (`None`: made before uids existed); part of its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// The recorded uid of the source object when it was made, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_uid: Option<String>,
+    /// The pool parameters it was created with (`None`: not recorded, made before they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<BTreeMap<String, String>>,
+}
+
+impl VolumeInfo {
+    /// The one compatibility check of a create retry: what about this volume differs from what
+    /// `req` asks for, each said in a few words (empty: the volume answers the request). Every
+    /// pool's `create_volume` and the controller's look-up use it; a pool adds only what it
+    /// alone records (the file pool's default provisioning). What a record does not hold (an
+    /// old volume without a filesystem or parameters recorded) is not compared.
+    pub fn conflicts_with(&self, req: &CreateRequest) -> Vec<String> {
+        let mut d = Vec::new();
+        if self.csi_name != req.csi_name {
+            d.push(format!("it belongs to CSI name {}", crate::error::bounded(&self.csi_name)));
+        }
+        let fits = if req.limit == 0 { self.capacity == req.capacity } else { (req.capacity..=req.limit).contains(&self.capacity) };
+        if !fits {
+            d.push(format!("its capacity is {} bytes", self.capacity));
+        }
+        if self.block != req.block {
+            d.push(format!("it is a {} volume", if self.block { "raw block" } else { "filesystem" }));
+        }
+        if let (false, Some(have), Some(want)) = (req.block, &self.fs_type, &req.fs_type) {
+            if have != want {
+                d.push(format!("its filesystem is {have}"));
+            }
+        }
+        if self.source != req.source {
+            d.push(format!("its content source is {:?}", self.source));
+        } else if let (Some(have), Some(want)) = (&self.source_uid, &req.source_uid) {
+            if have != want {
+                d.push("its content source was another object of the same name (since deleted)".to_owned());
+            }
+        }
+        if let Some(have) = &self.parameters {
+            let keys: std::collections::BTreeSet<&String> = have.keys().chain(req.parameters.keys()).collect();
+            for k in keys {
+                match (have.get(k), req.parameters.get(k)) {
+                    (a, b) if a == b => {}
+                    (Some(a), _) => d.push(format!("its parameter {k} is {}", crate::error::bounded(a))),
+                    (None, _) => d.push(format!("it was made without parameter {k}")),
+                }
+            }
+        }
+        d
+    }
 }
 
 /// A snapshot as the pool stores it.
@@ -103,6 +165,13 @@ pub struct SnapshotInfo {
     pub created: i64,
     /// Whether it can be used as a source.
     pub ready: bool,
+    /// The uid recorded at creation (`None`: made before uids existed); part of its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// The recorded uid of the source volume when it was taken (`None`: unknown or legacy):
+    /// ListSnapshots by source id lists only snapshots of that very volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_uid: Option<String>,
 }
 
 /// How the node reaches a volume's data.
@@ -175,8 +244,9 @@ pub trait Pool: Send + Sync {
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>>;
     /// Grows a volume to at least `capacity` bytes; returns the new capacity. Never shrinks.
     async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64>;
-    /// Takes a snapshot of a volume (idempotent on `csi_name` + source).
-    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo>;
+    /// Takes a snapshot of a volume (idempotent on `csi_name` + source). `uid` is recorded only
+    /// if this call takes it (with the source volume's uid); an existing one keeps its own.
+    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo>;
     /// Deletes a snapshot; succeeds when it is already gone.
     async fn delete_snapshot(&self, local: &str) -> Result<()>;
     /// Looks up a snapshot.
@@ -198,5 +268,111 @@ pub trait Pool: Send + Sync {
     /// are the [`Freezer`](crate::node::freeze::Freezer)'s, not the pool's.
     async fn recover(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> CreateRequest {
+        CreateRequest {
+            csi_name: "pvc-1".into(),
+            local: "pvc-1-0123456789abcdef".into(),
+            capacity: 64 * MIB,
+            block: false,
+            fs_type: Some("ext4".into()),
+            source: Some(Source::Snapshot("s1".into())),
+            parameters: [("compression".to_owned(), "lz4".to_owned())].into(),
+            limit: 0,
+            uid: "0123456789ab".into(),
+            source_uid: Some("ba9876543210".into()),
+        }
+    }
+
+    fn made_by(r: &CreateRequest) -> VolumeInfo {
+        VolumeInfo {
+            local: r.local.clone(),
+            csi_name: r.csi_name.clone(),
+            capacity: r.capacity,
+            block: r.block,
+            fs_type: r.fs_type.clone(),
+            source: r.source.clone(),
+            created: 1,
+            uid: Some(r.uid.clone()),
+            source_uid: r.source_uid.clone(),
+            parameters: Some(r.parameters.clone()),
+        }
+    }
+
+    #[test]
+    fn a_retry_is_compared_with_everything_the_record_holds() {
+        struct Case {
+            name: &'static str,
+            req: CreateRequest,
+            want: &'static [&'static str],
+        }
+        let r = request();
+        let v = made_by(&r);
+        let cases = [
+            Case {
+                name: "the same request (another fresh uid)",
+                req: CreateRequest { uid: "ffffffffffff".into(), ..r.clone() },
+                want: &[],
+            },
+            Case { name: "other csi name", req: CreateRequest { csi_name: "pvc-2".into(), ..r.clone() }, want: &["CSI name"] },
+            Case { name: "smaller, no limit", req: CreateRequest { capacity: 32 * MIB, ..r.clone() }, want: &["capacity"] },
+            Case { name: "bigger", req: CreateRequest { capacity: 128 * MIB, limit: 256 * MIB, ..r.clone() }, want: &["capacity"] },
+            Case { name: "within the limit", req: CreateRequest { capacity: 32 * MIB, limit: 64 * MIB, ..r.clone() }, want: &[] },
+            Case { name: "above the limit", req: CreateRequest { capacity: 32 * MIB, limit: 48 * MIB, ..r.clone() }, want: &["capacity"] },
+            Case { name: "block", req: CreateRequest { block: true, fs_type: None, ..r.clone() }, want: &["filesystem volume"] },
+            Case { name: "fs type", req: CreateRequest { fs_type: Some("xfs".into()), ..r.clone() }, want: &["filesystem is ext4"] },
+            Case { name: "fs type left to the pool", req: CreateRequest { fs_type: None, ..r.clone() }, want: &[] },
+            Case { name: "no source", req: CreateRequest { source: None, source_uid: None, ..r.clone() }, want: &["content source"] },
+            Case {
+                name: "a source of the same name made again",
+                req: CreateRequest { source_uid: Some("000000000000".into()), ..r.clone() },
+                want: &["another object of the same name"],
+            },
+            Case {
+                name: "another parameter value",
+                req: CreateRequest { parameters: [("compression".to_owned(), "off".to_owned())].into(), ..r.clone() },
+                want: &["parameter compression is \"lz4\""],
+            },
+            Case {
+                name: "parameter left out",
+                req: CreateRequest { parameters: BTreeMap::new(), ..r.clone() },
+                want: &["parameter compression"],
+            },
+            Case {
+                name: "parameter added",
+                req: CreateRequest {
+                    parameters: [("compression".to_owned(), "lz4".to_owned()), ("atime".to_owned(), "off".to_owned())].into(),
+                    ..r.clone()
+                },
+                want: &["without parameter atime"],
+            },
+            Case {
+                name: "two differences",
+                req: CreateRequest { capacity: 128 * MIB, block: true, fs_type: None, ..r.clone() },
+                want: &["capacity", "filesystem volume"],
+            },
+        ];
+        for c in cases {
+            let got = v.conflicts_with(&c.req);
+            assert_eq!(got.len(), c.want.len(), "{}: {got:?}", c.name);
+            for (g, w) in got.iter().zip(c.want) {
+                assert!(g.contains(w), "{}: {g:?} does not say {w:?}", c.name);
+            }
+        }
+    }
+
+    #[test]
+    fn what_an_old_record_does_not_hold_is_not_compared() {
+        let r = request();
+        let old = VolumeInfo { parameters: None, fs_type: None, source_uid: None, uid: None, ..made_by(&r) };
+        let other = CreateRequest { parameters: BTreeMap::new(), fs_type: Some("xfs".into()), source_uid: None, ..r.clone() };
+        assert_eq!(old.conflicts_with(&other), Vec::<String>::new());
+        assert_eq!(old.conflicts_with(&r), Vec::<String>::new());
     }
 }

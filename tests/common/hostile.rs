@@ -280,7 +280,7 @@ pub fn ext4_cap(mode: Mode) -> VolumeCapability {
 
 /// The image of a `file` pool volume (`<pool path>/volumes/<local>.img`).
 pub fn file_image(pool_dir: &Path, volume_id: &str) -> PathBuf {
-    let local = volume_id.rsplit(':').next().expect("volume id has fields");
+    let local = holdfast::volume_id::VolumeId::parse(volume_id).expect("a holdfast volume id").local;
     pool_dir.join("volumes").join(format!("{local}.img"))
 }
 

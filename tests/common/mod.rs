@@ -423,6 +423,12 @@ impl Driver {
         self.remember(Leftover::Snapshot(snapshot_id.to_owned()));
     }
 
+    /// Deletes volume `volume_id` at the end of the test if the test does not (for volumes a
+    /// test created by its own CreateVolume calls).
+    pub fn remember_volume(&self, volume_id: &str) {
+        self.remember(Leftover::Volume(volume_id.to_owned()));
+    }
+
     /// Deletes a snapshot, failing the test on any error.
     pub async fn delete_snapshot(&self, snapshot_id: &str) {
         let req = DeleteSnapshotRequest { snapshot_id: snapshot_id.to_owned(), ..Default::default() };

@@ -28,9 +28,10 @@ for i in $(seq "$rounds"); do
   t0=$(ms); ctl info; t1=$(ms)
   echo $(((t1 - t0) / 1000000)) >>"$w/ctl"
   t0=$(ms)
-  ctl create "v$i" --size 1GiB
-  ctl stage "lvm:vm:t:v$i" --staging-path "$w/s$i"
-  ctl publish "lvm:vm:t:v$i" --staging-path "$w/s$i" --target-path "$w/p$i"
+  # The id carries the volume's uid: taken from the answer, never built by hand.
+  id=$($hf ctl --endpoint "unix://$w/csi.sock" create "v$i" --size 1GiB | awk '$1 == "volume" { print $2 }')
+  ctl stage "$id" --staging-path "$w/s$i"
+  ctl publish "$id" --staging-path "$w/s$i" --target-path "$w/p$i"
   t1=$(ms)
   echo $(((t1 - t0) / 1000000)) >>"$w/hf"
   t0=$(ms)

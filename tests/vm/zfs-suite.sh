@@ -119,10 +119,11 @@ timing() {
   local hf=() hand=()
   for i in $(seq "$rounds"); do
     mkdir -p "$dir/s$i" "$dir/t$i" "$dir/hs$i" "$dir/ht$i"
-    id="zfs:timing:zfs-ds:timing-$i"
     t0=$(now)
-    "${ctl[@]}" create "timing-$i" --size 64MiB --fs zfs --param pool=zfs-ds >/dev/null
+    # The id carries the volume's uid: taken from the answer, never built by hand.
+    id=$("${ctl[@]}" create "timing-$i" --size 64MiB --fs zfs --param pool=zfs-ds | awk '$1 == "volume" { print $2 }')
     t1=$(now)
+    [ -n "$id" ] || { echo "timing: ctl create printed no volume id"; return 1; }
     "${ctl[@]}" stage "$id" --staging-path "$dir/s$i" >/dev/null
     t2=$(now)
     "${ctl[@]}" publish "$id" --staging-path "$dir/s$i" --target-path "$dir/t$i" >/dev/null

@@ -725,32 +725,23 @@ impl Pool for FilePool {
         let provisioning = self.provisioning_of(req)?;
         let f = self.files(Kind::Volume, &req.local)?;
         if let Some(r) = self.read_volume(&f, &req.local).await? {
-            let v = &r.info;
-            // A copy records what it really copied, which may be more than was asked.
-            let capacity_fits = v.capacity == req.capacity || (v.source.is_some() && v.capacity > req.capacity);
-            if v.csi_name == req.csi_name
-                && capacity_fits
-                && v.block == req.block
-                && v.source == req.source
-                && r.provisioning == provisioning
-            {
+            // A copy records what it really copied, which may be more than was asked: without a
+            // limit, a larger copy answers its own request.
+            let larger_copy = r.info.source.is_some() && req.limit == 0 && r.info.capacity > req.capacity;
+            let asked = CreateRequest { capacity: if larger_copy { r.info.capacity } else { req.capacity }, ..req.clone() };
+            let mut differences = r.info.conflicts_with(&asked);
+            // The provisioning default comes from the pool's config, so it is compared here.
+            if r.provisioning != provisioning {
+                differences.push(format!("it is {} provisioned", r.provisioning.as_str()));
+            }
+            if differences.is_empty() {
                 return Ok(r.info);
             }
             return Err(Error::AlreadyExists(format!(
-                "volume {} in file pool {:?} already exists for another request (name {:?}, {}, {}, {}, source {:?}); \
-                 this request asks for name {:?}, {}, {}, {}, source {:?}",
+                "volume {} in file pool {:?} already exists for another request: {}",
                 req.local,
                 self.name,
-                v.csi_name,
-                format_size(v.capacity),
-                if v.block { "block" } else { "filesystem" },
-                r.provisioning.as_str(),
-                v.source,
-                req.csi_name,
-                format_size(req.capacity),
-                if req.block { "block" } else { "filesystem" },
-                provisioning.as_str(),
-                req.source,
+                differences.join("; ")
             )));
         }
         // First, so a copy restarted after a kill removes its temporaries even when it then
@@ -785,6 +776,9 @@ impl Pool for FilePool {
             fs_type: if req.block { None } else { Some(req.fs_type.clone().unwrap_or_else(|| self.default_fs.clone())) },
             source: req.source.clone(),
             created: now(),
+            uid: Some(req.uid.clone()),
+            source_uid: req.source_uid.clone(),
+            parameters: Some(req.parameters.clone()),
         };
         self.commit(&f, VolumeRecord { info: info.clone(), provisioning, shared }).await?;
         tracing::info!(pool = %self.name, local = %info.local, capacity = info.capacity, provisioning = provisioning.as_str(), "created volume");
@@ -850,7 +844,7 @@ impl Pool for FilePool {
         Ok(capacity)
     }
 
-    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo> {
+    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo> {
         let f = self.files(Kind::Snapshot, local)?;
         let src = self.files(Kind::Volume, source_local)?;
         if let Some(s) = self.read_snapshot(&f, local).await? {
@@ -904,6 +898,8 @@ impl Pool for FilePool {
             size,
             created: now(),
             ready: true,
+            uid: Some(uid.to_owned()),
+            source_uid: source.info.uid.clone(),
         };
         self.commit(&f, SnapshotRecord { info: info.clone(), shared }).await?;
         tracing::info!(pool = %self.name, local, source = source_local, size, shared, "created snapshot");

@@ -51,6 +51,9 @@ fn req(name: &str, capacity: u64, block: bool, source: Option<Source>) -> Create
         fs_type: None,
         source,
         parameters: BTreeMap::new(),
+        limit: 0,
+        uid: crate::volume_id::new_uid(),
+        source_uid: None,
     }
 }
 
@@ -153,7 +156,7 @@ async fn names_never_become_paths_outside_the_pool() {
         let err = p.create_volume(&req(bad, MIB, false, None)).await.unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}: {err}");
         assert!(matches!(p.delete_volume(bad).await, Err(Error::InvalidArgument(_))), "{bad:?}");
-        assert!(matches!(p.create_snapshot("v", "s", bad).await, Err(Error::InvalidArgument(_))), "{bad:?}");
+        assert!(matches!(p.create_snapshot("v", "s", bad, &crate::volume_id::new_uid()).await, Err(Error::InvalidArgument(_))), "{bad:?}");
     }
 }
 
@@ -223,7 +226,7 @@ async fn snapshot_freezes_a_mounted_source_around_the_copy() {
     let (fake, p) = mounted_source(dir.path());
     p.create_volume(&req("v1", MIB, false, None)).await.unwrap();
     fake.0.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[{"name":"/dev/loop3","back-file":"/x"}]}"#.into())]);
-    let s = p.create_snapshot("v1", "snap-1", "s1").await.unwrap();
+    let s = p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap();
     assert_eq!((s.size, s.source_volume.as_str(), s.ready), (MIB, "v1", true));
     let src = img(&dir.path().join("pool"), "volumes", "v1");
     assert_eq!(
@@ -237,7 +240,7 @@ async fn snapshot_freezes_a_mounted_source_around_the_copy() {
         ]
     );
     assert!(img(&dir.path().join("pool"), "snapshots", "s1").exists());
-    assert_eq!(p.create_snapshot("v1", "snap-1", "s1").await.unwrap(), s, "idempotent");
+    assert_eq!(p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap(), s, "idempotent");
 }
 
 #[tokio::test]
@@ -247,7 +250,7 @@ async fn a_failed_copy_still_thaws_and_leaves_nothing() {
     p.create_volume(&req("v1", MIB, false, None)).await.unwrap();
     fake.0.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[{"name":"/dev/loop3","back-file":"/x"}]}"#.into())]);
     fake.0.on("cp", vec![Reply::Fail(1, "cp: No space left on device".into())]);
-    let err = p.create_snapshot("v1", "snap-1", "s1").await.unwrap_err();
+    let err = p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap_err();
     assert!(err.to_string().contains("No space left on device"), "{err}");
     let lines = fake.0.lines();
     let programs: Vec<&str> = lines.iter().map(|l| l.split(' ').take(2).last().unwrap()).collect();
@@ -263,7 +266,7 @@ async fn a_failed_freeze_skips_the_copy_and_a_failed_thaw_is_the_error() {
     p.create_volume(&req("v1", MIB, false, None)).await.unwrap();
     fake.0.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[{"name":"/dev/loop3","back-file":"/x"}]}"#.into())]);
     fake.0.on("fsfreeze --freeze", vec![Reply::Fail(1, "fsfreeze: /mnt/vol: freeze failed: Operation not supported".into())]);
-    let err = p.create_snapshot("v1", "snap-1", "s1").await.unwrap_err();
+    let err = p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap_err();
     // The one freeze policy (issue 9): a mounted filesystem that cannot be frozen is
     // FAILED_PRECONDITION saying so (it was INTERNAL "freezing /mnt/vol" before).
     assert!(matches!(err, Error::FailedPrecondition(ref m) if m.contains("/mnt/vol cannot be frozen")), "{err}");
@@ -271,7 +274,7 @@ async fn a_failed_freeze_skips_the_copy_and_a_failed_thaw_is_the_error() {
 
     fake.0.on("fsfreeze --freeze", vec![Reply::Ok(String::new())]);
     fake.0.on("fsfreeze --unfreeze", vec![Reply::Fail(1, "fsfreeze: /mnt/vol: unfreeze failed".into())]);
-    let err = p.create_snapshot("v1", "snap-1", "s1").await.unwrap_err();
+    let err = p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap_err();
     assert!(err.to_string().contains("fsfreeze --unfreeze /mnt/vol"), "{err}");
     assert!(p.get_snapshot("s1").await.unwrap().is_none());
 }
@@ -465,13 +468,16 @@ async fn real_snapshot_and_restore_keep_content() {
     write_at(&v1, 0, b"first block");
     write_at(&v1, 5 * MIB, b"far away");
 
-    let s = p.create_snapshot("v1", "snap-1", "s1").await.unwrap();
+    let s = p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap();
     assert_eq!((s.size, s.csi_name.as_str()), (8 * MIB, "snap-1"));
-    assert_eq!(p.create_snapshot("v1", "snap-1", "s1").await.unwrap(), s, "idempotent");
+    assert_eq!(p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap(), s, "idempotent");
     assert_eq!(p.list_snapshots().await.unwrap(), vec![s.clone()]);
     p.create_volume(&req("v9", MIB, true, None)).await.unwrap();
-    assert!(matches!(p.create_snapshot("v9", "snap-1", "s1").await, Err(Error::AlreadyExists(_))), "other source");
-    assert!(matches!(p.create_snapshot("nope", "snap-2", "s2").await, Err(Error::NotFound(_))));
+    assert!(
+        matches!(p.create_snapshot("v9", "snap-1", "s1", &crate::volume_id::new_uid()).await, Err(Error::AlreadyExists(_))),
+        "other source"
+    );
+    assert!(matches!(p.create_snapshot("nope", "snap-2", "s2", &crate::volume_id::new_uid()).await, Err(Error::NotFound(_))));
     write_at(&v1, 0, b"CHANGED!!!!");
 
     let restore = |name: &str, capacity| req(name, capacity, true, Some(Source::Snapshot("s1".into())));
@@ -517,7 +523,7 @@ async fn real_snapshot_of_a_mounted_filesystem() {
     run(&["mount", &dev_s, &mnt_s]);
     fs::write(mnt.join("data"), b"written before the snapshot").unwrap();
 
-    p.create_snapshot("v1", "snap-1", "s1").await.unwrap();
+    p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap();
     // Thawed: the application can write again.
     fs::write(mnt.join("after"), b"x").unwrap();
     run(&["umount", &mnt_s]);
@@ -606,7 +612,7 @@ async fn real_btrfs_thick_images_are_nocow_and_reflink_snapshots_keep_their_size
     p.delete_volume("t1").await.unwrap();
 
     let before = p.capacity().await.unwrap();
-    p.create_snapshot("v1", "snap-1", "s1").await.unwrap();
+    p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap();
     assert!(nocow(&img(&root, "snapshots", "s1")), "a snapshot of a NOCOW image is NOCOW, so it can share its blocks");
     assert_eq!(p.promised().unwrap(), 32 * MIB, "the volume's next writes need its size again");
     let after = p.capacity().await.unwrap();

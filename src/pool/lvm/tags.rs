@@ -3,7 +3,8 @@
 //!
 //! LVM tags allow only `[A-Za-z0-9_+.-/=!:&#]` and at most 1024 characters, so the CSI name
 //! (any UTF-8, up to 128 bytes) is stored hex-encoded (at most 256 characters). Local names,
-//! numbers, filesystem names and pool names already use allowed characters only.
+//! numbers, filesystem names and pool names already use allowed characters only. Parameters
+//! (any text) are stored hex-encoded, one tag each, beside a tag counting them.
 
 use crate::pool::Source;
 
@@ -23,6 +24,10 @@ const FS: &str = "holdfast.fs=";
 const SOURCE: &str = "holdfast.source=";
 const SIZE: &str = "holdfast.size=";
 const CREATED: &str = "holdfast.created=";
+const UID: &str = "holdfast.uid=";
+const SOURCE_UID: &str = "holdfast.source-uid=";
+const PARAMS: &str = "holdfast.params=";
+const PARAM: &str = "holdfast.param=";
 
 /// Longest tag LVM accepts.
 pub const MAX_TAG_LEN: usize = 1024;
@@ -61,6 +66,13 @@ pub struct Meta {
     pub created: i64,
     /// A copy that is not finished yet ([`PENDING`]).
     pub pending: bool,
+    /// The uid recorded at creation (`None`: made before uids existed).
+    pub uid: Option<String>,
+    /// The recorded uid of the source (volumes: of their content source; snapshots: of the
+    /// volume they were taken of), when it had one.
+    pub source_uid: Option<String>,
+    /// Volumes: the pool parameters of the create request (`None`: not recorded).
+    pub parameters: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn tag_char_ok(c: char) -> bool {
@@ -103,6 +115,18 @@ pub fn encode(m: &Meta) -> Result<Vec<String>, String> {
     if m.pending {
         tags.push(PENDING.to_owned());
     }
+    if let Some(u) = &m.uid {
+        tags.push(format!("{UID}{u}"));
+    }
+    if let Some(u) = &m.source_uid {
+        tags.push(format!("{SOURCE_UID}{u}"));
+    }
+    if let Some(params) = &m.parameters {
+        tags.push(format!("{PARAMS}{}", params.len()));
+        for (k, v) in params {
+            tags.push(format!("{PARAM}{}={}", hex::encode(k), hex::encode(v)));
+        }
+    }
     if let Some(bad) = tags.iter().find(|t| !valid_tag(t)) {
         return Err(format!("cannot store {bad:?} as an LVM tag (allowed: A-Z a-z 0-9 _ + . - / = ! : & #, at most {MAX_TAG_LEN})"));
     }
@@ -138,6 +162,31 @@ pub fn decode(tags: &[String]) -> Result<Option<Meta>, String> {
             _ => return Err(format!("tag {SOURCE}{v} names no source")),
         }),
     };
+    let uid = |prefix: &str| -> Result<Option<String>, String> {
+        match get(prefix) {
+            Some(u) if crate::volume_id::valid_uid(u) => Ok(Some(u.to_owned())),
+            Some(u) => Err(format!("tag {prefix}{u} is not a uid")),
+            None => Ok(None),
+        }
+    };
+    let parameters = match get(PARAMS) {
+        None => None,
+        Some(n) => {
+            let mut params = std::collections::BTreeMap::new();
+            for t in tags.iter().filter_map(|t| t.strip_prefix(PARAM)) {
+                let text = |h: &str| hex::decode(h).ok().and_then(|b| String::from_utf8(b).ok());
+                let (k, v) = t
+                    .split_once('=')
+                    .and_then(|(k, v)| Some((text(k)?, text(v)?)))
+                    .ok_or_else(|| format!("tag {PARAM}{t} is not a hex-encoded key=value"))?;
+                params.insert(k, v);
+            }
+            if n.parse::<usize>().ok() != Some(params.len()) {
+                return Err(format!("tag {PARAMS}{n} does not count the {} parameter tags", params.len()));
+            }
+            Some(params)
+        }
+    };
     let unsigned = |prefix: &str| -> Result<u64, String> {
         Ok(number(prefix)?.map(|n| u64::try_from(n).map_err(|_| format!("tag {prefix}{n} is negative"))).transpose()?.unwrap_or(0))
     };
@@ -153,6 +202,9 @@ pub fn decode(tags: &[String]) -> Result<Option<Meta>, String> {
         size: unsigned(SIZE)?,
         created: number(CREATED)?.unwrap_or(0),
         pending: tags.iter().any(|t| t == PENDING),
+        uid: uid(UID)?,
+        source_uid: uid(SOURCE_UID)?,
+        parameters,
     }))
 }
 
@@ -173,6 +225,9 @@ mod tests {
             size: 0,
             created: 1_700_000_000,
             pending: false,
+            uid: Some("0123456789ab".into()),
+            source_uid: None,
+            parameters: Some(Default::default()),
         }
     }
 
@@ -193,7 +248,18 @@ mod tests {
             Case { name: "forbidden characters", meta: Meta { csi_name: hostile, ..volume() } },
             Case { name: "block", meta: Meta { block: true, fs_type: None, ..volume() } },
             Case { name: "restored", meta: Meta { source: Some(Source::Snapshot("s1".into())), pending: true, ..volume() } },
-            Case { name: "clone", meta: Meta { source: Some(Source::Volume("v-2".into())), ..volume() } },
+            Case {
+                name: "clone",
+                meta: Meta { source: Some(Source::Volume("v-2".into())), source_uid: Some("ba9876543210".into()), ..volume() },
+            },
+            Case { name: "legacy (no uid, no parameters)", meta: Meta { uid: None, parameters: None, ..volume() } },
+            Case {
+                name: "parameters",
+                meta: Meta {
+                    parameters: Some([("k".to_owned(), "v =,x".to_owned()), ("名".to_owned(), String::new())].into()),
+                    ..volume()
+                },
+            },
             Case {
                 name: "snapshot",
                 meta: Meta {
@@ -238,6 +304,9 @@ mod tests {
             Case { name: "bad number", drop: "holdfast.capacity=", add: "holdfast.capacity=lots", want: "not a number" },
             Case { name: "negative", drop: "holdfast.capacity=", add: "holdfast.capacity=-1", want: "negative" },
             Case { name: "bad source", drop: "", add: "holdfast.source=tape:1", want: "names no source" },
+            Case { name: "bad uid", drop: "holdfast.uid=", add: "holdfast.uid=../x", want: "not a uid" },
+            Case { name: "uncounted parameter", drop: "", add: "holdfast.param=6b=76", want: "does not count" },
+            Case { name: "bad parameter", drop: "", add: "holdfast.param=zz", want: "not a hex-encoded" },
         ];
         for c in cases {
             let mut tags: Vec<String> = good.iter().filter(|t| c.drop.is_empty() || !t.starts_with(c.drop)).cloned().collect();

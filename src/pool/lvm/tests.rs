@@ -79,6 +79,9 @@ fn vol_meta(local: &str, capacity: u64) -> Meta {
         size: 0,
         created: 1_700_000_000,
         pending: false,
+        uid: None,
+        source_uid: None,
+        parameters: None,
     }
 }
 
@@ -108,6 +111,9 @@ fn request(local: &str, capacity: u64) -> CreateRequest {
         fs_type: Some("ext4".into()),
         source: None,
         parameters: Default::default(),
+        limit: 0,
+        uid: "0123456789ab".into(),
+        source_uid: None,
     }
 }
 
@@ -142,7 +148,7 @@ fn changes(fake: &FakeExec) -> Vec<String> {
     lines(fake).into_iter().filter(|l| !l.starts_with("lvs ") && !l.starts_with("vgs ")).collect()
 }
 
-const V1_TAGS: &str = "--addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v1 --addtag holdfast.name=6373692d7631 --addtag holdfast.created=T --addtag holdfast.capacity=16777216 --addtag holdfast.fs=ext4";
+const V1_TAGS: &str = "--addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v1 --addtag holdfast.name=6373692d7631 --addtag holdfast.created=T --addtag holdfast.capacity=16777216 --addtag holdfast.fs=ext4 --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0";
 
 #[tokio::test]
 async fn creates_thick_thin_and_optioned_lvs_with_exact_argv() {
@@ -449,7 +455,7 @@ async fn delete_of_an_open_volume_fails_precondition() {
 #[tokio::test]
 async fn thick_pools_refuse_snapshots_and_copies_clearly() {
     let (p, fake) = pool("");
-    let err = p.create_snapshot("v1", "snap", "s1").await.unwrap_err();
+    let err = p.create_snapshot("v1", "snap", "s1", "0123456789ab").await.unwrap_err();
     assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("snapshots need a thin pool")), "{err:?}");
     on_lookup(&fake, "hf-v2", vec![missing()]);
     let req = CreateRequest { source: Some(Source::Snapshot("s1".into())), ..request("v2", 1 << 20) };
@@ -463,26 +469,26 @@ async fn snapshots_are_tagged_thin_snapshots_and_idempotent() {
     let snap = snap_row("s1", "v1", 16 << 20);
     on_lookup(&fake, "hfs-s1", vec![missing(), found(std::slice::from_ref(&snap))]);
     on_lookup(&fake, "hf-v1", vec![found(&[vol_row("v1", 16 << 20)])]);
-    let s = p.create_snapshot("v1", "csi-s1", "s1").await.unwrap();
+    let s = p.create_snapshot("v1", "csi-s1", "s1", "0123456789ab").await.unwrap();
     assert_eq!((s.source_volume.as_str(), s.size, s.ready), ("v1", 16 << 20, true));
     assert_eq!(
         changes(&fake),
         [
-            "lvcreate --yes --snapshot --name hfs-s1 --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=snapshot --addtag holdfast.local=s1 --addtag holdfast.name=6373692d7331 --addtag holdfast.created=T --addtag holdfast.size=16777216 --addtag holdfast.source=volume:v1 vg0/hf-v1"
+            "lvcreate --yes --snapshot --name hfs-s1 --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=snapshot --addtag holdfast.local=s1 --addtag holdfast.name=6373692d7331 --addtag holdfast.created=T --addtag holdfast.size=16777216 --addtag holdfast.source=volume:v1 --addtag holdfast.uid=0123456789ab vg0/hf-v1"
         ]
     );
     // Retried: found, same answer, no second LV; other source or name: ALREADY_EXISTS.
-    let again = p.create_snapshot("v1", "csi-s1", "s1").await.unwrap();
+    let again = p.create_snapshot("v1", "csi-s1", "s1", "0123456789ab").await.unwrap();
     assert_eq!(again, s);
-    assert!(matches!(p.create_snapshot("v2", "csi-s1", "s1").await, Err(Error::AlreadyExists(_))));
-    assert!(matches!(p.create_snapshot("v1", "other", "s1").await, Err(Error::AlreadyExists(_))));
+    assert!(matches!(p.create_snapshot("v2", "csi-s1", "s1", "0123456789ab").await, Err(Error::AlreadyExists(_))));
+    assert!(matches!(p.create_snapshot("v1", "other", "s1", "0123456789ab").await, Err(Error::AlreadyExists(_))));
     assert_eq!(changes(&fake).len(), 1);
 
     // A snapshot of a missing volume.
     let (p, fake) = pool("thin_pool = \"tp0\"\n");
     on_lookup(&fake, "hfs-s2", vec![missing()]);
     on_lookup(&fake, "hf-gone", vec![missing()]);
-    assert!(matches!(p.create_snapshot("gone", "csi-s2", "s2").await, Err(Error::NotFound(_))));
+    assert!(matches!(p.create_snapshot("gone", "csi-s2", "s2", "0123456789ab").await, Err(Error::NotFound(_))));
 }
 
 #[tokio::test]
@@ -503,7 +509,7 @@ async fn restore_is_a_writable_thin_snapshot_grown_and_given_a_new_uuid() {
     let v = p.create_volume(&req).await.unwrap();
     assert_eq!((v.capacity, v.source.clone()), (32 << 20, Some(Source::Snapshot("s1".into()))));
     let want = [
-        "lvcreate --yes --snapshot --name hf-v2 --setactivationskip n --activate y --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v2 --addtag holdfast.name=6373692d7632 --addtag holdfast.created=T --addtag holdfast.capacity=33554432 --addtag holdfast.fs=ext4 --addtag holdfast.source=snapshot:s1 --addtag holdfast.pending vg0/hfs-s1".to_owned(),
+        "lvcreate --yes --snapshot --name hf-v2 --setactivationskip n --activate y --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v2 --addtag holdfast.name=6373692d7632 --addtag holdfast.created=T --addtag holdfast.capacity=33554432 --addtag holdfast.fs=ext4 --addtag holdfast.source=snapshot:s1 --addtag holdfast.pending --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0 vg0/hfs-s1".to_owned(),
         "lvextend --yes --size 33554432b vg0/hf-v2".to_owned(),
         format!("blkid -p -o export {}", dev.display()),
         "lvchange --deltag holdfast.pending vg0/hf-v2".to_owned(),

@@ -626,23 +626,21 @@ impl Pool for NfsPool {
             fs_type: Some("nfs".into()),
             source: req.source.clone(),
             created: now(),
+            uid: Some(req.uid.clone()),
+            source_uid: req.source_uid.clone(),
+            parameters: Some(req.parameters.clone()),
         };
-        let same = |m: &VolumeMeta| m.info.csi_name == info.csi_name && m.info.capacity == info.capacity && m.info.source == info.source;
+        let same = |m: &VolumeMeta| m.info.conflicts_with(req).is_empty();
         if let Some(m) = self.read_volume(&layout, local).await? {
-            if same(&m) && !m.info.block {
+            let differences = m.info.conflicts_with(req);
+            if differences.is_empty() {
                 return Ok(m.info);
             }
             return Err(Error::AlreadyExists(format!(
-                "volume {local} in nfs pool {:?} already exists for another request (name {:?}, {}, source {:?}, directory {:?}); \
-                 this request asks for name {:?}, {}, source {:?}",
+                "volume {local} in nfs pool {:?} (directory {:?}) already exists for another request: {}",
                 self.name,
-                m.info.csi_name,
-                format_size(m.info.capacity),
-                m.info.source,
                 m.subdir,
-                req.csi_name,
-                format_size(req.capacity),
-                req.source
+                differences.join("; ")
             )));
         }
         let fill = self.fill_of(&layout, req).await?;
@@ -753,7 +751,7 @@ impl Pool for NfsPool {
         Ok(capacity)
     }
 
-    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo> {
+    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo> {
         check_local(local)?;
         check_local(source_local)?;
         let layout = self.ready().await?;
@@ -804,6 +802,8 @@ impl Pool for NfsPool {
             size: src.info.capacity,
             created: now(),
             ready: true,
+            uid: Some(uid.to_owned()),
+            source_uid: src.info.uid.clone(),
         };
         let l = layout.clone();
         let (info2, subdir) = (info.clone(), src.subdir.clone());

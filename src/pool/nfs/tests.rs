@@ -157,12 +157,15 @@ impl Rig {
     fn req(&self, csi_name: &str, params: &[(&str, &str)]) -> CreateRequest {
         CreateRequest {
             csi_name: csi_name.into(),
-            local: crate::volume_id::local_name(csi_name),
+            local: csi_name.into(), // clean names: the pool takes any valid local name
             capacity: 8 * MIB,
             block: false,
             fs_type: Some("nfs".into()),
             source: None,
             parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            limit: 0,
+            uid: crate::volume_id::new_uid(),
+            source_uid: None,
         }
     }
 }
@@ -521,6 +524,9 @@ async fn a_crash_between_rename_and_commit_is_finished_or_discarded_by_the_retry
             fs_type: Some("nfs".into()),
             source: None,
             created: 1,
+            uid: Some("0123456789ab".into()),
+            source_uid: None,
+            parameters: Some(req.parameters.clone()),
         },
         subdir: "team-a/db".into(),
     };
@@ -596,10 +602,13 @@ async fn snapshots_and_clones_keep_owners_modes_xattrs_and_holes() {
     std::fs::create_dir(dir.join("sub")).unwrap();
     std::os::unix::fs::symlink("f", dir.join("sub/link")).unwrap();
 
-    let snap = r.pool.create_snapshot(&src.local, "snap-1", "snap-1").await.unwrap();
+    let snap = r.pool.create_snapshot(&src.local, "snap-1", "snap-1", &crate::volume_id::new_uid()).await.unwrap();
     assert!(snap.ready && snap.size == src.capacity && snap.source_volume == src.local);
-    assert_eq!(r.pool.create_snapshot(&src.local, "snap-1", "snap-1").await.unwrap(), snap);
-    assert!(matches!(r.pool.create_snapshot("pvc-other", "snap-1", "snap-1").await, Err(Error::AlreadyExists(_))));
+    assert_eq!(r.pool.create_snapshot(&src.local, "snap-1", "snap-1", &crate::volume_id::new_uid()).await.unwrap(), snap);
+    assert!(matches!(
+        r.pool.create_snapshot("pvc-other", "snap-1", "snap-1", &crate::volume_id::new_uid()).await,
+        Err(Error::AlreadyExists(_))
+    ));
     assert!(r.meta_dir().join("snapshots/snap-1.tar").is_file());
     assert_eq!(r.pool.list_snapshots().await.unwrap(), std::slice::from_ref(&snap));
     std::fs::write(dir.join("after"), b"later").unwrap();
@@ -681,7 +690,7 @@ async fn a_volume_directory_replaced_by_a_symlink_is_never_followed() {
 
     // Swapped between the pool's check and the archive / copy: they still read the volume.
     r.exec.on("tar --create", vec![Do::Before(swap.clone())]);
-    let snap = r.pool.create_snapshot(&v.local, "snap-race", "snap-race").await.unwrap();
+    let snap = r.pool.create_snapshot(&v.local, "snap-race", "snap-race", &crate::volume_id::new_uid()).await.unwrap();
     unswap();
     let restore = CreateRequest { source: Some(Source::Snapshot(snap.local.clone())), ..r.req("pvc-restored", &[]) };
     r.pool.create_volume(&restore).await.unwrap();
@@ -697,7 +706,7 @@ async fn a_volume_directory_replaced_by_a_symlink_is_never_followed() {
     std::fs::rename(&dir, &moved).unwrap();
     std::os::unix::fs::symlink(&victim, &dir).unwrap();
     let refused = |what: &str, e: Error| assert!(matches!(e, Error::FailedPrecondition(_)), "{what}: {e}");
-    refused("snapshot", r.pool.create_snapshot(&v.local, "snap-link", "snap-link").await.unwrap_err());
+    refused("snapshot", r.pool.create_snapshot(&v.local, "snap-link", "snap-link", &crate::volume_id::new_uid()).await.unwrap_err());
     let clone = CreateRequest { source: Some(Source::Volume(v.local.clone())), ..r.req("pvc-cloned-2", &[]) };
     refused("clone", r.pool.create_volume(&clone).await.unwrap_err());
     refused("attach", r.pool.attach(&v.local).await.unwrap_err());

@@ -128,6 +128,9 @@ impl ZfsPool {
             source: None,
             size: 0,
             pending: false,
+            uid: None,
+            source_uid: None,
+            parameters: None,
         };
         let dataset = snapshot.split_once('@').map_or(snapshot, |(d, _)| d);
         match self

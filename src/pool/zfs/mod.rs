@@ -59,7 +59,7 @@ use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec, ExecError};
 use crate::node::freeze::{Freezer, Target};
 use crate::pool::{Attachment, Condition, CreateRequest, MIB, Pool, SnapshotInfo, Source, VolumeInfo};
-use crate::volume_id::{PoolKind, local_name, valid_local_name};
+use crate::volume_id::{PoolKind, legacy_local_name, valid_local_name};
 
 use copy::SnapshotError;
 use properties::AppliesTo;
@@ -341,6 +341,9 @@ impl ZfsPool {
             fs_type: meta.fs_type,
             source: meta.source,
             created: o.creation,
+            uid: meta.uid,
+            source_uid: meta.source_uid,
+            parameters: meta.parameters,
         }
     }
 
@@ -356,6 +359,8 @@ impl ZfsPool {
             size: if meta.size > 0 { meta.size } else { o.volsize },
             created: o.creation,
             ready: true,
+            uid: meta.uid,
+            source_uid: meta.source_uid,
         }
     }
 
@@ -408,6 +413,9 @@ impl ZfsPool {
             source: req.source.clone(),
             size: 0,
             pending,
+            uid: Some(req.uid.clone()),
+            source_uid: req.source_uid.clone(),
+            parameters: Some(req.parameters.clone()),
         }
     }
 
@@ -479,23 +487,19 @@ impl ZfsPool {
             }
         };
         let (_, fs_type) = Self::layout(req)?;
-        let same = meta.csi_name == req.csi_name
-            && meta.capacity == req.capacity
-            && meta.block == req.block
-            && meta.fs_type == fs_type
-            && meta.source == req.source;
-        if !same {
-            let what = |block: bool, fs: &Option<String>| if block { "block".to_owned() } else { fs.clone().unwrap_or_default() };
+        // The capacity the volume was requested with is compared (the object may be rounded),
+        // and the filesystem as this pool resolves the request's.
+        let recorded = VolumeInfo { capacity: meta.capacity, ..Self::volume_info(&o, meta.clone()) };
+        let mut differences = recorded.conflicts_with(&CreateRequest { fs_type: fs_type.clone(), ..req.clone() });
+        if !req.block && meta.fs_type.is_none() {
+            differences.push("its filesystem is not recorded".to_owned());
+        }
+        if !differences.is_empty() {
             return Err(Error::AlreadyExists(format!(
-                "volume {:?} already exists in pool {:?} with capacity {}, {}, source {:?}; this request asks for {}, {}, source {:?}",
-                meta.csi_name,
+                "volume {:?} already exists in pool {:?} for another request: {}",
+                req.csi_name,
                 self.name,
-                format_size(meta.capacity),
-                what(meta.block, &meta.fs_type),
-                meta.source,
-                format_size(req.capacity),
-                what(req.block, &fs_type),
-                req.source
+                differences.join("; ")
             )));
         }
         if meta.pending {
@@ -537,7 +541,7 @@ fn names_itself(o: &Object, meta: &Meta) -> bool {
     };
     let named = match (meta.local.as_str(), meta.object) {
         ("", ObjectType::Intermediate) => true,
-        ("", _) => local_name(&meta.csi_name) == own,
+        ("", _) => legacy_local_name(&meta.csi_name) == own,
         (l, _) => l == own,
     };
     let of_its_volume = match (&meta.object, &meta.source) {
@@ -710,7 +714,7 @@ impl Pool for ZfsPool {
         Ok(self.read_volume(&o.name).await?.capacity)
     }
 
-    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str) -> Result<SnapshotInfo> {
+    async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo> {
         if !valid_local_name(local) {
             return Err(Error::InvalidArgument(format!("{local:?} is not a valid local snapshot name")));
         }
@@ -745,6 +749,9 @@ impl Pool for ZfsPool {
             source: Some(Source::Volume(source_local.to_owned())),
             size: v.capacity(),
             pending: false,
+            uid: Some(uid.to_owned()),
+            source_uid: vmeta.uid.clone(),
+            parameters: None,
         };
         let name = format!("{}@{local}", v.name);
         match self.snapshot_frozen(&v.name, format!("snapshot {csi_name:?}"), command::snapshot(&name, &meta.properties())).await {

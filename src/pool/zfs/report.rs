@@ -38,8 +38,17 @@ pub const P_SIZE: &str = "holdfast:size";
 /// `1` while a copy (restore or clone of a zvol) is not finished: grown, new filesystem UUID.
 pub const P_PENDING: &str = "holdfast:pending";
 
+/// The uid recorded when the volume or snapshot was made (absent on objects made before uids).
+pub const P_UID: &str = "holdfast:uid";
+/// The recorded uid of the source: a volume's content source, or the volume a snapshot was
+/// taken of.
+pub const P_SOURCE_UID: &str = "holdfast:source-uid";
+/// A volume's pool parameters, as a JSON object ([`encode`]d): a retry is compared with them.
+pub const P_PARAMS: &str = "holdfast:params";
+
 /// The user properties holdfast reads, in the order it asks for them.
-pub const USER: [&str; 10] = [P_POOL, P_TYPE, P_LOCAL, P_NAME, P_CAPACITY, P_BLOCK, P_FS, P_SOURCE, P_SIZE, P_PENDING];
+pub const USER: [&str; 13] =
+    [P_POOL, P_TYPE, P_LOCAL, P_NAME, P_CAPACITY, P_BLOCK, P_FS, P_SOURCE, P_SIZE, P_PENDING, P_UID, P_SOURCE_UID, P_PARAMS];
 
 /// Every property of [`NATIVE`] and [`USER`], comma-separated, for `zfs get`.
 pub fn all_properties() -> String {
@@ -242,6 +251,12 @@ pub struct Meta {
     pub size: u64,
     /// A copy that is not finished.
     pub pending: bool,
+    /// The uid recorded at creation (`None`: made before uids existed).
+    pub uid: Option<String>,
+    /// The recorded uid of the source ([`P_SOURCE_UID`]), when it had one.
+    pub source_uid: Option<String>,
+    /// Volumes: the pool parameters of the create request (`None`: not recorded).
+    pub parameters: Option<BTreeMap<String, String>>,
 }
 
 impl Meta {
@@ -272,6 +287,15 @@ impl Meta {
         }
         if self.pending {
             p.push((P_PENDING.to_owned(), "1".to_owned()));
+        }
+        if let Some(u) = &self.uid {
+            p.push((P_UID.to_owned(), u.clone()));
+        }
+        if let Some(u) = &self.source_uid {
+            p.push((P_SOURCE_UID.to_owned(), u.clone()));
+        }
+        if let Some(params) = &self.parameters {
+            p.push((P_PARAMS.to_owned(), encode(&serde_json::to_string(params).unwrap_or_default())));
         }
         p
     }
@@ -314,6 +338,21 @@ pub fn decode_meta(o: &Object) -> Result<Option<Meta>, String> {
             _ => return Err(format!("{P_SOURCE} is not snapshot:NAME or volume:NAME: {v:?}")),
         }),
     };
+    let uid = |k: &str| -> Result<Option<String>, String> {
+        match get(k) {
+            Some(u) if crate::volume_id::valid_uid(u) => Ok(Some(u.to_owned())),
+            Some(u) => Err(format!("{k} is not a uid: {u:?}")),
+            None => Ok(None),
+        }
+    };
+    let parameters = match get(P_PARAMS) {
+        None => None,
+        Some(v) => Some(
+            decode(v)
+                .and_then(|j| serde_json::from_str::<BTreeMap<String, String>>(&j).ok())
+                .ok_or_else(|| format!("{P_PARAMS} is not an encoded JSON object of strings: {v:?}"))?,
+        ),
+    };
     Ok(Some(Meta {
         pool: pool.clone(),
         object,
@@ -325,6 +364,9 @@ pub fn decode_meta(o: &Object) -> Result<Option<Meta>, String> {
         source,
         size: number(P_SIZE)?,
         pending: get(P_PENDING) == Some("1"),
+        uid: uid(P_UID)?,
+        source_uid: uid(P_SOURCE_UID)?,
+        parameters,
     }))
 }
 

@@ -108,6 +108,9 @@ fn req(local: &str, capacity: u64, fs: Option<&str>) -> CreateRequest {
         fs_type: fs.map(str::to_owned),
         source: None,
         parameters: BTreeMap::new(),
+        limit: 0,
+        uid: "0123456789ab".into(),
+        source_uid: None,
     }
 }
 
@@ -329,7 +332,8 @@ async fn creates_a_dataset_with_exact_argv_and_reads_it_back() {
     assert_eq!(
         lines[1],
         "zfs create -o mountpoint=legacy -o refquota=33554432 -o compression=lz4 -o recordsize=16K -o holdfast:pool=p \
-         -o holdfast:type=volume -o holdfast:local=v1 -o holdfast:name=v1 -o holdfast:capacity=33554432 -o holdfast:fs=zfs tank/hf/v1"
+         -o holdfast:type=volume -o holdfast:local=v1 -o holdfast:name=v1 -o holdfast:capacity=33554432 -o holdfast:fs=zfs \
+         -o holdfast:uid=0123456789ab -o holdfast:params={\"recordsize\":\"16K\"} tank/hf/v1"
     );
 
     // The same request again finds it; another capacity is a conflict.
@@ -359,13 +363,13 @@ async fn creates_zvols_sparse_or_reserved() {
             extra: "",
             fs: None,
             want: "zfs create -V 16777216 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=z1 -o holdfast:name=z1 \
-                   -o holdfast:capacity=16777216 -o holdfast:block=1 tank/hf/z1",
+                   -o holdfast:capacity=16777216 -o holdfast:block=1 -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/z1",
         },
         Case {
             extra: "sparse = true\nproperties = { volblocksize = \"16K\", atime = \"off\" }",
             fs: Some("xfs"),
             want: "zfs create -s -V 16777216 -o volblocksize=16K -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=z1 -o holdfast:name=z1 \
-                   -o holdfast:capacity=16777216 -o holdfast:fs=xfs tank/hf/z1",
+                   -o holdfast:capacity=16777216 -o holdfast:fs=xfs -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/z1",
         },
     ];
     for c in cases {
@@ -459,7 +463,7 @@ async fn restores_and_clones_with_exact_argv() {
     assert_eq!(
         clone,
         "zfs clone -o mountpoint=legacy -o refquota=33554432 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=r1 -o holdfast:name=r1 \
-         -o holdfast:capacity=33554432 -o holdfast:fs=zfs -o holdfast:source=snapshot:s1 tank/hf/src@s1 tank/hf/r1"
+         -o holdfast:capacity=33554432 -o holdfast:fs=zfs -o holdfast:source=snapshot:s1 -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/src@s1 tank/hf/r1"
     );
     // Too small, or as a zvol: refused before anything is made.
     for (bad, fs) in [(8 * MIB, Some("zfs")), (32 * MIB, Some("ext4")), (32 * MIB, None)] {
@@ -488,7 +492,7 @@ async fn restores_and_clones_with_exact_argv() {
             "zfs snapshot -o holdfast:pool=p -o holdfast:type=intermediate -o holdfast:local=c1 tank/hf/src@clone.c1",
             "zfs clone -o refreservation=auto -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=c1 -o holdfast:name=c1 \
              -o holdfast:capacity=33554432 -o holdfast:block=1 -o holdfast:source=volume:src -o holdfast:pending=1 \
-             tank/hf/src@clone.c1 tank/hf/c1",
+             -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/src@clone.c1 tank/hf/c1",
             "zfs set volsize=33554432 tank/hf/c1",
             "zfs inherit holdfast:pending tank/hf/c1",
         ]
@@ -668,8 +672,8 @@ async fn snapshots_are_found_by_local_name_and_checked_on_retry() {
     assert_eq!(p.get_snapshot("s2").await.unwrap(), None, "a snapshot marked for destruction is gone");
     assert_eq!(p.get_snapshot("s3").await.unwrap(), None, "another pool's snapshot");
     assert_eq!(p.list_snapshots().await.unwrap(), vec![s.clone()]);
-    assert_eq!(p.create_snapshot("v1", "S1", "s1").await.unwrap(), s, "a retry returns it");
-    assert!(matches!(p.create_snapshot("v2", "S1", "s1").await, Err(Error::AlreadyExists(_))));
+    assert_eq!(p.create_snapshot("v1", "S1", "s1", "0123456789ab").await.unwrap(), s, "a retry returns it");
+    assert!(matches!(p.create_snapshot("v2", "S1", "s1", "0123456789ab").await, Err(Error::AlreadyExists(_))));
     assert!(fake.lines().iter().all(|l| l.starts_with("zfs get")), "{:?}", fake.lines());
 }
 
@@ -762,7 +766,7 @@ fn records_written_before_the_local_name_was_stored_are_held_to_the_derived_name
         report::parse_get(&text).unwrap().remove(0)
     };
     let (p, _) = pool("");
-    let derived = crate::volume_id::local_name("PVC Data");
+    let derived = crate::volume_id::legacy_local_name("PVC Data");
     assert!(p.live_volume(&legacy(&format!("tank/hf/{derived}"), "PVC Data")).unwrap().is_some());
     assert!(p.live_volume(&legacy("tank/hf/v1", "v1")).unwrap().is_some());
     assert!(p.live_volume(&legacy("tank/hf/other", "v1")).unwrap().is_none(), "a copy of a legacy record");
