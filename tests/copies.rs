@@ -251,3 +251,38 @@ async fn deleting_a_volume_while_it_is_being_copied_is_aborted() {
     cp.no_delay();
     assert_eq!(checksum_in(&d, &again, "clone").await, want, "the clone is whole");
 }
+
+#[tokio::test]
+async fn a_snapshot_slower_than_the_client_deadline_finishes_and_a_retry_gets_it() {
+    let (d, cp, source, want) = driver_with_source().await;
+    cp.delay(3);
+    let req = CreateSnapshotRequest { name: unique("slow-snap"), source_volume_id: source.volume_id.clone(), ..Default::default() };
+    let snapshot_within = |deadline: Duration| {
+        let (mut c, req) = (d.controller(), req.clone());
+        async move {
+            let mut r = tonic::Request::new(req);
+            r.set_timeout(deadline);
+            c.create_snapshot(r).await.map(|r| r.into_inner().snapshot.expect("CreateSnapshot answered no snapshot"))
+        }
+    };
+    let first = snapshot_within(Duration::from_secs(1)).await.unwrap_err();
+    assert!(matches!(first.code(), Code::Aborted | Code::DeadlineExceeded), "{:?} {}", first.code(), first.message());
+    cp.wait_started(1).await;
+    let retry = snapshot_within(Duration::from_millis(500)).await.unwrap_err();
+    assert_eq!(retry.code(), Code::Aborted, "{}", retry.message());
+    assert!(retry.message().contains("in progress"), "{}", retry.message());
+    let s = snapshot_within(Duration::from_secs(30)).await.expect("the retry gets the finished snapshot");
+    d.remember_snapshot(&s.snapshot_id);
+    assert!(s.ready_to_use);
+    assert_eq!(cp.started(), 1, "exactly one copy ran for three requests");
+    assert!(pool_temporaries(&d).is_empty(), "temporaries outlived the copy: {:?}", pool_temporaries(&d));
+
+    // Its content, as a user checks it: restored to a new volume.
+    cp.no_delay();
+    let mut restore = d.create_request(&unique("restored"), source.capacity_bytes, d.mount_cap(Mode::SingleNodeWriter));
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: s.snapshot_id.clone() })),
+    });
+    let v = create_within(&d, &restore, Duration::from_secs(30)).await.expect("restore");
+    assert_eq!(checksum_in(&d, &v, "restored").await, want, "the snapshot holds the source's data");
+}
