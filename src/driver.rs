@@ -121,12 +121,13 @@ impl Driver {
             }
         }
         // After the pools' repair, which removed the killed copies' temporaries.
-        self.restart_copies();
+        self.restart_copies().await;
     }
 
-    /// Runs again every copy a killed predecessor recorded and did not finish, as detached
-    /// jobs holding their locks, so a retry of the request finds them running.
-    fn restart_copies(&self) {
+    /// Runs again every volume copy a killed predecessor recorded and did not finish, as
+    /// detached jobs holding their locks, so a retry of the request finds them running; removes
+    /// what an unfinished snapshot copy left (its retry takes it again).
+    async fn restart_copies(&self) {
         let recorded = match self.jobs.recorded() {
             Ok(r) => r,
             Err(e) => {
@@ -139,6 +140,20 @@ impl Driver {
                 tracing::error!(job = %work.key(), pool = %work.pool(), "a recorded copy names a pool that is no longer configured; its request fails until retried elsewhere");
                 continue;
             };
+            if let Work::Snapshot { local, .. } = &work {
+                // Not taken again unasked (it would freeze and lock a volume in use): its
+                // half-made copy goes, and the retry of its request takes it afresh.
+                let discarded = pool.discard_unfinished(true, local).await.and_then(|_| self.jobs.discard_record(&work.key()));
+                match discarded {
+                    Ok(()) => {
+                        tracing::info!(job = %work.key(), "removed a snapshot copy left unfinished by a killed driver; its retry takes it again")
+                    }
+                    Err(e) => {
+                        tracing::error!(job = %work.key(), error = %e, "cannot remove a snapshot copy left unfinished by a killed driver")
+                    }
+                }
+                continue;
+            }
             let started =
                 self.locks.try_lock_all(self.copy_locks(&work)).and_then(|guard| self.start_copy(pool, work.clone(), None, guard));
             match started {

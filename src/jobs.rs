@@ -10,7 +10,9 @@
 //!
 //! Each job is recorded durably (`<state dir>/copies/<key>.json`, written atomically) before it
 //! starts and its record removed when it ends, so a driver killed mid-copy finds the record at
-//! start-up and runs the job again (the pool removes the half-made temporary first).
+//! start-up: a volume copy runs again at once (the pool removes the half-made temporary
+//! first); a snapshot's half-made copy is removed and the snapshot is taken again when its
+//! request is retried, since taking it unasked would freeze and lock a volume in use.
 //! The job holds the request's operation locks (moved into it) until it ends.
 
 use std::collections::HashMap;
@@ -293,6 +295,14 @@ impl Jobs {
             Some(Err(e)) => Err(e),
             // Another waiter took the error: the next retry starts afresh.
             _ => Err(Error::Aborted(format!("the copy of {} failed (reported to another request); retry", job.work.what()))),
+        }
+    }
+
+    /// Forgets the record of a job that is not run again (see [`crate::driver::Driver::recover`]).
+    pub fn discard_record(&self, key: &str) -> Result<()> {
+        match &self.dir {
+            Some(dir) => remove_record(dir, key),
+            None => Ok(()),
         }
     }
 

@@ -269,6 +269,12 @@ pub trait Pool: Send + Sync {
     async fn recover(&self) -> Result<()> {
         Ok(())
     }
+    /// Removes what an unfinished creation of `local` (a snapshot when `snapshot`) left: its
+    /// temporaries, never a finished object. Called at start-up for a copy a killed driver
+    /// recorded and that is not run again before its request is retried ([`crate::jobs`]).
+    async fn discard_unfinished(&self, _snapshot: bool, _local: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -906,6 +906,12 @@ impl Pool for FilePool {
         Ok(info)
     }
 
+    async fn discard_unfinished(&self, snapshot: bool, local: &str) -> Result<()> {
+        let kind = if snapshot { Kind::Snapshot } else { Kind::Volume };
+        let f = self.files(kind, local)?;
+        self.clean_leftovers(kind, &f).await
+    }
+
     async fn delete_snapshot(&self, local: &str) -> Result<()> {
         let f = self.files(Kind::Snapshot, local)?;
         let ff = f.clone();
