@@ -190,7 +190,7 @@ impl Driver {
         asked: Option<Box<dyn std::any::Any + Send + Sync>>,
         locks: L,
     ) -> Result<Arc<Job>> {
-        let w = work.clone();
+        let (w, progress_pool) = (work.clone(), pool.clone());
         let run = async move {
             match w {
                 Work::Volume { request, .. } => {
@@ -215,7 +215,18 @@ impl Driver {
                 }
             }
         };
-        self.jobs.start(work, asked, None, locks, run)
+        let (snapshot, local, source) = match &work {
+            Work::Volume { request, .. } => (false, request.local.clone(), request.source.clone()),
+            Work::Snapshot { local, source, .. } => (true, local.clone(), Some(Source::Volume(source.clone()))),
+        };
+        let progress = source.map(|source| -> crate::jobs::Progress {
+            let pool = progress_pool;
+            Arc::new(move || {
+                let (pool, local, source) = (pool.clone(), local.clone(), source.clone());
+                Box::pin(async move { pool.copy_progress(snapshot, &local, &source, std::time::Duration::from_millis(100)).await })
+            })
+        });
+        self.jobs.start(work, asked, progress, locks, run)
     }
 
     /// The pool a (parsed) id names, if it is one of ours. Ids of another node, an unknown pool

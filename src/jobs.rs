@@ -104,7 +104,10 @@ pub fn snapshot_key(local: &str) -> String {
 }
 
 /// How far a running copy is, when the pool can tell (`done` of `total` bytes).
-pub type Progress = Arc<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
+pub type Progress = Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Option<(u64, u64)>> + Send>> + Send + Sync>;
+
+/// The longest a progress report may delay an ABORTED answer.
+const PROGRESS_WAIT: Duration = Duration::from_millis(100);
 
 /// One job, running or ended with an error nobody has been told yet.
 pub struct Job {
@@ -142,10 +145,12 @@ impl Job {
 
     /// "copy of volume "v" in progress (40% of 1.0 GiB, running for 12 s since 1764600000), retry".
     fn in_progress(&self) -> Error {
-        let pct = self
-            .progress
-            .as_ref()
-            .and_then(|p| p())
+        self.in_progress_at(None)
+    }
+
+    /// [`Job::in_progress`] with what the pool said of its progress.
+    fn in_progress_at(&self, progress: Option<(u64, u64)>) -> Error {
+        let pct = progress
             .filter(|(_, total)| *total > 0)
             .map(|(done, total)| format!("{}% of {}, ", (done.min(total) * 100) / total, crate::config::format_size(total)))
             .unwrap_or_default();
@@ -275,8 +280,14 @@ impl Jobs {
     /// progress while it still runs.
     pub async fn wait(&self, job: &Arc<Job>, within: Duration) -> Result<()> {
         let mut done = job.done.clone();
-        if tokio::time::timeout(within, done.wait_for(|d| *d)).await.is_err() {
-            return Err(job.in_progress());
+        // A moment at the end of the wait is kept for asking the pool how far the copy is.
+        let ask = if job.progress.is_some() { (within / 10).min(PROGRESS_WAIT) } else { Duration::ZERO };
+        if tokio::time::timeout(within.saturating_sub(ask), done.wait_for(|d| *d)).await.is_err() {
+            let progress = match &job.progress {
+                Some(p) => tokio::time::timeout(ask, p()).await.ok().flatten(),
+                None => None,
+            };
+            return Err(job.in_progress_at(progress));
         }
         let taken = {
             let mut outcome = job.outcome.lock().unwrap_or_else(|p| p.into_inner());

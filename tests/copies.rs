@@ -147,7 +147,7 @@ async fn a_clone_slower_than_the_client_deadline_finishes_and_a_retry_gets_it() 
     // A retry while it runs finds it: ABORTED saying so, and no second copy.
     let retry = create_within(&d, &req, Duration::from_secs(1)).await.unwrap_err();
     assert_eq!(retry.code(), Code::Aborted, "{}", retry.message());
-    assert!(retry.message().contains("in progress"), "{}", retry.message());
+    assert!(retry.message().contains("in progress") && retry.message().contains("% of"), "{}", retry.message());
     // Another request for the same name while it runs: ABORTED too, not a second copy.
     let mut other = req.clone();
     other.capacity_range = Some(CapacityRange { required_bytes: source.capacity_bytes + 16 * MIB, limit_bytes: 0 });

@@ -87,6 +87,22 @@ async fn an_error_is_told_to_the_next_retry_once_then_forgotten() {
 }
 
 #[tokio::test]
+async fn the_answer_while_it_runs_says_how_far_the_copy_is() {
+    let jobs = Jobs::unrecorded();
+    let progress: Progress = Arc::new(|| Box::pin(async { Some((1 << 20, 4 << 20)) }));
+    let job = jobs.start(work("v7"), None, Some(progress), (), std::future::pending()).unwrap();
+    let err = jobs.wait(&job, Duration::from_millis(200)).await.unwrap_err();
+    assert!(matches!(&err, Error::Aborted(m) if m.contains("25% of 4 MiB")), "{err}");
+    // A pool that cannot tell in time does not delay the answer past its budget.
+    let stuck: Progress = Arc::new(|| Box::pin(std::future::pending()));
+    let job = jobs.start(work("v8"), None, Some(stuck), (), std::future::pending()).unwrap();
+    let asked = Instant::now();
+    let err = jobs.wait(&job, Duration::from_millis(200)).await.unwrap_err();
+    assert!(asked.elapsed() < Duration::from_millis(400), "{:?}", asked.elapsed());
+    assert!(matches!(&err, Error::Aborted(m) if m.contains("in progress") && !m.contains('%')), "{err}");
+}
+
+#[tokio::test]
 async fn a_new_request_replaces_a_failed_job_nobody_was_told_of() {
     let jobs = Jobs::unrecorded();
     let job = jobs.start(work("v3"), None, None, (), async { Err(Error::Internal("cp failed".into())) }).unwrap();

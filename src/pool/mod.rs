@@ -275,6 +275,11 @@ pub trait Pool: Send + Sync {
     async fn discard_unfinished(&self, _snapshot: bool, _local: &str) -> Result<()> {
         Ok(())
     }
+    /// How far a running copy into `local` (a snapshot when `snapshot`) from `source` is:
+    /// bytes written and bytes to write, when this pool can tell within `deadline`.
+    async fn copy_progress(&self, _snapshot: bool, _local: &str, _source: &Source, _deadline: std::time::Duration) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -906,6 +906,18 @@ impl Pool for FilePool {
         Ok(info)
     }
 
+    async fn copy_progress(&self, snapshot: bool, local: &str, source: &Source, deadline: Duration) -> Option<(u64, u64)> {
+        let target = self.files(if snapshot { Kind::Snapshot } else { Kind::Volume }, local).ok()?;
+        let source = match source {
+            Source::Snapshot(s) => self.files(Kind::Snapshot, s).ok()?,
+            Source::Volume(v) => self.files(Kind::Volume, v).ok()?,
+        };
+        // The blocks written so far into the temporary, of the source's allocated blocks.
+        let (tmp, img) = (target.tmp_img, source.img);
+        let sizes = self.blocking(format!("inspecting {}", tmp.display()), deadline, move || Ok((sizes(&tmp)?.1, sizes(&img)?.1))).await;
+        sizes.ok()
+    }
+
     async fn discard_unfinished(&self, snapshot: bool, local: &str) -> Result<()> {
         let kind = if snapshot { Kind::Snapshot } else { Kind::Volume };
         let f = self.files(kind, local)?;
