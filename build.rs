@@ -2,7 +2,7 @@
 //! binary is needed on a build machine) and generates the tonic client and server code.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/csi.proto"];
+    let files = ["proto/csi.proto", "proto/holdfast/v1/agent.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -14,19 +14,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use tonic::transport::Channel;
-
+use crate::client::{self, Access, Clients, capacity, volume_capability};
 use crate::config::format_size;
-use crate::ctl::request::{Access, capacity, parse_key_value, parse_size_arg, to_map, volume_capability};
+use crate::ctl::request::{parse_key_value, parse_size_arg, to_map};
 use crate::ctl::show::status;
 use crate::exec::RealExec;
 use crate::proto::controller_client::ControllerClient;
-use crate::proto::identity_client::IdentityClient;
 use crate::proto::node_client::NodeClient;
-use crate::proto::{
-    CreateVolumeRequest, DeleteVolumeRequest, GetCapacityRequest, GetPluginInfoRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
-    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
-};
+use crate::proto::{DeleteVolumeRequest, GetCapacityRequest, GetPluginInfoRequest, VolumeCapability};
 use report::{MemoryReport, Report};
 use stats::{Summary, read_memory};
 
@@ -86,9 +81,9 @@ impl Phases {
 
 /// Runs the benchmark and prints the report.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
-    let channel = crate::endpoint::connect(&args.endpoint).await?;
-    let plugin = IdentityClient::new(channel.clone()).get_plugin_info(GetPluginInfoRequest {}).await.map_err(|s| status(&s))?.into_inner();
-    let csi = Csi::new(channel, &args)?;
+    let clients = Clients::connect(&args.endpoint).await?;
+    let plugin = clients.identity.clone().get_plugin_info(GetPluginInfoRequest {}).await.map_err(|s| status(&s))?.into_inner();
+    let csi = Csi::new(clients, &args)?;
     let scratch = Scratch::create(args.workdir.as_deref())?;
     // Distinct names across runs, so a run never meets the leftovers of an interrupted one.
     let run_id =
@@ -129,8 +124,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 
 /// The CSI clients and the request parts every call of the benchmark shares.
 struct Csi {
-    controller: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
+    controller: ControllerClient<tonic::transport::Channel>,
+    node: NodeClient<tonic::transport::Channel>,
     size: u64,
     params: HashMap<String, String>,
     capability: VolumeCapability,
@@ -138,10 +133,10 @@ struct Csi {
 }
 
 impl Csi {
-    fn new(channel: Channel, args: &BenchArgs) -> Result<Csi, String> {
+    fn new(clients: Clients, args: &BenchArgs) -> Result<Csi, String> {
         Ok(Csi {
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel),
+            controller: clients.controller,
+            node: clients.node,
             size: args.size,
             params: to_map(&args.params, "parameter")?,
             capability: volume_capability(&Access { fs: Some("ext4".into()), ..Access::default() })?,
@@ -150,13 +145,7 @@ impl Csi {
     }
 
     async fn create(&self, name: &str, size: u64) -> Result<String, String> {
-        let req = CreateVolumeRequest {
-            name: name.to_owned(),
-            capacity_range: Some(capacity(size)),
-            volume_capabilities: vec![self.capability.clone()],
-            parameters: self.params.clone(),
-            ..Default::default()
-        };
+        let req = client::create_volume_request(name, capacity(size), self.capability.clone(), self.params.clone());
         let resp = self.controller.clone().create_volume(req).await.map_err(|s| format!("CreateVolume {name}: {}", status(&s)))?;
         resp.into_inner().volume.map(|v| v.volume_id).ok_or_else(|| format!("CreateVolume {name}: the answer has no volume"))
     }
@@ -167,33 +156,22 @@ impl Csi {
     }
 
     async fn stage(&self, id: &str, staging: &str) -> Result<(), String> {
-        let req = NodeStageVolumeRequest {
-            volume_id: id.to_owned(),
-            staging_target_path: staging.to_owned(),
-            volume_capability: Some(self.capability.clone()),
-            ..Default::default()
-        };
+        let req = client::stage_request(id, staging, self.capability.clone());
         self.node.clone().node_stage_volume(req).await.map(drop).map_err(|s| format!("NodeStageVolume {id}: {}", status(&s)))
     }
 
     async fn publish(&self, id: &str, staging: &str, target: &str) -> Result<(), String> {
-        let req = NodePublishVolumeRequest {
-            volume_id: id.to_owned(),
-            staging_target_path: staging.to_owned(),
-            target_path: target.to_owned(),
-            volume_capability: Some(self.capability.clone()),
-            ..Default::default()
-        };
+        let req = client::publish_request(id, staging, target, self.capability.clone(), false);
         self.node.clone().node_publish_volume(req).await.map(drop).map_err(|s| format!("NodePublishVolume {id}: {}", status(&s)))
     }
 
     async fn unpublish(&self, id: &str, target: &str) -> Result<(), String> {
-        let req = NodeUnpublishVolumeRequest { volume_id: id.to_owned(), target_path: target.to_owned() };
+        let req = client::unpublish_request(id, target);
         self.node.clone().node_unpublish_volume(req).await.map(drop).map_err(|s| format!("NodeUnpublishVolume {id}: {}", status(&s)))
     }
 
     async fn unstage(&self, id: &str, staging: &str) -> Result<(), String> {
-        let req = NodeUnstageVolumeRequest { volume_id: id.to_owned(), staging_target_path: staging.to_owned() };
+        let req = client::unstage_request(id, staging);
         self.node.clone().node_unstage_volume(req).await.map(drop).map_err(|s| format!("NodeUnstageVolume {id}: {}", status(&s)))
     }
 }

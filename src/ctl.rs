@@ -10,19 +10,15 @@ use std::collections::HashSet;
 use std::future::Future;
 
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
-use crate::proto::controller_client::ControllerClient;
-use crate::proto::identity_client::IdentityClient;
-use crate::proto::node_client::NodeClient;
+use crate::client::{self, Clients, Source};
 use crate::proto::volume_capability::access_mode::Mode;
-use crate::proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use crate::proto::{
     ControllerExpandVolumeRequest, ControllerExpandVolumeResponse, ControllerGetCapabilitiesRequest, ControllerGetVolumeRequest,
     CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest, GetCapacityRequest,
     GetPluginCapabilitiesRequest, GetPluginInfoRequest, ListSnapshotsRequest, ListVolumesRequest, NodeExpandVolumeRequest,
     NodeGetCapabilitiesRequest, NodeGetInfoRequest, NodeGetVolumeStatsRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
-    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, ProbeRequest, TopologyRequirement, VolumeContentSource,
+    ProbeRequest, TopologyRequirement,
 };
 use request::{Access, capacity, parse_access_mode, parse_key_value, parse_size_arg, to_map, topology, volume_capability};
 
@@ -265,24 +261,24 @@ pub struct ExpandArgs {
 
 /// Runs one `ctl` subcommand against the endpoint.
 pub async fn run(args: CtlArgs) -> Result<(), String> {
-    let channel = crate::endpoint::connect(&args.endpoint).await?;
+    let clients = Clients::connect(&args.endpoint).await?;
     let out = Out { json: args.json };
     match args.cmd {
-        Command::Info => info(channel, out).await,
-        Command::Capacity(a) => get_capacity(channel, out, a).await,
-        Command::Create(a) => create(channel, out, a).await,
-        Command::Delete(a) => delete(channel, out, a).await,
-        Command::List(a) => list(channel, out, a).await,
-        Command::Get(a) => get(channel, out, a).await,
-        Command::Snapshot(a) => snapshot(channel, out, a).await,
-        Command::Snapshots(a) => snapshots(channel, out, a).await,
-        Command::DeleteSnapshot(a) => delete_snapshot(channel, out, a).await,
-        Command::Stage(a) => stage(channel, out, a).await,
-        Command::Publish(a) => publish(channel, out, a).await,
-        Command::Unpublish(a) => unpublish(channel, out, a).await,
-        Command::Unstage(a) => unstage(channel, out, a).await,
-        Command::Stats(a) => stats(channel, out, a).await,
-        Command::Expand(a) => expand(channel, out, a).await,
+        Command::Info => info(clients, out).await,
+        Command::Capacity(a) => get_capacity(clients, out, a).await,
+        Command::Create(a) => create(clients, out, a).await,
+        Command::Delete(a) => delete(clients, out, a).await,
+        Command::List(a) => list(clients, out, a).await,
+        Command::Get(a) => get(clients, out, a).await,
+        Command::Snapshot(a) => snapshot(clients, out, a).await,
+        Command::Snapshots(a) => snapshots(clients, out, a).await,
+        Command::DeleteSnapshot(a) => delete_snapshot(clients, out, a).await,
+        Command::Stage(a) => stage(clients, out, a).await,
+        Command::Publish(a) => publish(clients, out, a).await,
+        Command::Unpublish(a) => unpublish(clients, out, a).await,
+        Command::Unstage(a) => unstage(clients, out, a).await,
+        Command::Stats(a) => stats(clients, out, a).await,
+        Command::Expand(a) => expand(clients, out, a).await,
     }
 }
 
@@ -308,10 +304,8 @@ fn failed(s: tonic::Status) -> String {
     show::status(&s)
 }
 
-async fn info(ch: Channel, out: Out) -> Result<(), String> {
-    let mut identity = IdentityClient::new(ch.clone());
-    let mut controller = ControllerClient::new(ch.clone());
-    let mut node = NodeClient::new(ch);
+async fn info(c: Clients, out: Out) -> Result<(), String> {
+    let Clients { mut identity, mut controller, mut node } = c;
     // Only GetPluginInfo is required of every endpoint; the rest are shown as unavailable.
     let plugin = identity.get_plugin_info(GetPluginInfoRequest {}).await.map_err(failed)?.into_inner();
     let info = show::Info {
@@ -346,8 +340,8 @@ fn capacity_request(a: &CapacityArgs) -> Result<GetCapacityRequest, String> {
     })
 }
 
-async fn get_capacity(ch: Channel, out: Out, a: CapacityArgs) -> Result<(), String> {
-    let resp = ControllerClient::new(ch).get_capacity(capacity_request(&a)?).await.map_err(failed)?.into_inner();
+async fn get_capacity(mut c: Clients, out: Out, a: CapacityArgs) -> Result<(), String> {
+    let resp = c.controller.get_capacity(capacity_request(&a)?).await.map_err(failed)?.into_inner();
     out.emit(
         json!({
             "available_capacity": resp.available_capacity,
@@ -370,33 +364,30 @@ async fn get_capacity(ch: Channel, out: Out, a: CapacityArgs) -> Result<(), Stri
 
 fn create_request(a: &CreateArgs) -> Result<CreateVolumeRequest, String> {
     let source = match (&a.from_snapshot, &a.from_volume) {
-        (Some(id), _) => Some(SourceType::Snapshot(SnapshotSource { snapshot_id: id.clone() })),
-        (None, Some(id)) => Some(SourceType::Volume(VolumeSource { volume_id: id.clone() })),
+        (Some(id), _) => Some(Source::Snapshot(id)),
+        (None, Some(id)) => Some(Source::Volume(id)),
         (None, None) => None,
     };
     // The segments are both required and preferred: an operator naming a node means that node.
     let accessibility_requirements = topology(&a.topology)?.map(|t| TopologyRequirement { requisite: vec![t.clone()], preferred: vec![t] });
+    let capability = volume_capability(&a.access.access())?;
     Ok(CreateVolumeRequest {
-        name: a.name.clone(),
-        capacity_range: Some(capacity(a.size)),
-        volume_capabilities: vec![volume_capability(&a.access.access())?],
-        parameters: to_map(&a.params, "parameter")?,
-        volume_content_source: source.map(|t| VolumeContentSource { r#type: Some(t) }),
+        volume_content_source: source.map(client::content_source),
         accessibility_requirements,
-        ..Default::default()
+        ..client::create_volume_request(&a.name, capacity(a.size), capability, to_map(&a.params, "parameter")?)
     })
 }
 
-async fn create(ch: Channel, out: Out, a: CreateArgs) -> Result<(), String> {
-    let resp = ControllerClient::new(ch).create_volume(create_request(&a)?).await.map_err(failed)?.into_inner();
+async fn create(mut c: Clients, out: Out, a: CreateArgs) -> Result<(), String> {
+    let resp = c.controller.create_volume(create_request(&a)?).await.map_err(failed)?.into_inner();
     let v = resp.volume.ok_or("the driver answered CreateVolume without a volume")?;
     out.emit(show::volume_json(&v, None, None), || show::volume_text(&v, None, None));
     Ok(())
 }
 
-async fn delete(ch: Channel, out: Out, a: IdArg) -> Result<(), String> {
+async fn delete(mut c: Clients, out: Out, a: IdArg) -> Result<(), String> {
     let req = DeleteVolumeRequest { volume_id: a.id.clone(), ..Default::default() };
-    ControllerClient::new(ch).delete_volume(req).await.map_err(failed)?;
+    c.controller.delete_volume(req).await.map_err(failed)?;
     out.emit(json!({ "volume_id": a.id, "deleted": true }), || format!("deleted volume {}\n", a.id));
     Ok(())
 }
@@ -424,8 +415,8 @@ where
     }
 }
 
-async fn list(ch: Channel, out: Out, a: ListArgs) -> Result<(), String> {
-    let client = ControllerClient::new(ch);
+async fn list(c: Clients, out: Out, a: ListArgs) -> Result<(), String> {
+    let client = c.controller;
     let entries = all_pages(|token| {
         let mut c = client.clone();
         async move {
@@ -462,9 +453,8 @@ async fn list(ch: Channel, out: Out, a: ListArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn get(ch: Channel, out: Out, a: IdArg) -> Result<(), String> {
-    let resp =
-        ControllerClient::new(ch).controller_get_volume(ControllerGetVolumeRequest { volume_id: a.id }).await.map_err(failed)?.into_inner();
+async fn get(mut c: Clients, out: Out, a: IdArg) -> Result<(), String> {
+    let resp = c.controller.controller_get_volume(ControllerGetVolumeRequest { volume_id: a.id }).await.map_err(failed)?.into_inner();
     let v = resp.volume.ok_or("the driver answered ControllerGetVolume without a volume")?;
     let status = resp.status.as_ref();
     let nodes = status.map(|s| s.published_node_ids.as_slice());
@@ -482,15 +472,15 @@ fn snapshot_request(a: &SnapshotArgs) -> Result<CreateSnapshotRequest, String> {
     })
 }
 
-async fn snapshot(ch: Channel, out: Out, a: SnapshotArgs) -> Result<(), String> {
-    let resp = ControllerClient::new(ch).create_snapshot(snapshot_request(&a)?).await.map_err(failed)?.into_inner();
+async fn snapshot(mut c: Clients, out: Out, a: SnapshotArgs) -> Result<(), String> {
+    let resp = c.controller.create_snapshot(snapshot_request(&a)?).await.map_err(failed)?.into_inner();
     let s = resp.snapshot.ok_or("the driver answered CreateSnapshot without a snapshot")?;
     out.emit(show::snapshot_json(&s), || show::snapshot_text(&s));
     Ok(())
 }
 
-async fn snapshots(ch: Channel, out: Out, a: SnapshotsArgs) -> Result<(), String> {
-    let client = ControllerClient::new(ch);
+async fn snapshots(c: Clients, out: Out, a: SnapshotsArgs) -> Result<(), String> {
+    let client = c.controller;
     let source = a.source.unwrap_or_default();
     let entries = all_pages(|token| {
         let mut c = client.clone();
@@ -522,43 +512,37 @@ async fn snapshots(ch: Channel, out: Out, a: SnapshotsArgs) -> Result<(), String
     Ok(())
 }
 
-async fn delete_snapshot(ch: Channel, out: Out, a: IdArg) -> Result<(), String> {
+async fn delete_snapshot(mut c: Clients, out: Out, a: IdArg) -> Result<(), String> {
     let req = DeleteSnapshotRequest { snapshot_id: a.id.clone(), ..Default::default() };
-    ControllerClient::new(ch).delete_snapshot(req).await.map_err(failed)?;
+    c.controller.delete_snapshot(req).await.map_err(failed)?;
     out.emit(json!({ "snapshot_id": a.id, "deleted": true }), || format!("deleted snapshot {}\n", a.id));
     Ok(())
 }
 
 fn stage_request(a: &StageArgs) -> Result<NodeStageVolumeRequest, String> {
+    let capability = volume_capability(&a.access.access())?;
     Ok(NodeStageVolumeRequest {
-        volume_id: a.id.clone(),
-        staging_target_path: a.staging_path.clone(),
-        volume_capability: Some(volume_capability(&a.access.access())?),
         volume_context: to_map(&a.context, "context key")?,
-        ..Default::default()
+        ..client::stage_request(&a.id, &a.staging_path, capability)
     })
 }
 
-async fn stage(ch: Channel, out: Out, a: StageArgs) -> Result<(), String> {
-    NodeClient::new(ch).node_stage_volume(stage_request(&a)?).await.map_err(failed)?;
+async fn stage(mut c: Clients, out: Out, a: StageArgs) -> Result<(), String> {
+    c.node.node_stage_volume(stage_request(&a)?).await.map_err(failed)?;
     out.emit(json!({ "volume_id": a.id, "staging_path": a.staging_path }), || format!("staged {} at {}\n", a.id, a.staging_path));
     Ok(())
 }
 
 fn publish_request(a: &PublishArgs) -> Result<NodePublishVolumeRequest, String> {
+    let capability = volume_capability(&a.access.access())?;
     Ok(NodePublishVolumeRequest {
-        volume_id: a.id.clone(),
-        staging_target_path: a.staging_path.clone(),
-        target_path: a.target_path.clone(),
-        volume_capability: Some(volume_capability(&a.access.access())?),
-        readonly: a.readonly,
         volume_context: to_map(&a.context, "context key")?,
-        ..Default::default()
+        ..client::publish_request(&a.id, &a.staging_path, &a.target_path, capability, a.readonly)
     })
 }
 
-async fn publish(ch: Channel, out: Out, a: PublishArgs) -> Result<(), String> {
-    NodeClient::new(ch).node_publish_volume(publish_request(&a)?).await.map_err(failed)?;
+async fn publish(mut c: Clients, out: Out, a: PublishArgs) -> Result<(), String> {
+    c.node.node_publish_volume(publish_request(&a)?).await.map_err(failed)?;
     let ro = if a.readonly { " (read-only)" } else { "" };
     out.emit(json!({ "volume_id": a.id, "target_path": a.target_path, "readonly": a.readonly }), || {
         format!("published {} at {}{ro}\n", a.id, a.target_path)
@@ -566,27 +550,27 @@ async fn publish(ch: Channel, out: Out, a: PublishArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn unpublish(ch: Channel, out: Out, a: UnpublishArgs) -> Result<(), String> {
-    let req = NodeUnpublishVolumeRequest { volume_id: a.id.clone(), target_path: a.target_path.clone() };
-    NodeClient::new(ch).node_unpublish_volume(req).await.map_err(failed)?;
+async fn unpublish(mut c: Clients, out: Out, a: UnpublishArgs) -> Result<(), String> {
+    let req = client::unpublish_request(&a.id, &a.target_path);
+    c.node.node_unpublish_volume(req).await.map_err(failed)?;
     out.emit(json!({ "volume_id": a.id, "unpublished": a.target_path }), || format!("unpublished {} from {}\n", a.id, a.target_path));
     Ok(())
 }
 
-async fn unstage(ch: Channel, out: Out, a: UnstageArgs) -> Result<(), String> {
-    let req = NodeUnstageVolumeRequest { volume_id: a.id.clone(), staging_target_path: a.staging_path.clone() };
-    NodeClient::new(ch).node_unstage_volume(req).await.map_err(failed)?;
+async fn unstage(mut c: Clients, out: Out, a: UnstageArgs) -> Result<(), String> {
+    let req = client::unstage_request(&a.id, &a.staging_path);
+    c.node.node_unstage_volume(req).await.map_err(failed)?;
     out.emit(json!({ "volume_id": a.id, "unstaged": a.staging_path }), || format!("unstaged {} from {}\n", a.id, a.staging_path));
     Ok(())
 }
 
-async fn stats(ch: Channel, out: Out, a: StatsArgs) -> Result<(), String> {
+async fn stats(mut c: Clients, out: Out, a: StatsArgs) -> Result<(), String> {
     let req = NodeGetVolumeStatsRequest {
         volume_id: a.id.clone(),
         volume_path: a.path.clone(),
         staging_target_path: a.staging_path.unwrap_or_default(),
     };
-    let resp = NodeClient::new(ch).node_get_volume_stats(req).await.map_err(failed)?.into_inner();
+    let resp = c.node.node_get_volume_stats(req).await.map_err(failed)?.into_inner();
     let usage: Vec<Value> = resp
         .usage
         .iter()
@@ -639,8 +623,10 @@ fn node_expand_request(a: &ExpandArgs, done: &ControllerExpandVolumeResponse) ->
     }))
 }
 
-async fn expand(ch: Channel, out: Out, a: ExpandArgs) -> Result<(), String> {
-    let done = ControllerClient::new(ch.clone())
+async fn expand(mut c: Clients, out: Out, a: ExpandArgs) -> Result<(), String> {
+    let done = c
+        .controller
+        .clone()
         .controller_expand_volume(controller_expand_request(&a)?)
         .await
         .map_err(|s| format!("ControllerExpandVolume: {}", failed(s)))?
@@ -653,7 +639,8 @@ async fn expand(ch: Channel, out: Out, a: ExpandArgs) -> Result<(), String> {
     let mut text = format!("expanded {} to {}\n", a.id, show::bytes(done.capacity_bytes));
     match node_expand_request(&a, &done)? {
         Some(req) => {
-            let grown = NodeClient::new(ch)
+            let grown = c
+                .node
                 .node_expand_volume(req)
                 .await
                 .map_err(|s| format!("the volume grew to {} but NodeExpandVolume failed: {}", show::bytes(done.capacity_bytes), failed(s)))?
@@ -679,6 +666,7 @@ mod tests {
 
     use super::*;
     use crate::proto::volume_capability::{AccessType, MountVolume};
+    use crate::proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 
     #[derive(clap::Parser, Debug)]
     struct Cli {

@@ -80,7 +80,8 @@ impl Driver {
         // Before any pool is opened (opening creates directories): overlapping pools could
         // delete each other's volumes.
         crate::config::check_overlaps(cfg).map_err(|e| Error::InvalidArgument(format!("configuration: {e}")))?;
-        let freezer = Arc::new(Freezer::new(state_dir, exec.clone())?.with_deadline(freeze_deadline));
+        // The pools read the mount table through the freezer's mounter: the driver's.
+        let freezer = Arc::new(Freezer::new(state_dir, exec.clone())?.with_deadline(freeze_deadline).with_mounter(mounter.clone()));
         let mut pools = BTreeMap::new();
         for pc in &cfg.pools {
             pools.insert(pc.name().to_owned(), pool::open(pc, exec.clone(), freezer.clone())?);
@@ -100,10 +101,11 @@ impl Driver {
     }
 
     /// Start-up repair, before serving: thaws every filesystem a freeze record names (a
-    /// driver killed mid-snapshot) and lets each pool undo what it left half-done (LVM resumes
-    /// device-mapper devices left suspended). What it does is logged; a failure is logged and
-    /// the driver serves anyway (the volumes concerned report abnormal), since refusing to
-    /// start would leave even the healthy ones unusable.
+    /// driver killed mid-snapshot), removes the temporaries of interrupted stage-record writes,
+    /// and lets each pool undo what it left half-done (LVM resumes device-mapper devices left
+    /// suspended). What it does is logged; a failure is logged and the driver serves anyway
+    /// (the volumes concerned report abnormal), since refusing to start would leave even the
+    /// healthy ones unusable.
     pub async fn recover(&self) {
         match self.freezer.recover().await {
             Ok(done) => {
@@ -114,6 +116,11 @@ impl Driver {
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot read the freeze records; filesystems may be left frozen"),
+        }
+        match self.records.clean_temporaries().await {
+            Ok(gone) if !gone.is_empty() => tracing::info!(files = ?gone, "removed the temporaries of interrupted stage-record writes"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot clean the stage records' temporaries"),
         }
         for (name, pool) in &self.pools {
             if let Err(e) = pool.recover().await {

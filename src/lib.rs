@@ -7,8 +7,21 @@ pub mod proto {
     tonic::include_proto!("csi.v1");
 }
 
+/// The generated holdfast Agent API (`proto/holdfast/v1/agent.proto`): the controller ↔ agent
+/// messages, the `Agent` service every agent serves and the `Registry` service the controller
+/// serves.
+pub mod agent_proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("holdfast.v1");
+
+    /// The wire version this build speaks (sent in every registration and heartbeat).
+    pub const WIRE_VERSION: WireVersion = WireVersion { major: 1, minor: 0 };
+}
+
 pub mod bench;
 pub mod blocking;
+pub mod certs;
+pub mod client;
 pub mod config;
 pub mod crash;
 pub mod csi;
@@ -23,4 +36,6 @@ pub mod node;
 pub mod placement;
 pub mod pool;
 pub mod server;
+pub mod store;
+pub mod tls;
 pub mod volume_id;

@@ -1,6 +1,6 @@
 //! The `holdfast` binary: a thin CLI over the library. `all-in-one` serves every CSI service
 //! for the pools on this node; `ctl` is an operator's CSI client; `bench` measures a running
-//! driver. The only place that uses `anyhow`.
+//! driver; `certs` makes TLS certificates for the Agent API. The only place that uses `anyhow`.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -31,6 +31,8 @@ enum Command {
     Ctl(holdfast::ctl::CtlArgs),
     /// Measure a running driver against the raw tools.
     Bench(holdfast::bench::BenchArgs),
+    /// Make a cluster CA and node certificates for the Agent API's mutual TLS.
+    Certs(holdfast::certs::CertsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -153,9 +155,11 @@ async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow
     let exec = Arc::new(RealExec);
     let mounter = Arc::new(RealMounter::new(exec.clone()));
     let freeze_deadline = std::time::Duration::from_secs(args.freeze_deadline.max(1));
-    let driver = Arc::new(Driver::with_freeze_deadline(&node_id, &cfg, &args.state_dir, exec, mounter, freeze_deadline)?);
-    // Before serving: nothing a killed predecessor froze or suspended stays so.
+    let driver = Arc::new(Driver::with_freeze_deadline(&node_id, &cfg, &args.state_dir, exec, mounter.clone(), freeze_deadline)?);
+    // Before serving: nothing a killed predecessor froze or suspended stays so, and no
+    // holding bind of a killed publish pins a volume.
     driver.recover().await;
+    mounter.recover().await;
     let options =
         ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
     server::serve(&args.endpoint, driver, Services { controller: true, node: true }, options, shutdown_signal())
@@ -192,6 +196,7 @@ fn main() {
         }
         Command::Ctl(a) => calls.block_on(holdfast::ctl::run(a)).map_err(anyhow::Error::msg),
         Command::Bench(a) => calls.block_on(holdfast::bench::run(a)).map_err(anyhow::Error::msg),
+        Command::Certs(a) => holdfast::certs::run(a).map_err(anyhow::Error::msg),
     };
     // Dropping a runtime would wait for every blocking call, and one stuck in the kernel (a
     // frozen pool filesystem, a hung NFS server) never returns: stop waiting after a moment.

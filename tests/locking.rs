@@ -268,8 +268,8 @@ fn is_readonly_mount(path: &Path) -> Option<bool> {
 
 /// Item 5: a driver killed at each step of a read-only publish (bind held in the holding
 /// directory; bind attached at the target; and what a two-step bind left, a writable bind at
-/// the target) is repaired by the retried publish after the restart: OK, one read-only mount
-/// at the target, writes refused, no holding mount of the dead driver left. A finished
+/// the target) is repaired: the restarted driver detaches the dead one's holding binds, and the
+/// retried publish answers OK with one read-only mount at the target, writes refused. A finished
 /// read-write publish asked again read-only stays ALREADY_EXISTS (spec).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_publish_killed_at_any_step_is_repaired_by_its_retry() {
@@ -277,9 +277,15 @@ async fn a_read_only_publish_killed_at_any_step_is_repaired_by_its_retry() {
     let arm = outer.path().join("crash-armed");
     let steps = [holdfast::node::mount::CRASH_HELD, holdfast::node::mount::CRASH_ATTACHED, holdfast::node::mount::CRASH_WRITABLE_AT_TARGET];
     let env_value = |step: &str| format!("{step}@{}", arm.display());
-    for step in steps {
+    // Filesystem volumes at every step; raw block ones (a device node bound on a file) where
+    // the repair differs: the held bind, and a writable bind left at the target.
+    let cases = steps.iter().map(|s| (*s, false)).chain([(steps[0], true), (steps[2], true)]);
+    for (step, block) in cases {
         let (mut d, _copy) = driver(&outer, &[(holdfast::crash::CRASH_AT_ENV, env_value(step))]).await;
-        let cap = ext4_cap(Mode::SingleNodeWriter);
+        let cap = if block { block_cap(Mode::SingleNodeWriter) } else { ext4_cap(Mode::SingleNodeWriter) };
+        let raw = step;
+        let step = format!("{step}{}", if block { " (block)" } else { "" });
+        let step = step.as_str();
         let v = d.create(&unique("ro"), 64 * MIB, cap.clone()).await;
         let id = v.volume_id.clone();
         let staging = d.staging_dir("ro");
@@ -293,7 +299,7 @@ async fn a_read_only_publish_killed_at_any_step_is_repaired_by_its_retry() {
         assert!(!arm.exists(), "{step}: the driver never reached the crash point");
         d.kill();
         let hold_prefix = format!("{pid}-");
-        match step {
+        match raw {
             s if s == holdfast::node::mount::CRASH_HELD => {
                 assert_eq!(holding_mounts(&hold_prefix).len(), 1, "{step}: the killed driver left its holding bind");
                 assert!(!is_mount_point(&target), "{step}: nothing reached the target");
@@ -305,11 +311,19 @@ async fn a_read_only_publish_killed_at_any_step_is_repaired_by_its_retry() {
         }
 
         d.restart().await;
+        assert!(
+            holding_mounts(&hold_prefix).is_empty(),
+            "{step}: the restarted driver left the killed one's holding binds: {:?}",
+            holding_mounts(&hold_prefix)
+        );
         d.publish(&id, &staging, &target, &cap, true).await;
         assert_eq!(mounts_at(&target), 1, "{step}: one mount at the target after the retry");
         assert_eq!(is_readonly_mount(&target), Some(true), "{step}: the retried publish is read-only");
-        let err = std::fs::write(target.join("probe"), b"x").expect_err("a write through a read-only publish");
-        assert_eq!(err.raw_os_error(), Some(30), "{step}: EROFS expected, got {err}");
+        if !block {
+            // (A device node ignores its mount's ro flag: the container runtime enforces that.)
+            let err = std::fs::write(target.join("probe"), b"x").expect_err("a write through a read-only publish");
+            assert_eq!(err.raw_os_error(), Some(30), "{step}: EROFS expected, got {err}");
+        }
         assert!(
             holding_mounts(&hold_prefix).is_empty(),
             "{step}: holding binds of the killed driver remain: {:?}",
@@ -317,11 +331,15 @@ async fn a_read_only_publish_killed_at_any_step_is_repaired_by_its_retry() {
         );
 
         d.unpublish(&id, &target).await;
-        if step == holdfast::node::mount::CRASH_ATTACHED {
+        if raw == holdfast::node::mount::CRASH_ATTACHED {
             // A finished read-write publish is not a half-made read-only one.
             d.publish(&id, &staging, &target, &cap, false).await;
-            let r = d.node().node_publish_volume(d.publish_request(&id, &staging, &target, &cap, true)).await;
-            expect_code(r, Code::AlreadyExists, "a read-only publish over a finished read-write one");
+            for attempt in 0..2 {
+                let r = d.node().node_publish_volume(d.publish_request(&id, &staging, &target, &cap, true)).await;
+                expect_code(r, Code::AlreadyExists, &format!("read-only publish {attempt} over a finished read-write one"));
+                assert_eq!(is_readonly_mount(&target), Some(false), "the read-write publish is left as it was");
+                assert_eq!(mounts_at(&target), 1);
+            }
             d.unpublish(&id, &target).await;
         }
         d.unstage(&id, &staging).await;

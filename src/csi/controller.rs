@@ -522,8 +522,12 @@ impl ControllerService {
         };
         let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Volume, &vid.local))?;
         // The volume under that name may be another one (deleted and created again): left alone.
-        if pool.get_volume(&vid.local).await?.is_some_and(|v| !vid.names_volume(v.uid.as_deref())) {
-            return Ok(DeleteVolumeResponse {});
+        // A record that cannot be read stops a current id (its uid cannot be checked); a legacy
+        // id is deleted as before, the pool's delete deciding.
+        match pool.get_volume(&vid.local).await {
+            Ok(Some(v)) if !vid.names_volume(v.uid.as_deref()) => return Ok(DeleteVolumeResponse {}),
+            Err(e) if vid.tag.is_some() => return Err(e),
+            _ => {}
         }
         pool.delete_volume(&vid.local).await?;
         Ok(DeleteVolumeResponse {})
@@ -747,9 +751,12 @@ impl ControllerService {
         };
         let Some(pool) = self.d.pool_of(&sid).cloned() else { return Ok(DeleteSnapshotResponse {}) };
         let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Snapshot, &sid.local))?;
-        // The snapshot under that name may be another one (deleted and taken again): left alone.
-        if pool.get_snapshot(&sid.local).await?.is_some_and(|s| !sid.names_snapshot(s.uid.as_deref())) {
-            return Ok(DeleteSnapshotResponse {});
+        // The snapshot under that name may be another one (deleted and taken again): left alone;
+        // an unreadable record as for volumes.
+        match pool.get_snapshot(&sid.local).await {
+            Ok(Some(s)) if !sid.names_snapshot(s.uid.as_deref()) => return Ok(DeleteSnapshotResponse {}),
+            Err(e) if sid.tag.is_some() => return Err(e),
+            _ => {}
         }
         pool.delete_snapshot(&sid.local).await?;
         Ok(DeleteSnapshotResponse {})

@@ -60,7 +60,7 @@ pub fn lock_key(d: &Driver, kind: ObjectKind, id: &str) -> LockKey {
 /// find or make ([`crate::volume_id::local_name`]; any other name a retry looks under belongs
 /// here too), in every pool, since a retry must find the first attempt wherever it landed.
 pub fn name_keys(d: &Driver, kind: ObjectKind, csi_name: &str) -> Vec<LockKey> {
-    // And the earlier derivation's name, under which a retry also looks.
+    // A retry may find an object of an earlier version under its legacy local name: held too.
     let locals = [crate::volume_id::local_name(csi_name), crate::volume_id::legacy_local_name(csi_name)];
     d.pools.keys().flat_map(|pool| locals.iter().map(move |local| LockKey::new(pool, kind, local))).collect()
 }

@@ -343,8 +343,14 @@ impl NodeService {
         } else {
             self.d.node.publish_filesystem(&staging, &target, readonly, &cap.mount_flags).await
         };
-        if res.is_err() && rec != before && !self.still_published(rec.publish_at(target.as_path()).expect("just recorded")).await? {
-            self.d.records.save(&before).await?;
+        if res.is_err() && rec != before {
+            // A refused publish never rewrites an earlier one's entry (a read-write publish must
+            // not come to look like a half-made read-only one); a new entry stays only if its
+            // bind is there after all.
+            let earlier = before.publish_at(target.as_path()).is_some();
+            if earlier || !self.still_published(rec.publish_at(target.as_path()).expect("just recorded")).await? {
+                self.d.records.save(&before).await?;
+            }
         }
         res.map(|()| NodePublishVolumeResponse {})
     }
@@ -631,7 +637,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::exec::{FakeExec, Reply};
-    use crate::node::mount::{FakeMounter, MountCall, Mounter};
+    use crate::node::mount::{BindSource, FakeMounter, MountCall, Mounter};
     use crate::proto::volume_capability::{AccessMode, AccessType, MountVolume};
 
     struct Rig {
@@ -819,6 +825,68 @@ mod tests {
         assert_eq!(r.detaches(), 1);
         assert!(!Path::new(&target).exists() && Path::new(&stage).is_dir());
         assert_eq!(r.svc.d.records.load(&r.id).await.unwrap(), None, "an unstaged volume has no record left");
+    }
+
+    #[tokio::test]
+    async fn a_read_only_publish_left_writable_is_redone_and_a_finished_writable_one_is_not() {
+        let r = rig().await;
+        let (stage, target) = (r.path("stage"), r.path("pods/p1/mount"));
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        let publish = |readonly: bool| NodePublishVolumeRequest {
+            volume_id: r.id.clone(),
+            staging_target_path: stage.clone(),
+            target_path: target.clone(),
+            volume_capability: Some(cap(Mode::SingleNodeWriter, "xfs")),
+            readonly,
+            ..Default::default()
+        };
+        r.svc.publish(publish(true)).await.unwrap();
+        // What a driver killed between a bind and its read-only remount left: the record of a
+        // read-only publish, a writable bind of the volume at the target.
+        let at = RequestPath::internal(Path::new(&target)).unwrap();
+        let bound = r.mounter.mount_at(&at).await.unwrap().unwrap();
+        r.mounter.unmount(&at, bound.id).await.unwrap();
+        r.mounter.bind(BindSource::Mount(&RequestPath::internal(Path::new(&stage)).unwrap()), &at, &[]).await.unwrap();
+        let before = r.mounter.calls().len();
+        r.svc.publish(publish(true)).await.unwrap();
+        let calls = r.mounter.calls()[before..].to_vec();
+        assert!(
+            matches!(&calls[..], [MountCall::Unmount { target: t }, MountCall::Bind { options, .. }] if t.as_path() == Path::new(&target) && options.iter().any(|o| o == "ro")),
+            "the writable bind is unmounted and bound again read-only: {calls:?}"
+        );
+        let top = r.mounter.mount_at(&at).await.unwrap().unwrap();
+        assert!(top.mount_options.iter().any(|o| o == "ro"), "{top:?}");
+
+        // A finished read-write publish asked read-only, twice: refused both times, untouched.
+        r.svc.unpublish(NodeUnpublishVolumeRequest { volume_id: r.id.clone(), target_path: target.clone() }).await.unwrap();
+        r.svc.publish(publish(false)).await.unwrap();
+        let before = r.mounter.calls().len();
+        for _ in 0..2 {
+            assert!(matches!(r.svc.publish(publish(true)).await, Err(Error::AlreadyExists(_))));
+        }
+        assert_eq!(r.mounter.calls().len(), before, "nothing unmounted or bound");
+        assert!(!r.svc.d.records.load(&r.id).await.unwrap().unwrap().publish_at(Path::new(&target)).unwrap().readonly);
+    }
+
+    #[tokio::test]
+    async fn node_calls_take_the_lock_the_controller_takes_for_the_volume() {
+        let r = rig().await;
+        let stage = r.path("stage");
+        // What CreateSnapshot of this volume holds while it freezes and copies.
+        let held = r.svc.d.locks.try_lock(crate::locks::LockKey::new("p", ObjectKind::Volume, "v1")).unwrap();
+        let aborted = |e: Error| matches!(e, Error::Aborted(ref m) if m.contains("volume v1 in pool p"));
+        assert!(aborted(r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap_err()));
+        let us = NodeUnstageVolumeRequest { volume_id: r.id.clone(), staging_target_path: stage.clone() };
+        assert!(aborted(r.svc.unstage(us.clone()).await.unwrap_err()));
+        let un = NodeUnpublishVolumeRequest { volume_id: r.id.clone(), target_path: r.path("t") };
+        assert!(aborted(r.svc.unpublish(un).await.unwrap_err()));
+        assert!(aborted(r.publish_at(&stage, &r.path("t"), Mode::SingleNodeWriter).await.unwrap_err()));
+        let ex = NodeExpandVolumeRequest { volume_id: r.id.clone(), volume_path: stage.clone(), ..Default::default() };
+        assert!(aborted(r.svc.expand(ex).await.unwrap_err()));
+        assert!(r.mounter.calls().is_empty() && r.detaches() == 0, "nothing done under another call's lock");
+        drop(held);
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        r.svc.unstage(us).await.unwrap();
     }
 
     #[tokio::test]

@@ -1,12 +1,13 @@
 //! Pure helpers that turn command-line values into CSI requests: sizes, `key=value` lists,
-//! access modes and volume capabilities. No I/O here, so every rule is unit-tested.
+//! access modes; the capability and capacity builders are [`crate::client`]'s. No I/O here, so
+//! every rule is unit-tested.
 
 use std::collections::HashMap;
 
+pub use crate::client::{Access, capacity, volume_capability};
 use crate::config::{format_size, parse_size};
+use crate::proto::Topology;
 use crate::proto::volume_capability::access_mode::Mode;
-use crate::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
-use crate::proto::{CapacityRange, Topology, VolumeCapability};
 
 /// Parses a size argument (`1GiB`, `512Mi`, `1073741824`) into bytes. Zero is refused: every
 /// command that takes `--size` needs a real amount, and CSI carries sizes as `int64`.
@@ -58,49 +59,6 @@ pub fn access_mode_name(m: Mode) -> String {
 /// Every access mode except UNKNOWN, in enum order.
 fn access_modes() -> impl Iterator<Item = Mode> {
     (1..).map_while(|i| Mode::try_from(i).ok())
-}
-
-/// How a volume is to be accessed: the parts of a `VolumeCapability` the commands take.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Access {
-    /// A raw block device instead of a mounted filesystem.
-    pub block: bool,
-    /// Filesystem type of a mount volume; empty lets the driver choose.
-    pub fs: Option<String>,
-    /// Extra mount options of a mount volume.
-    pub mount_flags: Vec<String>,
-    /// The access mode.
-    pub mode: Mode,
-}
-
-impl Default for Access {
-    fn default() -> Self {
-        Access { block: false, fs: None, mount_flags: Vec::new(), mode: Mode::SingleNodeWriter }
-    }
-}
-
-/// Builds the `VolumeCapability` for an [`Access`]. A block volume cannot have a filesystem or
-/// mount flags; saying so here beats an INVALID_ARGUMENT from the driver.
-pub fn volume_capability(a: &Access) -> Result<VolumeCapability, String> {
-    let access_type = if a.block {
-        if a.fs.is_some() || !a.mount_flags.is_empty() {
-            return Err("a block volume has no filesystem: drop --fs and --mount-flag, or drop --block".into());
-        }
-        AccessType::Block(BlockVolume {})
-    } else {
-        AccessType::Mount(MountVolume {
-            fs_type: a.fs.clone().unwrap_or_default(),
-            mount_flags: a.mount_flags.clone(),
-            volume_mount_group: String::new(),
-        })
-    };
-    Ok(VolumeCapability { access_type: Some(access_type), access_mode: Some(AccessMode { mode: a.mode as i32 }) })
-}
-
-/// A capacity range asking for exactly `bytes` at least (no limit: the driver may round up).
-pub fn capacity(bytes: u64) -> CapacityRange {
-    // parse_size_arg already refused sizes above i64::MAX.
-    CapacityRange { required_bytes: i64::try_from(bytes).unwrap_or(i64::MAX), limit_bytes: 0 }
 }
 
 /// One topology made of the given segments, or none when there are no segments.
@@ -169,58 +127,8 @@ mod tests {
     }
 
     #[test]
-    fn capabilities() {
-        struct Case {
-            name: &'static str,
-            access: Access,
-            want: Result<VolumeCapability, &'static str>,
-        }
-        let mount = |fs: &str, flags: &[&str], mode: Mode| VolumeCapability {
-            access_type: Some(AccessType::Mount(MountVolume {
-                fs_type: fs.into(),
-                mount_flags: flags.iter().map(|f| f.to_string()).collect(),
-                volume_mount_group: String::new(),
-            })),
-            access_mode: Some(AccessMode { mode: mode as i32 }),
-        };
-        let cases = [
-            Case { name: "default", access: Access::default(), want: Ok(mount("", &[], Mode::SingleNodeWriter)) },
-            Case {
-                name: "ext4 with flags",
-                access: Access { fs: Some("ext4".into()), mount_flags: vec!["noatime".into()], ..Access::default() },
-                want: Ok(mount("ext4", &["noatime"], Mode::SingleNodeWriter)),
-            },
-            Case {
-                name: "block read-only many",
-                access: Access { block: true, mode: Mode::MultiNodeReaderOnly, ..Access::default() },
-                want: Ok(VolumeCapability {
-                    access_type: Some(AccessType::Block(BlockVolume {})),
-                    access_mode: Some(AccessMode { mode: Mode::MultiNodeReaderOnly as i32 }),
-                }),
-            },
-            Case {
-                name: "block with fs",
-                access: Access { block: true, fs: Some("xfs".into()), ..Access::default() },
-                want: Err("no filesystem"),
-            },
-            Case {
-                name: "block with flags",
-                access: Access { block: true, mount_flags: vec!["ro".into()], ..Access::default() },
-                want: Err("no filesystem"),
-            },
-        ];
-        for c in cases {
-            match (volume_capability(&c.access), c.want) {
-                (Ok(got), Ok(want)) => assert_eq!(got, want, "{}", c.name),
-                (Err(got), Err(want)) => assert!(got.contains(want), "{}: {got}", c.name),
-                (got, want) => panic!("{}: got {got:?}, want {want:?}", c.name),
-            }
-        }
-    }
-
-    #[test]
     fn capacity_and_topology() {
-        assert_eq!(capacity(1 << 30), CapacityRange { required_bytes: 1 << 30, limit_bytes: 0 });
+        assert_eq!(capacity(1 << 30), crate::proto::CapacityRange { required_bytes: 1 << 30, limit_bytes: 0 });
         assert_eq!(topology(&[]), Ok(None));
         let t = topology(&[("topology.holdfast.dev/node".into(), "n1".into())]).unwrap().unwrap();
         assert_eq!(t.segments["topology.holdfast.dev/node"], "n1");

@@ -29,8 +29,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -38,10 +37,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::blocking::{self, METADATA_DEADLINE};
+use crate::blocking::METADATA_DEADLINE;
 use crate::error::{Error, Result};
 use crate::exec::{Cmd, Exec, ExecError};
+use crate::node::mount::{Mounter, RealMounter};
 use crate::node::mountinfo;
+use crate::store::{self, Noun, Store};
 
 /// The longest a filesystem stays frozen for one operation (freeze, copy or snapshot, thaw).
 /// Writers to the volume block meanwhile, so it is short next to an application's patience,
@@ -110,10 +111,11 @@ struct Slot {
 /// pools, so the reference counts see every operation.
 pub struct Freezer {
     exec: Arc<dyn Exec>,
-    /// `<state dir>/freeze`; `None` records nothing (unit tests of pools, tools).
-    dir: Option<PathBuf>,
+    /// The records in `<state dir>/freeze`; `None` records nothing (unit tests of pools, tools).
+    store: Option<Store>,
     deadline: Duration,
-    mountinfo: PathBuf,
+    /// The mount table (the driver's [`Mounter`]; a fake in tests).
+    mounter: Arc<dyn Mounter>,
     slots: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<Slot>>>>,
 }
 
@@ -126,17 +128,18 @@ impl Freezer {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| Error::io(format!("creating the freeze record directory {}", dir.display()), e))?;
-        Ok(Freezer { dir: Some(dir), ..Freezer::unrecorded(exec) })
+        let store = Store::new(dir, "state", METADATA_DEADLINE).described(noun().what, noun().if_damaged).creating_dir();
+        Ok(Freezer { store: Some(store), ..Freezer::unrecorded(exec) })
     }
 
     /// A freezer that keeps no records: nothing thaws its freezes after a crash. Only for
     /// pools used outside a driver (unit tests, benchmarks); the driver always records.
     pub fn unrecorded(exec: Arc<dyn Exec>) -> Freezer {
         Freezer {
+            mounter: Arc::new(RealMounter::new(exec.clone())),
             exec,
-            dir: None,
+            store: None,
             deadline: FROZEN_DEADLINE,
-            mountinfo: PathBuf::from(mountinfo::PROC_MOUNTINFO),
             slots: Mutex::new(HashMap::new()),
         }
     }
@@ -147,10 +150,17 @@ impl Freezer {
         self
     }
 
-    /// Reads the mount table from `path` instead of `/proc/self/mountinfo` (tests).
-    pub fn with_mountinfo(mut self, path: impl Into<PathBuf>) -> Self {
-        self.mountinfo = path.into();
+    /// Reads the mount table through `mounter` (the driver's; a fake in tests) instead of a
+    /// mounter of its own.
+    pub fn with_mounter(mut self, mounter: Arc<dyn Mounter>) -> Self {
+        self.mounter = mounter;
         self
+    }
+
+    /// The mount table this freezer records mounts from: pools find the mount points they
+    /// hand to [`Freezer::around`] in the same table, so the fakes of a test drive both.
+    pub fn mounter(&self) -> Arc<dyn Mounter> {
+        self.mounter.clone()
     }
 
     /// The frozen deadline.
@@ -236,8 +246,8 @@ impl Freezer {
             tracing::info!(mount_point = %mp.display(), holders = s.holders, purpose = %target.purpose, "joining a freeze in progress");
             return Ok(s.since.expect("a held freeze has a start"));
         }
-        let record = if self.dir.is_some() { Some(self.record_for(target, mp).await?) } else { None };
-        if let Some(old) = self.read_record(&record_path_in(self.dir.as_deref(), mp)).await? {
+        let record = if self.store.is_some() { Some(self.record_for(target, mp).await?) } else { None };
+        if let Some(old) = self.read_record(mp).await? {
             // Left by a thaw that failed earlier: the filesystem may still be frozen by us.
             tracing::warn!(mount_point = %mp.display(), since = old.started, "a freeze record is still open; thawing first");
             self.thaw(mp).await?;
@@ -309,10 +319,8 @@ impl Freezer {
     }
 
     async fn record_for(&self, target: &Target, mp: &Path) -> Result<Record> {
-        let (path, mp_owned) = (self.mountinfo.clone(), mp.to_owned());
-        let mounts =
-            blocking::run("mountinfo", "reading the mount table", METADATA_DEADLINE, move || mountinfo::read_from(&path)).await??;
-        let major_minor = mountinfo::top_at(&mounts, &mp_owned).map(|m| m.major_minor.clone()).unwrap_or_default();
+        let mounts = self.mounter.mounts().await?;
+        let major_minor = mountinfo::top_at(&mounts, mp).map(|m| m.major_minor.clone()).unwrap_or_default();
         Ok(Record {
             pool: target.pool.clone(),
             volume: target.volume.clone(),
@@ -324,42 +332,37 @@ impl Freezer {
         })
     }
 
-    async fn read_record(&self, path: &Path) -> Result<Option<Record>> {
-        if self.dir.is_none() {
-            return Ok(None);
-        }
-        let p = path.to_owned();
-        blocking::run("state", "reading a freeze record", METADATA_DEADLINE, move || read_record(&p)).await?
+    async fn read_record(&self, mp: &Path) -> Result<Option<Record>> {
+        let Some(store) = &self.store else { return Ok(None) };
+        store.read(&record_name(mp)).await
     }
 
     async fn write_record(&self, record: &Record) -> Result<()> {
-        let Some(dir) = self.dir.clone() else { return Ok(()) };
-        let r = record.clone();
-        blocking::run("state", "writing a freeze record", METADATA_DEADLINE, move || write_record(&dir, &r)).await?
+        let Some(store) = &self.store else { return Ok(()) };
+        store.write(&record_name(&record.mount_point), record).await
     }
 
     async fn remove_record(&self, mp: &Path) -> Result<()> {
-        let Some(dir) = self.dir.clone() else { return Ok(()) };
-        let path = record_path(&dir, mp);
-        blocking::run("state", "removing a freeze record", METADATA_DEADLINE, move || remove_record(&dir, &path)).await?
+        let Some(store) = &self.store else { return Ok(()) };
+        store.remove(&record_name(mp)).await.map(|_| ())
     }
 
     /// Start-up: thaws every filesystem a record names and removes the records (see the module
     /// docs). Call it before serving. Records of another boot, or whose mount is gone or is
     /// another filesystem now, are removed without a thaw.
     pub async fn recover(&self) -> Result<Vec<Recovered>> {
-        let Some(dir) = self.dir.clone() else { return Ok(Vec::new()) };
-        let d = dir.clone();
-        let records = blocking::run("state", "listing freeze records", METADATA_DEADLINE, move || list_records(&d, true)).await??;
+        let Some(store) = &self.store else { return Ok(Vec::new()) };
+        // At start-up no freeze is being recorded: a temporary is a write whose freeze never
+        // began (the record is in place before the freeze).
+        store.clean_temporaries().await?;
+        let records = store.list::<Record>().await?;
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let path = self.mountinfo.clone();
-        let mounts =
-            blocking::run("mountinfo", "reading the mount table", METADATA_DEADLINE, move || mountinfo::read_from(&path)).await??;
+        let mounts = self.mounter.mounts().await?;
         let boot = boot_id();
         let mut out = Vec::new();
-        for (file, r) in records {
+        for (name, r) in records {
             let mp = r.mount_point.clone();
             let same_mount = mountinfo::top_at(&mounts, &mp).is_some_and(|m| r.major_minor.is_empty() || m.major_minor == r.major_minor);
             let outcome = if r.boot_id != boot || !same_mount {
@@ -381,8 +384,7 @@ impl Freezer {
                     }
                 }
             };
-            let d = dir.clone();
-            blocking::run("state", "removing a freeze record", METADATA_DEADLINE, move || remove_record(&d, &file)).await??;
+            store.remove(&name).await?;
             out.push(outcome);
         }
         Ok(out)
@@ -393,11 +395,9 @@ impl Freezer {
     /// Linux cannot say whether a filesystem is frozen; the records can. Reads the records
     /// under a deadline; `None` when there are none (or they cannot be read).
     pub async fn stuck_since(&self, pool: &str, volume: &str) -> Option<u64> {
-        let dir = self.dir.clone()?;
+        let store = self.store.as_ref()?;
         let limit = self.stuck_after().as_secs();
-        let (pool, volume) = (pool.to_owned(), volume.to_owned());
-        let records =
-            blocking::run("state", "reading freeze records", METADATA_DEADLINE, move || list_records(&dir, false)).await.ok()?.ok()?;
+        let records = store.list::<Record>().await.ok()?;
         let now = unix_now();
         records
             .into_iter()
@@ -450,82 +450,33 @@ fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
-/// `<dir>/<sha256 of the mount point>.json`: any mount point, one fixed-size safe name.
-fn record_path(dir: &Path, mp: &Path) -> PathBuf {
+/// How freeze records are named in messages, and what to do with a damaged one.
+fn noun() -> Noun {
+    Noun::new("freeze record", "check the filesystem it names, then remove it")
+}
+
+/// The record name of a mount point, `<sha256 of the mount point>` (half of it): any mount
+/// point, one fixed-size safe name; the file is `<dir>/<name>.json`.
+fn record_name(mp: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let digest = Sha256::digest(mp.as_os_str().as_bytes());
-    dir.join(format!("{}.json", hex::encode(&digest[..16])))
+    hex::encode(&digest[..16])
 }
 
-fn record_path_in(dir: Option<&Path>, mp: &Path) -> PathBuf {
-    dir.map(|d| record_path(d, mp)).unwrap_or_default()
-}
-
-fn read_record(path: &Path) -> Result<Option<Record>> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            Error::Internal(format!("freeze record {} is unreadable: {e}; check the filesystem it names, then remove it", path.display()))
-        }),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(format!("reading freeze record {}", path.display()), e)),
-    }
-}
-
+/// Writes a record into `dir` outside a [`Freezer`] (tests seed crashed states with it).
+#[cfg(test)]
 fn write_record(dir: &Path, r: &Record) -> Result<()> {
-    let path = record_path(dir, &r.mount_point);
-    let tmp = path.with_extension("json.tmp");
-    let json = serde_json::to_vec_pretty(r).map_err(|e| Error::Internal(format!("encoding a freeze record: {e}")))?;
-    let io = |what: &str, p: &Path| {
-        let what = format!("{what} {}", p.display());
-        move |e| Error::io(what, e)
-    };
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io("creating", &tmp))?;
-    f.write_all(&json).and_then(|_| f.sync_all()).map_err(io("writing", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
-    sync_dir(dir)
-}
-
-fn remove_record(dir: &Path, path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("removing freeze record {}", path.display()), e)),
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
-}
-
-/// Every record in `dir` with its file. With `clean` (at start-up, when no freeze is being
-/// recorded), temporaries of an interrupted write are removed: the freeze they were for never
-/// began, since the record is in place before the freeze.
-fn list_records(dir: &Path, clean: bool) -> Result<Vec<(PathBuf, Record)>> {
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
-    };
-    for entry in entries {
-        let path = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.ends_with(".json.tmp") && clean {
-            let _ = std::fs::remove_file(&path);
-        } else if name.ends_with(".json") {
-            match read_record(&path) {
-                Ok(Some(r)) => out.push((path, r)),
-                Ok(None) => {}
-                Err(e) => tracing::error!(error = %e, "skipping a freeze record"),
-            }
-        }
-    }
-    Ok(out)
+    store::write_file(&dir.join(format!("{}{}", record_name(&r.mount_point), store::SUFFIX)), r)
 }
 
 /// The records in `state_dir` (for tools and tests that inspect a driver's state).
 pub fn records(state_dir: &Path) -> Result<Vec<Record>> {
-    Ok(list_records(&state_dir.join(RECORD_DIR), false)?.into_iter().map(|(_, r)| r).collect())
+    let dir = state_dir.join(RECORD_DIR);
+    let listed = match store::list_dir::<Record>(&dir, &noun()) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        r => r?,
+    };
+    Ok(listed.into_iter().filter_map(|(_, r)| r.map_err(|e| tracing::error!(error = %e, "skipping a freeze record")).ok()).collect())
 }
 
 #[cfg(test)]

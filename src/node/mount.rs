@@ -125,6 +125,20 @@ impl RealMounter {
     pub fn with_hold_dir(exec: Arc<dyn Exec>, dir: &Path) -> Self {
         RealMounter { exec, hold_dir: dir.to_owned() }
     }
+
+    /// Start-up repair: detaches the holding binds that killed drivers left (each pins its
+    /// volume's filesystem, so that volume's device could not be detached until the next
+    /// flagged bind swept it). Failures are logged; the driver serves anyway.
+    pub async fn recover(&self) {
+        let dir = self.hold_dir.clone();
+        if !dir.exists() {
+            return;
+        }
+        let what = format!("sweeping {}", dir.display());
+        if let Err(e) = blocking::run("hold-dir", &what, METADATA_DEADLINE, move || sweep_hold_dir(&dir)).await {
+            tracing::warn!(error = %e, "could not sweep the holding directory");
+        }
+    }
 }
 
 fn domain(p: &RequestPath) -> String {
@@ -197,7 +211,8 @@ fn hold_prefix() -> &'static str {
     })
 }
 
-/// Makes the holding directory (0700) and, when it is new, a private mount of its own, so a
+/// Makes the holding directory (0700) and, while it is empty and no mount yet (its first use
+/// since boot), a private mount of its own, so a
 /// bind attached there for a moment never propagates to other mount namespaces (a host `/run`
 /// is usually shared). Then clears what killed drivers left there.
 fn prepare_hold_dir(hold_dir: &Path) -> Result<()> {

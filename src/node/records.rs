@@ -3,19 +3,19 @@
 //! NodeGetVolumeStats get a volume id and a path but no volume context; the record (what was
 //! mounted: a device and its `dev_t`, or a dataset / export) together with the mount table
 //! tells whether the path holds this volume, so nothing else is ever unmounted, grown or
-//! reported. A record is written (tmp file, fsync, rename, directory fsync) before the mount it
+//! reported. A record is written (through [`crate::store`]: tmp file, fsync, rename, directory fsync) before the mount it
 //! describes, so a crash at any point leaves a record the next call can act on.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::blocking::{self, METADATA_DEADLINE};
+use crate::blocking::METADATA_DEADLINE;
 use crate::error::{Error, Result};
 use crate::node::mountinfo::MountInfo;
 use crate::node::safepath::same_path;
+use crate::store::Store;
 
 /// Everything holdfast mounted for one volume on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,69 +173,48 @@ impl VolumeRecord {
     }
 }
 
-/// The record store: one JSON file per volume under `<state_dir>/stage`.
+/// The stage records: one JSON file per volume under `<state_dir>/stage`, kept in the
+/// [`crate::store`] record store.
 #[derive(Debug, Clone)]
 pub struct Records {
-    dir: PathBuf,
+    store: Store,
 }
 
 impl Records {
     /// The store in `state_dir` (its `stage` directory is created on first write, 0700).
     pub fn new(state_dir: &Path) -> Self {
-        Records { dir: state_dir.join("stage") }
+        let store = Store::new(state_dir.join("stage"), "state-dir", METADATA_DEADLINE)
+            .described("stage record", "move it away to start afresh")
+            .creating_dir();
+        Records { store }
     }
 
-    /// The file of `volume_id`: a hash, since ids may be long and hold any allowed character.
-    fn file(&self, volume_id: &str) -> PathBuf {
-        self.dir.join(format!("{}.json", hex::encode(Sha256::digest(volume_id.as_bytes()))))
+    /// The record name of `volume_id`: a hash, since ids may be long and hold any allowed character.
+    fn name(volume_id: &str) -> String {
+        hex::encode(Sha256::digest(volume_id.as_bytes()))
     }
 
     /// The record of `volume_id`, if any.
     pub async fn load(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
-        let (file, id) = (self.file(volume_id), volume_id.to_owned());
-        blocking::run("state-dir", "reading a stage record", METADATA_DEADLINE, move || {
-            let text = match std::fs::read(&file) {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(Error::io(format!("reading stage record {}", file.display()), e)),
-            };
-            let rec: VolumeRecord = serde_json::from_slice(&text)
-                .map_err(|e| Error::Internal(format!("stage record {} is damaged ({e}); move it away to start afresh", file.display())))?;
-            if rec.volume_id != id {
-                return Err(Error::Internal(format!("stage record {} names another volume", file.display())));
-            }
-            Ok(Some(rec))
-        })
-        .await?
+        let name = Self::name(volume_id);
+        let rec = self.store.read::<VolumeRecord>(&name).await?;
+        if rec.as_ref().is_some_and(|r| r.volume_id != volume_id) {
+            return Err(Error::Internal(format!("stage record {} names another volume", self.store.file(&name)?.display())));
+        }
+        Ok(rec)
+    }
+
+    /// Start-up, before serving: removes the temporaries of record writes a crash
+    /// interrupted (the record they were for is the one still in place). Returns what it removed.
+    pub async fn clean_temporaries(&self) -> Result<Vec<PathBuf>> {
+        self.store.clean_temporaries().await
     }
 
     /// Writes `rec` durably (an empty record removes the file).
     pub async fn save(&self, rec: &VolumeRecord) -> Result<()> {
-        let (dir, file) = (self.dir.clone(), self.file(&rec.volume_id));
-        let body = if rec.is_empty() { None } else { Some(serde_json::to_vec_pretty(rec).map_err(|e| Error::Internal(e.to_string()))?) };
-        blocking::run("state-dir", "writing a stage record", METADATA_DEADLINE, move || write_durably(&dir, &file, body.as_deref())).await?
+        let name = Self::name(&rec.volume_id);
+        if rec.is_empty() { self.store.remove(&name).await.map(|_| ()) } else { self.store.write(&name, rec).await }
     }
-}
-
-/// tmp + fsync + rename + directory fsync, so the file is either the old or the new record.
-fn write_durably(dir: &Path, file: &Path, body: Option<&[u8]>) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    let io = |what: &str, e: std::io::Error| Error::io(format!("{what} {}", file.display()), e);
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| io("creating the directory of", e))?;
-    match body {
-        None => match std::fs::remove_file(file) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io("removing", e)),
-        },
-        Some(body) => {
-            let tmp = file.with_extension("json.tmp");
-            let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating a temporary file for", e))?;
-            f.write_all(body).and_then(|()| f.sync_all()).map_err(|e| io("writing", e))?;
-            std::fs::rename(&tmp, file).map_err(|e| io("renaming into place", e))?;
-        }
-    }
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("syncing the directory of", e))
 }
 
 #[cfg(test)]
@@ -349,5 +328,24 @@ mod tests {
         store.save(&rec).await.unwrap();
         assert_eq!(store.load("file:n:p:v1").await.unwrap(), None);
         assert_eq!(std::fs::read_dir(dir.path().join("stage")).unwrap().count(), 0, "no file, no temporary left");
+    }
+
+    #[tokio::test]
+    async fn start_up_removes_interrupted_writes_and_keeps_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Records::new(dir.path());
+        assert!(store.clean_temporaries().await.unwrap().is_empty(), "no directory yet: nothing to clean");
+        let mut rec = VolumeRecord::new("file:n:p:v1");
+        rec.stages.push(device_stage("ext4", None));
+        store.save(&rec).await.unwrap();
+        let stage = dir.path().join("stage");
+        let name = Records::name("file:n:p:v1");
+        // A crash mid-write, in the naming of this store and of the writer before it.
+        for tmp in [format!(".{name}.json.tmp"), format!("{name}.json.tmp")] {
+            std::fs::write(stage.join(&tmp), b"{\"volume_id\": ").unwrap();
+        }
+        assert_eq!(store.clean_temporaries().await.unwrap().len(), 2);
+        assert_eq!(store.load("file:n:p:v1").await.unwrap(), Some(rec));
+        assert_eq!(std::fs::read_dir(&stage).unwrap().count(), 1, "only the record is left");
     }
 }

@@ -254,11 +254,14 @@ impl LvmPool {
         snapshot: crate::exec::Cmd,
     ) -> Result<(), SnapshotError> {
         let device = self.device_path(origin);
-        let mount_points = crate::blocking::run("mountinfo", "reading the mount table", crate::blocking::METADATA_DEADLINE, move || {
-            mounted_filesystems(&device)
-        })
-        .await
-        .map_err(SnapshotError::Freeze)?;
+        let mounts = self.freezer.mounter().mounts().await.map_err(SnapshotError::Freeze)?;
+        // Resolving the device and the mount sources are filesystem calls: off the workers.
+        let mount_points =
+            crate::blocking::run("mountinfo", "finding the mounts of a device", crate::blocking::METADATA_DEADLINE, move || {
+                mounted_filesystems(&device, &mounts)
+            })
+            .await
+            .map_err(SnapshotError::Freeze)?;
         let target = Target { pool: self.name.clone(), volume: origin_local.to_owned(), mount_points, purpose };
         let exec = self.exec.clone();
         let result = self.freezer.around(target, async move { exec.run(snapshot).await.map(|_| ()) }).await;
@@ -641,15 +644,12 @@ impl LvmPool {
 /// are bound to the device (mountinfo shows its number): the device-mapper suspend of
 /// `lvcreate --snapshot` freezes them itself, and freezing them first would make that suspend
 /// fail with EBUSY. btrfs shows an anonymous device number and is matched by its source.
-fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
+fn mounted_filesystems(device: &Path, mounts: &[crate::node::mountinfo::MountInfo]) -> Vec<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let Ok(real) = std::fs::canonicalize(device) else {
         return Vec::new();
     };
     let dev_id = std::fs::metadata(&real).map(|m| format!("{}:{}", nix::sys::stat::major(m.rdev()), nix::sys::stat::minor(m.rdev()))).ok();
-    let Ok(mounts) = crate::node::mountinfo::read() else {
-        return Vec::new();
-    };
     let mut seen = Vec::new();
     let mut points = Vec::new();
     for m in mounts {
@@ -657,7 +657,7 @@ fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
         let by_source = m.source.starts_with("/dev/") && std::fs::canonicalize(&m.source).is_ok_and(|s| s == real);
         if by_source && !by_number && !seen.contains(&m.major_minor) {
             seen.push(m.major_minor.clone());
-            points.push(m.mount_point);
+            points.push(m.mount_point.clone());
         }
     }
     points

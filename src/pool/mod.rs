@@ -26,7 +26,8 @@ pub fn round_up_mib(bytes: u64) -> u64 {
     bytes.max(1).div_ceil(MIB).saturating_mul(MIB)
 }
 
-/// Opens the pool a `[[pool]]` table describes; block-backed pools freeze with `freezer`.
+/// Opens the pool a `[[pool]]` table describes; block-backed pools freeze with `freezer`, and
+/// every pool reads the mount table through its mounter (the driver's).
 pub fn open(
     cfg: &crate::config::PoolConfig,
     exec: std::sync::Arc<dyn crate::exec::Exec>,
@@ -35,7 +36,8 @@ pub fn open(
     match cfg.kind() {
         PoolKind::File => Ok(std::sync::Arc::new(file::FilePool::new(cfg, exec)?.with_freezer(freezer))),
         PoolKind::Lvm => Ok(std::sync::Arc::new(lvm::LvmPool::new(cfg, exec)?.with_freezer(freezer))),
-        PoolKind::Nfs => Ok(std::sync::Arc::new(nfs::NfsPool::new(cfg, exec)?)),
+        // The driver's mount table, which its freezer holds.
+        PoolKind::Nfs => Ok(std::sync::Arc::new(nfs::NfsPool::new(cfg, exec)?.with_mounter(freezer.mounter()))),
         PoolKind::Zfs => Ok(std::sync::Arc::new(zfs::ZfsPool::new(cfg, exec)?.with_freezer(freezer))),
     }
 }
@@ -233,8 +235,9 @@ pub trait Pool: Send + Sync {
         None
     }
 
-    /// Creates a volume, or returns the existing one when it was made by the same request.
-    /// Same name, different capacity/kind/source → `AlreadyExists`. No room → `ResourceExhausted`.
+    /// Creates a volume, or returns the existing one when it was made by the same request
+    /// ([`VolumeInfo::conflicts_with`] finds nothing; it keeps its own uid). Otherwise
+    /// `AlreadyExists` naming the differences. No room → `ResourceExhausted`.
     async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo>;
     /// Deletes a volume; succeeds when it is already gone.
     async fn delete_volume(&self, local: &str) -> Result<()>;

@@ -24,13 +24,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use holdfast::client::{self, Clients};
 use holdfast::proto::controller_client::ControllerClient;
 use holdfast::proto::controller_service_capability::rpc::Type as CtrlCap;
 use holdfast::proto::identity_client::IdentityClient;
 use holdfast::proto::node_client::NodeClient;
 use holdfast::proto::node_service_capability::rpc::Type as NodeCap;
 use holdfast::proto::volume_capability::access_mode::Mode;
-use holdfast::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use holdfast::proto::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -202,12 +202,6 @@ fn pool_from_config(path: &Path) -> PoolUnderTest {
     PoolUnderTest { name, kind, config, owned: false }
 }
 
-struct Clients {
-    identity: IdentityClient<Channel>,
-    controller: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
-}
-
 /// A running `holdfast all-in-one` and CSI clients connected to it.
 pub struct Driver {
     /// The temp dir: socket, log, config, default pool, staging and target paths.
@@ -248,11 +242,7 @@ impl Driver {
 
     async fn connect(&mut self) {
         let channel = self.wait_for_socket().await;
-        self.clients = Some(Clients {
-            identity: IdentityClient::new(channel.clone()),
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel),
-        });
+        self.clients = Some(Clients::new(channel));
     }
 
     /// Kills the driver with SIGKILL (no clean-up of its own) and waits for it to be gone.
@@ -349,10 +339,7 @@ impl Driver {
 
     /// A filesystem capability with the fs under test.
     pub fn mount_cap(&self, mode: Mode) -> VolumeCapability {
-        VolumeCapability {
-            access_mode: Some(AccessMode { mode: mode as i32 }),
-            access_type: Some(AccessType::Mount(MountVolume { fs_type: self.fs_type.clone(), ..Default::default() })),
-        }
+        client::mount_capability(&self.fs_type, &[], mode)
     }
 
     /// The smallest volume the fs under test can be made on, rounded to a comfortable size
@@ -367,13 +354,8 @@ impl Driver {
 
     /// A CreateVolume request for the pool under test.
     pub fn create_request(&self, name: &str, required: i64, cap: VolumeCapability) -> CreateVolumeRequest {
-        CreateVolumeRequest {
-            name: name.to_owned(),
-            capacity_range: Some(CapacityRange { required_bytes: required, limit_bytes: 0 }),
-            volume_capabilities: vec![cap],
-            parameters: self.params(),
-            ..Default::default()
-        }
+        // `required` as given (a test may send what no caller should): no clamping here.
+        client::create_volume_request(name, CapacityRange { required_bytes: required, limit_bytes: 0 }, cap, self.params())
     }
 
     /// Creates a volume, failing the test on any error.
@@ -453,12 +435,7 @@ impl Driver {
 
     /// NodeStageVolume request.
     pub fn stage_request(&self, volume_id: &str, staging: &Path, cap: &VolumeCapability) -> NodeStageVolumeRequest {
-        NodeStageVolumeRequest {
-            volume_id: volume_id.to_owned(),
-            staging_target_path: path_str(staging),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        }
+        client::stage_request(volume_id, &path_str(staging), cap.clone())
     }
 
     /// NodePublishVolume request.
@@ -470,14 +447,7 @@ impl Driver {
         cap: &VolumeCapability,
         readonly: bool,
     ) -> NodePublishVolumeRequest {
-        NodePublishVolumeRequest {
-            volume_id: volume_id.to_owned(),
-            staging_target_path: path_str(staging),
-            target_path: path_str(target),
-            volume_capability: Some(cap.clone()),
-            readonly,
-            ..Default::default()
-        }
+        client::publish_request(volume_id, &path_str(staging), &path_str(target), cap.clone(), readonly)
     }
 
     /// Stages a volume, failing the test on any error.
@@ -496,14 +466,14 @@ impl Driver {
 
     /// Unpublishes, failing the test on any error.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) {
-        let req = NodeUnpublishVolumeRequest { volume_id: volume_id.to_owned(), target_path: path_str(target) };
+        let req = client::unpublish_request(volume_id, &path_str(target));
         ok(self.node().node_unpublish_volume(req).await, &format!("NodeUnpublishVolume {volume_id} at {}", target.display()));
         self.forget(&Leftover::Published(volume_id.to_owned(), path_str(target)));
     }
 
     /// Unstages, failing the test on any error.
     pub async fn unstage(&self, volume_id: &str, staging: &Path) {
-        let req = NodeUnstageVolumeRequest { volume_id: volume_id.to_owned(), staging_target_path: path_str(staging) };
+        let req = client::unstage_request(volume_id, &path_str(staging));
         ok(self.node().node_unstage_volume(req).await, &format!("NodeUnstageVolume {volume_id} at {}", staging.display()));
         self.forget(&Leftover::Staged(volume_id.to_owned(), path_str(staging)));
     }
@@ -671,20 +641,12 @@ impl Driver {
         background().spawn(async move {
             for l in leftovers {
                 let res = match &l {
-                    Leftover::Published(volume_id, target_path) => node
-                        .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                            volume_id: volume_id.clone(),
-                            target_path: target_path.clone(),
-                        })
-                        .await
-                        .map(drop),
-                    Leftover::Staged(volume_id, staging) => node
-                        .node_unstage_volume(NodeUnstageVolumeRequest {
-                            volume_id: volume_id.clone(),
-                            staging_target_path: staging.clone(),
-                        })
-                        .await
-                        .map(drop),
+                    Leftover::Published(volume_id, target_path) => {
+                        node.node_unpublish_volume(client::unpublish_request(volume_id, target_path)).await.map(drop)
+                    }
+                    Leftover::Staged(volume_id, staging) => {
+                        node.node_unstage_volume(client::unstage_request(volume_id, staging)).await.map(drop)
+                    }
                     Leftover::Snapshot(id) => {
                         controller.delete_snapshot(DeleteSnapshotRequest { snapshot_id: id.clone(), ..Default::default() }).await.map(drop)
                     }
@@ -753,7 +715,7 @@ pub const CAP_SYS_RESOURCE: u32 = 24;
 
 /// A raw block capability.
 pub fn block_cap(mode: Mode) -> VolumeCapability {
-    VolumeCapability { access_mode: Some(AccessMode { mode: mode as i32 }), access_type: Some(AccessType::Block(BlockVolume {})) }
+    client::block_capability(mode)
 }
 
 /// A name unique across tests, processes and runs (a shared pool may hold leftovers from an
@@ -977,11 +939,7 @@ impl Setup {
         }
         driver.child = Some(cmd.spawn().expect("spawn holdfast"));
         let channel = driver.wait_for_socket().await;
-        driver.clients = Some(Clients {
-            identity: IdentityClient::new(channel.clone()),
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel),
-        });
+        driver.clients = Some(Clients::new(channel));
         driver
     }
 }

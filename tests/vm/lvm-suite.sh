@@ -39,7 +39,7 @@ thick_skips=(
 
 # Test binaries that drive a pool through HOLDFAST_TEST_CONFIG, run like conformance on every pool
 # of this suite when their file exists in the tree.
-pool_tests=(hostile)
+pool_tests=(hostile concurrency)
 
 if [ "${1:-}" != --guest ]; then
   echo "lvm-suite: building the test binaries on the host"

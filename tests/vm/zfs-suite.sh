@@ -31,7 +31,7 @@ cd "$repo"
 
 # Test binaries that drive a pool through HOLDFAST_TEST_CONFIG, run like conformance on every pool
 # of this suite when their file exists in the tree.
-pool_tests=(hostile)
+pool_tests=(hostile concurrency)
 
 if [ "${1:-}" != --guest ]; then
   # A target directory of its own: others building in the shared target/ would rewrite

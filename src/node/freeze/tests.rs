@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::exec::{FakeExec, Reply};
+use crate::node::mount::FakeMounter;
 
 /// A fake mount table with `/mnt/vol` (7:0) on it.
 const MOUNTINFO: &str = "22 1 7:0 / /mnt/vol rw,relatime shared:1 - ext4 /dev/loop0 rw\n";
@@ -20,10 +21,12 @@ struct Fixture {
 fn fixture(deadline: Duration) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
-    let mi = tmp.path().join("mountinfo");
-    std::fs::write(&mi, MOUNTINFO).unwrap();
+    let table = Arc::new(FakeMounter::new());
+    for line in mountinfo::parse(MOUNTINFO).unwrap() {
+        table.add_line(line);
+    }
     let fake = Arc::new(FakeExec::new());
-    let freezer = Arc::new(Freezer::new(&state, fake.clone()).unwrap().with_deadline(deadline).with_mountinfo(&mi));
+    let freezer = Arc::new(Freezer::new(&state, fake.clone()).unwrap().with_deadline(deadline).with_mounter(table));
     Fixture { _tmp: tmp, state, fake, freezer }
 }
 

@@ -14,7 +14,7 @@
 //!
 //! Crash safety: the metadata rename is the single commit point. A creation builds the image as
 //! `.<local>.img.tmp`, fsyncs it, renames it to `<local>.img`, then writes the metadata (tmp,
-//! fsync, rename, fsync of the directory). Until the metadata is in place nothing is visible;
+//! fsync, rename, fsync of the directory: [`crate::store`]). Until the metadata is in place nothing is visible;
 //! afterwards the volume is complete. Deletion removes the metadata first. So the only leftovers
 //! a crash can leave are temporaries and an image without metadata, and a retry of the same
 //! name (create or delete) removes them.
@@ -39,7 +39,7 @@
 //! a raw block volume in use has no filesystem to freeze and is copied as it is.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -56,6 +56,7 @@ use crate::exec::{Cmd, Exec};
 use crate::node::freeze::{Freezer, Target};
 use crate::node::{loopdev, mountinfo};
 use crate::pool::{Attachment, Condition, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
+use crate::store;
 use crate::volume_id::{PoolKind, valid_local_name};
 
 mod room;
@@ -206,8 +207,6 @@ pub struct FilePool {
     /// Provisioning of volumes whose request does not choose.
     provisioning: Provisioning,
     exec: Arc<dyn Exec>,
-    /// The mount table consulted to find a mounted source before copying it.
-    mountinfo: PathBuf,
     /// Where loop devices' queue limits are set (`/sys/block`; a fake tree in tests).
     sys_block: PathBuf,
     /// The [`blocking::run`] domain of this pool's filesystem calls.
@@ -226,53 +225,32 @@ fn now() -> i64 {
 
 /// Removes a file; one that is not there is success.
 fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io(format!("removing {}", path.display()), e)),
-        _ => Ok(()),
-    }
+    store::remove_if_exists(path).map(|_| ())
 }
 
 /// Removes an object's files, metadata first: from then on the object is gone and what remains
 /// is a leftover a retry removes. Durable when it returns.
 fn remove_files(f: &Files) -> Result<()> {
-    remove_if_exists(&f.meta)?;
-    sync_dir(&f.dir)?;
+    // The metadata and its temporary, then a directory fsync: the commit point of the deletion.
+    store::remove_durably(&f.meta)?;
     remove_if_exists(&f.img)?;
     remove_if_exists(&f.tmp_img)?;
-    remove_if_exists(&f.tmp_meta)?;
-    sync_dir(&f.dir)
+    store::sync_dir(&f.dir)
 }
 
-/// Makes renames and removals in `dir` durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
+/// How the pool's metadata files are named in messages, and what to do with a damaged one.
+fn meta_noun() -> store::Noun {
+    store::Noun::new("metadata", "fix or remove it (the image beside it holds the data)")
 }
 
 /// Reads a metadata file; `None` when it does not exist.
 fn read_meta<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    let bytes = match fs::read(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        r => r.context(|| format!("reading metadata {}", path.display()))?,
-    };
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-        Error::Internal(format!("metadata {} is unreadable: {e}; fix or remove it (the image beside it holds the data)", path.display()))
-    })
+    store::read_file(path, &meta_noun())
 }
 
 /// Writes a metadata file atomically: temporary file, fsync, rename, fsync of the directory.
 fn write_meta<T: Serialize>(files: &Files, value: &T) -> Result<()> {
-    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(format!("encoding metadata: {e}")))?;
-    let tmp = &files.tmp_meta;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(tmp)
-        .context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&json).and_then(|_| f.sync_all()).context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(tmp, &files.meta).context(|| format!("renaming {} to {}", tmp.display(), files.meta.display()))?;
-    sync_dir(&files.dir)
+    store::write_file(&files.meta, value)
 }
 
 /// Flushes a file's data to disk.
@@ -325,16 +303,13 @@ fn grow_and_sync(path: &Path, len: u64) -> Result<()> {
 
 /// The mount points to freeze for a consistent copy of `src`: one per loop device of `src`
 /// that is mounted (one superblock, however many mount points: freezing one freezes it).
-async fn mounted_from(exec: &dyn Exec, mountinfo_path: &Path, src: &Path) -> Result<Vec<PathBuf>> {
+/// The mount table is the freezer's (the driver's [`Mounter`](crate::node::mount::Mounter)).
+async fn mounted_from(exec: &dyn Exec, freezer: &Freezer, src: &Path) -> Result<Vec<PathBuf>> {
     let devices = loopdev::find(exec, src).await?;
     if devices.is_empty() {
         return Ok(Vec::new());
     }
-    let path = mountinfo_path.to_owned();
-    let mounts = crate::blocking::run("mountinfo", "reading the mount table", crate::blocking::METADATA_DEADLINE, move || {
-        mountinfo::read_from(&path)
-    })
-    .await??;
+    let mounts = freezer.mounter().mounts().await?;
     Ok(devices
         .iter()
         .filter_map(|d| mountinfo::find_by_source(&mounts, &d.to_string_lossy()).first().map(|m| m.mount_point.clone()))
@@ -353,7 +328,7 @@ impl FilePool {
     /// path: a `cp` orphaned by a killed driver keeps writing into the file it had, which the
     /// restarted driver has unlinked, and can never create or fill a later attempt's file.
     async fn copy_image(&self, volume: &str, purpose: String, src: &Path, dst: &Path) -> Result<()> {
-        let mount_points = mounted_from(self.exec.as_ref(), &self.mountinfo, src).await?;
+        let mount_points = mounted_from(self.exec.as_ref(), &self.freezer, src).await?;
         let (s, d) = (src.to_string_lossy().into_owned(), dst.to_string_lossy().into_owned());
         let target = dst.to_owned();
         let fd = self
@@ -407,7 +382,6 @@ impl FilePool {
             default_fs: cfg.default_fs.clone().unwrap_or_else(|| DEFAULT_FS.to_owned()),
             provisioning,
             exec,
-            mountinfo: PathBuf::from(mountinfo::PROC_MOUNTINFO),
             sys_block: PathBuf::from(SYS_BLOCK),
             in_flight: Arc::new(Mutex::new(0)),
             claiming: tokio::sync::Mutex::new(()),
@@ -415,15 +389,10 @@ impl FilePool {
         })
     }
 
-    /// Freezes mounted sources with `freezer` (the driver's: recorded, shared by its pools).
+    /// Freezes mounted sources with `freezer` (the driver's: recorded, shared by its pools),
+    /// and finds them in its mount table.
     pub fn with_freezer(mut self, freezer: Arc<Freezer>) -> Self {
         self.freezer = freezer;
-        self
-    }
-
-    /// Reads the mount table from `path` instead of `/proc/self/mountinfo` (tests).
-    pub fn with_mountinfo(mut self, path: impl Into<PathBuf>) -> Self {
-        self.mountinfo = path.into();
         self
     }
 
@@ -453,11 +422,13 @@ impl FilePool {
             return Err(Error::InvalidArgument(format!("{local:?} is not a valid {} name in file pool {:?}", kind.noun(), self.name)));
         }
         let dir = self.root.join(kind.dir());
+        let meta = dir.join(format!("{local}.json"));
         Ok(Files {
             img: dir.join(format!("{local}.img")),
-            meta: dir.join(format!("{local}.json")),
+            // `.<local>.json.tmp`: the record store's temporary of the metadata.
+            tmp_meta: store::temporary_of(&meta),
+            meta,
             tmp_img: dir.join(format!(".{local}.img.tmp")),
-            tmp_meta: dir.join(format!(".{local}.json.tmp")),
             dir,
         })
     }
@@ -554,17 +525,18 @@ impl FilePool {
         let dir = self.root.join(kind.dir());
         let pool = self.name.clone();
         self.blocking(format!("listing {}", dir.display()), METADATA_DEADLINE, move || {
+            let listed = match store::list_dir::<T>(&dir, &meta_noun()) {
+                Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => return Err(room::dir_error(&dir, source)),
+                r => r?,
+            };
             let mut out = Vec::new();
-            for entry in fs::read_dir(&dir).map_err(|e| room::dir_error(&dir, e))? {
-                let entry = entry.context(|| format!("listing {}", dir.display()))?;
-                let name = entry.file_name();
-                // Temporaries start with '.', which no local name does.
-                let Some(local) = name.to_str().and_then(|n| n.strip_suffix(".json")).filter(|l| valid_local_name(l)) else {
+            for (local, r) in listed {
+                // Only local names are ours (the store already left temporaries out).
+                if !valid_local_name(&local) {
                     continue;
-                };
-                match read_meta::<T>(&entry.path()) {
-                    Ok(Some(v)) => out.push(v),
-                    Ok(None) => {}
+                }
+                match r {
+                    Ok(v) => out.push(v),
                     // One damaged file must not hide every other object; condition() reports it.
                     Err(e) => tracing::warn!(pool = %pool, local, error = %e, "skipping unreadable {}", kind.noun()),
                 }

@@ -5,7 +5,9 @@ use super::room::available;
 use super::*;
 use crate::config::Config;
 use crate::exec::{ExecError, FakeExec, Output, RealExec, Reply};
+use crate::node::mount::FakeMounter;
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 
 const MIB: u64 = 1 << 20;
@@ -214,9 +216,13 @@ async fn expand_refreshes_every_attached_device() {
 /// A volume on /dev/loop3 mounted at /mnt/vol, per a fake mount table.
 fn mounted_source(dir: &Path) -> (Arc<RealCp>, FilePool) {
     let fake = Arc::new(RealCp(FakeExec::new()));
-    let table = dir.join("mountinfo");
-    fs::write(&table, "22 1 0:21 / /proc rw - proc proc rw\n36 22 7:3 / /mnt/vol rw,relatime shared:1 - ext4 /dev/loop3 rw\n").unwrap();
-    let p = pool(&dir.join("pool"), fake.clone()).with_mountinfo(table);
+    let table = Arc::new(FakeMounter::new());
+    let text = "22 1 0:21 / /proc rw - proc proc rw\n36 22 7:3 / /mnt/vol rw,relatime shared:1 - ext4 /dev/loop3 rw\n";
+    for line in crate::node::mountinfo::parse(text).unwrap() {
+        table.add_line(line);
+    }
+    let freezer = Arc::new(Freezer::unrecorded(fake.clone()).with_mounter(table));
+    let p = pool(&dir.join("pool"), fake.clone()).with_freezer(freezer);
     (fake, p)
 }
 

@@ -27,6 +27,10 @@ const CREATED: &str = "holdfast.created=";
 const UID: &str = "holdfast.uid=";
 const SOURCE_UID: &str = "holdfast.source-uid=";
 const PARAMS: &str = "holdfast.params=";
+const SCHEMA: &str = "holdfast.schema=";
+/// The schema of the records [`encode`] writes: 2 added uids and parameters (records without
+/// the tag are schema 1). A record of a newer schema is refused, not half understood.
+pub const RECORD_SCHEMA: u32 = 2;
 const PARAM: &str = "holdfast.param=";
 
 /// Longest tag LVM accepts.
@@ -94,6 +98,7 @@ pub fn encode(m: &Meta) -> Result<Vec<String>, String> {
         format!("{LOCAL}{}", m.local),
         format!("{NAME}{}", hex::encode(m.csi_name.as_bytes())),
         format!("{CREATED}{}", m.created),
+        format!("{SCHEMA}{RECORD_SCHEMA}"),
     ];
     match m.object {
         ObjectType::Volume => {
@@ -162,6 +167,13 @@ pub fn decode(tags: &[String]) -> Result<Option<Meta>, String> {
             _ => return Err(format!("tag {SOURCE}{v} names no source")),
         }),
     };
+    match get(SCHEMA).map(|v| v.parse::<u32>()) {
+        None => {}
+        Some(Ok(n)) if n <= RECORD_SCHEMA => {}
+        Some(_) => {
+            return Err(format!("tag {SCHEMA}… is not a schema this holdfast reads (it reads up to {RECORD_SCHEMA}): upgrade holdfast"));
+        }
+    }
     let uid = |prefix: &str| -> Result<Option<String>, String> {
         match get(prefix) {
             Some(u) if crate::volume_id::valid_uid(u) => Ok(Some(u.to_owned())),
@@ -305,6 +317,7 @@ mod tests {
             Case { name: "negative", drop: "holdfast.capacity=", add: "holdfast.capacity=-1", want: "negative" },
             Case { name: "bad source", drop: "", add: "holdfast.source=tape:1", want: "names no source" },
             Case { name: "bad uid", drop: "holdfast.uid=", add: "holdfast.uid=../x", want: "not a uid" },
+            Case { name: "newer schema", drop: "holdfast.schema=", add: "holdfast.schema=3", want: "upgrade holdfast" },
             Case { name: "uncounted parameter", drop: "", add: "holdfast.param=6b=76", want: "does not count" },
             Case { name: "bad parameter", drop: "", add: "holdfast.param=zz", want: "not a hex-encoded" },
         ];

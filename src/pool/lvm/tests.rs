@@ -148,7 +148,7 @@ fn changes(fake: &FakeExec) -> Vec<String> {
     lines(fake).into_iter().filter(|l| !l.starts_with("lvs ") && !l.starts_with("vgs ")).collect()
 }
 
-const V1_TAGS: &str = "--addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v1 --addtag holdfast.name=6373692d7631 --addtag holdfast.created=T --addtag holdfast.capacity=16777216 --addtag holdfast.fs=ext4 --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0";
+const V1_TAGS: &str = "--addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v1 --addtag holdfast.name=6373692d7631 --addtag holdfast.created=T --addtag holdfast.schema=2 --addtag holdfast.capacity=16777216 --addtag holdfast.fs=ext4 --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0";
 
 #[tokio::test]
 async fn creates_thick_thin_and_optioned_lvs_with_exact_argv() {
@@ -474,7 +474,7 @@ async fn snapshots_are_tagged_thin_snapshots_and_idempotent() {
     assert_eq!(
         changes(&fake),
         [
-            "lvcreate --yes --snapshot --name hfs-s1 --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=snapshot --addtag holdfast.local=s1 --addtag holdfast.name=6373692d7331 --addtag holdfast.created=T --addtag holdfast.size=16777216 --addtag holdfast.source=volume:v1 --addtag holdfast.uid=0123456789ab vg0/hf-v1"
+            "lvcreate --yes --snapshot --name hfs-s1 --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=snapshot --addtag holdfast.local=s1 --addtag holdfast.name=6373692d7331 --addtag holdfast.created=T --addtag holdfast.schema=2 --addtag holdfast.size=16777216 --addtag holdfast.source=volume:v1 --addtag holdfast.uid=0123456789ab vg0/hf-v1"
         ]
     );
     // Retried: found, same answer, no second LV; other source or name: ALREADY_EXISTS.
@@ -509,7 +509,7 @@ async fn restore_is_a_writable_thin_snapshot_grown_and_given_a_new_uuid() {
     let v = p.create_volume(&req).await.unwrap();
     assert_eq!((v.capacity, v.source.clone()), (32 << 20, Some(Source::Snapshot("s1".into()))));
     let want = [
-        "lvcreate --yes --snapshot --name hf-v2 --setactivationskip n --activate y --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v2 --addtag holdfast.name=6373692d7632 --addtag holdfast.created=T --addtag holdfast.capacity=33554432 --addtag holdfast.fs=ext4 --addtag holdfast.source=snapshot:s1 --addtag holdfast.pending --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0 vg0/hfs-s1".to_owned(),
+        "lvcreate --yes --snapshot --name hf-v2 --setactivationskip n --activate y --addtag holdfast.managed --addtag holdfast.pool=p --addtag holdfast.type=volume --addtag holdfast.local=v2 --addtag holdfast.name=6373692d7632 --addtag holdfast.created=T --addtag holdfast.schema=2 --addtag holdfast.capacity=33554432 --addtag holdfast.fs=ext4 --addtag holdfast.source=snapshot:s1 --addtag holdfast.pending --addtag holdfast.uid=0123456789ab --addtag holdfast.params=0 vg0/hfs-s1".to_owned(),
         "lvextend --yes --size 33554432b vg0/hf-v2".to_owned(),
         format!("blkid -p -o export {}", dev.display()),
         "lvchange --deltag holdfast.pending vg0/hf-v2".to_owned(),
@@ -655,4 +655,26 @@ fn config_mistakes_are_named() {
     )
     .unwrap();
     assert_eq!((ok.volume_group(), ok.thin_pool(), ok.default_fs()), ("vg0", Some("tp0"), "xfs"));
+}
+
+/// The mount points to freeze come from the driver's mount table (here the fake): ext4/XFS
+/// (shown with the device's number) are left to LVM's own suspend, btrfs (an anonymous number,
+/// matched by its source) is frozen once however many binds it has, and foreign mounts never.
+#[tokio::test]
+async fn only_filesystems_lvm_cannot_freeze_are_handed_to_the_freezer() {
+    use crate::node::mount::{FakeMounter, Mounter};
+    let table = FakeMounter::new();
+    let line = |mm: &str, source: &str, at: &str, fs: &str| {
+        let text = format!("30 1 {mm} / {at} rw shared:1 - {fs} {source} rw\n");
+        crate::node::mountinfo::parse(&text).unwrap().remove(0)
+    };
+    // /dev/null stands in for the LV's device node: a real device, 1:3.
+    table.add_line(line("1:3", "/dev/null", "/mnt/ext4", "ext4"));
+    table.add_line(line("0:77", "/dev/null", "/mnt/btrfs", "btrfs"));
+    table.add_line(line("0:77", "/dev/null", "/mnt/btrfs-bind", "btrfs"));
+    table.add_line(line("0:78", "/dev/zero", "/mnt/other", "btrfs"));
+    table.add_line(line("0:79", "tmpfs", "/mnt/tmp", "tmpfs"));
+    let mounts = table.mounts().await.unwrap();
+    assert_eq!(mounted_filesystems(Path::new("/dev/null"), &mounts), [PathBuf::from("/mnt/btrfs")]);
+    assert!(mounted_filesystems(Path::new("/dev/holdfast-no-such-lv"), &mounts).is_empty());
 }

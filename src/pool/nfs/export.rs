@@ -7,10 +7,12 @@
 //! again. The same probe reports the export's free space.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::exec::{Cmd, Exec, ExecError};
+use crate::node::mount::Mounter;
 use crate::node::mountinfo::{self, MountInfo};
 
 /// How long mounting the export may take (mount.nfs retries a silent server for minutes).
@@ -67,7 +69,7 @@ pub async fn probe(exec: &dyn Exec, path: &Path, timeout: Duration) -> Probe {
 }
 
 /// The working mount of one export.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Export {
     /// `server:/export`, as `mount` takes it and mountinfo shows it.
     pub source: String,
@@ -75,8 +77,14 @@ pub struct Export {
     pub work: PathBuf,
     /// The pool's mount options.
     pub options: Vec<String>,
-    /// The mount table to consult (`/proc/self/mountinfo`; a file in tests).
-    pub mountinfo: PathBuf,
+    /// The mount table to consult (the driver's [`Mounter`]; a fake in tests).
+    pub mounter: Arc<dyn Mounter>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export").field("source", &self.source).field("work", &self.work).field("options", &self.options).finish()
+    }
 }
 
 /// Whether a mountinfo entry is an NFS mount of `source`.
@@ -87,8 +95,8 @@ fn is_our_mount(m: &MountInfo, source: &str) -> bool {
 impl Export {
     /// Whether the export is mounted at the working directory: `Ok(false)` when nothing is, an
     /// error when something else is (never mounted over, never unmounted: not ours).
-    pub fn is_mounted(&self) -> Result<bool> {
-        let mounts = mountinfo::read_from(&self.mountinfo)?;
+    pub async fn is_mounted(&self) -> Result<bool> {
+        let mounts = self.mounter.mounts().await?;
         match mountinfo::top_at(&mounts, &self.work) {
             None => Ok(false),
             Some(m) if is_our_mount(m, &self.source) => Ok(true),
@@ -130,7 +138,7 @@ impl Export {
     /// Makes sure the export is mounted and answering; returns its free bytes. A silent server
     /// is UNAVAILABLE within `timeout`; a stale mount is replaced once.
     pub async fn ensure(&self, exec: &dyn Exec, timeout: Duration) -> Result<u64> {
-        if !self.is_mounted()? {
+        if !self.is_mounted().await? {
             tracing::info!(source = %self.source, work = %self.work.display(), "mounting the nfs export");
             self.mount(exec).await?;
         }

@@ -51,7 +51,7 @@ use async_trait::async_trait;
 use crate::config::{PoolConfig, format_size};
 use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec, ExecError};
-use crate::node::mountinfo;
+use crate::node::mount::{Mounter, RealMounter};
 use crate::placement::Segments;
 use crate::pool::{Attachment, Condition, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::volume_id::PoolKind;
@@ -227,7 +227,13 @@ impl NfsPool {
         let on_delete = OnDelete::parse(cfg.on_delete.as_deref().unwrap_or("delete")).map_err(|e| bad(e.to_string()))?;
         let source = format!("{server}:{}", if export_path.is_empty() { "/" } else { &export_path });
         Ok(NfsPool {
-            export: Export { source, work: Path::new(WORK_ROOT).join(&name), options, mountinfo: PathBuf::from(mountinfo::PROC_MOUNTINFO) },
+            export: Export {
+                source,
+                work: Path::new(WORK_ROOT).join(&name),
+                options,
+                // Replaced by the driver's (`with_mounter`).
+                mounter: Arc::new(RealMounter::new(exec.clone())),
+            },
             name,
             server,
             export_path,
@@ -250,9 +256,9 @@ impl NfsPool {
         self
     }
 
-    /// Reads the mount table from `path` instead of `/proc/self/mountinfo` (tests).
-    pub fn with_mountinfo(mut self, path: impl Into<PathBuf>) -> Self {
-        self.export.mountinfo = path.into();
+    /// Reads the mount table through `mounter` (the driver's; a fake in tests).
+    pub fn with_mounter(mut self, mounter: Arc<dyn Mounter>) -> Self {
+        self.export.mounter = mounter;
         self
     }
 

@@ -12,16 +12,18 @@
 //! <export>/.holdfast/<pool>/trash/<local>         a deleted volume's data being removed
 //! ```
 //!
+//! The JSON records are kept with the [`crate::store`] record store's atomic writes.
+//!
 //! The metadata lives beside the data, not inside it: a volume's directory is exactly what the
 //! workload sees, and the workload can neither read nor rewrite what holdfast knows about it.
 //! Every path is built from a [`valid_local_name`] or a subdirectory that passed
 //! [`validate_subdir`], and walking to a subdirectory refuses symlinks, so nothing outside the
 //! export is ever reached.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs;
+use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
@@ -151,60 +153,43 @@ impl Layout {
     }
 }
 
+/// How the nfs pool's records are named in messages, and what to do with a damaged one.
+fn noun() -> crate::store::Noun {
+    crate::store::Noun::new("metadata", "fix or remove it")
+}
+
 /// Makes renames and removals in `dir` durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
+    crate::store::sync_dir(dir)
 }
 
-/// Reads a JSON file; `None` when it does not exist.
+/// Reads a JSON file; `None` when it does not exist (the [`crate::store`] record store).
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    let bytes = match fs::read(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        r => r.context(|| format!("reading metadata {}", path.display()))?,
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| Error::Internal(format!("metadata {} is unreadable: {e}; fix or remove it", path.display())))
+    crate::store::read_file(path, &noun())
 }
 
-/// Writes a JSON file atomically: temporary file, fsync, rename, fsync of the directory.
+/// Writes a JSON file atomically: temporary file, fsync, rename, fsync of the directory (the
+/// [`crate::store`] record store).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(format!("encoding metadata: {e}")))?;
-    let dir = path.parent().ok_or_else(|| Error::Internal(format!("{} has no parent", path.display())))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&json).and_then(|_| f.sync_all()).context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    sync_dir(dir)
+    crate::store::write_file(path, value)
 }
 
 /// Removes a file; one that is not there is success.
 pub fn remove_file(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io(format!("removing {}", path.display()), e)),
-        _ => Ok(()),
-    }
+    crate::store::remove_if_exists(path).map(|_| ())
 }
 
 /// Every `*.json` in `dir` whose stem is a local name, parsed. An unreadable file is logged and
 /// skipped, so one damaged file does not hide every other object.
 pub fn list_json<T: DeserializeOwned>(dir: &Path) -> Result<Vec<T>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).context(|| format!("listing {}", dir.display()))? {
-        let entry = entry.context(|| format!("listing {}", dir.display()))?;
-        let name = entry.file_name();
-        // Temporaries start with '.', which no local name does.
-        let Some(local) = name.to_str().and_then(|n| n.strip_suffix(".json")).filter(|l| valid_local_name(l)) else { continue };
-        match read_json::<T>(&entry.path()) {
-            Ok(Some(v)) => out.push(v),
-            Ok(None) => {}
+    for (local, r) in crate::store::list_dir::<T>(dir, &noun())? {
+        // Only local names are the pool's (the store already left temporaries out).
+        if !valid_local_name(&local) {
+            continue;
+        }
+        match r {
+            Ok(v) => out.push(v),
             Err(e) => tracing::warn!(local, error = %e, "skipping unreadable nfs metadata"),
         }
     }

@@ -1,5 +1,5 @@
 //! Unit tests of the nfs pool on a local directory standing in for the mounted export: the mount
-//! itself is faked (a mountinfo file says the directory is an NFS mount; `mount`/`umount` are
+//! itself is faked (a [`FakeMounter`] table says the directory is an NFS mount; `mount`/`umount` are
 //! recorded, not run), every other command (`stat`, `tar`, `cp`, `rm`) runs for real unless a test
 //! scripts it to fail or hang. The real NFS behaviour is proven in the VM (`tests/nfs.rs`).
 
@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use super::*;
 use crate::config::Config;
 use crate::exec::{Output, RealExec};
+use crate::node::mount::FakeMounter;
 
 const MIB: u64 = 1 << 20;
 
@@ -115,9 +116,16 @@ fn nfs_line(at: &Path) -> String {
     line.replace(" /run/holdfast/nfs/v42 ", &format!(" {} ", at.display()))
 }
 
+/// One line of a mount table, parsed.
+fn parse_line(line: &str) -> crate::node::mountinfo::MountInfo {
+    crate::node::mountinfo::parse(line).unwrap().remove(0)
+}
+
 struct Rig {
     dir: tempfile::TempDir,
     exec: Arc<TestExec>,
+    /// The mount table the pool sees.
+    table: Arc<FakeMounter>,
     pool: NfsPool,
 }
 
@@ -152,7 +160,7 @@ impl Rig {
     fn with_config(&self, extra: &str) -> NfsPool {
         let src = format!("[[pool]]\nname = \"n1\"\nkind = \"nfs\"\nserver = \"127.0.0.1\"\nexport = \"/srv/export\"\n{extra}");
         let cfg = Config::parse(&src).unwrap().pools.remove(0);
-        NfsPool::new(&cfg, self.exec.clone()).unwrap().with_work_dir(self.work()).with_mountinfo(self.dir.path().join("mountinfo"))
+        NfsPool::new(&cfg, self.exec.clone()).unwrap().with_work_dir(self.work()).with_mounter(self.table.clone())
     }
     fn req(&self, csi_name: &str, params: &[(&str, &str)]) -> CreateRequest {
         CreateRequest {
@@ -179,8 +187,10 @@ fn rig_mounted(extra: &str, mounted: bool) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("export");
     std::fs::create_dir(&work).unwrap();
-    let mountinfo = dir.path().join("mountinfo");
-    std::fs::write(&mountinfo, if mounted { format!("{}\n", nfs_line(&work)) } else { String::new() }).unwrap();
+    let table = Arc::new(FakeMounter::new());
+    if mounted {
+        table.add_line(parse_line(&nfs_line(&work)));
+    }
     let src = format!(
         "[[pool]]\nname = \"n1\"\nkind = \"nfs\"\nserver = \"127.0.0.1\"\nexport = \"/srv/export\"\nmount_options = [\"nfsvers=4.2\"]\n{extra}"
     );
@@ -189,9 +199,9 @@ fn rig_mounted(extra: &str, mounted: bool) -> Rig {
     let pool = NfsPool::new(&cfg, exec.clone())
         .unwrap()
         .with_work_dir(&work)
-        .with_mountinfo(&mountinfo)
+        .with_mounter(table.clone())
         .with_probe_timeout(Duration::from_millis(300));
-    Rig { dir, exec, pool }
+    Rig { dir, exec, table, pool }
 }
 
 const NESTED: &str = "subdir = \"${pvc.metadata.namespace}/${pvc.metadata.name}\"\n";
@@ -296,7 +306,7 @@ async fn a_foreign_mount_on_the_working_directory_is_refused() {
     let r = rig_mounted("", false);
     let line =
         fixture("mountinfo.txt").lines().find(|l| l.contains(" /tmp ")).unwrap().replace(" /tmp ", &format!(" {} ", r.work().display()));
-    std::fs::write(r.dir.path().join("mountinfo"), line + "\n").unwrap();
+    r.table.add_line(parse_line(&line));
     let err = r.pool.capacity().await.unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains("tmpfs"), "{err}");
     assert!(r.exec.lines().is_empty(), "nothing is mounted over it: {:?}", r.exec.lines());
@@ -438,7 +448,9 @@ async fn hostile_names_never_leave_the_export() {
         let err = r.pool.create_volume(&r.req(c.csi_name, c.params)).await.unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{}: {err:?}", c.name);
         assert!(r.tree().is_empty(), "{}: {:?}", c.name, r.tree());
-        assert_eq!(std::fs::read_dir(r.dir.path()).unwrap().count(), 2, "{}: something appeared beside the export", c.name);
+        // The rig's directory holds the export only (the mount table is a fake now, not a file).
+        let beside: Vec<_> = std::fs::read_dir(r.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(beside, ["export"], "{}: something appeared beside the export", c.name);
     }
     // A symlink planted on the export (by a workload of a shared export, or anyone) is not followed.
     let r = rig(NESTED);

@@ -157,11 +157,13 @@ impl ZfsPool {
         let device = Self::zvol_device(dataset);
         // A dataset's snapshot is consistent by itself (it includes everything written through
         // the filesystem); a zvol's needs the filesystem on it to write out its cache first.
-        let mount_points = crate::blocking::run("mountinfo", "reading the mount table", crate::blocking::METADATA_DEADLINE, move || {
-            if device.exists() { mounted_filesystems(&device) } else { Vec::new() }
-        })
-        .await
-        .map_err(SnapshotError::Freeze)?;
+        let mounts = self.freezer.mounter().mounts().await.map_err(SnapshotError::Freeze)?;
+        let mount_points =
+            crate::blocking::run("mountinfo", "finding the mounts of a device", crate::blocking::METADATA_DEADLINE, move || {
+                if device.exists() { mounted_filesystems(&device, &mounts) } else { Vec::new() }
+            })
+            .await
+            .map_err(SnapshotError::Freeze)?;
         let volume = dataset.rsplit('/').next().unwrap_or(dataset).to_owned();
         let target = Target { pool: self.name.clone(), volume, mount_points, purpose };
         let exec = self.exec.clone();
@@ -172,15 +174,12 @@ impl ZfsPool {
 
 /// Mount points of the filesystems mounted from `device`, one per filesystem (bind mounts of
 /// the same filesystem share its superblock, so freezing one freezes all).
-pub(super) fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
+pub(super) fn mounted_filesystems(device: &Path, mounts: &[crate::node::mountinfo::MountInfo]) -> Vec<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let Ok(real) = std::fs::canonicalize(device) else {
         return Vec::new();
     };
     let dev_id = std::fs::metadata(&real).map(|m| format!("{}:{}", nix::sys::stat::major(m.rdev()), nix::sys::stat::minor(m.rdev()))).ok();
-    let Ok(mounts) = crate::node::mountinfo::read() else {
-        return Vec::new();
-    };
     let mut seen = Vec::new();
     let mut points = Vec::new();
     for m in mounts {
@@ -190,7 +189,7 @@ pub(super) fn mounted_filesystems(device: &Path) -> Vec<PathBuf> {
         let by_source = m.source.starts_with("/dev/") && std::fs::canonicalize(&m.source).is_ok_and(|s| s == real);
         if (by_number || by_source) && !seen.contains(&m.major_minor) {
             seen.push(m.major_minor.clone());
-            points.push(m.mount_point);
+            points.push(m.mount_point.clone());
         }
     }
     points

@@ -46,9 +46,15 @@ pub const P_SOURCE_UID: &str = "holdfast:source-uid";
 /// A volume's pool parameters, as a JSON object ([`encode`]d): a retry is compared with them.
 pub const P_PARAMS: &str = "holdfast:params";
 
+/// The schema of the record ([`RECORD_SCHEMA`]; absent: schema 1).
+pub const P_SCHEMA: &str = "holdfast:schema";
+/// The schema of the records holdfast writes: 2 added uids and parameters. A record of a newer
+/// schema is refused, not half understood.
+pub const RECORD_SCHEMA: u32 = 2;
+
 /// The user properties holdfast reads, in the order it asks for them.
-pub const USER: [&str; 13] =
-    [P_POOL, P_TYPE, P_LOCAL, P_NAME, P_CAPACITY, P_BLOCK, P_FS, P_SOURCE, P_SIZE, P_PENDING, P_UID, P_SOURCE_UID, P_PARAMS];
+pub const USER: [&str; 14] =
+    [P_POOL, P_TYPE, P_LOCAL, P_NAME, P_CAPACITY, P_BLOCK, P_FS, P_SOURCE, P_SIZE, P_PENDING, P_UID, P_SOURCE_UID, P_PARAMS, P_SCHEMA];
 
 /// Every property of [`NATIVE`] and [`USER`], comma-separated, for `zfs get`.
 pub fn all_properties() -> String {
@@ -297,6 +303,7 @@ impl Meta {
         if let Some(params) = &self.parameters {
             p.push((P_PARAMS.to_owned(), encode(&serde_json::to_string(params).unwrap_or_default())));
         }
+        p.push((P_SCHEMA.to_owned(), RECORD_SCHEMA.to_string()));
         p
     }
 }
@@ -338,6 +345,13 @@ pub fn decode_meta(o: &Object) -> Result<Option<Meta>, String> {
             _ => return Err(format!("{P_SOURCE} is not snapshot:NAME or volume:NAME: {v:?}")),
         }),
     };
+    match get(P_SCHEMA).map(|v| v.parse::<u32>()) {
+        None => {}
+        Some(Ok(n)) if n <= RECORD_SCHEMA => {}
+        Some(_) => {
+            return Err(format!("{P_SCHEMA} is not a schema this holdfast reads (it reads up to {RECORD_SCHEMA}): upgrade holdfast"));
+        }
+    }
     let uid = |k: &str| -> Result<Option<String>, String> {
         match get(k) {
             Some(u) if crate::volume_id::valid_uid(u) => Ok(Some(u.to_owned())),

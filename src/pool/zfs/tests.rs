@@ -183,6 +183,41 @@ fn decodes_holdfast_records() {
 }
 
 #[test]
+fn uids_and_parameters_round_trip_through_the_properties() {
+    let meta = report::Meta {
+        pool: "p".into(),
+        object: ObjectType::Volume,
+        local: "v1".into(),
+        csi_name: "pvc-1".into(),
+        capacity: 8 * MIB,
+        block: false,
+        fs_type: Some("zfs".into()),
+        source: Some(Source::Snapshot("s1".into())),
+        size: 0,
+        pending: false,
+        uid: Some("0123456789ab".into()),
+        source_uid: Some("ba9876543210".into()),
+        parameters: Some([("recordsize".to_owned(), "16K".to_owned()), ("odd".to_owned(), "tab\there %".to_owned())].into()),
+    };
+    let user: Vec<(String, String)> = meta.properties();
+    let user: Vec<(&str, &str)> = user.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let o = report::parse_get(&rows("tank/hf/v1", "filesystem", &[("refquota", "8388608")], &user)).unwrap().remove(0);
+    assert_eq!(report::decode_meta(&o).unwrap(), Some(meta.clone()));
+    // A record of an earlier version has neither: not compared, legacy id.
+    let old = report::Meta { uid: None, source_uid: None, parameters: None, ..meta };
+    let user: Vec<(String, String)> = old.properties();
+    let user: Vec<(&str, &str)> = user.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let o = report::parse_get(&rows("tank/hf/v1", "filesystem", &[("refquota", "8388608")], &user)).unwrap().remove(0);
+    assert_eq!(report::decode_meta(&o).unwrap(), Some(old));
+    // Damaged: an error, never a uid that would make an id that does not parse.
+    for (k, v) in [(report::P_UID, "../etc"), (report::P_SOURCE_UID, "0123"), (report::P_PARAMS, "[1,2]"), (report::P_SCHEMA, "3")] {
+        let mut bad = o.clone();
+        bad.user.insert(k.into(), v.into());
+        assert!(report::decode_meta(&bad).is_err(), "{k}={v}");
+    }
+}
+
+#[test]
 fn names_encode_to_one_line_and_back() {
     let cases = ["pvc-1", "with space", "100%", "tab\there", "new\nline", "名前", "", "%25 literal"];
     for c in cases {
@@ -333,7 +368,7 @@ async fn creates_a_dataset_with_exact_argv_and_reads_it_back() {
         lines[1],
         "zfs create -o mountpoint=legacy -o refquota=33554432 -o compression=lz4 -o recordsize=16K -o holdfast:pool=p \
          -o holdfast:type=volume -o holdfast:local=v1 -o holdfast:name=v1 -o holdfast:capacity=33554432 -o holdfast:fs=zfs \
-         -o holdfast:uid=0123456789ab -o holdfast:params={\"recordsize\":\"16K\"} tank/hf/v1"
+         -o holdfast:uid=0123456789ab -o holdfast:params={\"recordsize\":\"16K\"} -o holdfast:schema=2 tank/hf/v1"
     );
 
     // The same request again finds it; another capacity is a conflict.
@@ -363,13 +398,13 @@ async fn creates_zvols_sparse_or_reserved() {
             extra: "",
             fs: None,
             want: "zfs create -V 16777216 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=z1 -o holdfast:name=z1 \
-                   -o holdfast:capacity=16777216 -o holdfast:block=1 -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/z1",
+                   -o holdfast:capacity=16777216 -o holdfast:block=1 -o holdfast:uid=0123456789ab -o holdfast:params={} -o holdfast:schema=2 tank/hf/z1",
         },
         Case {
             extra: "sparse = true\nproperties = { volblocksize = \"16K\", atime = \"off\" }",
             fs: Some("xfs"),
             want: "zfs create -s -V 16777216 -o volblocksize=16K -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=z1 -o holdfast:name=z1 \
-                   -o holdfast:capacity=16777216 -o holdfast:fs=xfs -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/z1",
+                   -o holdfast:capacity=16777216 -o holdfast:fs=xfs -o holdfast:uid=0123456789ab -o holdfast:params={} -o holdfast:schema=2 tank/hf/z1",
         },
     ];
     for c in cases {
@@ -463,7 +498,7 @@ async fn restores_and_clones_with_exact_argv() {
     assert_eq!(
         clone,
         "zfs clone -o mountpoint=legacy -o refquota=33554432 -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=r1 -o holdfast:name=r1 \
-         -o holdfast:capacity=33554432 -o holdfast:fs=zfs -o holdfast:source=snapshot:s1 -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/src@s1 tank/hf/r1"
+         -o holdfast:capacity=33554432 -o holdfast:fs=zfs -o holdfast:source=snapshot:s1 -o holdfast:uid=0123456789ab -o holdfast:params={} -o holdfast:schema=2 tank/hf/src@s1 tank/hf/r1"
     );
     // Too small, or as a zvol: refused before anything is made.
     for (bad, fs) in [(8 * MIB, Some("zfs")), (32 * MIB, Some("ext4")), (32 * MIB, None)] {
@@ -492,7 +527,7 @@ async fn restores_and_clones_with_exact_argv() {
             "zfs snapshot -o holdfast:pool=p -o holdfast:type=intermediate -o holdfast:local=c1 tank/hf/src@clone.c1",
             "zfs clone -o refreservation=auto -o holdfast:pool=p -o holdfast:type=volume -o holdfast:local=c1 -o holdfast:name=c1 \
              -o holdfast:capacity=33554432 -o holdfast:block=1 -o holdfast:source=volume:src -o holdfast:pending=1 \
-             -o holdfast:uid=0123456789ab -o holdfast:params={} tank/hf/src@clone.c1 tank/hf/c1",
+             -o holdfast:uid=0123456789ab -o holdfast:params={} -o holdfast:schema=2 tank/hf/src@clone.c1 tank/hf/c1",
             "zfs set volsize=33554432 tank/hf/c1",
             "zfs inherit holdfast:pending tank/hf/c1",
         ]
@@ -770,4 +805,25 @@ fn records_written_before_the_local_name_was_stored_are_held_to_the_derived_name
     assert!(p.live_volume(&legacy(&format!("tank/hf/{derived}"), "PVC Data")).unwrap().is_some());
     assert!(p.live_volume(&legacy("tank/hf/v1", "v1")).unwrap().is_some());
     assert!(p.live_volume(&legacy("tank/hf/other", "v1")).unwrap().is_none(), "a copy of a legacy record");
+}
+
+/// A zvol's filesystems are found in the driver's mount table (here the fake): by the device's
+/// number (ext4, XFS) or by its source (btrfs), one mount point per filesystem, nothing foreign.
+#[tokio::test]
+async fn the_mounts_of_a_zvol_come_from_the_mount_table() {
+    use crate::node::mount::{FakeMounter, Mounter};
+    let table = FakeMounter::new();
+    let line = |mm: &str, source: &str, at: &str, fs: &str| {
+        let text = format!("30 1 {mm} / {at} rw shared:1 - {fs} {source} rw\n");
+        crate::node::mountinfo::parse(&text).unwrap().remove(0)
+    };
+    // /dev/null stands in for the zvol's device node: a real device, 1:3.
+    table.add_line(line("1:3", "/dev/null", "/mnt/ext4", "ext4"));
+    table.add_line(line("1:3", "/dev/null", "/mnt/ext4-bind", "ext4"));
+    table.add_line(line("0:77", "/dev/null", "/mnt/btrfs", "btrfs"));
+    table.add_line(line("0:78", "/dev/zero", "/mnt/other", "ext4"));
+    table.add_line(line("0:79", "tmpfs", "/mnt/tmp", "tmpfs"));
+    let mounts = table.mounts().await.unwrap();
+    let got = copy::mounted_filesystems(Path::new("/dev/null"), &mounts);
+    assert_eq!(got, [PathBuf::from("/mnt/ext4"), PathBuf::from("/mnt/btrfs")]);
 }
