@@ -135,7 +135,7 @@ impl Driver {
     /// detached jobs holding their locks, so a retry of the request finds them running; removes
     /// what an unfinished snapshot copy left (its retry takes it again).
     async fn restart_copies(&self) {
-        let recorded = match self.jobs.recorded() {
+        let recorded = match self.jobs.recorded().await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the copy records; unfinished copies restart when their requests are retried");
@@ -150,7 +150,11 @@ impl Driver {
             if let Work::Snapshot { local, .. } = &work {
                 // Not taken again unasked (it would freeze and lock a volume in use): its
                 // half-made copy goes, and the retry of its request takes it afresh.
-                let discarded = pool.discard_unfinished(true, local).await.and_then(|_| self.jobs.discard_record(&work.key()));
+                let discarded = pool.discard_unfinished(true, local).await;
+                let discarded = match discarded {
+                    Ok(()) => self.jobs.discard_record(&work.key()).await,
+                    e => e,
+                };
                 match discarded {
                     Ok(()) => {
                         tracing::info!(job = %work.key(), "removed a snapshot copy left unfinished by a killed driver; its retry takes it again")
@@ -161,8 +165,10 @@ impl Driver {
                 }
                 continue;
             }
-            let started =
-                self.locks.try_lock_all(self.copy_locks(&work)).and_then(|guard| self.start_copy(pool, work.clone(), None, guard));
+            let started = match self.locks.try_lock_all(self.copy_locks(&work)) {
+                Ok(guard) => self.start_copy(pool, work.clone(), None, guard).await,
+                Err(e) => Err(e),
+            };
             match started {
                 Ok(_) => tracing::info!(job = %work.key(), "restarted a copy left unfinished by a killed driver"),
                 Err(e) => tracing::error!(job = %work.key(), error = %e, "cannot restart a recorded copy"),
@@ -190,7 +196,7 @@ impl Driver {
 
     /// Starts `work` in `pool` as a detached job ([`crate::jobs`]) holding `locks` until it
     /// ends. The job is done when the pool has made the object and reads it back complete.
-    pub fn start_copy<L: Send + 'static>(
+    pub async fn start_copy<L: Send + 'static>(
         &self,
         pool: Arc<dyn Pool>,
         work: Work,
@@ -233,7 +239,7 @@ impl Driver {
                 Box::pin(async move { pool.copy_progress(snapshot, &local, &source, std::time::Duration::from_millis(100)).await })
             })
         });
-        self.jobs.start(work, asked, progress, locks, run)
+        self.jobs.start(work, asked, progress, locks, run).await
     }
 
     /// The pool a (parsed) id names, if it is one of ours. Ids of another node, an unknown pool

@@ -17,16 +17,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 use crate::pool::CreateRequest;
+use crate::store::Store;
 
 /// How long a request waits for its copy when the client sent no deadline (`grpc-timeout`).
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -172,26 +171,23 @@ impl std::fmt::Debug for Job {
 /// The registry of copy jobs of one driver.
 #[derive(Clone)]
 pub struct Jobs {
-    /// `<state dir>/copies`; `None` keeps no records (unit tests).
-    dir: Option<PathBuf>,
+    /// The records in `<state dir>/copies`; `None` keeps none (unit tests).
+    store: Option<Store>,
     table: Arc<Mutex<HashMap<String, Arc<Job>>>>,
 }
 
 impl Jobs {
     /// A registry recording its jobs in `<state_dir>/copies` (made 0700).
     pub fn new(state_dir: &Path) -> Result<Jobs> {
-        let dir = state_dir.join("copies");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .context(|| format!("creating the copy records directory {}", dir.display()))?;
-        Ok(Jobs { dir: Some(dir), table: Arc::default() })
+        let store = Store::new(state_dir.join("copies"), "state-dir", crate::blocking::METADATA_DEADLINE)
+            .described("copy record", "move it away: the copy's request, when retried, starts it afresh")
+            .creating_dir();
+        Ok(Jobs { store: Some(store), table: Arc::default() })
     }
 
     /// A registry that records nothing (a restart forgets its jobs): for unit tests.
     pub fn unrecorded() -> Jobs {
-        Jobs { dir: None, table: Arc::default() }
+        Jobs { store: None, table: Arc::default() }
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Job>>> {
@@ -211,7 +207,7 @@ impl Jobs {
     /// Starts `run` as a detached job for `work`: records it, then spawns it holding `locks`
     /// until it ends. `asked` is the request it started for (see [`Job::started_for`]).
     /// A job already known for the same object is an ABORTED answer, never a second copy.
-    pub fn start<F, L>(
+    pub async fn start<F, L>(
         &self,
         work: Work,
         asked: Option<Box<dyn std::any::Any + Send + Sync>>,
@@ -240,11 +236,14 @@ impl Jobs {
             if let Some(other) = table.get(&key).filter(|j| !j.ended()) {
                 return Err(other.in_progress());
             }
-            // Durable before the copy starts: a kill from here on is found at start-up.
-            if let Some(dir) = &self.dir {
-                write_record(dir, &key, &work)?;
-            }
             table.insert(key.clone(), job.clone());
+        }
+        // Durable before the copy starts: a kill from here on is found at start-up.
+        if let Some(store) = &self.store {
+            if let Err(e) = store.write(&key, &work).await {
+                self.table().remove(&key);
+                return Err(e);
+            }
         }
         let (jobs, job2) = (self.clone(), job.clone());
         tokio::spawn(async move {
@@ -253,8 +252,8 @@ impl Jobs {
                 Ok(()) => tracing::info!(job = %key, "copy finished"),
                 Err(e) => tracing::warn!(job = %key, error = %e, "copy failed; the next retry gets the error"),
             }
-            if let Some(dir) = &jobs.dir {
-                if let Err(e) = remove_record(dir, &key) {
+            if let Some(store) = &jobs.store {
+                if let Err(e) = store.remove(&key).await {
                     // Harmless: a restart re-runs an idempotent create that finds the object.
                     tracing::warn!(job = %key, error = %e, "cannot remove the copy record");
                 }
@@ -310,76 +309,23 @@ impl Jobs {
     }
 
     /// Forgets the record of a job that is not run again (see [`crate::driver::Driver::recover`]).
-    pub fn discard_record(&self, key: &str) -> Result<()> {
-        match &self.dir {
-            Some(dir) => remove_record(dir, key),
+    pub async fn discard_record(&self, key: &str) -> Result<()> {
+        match &self.store {
+            Some(store) => store.remove(key).await.map(|_| ()),
             None => Ok(()),
         }
     }
 
-    /// The jobs a killed predecessor recorded and never finished, to run again at start-up.
-    /// An unreadable record is logged and removed (its create is retried by the orchestrator).
-    pub fn recorded(&self) -> Result<Vec<Work>> {
-        let Some(dir) = &self.dir else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(dir).context(|| format!("listing {}", dir.display()))? {
-            let entry = entry.context(|| format!("listing {}", dir.display()))?;
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                // A record half-written when the driver was killed: its job never started.
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            if !name.ends_with(".json") {
-                continue;
-            }
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Work>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(w) => out.push(w),
-                Err(e) => {
-                    tracing::error!(record = %path.display(), error = %e, "unreadable copy record; removing it");
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
+    /// The jobs a killed predecessor recorded and never finished, to run again at start-up
+    /// (before any job starts: half-written records are removed; a damaged one is skipped
+    /// with a warning, and its create is retried by the orchestrator).
+    pub async fn recorded(&self) -> Result<Vec<Work>> {
+        let Some(store) = &self.store else { return Ok(Vec::new()) };
+        store.clean_temporaries().await?;
+        let mut out: Vec<Work> = store.list::<Work>().await?.into_iter().map(|(_, w)| w).collect();
         out.sort_by_key(|w| w.key());
         Ok(out)
     }
-}
-
-/// The file name of a job's record: keys are `volume:`/`snapshot:` and a validated local name.
-fn record_name(key: &str) -> String {
-    format!("{}.json", key.replace(':', "-"))
-}
-
-/// Writes a record atomically (temporary, fsync, rename, fsync of the directory).
-// TODO(store): switch to the shared atomic record store (src/store.rs) once it is on main.
-fn write_record(dir: &Path, key: &str, work: &Work) -> Result<()> {
-    let json = serde_json::to_vec_pretty(work).map_err(|e| Error::Internal(format!("encoding the copy record of {key}: {e}")))?;
-    let path = dir.join(record_name(key));
-    let tmp = dir.join(format!(".{}.tmp", record_name(key)));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&json).and_then(|_| f.sync_all()).context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing {}", dir.display()))
-}
-
-fn remove_record(dir: &Path, key: &str) -> Result<()> {
-    let path = dir.join(record_name(key));
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != ErrorKind::NotFound => return Err(Error::io(format!("removing {}", path.display()), e)),
-        _ => {}
-    }
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing {}", dir.display()))
 }
 
 /// How long a request may wait for its copy: a little less than the deadline the client sent

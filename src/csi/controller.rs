@@ -497,7 +497,7 @@ impl ControllerService {
         }
         // A copy may outlast this request's deadline: it runs detached, holding the lock.
         let work = Work::Volume { pool: pool.name().to_owned(), request: creq };
-        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard)?;
+        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard).await?;
         self.d.jobs.wait(&job, budget).await?;
         let missing = || Error::Internal(format!("the copy {local} vanished right after it was made"));
         let v = pool.get_volume(&local).await?.ok_or_else(missing)?;
@@ -736,7 +736,7 @@ impl ControllerService {
             local: local.clone(),
             uid: new_uid(),
         };
-        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard)?;
+        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard).await?;
         self.d.jobs.wait(&job, budget).await?;
         let missing = || Error::Internal(format!("the snapshot {local} vanished right after it was made"));
         let s = pool.get_snapshot(&local).await?.ok_or_else(missing)?;

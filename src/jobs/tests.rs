@@ -43,7 +43,7 @@ fn gated(
 async fn a_retry_waits_on_the_running_copy_and_never_starts_a_second() {
     let jobs = Jobs::unrecorded();
     let (gate, started) = (Arc::new(tokio::sync::Notify::new()), Arc::new(AtomicUsize::new(0)));
-    let job = jobs.start(work("v1"), None, None, (), gated(&gate, &started, Ok(()))).unwrap();
+    let job = jobs.start(work("v1"), None, None, (), gated(&gate, &started, Ok(()))).await.unwrap();
     let err = jobs.wait(&job, Duration::from_millis(50)).await.unwrap_err();
     assert!(matches!(&err, Error::Aborted(m) if m.contains("in progress") && m.contains("csi-v1")), "{err}");
 
@@ -51,7 +51,7 @@ async fn a_retry_waits_on_the_running_copy_and_never_starts_a_second() {
     let found = jobs.find(&volume_key("v1")).expect("the running job is found");
     assert!(Arc::ptr_eq(&found, &job) && !found.ended());
     assert!(jobs.running(&volume_key("v1")));
-    let again = jobs.start(work("v1"), None, None, (), gated(&gate, &started, Ok(()))).unwrap_err();
+    let again = jobs.start(work("v1"), None, None, (), gated(&gate, &started, Ok(()))).await.unwrap_err();
     assert!(matches!(again, Error::Aborted(_)), "{again}");
 
     let waiter = {
@@ -70,7 +70,7 @@ async fn an_error_is_told_to_the_next_retry_once_then_forgotten() {
     let jobs = Jobs::unrecorded();
     let (gate, started) = (Arc::new(tokio::sync::Notify::new()), Arc::new(AtomicUsize::new(0)));
     let failing = gated(&gate, &started, Err(Error::ResourceExhausted("no room for the copy".into())));
-    let job = jobs.start(work("v2"), None, None, (), failing).unwrap();
+    let job = jobs.start(work("v2"), None, None, (), failing).await.unwrap();
     // Nobody waits when it fails (the request's deadline passed).
     assert!(jobs.wait(&job, Duration::from_millis(20)).await.is_err());
     gate.notify_waiters();
@@ -82,7 +82,7 @@ async fn an_error_is_told_to_the_next_retry_once_then_forgotten() {
     assert!(matches!(&err, Error::ResourceExhausted(m) if m == "no room for the copy"), "{err}");
     assert!(jobs.find(&volume_key("v2")).is_none(), "told once, then forgotten");
     // So the retry after it starts a fresh copy.
-    let fresh = jobs.start(work("v2"), None, None, (), async { Ok(()) }).unwrap();
+    let fresh = jobs.start(work("v2"), None, None, (), async { Ok(()) }).await.unwrap();
     jobs.wait(&fresh, Duration::from_secs(5)).await.unwrap();
 }
 
@@ -90,12 +90,12 @@ async fn an_error_is_told_to_the_next_retry_once_then_forgotten() {
 async fn the_answer_while_it_runs_says_how_far_the_copy_is() {
     let jobs = Jobs::unrecorded();
     let progress: Progress = Arc::new(|| Box::pin(async { Some((1 << 20, 4 << 20)) }));
-    let job = jobs.start(work("v7"), None, Some(progress), (), std::future::pending()).unwrap();
+    let job = jobs.start(work("v7"), None, Some(progress), (), std::future::pending()).await.unwrap();
     let err = jobs.wait(&job, Duration::from_millis(200)).await.unwrap_err();
     assert!(matches!(&err, Error::Aborted(m) if m.contains("25% of 4 MiB")), "{err}");
     // A pool that cannot tell in time does not delay the answer past its budget.
     let stuck: Progress = Arc::new(|| Box::pin(std::future::pending()));
-    let job = jobs.start(work("v8"), None, Some(stuck), (), std::future::pending()).unwrap();
+    let job = jobs.start(work("v8"), None, Some(stuck), (), std::future::pending()).await.unwrap();
     let asked = Instant::now();
     let err = jobs.wait(&job, Duration::from_millis(200)).await.unwrap_err();
     assert!(asked.elapsed() < Duration::from_millis(400), "{:?}", asked.elapsed());
@@ -105,11 +105,11 @@ async fn the_answer_while_it_runs_says_how_far_the_copy_is() {
 #[tokio::test]
 async fn a_new_request_replaces_a_failed_job_nobody_was_told_of() {
     let jobs = Jobs::unrecorded();
-    let job = jobs.start(work("v3"), None, None, (), async { Err(Error::Internal("cp failed".into())) }).unwrap();
+    let job = jobs.start(work("v3"), None, None, (), async { Err(Error::Internal("cp failed".into())) }).await.unwrap();
     while !job.ended() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let next = jobs.start(work("v3"), None, None, (), async { Ok(()) }).expect("an ended job does not block a new one");
+    let next = jobs.start(work("v3"), None, None, (), async { Ok(()) }).await.expect("an ended job does not block a new one");
     jobs.wait(&next, Duration::from_secs(5)).await.unwrap();
 }
 
@@ -119,7 +119,7 @@ async fn the_job_holds_its_locks_until_it_ends() {
     let key = || crate::locks::LockKey::new("p1", crate::locks::ObjectKind::Volume, "v4");
     let guard = locks.try_lock(key()).unwrap();
     let (gate, started) = (Arc::new(tokio::sync::Notify::new()), Arc::new(AtomicUsize::new(0)));
-    let job = jobs.start(work("v4"), None, None, guard, gated(&gate, &started, Ok(()))).unwrap();
+    let job = jobs.start(work("v4"), None, None, guard, gated(&gate, &started, Ok(()))).await.unwrap();
     while started.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -133,10 +133,10 @@ async fn the_job_holds_its_locks_until_it_ends() {
 async fn a_request_tells_its_own_job_from_another_requests() {
     let jobs = Jobs::unrecorded();
     let asked = String::from("request one");
-    let job = jobs.start(work("v5"), Some(Box::new(asked.clone())), None, (), std::future::pending()).unwrap();
+    let job = jobs.start(work("v5"), Some(Box::new(asked.clone())), None, (), std::future::pending()).await.unwrap();
     assert!(job.started_for(&asked));
     assert!(!job.started_for(&String::from("request two")));
-    let restarted = jobs.start(work("v6"), None, None, (), std::future::pending()).unwrap();
+    let restarted = jobs.start(work("v6"), None, None, (), std::future::pending()).await.unwrap();
     assert!(restarted.started_for(&asked), "a job restarted at start-up matches: the create after it checks compatibility");
 }
 
@@ -144,24 +144,23 @@ async fn a_request_tells_its_own_job_from_another_requests() {
 async fn a_killed_drivers_jobs_are_found_in_their_records_until_they_end() {
     let state = tempfile::tempdir().unwrap();
     let first = Jobs::new(state.path()).unwrap();
-    first.start(work("k1"), None, None, (), std::future::pending()).unwrap();
+    first.start(work("k1"), None, None, (), std::future::pending()).await.unwrap();
     let snap = Work::Snapshot { pool: "p1".into(), source: "k1".into(), csi_name: "s".into(), local: "s1".into(), uid: "u1".into() };
-    first.start(snap.clone(), None, None, (), std::future::pending()).unwrap();
+    first.start(snap.clone(), None, None, (), std::future::pending()).await.unwrap();
     // A half-written record of a job that never started, and a damaged one.
-    std::fs::write(state.path().join("copies/.volume-k9.json.tmp"), b"{").unwrap();
-    std::fs::write(state.path().join("copies/volume-k8.json"), b"not json").unwrap();
+    let copies = state.path().join("copies");
+    std::fs::write(copies.join(".volume:k9.json.tmp"), b"{").unwrap();
+    std::fs::write(copies.join("volume:k8.json"), b"not json").unwrap();
 
     // "Killed": a new registry on the same state directory.
     let second = Jobs::new(state.path()).unwrap();
-    assert_eq!(second.recorded().unwrap(), vec![snap.clone(), work("k1")]);
-    let left: Vec<String> =
-        std::fs::read_dir(state.path().join("copies")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(left.len(), 2, "the half-written and damaged records are removed: {left:?}");
+    assert_eq!(second.recorded().await.unwrap(), vec![snap.clone(), work("k1")], "the damaged record is skipped");
+    assert!(!copies.join(".volume:k9.json.tmp").exists(), "the half-written record is removed");
 
     // Run again, the job's record goes when it ends.
-    let job = second.start(work("k1"), None, None, (), async { Ok(()) }).unwrap();
+    let job = second.start(work("k1"), None, None, (), async { Ok(()) }).await.unwrap();
     second.wait(&job, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(second.recorded().unwrap(), vec![snap]);
+    assert_eq!(second.recorded().await.unwrap(), vec![snap]);
 }
 
 #[test]
