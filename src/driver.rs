@@ -9,14 +9,15 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::exec::Exec;
-use crate::locks::Locks;
+use crate::jobs::{Job, Jobs, Work};
+use crate::locks::{LockKey, Locks, ObjectKind};
 use crate::node::Node;
 use crate::node::freeze::Freezer;
 use crate::node::mount::Mounter;
 use crate::node::records::Records;
 use crate::node::safepath::PathPolicy;
 use crate::placement::{NODE_KEY, Segments};
-use crate::pool::{self, Pool};
+use crate::pool::{self, Pool, Source};
 use crate::volume_id::{Object, VolumeId, valid_node_id};
 
 /// Driver name registered with orchestrators.
@@ -42,6 +43,8 @@ pub struct Driver {
     pub records: Records,
     /// Freezes filesystems around snapshots and clones, for every pool ([`crate::node::freeze`]).
     pub freezer: Arc<Freezer>,
+    /// Copies (clones, restores, snapshots) running detached from their requests.
+    pub jobs: Jobs,
 }
 
 impl Driver {
@@ -93,6 +96,7 @@ impl Driver {
             paths: PathPolicy::new(&cfg.allowed_path_prefixes)?,
             records: Records::new(state_dir),
             freezer,
+            jobs: Jobs::new(state_dir)?,
         })
     }
 
@@ -123,6 +127,119 @@ impl Driver {
                 tracing::error!(pool = %name, error = %e, "start-up repair of the pool failed");
             }
         }
+        // After the pools' repair, which removed the killed copies' temporaries.
+        self.restart_copies().await;
+    }
+
+    /// Runs again every volume copy a killed predecessor recorded and did not finish, as
+    /// detached jobs holding their locks, so a retry of the request finds them running; removes
+    /// what an unfinished snapshot copy left (its retry takes it again).
+    async fn restart_copies(&self) {
+        let recorded = match self.jobs.recorded().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the copy records; unfinished copies restart when their requests are retried");
+                return;
+            }
+        };
+        for work in recorded {
+            let Some(pool) = self.pools.get(work.pool()).cloned() else {
+                tracing::error!(job = %work.key(), pool = %work.pool(), "a recorded copy names a pool that is no longer configured; its request fails until retried elsewhere");
+                continue;
+            };
+            if let Work::Snapshot { local, .. } = &work {
+                // Not taken again unasked (it would freeze and lock a volume in use): its
+                // half-made copy goes, and the retry of its request takes it afresh.
+                let discarded = pool.discard_unfinished(true, local).await;
+                let discarded = match discarded {
+                    Ok(()) => self.jobs.discard_record(&work.key()).await,
+                    e => e,
+                };
+                match discarded {
+                    Ok(()) => {
+                        tracing::info!(job = %work.key(), "removed a snapshot copy left unfinished by a killed driver; its retry takes it again")
+                    }
+                    Err(e) => {
+                        tracing::error!(job = %work.key(), error = %e, "cannot remove a snapshot copy left unfinished by a killed driver")
+                    }
+                }
+                continue;
+            }
+            let started = match self.locks.try_lock_all(self.copy_locks(&work)) {
+                Ok(guard) => self.start_copy(pool, work.clone(), None, guard).await,
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok(_) => tracing::info!(job = %work.key(), "restarted a copy left unfinished by a killed driver"),
+                Err(e) => tracing::error!(job = %work.key(), error = %e, "cannot restart a recorded copy"),
+            }
+        }
+    }
+
+    /// The locks the request of `work` takes (and a restarted job takes again): the new
+    /// object's local name in every pool, and the source object.
+    fn copy_locks(&self, work: &Work) -> Vec<LockKey> {
+        match work {
+            Work::Volume { pool, request } => {
+                let source = request.source.as_ref().map(|s| match s {
+                    Source::Snapshot(l) => LockKey::new(pool, ObjectKind::Snapshot, l),
+                    Source::Volume(l) => LockKey::new(pool, ObjectKind::Volume, l),
+                });
+                crate::csi::name_keys(self, ObjectKind::Volume, &request.csi_name).into_iter().chain(source).collect()
+            }
+            Work::Snapshot { pool, source, csi_name, .. } => crate::csi::name_keys(self, ObjectKind::Snapshot, csi_name)
+                .into_iter()
+                .chain([LockKey::new(pool, ObjectKind::Volume, source)])
+                .collect(),
+        }
+    }
+
+    /// Starts `work` in `pool` as a detached job ([`crate::jobs`]) holding `locks` until it
+    /// ends. The job is done when the pool has made the object and reads it back complete.
+    pub async fn start_copy<L: Send + 'static>(
+        &self,
+        pool: Arc<dyn Pool>,
+        work: Work,
+        asked: Option<Box<dyn std::any::Any + Send + Sync>>,
+        locks: L,
+    ) -> Result<Arc<Job>> {
+        let (w, progress_pool) = (work.clone(), pool.clone());
+        let run = async move {
+            match w {
+                Work::Volume { request, .. } => {
+                    pool.create_volume(&request).await?;
+                    // Verified from the committed record, not from what create answered.
+                    match pool.get_volume(&request.local).await? {
+                        Some(v) if v.capacity >= request.capacity => Ok(()),
+                        Some(v) => Err(Error::Internal(format!(
+                            "the copy {} was made with {} bytes, less than the {} asked",
+                            request.local, v.capacity, request.capacity
+                        ))),
+                        None => Err(Error::Internal(format!("the copy {} vanished right after it was made", request.local))),
+                    }
+                }
+                Work::Snapshot { source, csi_name, local, uid, .. } => {
+                    pool.create_snapshot(&source, &csi_name, &local, &uid).await?;
+                    match pool.get_snapshot(&local).await? {
+                        Some(s) if s.ready => Ok(()),
+                        Some(_) => Err(Error::Internal(format!("the snapshot {local} is not ready right after it was made"))),
+                        None => Err(Error::Internal(format!("the snapshot {local} vanished right after it was made"))),
+                    }
+                }
+            }
+        };
+        let (snapshot, local, source) = match &work {
+            Work::Volume { request, .. } => (false, request.local.clone(), request.source.clone()),
+            Work::Snapshot { local, source, .. } => (true, local.clone(), Some(Source::Volume(source.clone()))),
+        };
+        let progress = source.map(|source| -> crate::jobs::Progress {
+            let pool = progress_pool;
+            Arc::new(move || {
+                let (pool, local, source) = (pool.clone(), local.clone(), source.clone());
+                Box::pin(async move { pool.copy_progress(snapshot, &local, &source, std::time::Duration::from_millis(100)).await })
+            })
+        });
+        self.jobs.start(work, asked, progress, locks, run).await
     }
 
     /// The pool a (parsed) id names, if it is one of ours. Ids of another node, an unknown pool

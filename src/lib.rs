@@ -30,6 +30,7 @@ pub mod driver;
 pub mod endpoint;
 pub mod error;
 pub mod exec;
+pub mod jobs;
 pub mod locks;
 pub mod node;
 pub mod placement;

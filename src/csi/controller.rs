@@ -4,12 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
 use super::{Capability, decode_caps, lock_key, name_keys, require, topology, traced};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::jobs::{self, Work};
 use crate::locks::{LockKey, ObjectKind};
 use crate::placement::{self, Candidate, Segments};
 use crate::pool::{self, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
@@ -246,7 +248,14 @@ impl ControllerService {
         Ok(pool.get_snapshot(&legacy).await?.filter(|s| s.csi_name == csi_name))
     }
 
+    /// CreateVolume, waiting for a copy the default time.
+    #[cfg(test)]
     async fn create(&self, req: CreateVolumeRequest) -> Result<CreateVolumeResponse> {
+        self.create_within(req, jobs::DEFAULT_WAIT).await
+    }
+
+    /// CreateVolume; a copy is waited for at most `budget` (the request's deadline).
+    async fn create_within(&self, req: CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
         require("name", &req.name)?;
         let caps = decode_caps(&req.volume_capabilities)?;
         let block = caps[0].block;
@@ -279,6 +288,19 @@ impl ControllerService {
         }
 
         let local = local_name(&req.name);
+        let asked = CreateVolumeRequest { secrets: HashMap::new(), ..req.clone() };
+        // A copy an earlier attempt started may still run, detached: wait for it, then answer
+        // from what it made, as for any retry.
+        if let Some(job) = self.d.jobs.find(&jobs::volume_key(&local)) {
+            if job.work().csi_name() == req.name && job.started_for(&asked) {
+                self.d.jobs.wait(&job, budget).await?;
+            } else if !job.ended() {
+                return Err(Error::Aborted(format!(
+                    "volume {} is being copied for another request; retry when it has finished",
+                    crate::error::bounded(&req.name)
+                )));
+            }
+        }
         // The new volume's local name (in every pool, where a retry looks for it) and the source
         // object: no delete, expand, snapshot or stage of the source runs while it is copied.
         let source_key = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
@@ -286,7 +308,7 @@ impl ControllerService {
             Some(volume_content_source::Type::Volume(v)) => Some(lock_key(&self.d, ObjectKind::Volume, &v.volume_id)),
             None => None,
         };
-        let _guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Volume, &req.name).into_iter().chain(source_key))?;
+        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Volume, &req.name).into_iter().chain(source_key))?;
 
         // The source pins the pool: copies are made inside the pool that holds the source.
         let (source, min_size) = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
@@ -458,7 +480,7 @@ impl ControllerService {
         }
         let creq = CreateRequest {
             csi_name: req.name.clone(),
-            local,
+            local: local.clone(),
             capacity,
             block,
             fs_type,
@@ -468,7 +490,17 @@ impl ControllerService {
             uid: new_uid(),
             source_uid,
         };
-        let v = pool.create_volume(&creq).await?;
+        if creq.source.is_none() {
+            let v = pool.create_volume(&creq).await?;
+            drop(guard);
+            return Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) });
+        }
+        // A copy may outlast this request's deadline: it runs detached, holding the lock.
+        let work = Work::Volume { pool: pool.name().to_owned(), request: creq };
+        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard).await?;
+        self.d.jobs.wait(&job, budget).await?;
+        let missing = || Error::Internal(format!("the copy {local} vanished right after it was made"));
+        let v = pool.get_volume(&local).await?.ok_or_else(missing)?;
         Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) })
     }
 
@@ -640,7 +672,14 @@ impl ControllerService {
         Ok(ControllerExpandVolumeResponse { capacity_bytes: got as i64, node_expansion_required: !v.block })
     }
 
+    /// CreateSnapshot, waiting for a copy the default time.
+    #[cfg(test)]
     async fn snapshot(&self, req: CreateSnapshotRequest) -> Result<CreateSnapshotResponse> {
+        self.snapshot_within(req, jobs::DEFAULT_WAIT).await
+    }
+
+    /// CreateSnapshot; a copy is waited for at most `budget` (the request's deadline).
+    async fn snapshot_within(&self, req: CreateSnapshotRequest, budget: Duration) -> Result<CreateSnapshotResponse> {
         require("name", &req.name)?;
         require("source_volume_id", &req.source_volume_id)?;
         for key in req.parameters.keys() {
@@ -649,11 +688,22 @@ impl ControllerService {
             }
         }
         let local = local_name(&req.name);
+        let asked = CreateSnapshotRequest { secrets: HashMap::new(), ..req.clone() };
+        if let Some(job) = self.d.jobs.find(&jobs::snapshot_key(&local)) {
+            if job.work().csi_name() == req.name && job.started_for(&asked) {
+                self.d.jobs.wait(&job, budget).await?;
+            } else if !job.ended() {
+                return Err(Error::Aborted(format!(
+                    "snapshot {} is being copied for another request; retry when it has finished",
+                    crate::error::bounded(&req.name)
+                )));
+            }
+        }
         // The snapshot's local name (in every pool, where a retry looks for it) and its source
         // volume: no unstage, expand or delete of the volume runs while it is frozen and copied,
         // and a second snapshot of it waits its turn (ABORTED) instead of sharing the freeze.
         let source_key = lock_key(&self.d, ObjectKind::Volume, &req.source_volume_id);
-        let _guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Snapshot, &req.name).into_iter().chain([source_key]))?;
+        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Snapshot, &req.name).into_iter().chain([source_key]))?;
         let (pool, v) = self.find_volume(&req.source_volume_id).await?;
         for p in self.d.pools.values() {
             let found = match self.snapshot_named(p.as_ref(), &req.name, &local).await {
@@ -678,7 +728,18 @@ impl ControllerService {
                 return Ok(CreateSnapshotResponse { snapshot: Some(self.snapshot_message(p.as_ref(), &s)) });
             }
         }
-        let s = pool.create_snapshot(&v.local, &req.name, &local, &new_uid()).await?;
+        // A snapshot may be a copy that outlasts this request's deadline: detached, holding the lock.
+        let work = Work::Snapshot {
+            pool: pool.name().to_owned(),
+            source: v.local.clone(),
+            csi_name: req.name.clone(),
+            local: local.clone(),
+            uid: new_uid(),
+        };
+        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard).await?;
+        self.d.jobs.wait(&job, budget).await?;
+        let missing = || Error::Internal(format!("the snapshot {local} vanished right after it was made"));
+        let s = pool.get_snapshot(&local).await?.ok_or_else(missing)?;
         Ok(CreateSnapshotResponse { snapshot: Some(self.snapshot_message(pool.as_ref(), &s)) })
     }
 
@@ -754,9 +815,10 @@ fn rpc_cap(t: rpc::Type) -> ControllerServiceCapability {
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(&self, r: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
         let r = r.into_inner();
         let name = r.name.clone();
-        traced("CreateVolume", &name, self.create(r)).await
+        traced("CreateVolume", &name, self.create_within(r, budget)).await
     }
 
     async fn delete_volume(&self, r: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
@@ -817,9 +879,10 @@ impl Controller for ControllerService {
     }
 
     async fn create_snapshot(&self, r: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
         let r = r.into_inner();
         let id = r.source_volume_id.clone();
-        traced("CreateSnapshot", &id, self.snapshot(r)).await
+        traced("CreateSnapshot", &id, self.snapshot_within(r, budget)).await
     }
 
     async fn delete_snapshot(&self, r: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
@@ -1106,6 +1169,7 @@ mod tests {
                 paths: crate::node::safepath::PathPolicy::default(),
                 records: crate::node::records::Records::new(&std::env::temp_dir()),
                 freezer: Arc::new(crate::node::freeze::Freezer::unrecorded(Arc::new(FakeExec::new()))),
+                jobs: crate::jobs::Jobs::unrecorded(),
             };
             (ControllerService::new(Arc::new(driver)), fast, slow)
         }

@@ -490,24 +490,10 @@ impl LvmPool {
         }
     }
 
-    /// Ends a restore or clone: grow to the requested size, give the filesystem a new UUID,
-    /// and drop the pending tag. Every step is safe to repeat.
+    /// Ends a restore or clone with the shared flow ([`crate::pool::copy::finish`]): grow to
+    /// the requested size, give the filesystem a new UUID, drop the pending tag.
     async fn finish_copy(&self, lv: &Lv, capacity: u64, block: bool) -> Result<()> {
-        let target = format!("{}/{}", self.vg, lv.name);
-        if lv.size < capacity {
-            self.exec.run(command::lvextend(&self.vg, &lv.name, capacity)).await.context(|| format!("growing the copy {target}"))?;
-        }
-        let device = self.activate(lv).await?;
-        // A raw block volume's content is the user's business; only filesystem volumes get
-        // a new UUID (a blank copy is left alone).
-        if !block {
-            crate::node::format::regenerate_uuid(self.exec.as_ref(), &device).await?;
-        }
-        self.exec
-            .run(command::lvchange_deltag(&self.vg, &lv.name, tags::PENDING))
-            .await
-            .context(|| format!("marking the copy {target} finished"))?;
-        Ok(())
+        crate::pool::copy::finish(self.exec.as_ref(), &LvCopy { pool: self, lv }, capacity, block).await
     }
 
     async fn create_copy(&self, req: &CreateRequest, source: &Source, lv_name: &str) -> Result<VolumeInfo> {
@@ -962,6 +948,42 @@ impl Pool for LvmPool {
             }
         }
         Ok(Condition::Healthy)
+    }
+}
+
+/// An LVM copy (a thin snapshot LV) being finished: the kind-specific steps of the shared flow.
+struct LvCopy<'a> {
+    pool: &'a LvmPool,
+    lv: &'a Lv,
+}
+
+#[async_trait]
+impl crate::pool::copy::Copy for LvCopy<'_> {
+    async fn grow_to(&self, capacity: u64) -> Result<()> {
+        if self.lv.size < capacity {
+            let target = format!("{}/{}", self.pool.vg, self.lv.name);
+            self.pool
+                .exec
+                .run(command::lvextend(&self.pool.vg, &self.lv.name, capacity))
+                .await
+                .context(|| format!("growing the copy {target}"))?;
+        }
+        Ok(())
+    }
+
+    async fn device(&self, _filesystem: bool) -> Result<Option<PathBuf>> {
+        // Active whatever it holds: the copy is handed out usable.
+        self.pool.activate(self.lv).await.map(Some)
+    }
+
+    async fn mark_finished(&self) -> Result<()> {
+        let target = format!("{}/{}", self.pool.vg, self.lv.name);
+        self.pool
+            .exec
+            .run(command::lvchange_deltag(&self.pool.vg, &self.lv.name, tags::PENDING))
+            .await
+            .context(|| format!("marking the copy {target} finished"))?;
+        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::volume_id::PoolKind;
 
+pub mod copy;
 pub mod file;
 pub mod lvm;
 pub mod nfs;
@@ -51,8 +52,8 @@ pub enum Source {
     Volume(String),
 }
 
-/// A request to create a volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A request to create a volume (serialisable: a copy job records it, [`crate::jobs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateRequest {
     /// The CSI name (idempotency key), up to 128 characters.
     pub csi_name: String,
@@ -270,6 +271,17 @@ pub trait Pool: Send + Sync {
     /// are the [`Freezer`](crate::node::freeze::Freezer)'s, not the pool's.
     async fn recover(&self) -> Result<()> {
         Ok(())
+    }
+    /// Removes what an unfinished creation of `local` (a snapshot when `snapshot`) left: its
+    /// temporaries, never a finished object. Called at start-up for a copy a killed driver
+    /// recorded and that is not run again before its request is retried ([`crate::jobs`]).
+    async fn discard_unfinished(&self, _snapshot: bool, _local: &str) -> Result<()> {
+        Ok(())
+    }
+    /// How far a running copy into `local` (a snapshot when `snapshot`) from `source` is:
+    /// bytes written and bytes to write, when this pool can tell within `deadline`.
+    async fn copy_progress(&self, _snapshot: bool, _local: &str, _source: &Source, _deadline: std::time::Duration) -> Option<(u64, u64)> {
+        None
     }
 }
 

@@ -54,7 +54,7 @@ use crate::config::{PoolConfig, format_size, parse_size};
 use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec};
 use crate::node::freeze::{Freezer, Target};
-use crate::node::{format, loopdev, mountinfo};
+use crate::node::{loopdev, mountinfo};
 use crate::pool::{Attachment, Condition, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::store;
 use crate::volume_id::{PoolKind, valid_local_name};
@@ -323,10 +323,22 @@ impl FilePool {
     /// filesystem that cannot be frozen is FAILED_PRECONDITION, the copy runs in a task of its
     /// own and the filesystem is thawed on every path. A raw block volume in use has no
     /// filesystem to freeze and is copied as it is.
+    ///
+    /// `cp` writes through a descriptor of `dst` opened here (`/proc/self/fd/0`), never by its
+    /// path: a `cp` orphaned by a killed driver keeps writing into the file it had, which the
+    /// restarted driver has unlinked, and can never create or fill a later attempt's file.
     async fn copy_image(&self, volume: &str, purpose: String, src: &Path, dst: &Path) -> Result<()> {
         let mount_points = mounted_from(self.exec.as_ref(), &self.freezer, src).await?;
         let (s, d) = (src.to_string_lossy().into_owned(), dst.to_string_lossy().into_owned());
-        let cmd = Cmd::new("cp").args(["--reflink=auto", "--sparse=always", s.as_str(), d.as_str()]).timeout(COPY_TIMEOUT);
+        let target = dst.to_owned();
+        let fd = self
+            .blocking(format!("opening {d}"), METADATA_DEADLINE, move || {
+                let f = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&target);
+                f.map(std::os::fd::OwnedFd::from).context(|| format!("opening {}", target.display()))
+            })
+            .await?;
+        let cmd =
+            Cmd::new("cp").args(["--reflink=auto", "--sparse=always", s.as_str(), "/proc/self/fd/0"]).stdin_fd(fd).timeout(COPY_TIMEOUT);
         let exec = self.exec.clone();
         let target = Target { pool: self.name.clone(), volume: volume.to_owned(), mount_points, purpose };
         let copied = self.freezer.around(target, async move { exec.run(cmd).await }).await?;
@@ -597,13 +609,9 @@ impl FilePool {
                     _ => "",
                 };
                 self.copy_image(volume, format!("clone {:?}", req.csi_name), &src, &f.tmp_img).await?;
-                self.size_tmp(f, req.capacity, provisioning).await?;
-                if !req.block {
-                    // The copy carries its source's filesystem UUID; XFS refuses to mount two
-                    // filesystems with one UUID, and others confuse them (by-uuid links).
-                    format::regenerate_uuid(self.exec.as_ref(), &f.tmp_img).await?;
-                }
-                Ok(())
+                // The shared flow: sized, a new filesystem UUID; the commit that follows is the mark.
+                let copy = ImageCopy { pool: self, files: f, provisioning };
+                crate::pool::copy::finish(self.exec.as_ref(), &copy, req.capacity, req.block).await
             }
         }
     }
@@ -689,7 +697,11 @@ impl Pool for FilePool {
         let provisioning = self.provisioning_of(req)?;
         let f = self.files(Kind::Volume, &req.local)?;
         if let Some(r) = self.read_volume(&f, &req.local).await? {
-            let mut differences = r.info.conflicts_with(req);
+            // A copy records what it really copied, which may be more than was asked: without a
+            // limit, a larger copy answers its own request.
+            let larger_copy = r.info.source.is_some() && req.limit == 0 && r.info.capacity > req.capacity;
+            let asked = CreateRequest { capacity: if larger_copy { r.info.capacity } else { req.capacity }, ..req.clone() };
+            let mut differences = r.info.conflicts_with(&asked);
             // The provisioning default comes from the pool's config, so it is compared here.
             if r.provisioning != provisioning {
                 differences.push(format!("it is {} provisioned", r.provisioning.as_str()));
@@ -704,23 +716,34 @@ impl Pool for FilePool {
                 differences.join("; ")
             )));
         }
-        let source = self.source_image(req).await?;
+        // First, so a copy restarted after a kill removes its temporaries even when it then
+        // fails (its source gone).
         self.clean_leftovers(Kind::Volume, &f).await?;
+        let source = self.source_image(req).await?;
         let _claim = self.claim(req.capacity, &format!("volume {} ({})", req.local, req.csi_name)).await?;
         let fs = self.pool_fs().await?;
-        if let Err(e) = self.build_image(req, &f, source.as_ref().map(|s| s.0.clone()), provisioning, fs).await {
-            self.discard_tmp(&f).await;
-            return Err(e);
-        }
+        let tmp = f.tmp_img.clone();
+        let built = async {
+            self.build_image(req, &f, source.as_ref().map(|s| s.0.clone()), provisioning, fs).await?;
+            self.blocking(format!("inspecting {}", tmp.display()), METADATA_DEADLINE, move || sizes(&tmp)).await
+        };
+        // A copy is as large as what was really copied (its source may have grown meanwhile).
+        let capacity = match built.await {
+            Ok((len, _)) => len.max(req.capacity),
+            Err(e) => {
+                self.discard_tmp(&f).await;
+                return Err(e);
+            }
+        };
         // A reflinked thick clone shares its source's blocks: writes to either need new ones.
         let shared = match &source {
-            Some((_, size)) if provisioning == Provisioning::Thick && fs.may_reflink() => (*size).min(req.capacity),
+            Some((_, size)) if provisioning == Provisioning::Thick && fs.may_reflink() => (*size).min(capacity),
             _ => 0,
         };
         let info = VolumeInfo {
             local: req.local.clone(),
             csi_name: req.csi_name.clone(),
-            capacity: req.capacity,
+            capacity,
             block: req.block,
             fs_type: if req.block { None } else { Some(req.fs_type.clone().unwrap_or_else(|| self.default_fs.clone())) },
             source: req.source.clone(),
@@ -805,10 +828,10 @@ impl Pool for FilePool {
                 self.name, s.info.csi_name, s.info.source_volume
             )));
         }
+        self.clean_leftovers(Kind::Snapshot, &f).await?;
         let Some(source) = self.read_volume(&src, source_local).await? else {
             return Err(Error::NotFound(format!("volume {source_local} does not exist in file pool {:?}", self.name)));
         };
-        self.clean_leftovers(Kind::Snapshot, &f).await?;
         let fs = self.pool_fs().await?;
         let img = src.img.clone();
         let (len, allocated) = self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || sizes(&img)).await?;
@@ -853,6 +876,24 @@ impl Pool for FilePool {
         self.commit(&f, SnapshotRecord { info: info.clone(), shared }).await?;
         tracing::info!(pool = %self.name, local, source = source_local, size, shared, "created snapshot");
         Ok(info)
+    }
+
+    async fn copy_progress(&self, snapshot: bool, local: &str, source: &Source, deadline: Duration) -> Option<(u64, u64)> {
+        let target = self.files(if snapshot { Kind::Snapshot } else { Kind::Volume }, local).ok()?;
+        let source = match source {
+            Source::Snapshot(s) => self.files(Kind::Snapshot, s).ok()?,
+            Source::Volume(v) => self.files(Kind::Volume, v).ok()?,
+        };
+        // The blocks written so far into the temporary, of the source's allocated blocks.
+        let (tmp, img) = (target.tmp_img, source.img);
+        let sizes = self.blocking(format!("inspecting {}", tmp.display()), deadline, move || Ok((sizes(&tmp)?.1, sizes(&img)?.1))).await;
+        sizes.ok()
+    }
+
+    async fn discard_unfinished(&self, snapshot: bool, local: &str) -> Result<()> {
+        let kind = if snapshot { Kind::Snapshot } else { Kind::Volume };
+        let f = self.files(kind, local)?;
+        self.clean_leftovers(kind, &f).await
     }
 
     async fn delete_snapshot(&self, local: &str) -> Result<()> {
@@ -970,6 +1011,31 @@ impl Pool for FilePool {
             )));
         }
         Ok(Condition::Healthy)
+    }
+}
+
+/// A copied image being finished: the kind-specific steps of the shared flow
+/// ([`crate::pool::copy`]). The copy is the temporary image, whose commit (rename and
+/// metadata, by the caller) marks it finished.
+struct ImageCopy<'a> {
+    pool: &'a FilePool,
+    files: &'a Files,
+    provisioning: Provisioning,
+}
+
+#[async_trait]
+impl crate::pool::copy::Copy for ImageCopy<'_> {
+    async fn grow_to(&self, capacity: u64) -> Result<()> {
+        // Also allocates a thick copy's holes, even when it needs no growing.
+        self.pool.size_tmp(self.files, capacity, self.provisioning).await
+    }
+
+    async fn device(&self, _filesystem: bool) -> Result<Option<PathBuf>> {
+        Ok(Some(self.files.tmp_img.clone()))
+    }
+
+    async fn mark_finished(&self) -> Result<()> {
+        Ok(())
     }
 }
 

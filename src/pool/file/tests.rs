@@ -234,13 +234,14 @@ async fn snapshot_freezes_a_mounted_source_around_the_copy() {
     fake.0.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[{"name":"/dev/loop3","back-file":"/x"}]}"#.into())]);
     let s = p.create_snapshot("v1", "snap-1", "s1", &crate::volume_id::new_uid()).await.unwrap();
     assert_eq!((s.size, s.source_volume.as_str(), s.ready), (MIB, "v1", true));
-    let (src, tmp) = (img(&dir.path().join("pool"), "volumes", "v1"), dir.path().join("pool/snapshots/.s1.img.tmp"));
+    let src = img(&dir.path().join("pool"), "volumes", "v1");
     assert_eq!(
         fake.0.lines(),
         [
             format!("losetup --list --json --associated {}", src.display()),
             "fsfreeze --freeze /mnt/vol".into(),
-            format!("cp --reflink=auto --sparse=always {} {}", src.display(), tmp.display()),
+            // Written through a descriptor of the temporary, never by path (issue 10 item 4).
+            format!("cp --reflink=auto --sparse=always {} /proc/self/fd/0", src.display()),
             "fsfreeze --unfreeze /mnt/vol".into(),
         ]
     );
@@ -296,11 +297,37 @@ async fn a_clone_copies_the_source_image() {
     let v = p.create_volume(&req("v2", 2 * MIB, true, Some(Source::Volume("v1".into())))).await.unwrap();
     assert_eq!(v.source, Some(Source::Volume("v1".into())));
     let lines = fake.0.lines();
-    let tmp = dir.path().join("volumes/.v2.img.tmp");
-    assert_eq!(lines.last().unwrap(), &format!("cp --reflink=auto --sparse=always {} {}", src.display(), tmp.display()));
+    // Written through a descriptor of the temporary, never by path (issue 10 item 4).
+    assert_eq!(lines.last().unwrap(), &format!("cp --reflink=auto --sparse=always {} /proc/self/fd/0", src.display()));
     let copy = img(dir.path(), "volumes", "v2");
     assert_eq!(read_at(&copy, 4096, 5), b"hello");
     assert_eq!(fs::metadata(&copy).unwrap().len(), 2 * MIB);
+}
+
+#[tokio::test]
+async fn a_clone_records_the_size_it_really_copied() {
+    // The source's image is larger than its record says: an expansion grew the file and has
+    // not written the record yet (running, or killed in between). The clone copies the larger
+    // image, so it must say so: a record smaller than the device would hide data (issue 10 item 6).
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(RealCp(FakeExec::new()));
+    fake.0.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[]}"#.into())]);
+    let p = pool(dir.path(), fake.clone());
+    p.create_volume(&req("v1", MIB, true, None)).await.unwrap();
+    let src = img(dir.path(), "volumes", "v1");
+    write_at(&src, 3 * MIB - 5, b"tail!");
+    let v = p.create_volume(&req("v2", 2 * MIB, true, Some(Source::Volume("v1".into())))).await.unwrap();
+    let copy = img(dir.path(), "volumes", "v2");
+    assert_eq!(fs::metadata(&copy).unwrap().len(), 3 * MIB);
+    assert_eq!(v.capacity, 3 * MIB, "the capacity of what was copied, not the 2 MiB asked");
+    assert_eq!(p.get_volume("v2").await.unwrap().unwrap().capacity, 3 * MIB, "and so says the record");
+    assert_eq!(read_at(&copy, 3 * MIB - 5, 5), b"tail!");
+    // A retry of the same request finds it (more than asked is what a copy may have).
+    let again = p.create_volume(&req("v2", 2 * MIB, true, Some(Source::Volume("v1".into())))).await.unwrap();
+    assert_eq!(again, v);
+    // A copy of a source that did not grow keeps the size asked when larger.
+    let big = p.create_volume(&req("v3", 4 * MIB, true, Some(Source::Volume("v1".into())))).await.unwrap();
+    assert_eq!(big.capacity, 4 * MIB);
 }
 
 #[tokio::test]

@@ -7,19 +7,10 @@ use std::path::{Path, PathBuf};
 use super::*;
 
 impl ZfsPool {
-    /// Ends a zvol restore or clone: grow it to the requested size, give its filesystem a new
-    /// UUID, and drop the pending mark. Every step is safe to repeat.
+    /// Ends a restore or clone with the shared flow ([`crate::pool::copy::finish`]): grow a
+    /// zvol to the requested size, give its filesystem a new UUID, drop the pending mark.
     pub(super) async fn finish_copy(&self, o: &Object, capacity: u64, block: bool) -> Result<()> {
-        if o.kind == Kind::Volume && o.volsize < capacity {
-            self.set_volsize(&o.name, capacity).await?;
-        }
-        if o.kind == Kind::Volume && !block {
-            let device = Self::zvol_device(&o.name);
-            wait_for_device(&device, DEVICE_WAIT).await?;
-            crate::node::format::regenerate_uuid(self.exec.as_ref(), &device).await?;
-        }
-        self.run(command::inherit(&o.name, report::P_PENDING)).await.context(|| format!("marking the copy {} finished", o.name))?;
-        Ok(())
+        crate::pool::copy::finish(self.exec.as_ref(), &ZfsCopy { pool: self, o }, capacity, block).await
     }
 
     pub(super) async fn set_volsize(&self, name: &str, capacity: u64) -> Result<()> {
@@ -210,4 +201,38 @@ pub(super) enum SnapshotError {
     Zfs(ExecError),
     /// The freeze policy refused or a thaw failed (already the answer).
     Freeze(Error),
+}
+
+/// A ZFS copy (a clone) being finished: the kind-specific steps of the shared flow. A dataset
+/// has no device and its quota was set at the clone; only a zvol is grown and re-UUIDed.
+struct ZfsCopy<'a> {
+    pool: &'a ZfsPool,
+    o: &'a Object,
+}
+
+#[async_trait]
+impl crate::pool::copy::Copy for ZfsCopy<'_> {
+    async fn grow_to(&self, capacity: u64) -> Result<()> {
+        if self.o.kind == Kind::Volume && self.o.volsize < capacity {
+            self.pool.set_volsize(&self.o.name, capacity).await?;
+        }
+        Ok(())
+    }
+
+    async fn device(&self, filesystem: bool) -> Result<Option<PathBuf>> {
+        if self.o.kind != Kind::Volume || !filesystem {
+            return Ok(None);
+        }
+        let device = ZfsPool::zvol_device(&self.o.name);
+        wait_for_device(&device, DEVICE_WAIT).await?;
+        Ok(Some(device))
+    }
+
+    async fn mark_finished(&self) -> Result<()> {
+        self.pool
+            .run(command::inherit(&self.o.name, report::P_PENDING))
+            .await
+            .context(|| format!("marking the copy {} finished", self.o.name))?;
+        Ok(())
+    }
 }
