@@ -329,18 +329,20 @@ async fn foreign_lvs_are_left_alone_and_condition_follows_activation() {
     let lab = Lab::new("foreign", 256).await;
     lab.thin_pool(128).await;
     let pool = lab.thin("p", 1.0);
-    // An LV with a holdfast-like name that holdfast did not make.
-    run(&["lvcreate", "-q", "-y", "-n", "hf-foreign", "-V", "8M", "--thinpool", &format!("{}/tp0", lab.vg)]).await;
+    // An LV that holdfast did not make, at the very name a create of "foreign" would use.
+    let local = local_name("foreign");
+    let lv = format!("hf-{local}");
+    run(&["lvcreate", "-q", "-y", "-n", &lv, "-V", "8M", "--thinpool", &format!("{}/tp0", lab.vg)]).await;
     assert!(pool.list_volumes().await.unwrap().is_empty());
-    assert_eq!(pool.get_volume("foreign").await.unwrap(), None);
-    pool.delete_volume("foreign").await.unwrap();
-    assert!(lab.holdfast_lvs().await.contains(&"hf-foreign".to_owned()), "a foreign LV was removed");
+    assert_eq!(pool.get_volume(&local).await.unwrap(), None);
+    pool.delete_volume(&local).await.unwrap();
+    assert!(lab.holdfast_lvs().await.contains(&lv), "a foreign LV was removed");
     let clash = pool.create_volume(&request("foreign", 8 * MIB, Some("ext4"))).await.unwrap_err();
     assert!(matches!(&clash, Error::AlreadyExists(m) if m.contains("not a volume of holdfast pool")), "{clash:?}");
 
     let v = pool.create_volume(&request("vol", 16 * MIB, Some("ext4"))).await.unwrap();
     assert_eq!(pool.condition(&v.local).await.unwrap(), Condition::Healthy);
-    let target = format!("{}/hf-vol", lab.vg);
+    let target = format!("{}/hf-{}", lab.vg, v.local);
     run(&["lvchange", "-q", "-an", &target]).await;
     assert!(matches!(pool.condition(&v.local).await.unwrap(), Condition::Abnormal(m) if m.contains("not active")));
     lab.device(&pool, &v.local).await;
@@ -358,10 +360,15 @@ async fn copied_tags_do_not_make_a_second_volume() {
     let lvs = lab.lvs().await;
     let tags_of = |name: String| lvs.iter().find(|l| l.name == name).unwrap_or_else(|| panic!("no LV {name}")).tags.clone();
     // LVs made by hand, each given every tag of a real volume or snapshot.
-    let copies = [("hf-impostor", tags_of(format!("hf-{}", real.local))), ("hfs-impostor", tags_of(format!("hfs-{}", snap.local)))];
+    // At the names a volume and a snapshot called "impostor" would get.
+    let impostor = local_name("impostor");
+    let copies = [
+        (format!("hf-{impostor}"), tags_of(format!("hf-{}", real.local))),
+        (format!("hfs-{impostor}"), tags_of(format!("hfs-{}", snap.local))),
+    ];
     for (name, tags) in &copies {
         assert!(tags.iter().any(|t| t == "holdfast.managed"), "{name}: {tags:?}");
-        run(&["lvcreate", "-q", "-y", "-n", name, "-V", "8M", "--thinpool", &format!("{}/tp0", lab.vg)]).await;
+        run(&["lvcreate", "-q", "-y", "-n", name.as_str(), "-V", "8M", "--thinpool", &format!("{}/tp0", lab.vg)]).await;
         let mut argv = vec!["lvchange".to_owned(), "-q".to_owned()];
         for t in tags {
             argv.push("--addtag".into());
@@ -374,15 +381,15 @@ async fn copied_tags_do_not_make_a_second_volume() {
     assert_eq!(listed, std::slice::from_ref(&real.local), "copied tags made a second volume");
     let snaps: Vec<String> = pool.list_snapshots().await.unwrap().into_iter().map(|s| s.local).collect();
     assert_eq!(snaps, std::slice::from_ref(&snap.local), "copied tags made a second snapshot");
-    assert_eq!(pool.get_volume("impostor").await.unwrap(), None);
-    assert_eq!(pool.get_snapshot("impostor").await.unwrap(), None);
-    pool.delete_volume("impostor").await.unwrap();
-    pool.delete_snapshot("impostor").await.unwrap();
+    assert_eq!(pool.get_volume(&impostor).await.unwrap(), None);
+    assert_eq!(pool.get_snapshot(&impostor).await.unwrap(), None);
+    pool.delete_volume(&impostor).await.unwrap();
+    pool.delete_snapshot(&impostor).await.unwrap();
     let err = pool.create_volume(&request("impostor", 8 * MIB, Some("ext4"))).await.unwrap_err();
     assert!(matches!(err, Error::AlreadyExists(_)), "a create took over an LV with copied tags: {err}");
     let left = lab.holdfast_lvs().await;
     for (name, _) in &copies {
-        assert!(left.contains(&name.to_string()), "{name} was removed: {left:?}");
+        assert!(left.contains(name), "{name} was removed: {left:?}");
     }
     // The real volume is still the one and only, and goes when asked.
     assert_eq!(pool.get_volume(&real.local).await.unwrap().map(|v| v.csi_name), Some("the-real-one".to_owned()));
