@@ -1315,9 +1315,11 @@ async fn a_volume_created_again_under_its_name_gets_a_new_id_and_the_old_id_reac
 #[tokio::test]
 async fn a_name_equal_to_another_names_local_name_gets_its_own_volume() {
     let d = Driver::start().await;
-    // issue 10: `Team/Data` and `team-data-<hash>` (the local name earlier versions derived
+    // issue 10: `Team.Data` and `team-data-<hash>` (the local name earlier versions derived
     // from it), and the one derived today, are three CSI names: three volumes, created at once.
-    let first = format!("{}/Data", unique("Team"));
+    // (`.`, not `/`: an nfs pool whose subdirectory template uses ${csi.name} refuses a name
+    // that is not one path component, and `.` makes the legacy derivation hash it all the same.)
+    let first = format!("{}.Data", unique("Team"));
     let names = [first.clone(), holdfast::volume_id::legacy_local_name(&first), holdfast::volume_id::local_name(&first)];
     let cap = d.mount_cap(Mode::SingleNodeWriter);
     // ABORTED is contention, which a CO retries: a create of `Team/Data` also holds the local

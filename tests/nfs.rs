@@ -413,11 +413,13 @@ async fn lifecycle_over_nfs_v3_and_v4_2() {
         assert!(stats.usage.iter().any(|u| u.total > 0), "{pool_name}: usage {:?}", stats.usage);
 
         // Snapshot, restore, clone: data, holes and xattrs survive.
+        let snap_req = CreateSnapshotRequest { name: unique("snap"), source_volume_id: id.clone(), ..Default::default() };
         let snap = ok(
-            p.controller
-                .clone()
-                .create_snapshot(CreateSnapshotRequest { name: unique("snap"), source_volume_id: id.clone(), ..Default::default() })
-                .await,
+            until_copied(|| {
+                let (mut c, r) = (p.controller.clone(), snap_req.clone());
+                async move { c.create_snapshot(r).await }
+            })
+            .await,
             "CreateSnapshot",
         )
         .snapshot
@@ -433,7 +435,16 @@ async fn lifecycle_over_nfs_v3_and_v4_2() {
                 volume_content_source: Some(VolumeContentSource { r#type: Some(source) }),
                 ..create_request(pool_name, &copy_name, mode, &[])
             };
-            let copy = ok(p.controller.clone().create_volume(req).await, what).volume.unwrap();
+            let copy = ok(
+                until_copied(|| {
+                    let (mut c, r) = (p.controller.clone(), req.clone());
+                    async move { c.create_volume(r).await }
+                })
+                .await,
+                what,
+            )
+            .volume
+            .unwrap();
             let cdir = on_server(&copy_name);
             assert_eq!(std::fs::read(cdir.join("data")).unwrap(), b"payload\n", "{pool_name} {what}");
             let sparse = std::fs::metadata(cdir.join("sparse")).unwrap();
@@ -952,4 +963,24 @@ async fn a_volume_directory_swapped_for_a_symlink_is_never_used_through_it() {
     p.delete(&v.volume_id).await;
     assert!(!dir.exists());
     std::fs::remove_dir_all(&victim).unwrap();
+}
+
+/// Repeats a copying request (clone, restore, snapshot) while it answers ABORTED, as a CO does:
+/// copies run detached from their request, and one longer than the request's wait (seconds
+/// under the software-emulated VM) answers "copy … in progress" until it is done. Bounded.
+async fn until_copied<T, F, Fut>(mut call: F) -> Result<tonic::Response<T>, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(900);
+    loop {
+        let r = call().await;
+        match &r {
+            Err(e) if e.code() == tonic::Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            _ => return r,
+        }
+    }
 }

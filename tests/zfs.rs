@@ -592,9 +592,11 @@ async fn copied_holdfast_properties_do_not_make_a_second_volume() {
         assert!(argv.len() > 3, "{what}: nothing to copy");
         argv
     };
-    let ds_copy = format!("{}/impostor", lab.parent);
-    let zvol_copy = format!("{}/zimpostor", lab.parent);
-    let snap_copy = format!("{}/{}@impostor", lab.parent, real.local);
+    // At the local names creates of "impostor" and "zimpostor" would use.
+    let (impostor, zimpostor) = (local_name("impostor"), local_name("zimpostor"));
+    let ds_copy = format!("{}/{impostor}", lab.parent);
+    let zvol_copy = format!("{}/{zimpostor}", lab.parent);
+    let snap_copy = format!("{}/{}@{impostor}", lab.parent, real.local);
     let argv =
         copy("dataset", record(format!("{}/{}", lab.parent, real.local)).await, vec!["zfs".into(), "create".into(), ds_copy.clone()]);
     run(&argv.iter().map(String::as_str).collect::<Vec<_>>()).await;
@@ -616,9 +618,9 @@ async fn copied_holdfast_properties_do_not_make_a_second_volume() {
     let mut want = vec![real.local.clone(), zreal.local.clone()];
     want.sort();
     assert_eq!(listed, want, "a copied record made a second volume");
-    for name in ["impostor", "zimpostor"] {
-        assert_eq!(pool.get_volume(name).await.unwrap(), None, "{name}");
-        pool.delete_volume(name).await.unwrap();
+    for (name, local) in [("impostor", &impostor), ("zimpostor", &zimpostor)] {
+        assert_eq!(pool.get_volume(local).await.unwrap(), None, "{name}");
+        pool.delete_volume(local).await.unwrap();
         let err = pool.create_volume(&request(name, 16 * MIB, Some("zfs"))).await.unwrap_err();
         assert!(matches!(err, Error::AlreadyExists(_)), "{name}: a create took over a foreign dataset: {err}");
     }
@@ -720,13 +722,14 @@ async fn parameters_are_checked_and_mounted_volumes_kept() {
         lab.unstage(&mnt).await;
         pool.delete_volume(&v.local).await.unwrap();
     }
-    // A foreign dataset under the parent is left alone.
-    run(&["zfs", "create", "-o", "mountpoint=legacy", &format!("{}/foreign", lab.parent)]).await;
+    // A foreign dataset under the parent, at the name a create of "foreign" would use, is left alone.
+    let foreign = format!("{}/{}", lab.parent, local_name("foreign"));
+    run(&["zfs", "create", "-o", "mountpoint=legacy", &foreign]).await;
     assert!(pool.list_volumes().await.unwrap().is_empty());
-    pool.delete_volume("foreign").await.unwrap();
+    pool.delete_volume(&local_name("foreign")).await.unwrap();
     let clash = pool.create_volume(&request("foreign", 16 * MIB, Some("zfs"))).await.unwrap_err();
     assert!(matches!(&clash, Error::AlreadyExists(m) if m.contains("not a volume of holdfast pool")), "{clash:?}");
-    assert_eq!(lab.objects().await, vec![format!("{}/foreign", lab.parent)]);
+    assert_eq!(lab.objects().await, vec![foreign]);
 }
 
 async fn missing_zpool_and_missing_parent() {

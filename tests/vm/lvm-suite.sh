@@ -35,6 +35,8 @@ thick_skips=(
   list_snapshots_pages_and_filters
   snapshot_restores_the_written_data
   clone_copies_the_source_volume
+  a_volume_id_and_a_snapshot_id_are_never_taken_for_each_other
+  a_volume_created_again_under_its_name_gets_a_new_id_and_the_old_id_reaches_nothing
 )
 
 # Test binaries that drive a pool through HOLDFAST_TEST_CONFIG, run like conformance on every pool
