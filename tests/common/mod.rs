@@ -366,7 +366,11 @@ impl Driver {
     /// Sends a CreateVolume request, failing the test on any error.
     pub async fn create_with(&self, req: CreateVolumeRequest) -> Volume {
         let name = req.name.clone();
-        let resp = self.controller().create_volume(req).await;
+        let resp = until_copied(|| {
+            let (mut c, r) = (self.controller(), req.clone());
+            async move { c.create_volume(r).await }
+        })
+        .await;
         let volume = ok(resp, &format!("CreateVolume {name}")).volume.expect("CreateVolume answered no volume");
         self.remember(Leftover::Volume(volume.volume_id.clone()));
         volume
@@ -393,7 +397,11 @@ impl Driver {
     /// Creates a snapshot, failing the test on any error.
     pub async fn snapshot(&self, name: &str, source_volume_id: &str) -> Snapshot {
         let req = CreateSnapshotRequest { name: name.to_owned(), source_volume_id: source_volume_id.to_owned(), ..Default::default() };
-        let resp = self.controller().create_snapshot(req).await;
+        let resp = until_copied(|| {
+            let (mut c, r) = (self.controller(), req.clone());
+            async move { c.create_snapshot(r).await }
+        })
+        .await;
         let snap = ok(resp, &format!("CreateSnapshot {name}")).snapshot.expect("CreateSnapshot answered no snapshot");
         self.remember(Leftover::Snapshot(snap.snapshot_id.clone()));
         snap
@@ -733,6 +741,27 @@ pub fn path_str(p: &Path) -> String {
 }
 
 /// Unwraps a response, failing the test with the gRPC status.
+/// Repeats a request while it answers ABORTED because its copy is still running ("copy of …
+/// in progress"), as a CO retries: copies (clones, restores, snapshots) run detached from their
+/// request, and on a slow machine (the software-emulated VM) one may outlast the request's wait.
+/// Any other answer, lock contention included, is returned at once. Bounded (15 min).
+pub async fn until_copied<T, F, Fut>(mut call: F) -> Result<Response<T>, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    let give_up = Instant::now() + Duration::from_secs(900);
+    loop {
+        let r = call().await;
+        match &r {
+            Err(e) if e.code() == Code::Aborted && e.message().starts_with("copy of ") && Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            _ => return r,
+        }
+    }
+}
+
 pub fn ok<T>(r: Result<Response<T>, Status>, what: &str) -> T {
     match r {
         Ok(resp) => resp.into_inner(),
