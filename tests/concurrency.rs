@@ -186,7 +186,7 @@ async fn snapshots_where(d: &Driver, snapshot_id: &str, source_volume_id: &str) 
 
 /// Restores `snap` into a new volume and returns the data file it holds; deletes the restore.
 async fn restored_data(d: &Driver, snap: &Snapshot, name: &str) -> Option<Vec<u8>> {
-    let req = clone_request(d, &unique(name), 0, Source::Snapshot(SnapshotSource { snapshot_id: snap.snapshot_id.clone() }));
+    let req = clone_request(d, &unique(name), snap.size_bytes, Source::Snapshot(SnapshotSource { snapshot_id: snap.snapshot_id.clone() }));
     let v = create_retrying(d, req).await;
     let data = read_volume(d, &v.volume_id, name).await;
     delete_retrying(d, &v.volume_id).await;
@@ -608,6 +608,11 @@ async fn two_snapshots_of_a_mounted_volume_never_thaw_each_other() {
     }
 }
 
+/// The size of the volumes of the two tests that bring their own `file` pool: small (ext4),
+/// because their pool sits in the temporary directory, which in the VM holds well under a GiB
+/// (the size the environment's pool is tested with does not apply to it).
+const OWN_POOL_VOLUME: i64 = 64 << 20;
+
 /// Race 6 (the `file` pool's image copy): a clone and a snapshot whose copy outlives the
 /// caller's 1 s deadline, retried with the same request, finish: OK within a bound, the copy
 /// started once (counted by the `cp` wrapper), the data equal by checksum, and no temporary file
@@ -630,7 +635,7 @@ async fn a_copy_longer_than_the_deadline_finishes_on_retry() {
     let bound = Duration::from_secs(45);
     let retry = [Code::DeadlineExceeded, Code::Cancelled, Code::Aborted];
     for round in 0..rounds() {
-        let src = d.create(&unique("slow-src"), d.fs_volume_size(), d.mount_cap(Mode::SingleNodeWriter)).await;
+        let src = d.create(&unique("slow-src"), OWN_POOL_VOLUME, d.mount_cap(Mode::SingleNodeWriter)).await;
         let data = rng.bytes(DATA_LEN);
         write_volume(&d, &src.volume_id, &format!("slow-src{round}"), &data).await;
         let copy_time = Duration::from_millis(2500 + rng.below(1000));
@@ -638,7 +643,8 @@ async fn a_copy_longer_than_the_deadline_finishes_on_retry() {
         // The clone.
         w.clear("cp");
         w.slow("cp", copy_time, "");
-        let creq = clone_request(&d, &unique("slow-clone"), 0, Source::Volume(VolumeSource { volume_id: src.volume_id.clone() }));
+        let creq =
+            clone_request(&d, &unique("slow-clone"), OWN_POOL_VOLUME, Source::Volume(VolumeSource { volume_id: src.volume_id.clone() }));
         let started = Instant::now();
         let answer = try_until_ok("CreateVolume (clone) under a 1 s deadline", &retry, bound, || {
             let mut c = d.controller();
@@ -707,12 +713,13 @@ async fn a_copy_cut_by_kill_9_finishes_after_the_restart() {
     d.fs_type = "ext4".into();
     let pool_dir = file_pool_dir(&d).expect("a file pool");
     for round in 0..rounds() {
-        let src = d.create(&unique("killed-src"), d.fs_volume_size(), d.mount_cap(Mode::SingleNodeWriter)).await;
+        let src = d.create(&unique("killed-src"), OWN_POOL_VOLUME, d.mount_cap(Mode::SingleNodeWriter)).await;
         let data = rng.bytes(DATA_LEN);
         write_volume(&d, &src.volume_id, &format!("killed-src{round}"), &data).await;
         w.clear("cp");
         w.slow("cp", Duration::from_millis(1500 + rng.below(1000)), "");
-        let creq = clone_request(&d, &unique("killed-clone"), 0, Source::Volume(VolumeSource { volume_id: src.volume_id.clone() }));
+        let creq =
+            clone_request(&d, &unique("killed-clone"), OWN_POOL_VOLUME, Source::Volume(VolumeSource { volume_id: src.volume_id.clone() }));
         let mut c = d.controller();
         let r = creq.clone();
         let call = tokio::spawn(async move { c.create_volume(r).await });
