@@ -397,6 +397,12 @@ impl FrozenRescue {
 impl Drop for FrozenRescue {
     fn drop(&mut self) {
         for (i, s) in self.staged.iter().enumerate() {
+            // Loop device numbers are reused at once: once this test's image is detached, the
+            // same major:minor may be another test's volume, frozen by its own driver for a
+            // snapshot. Thawing (or unmounting) that would break the other test's copy.
+            if !still_ours(s) {
+                continue;
+            }
             let mounted = mount_points_of_device(&s.major_minor);
             for m in &mounted {
                 // Fails harmlessly when it is not frozen.
@@ -417,6 +423,19 @@ impl Drop for FrozenRescue {
                 }
             }
         }
+    }
+}
+
+/// Whether `s`'s device is still this test's: for a `file` pool volume, the loop device still
+/// has the test's image behind it (read from sysfs); other sources are never reused by another
+/// test (their names are unique per test).
+fn still_ours(s: &Staged) -> bool {
+    let Some(image) = &s.image else { return true };
+    let backing = std::fs::read_to_string(format!("/sys/dev/block/{}/loop/backing_file", s.major_minor));
+    match (backing, std::fs::canonicalize(image)) {
+        (Ok(b), Ok(img)) => Path::new(b.trim_end()) == img,
+        (Ok(b), Err(_)) => Path::new(b.trim_end()) == image.as_path(),
+        (Err(_), _) => false,
     }
 }
 
