@@ -37,7 +37,7 @@ pub mod tags;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
@@ -412,7 +412,7 @@ impl LvmPool {
             self.exec.run(command::lvchange_activate(&self.vg, &lv.name)).await.context(|| format!("activating LV {target}"))?;
         }
         let path = self.device_path(lv);
-        wait_for_device(&path, DEVICE_WAIT).await?;
+        crate::pool::wait_for_device(&path, DEVICE_WAIT, " of activating the LV; is udev running (udevadm settle)?").await?;
         Ok(path)
     }
 
@@ -669,21 +669,6 @@ enum SnapshotError {
     Lvm(crate::exec::ExecError),
     /// The freeze policy refused or a thaw failed (already the answer).
     Freeze(Error),
-}
-
-/// Polls for `path` (udev creates `/dev/<vg>/<lv>` shortly after activation).
-async fn wait_for_device(path: &Path, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        if Instant::now() > deadline {
-            return Err(Error::Internal(format!(
-                "{} did not appear within {timeout:?} of activating the LV; is udev running (udevadm settle)?",
-                path.display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
 }
 
 #[async_trait]

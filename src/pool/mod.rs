@@ -42,6 +42,20 @@ pub fn open(
     }
 }
 
+/// Polls for the device node `path` (udev creates `/dev/<vg>/<lv>` and `/dev/zvol/...` shortly
+/// after an LV is activated or a zvol appears); past `timeout` the error says so, with the
+/// pool's `hint` of what to check appended.
+pub async fn wait_for_device(path: &std::path::Path, timeout: std::time::Duration, hint: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !path.exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(crate::error::Error::Internal(format!("{} did not appear within {timeout:?}{hint}", path.display())));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// What a new volume is filled from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -224,7 +224,7 @@ impl crate::pool::copy::Copy for ZfsCopy<'_> {
             return Ok(None);
         }
         let device = ZfsPool::zvol_device(&self.o.name);
-        wait_for_device(&device, DEVICE_WAIT).await?;
+        crate::pool::wait_for_device(&device, DEVICE_WAIT, ZVOL_HINT).await?;
         Ok(Some(device))
     }
 

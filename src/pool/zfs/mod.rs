@@ -48,7 +48,7 @@ pub mod properties;
 pub mod report;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,8 @@ use report::{Kind, Meta, Object, ObjectType};
 
 /// How long `attach` waits for udev to create `/dev/zvol/<dataset>/<local>`.
 const DEVICE_WAIT: Duration = Duration::from_secs(20);
+/// What to check when a zvol's device node does not appear.
+const ZVOL_HINT: &str = "; is udev running (udevadm settle), and is the zvol's volmode dev or full?";
 /// How long a zpool health reading is reused (ListVolumes asks once per volume).
 const HEALTH_TTL: Duration = Duration::from_secs(5);
 /// The infix of hidden (deleted, still depended on) volumes and snapshots.
@@ -554,21 +556,6 @@ fn names_itself(o: &Object, meta: &Meta) -> bool {
     named && of_its_volume
 }
 
-/// Polls for `path` (udev creates `/dev/zvol/...` shortly after the zvol appears).
-async fn wait_for_device(path: &Path, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        if Instant::now() > deadline {
-            return Err(Error::Internal(format!(
-                "{} did not appear within {timeout:?}; is udev running (udevadm settle), and is the zvol's volmode dev or full?",
-                path.display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Pool for ZfsPool {
     fn name(&self) -> &str {
@@ -862,7 +849,7 @@ impl Pool for ZfsPool {
         match o.kind {
             Kind::Volume => {
                 let device = Self::zvol_device(&o.name);
-                wait_for_device(&device, DEVICE_WAIT).await?;
+                crate::pool::wait_for_device(&device, DEVICE_WAIT, ZVOL_HINT).await?;
                 Ok(Attachment::Device(device))
             }
             _ => Ok(Attachment::Mount { source: o.name.clone(), fs_type: "zfs".to_owned(), options: Vec::new() }),

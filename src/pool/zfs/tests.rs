@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::*;
 use crate::config::Config;
 use crate::exec::{FakeExec, Reply};
+use std::path::Path;
 
 fn fixture(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/zfs").join(name);
