@@ -608,6 +608,23 @@ async fn two_snapshots_of_a_mounted_volume_never_thaw_each_other() {
     }
 }
 
+/// A driver with a `file` pool of its own (ext4 volumes, whatever pool and filesystem the
+/// environment names) and the tool wrappers first in its PATH, for the races of the file
+/// pool's image copy; also the pool's directory.
+async fn own_file_pool() -> (Driver, Wrappers, std::path::PathBuf) {
+    let setup = Setup::with_config(|dir| {
+        let pool = dir.join("pool");
+        std::fs::create_dir_all(&pool).expect("create pool dir");
+        format!("[[pool]]\nname = \"conformance\"\nkind = \"file\"\npath = \"{}\"\n", pool.display())
+    });
+    let w = Wrappers::new(setup.dir(), TOOLS);
+    let path = w.path_env();
+    let mut d = setup.env("PATH", &path).start().await;
+    d.fs_type = "ext4".into();
+    let pool_dir = file_pool_dir(&d).expect("a file pool");
+    (d, w, pool_dir)
+}
+
 /// The size of the volumes of the two tests that bring their own `file` pool: small (ext4),
 /// because their pool sits in the temporary directory, which in the VM holds well under a GiB
 /// (the size the environment's pool is tested with does not apply to it).
@@ -620,17 +637,7 @@ const OWN_POOL_VOLUME: i64 = 64 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_longer_than_the_deadline_finishes_on_retry() {
     let mut rng = Seeded::new("a_copy_longer_than_the_deadline_finishes_on_retry");
-    let setup = Setup::with_config(|dir| {
-        let pool = dir.join("pool");
-        std::fs::create_dir_all(&pool).expect("create pool dir");
-        format!("[[pool]]\nname = \"conformance\"\nkind = \"file\"\npath = \"{}\"\n", pool.display())
-    });
-    let w = Wrappers::new(setup.dir(), TOOLS);
-    let path = w.path_env();
-    let mut d = setup.env("PATH", &path).start().await;
-    // Its own file pool, whatever filesystem the environment's pool is tested with.
-    d.fs_type = "ext4".into();
-    let pool_dir = file_pool_dir(&d).expect("a file pool");
+    let (d, w, pool_dir) = own_file_pool().await;
     let deadline = Duration::from_secs(1);
     let bound = Duration::from_secs(45);
     let retry = [Code::DeadlineExceeded, Code::Cancelled, Code::Aborted];
@@ -702,16 +709,7 @@ async fn a_copy_longer_than_the_deadline_finishes_on_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_cut_by_kill_9_finishes_after_the_restart() {
     let mut rng = Seeded::new("a_copy_cut_by_kill_9_finishes_after_the_restart");
-    let setup = Setup::with_config(|dir| {
-        let pool = dir.join("pool");
-        std::fs::create_dir_all(&pool).expect("create pool dir");
-        format!("[[pool]]\nname = \"conformance\"\nkind = \"file\"\npath = \"{}\"\n", pool.display())
-    });
-    let w = Wrappers::new(setup.dir(), TOOLS);
-    let path = w.path_env();
-    let mut d = setup.env("PATH", &path).start().await;
-    d.fs_type = "ext4".into();
-    let pool_dir = file_pool_dir(&d).expect("a file pool");
+    let (mut d, w, pool_dir) = own_file_pool().await;
     for round in 0..rounds() {
         let src = d.create(&unique("killed-src"), OWN_POOL_VOLUME, d.mount_cap(Mode::SingleNodeWriter)).await;
         let data = rng.bytes(DATA_LEN);
