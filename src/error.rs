@@ -178,6 +178,30 @@ impl From<Error> for tonic::Status {
     }
 }
 
+impl Error {
+    /// The error a peer (an agent, the controller) answered with `status`, under the same code,
+    /// so a routed call fails as it would have where it ran; the message is kept (it is already
+    /// bounded by the peer) and prefixed with `peer` when that is not empty. Codes the spec
+    /// gives no meaning here (UNKNOWN, PERMISSION_DENIED…) become INTERNAL.
+    pub fn from_status(status: &tonic::Status, peer: &str) -> Error {
+        use tonic::Code;
+        let m = if peer.is_empty() { status.message().to_owned() } else { format!("{peer}: {}", status.message()) };
+        match status.code() {
+            Code::InvalidArgument => Error::InvalidArgument(m),
+            Code::NotFound => Error::NotFound(m),
+            Code::AlreadyExists => Error::AlreadyExists(m),
+            Code::ResourceExhausted => Error::ResourceExhausted(m),
+            Code::OutOfRange => Error::OutOfRange(m),
+            Code::FailedPrecondition => Error::FailedPrecondition(m),
+            Code::Aborted => Error::Aborted(m),
+            Code::Unimplemented => Error::Unimplemented(m),
+            Code::Unavailable => Error::Unavailable(m),
+            Code::DeadlineExceeded => Error::DeadlineExceeded(m),
+            code => Error::Internal(format!("{m} (code {code:?})")),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ pub mod agent_proto {
     pub const WIRE_VERSION: WireVersion = WireVersion { major: 1, minor: 0 };
 }
 
+pub mod agent;
 pub mod bench;
 pub mod blocking;
 pub mod certs;
