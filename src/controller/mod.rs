@@ -703,6 +703,22 @@ impl ClusterController {
     }
 }
 
+/// The `nfs` pools of the controller's configuration as the agents receive them (a node
+/// mounts only exports of these).
+pub fn nfs_pool_definitions(cfg: &crate::config::Config) -> Vec<ap::NfsPool> {
+    cfg.pools
+        .iter()
+        .filter(|p| p.kind() == crate::volume_id::PoolKind::Nfs)
+        .map(|p| ap::NfsPool {
+            name: p.name().to_owned(),
+            server: p.server.clone().unwrap_or_default(),
+            export: p.export.clone().unwrap_or_default(),
+            mount_options: p.mount_options.clone().unwrap_or_default(),
+            segments: p.pool_topology.clone().unwrap_or_default().into_iter().collect(),
+        })
+        .collect()
+}
+
 /// The requisite and preferred topologies of a request.
 fn topologies(t: Option<&TopologyRequirement>) -> (Vec<Segments>, Vec<Segments>) {
     let conv = |ts: &[Topology]| ts.iter().map(|s| s.segments.clone().into_iter().collect()).collect();
