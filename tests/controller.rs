@@ -236,10 +236,14 @@ async fn volumes_are_placed_by_topology_and_routed_to_their_agent() {
     let cap = |segment: Option<Topology>| {
         let mut ctl = c.controller_client();
         async move {
-            ctl.get_capacity(GetCapacityRequest { volume_capabilities: vec![mount_cap()], accessible_topology: segment, ..Default::default() })
-                .await
-                .unwrap()
-                .into_inner()
+            ctl.get_capacity(GetCapacityRequest {
+                volume_capabilities: vec![mount_cap()],
+                accessible_topology: segment,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
         }
     };
     let n1 = cap(Some(topo(&[(NODE_KEY, "n1")]))).await.available_capacity;

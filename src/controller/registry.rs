@@ -10,7 +10,7 @@
 //! apart (FAILED_PRECONDITION naming both), a node id on the retired list
 //! (FAILED_PRECONDITION), with per-node certificates a certificate not issued to the node id
 //! (PERMISSION_DENIED), and a second live agent claiming a registered node id from another
-//! address (ALREADY_EXISTS).
+//! address (ALREADY_EXISTS; the first keeps it until it is down).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -628,7 +628,10 @@ impl Registry {
 
     /// Register: see the module documentation for the refusals.
     pub fn register(&self, req: Request<ap::RegisterRequest>) -> Result<ap::RegisterResponse, Status> {
-        let remote = crate::tls::peer_of(&req).map(|p| p.remote.to_string()).unwrap_or_default();
+        let remote = crate::tls::peer_of(&req)
+            .map(|p| p.remote.to_string())
+            .or_else(|| req.remote_addr().map(|a| a.to_string()))
+            .unwrap_or_default();
         let node = req.get_ref().inventory.as_ref().map(|i| i.node_id.clone()).unwrap_or_default();
         let res = self.register_inner(req, &node);
         if let Err(s) = &res {
@@ -662,7 +665,10 @@ impl Registry {
         let mut reuse = None;
         if let Some(old) = nodes.get(node) {
             let live = old.in_process || old.silent_for(now) <= self.opts.down_after;
-            if old.in_process || (live && old.address != inv.advertised_address && old.started_unix != inv.agent_started_unix) {
+            // A live agent never changes its advertised address (it is fixed at its start), and
+            // process starts are whole seconds (two agents started together share one): another
+            // address while the first is alive is another agent, whatever its start.
+            if old.in_process || (live && old.address != inv.advertised_address) {
                 return Err(Status::already_exists(format!(
                     "node id {} is already registered by a live agent at {} (started {}); this agent at {} (started {}) is refused: \
                      give each node its own --node-id",
@@ -1011,10 +1017,12 @@ pub(crate) mod tests {
         assert_eq!(err.code(), tonic::Code::AlreadyExists);
         assert!(err.message().contains("10.0.0.1:7000") && err.message().contains("10.0.0.2:7000"), "{}", err.message());
         assert_eq!(r.node("n1").unwrap().address, "10.0.0.1:7000", "the first registration stays");
-        // The same agent restarted at its address, or the same process at a new address: accepted.
+        // Started in the same second (process starts are whole seconds): still another agent.
+        let err = register(&r, inventory("n1", "10.0.0.2:7000", 100, 0), WIRE_VERSION).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists);
+        // The same agent restarted at its address: accepted.
         register(&r, inventory("n1", "10.0.0.1:7000", 300, 0), WIRE_VERSION).expect("a restart at the same address");
-        register(&r, inventory("n1", "10.0.0.3:7000", 300, 0), WIRE_VERSION).expect("the same process, a new address");
-        assert_eq!(r.node("n1").unwrap().address, "10.0.0.3:7000");
+        assert_eq!(r.node("n1").unwrap().started_unix, 300);
     }
 
     #[tokio::test]
