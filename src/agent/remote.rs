@@ -137,10 +137,11 @@ async fn plain(address: &str) -> std::result::Result<Channel, String> {
         .map_err(|e| format!("cannot connect to {address}: {e}"))
 }
 
-/// Whether a failed call failed on the way (no answer from the agent): tonic keeps the
-/// transport's error as the status's source, an answer has none.
+/// Whether a failed call failed on the way (no answer from the agent: refused, reset,
+/// cancelled by a broken connection): tonic keeps the transport's error as the status's source,
+/// an answer has none. A deadline the client enforced stays DEADLINE_EXCEEDED.
 fn is_transport(status: &tonic::Status) -> bool {
-    std::error::Error::source(status).is_some() && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+    std::error::Error::source(status).is_some() && status.code() != tonic::Code::DeadlineExceeded
 }
 
 #[tonic::async_trait]
