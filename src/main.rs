@@ -358,7 +358,10 @@ async fn agent(args: AgentArgs, serve_on: tokio::runtime::Handle) -> anyhow::Res
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let router = tonic::transport::Server::builder().add_service(agent_service(local.clone()));
+    // The controller bounds its own calls; this bounds what one connection can make us run.
+    let router = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(args.max_concurrent_calls as usize)
+        .add_service(agent_service(local.clone()));
     tracing::info!(listen = %args.listen, advertise = %advertise, tls = server_tls.is_some(), "serving the Agent API");
     let api = {
         let shutdown = until_stopped(stopped.clone());
