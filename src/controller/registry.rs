@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::agent::AgentOps;
+use crate::agent_proto as ap;
 use crate::agent_proto::registry_server::{Registry as RegistryApi, RegistryServer};
-use crate::agent_proto::{self as ap, WIRE_VERSION};
 use crate::error::{Error, Result, bounded};
 use crate::placement::{Health, NODE_KEY, NodeState, PoolCandidate, Segments};
 use crate::volume_id::valid_node_id;
@@ -604,7 +604,7 @@ impl Registry {
     /// Refuses a wire version that is not the same major as this build's, or more than one
     /// minor apart.
     pub fn check_version(theirs: Option<&ap::WireVersion>, node: &str) -> Result<ap::WireVersion, Status> {
-        version_check(WIRE_VERSION, theirs, node)
+        version_check(ap::wire_version(), theirs, node)
     }
 
     /// With per-node certificates, the certificate must be issued to the node id.
@@ -701,7 +701,7 @@ impl Registry {
         }
         nodes.insert(node.to_owned(), entry);
         Ok(ap::RegisterResponse {
-            version: Some(WIRE_VERSION),
+            version: Some(ap::wire_version()),
             heartbeat_interval_ms: self.opts.heartbeat.as_millis().min(u32::MAX as u128) as u32,
             nfs_pools: self.opts.nfs_pools.clone(),
         })
@@ -856,6 +856,7 @@ pub fn unreachable(n: &NodeView) -> Error {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::agent_proto::WIRE_VERSION;
     use crate::agent_proto::WireVersion;
 
     /// A fake agent: answers nothing but its node id (the registry never calls it).
