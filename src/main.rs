@@ -284,14 +284,7 @@ async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow
         ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
     // The controller of a cluster with one in-process agent holding every pool: the same
     // placement and routing as `holdfast controller`, no second implementation.
-    let reg = holdfast::controller::registry::Registry::new(holdfast::controller::registry::RegistryOptions {
-        grace: Duration::ZERO,
-        ..holdfast::controller::registry::RegistryOptions::new(Arc::new(|node: &str, _: &str| -> Arc<dyn holdfast::agent::AgentOps> {
-            unreachable!("all-in-one registers no remote agent (node {node})")
-        }))
-    });
-    reg.add_local(holdfast::agent::local::LocalAgent::new(driver.clone())).await.map_err(anyhow::Error::msg)?;
-    let controller = holdfast::controller::ClusterController::standalone(reg);
+    let controller = holdfast::controller::ClusterController::over_driver(driver.clone()).await.map_err(anyhow::Error::msg)?;
     server::serve_cluster(&args.endpoint, driver, controller, true, options, shutdown_signal()).await.map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
     Ok(())

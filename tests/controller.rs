@@ -250,7 +250,11 @@ async fn volumes_are_placed_by_topology_and_routed_to_their_agent() {
     let z2 = cap(Some(topo(&[("zone", "z2")]))).await.available_capacity;
     let any = cap(None).await;
     assert!(n1 > 0 && z2 > 0);
-    assert_eq!(any.available_capacity, n1.max(z2), "anywhere is the best single pool");
+    // Both pools are on the test's file system, whose free space others change meanwhile:
+    // anywhere is about the best single pool, and far from the sum of both.
+    let best = n1.max(z2);
+    assert!((any.available_capacity - best).abs() < best / 100, "anywhere {} vs the best pool {best}", any.available_capacity);
+    assert!(any.available_capacity < (n1 + z2) * 3 / 4, "anywhere {} looks like a sum of {n1} and {z2}", any.available_capacity);
     assert_eq!(any.maximum_volume_size, Some(any.available_capacity));
     assert_eq!(cap(Some(topo(&[(NODE_KEY, "n9")]))).await.available_capacity, 0);
 

@@ -122,6 +122,19 @@ impl ClusterController {
         ClusterController { standalone: true, ..ClusterController::new(reg) }
     }
 
+    /// all-in-one's controller over `driver`'s pools: a registry holding one in-process
+    /// [`crate::agent::local::LocalAgent`] (no start-up grace, no remote agent).
+    pub async fn over_driver(driver: Arc<crate::driver::Driver>) -> Result<ClusterController> {
+        let connector: registry::Connector = Arc::new(|node: &str, _: &str| -> Arc<dyn AgentOps> {
+            // No Registry service is served in all-in-one, so nothing registers: an agent that
+            // somehow did could serve nothing.
+            Arc::new(registry::Absent(node.to_owned()))
+        });
+        let reg = Registry::new(registry::RegistryOptions { grace: Duration::ZERO, ..registry::RegistryOptions::new(connector) });
+        reg.add_local(crate::agent::local::LocalAgent::new(driver)).await?;
+        Ok(ClusterController::standalone(reg))
+    }
+
     /// The registry it places and routes with.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.reg

@@ -844,6 +844,60 @@ impl RegistryApi for RegistryService {
     }
 }
 
+/// The agent of a node no process serves (what all-in-one would dial, if anything registered
+/// with it): every call answers UNAVAILABLE.
+pub struct Absent(pub String);
+
+impl Absent {
+    fn err(&self) -> Error {
+        Error::Unavailable(format!("node {} has no agent this process can reach", bounded(&self.0)))
+    }
+}
+
+#[tonic::async_trait]
+impl AgentOps for Absent {
+    fn node_id(&self) -> &str {
+        &self.0
+    }
+    async fn create_volume(&self, _: ap::CreateVolumeRequest, _: Duration) -> Result<crate::proto::CreateVolumeResponse> {
+        Err(self.err())
+    }
+    async fn delete_volume(&self, _: crate::proto::DeleteVolumeRequest, _: Duration) -> Result<crate::proto::DeleteVolumeResponse> {
+        Err(self.err())
+    }
+    async fn expand_volume(
+        &self,
+        _: crate::proto::ControllerExpandVolumeRequest,
+        _: Duration,
+    ) -> Result<crate::proto::ControllerExpandVolumeResponse> {
+        Err(self.err())
+    }
+    async fn create_snapshot(&self, _: crate::proto::CreateSnapshotRequest, _: Duration) -> Result<crate::proto::CreateSnapshotResponse> {
+        Err(self.err())
+    }
+    async fn delete_snapshot(&self, _: crate::proto::DeleteSnapshotRequest, _: Duration) -> Result<crate::proto::DeleteSnapshotResponse> {
+        Err(self.err())
+    }
+    async fn get_volume(&self, _: ap::GetVolumeRequest, _: Duration) -> Result<ap::GetVolumeResponse> {
+        Err(self.err())
+    }
+    async fn list_volumes(&self, _: ap::ListVolumesRequest, _: Duration) -> Result<ap::ListVolumesResponse> {
+        Err(self.err())
+    }
+    async fn get_snapshot(&self, _: ap::GetSnapshotRequest, _: Duration) -> Result<ap::GetSnapshotResponse> {
+        Err(self.err())
+    }
+    async fn list_snapshots(&self, _: ap::ListSnapshotsRequest, _: Duration) -> Result<ap::ListSnapshotsResponse> {
+        Err(self.err())
+    }
+    async fn get_capacity(&self, _: ap::GetCapacityRequest, _: Duration) -> Result<ap::GetCapacityResponse> {
+        Err(self.err())
+    }
+    async fn get_inventory(&self, _: Duration) -> Result<ap::Inventory> {
+        Err(self.err())
+    }
+}
+
 /// An error for a node that cannot serve a call now.
 pub fn unreachable(n: &NodeView) -> Error {
     match n.trouble() {
@@ -859,63 +913,8 @@ pub(crate) mod tests {
     use crate::agent_proto::WIRE_VERSION;
     use crate::agent_proto::WireVersion;
 
-    /// A fake agent: answers nothing but its node id (the registry never calls it).
-    pub(crate) struct Inert(pub String);
-
-    #[tonic::async_trait]
-    impl AgentOps for Inert {
-        fn node_id(&self) -> &str {
-            &self.0
-        }
-        async fn create_volume(&self, _: ap::CreateVolumeRequest, _: Duration) -> Result<crate::proto::CreateVolumeResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn delete_volume(&self, _: crate::proto::DeleteVolumeRequest, _: Duration) -> Result<crate::proto::DeleteVolumeResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn expand_volume(
-            &self,
-            _: crate::proto::ControllerExpandVolumeRequest,
-            _: Duration,
-        ) -> Result<crate::proto::ControllerExpandVolumeResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn create_snapshot(
-            &self,
-            _: crate::proto::CreateSnapshotRequest,
-            _: Duration,
-        ) -> Result<crate::proto::CreateSnapshotResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn delete_snapshot(
-            &self,
-            _: crate::proto::DeleteSnapshotRequest,
-            _: Duration,
-        ) -> Result<crate::proto::DeleteSnapshotResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn get_volume(&self, _: ap::GetVolumeRequest, _: Duration) -> Result<ap::GetVolumeResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn list_volumes(&self, _: ap::ListVolumesRequest, _: Duration) -> Result<ap::ListVolumesResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn get_snapshot(&self, _: ap::GetSnapshotRequest, _: Duration) -> Result<ap::GetSnapshotResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn list_snapshots(&self, _: ap::ListSnapshotsRequest, _: Duration) -> Result<ap::ListSnapshotsResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn get_capacity(&self, _: ap::GetCapacityRequest, _: Duration) -> Result<ap::GetCapacityResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn get_inventory(&self, _: Duration) -> Result<ap::Inventory> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-    }
-
     pub(crate) fn inert_connector() -> Connector {
-        Arc::new(|node: &str, _addr: &str| Arc::new(Inert(node.to_owned())) as Arc<dyn AgentOps>)
+        Arc::new(|node: &str, _addr: &str| Arc::new(Absent(node.to_owned())) as Arc<dyn AgentOps>)
     }
 
     fn opts() -> RegistryOptions {
