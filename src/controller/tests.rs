@@ -634,3 +634,26 @@ async fn all_in_one_sends_another_nodes_ids_to_that_node() {
     let v = c.create(create_req("here", 0), Duration::from_secs(5)).await.unwrap().volume.unwrap();
     assert!(v.volume_id.starts_with("file:solo:p:"));
 }
+
+#[tokio::test]
+async fn two_controllers_creating_one_name_at_once_make_one_volume() {
+    // Two active replicas, each with its own registry of the same agents (their sidecars elect
+    // leaders separately). Each asks the candidates for the name and their capacity just before
+    // placing, so both place it on the same pool, where the agent's own retry check answers.
+    let cl = cluster();
+    let lookup = cl.agents.clone();
+    let connector: Connector = Arc::new(move |node: &str, _: &str| lookup[node].clone() as Arc<dyn AgentOps>);
+    let reg = Registry::new(RegistryOptions { grace: Duration::ZERO, ..RegistryOptions::new(connector) });
+    for a in cl.agents.values() {
+        reg.register(Request::new(ap::RegisterRequest { version: Some(WIRE_VERSION), inventory: Some(a.inventory()) })).unwrap();
+    }
+    let other = ClusterController::new(reg);
+    for round in 0..5 {
+        let name = format!("shared-{round}");
+        let (a, b) = tokio::join!(cl.create(create_req(&name, 1)), other.create(create_req(&name, 1), Duration::from_secs(5)));
+        let (a, b) = (a.unwrap(), b.unwrap().volume.unwrap());
+        assert_eq!(a.volume_id, b.volume_id, "round {round}");
+        let made = cl.agents.values().flat_map(|ag| ag.names()).filter(|n| *n == name).count();
+        assert_eq!(made, 1, "round {round}: one volume of the name in the cluster");
+    }
+}
