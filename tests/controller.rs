@@ -69,6 +69,8 @@ struct Cluster {
     dir: tempfile::TempDir,
     registry: String,
     grace_ms: u64,
+    /// Mutual TLS with per-node certificates (made by `holdfast certs` under `certs/`), or plain.
+    tls: bool,
     controller: Option<Proc>,
     agents: BTreeMap<String, Proc>,
     csi: Option<Channel>,
@@ -76,12 +78,53 @@ struct Cluster {
 
 impl Cluster {
     async fn start(grace_ms: u64) -> Cluster {
+        Cluster::start_with(grace_ms, false).await
+    }
+
+    async fn start_with(grace_ms: u64, tls: bool) -> Cluster {
         let dir = tempfile::Builder::new().prefix("holdfast-controller-").tempdir().unwrap();
         std::fs::write(dir.path().join("retired"), "# gone for good\n").unwrap();
-        let mut c =
-            Cluster { registry: format!("127.0.0.1:{}", free_port()), grace_ms, dir, controller: None, agents: BTreeMap::new(), csi: None };
+        let mut c = Cluster {
+            registry: format!("127.0.0.1:{}", free_port()),
+            grace_ms,
+            tls,
+            dir,
+            controller: None,
+            agents: BTreeMap::new(),
+            csi: None,
+        };
+        if tls {
+            let certs = c.path("certs");
+            let run = |args: &[&str]| {
+                let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).args(args).output().unwrap();
+                assert!(out.status.success(), "holdfast {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            let ca = certs.join("ca");
+            run(&["certs", "ca", "--out", ca.to_str().unwrap()]);
+            for (name, san) in [("holdfast-controller", Some("127.0.0.1")), ("n1", None), ("n2", None)] {
+                let out = certs.join(name);
+                let mut args = vec!["certs", "node", "--ca", ca.to_str().unwrap(), "--node-id", name, "--out", out.to_str().unwrap()];
+                if let Some(san) = san {
+                    args.extend(["--san", san]);
+                }
+                run(&args);
+            }
+        }
         c.start_controller().await;
         c
+    }
+
+    /// The TLS flags of a process presenting the certificate `name` (plain: `--insecure`).
+    fn tls_args(&self, name: &str) -> Vec<String> {
+        if !self.tls {
+            return vec!["--insecure".into()];
+        }
+        let d = self.path("certs").join(name);
+        ["tls.crt", "tls.key", "ca.crt"]
+            .iter()
+            .zip(["--tls-cert", "--tls-key", "--tls-ca"])
+            .map(|(f, flag)| format!("{flag}={}", d.join(f).display()))
+            .collect()
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -94,7 +137,6 @@ impl Cluster {
             "controller",
             &format!("--endpoint=unix://{}", socket.display()),
             &format!("--listen={}", self.registry),
-            "--insecure",
             &format!("--heartbeat-ms={HEARTBEAT_MS}"),
             &format!("--down-after-ms={}", DOWN_AFTER.as_millis()),
             &format!("--startup-grace-ms={}", self.grace_ms),
@@ -103,6 +145,11 @@ impl Cluster {
         ]
         .map(String::from)
         .to_vec();
+        let mut args = args;
+        args.extend(self.tls_args("holdfast-controller"));
+        if self.tls {
+            args.push("--tls-per-node".into());
+        }
         let proc = Proc::spawn(&args, &self.path("controller.log"));
         self.controller = Some(proc);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -124,6 +171,11 @@ impl Cluster {
 
     /// Starts the agent of `node` (zone `zone`, one file pool `pool-<node>`) listening on `port`.
     fn start_agent(&mut self, key: &str, node: &str, zone: &str, port: u16) {
+        self.start_agent_with_cert(key, node, zone, port, node);
+    }
+
+    /// As [`Cluster::start_agent`], presenting the certificate made for `cert`.
+    fn start_agent_with_cert(&mut self, key: &str, node: &str, zone: &str, port: u16, cert: &str) {
         let pool = self.path(&format!("pool-{node}"));
         std::fs::create_dir_all(&pool).unwrap();
         let config = self.path(&format!("{node}.toml"));
@@ -140,10 +192,11 @@ impl Cluster {
             &format!("--node-id={node}"),
             &format!("--config={}", config.display()),
             &format!("--state-dir={}", self.path(&format!("{key}-state")).display()),
-            "--insecure",
         ]
         .map(String::from)
         .to_vec();
+        let mut args = args;
+        args.extend(self.tls_args(cert));
         let proc = Proc::spawn(&args, &self.path(&format!("{key}.log")));
         self.agents.insert(key.to_owned(), proc);
     }
@@ -359,4 +412,23 @@ async fn agents_claiming_a_taken_or_retired_node_id_are_refused() {
     assert_eq!(nodes["n1"].state, "up");
     assert_eq!(nodes["old"].state, "retired");
     assert!(nodes["old"].pools.is_empty(), "a retired node's agent never registered: {:?}", nodes["old"]);
+}
+
+#[tokio::test]
+async fn with_per_node_certificates_an_agent_must_present_its_own() {
+    let mut c = Cluster::start_with(0, true).await;
+    c.start_agent("n1", "n1", "z1", free_port());
+    c.until_state("n1", "up", Duration::from_secs(30)).await;
+    // Node n3 presenting n2's certificate (valid, of the cluster CA, but not n3's).
+    c.start_agent_with_cert("n3", "n3", "z1", free_port(), "n2");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.controller_log().lines().any(|l| l.contains("refused an agent's registration") && l.contains("PermissionDenied")) {
+        assert!(Instant::now() < deadline, "no refusal logged; controller log:\n{}", c.controller_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!c.nodes().await.contains_key("n3"));
+    // The controller dials n1 over mutual TLS, checking n1's own certificate.
+    let v = c.create(request("over-tls", 64 * MIB, vec![], vec![])).await.unwrap();
+    assert_eq!(node_of(&v), "n1");
+    c.controller_client().delete_volume(DeleteVolumeRequest { volume_id: v.volume_id, ..Default::default() }).await.unwrap();
 }
