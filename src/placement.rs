@@ -346,7 +346,8 @@ impl Placement {
 
     /// The best pool, or the error to answer: INVALID_ARGUMENT when no pool matches the
     /// parameters at all (a typo in a StorageClass), UNAVAILABLE when a pool that would match
-    /// is on a node that is down or no pool is known at all (retry), RESOURCE_EXHAUSTED
+    /// is on a node that is down, only unhealthy pools (none short of room) could take it, or
+    /// no pool is known at all (retry), RESOURCE_EXHAUSTED
     /// otherwise (the orchestrator reschedules). The message names every pool considered and why it was refused, bounded.
     pub fn choice(&self, req: &PlacementRequest) -> Result<&PoolCandidate, Error> {
         if let Some(best) = self.ordered.first() {
@@ -367,6 +368,11 @@ impl Placement {
         let listing = self.listing();
         if !self.down_nodes().is_empty() {
             return Err(Error::Unavailable(format!("{what} now; retry when the node is back{listing}")));
+        }
+        // Only sick pools could have taken it (none lacked room): retry, do not reschedule.
+        let sick = self.refused.iter().any(|c| matches!(c.refusal, Refusal::Unhealthy(_)));
+        if sick && !self.refused.iter().any(|c| matches!(c.refusal, Refusal::NoRoom { .. })) {
+            return Err(Error::Unavailable(format!("{what} now; retry when the pool is healthy again{listing}")));
         }
         Err(Error::ResourceExhausted(format!("{what}{listing}")))
     }
@@ -762,6 +768,18 @@ mod tests {
                 got: code(vec![with(pool("a", "fast", gib), |p| p.node_state = NodeState::Down), pool("b", "slow", 0)], req(gib)),
                 want: "unavailable: no pool can take a volume of 1 GiB now; retry when the node is back: pool \"fast\" on node \"a\": \
                        node unreachable; pool \"slow\" on node \"b\": no room (largest volume 0 B)",
+            },
+            Case {
+                name: "only a sick pool could take it: retry",
+                got: code(
+                    vec![
+                        with(pool("a", "fast", gib), |p| p.health = Health::Unavailable("directory /p is missing".into())),
+                        pool("b", "slow", 9 * gib),
+                    ],
+                    PlacementRequest { pool: Some("fast".into()), ..req(gib) },
+                ),
+                want: "unavailable: no pool can take a volume of 1 GiB now; retry when the pool is healthy again: pool \"fast\" on node \"a\": \
+                       unhealthy: \"directory /p is missing\"; pool \"slow\" on node \"b\": not the requested pool",
             },
             Case {
                 name: "retired is not retryable",

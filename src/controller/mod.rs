@@ -45,6 +45,8 @@ pub const LOOKUP_BUDGET: Duration = Duration::from_secs(10);
 
 /// Parameters only the controller reads (placement); not passed to the agent.
 const PLACEMENT_ONLY: [&str; 2] = [placement::PARAM_POOL_SELECTOR, placement::PARAM_POLICY];
+/// Keys the external-provisioner adds (`--extra-create-metadata`, secrets references).
+const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
 /// The request parameters naming a filesystem.
 const PARAM_FS: [&str; 2] = ["csi.storage.k8s.io/fstype", "fsType"];
 
@@ -426,6 +428,16 @@ impl ClusterController {
             let Ok((node, got, caps)) = joined else { continue };
             if let Ok(c) = caps {
                 self.reg.update_capacities(&node, &c.pools);
+                // A pool that cannot tell its room answers zeros (no minimum size): its health
+                // and why are in the agent's description of its pools, read now, so placement
+                // refuses it with the reason instead of as full.
+                if c.pools.iter().any(|p| p.minimum_volume_bytes == 0) {
+                    if let Some(agent) = self.reg.node(&node).and_then(|n| n.agent) {
+                        if let Ok(inv) = agent.get_inventory(LOOKUP_BUDGET).await {
+                            self.reg.update_pools(&node, inv.pools);
+                        }
+                    }
+                }
             }
             match got {
                 Ok(ap::GetVolumeResponse { volume: Some(v) }) => found = Some((node, v.pool)),
@@ -750,6 +762,7 @@ impl ClusterController {
         let fs = requested_fs(&req.parameters, &caps)?;
         let block = caps.iter().any(|c| c.block);
         let segment: Option<Segments> = req.accessible_topology.as_ref().map(|t| t.segments.clone().into_iter().collect());
+        self.check_parameters(&req.parameters)?;
         let views: Vec<NodeView> = self.reg.nodes_view().into_iter().filter(|n| n.registered && n.state == NodeState::Up).collect();
         let mut set = JoinSet::new();
         for n in &views {
@@ -804,6 +817,27 @@ pub fn nfs_pool_definitions(cfg: &crate::config::Config) -> Vec<ap::NfsPool> {
             segments: p.pool_topology.clone().unwrap_or_default().into_iter().collect(),
         })
         .collect()
+}
+
+impl ClusterController {
+    /// INVALID_ARGUMENT for a parameter neither the controller nor any registered pool knows (a
+    /// typo in a StorageClass); with no pool registered yet, nothing can be told.
+    fn check_parameters(&self, params: &HashMap<String, String>) -> Result<()> {
+        let pools: Vec<ap::Pool> = self.reg.nodes_view().into_iter().flat_map(|n| n.pools).collect();
+        if pools.is_empty() {
+            return Ok(());
+        }
+        for key in params.keys() {
+            let ours = [placement::PARAM_POOL, placement::PARAM_KIND].contains(&key.as_str())
+                || PLACEMENT_ONLY.contains(&key.as_str())
+                || PARAM_FS.contains(&key.as_str())
+                || key.starts_with(PROVISIONER_PREFIX);
+            if !ours && !pools.iter().any(|p| p.parameters.iter().any(|k| k == key)) {
+                return Err(Error::InvalidArgument(format!("unknown parameter {}: check the StorageClass parameters", bounded(key))));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The requisite and preferred topologies of a request.

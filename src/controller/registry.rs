@@ -543,6 +543,13 @@ impl Registry {
         }
     }
 
+    /// A node's pools as its agent described them just now (health included).
+    pub fn update_pools(&self, node: &str, pools: Vec<ap::Pool>) {
+        if let Some(e) = self.nodes().get_mut(node) {
+            e.pools = pools;
+        }
+    }
+
     /// Capacities a node answered just now (GetCapacity asked live).
     pub fn update_capacities(&self, node: &str, caps: &[ap::PoolCapacity]) {
         if let Some(e) = self.nodes().get_mut(node) {

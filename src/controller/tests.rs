@@ -657,3 +657,18 @@ async fn two_controllers_creating_one_name_at_once_make_one_volume() {
         assert_eq!(made, 1, "round {round}: one volume of the name in the cluster");
     }
 }
+
+#[tokio::test]
+async fn capacity_refuses_parameters_no_pool_knows() {
+    let cl = cluster();
+    cl.agent("a").pools.lock().unwrap()[0].parameters = vec!["provisioning".into()];
+    // The registry learns pools at registration; register a again with its parameters.
+    let inv = cl.agent("a").inventory();
+    cl.c.registry().register(Request::new(ap::RegisterRequest { version: Some(WIRE_VERSION), inventory: Some(inv) })).unwrap();
+    let req = |k: &str| GetCapacityRequest { parameters: [(k.to_owned(), "x".to_owned())].into(), ..Default::default() };
+    for ok in ["provisioning", "pool", "poolSelector", "fsType", "csi.storage.k8s.io/pvc/name"] {
+        let got = cl.c.capacity(GetCapacityRequest { parameters: [(ok.to_owned(), "thin".to_owned())].into(), ..Default::default() }).await;
+        assert!(!matches!(got, Err(Error::InvalidArgument(ref m)) if m.contains("unknown parameter")), "{ok}: {got:?}");
+    }
+    assert_eq!(code(cl.c.capacity(req("provisoning")).await), Code::InvalidArgument);
+}
