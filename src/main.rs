@@ -362,7 +362,8 @@ async fn agent(args: AgentArgs, serve_on: tokio::runtime::Handle) -> anyhow::Res
             match server_tls {
                 Some(tls) => holdfast::tls::serve(router, listener, tls, shutdown).await,
                 None => router
-                    .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+                    // No Nagle: a reply must not wait for a delayed ACK (~40 ms a call), as on the TLS path.
+                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
                     .await
                     .map_err(|e| format!("serving the Agent API: {e}")),
             }
@@ -467,7 +468,8 @@ async fn controller(args: ControllerArgs, serve_on: tokio::runtime::Handle) -> a
             match server_tls {
                 Some(tls) => holdfast::tls::serve(router, listener, tls, shutdown).await,
                 None => router
-                    .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+                    // No Nagle: a reply must not wait for a delayed ACK (~40 ms a call), as on the TLS path.
+                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
                     .await
                     .map_err(|e| format!("serving the Registry: {e}")),
             }
