@@ -62,6 +62,9 @@ VERSION = re.search(r'^version = "([^"]+)"', open(os.path.join(ROOT, "Cargo.toml
 SOCKET = f"{KUBELET}/plugins/{DRIVER}/csi.sock"
 
 
+HELP_TEXT = {}
+
+
 def holdfast_help():
     """{subcommand: set of long flags} from the real binary's --help."""
     binary = os.environ.get("HOLDFAST_BIN", os.path.join(ROOT, "target", "debug", "holdfast"))
@@ -74,6 +77,7 @@ def holdfast_help():
             flags[sub] = None
             continue
         flags[sub] = set(re.findall(r"(--[a-z][a-z0-9-]*)", p.stdout))
+        HELP_TEXT[sub] = p.stdout
     return flags
 
 
@@ -232,6 +236,13 @@ def check_set(where, objs):
     reg = [c for c in containers(ds) if "registrar" in c["name"]][0]
     if arg(reg, "--kubelet-registration-path") != SOCKET:
         fail(f"{where}: the registrar registers {arg(reg, '--kubelet-registration-path')}, not {SOCKET}")
+    # The agent's state (stage and freeze records) must outlive the pod: on a hostPath.
+    state = arg(agent, "--state-dir")
+    if state is None:
+        m = re.search(r"--state-dir\b[^\n]*(?:\n(?!\s*-)[^\n]*)*?\[default: ([^\]]+)\]", HELP_TEXT.get("agent", ""))
+        state = m.group(1) if m else None
+    if state is not None and not any(state.startswith(p.rstrip("/") + "/") for p, m in mounts.items() if "hostPath" in vols.get(m["name"], {})):
+        fail(f"{where}: the agent's state dir {state} is on no hostPath mount")
     prefixes = node_toml.get("exec_prefix", {})
     if any("--target=1" in p for p in prefixes.values()) and not pod.get("hostPID"):
         fail(f"{where}: exec_prefix enters PID 1's namespaces but the pod has no hostPID")
