@@ -443,6 +443,40 @@ mod tests {
         assert_eq!(out.stdout.trim(), "plain");
     }
 
+    /// Processes whose command line is exactly `argv`.
+    fn processes_running(argv: &[&str]) -> Vec<u32> {
+        let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain(std::iter::once(0))).collect();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_the_tool_behind_the_nsenter_prefix() {
+        // The deploy files' prefix leaves out --pid so that nsenter execs the tool in its own
+        // place: killing the timed-out child kills the tool. With --pid nsenter forks and waits,
+        // and the kill would leave the tool running; both are shown here. Entering this test's
+        // own namespaces changes nothing but needs root, as the driver does.
+        let me = std::process::id().to_string();
+        let seconds = format!("4000.{me}");
+        for (extra, survives) in [(None, false), (Some("--pid"), true)] {
+            let mut prefix: Vec<String> = vec!["nsenter".into(), format!("--target={me}"), "--mount".into(), "--ipc".into()];
+            prefix.extend(extra.map(String::from));
+            prefix.push("--".into());
+            let exec = RealExec::with_prefix(ExecPrefix::default().with(&["sleep"], prefix));
+            let err = exec.run(Cmd::new("sleep").arg(&seconds).timeout(Duration::from_millis(300))).await.unwrap_err();
+            assert!(matches!(err, ExecError::Timeout { .. }), "nsenter {extra:?}: {err} (the test needs root, as nsenter does)");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let left = processes_running(&["sleep", &seconds]);
+            for pid in &left {
+                let _ = RealExec.run(Cmd::new("kill").arg(pid.to_string())).await;
+            }
+            assert_eq!(!left.is_empty(), survives, "nsenter {extra:?}: tool processes left after the timeout: {left:?}");
+        }
+    }
+
     #[tokio::test]
     async fn fake_exec_records_and_scripts() {
         let f = FakeExec::new();
