@@ -289,7 +289,29 @@ def main():
                 if t["spec"]["storageClassName"] not in sc_classes:
                     fail(f"examples/postgres: StorageClass {t['spec']['storageClassName']} is not one the overlays make")
     check_nomad()
+    check_image()
     return 1 if problems else 0
+
+
+def check_image():
+    """The Dockerfile and the offline build make the same image: same package list, same LVM
+    settings, the binary at the entrypoint both name."""
+    d = os.path.join(ROOT, "deploy", "image")
+    docker = open(os.path.join(d, "Dockerfile")).read()
+    offline = open(os.path.join(d, "build-oci")).read() + open(os.path.join(d, "oci-archive.py")).read()
+    for what, present in [
+        ("the Dockerfile installs packages.txt", "deploy/image/packages.txt" in docker and "xargs apt-get install" in docker),
+        ("build-oci installs packages.txt", "packages.txt" in offline and "--include=" in offline),
+        ("both install lvmlocal.conf", "deploy/image/lvmlocal.conf /etc/lvm/lvmlocal.conf" in docker and "lvmlocal.conf' /etc/lvm" in offline),
+        ("both run /usr/local/bin/holdfast", 'ENTRYPOINT ["/usr/local/bin/holdfast"]' in docker and '"Entrypoint": ["/usr/local/bin/holdfast"]' in offline),
+    ]:
+        if not present:
+            fail(f"deploy/image: not so: {what}")
+    pkgs = [l.strip() for l in open(os.path.join(d, "packages.txt")) if l.strip() and not l.startswith("#")]
+    needed = {"lvm2", "thin-provisioning-tools", "zfsutils-linux", "nfs-common", "e2fsprogs", "xfsprogs", "btrfs-progs", "util-linux"}
+    if not needed <= set(pkgs):
+        fail(f"deploy/image/packages.txt lacks {sorted(needed - set(pkgs))}")
+    print(f"check_manifests: the Dockerfile and build-oci install the same {len(pkgs)} packages and LVM settings")
 
 
 def unquote(v, variables):
