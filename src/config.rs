@@ -31,6 +31,44 @@ pub struct Config {
     /// The pools.
     #[serde(default, rename = "pool")]
     pub pools: Vec<PoolConfig>,
+    /// Commands put in front of the LVM / ZFS tools (a `[exec_prefix]` table; in a container,
+    /// `nsenter` into the host so its userland does the work).
+    #[serde(default)]
+    pub exec_prefix: ExecPrefixConfig,
+}
+
+/// The `[exec_prefix]` table: an argv to put in front of each tool family's programs, e.g.
+/// `lvm = ["nsenter", "--target=1", "--mount", "--uts", "--ipc", "--net", "--"]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecPrefixConfig {
+    /// In front of the LVM tools and dmsetup ([`crate::exec::LVM_PROGRAMS`]).
+    pub lvm: Option<Vec<String>>,
+    /// In front of `zfs` and `zpool` ([`crate::exec::ZFS_PROGRAMS`]).
+    pub zfs: Option<Vec<String>>,
+}
+
+impl ExecPrefixConfig {
+    /// The prefix for [`crate::exec::RealExec::with_prefix`].
+    pub fn to_prefix(&self) -> crate::exec::ExecPrefix {
+        use crate::exec::{ExecPrefix, LVM_PROGRAMS, ZFS_PROGRAMS};
+        ExecPrefix::default()
+            .with(LVM_PROGRAMS, self.lvm.clone().unwrap_or_default())
+            .with(ZFS_PROGRAMS, self.zfs.clone().unwrap_or_default())
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for (family, prefix) in [("lvm", &self.lvm), ("zfs", &self.zfs)] {
+            let Some(prefix) = prefix else { continue };
+            if prefix.is_empty() {
+                return Err(format!("exec_prefix.{family} is empty: leave it out to run the tools unprefixed"));
+            }
+            if prefix.iter().any(|a| a.is_empty() || a.contains('\0')) {
+                return Err(format!("exec_prefix.{family}: an argument is empty or holds a NUL byte"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One `[[pool]]` table. Keys that do not apply to the pool's `kind` are rejected.
@@ -144,6 +182,7 @@ impl Config {
         if let Err(e) = crate::node::safepath::PathPolicy::new(&cfg.allowed_path_prefixes) {
             return Err(ConfigError(format!("allowed_path_prefixes: {e}")));
         }
+        cfg.exec_prefix.check().map_err(ConfigError)?;
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         for p in &cfg.pools {
             let line = line_of(src, p.name.span().start);
@@ -545,6 +584,29 @@ default_fs = "xfs"
         for bad in ["allowed_path_prefixes = [\"var/lib\"]\n", "allowed_path_prefixes = [\"/a/../b\"]\n"] {
             let err = Config::parse(bad).unwrap_err().to_string();
             assert!(err.contains("allowed_path_prefixes") && err.contains("absolute"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn exec_prefix_reaches_the_lvm_and_zfs_tools_only() {
+        let cfg = Config::parse(
+            "[[pool]]\nname = \"p\"\nkind = \"file\"\npath = \"/a\"\n\
+             [exec_prefix]\nlvm = [\"nsenter\", \"--target=1\", \"--mount\", \"--\"]\n",
+        )
+        .unwrap();
+        let prefix = cfg.exec_prefix.to_prefix();
+        let run = |p: &str| prefix.apply(crate::exec::Cmd::new(p).arg("x")).argv().join(" ");
+        assert_eq!(run("lvcreate"), "nsenter --target=1 --mount -- lvcreate x");
+        assert_eq!(run("zfs"), "zfs x");
+        assert_eq!(run("mkfs.xfs"), "mkfs.xfs x");
+        assert!(Config::parse("").unwrap().exec_prefix.to_prefix().is_empty());
+        for (bad, want) in [
+            ("[exec_prefix]\nlvm = []\n", "exec_prefix.lvm is empty"),
+            ("[exec_prefix]\nzfs = [\"nsenter\", \"\"]\n", "exec_prefix.zfs: an argument is empty"),
+            ("[exec_prefix]\nnfs = [\"x\"]\n", "unknown field `nfs`"),
+        ] {
+            let err = Config::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(want), "{bad:?}: {err}");
         }
     }
 

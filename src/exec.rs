@@ -196,6 +196,88 @@ impl Exec for RealExec {
     }
 }
 
+/// The programs an `lvm` pool runs: the LVM tools and `dmsetup` (LVM's device-mapper
+/// companion). In a container they must be the host's (see [`ExecPrefix`]).
+pub const LVM_PROGRAMS: &[&str] =
+    &["lvm", "lvs", "vgs", "pvs", "lvcreate", "lvremove", "lvextend", "lvchange", "lvrename", "lvconvert", "vgchange", "dmsetup"];
+
+/// The programs a `zfs` pool runs. Their userland must match the loaded kernel module.
+pub const ZFS_PROGRAMS: &[&str] = &["zfs", "zpool"];
+
+/// Commands put in front of some programs, per tool family: in a container, `lvs` becomes
+/// `nsenter --target=1 --mount … -- lvs`, so the host's LVM (its `lvm.conf`, its metadata
+/// locks, its udev) or ZFS (matching the kernel module) does the work while every other
+/// program (mkfs, mount, losetup) runs from the image. Programs of no family run unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecPrefix {
+    rules: Vec<(&'static [&'static str], Vec<String>)>,
+}
+
+impl ExecPrefix {
+    /// Puts `prefix` in front of each of `programs` (an empty prefix changes nothing).
+    pub fn with(mut self, programs: &'static [&'static str], prefix: Vec<String>) -> Self {
+        if !prefix.is_empty() {
+            self.rules.push((programs, prefix));
+        }
+        self
+    }
+
+    /// Whether no program gets a prefix.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// `cmd` as it is to be run: the prefix's program first, then the prefix's arguments, the
+    /// original program and its arguments. Timeout and stdin stay the command's own.
+    pub fn apply(&self, mut cmd: Cmd) -> Cmd {
+        let Some((_, prefix)) = self.rules.iter().find(|(programs, _)| programs.contains(&cmd.program.as_str())) else {
+            return cmd;
+        };
+        let original = std::mem::replace(&mut cmd.program, prefix[0].clone());
+        let mut args = prefix[1..].to_vec();
+        args.push(original);
+        args.append(&mut cmd.args);
+        cmd.args = args;
+        cmd
+    }
+}
+
+/// An [`Exec`] that runs each command through an [`ExecPrefix`] first.
+#[derive(Debug, Clone)]
+pub struct Prefixed<E> {
+    inner: E,
+    prefix: ExecPrefix,
+}
+
+impl<E> Prefixed<E> {
+    /// Runs commands through `prefix`, then `inner`.
+    pub fn new(inner: E, prefix: ExecPrefix) -> Self {
+        Prefixed { inner, prefix }
+    }
+}
+
+#[async_trait]
+impl<E: Exec> Exec for Prefixed<E> {
+    async fn run(&self, cmd: Cmd) -> Result<Output, ExecError> {
+        self.inner.run(self.prefix.apply(cmd)).await
+    }
+}
+
+/// A shared [`Exec`] runs as the one it points to (so a test keeps a handle on its fake).
+#[async_trait]
+impl<E: Exec + ?Sized> Exec for std::sync::Arc<E> {
+    async fn run(&self, cmd: Cmd) -> Result<Output, ExecError> {
+        (**self).run(cmd).await
+    }
+}
+
+impl RealExec {
+    /// Real processes, with `prefix` applied (the configuration's `exec_prefix`).
+    pub fn with_prefix(prefix: ExecPrefix) -> Prefixed<RealExec> {
+        Prefixed::new(RealExec, prefix)
+    }
+}
+
 /// A scripted answer of [`FakeExec`].
 #[derive(Debug, Clone)]
 pub enum Reply {
@@ -293,6 +375,106 @@ mod tests {
     async fn real_exec_names_a_missing_program() {
         let err = RealExec.run(Cmd::new("holdfast-no-such-program")).await.unwrap_err();
         assert!(err.to_string().contains("holdfast-no-such-program"), "{err}");
+    }
+
+    /// The prefix the Kubernetes and Nomad deploy files give the LVM and ZFS tools.
+    fn nsenter() -> Vec<String> {
+        ["nsenter", "--target=1", "--mount", "--uts", "--ipc", "--net", "--"].map(String::from).to_vec()
+    }
+
+    #[tokio::test]
+    async fn prefix_applies_to_its_family_only() {
+        struct Case {
+            name: &'static str,
+            cmd: Cmd,
+            want: &'static str,
+        }
+        let prefix = ExecPrefix::default().with(LVM_PROGRAMS, nsenter()).with(ZFS_PROGRAMS, vec!["chroot".into(), "/host".into()]);
+        let cases = [
+            Case {
+                name: "lvm tool",
+                cmd: Cmd::new("lvs").args(["--reportformat", "json", "vg0"]),
+                want: "nsenter --target=1 --mount --uts --ipc --net -- lvs --reportformat json vg0",
+            },
+            Case {
+                name: "dmsetup",
+                cmd: Cmd::new("dmsetup").args(["resume", "x"]),
+                want: "nsenter --target=1 --mount --uts --ipc --net -- dmsetup resume x",
+            },
+            Case { name: "zfs has its own prefix", cmd: Cmd::new("zfs").args(["list", "-Hp"]), want: "chroot /host zfs list -Hp" },
+            Case { name: "zpool", cmd: Cmd::new("zpool").arg("status"), want: "chroot /host zpool status" },
+            Case { name: "mount runs from the image", cmd: Cmd::new("mount").args(["-t", "xfs"]), want: "mount -t xfs" },
+            Case { name: "mkfs runs from the image", cmd: Cmd::new("mkfs.ext4").arg("/dev/loop3"), want: "mkfs.ext4 /dev/loop3" },
+            Case { name: "a path is not a family name", cmd: Cmd::new("/sbin/lvs"), want: "/sbin/lvs" },
+        ];
+        for c in cases {
+            let fake = std::sync::Arc::new(FakeExec::new());
+            let exec = Prefixed::new(fake.clone(), prefix.clone());
+            exec.run(c.cmd).await.unwrap();
+            assert_eq!(fake.lines(), [c.want], "{}", c.name);
+        }
+    }
+
+    #[tokio::test]
+    async fn prefixed_command_keeps_timeout_stdin_and_answers() {
+        let fake = std::sync::Arc::new(FakeExec::new());
+        fake.on("nsenter --target=1 --mount --uts --ipc --net -- lvs", vec![Reply::Fail(5, "  Volume group \"vg9\" not found".into())]);
+        let exec = Prefixed::new(fake.clone(), ExecPrefix::default().with(LVM_PROGRAMS, nsenter()));
+        let err = exec.run(Cmd::new("lvs").arg("vg9")).await.unwrap_err();
+        // The pool classifies "not found" by exit code and stderr: both come through unchanged.
+        assert_eq!(err.code(), Some(5));
+        assert!(err.stderr().contains("not found"));
+        let cmd = ExecPrefix::default().with(LVM_PROGRAMS, nsenter()).apply(Cmd::new("lvcreate").timeout(Duration::from_secs(7)));
+        assert_eq!(cmd.timeout, Duration::from_secs(7));
+        assert_eq!(cmd.program, "nsenter");
+        assert!(ExecPrefix::default().with(LVM_PROGRAMS, vec![]).is_empty(), "an empty prefix changes nothing");
+    }
+
+    #[tokio::test]
+    async fn real_exec_runs_the_prefix() {
+        // `env` stands in for nsenter: it runs the program it is given, like any prefix must.
+        let exec = RealExec::with_prefix(ExecPrefix::default().with(
+            ZFS_PROGRAMS,
+            vec!["env".into(), "HOLDFAST_PREFIXED=yes".into(), "sh".into(), "-c".into(), "echo $HOLDFAST_PREFIXED $0 $1".into()],
+        ));
+        let out = exec.run(Cmd::new("zfs").arg("list")).await.unwrap();
+        assert_eq!(out.stdout.trim(), "yes zfs list");
+        let out = exec.run(Cmd::new("echo").arg("plain")).await.unwrap();
+        assert_eq!(out.stdout.trim(), "plain");
+    }
+
+    /// Processes whose command line is exactly `argv`.
+    fn processes_running(argv: &[&str]) -> Vec<u32> {
+        let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain(std::iter::once(0))).collect();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_the_tool_behind_the_nsenter_prefix() {
+        // The deploy files' prefix leaves out --pid so that nsenter execs the tool in its own
+        // place: killing the timed-out child kills the tool. With --pid nsenter forks and waits,
+        // and the kill would leave the tool running; both are shown here. Entering this test's
+        // own namespaces changes nothing but needs root, as the driver does.
+        let me = std::process::id().to_string();
+        let seconds = format!("4000.{me}");
+        for (extra, survives) in [(None, false), (Some("--pid"), true)] {
+            let mut prefix: Vec<String> = vec!["nsenter".into(), format!("--target={me}"), "--mount".into(), "--ipc".into()];
+            prefix.extend(extra.map(String::from));
+            prefix.push("--".into());
+            let exec = RealExec::with_prefix(ExecPrefix::default().with(&["sleep"], prefix));
+            let err = exec.run(Cmd::new("sleep").arg(&seconds).timeout(Duration::from_millis(300))).await.unwrap_err();
+            assert!(matches!(err, ExecError::Timeout { .. }), "nsenter {extra:?}: {err} (the test needs root, as nsenter does)");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let left = processes_running(&["sleep", &seconds]);
+            for pid in &left {
+                let _ = RealExec.run(Cmd::new("kill").arg(pid.to_string())).await;
+            }
+            assert_eq!(!left.is_empty(), survives, "nsenter {extra:?}: tool processes left after the timeout: {left:?}");
+        }
     }
 
     #[tokio::test]

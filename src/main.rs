@@ -272,7 +272,7 @@ async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow
     if cfg.pools.is_empty() {
         bail!("the configuration names no pool: add a [[pool]] table");
     }
-    let exec = Arc::new(RealExec);
+    let exec = Arc::new(RealExec::with_prefix(cfg.exec_prefix.to_prefix()));
     let mounter = Arc::new(RealMounter::new(exec.clone()));
     let freeze_deadline = std::time::Duration::from_secs(args.freeze_deadline.max(1));
     let driver = Arc::new(Driver::with_freeze_deadline(&node_id, &cfg, &args.state_dir, exec, mounter.clone(), freeze_deadline)?);
