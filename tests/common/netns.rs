@@ -25,6 +25,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
 /// Where the slot locks live (tmpfs, per boot: a lock file outlives nothing it guards).
 pub const LOCK_DIR: &str = "/run/holdfast-test-netns";
 /// How many slots exist (third octet of `10.231.0.0/16`).
@@ -71,7 +74,7 @@ pub struct Net {
     slot: u8,
     nodes: Vec<NodeNet>,
     // Held, not read: the slot is ours while this file is locked.
-    _lock: File,
+    _lock: Flock<File>,
 }
 
 impl Net {
@@ -152,23 +155,23 @@ fn has_setpriv() -> bool {
 }
 
 /// Locks the first free slot, then removes what a dead holder of it may have left.
-fn take_slot() -> Result<(u8, File), String> {
+fn take_slot() -> Result<(u8, Flock<File>), String> {
     std::fs::create_dir_all(LOCK_DIR).map_err(|e| format!("create {LOCK_DIR}: {e}"))?;
     for slot in 0..SLOTS {
         let path = Path::new(LOCK_DIR).join(format!("slot-{slot}.lock"));
         let file =
             File::options().create(true).truncate(false).write(true).open(&path).map_err(|e| format!("open {}: {e}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
                 remove_leftovers(slot);
                 if address_in_use(slot) {
                     // Someone outside this scheme uses the range: leave it alone.
                     continue;
                 }
-                return Ok((slot, file));
+                return Ok((slot, lock));
             }
-            Err(std::fs::TryLockError::WouldBlock) => continue,
-            Err(std::fs::TryLockError::Error(e)) => return Err(format!("lock {}: {e}", path.display())),
+            Err((_, Errno::EWOULDBLOCK)) => continue,
+            Err((_, e)) => return Err(format!("lock {}: {e}", path.display())),
         }
     }
     Err(format!("all {SLOTS} network slots under {LOCK_DIR} are taken"))
@@ -393,7 +396,7 @@ mod tests {
         // The kernel released the dead run's lock; taking the slot clears what it left, and
         // only that.
         let lock = File::options().write(true).open(Path::new(LOCK_DIR).join(format!("slot-{slot}.lock"))).unwrap();
-        lock.try_lock().expect("a dead holder's lock is free");
+        let _held = Flock::lock(lock, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| e).expect("a dead holder's lock is free");
         remove_leftovers(slot);
         assert!(!list_namespaces().contains(ns), "stale namespace {ns} not removed");
         assert!(!list_links().contains(link), "stale link {link} not removed");
