@@ -37,9 +37,10 @@ pub fn topology() -> Topology {
     }
 }
 
-/// Test timings of the controller: heartbeats every second, start-up grace of one second.
-const HEARTBEAT_SECS: &str = "1";
-const GRACE_SECS: &str = "1";
+/// Test timings of the controller (ms): heartbeats twice a second, half a second of start-up
+/// grace (the time it gives agents to register before it places volumes).
+const HEARTBEAT_MS: &str = "500";
+const GRACE_MS: &str = "500";
 /// The controller's and the agent's ports on the driver's own loopback address.
 const CONTROLLER_PORT: u16 = 7440;
 const AGENT_PORT: u16 = 7441;
@@ -105,7 +106,7 @@ impl Split {
             .arg(&self.controller_config)
             .arg("--state-dir")
             .arg(&self.state)
-            .args(["--heartbeat-interval", HEARTBEAT_SECS, "--startup-grace", GRACE_SECS, "--insecure"])
+            .args(["--heartbeat-ms", HEARTBEAT_MS, "--startup-grace-ms", GRACE_MS, "--insecure"])
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
             .stdin(Stdio::null())
             .stdout(out)
