@@ -24,6 +24,7 @@ pub mod blocking;
 pub mod certs;
 pub mod client;
 pub mod config;
+pub mod controller;
 pub mod crash;
 pub mod csi;
 pub mod ctl;

@@ -1,0 +1,910 @@
+//! `holdfast controller`: the CSI Controller service of a cluster, over the [`registry`] of
+//! agents. It validates what it must to place, places new volumes (`crate::placement`) and
+//! routes every other call by the node its id names to that node's agent, which runs the one
+//! implementation of the pool operations (validation, idempotency, locks, copies) and answers
+//! with the spec's codes, passed on unchanged.
+//!
+//! Idempotency with an index that may lag: a CreateVolume whose name the index holds goes to
+//! the agent and pool holding it (its own retry check answers); a name missing from the index
+//! is looked up on every candidate agent before anything is placed; a down agent among the
+//! candidates makes the create UNAVAILABLE (it may hold the first attempt); a name found on a
+//! node outside the request's requisite topology answers ALREADY_EXISTS. During the start-up
+//! grace creates answer UNAVAILABLE (agents re-register after a controller restart).
+//!
+//! Objects on a node that is down answer UNAVAILABLE; ListVolumes and ControllerGetVolume list
+//! them from the index with an abnormal condition "node N unreachable since T"; on a retired
+//! node "node N retired", and deleting them succeeds (with a warning in the log).
+
+pub mod admin;
+pub mod registry;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tonic::{Request, Response, Status};
+
+use crate::agent::AgentOps;
+use crate::agent_proto as ap;
+use crate::csi::controller::{DEFAULT_CAPACITY, capacity_for, minimum_size, paginate};
+use crate::csi::{Capability, decode_caps, require, traced};
+use crate::error::{Error, Result, bounded};
+use crate::jobs;
+use crate::placement::{self, NodeState, PlacementRequest, PoolCandidate, Segments};
+use crate::proto::controller_server::Controller;
+use crate::proto::controller_service_capability::{self, rpc};
+use crate::proto::volume_content_source;
+use crate::proto::*;
+use crate::volume_id::VolumeId;
+use registry::{NodeView, Registry};
+
+/// The longest a look-up (GetVolume by name, GetCapacity) on one agent may take before the
+/// create or capacity call goes on without it.
+pub const LOOKUP_BUDGET: Duration = Duration::from_secs(10);
+
+/// Parameters only the controller reads (placement); not passed to the agent.
+const PLACEMENT_ONLY: [&str; 2] = [placement::PARAM_POOL_SELECTOR, placement::PARAM_POLICY];
+/// The request parameters naming a filesystem.
+const PARAM_FS: [&str; 2] = ["csi.storage.k8s.io/fstype", "fsType"];
+
+/// The CSI Controller service over a [`Registry`].
+pub struct ClusterController {
+    reg: Arc<Registry>,
+    /// CSI names of creates in progress here: a second create of the same name waits its turn
+    /// (ABORTED), so one controller never places one name twice.
+    creating: Mutex<HashSet<String>>,
+    /// all-in-one: the only node is this process, so an id naming another node names nothing
+    /// here (as on a single-node driver) instead of an agent not registered yet.
+    standalone: bool,
+}
+
+/// Releases a name in [`ClusterController::creating`].
+struct Creating<'a>(&'a ClusterController, String);
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.0.creating.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+    }
+}
+
+/// Where a call for an id goes.
+enum Route {
+    /// The agent of an up node.
+    Up(String, Arc<dyn AgentOps>),
+    /// A node that is down or retired.
+    Trouble(NodeView),
+    /// No agent serves it: a node that never registered, or an nfs pool nobody serves.
+    Unknown(String),
+}
+
+impl ClusterController {
+    /// The controller of a cluster.
+    pub fn new(reg: Arc<Registry>) -> ClusterController {
+        ClusterController { reg, creating: Mutex::new(HashSet::new()), standalone: false }
+    }
+
+    /// all-in-one's controller: one in-process agent; ids of other nodes name nothing here.
+    pub fn standalone(reg: Arc<Registry>) -> ClusterController {
+        ClusterController { standalone: true, ..ClusterController::new(reg) }
+    }
+
+    /// The registry it places and routes with.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.reg
+    }
+
+    fn route(&self, id: &VolumeId) -> Route {
+        let view = match &id.node {
+            Some(n) => self.reg.node(n),
+            None => self.reg.in_process_for_pool(&id.pool),
+        };
+        match view {
+            Some(v) if v.state == NodeState::Up => match v.agent.clone() {
+                Some(a) => Route::Up(v.node_id, a),
+                None => Route::Unknown(v.node_id),
+            },
+            Some(v) => Route::Trouble(v),
+            None => Route::Unknown(id.node.clone().unwrap_or_else(|| format!("(no node serves pool {})", id.pool))),
+        }
+    }
+
+    /// The error for an id whose node has no agent: UNAVAILABLE while agents may still be
+    /// registering or in a cluster (it may come), `absent` in all-in-one.
+    fn unknown(&self, node: &str, absent: Error) -> Error {
+        if self.standalone {
+            return absent;
+        }
+        let why = if self.reg.ready() { "has no registered agent" } else { "has not registered yet (the controller just started)" };
+        Error::Unavailable(format!(
+            "node {} {why}; retry when its agent runs, or list it in the retired-nodes file if it is gone for good",
+            bounded(node)
+        ))
+    }
+
+    fn start_create(&self, name: &str) -> Result<Creating<'_>> {
+        let mut c = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+        if !c.insert(name.to_owned()) {
+            return Err(Error::Aborted(format!("a create of volume {} is in progress; retry when it has finished", bounded(name))));
+        }
+        Ok(Creating(self, name.to_owned()))
+    }
+
+    /// CreateVolume: validate, find the name, place, route.
+    async fn create(&self, req: CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
+        require("name", &req.name)?;
+        let caps = decode_caps(&req.volume_capabilities)?;
+        let block = caps[0].block;
+        if caps.iter().any(|c| c.block != block) {
+            return Err(Error::InvalidArgument("volume_capabilities mix block and mount access types".into()));
+        }
+        let capacity = capacity_for(req.capacity_range.as_ref(), DEFAULT_CAPACITY)?;
+        let params: BTreeMap<String, String> = req.parameters.clone().into_iter().collect();
+        let (requisite, preferred) = topologies(req.accessibility_requirements.as_ref());
+        let preq = PlacementRequest::from_parameters(&params, capacity, requisite, preferred)?;
+        let fs = requested_fs(&req.parameters, &caps)?;
+        if !self.reg.ready() {
+            return Err(Error::Unavailable(format!(
+                "the controller started moments ago and waits for the agents to register before creating volume {}; retry",
+                bounded(&req.name)
+            )));
+        }
+        let _creating = self.start_create(&req.name)?;
+        let forward = |pool: &str| ap::CreateVolumeRequest {
+            pool: pool.to_owned(),
+            request: Some(CreateVolumeRequest {
+                parameters: req
+                    .parameters
+                    .iter()
+                    .filter(|(k, _)| !PLACEMENT_ONLY.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                ..req.clone()
+            }),
+        };
+
+        // Known to the index: the agent holding it answers (its own retry check).
+        if let Some((node, v)) = self.reg.volumes_named(&req.name).into_iter().next() {
+            return self.create_found(&req, &preq, &node, &v.pool, forward(&v.pool), budget).await;
+        }
+
+        // A clone or restore is made inside the pool of its source.
+        if let Some(source) = req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            let (field, id, snapshot) = match source {
+                volume_content_source::Type::Snapshot(s) => ("volume_content_source.snapshot.snapshot_id", s.snapshot_id.as_str(), true),
+                volume_content_source::Type::Volume(v) => ("volume_content_source.volume.volume_id", v.volume_id.as_str(), false),
+            };
+            require(field, id)?;
+            let what = if snapshot { "snapshot" } else { "volume" };
+            let missing = || Error::NotFound(format!("source {what} {} does not exist", bounded(id)));
+            let sid =
+                VolumeId::parse(id).filter(|i| if snapshot { i.may_name_snapshot() } else { i.may_name_volume() }).ok_or_else(missing)?;
+            return match self.route(&sid) {
+                Route::Up(node, agent) => self.created(&node, agent.create_volume(forward(&sid.pool), budget).await?, &req.name),
+                Route::Trouble(n) if n.state == NodeState::Down => Err(registry::unreachable(&n)),
+                Route::Trouble(n) => Err(Error::NotFound(format!("source {what} {} is on retired node {}", bounded(id), n.node_id))),
+                Route::Unknown(node) => Err(self.unknown(&node, missing())),
+            };
+        }
+
+        // Candidates: the pools the parameters, the capabilities and the topology allow.
+        let all = self.reg.candidates();
+        let by_params: Vec<PoolCandidate> = all.iter().filter(|p| matches_parameters(p, &preq)).cloned().collect();
+        let pools_of = |node: &str| -> Vec<ap::Pool> { self.reg.node(node).map(|n| n.pools).unwrap_or_default() };
+        let mut described: HashMap<String, Vec<ap::Pool>> = HashMap::new();
+        for p in &by_params {
+            described.entry(p.node.clone()).or_insert_with(|| pools_of(&p.node));
+        }
+        let pool_of = |c: &PoolCandidate| described.get(&c.node).and_then(|ps| ps.iter().find(|p| p.name == c.pool)).cloned();
+        let fitting: Vec<PoolCandidate> =
+            by_params.iter().filter(|c| pool_of(c).is_some_and(|p| serves(&p, &caps, block, fs.as_deref()))).cloned().collect();
+        if !by_params.is_empty() && fitting.is_empty() {
+            let mode = caps.iter().find(|c| !by_params.iter().filter_map(&pool_of).any(|p| mode_ok(&p, c)));
+            return Err(match (mode, &fs) {
+                (Some(c), _) => Error::InvalidArgument(format!(
+                    "access mode {} is not supported by the selected pools{}",
+                    c.mode.as_str_name(),
+                    if c.block { " for raw block volumes" } else { " (multi-node modes need a shared pool such as nfs)" }
+                )),
+                (None, Some(f)) if !block => Error::InvalidArgument(format!("fstype {f:?} is not served by the selected pools")),
+                _ => Error::InvalidArgument("no selected pool makes raw block volumes".into()),
+            });
+        }
+        // The pools of other kinds stay in, refused by placement with their reasons.
+        let considered: Vec<PoolCandidate> = all
+            .iter()
+            .filter(|p| !matches_parameters(p, &preq) || fitting.iter().any(|f| f.node == p.node && f.pool == p.pool))
+            .cloned()
+            .collect();
+        let mut placed = placement::place(&considered, &preq);
+        let down = placed.down_nodes().iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        if !down.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "node {} may hold volume {} and is unreachable; retry when it is back",
+                down.join(", "),
+                bounded(&req.name)
+            )));
+        }
+        // Every node that could hold it is asked (a name missing from the index), and tells its
+        // capacity now (placement acts on fresh numbers).
+        let mut nodes: Vec<String> = fitting
+            .iter()
+            .filter(|c| c.node_state == NodeState::Up && placement::reachable(&c.segments, c.shared, &preq.requisite))
+            .map(|c| c.node.clone())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        let found = self.look_up(&nodes, &req.name).await?;
+        if let Some((node, pool)) = found {
+            return self.create_found(&req, &preq, &node, &pool, forward(&pool), budget).await;
+        }
+        if !nodes.is_empty() {
+            let fresh = self.reg.candidates();
+            let considered: Vec<PoolCandidate> = fresh
+                .into_iter()
+                .filter(|p| !matches_parameters(p, &preq) || fitting.iter().any(|f| f.node == p.node && f.pool == p.pool))
+                .collect();
+            placed = placement::place(&considered, &preq);
+        }
+        let choice = placed.choice(&preq)?.clone();
+        let agent = self.agent_of(&choice.node)?;
+        let resp = agent.create_volume(forward(&choice.pool), budget).await?;
+        self.created(&choice.node, resp, &req.name)
+    }
+
+    /// A create of a name that exists on `node` in `pool`: outside the requisite topology it
+    /// is another volume (ALREADY_EXISTS); otherwise its agent answers the retry.
+    async fn create_found(
+        &self,
+        req: &CreateVolumeRequest,
+        preq: &PlacementRequest,
+        node: &str,
+        pool: &str,
+        forward: ap::CreateVolumeRequest,
+        budget: Duration,
+    ) -> Result<CreateVolumeResponse> {
+        let Some(n) = self.reg.node(node) else {
+            return Err(Error::Unavailable(format!("node {node} holding volume {} left the registry; retry", bounded(&req.name))));
+        };
+        match n.state {
+            NodeState::Up => {}
+            NodeState::Down => return Err(registry::unreachable(&n)),
+            NodeState::Retired => {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} exists on retired node {node}; delete it (that succeeds) before creating it again",
+                    bounded(&req.name)
+                )));
+            }
+        }
+        let inside = n
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .map(|p| registry::candidate(&n, p))
+            .is_none_or(|c| placement::reachable(&c.segments, c.shared, &preq.requisite));
+        if !inside {
+            return Err(Error::AlreadyExists(format!(
+                "volume {} already exists on node {node} (pool {pool}), outside the requested topology",
+                bounded(&req.name)
+            )));
+        }
+        let agent = n.agent.clone().ok_or_else(|| Error::Internal(format!("node {node} has no agent")))?;
+        let resp = agent.create_volume(forward, budget).await?;
+        self.created(node, resp, &req.name)
+    }
+
+    /// Notes a created volume in the index at once and answers it.
+    fn created(&self, node: &str, resp: CreateVolumeResponse, name: &str) -> Result<CreateVolumeResponse> {
+        if let Some(v) = &resp.volume {
+            if let Some(id) = VolumeId::parse(&v.volume_id) {
+                self.reg.note_volume(
+                    node,
+                    ap::Volume {
+                        pool: id.pool.clone(),
+                        local_name: id.local.clone(),
+                        csi_name: name.to_owned(),
+                        volume: Some(v.clone()),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        Ok(resp)
+    }
+
+    fn agent_of(&self, node: &str) -> Result<Arc<dyn AgentOps>> {
+        self.reg.node(node).and_then(|n| n.agent).ok_or_else(|| Error::Unavailable(format!("node {node} left the registry; retry")))
+    }
+
+    /// Asks each of `nodes` for volume `name` (and its capacities, refreshed in the registry);
+    /// the first that holds it: (node, pool). A node that cannot answer makes the create
+    /// UNAVAILABLE: it may hold the first attempt.
+    async fn look_up(&self, nodes: &[String], name: &str) -> Result<Option<(String, String)>> {
+        let mut set = JoinSet::new();
+        for node in nodes {
+            let agent = self.agent_of(node)?;
+            let (node, name) = (node.clone(), name.to_owned());
+            set.spawn(async move {
+                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::CsiName(name)) };
+                let (found, caps) = tokio::join!(
+                    agent.get_volume(get, LOOKUP_BUDGET),
+                    agent.get_capacity(ap::GetCapacityRequest { pool: String::new() }, LOOKUP_BUDGET)
+                );
+                (node, found, caps)
+            });
+        }
+        let mut found = None;
+        let mut failed = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            let Ok((node, got, caps)) = joined else { continue };
+            if let Ok(c) = caps {
+                self.reg.update_capacities(&node, &c.pools);
+            }
+            match got {
+                Ok(ap::GetVolumeResponse { volume: Some(v) }) => found = Some((node, v.pool)),
+                Ok(_) => {}
+                Err(e) => failed.push(format!("node {node}: {e}")),
+            }
+        }
+        if found.is_none() && !failed.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "cannot ask every node that may hold volume {} whether it does ({}); retry",
+                bounded(name),
+                failed.join("; ")
+            )));
+        }
+        Ok(found)
+    }
+
+    async fn delete(&self, req: DeleteVolumeRequest, budget: Duration) -> Result<DeleteVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        // An id this driver never issued names nothing: deleting nothing succeeds (spec).
+        let Some(id) = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume) else { return Ok(DeleteVolumeResponse {}) };
+        match self.route(&id) {
+            Route::Up(node, agent) => {
+                let resp = agent.delete_volume(req, budget).await?;
+                self.reg.forget_volume(&node, &id.pool, &id.local);
+                Ok(resp)
+            }
+            Route::Trouble(n) if n.state == NodeState::Retired => {
+                tracing::warn!(volume = %bounded(&req.volume_id), node = %n.node_id, "deleting a volume of a retired node: only forgotten, its storage is not touched");
+                self.reg.forget_volume(&n.node_id, &id.pool, &id.local);
+                Ok(DeleteVolumeResponse {})
+            }
+            Route::Trouble(n) => Err(registry::unreachable(&n)),
+            Route::Unknown(node) => Err(self.unknown(&node, Error::NotFound(String::new()))).or_else(|e| match e {
+                Error::NotFound(_) => Ok(DeleteVolumeResponse {}),
+                e => Err(e),
+            }),
+        }
+    }
+
+    async fn expand(&self, req: ControllerExpandVolumeRequest, budget: Duration) -> Result<ControllerExpandVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        if req.capacity_range.is_none() {
+            return Err(Error::InvalidArgument("capacity_range is required".into()));
+        }
+        let missing = || Error::NotFound(format!("volume {} does not exist", bounded(&req.volume_id)));
+        let id = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
+        match self.route(&id) {
+            Route::Up(_, agent) => agent.expand_volume(req, budget).await,
+            Route::Trouble(n) => Err(registry::unreachable(&n)),
+            Route::Unknown(node) => Err(self.unknown(&node, missing())),
+        }
+    }
+
+    async fn snapshot(&self, req: CreateSnapshotRequest, budget: Duration) -> Result<CreateSnapshotResponse> {
+        require("name", &req.name)?;
+        require("source_volume_id", &req.source_volume_id)?;
+        let missing = || Error::NotFound(format!("source volume {} does not exist", bounded(&req.source_volume_id)));
+        let id = VolumeId::parse(&req.source_volume_id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
+        // A snapshot of that name on another node was taken of another volume.
+        let source_node = id.node.clone().or_else(|| self.reg.in_process_for_pool(&id.pool).map(|n| n.node_id));
+        if let Some((node, s)) = self.reg.snapshots_named(&req.name).into_iter().find(|(n, _)| Some(n) != source_node.as_ref()) {
+            let of = s.snapshot.map(|s| s.source_volume_id).unwrap_or_default();
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {} already exists on node {node} with source {}, not {}",
+                bounded(&req.name),
+                bounded(&of),
+                bounded(&req.source_volume_id)
+            )));
+        }
+        match self.route(&id) {
+            Route::Up(node, agent) => {
+                let name = req.name.clone();
+                let resp = agent.create_snapshot(req, budget).await?;
+                if let Some(s) = resp.snapshot.as_ref() {
+                    if let Some(sid) = VolumeId::parse(&s.snapshot_id) {
+                        self.reg.note_snapshot(
+                            &node,
+                            ap::Snapshot {
+                                pool: sid.pool,
+                                local_name: sid.local,
+                                csi_name: name,
+                                snapshot: Some(s.clone()),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                }
+                Ok(resp)
+            }
+            Route::Trouble(n) if n.state == NodeState::Down => Err(registry::unreachable(&n)),
+            Route::Trouble(n) => {
+                Err(Error::NotFound(format!("source volume {} is on retired node {}", bounded(&req.source_volume_id), n.node_id)))
+            }
+            Route::Unknown(node) => Err(self.unknown(&node, missing())),
+        }
+    }
+
+    async fn delete_snapshot(&self, req: DeleteSnapshotRequest, budget: Duration) -> Result<DeleteSnapshotResponse> {
+        require("snapshot_id", &req.snapshot_id)?;
+        let Some(id) = VolumeId::parse(&req.snapshot_id).filter(VolumeId::may_name_snapshot) else { return Ok(DeleteSnapshotResponse {}) };
+        match self.route(&id) {
+            Route::Up(node, agent) => {
+                let resp = agent.delete_snapshot(req, budget).await?;
+                self.reg.forget_snapshot(&node, &id.pool, &id.local);
+                Ok(resp)
+            }
+            Route::Trouble(n) if n.state == NodeState::Retired => {
+                tracing::warn!(snapshot = %bounded(&req.snapshot_id), node = %n.node_id, "deleting a snapshot of a retired node: only forgotten, its storage is not touched");
+                self.reg.forget_snapshot(&n.node_id, &id.pool, &id.local);
+                Ok(DeleteSnapshotResponse {})
+            }
+            Route::Trouble(n) => Err(registry::unreachable(&n)),
+            Route::Unknown(node) => match self.unknown(&node, Error::NotFound(String::new())) {
+                Error::NotFound(_) => Ok(DeleteSnapshotResponse {}),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// The volume an id names as the index has it (for a node that cannot be asked).
+    fn indexed_volume(&self, node: &str, id: &str) -> Option<ap::Volume> {
+        self.reg.volumes_of(node).into_iter().find(|v| v.volume.as_ref().is_some_and(|c| c.volume_id == id))
+    }
+
+    async fn get_volume(&self, req: ControllerGetVolumeRequest, budget: Duration) -> Result<ControllerGetVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        let missing = || Error::NotFound(format!("volume {} does not exist", bounded(&req.volume_id)));
+        let id = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
+        let (volume, condition) = match self.route(&id) {
+            Route::Up(_, agent) => {
+                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(req.volume_id.clone())) };
+                let v = agent.get_volume(get, budget).await?.volume.ok_or_else(missing)?;
+                (v.volume, v.condition.unwrap_or_else(healthy))
+            }
+            Route::Trouble(n) => {
+                let v = self.indexed_volume(&n.node_id, &req.volume_id).ok_or_else(missing)?;
+                (v.volume, abnormal(&n))
+            }
+            Route::Unknown(node) => return Err(self.unknown(&node, missing())),
+        };
+        Ok(ControllerGetVolumeResponse {
+            volume,
+            status: Some(controller_get_volume_response::VolumeStatus { published_node_ids: vec![], volume_condition: Some(condition) }),
+        })
+    }
+
+    async fn validate(&self, req: ValidateVolumeCapabilitiesRequest, budget: Duration) -> Result<ValidateVolumeCapabilitiesResponse> {
+        require("volume_id", &req.volume_id)?;
+        let caps = decode_caps(&req.volume_capabilities)?;
+        let missing = || Error::NotFound(format!("volume {} does not exist", bounded(&req.volume_id)));
+        let id = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
+        let (node, volume) = match self.route(&id) {
+            Route::Up(node, agent) => {
+                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(req.volume_id.clone())) };
+                (node, agent.get_volume(get, budget).await?.volume.ok_or_else(missing)?)
+            }
+            Route::Trouble(n) => (n.node_id.clone(), self.indexed_volume(&n.node_id, &req.volume_id).ok_or_else(missing)?),
+            Route::Unknown(node) => return Err(self.unknown(&node, missing())),
+        };
+        let pool = self.reg.node(&node).and_then(|n| n.pools.into_iter().find(|p| p.name == volume.pool)).unwrap_or_default();
+        // A filesystem volume records its filesystem in its context; a raw block one does not.
+        let is_block = !volume.volume.as_ref().is_some_and(|v| v.volume_context.contains_key(crate::csi::controller::CTX_FS_TYPE));
+        if let Some(c) = caps.iter().find(|c| !mode_ok(&pool, c) || c.block != is_block) {
+            let why = if c.block != is_block {
+                format!("volume is a {} volume", if is_block { "block" } else { "filesystem" })
+            } else {
+                format!("access mode {} is not supported", c.mode.as_str_name())
+            };
+            return Ok(ValidateVolumeCapabilitiesResponse { confirmed: None, message: why });
+        }
+        Ok(ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: req.mutable_parameters,
+            }),
+            message: String::new(),
+        })
+    }
+
+    async fn list(&self, req: ListVolumesRequest, budget: Duration) -> Result<ListVolumesResponse> {
+        if req.max_entries < 0 {
+            return Err(Error::InvalidArgument(format!("max_entries {} must not be negative", req.max_entries)));
+        }
+        let mut set = JoinSet::new();
+        let mut items: Vec<(String, (Volume, VolumeCondition))> = Vec::new();
+        for n in self.reg.nodes_view().into_iter().filter(|n| n.registered) {
+            match (n.state, n.agent.clone()) {
+                (NodeState::Up, Some(agent)) => {
+                    set.spawn(async move {
+                        let got = all_volumes(agent.as_ref(), budget).await;
+                        (n, got)
+                    });
+                }
+                _ => {
+                    let cond = abnormal(&n);
+                    for v in self.reg.volumes_of(&n.node_id) {
+                        if let Some(vol) = v.volume {
+                            items.push((vol.volume_id.clone(), (vol, cond.clone())));
+                        }
+                    }
+                }
+            }
+        }
+        while let Some(joined) = set.join_next().await {
+            let Ok((n, got)) = joined else { continue };
+            match got {
+                Ok(vols) => {
+                    for v in vols {
+                        if let Some(vol) = v.volume {
+                            items.push((vol.volume_id.clone(), (vol, v.condition.unwrap_or_else(healthy))));
+                        }
+                    }
+                }
+                // An agent that does not answer fails no listing: its volumes as the index has them.
+                Err(e) => {
+                    let cond = VolumeCondition { abnormal: true, message: format!("node {} does not answer: {e}", n.node_id) };
+                    for v in self.reg.volumes_of(&n.node_id) {
+                        if let Some(vol) = v.volume {
+                            items.push((vol.volume_id.clone(), (vol, cond.clone())));
+                        }
+                    }
+                }
+            }
+        }
+        let (page, next_token) = paginate(items, req.max_entries, &req.starting_token)?;
+        let entries = page
+            .into_iter()
+            .map(|(volume, cond)| list_volumes_response::Entry {
+                volume: Some(volume),
+                status: Some(list_volumes_response::VolumeStatus { published_node_ids: vec![], volume_condition: Some(cond) }),
+            })
+            .collect();
+        Ok(ListVolumesResponse { entries, next_token })
+    }
+
+    async fn list_snapshots(&self, req: ListSnapshotsRequest, budget: Duration) -> Result<ListSnapshotsResponse> {
+        if req.max_entries < 0 {
+            return Err(Error::InvalidArgument(format!("max_entries {} must not be negative", req.max_entries)));
+        }
+        // A filter by id asks only the node the id names.
+        let named = [&req.snapshot_id, &req.source_volume_id].into_iter().find(|s| !s.is_empty());
+        let only: Option<String> = match named.map(|s| VolumeId::parse(s)) {
+            Some(None) => return Ok(ListSnapshotsResponse::default()),
+            Some(Some(id)) => match self.route(&id) {
+                Route::Up(n, _) => Some(n),
+                Route::Trouble(n) => Some(n.node_id),
+                Route::Unknown(node) => {
+                    return match self.unknown(&node, Error::NotFound(String::new())) {
+                        Error::NotFound(_) => Ok(ListSnapshotsResponse::default()),
+                        e => Err(e),
+                    };
+                }
+            },
+            None => None,
+        };
+        let mut set = JoinSet::new();
+        let mut items: Vec<(String, Snapshot)> = Vec::new();
+        for n in self.reg.nodes_view().into_iter().filter(|n| n.registered && only.as_ref().is_none_or(|o| *o == n.node_id)) {
+            match (n.state, n.agent.clone()) {
+                (NodeState::Up, Some(agent)) => {
+                    set.spawn(async move {
+                        let got = all_snapshots(agent.as_ref(), budget).await;
+                        (n, got)
+                    });
+                }
+                _ => items
+                    .extend(self.reg.snapshots_of(&n.node_id).into_iter().filter_map(|s| s.snapshot).map(|s| (s.snapshot_id.clone(), s))),
+            }
+        }
+        while let Some(joined) = set.join_next().await {
+            let Ok((n, got)) = joined else { continue };
+            match got {
+                Ok(snaps) => items.extend(snaps.into_iter().filter_map(|s| s.snapshot).map(|s| (s.snapshot_id.clone(), s))),
+                // A filter naming this node must be answered by it ("none" would be a lie).
+                Err(e) if only.is_some() => return Err(e),
+                Err(_) => items
+                    .extend(self.reg.snapshots_of(&n.node_id).into_iter().filter_map(|s| s.snapshot).map(|s| (s.snapshot_id.clone(), s))),
+            }
+        }
+        items.retain(|(_, s)| {
+            (req.snapshot_id.is_empty() || s.snapshot_id == req.snapshot_id)
+                && (req.source_volume_id.is_empty() || s.source_volume_id == req.source_volume_id)
+        });
+        let (page, next_token) = paginate(items, req.max_entries, &req.starting_token)?;
+        let entries = page.into_iter().map(|s| list_snapshots_response::Entry { snapshot: Some(s) }).collect();
+        Ok(ListSnapshotsResponse { entries, next_token })
+    }
+
+    async fn get_snapshot(&self, req: GetSnapshotRequest, budget: Duration) -> Result<GetSnapshotResponse> {
+        require("snapshot_id", &req.snapshot_id)?;
+        let missing = || Error::NotFound(format!("snapshot {} does not exist", bounded(&req.snapshot_id)));
+        let id = VolumeId::parse(&req.snapshot_id).filter(VolumeId::may_name_snapshot).ok_or_else(missing)?;
+        match self.route(&id) {
+            Route::Up(_, agent) => {
+                let get = ap::GetSnapshotRequest { key: Some(ap::get_snapshot_request::Key::SnapshotId(req.snapshot_id.clone())) };
+                let s = agent.get_snapshot(get, budget).await?.snapshot.ok_or_else(missing)?;
+                Ok(GetSnapshotResponse { snapshot: s.snapshot })
+            }
+            Route::Trouble(n) => {
+                let s = self
+                    .reg
+                    .snapshots_of(&n.node_id)
+                    .into_iter()
+                    .filter_map(|s| s.snapshot)
+                    .find(|s| s.snapshot_id == req.snapshot_id)
+                    .ok_or_else(missing)?;
+                Ok(GetSnapshotResponse { snapshot: Some(s) })
+            }
+            Route::Unknown(node) => Err(self.unknown(&node, missing())),
+        }
+    }
+
+    /// GetCapacity: the largest volume one matching pool in the segment can take now, asked of
+    /// the agents (the registry's numbers when one does not answer in time).
+    async fn capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse> {
+        let caps = if req.volume_capabilities.is_empty() { vec![] } else { decode_caps(&req.volume_capabilities)? };
+        let params: BTreeMap<String, String> = req.parameters.clone().into_iter().collect();
+        let preq = PlacementRequest::from_parameters(&params, 0, vec![], vec![])?;
+        let fs = requested_fs(&req.parameters, &caps)?;
+        let block = caps.iter().any(|c| c.block);
+        let segment: Option<Segments> = req.accessible_topology.as_ref().map(|t| t.segments.clone().into_iter().collect());
+        let views: Vec<NodeView> = self.reg.nodes_view().into_iter().filter(|n| n.registered && n.state == NodeState::Up).collect();
+        let mut set = JoinSet::new();
+        for n in &views {
+            if let Some(agent) = n.agent.clone() {
+                let node = n.node_id.clone();
+                set.spawn(async move { (node, agent.get_capacity(ap::GetCapacityRequest { pool: String::new() }, LOOKUP_BUDGET).await) });
+            }
+        }
+        while let Some(joined) = set.join_next().await {
+            if let Ok((node, Ok(c))) = joined {
+                self.reg.update_capacities(&node, &c.pools);
+            }
+        }
+        let mut pools: Vec<PoolCandidate> = Vec::new();
+        let mut smallest: Option<u64> = None;
+        for n in self.reg.nodes_view().into_iter().filter(|n| n.registered) {
+            for p in &n.pools {
+                let fs_here = (!block).then(|| fs.clone().unwrap_or_else(|| p.default_fs.clone()));
+                if !serves(p, &caps, block, fs_here.as_deref()) {
+                    continue;
+                }
+                let c = registry::candidate(&n, p);
+                if placement::refusal(&c, &PlacementRequest { requisite: segment.clone().into_iter().collect(), ..preq.clone() }).is_none()
+                {
+                    let unit = p.capacity.as_ref().map(|c| c.minimum_volume_bytes).unwrap_or(0);
+                    let min = minimum_size(fs_here.as_deref().filter(|f| !f.is_empty()), unit);
+                    smallest = Some(smallest.map_or(min, |s| s.min(min)));
+                }
+                pools.push(c);
+            }
+        }
+        let best = placement::capacity(&pools, &preq, segment.as_ref());
+        Ok(GetCapacityResponse {
+            available_capacity: best as i64,
+            maximum_volume_size: Some(best as i64),
+            minimum_volume_size: Some(smallest.unwrap_or(crate::pool::MIB) as i64),
+        })
+    }
+}
+
+/// The requisite and preferred topologies of a request.
+fn topologies(t: Option<&TopologyRequirement>) -> (Vec<Segments>, Vec<Segments>) {
+    let conv = |ts: &[Topology]| ts.iter().map(|s| s.segments.clone().into_iter().collect()).collect();
+    t.map(|t| (conv(&t.requisite), conv(&t.preferred))).unwrap_or_default()
+}
+
+/// The filesystem a request names (parameter or capability); INVALID_ARGUMENT when the two
+/// contradict each other.
+fn requested_fs(params: &HashMap<String, String>, caps: &[Capability]) -> Result<Option<String>> {
+    let fs_param = PARAM_FS.iter().find_map(|k| params.get(*k)).cloned();
+    let fs_cap = caps.iter().map(|c| c.fs_type.clone()).find(|f| !f.is_empty());
+    if let (Some(a), Some(b)) = (&fs_param, &fs_cap) {
+        if a != b {
+            return Err(Error::InvalidArgument(format!("the fstype parameter {a:?} contradicts the mount capability's fs_type {b:?}")));
+        }
+    }
+    Ok(fs_cap.or(fs_param))
+}
+
+/// Whether the request's `pool`, `kind` and `poolSelector` select this pool.
+fn matches_parameters(c: &PoolCandidate, req: &PlacementRequest) -> bool {
+    req.pool.as_ref().is_none_or(|p| *p == c.pool) && req.kind.as_ref().is_none_or(|k| *k == c.kind) && req.selector.matches(&c.labels)
+}
+
+/// Whether a pool serves an access mode: node-local modes everywhere, every mode on shared
+/// pools for filesystem volumes.
+fn mode_ok(p: &ap::Pool, c: &Capability) -> bool {
+    c.mode_supported() || (p.multi_node && !c.block)
+}
+
+/// Whether a pool can make the volume the capabilities describe.
+fn serves(p: &ap::Pool, caps: &[Capability], block: bool, fs: Option<&str>) -> bool {
+    if !caps.iter().all(|c| mode_ok(p, c)) {
+        return false;
+    }
+    if block {
+        return p.block;
+    }
+    fs.is_none_or(|f| f.is_empty() || p.filesystems.is_empty() || p.filesystems.iter().any(|x| x == f))
+}
+
+fn healthy() -> VolumeCondition {
+    VolumeCondition { abnormal: false, message: "volume is healthy".into() }
+}
+
+fn abnormal(n: &NodeView) -> VolumeCondition {
+    VolumeCondition { abnormal: true, message: n.trouble().unwrap_or_else(|| format!("node {} does not answer", n.node_id)) }
+}
+
+/// Every volume of an agent, page by page.
+async fn all_volumes(agent: &dyn AgentOps, budget: Duration) -> Result<Vec<ap::Volume>> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = agent.list_volumes(ap::ListVolumesRequest { max_entries: 0, starting_token: token }, budget).await?;
+        out.extend(page.volumes);
+        if page.next_token.is_empty() {
+            return Ok(out);
+        }
+        token = page.next_token;
+    }
+}
+
+/// Every snapshot of an agent, page by page.
+async fn all_snapshots(agent: &dyn AgentOps, budget: Duration) -> Result<Vec<ap::Snapshot>> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = agent.list_snapshots(ap::ListSnapshotsRequest { max_entries: 0, starting_token: token }, budget).await?;
+        out.extend(page.snapshots);
+        if page.next_token.is_empty() {
+            return Ok(out);
+        }
+        token = page.next_token;
+    }
+}
+
+fn rpc_cap(t: rpc::Type) -> ControllerServiceCapability {
+    ControllerServiceCapability {
+        r#type: Some(controller_service_capability::Type::Rpc(controller_service_capability::Rpc { r#type: t as i32 })),
+    }
+}
+
+#[tonic::async_trait]
+impl Controller for ClusterController {
+    async fn create_volume(&self, r: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        let r = r.into_inner();
+        let name = r.name.clone();
+        traced("CreateVolume", &name, self.create(r, budget)).await
+    }
+
+    async fn delete_volume(&self, r: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.volume_id.clone();
+        traced("DeleteVolume", &id, self.delete(r, budget)).await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        Err(Status::unimplemented("holdfast volumes need no controller publish (attachRequired: false)"))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        Err(Status::unimplemented("holdfast volumes need no controller unpublish (attachRequired: false)"))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        r: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.volume_id.clone();
+        traced("ValidateVolumeCapabilities", &id, self.validate(r, budget)).await
+    }
+
+    async fn list_volumes(&self, r: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        traced("ListVolumes", "", self.list(r.into_inner(), budget)).await
+    }
+
+    async fn get_capacity(&self, r: Request<GetCapacityRequest>) -> Result<Response<GetCapacityResponse>, Status> {
+        traced("GetCapacity", "", self.capacity(r.into_inner())).await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        use rpc::Type as T;
+        let caps = [
+            T::CreateDeleteVolume,
+            T::CreateDeleteSnapshot,
+            T::CloneVolume,
+            T::ExpandVolume,
+            T::ListVolumes,
+            T::ListSnapshots,
+            T::GetCapacity,
+            T::GetVolume,
+            T::VolumeCondition,
+            T::SingleNodeMultiWriter,
+        ];
+        Ok(Response::new(ControllerGetCapabilitiesResponse { capabilities: caps.into_iter().map(rpc_cap).collect() }))
+    }
+
+    async fn create_snapshot(&self, r: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        let r = r.into_inner();
+        let name = r.name.clone();
+        traced("CreateSnapshot", &name, self.snapshot(r, budget)).await
+    }
+
+    async fn delete_snapshot(&self, r: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.snapshot_id.clone();
+        traced("DeleteSnapshot", &id, self.delete_snapshot(r, budget)).await
+    }
+
+    async fn list_snapshots(&self, r: Request<ListSnapshotsRequest>) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        traced("ListSnapshots", "", self.list_snapshots(r.into_inner(), budget)).await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        r: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.volume_id.clone();
+        traced("ControllerExpandVolume", &id, self.expand(r, budget)).await
+    }
+
+    async fn controller_get_volume(&self, r: Request<ControllerGetVolumeRequest>) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.volume_id.clone();
+        traced("ControllerGetVolume", &id, self.get_volume(r, budget)).await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented("ControllerModifyVolume is not supported (no mutable parameters)"))
+    }
+
+    async fn get_snapshot(&self, r: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
+        let budget = jobs::wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.snapshot_id.clone();
+        traced("GetSnapshot", &id, self.get_snapshot(r, budget)).await
+    }
+}
+
+#[cfg(test)]
+mod tests;
