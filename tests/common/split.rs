@@ -15,9 +15,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use holdfast::agent_proto::ListNodesRequest;
+use holdfast::agent_proto::admin_client::AdminClient;
 use holdfast::client::Clients;
 use holdfast::proto::*;
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// Which processes a [`super::Driver`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +166,7 @@ impl Split {
     /// Clients of a split driver: Identity and Controller on the controller's socket, Node
     /// on the agent's channel. Waits until the controller has the agent's pools and places
     /// volumes (its start-up grace is over).
-    pub async fn clients(&mut self, node: tonic::transport::Channel, node_id: &str, deadline: Instant) -> Clients {
+    pub async fn clients(&mut self, node: Channel, node_id: &str, deadline: Instant) -> Clients {
         let controller = loop {
             if let Some(status) = self.exited() {
                 panic!("holdfast controller exited during start-up with {status}; its log:\n{}", self.log_text());
@@ -178,15 +181,25 @@ impl Split {
             assert!(Instant::now() < deadline, "holdfast controller did not listen on {}; its log:\n{}", self.endpoint(), self.log_text());
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        let admin = AdminClient::new(controller.clone());
         let mut clients = Clients::new(controller);
         clients.node = holdfast::proto::node_client::NodeClient::new(node);
-        self.wait_ready(&clients, node_id, deadline).await;
+        self.wait_ready(&clients, admin, node_id, deadline).await;
         clients
     }
 
-    /// Until GetCapacity on the node is positive and a create that nothing can hold answers
-    /// RESOURCE_EXHAUSTED (not UNAVAILABLE: the controller still waiting for agents).
-    async fn wait_ready(&self, clients: &Clients, node_id: &str, deadline: Instant) {
+    /// Until the controller lists the agent up (`holdfast ctl nodes`), GetCapacity on its node
+    /// is positive and a create that nothing can hold answers RESOURCE_EXHAUSTED (not
+    /// UNAVAILABLE: the controller's start-up grace, waiting for agents to register).
+    async fn wait_ready(&self, clients: &Clients, mut admin: AdminClient<Channel>, node_id: &str, deadline: Instant) {
+        loop {
+            let nodes = admin.list_nodes(ListNodesRequest {}).await.map(|r| r.into_inner().nodes);
+            if nodes.as_ref().is_ok_and(|n| n.iter().any(|n| n.node_id == node_id && n.state == "up")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the controller never listed agent {node_id} up ({nodes:?}); its log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let topology = holdfast::proto::Topology { segments: [(super::TOPOLOGY_NODE_KEY.to_owned(), node_id.to_owned())].into() };
         loop {
             let req = GetCapacityRequest { accessible_topology: Some(topology.clone()), ..Default::default() };
