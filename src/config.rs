@@ -78,6 +78,9 @@ pub struct PoolConfig {
     pub on_delete: Option<String>,
     /// Topology segments where a shared pool is reachable (default: everywhere).
     pub pool_topology: Option<BTreeMap<String, String>>,
+    /// Any kind: labels a StorageClass's `poolSelector` matches (`tier = "fast"`), reported
+    /// to the controller in the agent's inventory.
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 impl PoolConfig {

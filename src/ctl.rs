@@ -3,6 +3,7 @@
 //! `--json`. Each subcommand is one function: build the request (pure, tested below), call,
 //! show. Failed calls read `NOT_FOUND: volume … does not exist`.
 
+pub mod nodes;
 pub mod request;
 pub mod show;
 
@@ -69,6 +70,8 @@ pub enum Command {
     Stats(StatsArgs),
     /// ControllerExpandVolume, then NodeExpandVolume when --path is given and the driver asks for it.
     Expand(ExpandArgs),
+    /// The nodes a `holdfast controller` knows: up, down or retired, address, pools and free space.
+    Nodes,
 }
 
 /// A volume or snapshot id.
@@ -279,6 +282,7 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
         Command::Unstage(a) => unstage(clients, out, a).await,
         Command::Stats(a) => stats(clients, out, a).await,
         Command::Expand(a) => expand(clients, out, a).await,
+        Command::Nodes => list_nodes(&args.endpoint, out).await,
     }
 }
 
@@ -297,6 +301,17 @@ impl Out {
             print!("{}", text());
         }
     }
+}
+
+async fn list_nodes(endpoint: &str, out: Out) -> Result<(), String> {
+    let list = nodes::list(endpoint).await?;
+    if list.is_empty() && !out.json {
+        print!("{}", nodes::nodes_text(&[]));
+    }
+    for n in list {
+        out.emit(nodes::node_json(&n), || nodes::nodes_text(std::slice::from_ref(&n)));
+    }
+    Ok(())
 }
 
 /// Turns a failed call into the message `main` prints.

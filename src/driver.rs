@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -31,6 +31,11 @@ pub struct Driver {
     pub segments: Segments,
     /// Pools by name.
     pub pools: BTreeMap<String, Arc<dyn Pool>>,
+    /// The configured labels of each pool that has any (`labels` in its `[[pool]]` table).
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Shared (`nfs`) pools defined elsewhere and learnt at run time (an agent's, from the
+    /// controller): only the node side uses them, so a node mounts exports of known pools only.
+    pub shared: RwLock<BTreeMap<String, Arc<dyn Pool>>>,
     /// Node operations.
     pub node: Node,
     /// Operation locks.
@@ -90,6 +95,8 @@ impl Driver {
             node_id: node_id.to_owned(),
             segments,
             pools,
+            labels: cfg.pools.iter().filter_map(|p| Some((p.name().to_owned(), p.labels.clone()?))).collect(),
+            shared: RwLock::new(BTreeMap::new()),
             node: Node::new(exec, mounter),
             locks: Locks::new(),
             state_dir: state_dir.to_owned(),
@@ -242,10 +249,24 @@ impl Driver {
         self.jobs.start(work, asked, progress, locks, run).await
     }
 
-    /// The pool a (parsed) id names, if it is one of ours. Ids of another node, an unknown pool
-    /// or a pool of another kind resolve to `None` (the object is not here).
-    pub fn pool_of(&self, id: &VolumeId) -> Option<&Arc<dyn Pool>> {
-        let pool = self.pools.get(&id.pool)?;
+    /// The pool a (parsed) id names, if it is one of ours or a shared pool learnt at run time
+    /// ([`Driver::shared`]): what the node side may stage and publish. Ids of another node, an
+    /// unknown pool or a pool of another kind resolve to `None` (the object is not here).
+    pub fn pool_of(&self, id: &VolumeId) -> Option<Arc<dyn Pool>> {
+        if let Some(p) = self.own_pool_of(id) {
+            return Some(p);
+        }
+        if id.kind.is_node_local() || self.pools.contains_key(&id.pool) {
+            return None;
+        }
+        let pool = self.shared.read().unwrap_or_else(|p| p.into_inner()).get(&id.pool)?.clone();
+        (pool.kind() == id.kind).then_some(pool)
+    }
+
+    /// As [`Driver::pool_of`], among the configured pools only: what the controller
+    /// operations act on (a shared pool learnt at run time is another process's to manage).
+    pub fn own_pool_of(&self, id: &VolumeId) -> Option<Arc<dyn Pool>> {
+        let pool = self.pools.get(&id.pool)?.clone();
         if pool.kind() != id.kind {
             return None;
         }
@@ -253,6 +274,20 @@ impl Driver {
             return None;
         }
         Some(pool)
+    }
+
+    /// Replaces the shared pools learnt at run time (a pool of the configuration keeps its
+    /// name: a definition under the same name is ignored, logged).
+    pub fn set_shared_pools(&self, pools: Vec<Arc<dyn Pool>>) {
+        let mut map = BTreeMap::new();
+        for p in pools {
+            if self.pools.contains_key(p.name()) {
+                tracing::warn!(pool = p.name(), "a shared pool of this name is configured locally; the local one is used");
+                continue;
+            }
+            map.insert(p.name().to_owned(), p);
+        }
+        *self.shared.write().unwrap_or_else(|p| p.into_inner()) = map;
     }
 
     /// The legacy (uid-less) id of a local object of `pool`: right only for objects made

@@ -142,6 +142,12 @@ impl Job {
         *self.done.borrow()
     }
 
+    /// Resolves when the job has ended, whatever its outcome (which stays for its waiters).
+    pub async fn finished(&self) {
+        let mut done = self.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+    }
+
     /// "copy of volume "v" in progress (40% of 1.0 GiB, running for 12 s since 1764600000), retry".
     fn in_progress(&self) -> Error {
         self.in_progress_at(None)

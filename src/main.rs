@@ -1,5 +1,5 @@
 //! The `holdfast` binary: a thin CLI over the library. `all-in-one` serves every CSI service
-//! for the pools on this node; `ctl` is an operator's CSI client; `bench` measures a running
+//! for the pools on this node; `agent` serves a node of a cluster (CSI Node, the Agent API); `ctl` is an operator's CSI client; `bench` measures a running
 //! driver; `certs` makes TLS certificates for the Agent API. The only place that uses `anyhow`.
 #![forbid(unsafe_code)]
 
@@ -27,6 +27,9 @@ struct Cli {
 enum Command {
     /// Serve Identity, Controller and Node for this node's pools on one socket.
     AllInOne(ServeArgs),
+    /// Serve Identity and Node on the plugin socket and the Agent API for this node's pools on
+    /// a TCP address, registered with `holdfast controller`.
+    Agent(AgentArgs),
     /// An operator's CSI client: create, stage, publish, list… against any CSI socket.
     Ctl(holdfast::ctl::CtlArgs),
     /// Measure a running driver against the raw tools.
@@ -59,6 +62,58 @@ struct ServeArgs {
     log_format: LogFormat,
     /// Controller and Node calls served at once; further calls wait for a free slot (each
     /// within its own deadline). Identity calls (Probe, GetPluginInfo) are never held back.
+    #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_concurrent_calls: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// Where to serve CSI Identity and Node: unix:///path/csi.sock (or tcp://127.0.0.1:PORT for tests).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///run/holdfast/csi.sock")]
+    endpoint: String,
+    /// The controller's Registry address (host:port); every address the name resolves to gets
+    /// the registration (a headless Service with several controller replicas).
+    #[arg(long, env = "HOLDFAST_CONTROLLER")]
+    controller: String,
+    /// Where to serve the Agent API (host:port, e.g. 0.0.0.0:9101).
+    #[arg(long, env = "HOLDFAST_LISTEN")]
+    listen: String,
+    /// The address the controller dials (host:port); default: --listen (required when that
+    /// is a wildcard such as 0.0.0.0).
+    #[arg(long, env = "HOLDFAST_ADVERTISE")]
+    advertise: Option<String>,
+    /// The configuration file (TOML): this node's pools (`nfs` pools come from the controller).
+    #[arg(long, env = "HOLDFAST_CONFIG")]
+    config: PathBuf,
+    /// This node's id, reported to the orchestrator and part of every volume id.
+    #[arg(long, env = "NODE_ID")]
+    node_id: String,
+    /// This agent's certificate (PEM) for the Agent API and registration.
+    #[arg(long, env = "HOLDFAST_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "HOLDFAST_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM) the controller's and callers' certificates must be signed by.
+    #[arg(long, env = "HOLDFAST_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// The name the controller's certificate must carry (default: the host of --controller).
+    #[arg(long, env = "HOLDFAST_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
+    /// Plain text instead of mutual TLS: for tests only, refused unless every address is loopback.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    insecure: bool,
+    /// The driver's own state (stage and freeze records, copy records): created 0700 if missing.
+    #[arg(long, env = "HOLDFAST_STATE_DIR", default_value = "/var/lib/holdfast/state")]
+    state_dir: PathBuf,
+    /// The longest a filesystem stays frozen for a snapshot or clone (seconds).
+    #[arg(long, env = "HOLDFAST_FREEZE_DEADLINE", default_value_t = holdfast::node::freeze::FROZEN_DEADLINE.as_secs())]
+    freeze_deadline: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Node calls served at once on the plugin socket (Identity is never held back).
     #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_concurrent_calls: u32,
@@ -169,6 +224,105 @@ async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow
     Ok(())
 }
 
+/// The host part of `host:port` (`[::1]:9` → `::1`).
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(address);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Whether `address` listens on every interface (nobody can dial that).
+fn is_wildcard(address: &str) -> bool {
+    host_of(address).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified())
+}
+
+async fn agent(args: AgentArgs, serve_on: tokio::runtime::Handle) -> anyhow::Result<()> {
+    use holdfast::agent::{local::LocalAgent, register, server::agent_service};
+    use holdfast::tls::{ClientTls, ServerTls, TlsFiles};
+
+    init_logging(args.log_format);
+    let cfg = Config::load(&args.config)?;
+    if let Some(p) = cfg.pools.iter().find(|p| p.kind() == holdfast::volume_id::PoolKind::Nfs) {
+        bail!(
+            "pool {:?} is an nfs pool: nfs pools are defined in the controller's configuration and sent to the agents when \
+             they register; remove it from {}",
+            p.name(),
+            args.config.display()
+        );
+    }
+    let advertise = match &args.advertise {
+        Some(a) => a.clone(),
+        None if is_wildcard(&args.listen) => {
+            bail!("--listen {} is every interface, which the controller cannot dial: set --advertise to this node's address", args.listen)
+        }
+        None => args.listen.clone(),
+    };
+    let files = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() }),
+        _ if args.insecure => {
+            holdfast::tls::check_insecure(&[&args.listen, &advertise, &args.controller]).map_err(anyhow::Error::msg)?;
+            None
+        }
+        _ => bail!("the Agent API needs --tls-cert, --tls-key and --tls-ca (or --insecure, for tests on loopback addresses only)"),
+    };
+    let server_tls = files.clone().map(ServerTls::server).transpose().context("the agent's TLS files")?.map(Arc::new);
+    let client_tls = files.map(ClientTls::client).transpose().context("the agent's TLS files")?.map(Arc::new);
+
+    let exec = Arc::new(RealExec);
+    let mounter = Arc::new(RealMounter::new(exec.clone()));
+    let freeze_deadline = Duration::from_secs(args.freeze_deadline.max(1));
+    let driver = Arc::new(Driver::with_freeze_deadline(&args.node_id, &cfg, &args.state_dir, exec, mounter.clone(), freeze_deadline)?);
+    // As all-in-one: nothing a killed predecessor froze or suspended stays so.
+    driver.recover().await;
+    mounter.recover().await;
+    let local = LocalAgent::new(driver.clone());
+
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let router = tonic::transport::Server::builder().add_service(agent_service(local.clone()));
+    tracing::info!(listen = %args.listen, advertise = %advertise, tls = server_tls.is_some(), "serving the Agent API");
+    let api = {
+        let shutdown = until_stopped(stopped.clone());
+        async move {
+            match server_tls {
+                Some(tls) => holdfast::tls::serve(router, listener, tls, shutdown).await,
+                None => router
+                    .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+                    .await
+                    .map_err(|e| format!("serving the Agent API: {e}")),
+            }
+        }
+    };
+
+    let server_name = args.tls_server_name.clone().unwrap_or_else(|| host_of(&args.controller).to_owned());
+    let reg = register::RegisterConfig {
+        controller: args.controller.clone(),
+        node_id: args.node_id.clone(),
+        advertise,
+        tls: client_tls,
+        server_name,
+    };
+    let learnt = driver.clone();
+    let on_nfs: Arc<dyn Fn(Vec<holdfast::agent_proto::NfsPool>) + Send + Sync> =
+        Arc::new(move |defs| register::learn_nfs_pools(&learnt, defs));
+    let registration = tokio::spawn(register::run(reg, local.clone(), on_nfs));
+
+    let options =
+        ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
+    let csi = server::serve(&args.endpoint, driver, Services { controller: false, node: true }, options, until_stopped(stopped));
+    let res = tokio::try_join!(csi, api);
+    registration.abort();
+    res.map_err(anyhow::Error::msg)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
 /// How long, once serving has stopped, the exit waits for blocking calls still running.
 const EXIT_WAIT: Duration = Duration::from_millis(500);
 
@@ -193,6 +347,10 @@ fn main() {
         Command::AllInOne(a) => {
             let handle = grpc.insert(runtime("holdfast-grpc", Some(2))).handle().clone();
             calls.block_on(all_in_one(a, handle))
+        }
+        Command::Agent(a) => {
+            let handle = grpc.insert(runtime("holdfast-grpc", Some(2))).handle().clone();
+            calls.block_on(agent(a, handle))
         }
         Command::Ctl(a) => calls.block_on(holdfast::ctl::run(a)).map_err(anyhow::Error::msg),
         Command::Bench(a) => calls.block_on(holdfast::bench::run(a)).map_err(anyhow::Error::msg),

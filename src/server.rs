@@ -21,6 +21,7 @@ use tonic::transport::Server;
 
 pub mod authority;
 
+use crate::controller::ClusterController;
 use crate::csi::{controller::ControllerService, identity::IdentityService, node::NodeService};
 use crate::driver::Driver;
 use crate::endpoint::Endpoint;
@@ -273,11 +274,36 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    serve_inner(endpoint, driver, services, None, options, shutdown).await
+}
+
+/// [`serve`] with the cluster's Controller ([`ClusterController`]) instead of the one over the
+/// driver's pools, and the `Admin` service (`holdfast ctl nodes`) beside it: `holdfast
+/// controller` (`node` false) and all-in-one (`node` true). Identity answers for `driver`.
+pub async fn serve_cluster(
+    endpoint: &str,
+    driver: Arc<Driver>,
+    controller: ClusterController,
+    node: bool,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    serve_inner(endpoint, driver, Services { controller: true, node }, Some(controller), options, shutdown).await
+}
+
+async fn serve_inner(
+    endpoint: &str,
+    driver: Arc<Driver>,
+    services: Services,
+    cluster: Option<ClusterController>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let Some(server_rt) = options.serve_on.clone() else {
-        return serve_here(endpoint.to_owned(), driver, services, options, None, shutdown).await;
+        return serve_here(endpoint.to_owned(), driver, services, cluster, options, None, shutdown).await;
     };
     let calls = tokio::runtime::Handle::current();
-    let task = server_rt.spawn(serve_here(endpoint.to_owned(), driver, services, options, Some(calls), shutdown));
+    let task = server_rt.spawn(serve_here(endpoint.to_owned(), driver, services, cluster, options, Some(calls), shutdown));
     task.await.map_err(|e| format!("server failed: {e}"))?
 }
 
@@ -285,6 +311,7 @@ async fn serve_here(
     endpoint: String,
     driver: Arc<Driver>,
     services: Services,
+    cluster: Option<ClusterController>,
     options: ServeOptions,
     calls_on: Option<tokio::runtime::Handle>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -295,7 +322,11 @@ async fn serve_here(
     let router = Server::builder()
         .layer(calls)
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
-        .add_optional_service(services.controller.then(|| ControllerServer::new(ControllerService::new(driver.clone()))))
+        .add_optional_service(
+            (services.controller && cluster.is_none()).then(|| ControllerServer::new(ControllerService::new(driver.clone()))),
+        )
+        .add_optional_service(cluster.as_ref().map(|c| crate::controller::admin::admin_service(c.registry().clone())))
+        .add_optional_service(cluster.map(ControllerServer::new))
         .add_optional_service(services.node.then(|| NodeServer::new(NodeService::new(driver.clone()))));
     match Endpoint::parse(endpoint)? {
         Endpoint::Unix(path) => {

@@ -14,6 +14,11 @@
 
 use std::time::Duration;
 
+pub mod local;
+pub mod register;
+pub mod remote;
+pub mod server;
+
 use crate::agent_proto as ap;
 use crate::error::Result;
 use crate::proto;

@@ -57,6 +57,32 @@ pub struct ClusterController {
     /// all-in-one: the only node is this process, so an id naming another node names nothing
     /// here (as on a single-node driver) instead of an agent not registered yet.
     standalone: bool,
+    /// Creates placed and not answered yet, by (node, pool): (bytes, volumes). Placement counts
+    /// them against their pool, so creates at once spread as the policy says instead of all
+    /// landing where the last numbers pointed.
+    pending: Mutex<HashMap<(String, String), (u64, u64)>>,
+    /// One placement at a time (choose, then count): microseconds each.
+    placing: Mutex<()>,
+}
+
+/// Takes a create's room back from [`ClusterController::pending`] when it is answered.
+struct Reserved<'a> {
+    c: &'a ClusterController,
+    key: (String, String),
+    bytes: u64,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        let mut p = self.c.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = p.get_mut(&self.key) {
+            e.0 = e.0.saturating_sub(self.bytes);
+            e.1 = e.1.saturating_sub(1);
+            if e.1 == 0 {
+                p.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Releases a name in [`ClusterController::creating`].
@@ -81,7 +107,13 @@ enum Route {
 impl ClusterController {
     /// The controller of a cluster.
     pub fn new(reg: Arc<Registry>) -> ClusterController {
-        ClusterController { reg, creating: Mutex::new(HashSet::new()), standalone: false }
+        ClusterController {
+            reg,
+            creating: Mutex::new(HashSet::new()),
+            standalone: false,
+            pending: Mutex::new(HashMap::new()),
+            placing: Mutex::new(()),
+        }
     }
 
     /// all-in-one's controller: one in-process agent; ids of other nodes name nothing here.
@@ -120,6 +152,30 @@ impl ClusterController {
             "node {} {why}; retry when its agent runs, or list it in the retired-nodes file if it is gone for good",
             bounded(node)
         ))
+    }
+
+    /// The registry's pools with the creates in flight counted in.
+    fn candidates(&self) -> Vec<PoolCandidate> {
+        let mut all = self.reg.candidates();
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for c in all.iter_mut() {
+            if let Some((bytes, n)) = p.get(&(c.node.clone(), c.pool.clone())) {
+                c.largest_volume = c.largest_volume.saturating_sub(*bytes);
+                c.free = c.free.saturating_sub(*bytes);
+                c.used += bytes;
+                c.volumes += n;
+            }
+        }
+        all
+    }
+
+    fn reserve(&self, node: &str, pool: &str, bytes: u64) -> Reserved<'_> {
+        let key = (node.to_owned(), pool.to_owned());
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let e = p.entry(key.clone()).or_default();
+        e.0 += bytes;
+        e.1 += 1;
+        Reserved { c: self, key, bytes }
     }
 
     fn start_create(&self, name: &str) -> Result<Creating<'_>> {
@@ -188,7 +244,7 @@ impl ClusterController {
         }
 
         // Candidates: the pools the parameters, the capabilities and the topology allow.
-        let all = self.reg.candidates();
+        let all = self.candidates();
         let by_params: Vec<PoolCandidate> = all.iter().filter(|p| matches_parameters(p, &preq)).cloned().collect();
         let pools_of = |node: &str| -> Vec<ap::Pool> { self.reg.node(node).map(|n| n.pools).unwrap_or_default() };
         let mut described: HashMap<String, Vec<ap::Pool>> = HashMap::new();
@@ -238,15 +294,21 @@ impl ClusterController {
         if let Some((node, pool)) = found {
             return self.create_found(&req, &preq, &node, &pool, forward(&pool), budget).await;
         }
-        if !nodes.is_empty() {
-            let fresh = self.reg.candidates();
-            let considered: Vec<PoolCandidate> = fresh
-                .into_iter()
-                .filter(|p| !matches_parameters(p, &preq) || fitting.iter().any(|f| f.node == p.node && f.pool == p.pool))
-                .collect();
-            placed = placement::place(&considered, &preq);
-        }
-        let choice = placed.choice(&preq)?.clone();
+        // Chosen and counted in one step, so a create placed at the same moment sees it.
+        let (choice, _reserved) = {
+            let _one = self.placing.lock().unwrap_or_else(|e| e.into_inner());
+            if !nodes.is_empty() {
+                let considered: Vec<PoolCandidate> = self
+                    .candidates()
+                    .into_iter()
+                    .filter(|p| !matches_parameters(p, &preq) || fitting.iter().any(|f| f.node == p.node && f.pool == p.pool))
+                    .collect();
+                placed = placement::place(&considered, &preq);
+            }
+            let choice = placed.choice(&preq)?.clone();
+            let reserved = self.reserve(&choice.node, &choice.pool, capacity);
+            (choice, reserved)
+        };
         let agent = self.agent_of(&choice.node)?;
         let resp = agent.create_volume(forward(&choice.pool), budget).await?;
         self.created(&choice.node, resp, &req.name)
@@ -701,6 +763,22 @@ impl ClusterController {
             minimum_volume_size: Some(smallest.unwrap_or(crate::pool::MIB) as i64),
         })
     }
+}
+
+/// The `nfs` pools of the controller's configuration as the agents receive them (a node
+/// mounts only exports of these).
+pub fn nfs_pool_definitions(cfg: &crate::config::Config) -> Vec<ap::NfsPool> {
+    cfg.pools
+        .iter()
+        .filter(|p| p.kind() == crate::volume_id::PoolKind::Nfs)
+        .map(|p| ap::NfsPool {
+            name: p.name().to_owned(),
+            server: p.server.clone().unwrap_or_default(),
+            export: p.export.clone().unwrap_or_default(),
+            mount_options: p.mount_options.clone().unwrap_or_default(),
+            segments: p.pool_topology.clone().unwrap_or_default().into_iter().collect(),
+        })
+        .collect()
 }
 
 /// The requisite and preferred topologies of a request.

@@ -54,6 +54,8 @@ pub struct RegistryOptions {
     pub retired_file: Option<PathBuf>,
     /// `--tls-per-node`: every agent has its own certificate, whose name must be its node id.
     pub per_node_certs: bool,
+    /// `--insecure`: plain text, so only agents advertising a loopback address may register.
+    pub insecure: bool,
     /// The `nfs` pools nodes may mount, handed to every agent that registers.
     pub nfs_pools: Vec<ap::NfsPool>,
     /// How to reach an agent that registered.
@@ -69,6 +71,7 @@ impl RegistryOptions {
             grace: DEFAULT_HEARTBEAT * 3,
             retired_file: None,
             per_node_certs: false,
+            insecure: false,
             nfs_pools: Vec::new(),
             connector,
         }
@@ -642,6 +645,9 @@ impl Registry {
         if inv.advertised_address.is_empty() {
             return Err(Status::invalid_argument(format!("agent of node {} advertises no address", bounded(node))));
         }
+        if self.opts.insecure {
+            crate::tls::check_insecure(&[&inv.advertised_address]).map_err(Status::failed_precondition)?;
+        }
         let mut nodes = self.nodes();
         let now = Instant::now();
         let mut reuse = None;
@@ -1049,6 +1055,15 @@ pub(crate) mod tests {
         assert!(heartbeat(&r, "n1", 101, 7), "a restarted agent registers again");
         assert!(heartbeat(&r, "ghost", 1, 0), "an unknown agent registers");
         assert!(report(&r, "ghost", vec![]), "an unknown agent registers");
+    }
+
+    #[tokio::test]
+    async fn an_insecure_controller_takes_only_loopback_agents() {
+        let r = Registry::new(RegistryOptions { insecure: true, ..opts() });
+        register(&r, inventory("n1", "127.0.0.1:7000", 1, 0), WIRE_VERSION).expect("loopback");
+        let err = register(&r, inventory("n2", "10.0.0.2:7000", 1, 0), WIRE_VERSION).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.message().contains("10.0.0.2:7000"), "{}", err.message());
     }
 
     #[tokio::test]

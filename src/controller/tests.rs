@@ -116,6 +116,8 @@ impl AgentOps for FakeAgent {
             assert!(!r.parameters.contains_key(k), "the controller passed its own parameter {k} to the agent");
         }
         self.calls.lock().unwrap().push(format!("create {} {}", req.pool, r.name));
+        // A create takes a moment, as a real one does: others are placed meanwhile.
+        tokio::time::sleep(Duration::from_millis(20)).await;
         if let Some(v) = self.volumes.lock().unwrap().values().find(|v| v.csi_name == r.name) {
             if v.pool != req.pool {
                 return Err(Error::AlreadyExists(format!("volume {} lives in pool {}", r.name, v.pool)));
@@ -586,4 +588,31 @@ async fn capabilities_no_pool_serves_are_invalid() {
         ..with_params(create_req("c", 1), &[("fsType", "xfs")])
     };
     assert_eq!(code(cl.create(contradiction).await), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn creates_in_flight_count_against_their_pool() {
+    let cl = Arc::new(cluster());
+    let mut set = JoinSet::new();
+    for i in 0..20 {
+        let cl = cl.clone();
+        let req = with_topology(
+            with_params(
+                CreateVolumeRequest {
+                    capacity_range: Some(CapacityRange { required_bytes: 64 * M as i64, limit_bytes: 0 }),
+                    ..create_req(&format!("spread-{i}"), 0)
+                },
+                &[("placementPolicy", "spread")],
+            ),
+            vec![seg(&[("zone", "z1")])],
+            vec![],
+        );
+        set.spawn(async move { node_of(&cl.create(req).await.unwrap()) });
+    }
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    while let Some(n) = set.join_next().await {
+        *per_node.entry(n.unwrap()).or_default() += 1;
+    }
+    assert_eq!(per_node.values().sum::<usize>(), 20);
+    assert!(per_node.get("a").copied().unwrap_or(0) >= 8 && per_node.get("b").copied().unwrap_or(0) >= 8, "{per_node:?}");
 }

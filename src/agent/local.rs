@@ -1,0 +1,2190 @@
+//! The in-process agent: CSI's controller operations on the pools of this process's own
+//! [`Driver`] (create, delete, list, expand and snapshot volumes), behind [`AgentOps`]. Each
+//! operation validates the request, takes the per-name or per-volume lock, then delegates to
+//! the pool that owns the object. `holdfast agent` serves it over the Agent API
+//! ([`super::server`]); all-in-one and the controller's own `nfs` pools use it in-process.
+//!
+//! It also keeps the node's change feed ([`LocalAgent::subscribe`]): every object that
+//! appears, changes or disappears, with consecutive sequence numbers, so the controller's index
+//! follows without listing. Operations report what they did at once; a detached copy reports
+//! when it finishes (even after its request gave up); a periodic pass over the pools reports
+//! what nothing else did (a copy restarted at start-up, a pool's health or free space).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use super::AgentOps;
+use crate::agent_proto as ap;
+use crate::csi::{Capability, decode_caps, lock_key, name_keys, require, topology};
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::jobs::{self, Work};
+use crate::locks::{LockKey, ObjectKind};
+use crate::placement::{self, Candidate, Segments};
+use crate::pool::{self, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
+use crate::proto::volume_content_source::{self, SnapshotSource, VolumeSource};
+use crate::proto::*;
+use crate::volume_id::{Object, PoolKind, VolumeId, legacy_local_name, local_name, new_uid};
+
+/// Capacity of a volume whose request gives no capacity range.
+pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+
+/// Volume context key: the filesystem chosen at creation.
+pub const CTX_FS_TYPE: &str = "holdfast.dev/fs-type";
+/// Volume context key: the pool.
+pub const CTX_POOL: &str = "holdfast.dev/pool";
+
+/// Parameters the CSI layer handles itself.
+const PARAM_POOL: &str = "pool";
+const PARAM_KIND: &str = "kind";
+const PARAM_FS: [&str; 2] = ["csi.storage.k8s.io/fstype", "fsType"];
+/// Keys the external-provisioner adds (`--extra-create-metadata`, secrets references).
+const PROVISIONER_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// The agent of this process's own pools.
+pub struct LocalAgent {
+    d: Arc<Driver>,
+    /// What calls that fan out over every pool last saw of each one: why it is sick, and the
+    /// volumes its last good listing had (shown as abnormal while it is sick).
+    health: Mutex<BTreeMap<String, PoolHealth>>,
+    /// The change feed.
+    feed: Feed,
+    /// This agent, for the tasks it spawns (a copy's watcher, the periodic pass).
+    me: Weak<LocalAgent>,
+    /// When this process started (seconds since the epoch), sent in the inventory.
+    started_unix: i64,
+}
+
+/// One pool as the fan-out calls last saw it.
+#[derive(Debug, Default)]
+struct PoolHealth {
+    /// Why the last call failed; `None` while it answers.
+    sick: Option<String>,
+    /// Its volumes at its last good listing.
+    listed: Vec<VolumeInfo>,
+}
+
+impl LocalAgent {
+    /// The agent of `driver`'s pools. Inside a tokio runtime it also starts the periodic pass
+    /// over the pools ([`WATCH_INTERVAL`]), which ends when the agent is dropped.
+    pub fn new(driver: Arc<Driver>) -> Arc<LocalAgent> {
+        let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let agent = Arc::new_cyclic(|me| LocalAgent {
+            d: driver,
+            health: Mutex::new(BTreeMap::new()),
+            feed: Feed::new(),
+            me: me.clone(),
+            started_unix,
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(watch(Arc::downgrade(&agent)));
+        }
+        agent
+    }
+
+    /// The driver whose pools this agent serves.
+    pub fn driver(&self) -> &Arc<Driver> {
+        &self.d
+    }
+
+    /// The changes from now on (see [`ap::Change`]): consecutive sequence numbers, continuing
+    /// from the `sequence` of any inventory taken after subscribing. A receiver that lags
+    /// (more than [`FEED_CAPACITY`] behind) gets `RecvError::Lagged` and should take a full
+    /// inventory again.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<ap::Change> {
+        self.feed.tx.subscribe()
+    }
+
+    /// The sequence number of the last change.
+    pub fn sequence(&self) -> u64 {
+        self.feed.lock().sequence
+    }
+
+    /// When this process started (seconds since the epoch), as the inventory says.
+    pub fn started_unix(&self) -> i64 {
+        self.started_unix
+    }
+
+    /// Records that `pool` answered; logs when it was sick until now.
+    fn answered(&self, pool: &dyn Pool) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(was) = h.entry(pool.name().to_owned()).or_default().sick.take() {
+            tracing::info!(pool = pool.name(), was = %was, "pool answers again");
+        }
+    }
+
+    /// Records that `pool` failed with `e`, so the call goes on without it; logs when it was
+    /// healthy until now (one line per change, not one per call).
+    fn failed(&self, pool: &dyn Pool, e: &Error) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = h.entry(pool.name().to_owned()).or_default();
+        if entry.sick.is_none() {
+            tracing::warn!(pool = pool.name(), error = %e, "pool does not answer; calls over all pools go on without it");
+        }
+        entry.sick = Some(e.to_string());
+    }
+}
+
+/// The capacity to allocate for a range: `required` rounded up to whole MiB (default when no
+/// range), which must not exceed `limit`.
+pub fn capacity_for(range: Option<&CapacityRange>, default: u64) -> Result<u64> {
+    let (required, limit) = range.map(|r| (r.required_bytes, r.limit_bytes)).unwrap_or((0, 0));
+    if required < 0 || limit < 0 {
+        return Err(Error::InvalidArgument(format!("capacity_range must not be negative (required {required}, limit {limit})")));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if limit != 0 && limit < required {
+        return Err(Error::OutOfRange(format!("capacity_range limit_bytes {limit} is below required_bytes {required}")));
+    }
+    let want = if required > 0 {
+        pool::round_up_mib(required)
+    } else if limit > 0 {
+        // Only a ceiling: the default if it fits, else the largest whole MiB under the limit.
+        default.min(limit / pool::MIB * pool::MIB)
+    } else {
+        default
+    };
+    if want == 0 || (limit != 0 && want > limit) {
+        return Err(Error::OutOfRange(format!(
+            "no capacity in whole MiB fits required_bytes {required} and limit_bytes {limit}: volumes are allocated in units of 1 MiB"
+        )));
+    }
+    Ok(want)
+}
+
+/// Splits a list sorted by key into one page: entries from `token` on (a token is the key of
+/// the first entry of the next page), at most `max` of them (0 = all).
+pub fn paginate<T>(mut items: Vec<(String, T)>, max: i32, token: &str) -> Result<(Vec<T>, String)> {
+    if max < 0 {
+        return Err(Error::InvalidArgument(format!("max_entries {max} must not be negative")));
+    }
+    if !token.is_empty() && VolumeId::parse(token).is_none() {
+        return Err(Error::Aborted(format!("starting_token {token:?} is not a token this driver issued; start the listing again")));
+    }
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let start = items.partition_point(|(k, _)| k.as_str() < token);
+    let mut rest: Vec<(String, T)> = items.into_iter().skip(start).collect();
+    let mut next = String::new();
+    if max > 0 && rest.len() > max as usize {
+        next = rest[max as usize].0.clone();
+        rest.truncate(max as usize);
+    }
+    Ok((rest.into_iter().map(|(_, v)| v).collect(), next))
+}
+
+/// The smallest volume a pool allocating in `unit` bytes can make with filesystem `fs` (none:
+/// raw block): the filesystem's minimum, rounded up to whole units.
+pub fn minimum_size(fs: Option<&str>, unit: u64) -> u64 {
+    let unit = unit.max(1);
+    let min = fs.map(crate::node::format::min_size).unwrap_or(pool::MIB).max(unit);
+    min.div_ceil(unit) * unit
+}
+
+fn timestamp(secs: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: secs, nanos: 0 }
+}
+
+impl LocalAgent {
+    /// The pools a request's parameters select, with the pool-specific parameters checked.
+    fn selected_pools(&self, params: &HashMap<String, String>) -> Result<Vec<Arc<dyn Pool>>> {
+        let kind = params.get(PARAM_KIND).map(|k| k.parse::<PoolKind>()).transpose()?;
+        let name = params.get(PARAM_POOL);
+        if let Some(n) = name {
+            if !self.d.pools.contains_key(n) {
+                return Err(Error::InvalidArgument(format!(
+                    "parameter pool={n:?} names no configured pool (configured: {})",
+                    self.d.pools.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        let pools: Vec<_> =
+            self.d.pools.values().filter(|p| name.is_none_or(|n| p.name() == n) && kind.is_none_or(|k| p.kind() == k)).cloned().collect();
+        for key in params.keys() {
+            let ours = key == PARAM_POOL || key == PARAM_KIND || PARAM_FS.contains(&key.as_str()) || key.starts_with(PROVISIONER_PREFIX);
+            if !ours && !pools.iter().any(|p| p.accepts_parameter(key)) {
+                return Err(Error::InvalidArgument(format!("unknown parameter {key:?}: check the StorageClass parameters")));
+            }
+        }
+        Ok(pools)
+    }
+
+    fn volume_message(&self, pool: &dyn Pool, v: &VolumeInfo) -> Volume {
+        let source = v.source.as_ref().map(|s| {
+            let t = match s {
+                Source::Snapshot(l) => volume_content_source::Type::Snapshot(SnapshotSource {
+                    snapshot_id: self.d.object_id(pool, l, Object::Snapshot, v.source_uid.as_deref()).to_string(),
+                }),
+                Source::Volume(l) => volume_content_source::Type::Volume(VolumeSource {
+                    volume_id: self.d.object_id(pool, l, Object::Volume, v.source_uid.as_deref()).to_string(),
+                }),
+            };
+            VolumeContentSource { r#type: Some(t) }
+        });
+        let mut ctx = HashMap::from([(CTX_POOL.to_owned(), pool.name().to_owned())]);
+        if let Some(fs) = &v.fs_type {
+            ctx.insert(CTX_FS_TYPE.to_owned(), fs.clone());
+        }
+        Volume {
+            volume_id: self.d.volume_id(pool, v).to_string(),
+            capacity_bytes: v.capacity as i64,
+            volume_context: ctx,
+            content_source: source,
+            // No segments: reachable from everywhere, which CSI says with an empty list.
+            accessible_topology: Some(self.pool_segments(pool)).filter(|s| !s.is_empty()).iter().map(topology).collect(),
+        }
+    }
+
+    /// Where a pool's volumes are reachable: its own topology (shared pools) or this node.
+    fn pool_segments(&self, pool: &dyn Pool) -> Segments {
+        pool.topology().unwrap_or_else(|| self.d.segments.clone())
+    }
+
+    fn snapshot_message(&self, pool: &dyn Pool, s: &SnapshotInfo) -> Snapshot {
+        Snapshot {
+            size_bytes: s.size as i64,
+            snapshot_id: self.d.snapshot_id(pool, s).to_string(),
+            source_volume_id: self.d.object_id(pool, &s.source_volume, Object::Volume, s.source_uid.as_deref()).to_string(),
+            creation_time: Some(timestamp(s.created)),
+            ready_to_use: s.ready,
+            group_snapshot_id: String::new(),
+        }
+    }
+
+    /// Resolves a volume id to its pool and volume; NOT_FOUND when either is missing, when the
+    /// id is a snapshot's, or when the volume under that name is another one (another uid).
+    async fn find_volume(&self, id: &str) -> Result<(Arc<dyn Pool>, VolumeInfo)> {
+        let missing = || Error::NotFound(format!("volume {} does not exist", crate::error::bounded(id)));
+        let vid = VolumeId::parse(id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
+        let pool = self.d.own_pool_of(&vid).ok_or_else(missing)?;
+        let v = pool.get_volume(&vid.local).await?.filter(|v| vid.names_volume(v.uid.as_deref())).ok_or_else(missing)?;
+        Ok((pool, v))
+    }
+
+    /// As [`Self::find_volume`], for snapshot ids.
+    async fn find_snapshot(&self, id: &str) -> Result<(Arc<dyn Pool>, SnapshotInfo)> {
+        let missing = || Error::NotFound(format!("snapshot {} does not exist", crate::error::bounded(id)));
+        let sid = VolumeId::parse(id).filter(VolumeId::may_name_snapshot).ok_or_else(missing)?;
+        let pool = self.d.own_pool_of(&sid).ok_or_else(missing)?;
+        let s = pool.get_snapshot(&sid.local).await?.filter(|s| sid.names_snapshot(s.uid.as_deref())).ok_or_else(missing)?;
+        Ok((pool, s))
+    }
+
+    /// The volume a retried create of `csi_name` may find in `pool`: under its local name, or
+    /// under the name earlier versions derived when it was made for this very CSI name.
+    async fn volume_named(&self, pool: &dyn Pool, csi_name: &str, local: &str) -> Result<Option<VolumeInfo>> {
+        if let Some(v) = pool.get_volume(local).await? {
+            return Ok(Some(v));
+        }
+        let legacy = legacy_local_name(csi_name);
+        if legacy == local {
+            return Ok(None);
+        }
+        Ok(pool.get_volume(&legacy).await?.filter(|v| v.csi_name == csi_name))
+    }
+
+    /// As [`Self::volume_named`], for snapshots.
+    async fn snapshot_named(&self, pool: &dyn Pool, csi_name: &str, local: &str) -> Result<Option<SnapshotInfo>> {
+        if let Some(s) = pool.get_snapshot(local).await? {
+            return Ok(Some(s));
+        }
+        let legacy = legacy_local_name(csi_name);
+        if legacy == local {
+            return Ok(None);
+        }
+        Ok(pool.get_snapshot(&legacy).await?.filter(|s| s.csi_name == csi_name))
+    }
+
+    /// CreateVolume placed among this node's pools, waiting for a copy the default time.
+    #[cfg(test)]
+    async fn create(&self, req: CreateVolumeRequest) -> Result<CreateVolumeResponse> {
+        self.create_within("", req, jobs::DEFAULT_WAIT).await
+    }
+
+    /// CreateVolume; a copy is waited for at most `budget` (the request's deadline). `pinned`
+    /// names the pool to create in (the controller placed it there); empty: placed among this
+    /// node's pools. Either way a retry finds the volume in any pool of the node.
+    pub async fn create_within(&self, pinned: &str, req: CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
+        require("name", &req.name)?;
+        let caps = decode_caps(&req.volume_capabilities)?;
+        let block = caps[0].block;
+        if caps.iter().any(|c| c.block != block) {
+            return Err(Error::InvalidArgument("volume_capabilities mix block and mount access types".into()));
+        }
+        let mut capacity = capacity_for(req.capacity_range.as_ref(), DEFAULT_CAPACITY)?;
+        let mut pools = self.selected_pools(&req.parameters)?;
+        if let Some(c) = caps.iter().find(|c| !pools.iter().any(|p| c.supported_by(p.as_ref()))) {
+            return Err(Error::InvalidArgument(format!(
+                "access mode {} is not supported by the selected pools{}",
+                c.mode.as_str_name(),
+                if c.block { " for raw block volumes" } else { " (multi-node modes need a shared pool such as nfs)" }
+            )));
+        }
+        pools.retain(|p| caps.iter().all(|c| c.supported_by(p.as_ref())));
+        let fs_param = PARAM_FS.iter().find_map(|k| req.parameters.get(*k)).cloned();
+        let fs_cap = caps.iter().map(|c| c.fs_type.clone()).find(|f| !f.is_empty());
+        if let (Some(a), Some(b)) = (&fs_param, &fs_cap) {
+            if a != b {
+                return Err(Error::InvalidArgument(format!("the fstype parameter {a:?} contradicts the mount capability's fs_type {b:?}")));
+            }
+        }
+        let fs_req = fs_cap.or(fs_param);
+        if let Some(fs) = fs_req.as_deref().filter(|_| !block) {
+            if !pools.iter().any(|p| p.filesystems().contains(&fs)) {
+                return Err(Error::InvalidArgument(format!("fstype {fs:?} is not served by the selected pools")));
+            }
+            pools.retain(|p| p.filesystems().contains(&fs));
+        }
+
+        let local = local_name(&req.name);
+        let asked = CreateVolumeRequest { secrets: HashMap::new(), ..req.clone() };
+        // A copy an earlier attempt started may still run, detached: wait for it, then answer
+        // from what it made, as for any retry.
+        if let Some(job) = self.d.jobs.find(&jobs::volume_key(&local)) {
+            if job.work().csi_name() == req.name && job.started_for(&asked) {
+                self.d.jobs.wait(&job, budget).await?;
+            } else if !job.ended() {
+                return Err(Error::Aborted(format!(
+                    "volume {} is being copied for another request; retry when it has finished",
+                    crate::error::bounded(&req.name)
+                )));
+            }
+        }
+        // The new volume's local name (in every pool, where a retry looks for it) and the source
+        // object: no delete, expand, snapshot or stage of the source runs while it is copied.
+        let source_key = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            Some(volume_content_source::Type::Snapshot(s)) => Some(lock_key(&self.d, ObjectKind::Snapshot, &s.snapshot_id)),
+            Some(volume_content_source::Type::Volume(v)) => Some(lock_key(&self.d, ObjectKind::Volume, &v.volume_id)),
+            None => None,
+        };
+        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Volume, &req.name).into_iter().chain(source_key))?;
+
+        // The source pins the pool: copies are made inside the pool that holds the source.
+        let (source, min_size) = match req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
+            Some(volume_content_source::Type::Snapshot(s)) => {
+                require("volume_content_source.snapshot.snapshot_id", &s.snapshot_id)?;
+                let (p, snap) = self.find_snapshot(&s.snapshot_id).await?;
+                pools.retain(|c| c.name() == p.name());
+                (Some((Source::Snapshot(snap.local), snap.uid)), snap.size)
+            }
+            Some(volume_content_source::Type::Volume(v)) => {
+                require("volume_content_source.volume.volume_id", &v.volume_id)?;
+                let (p, vol) = self.find_volume(&v.volume_id).await?;
+                if vol.block != block {
+                    return Err(Error::InvalidArgument(format!("source volume {} is not of the requested access type", v.volume_id)));
+                }
+                pools.retain(|c| c.name() == p.name());
+                (Some((Source::Volume(vol.local), vol.uid)), vol.capacity)
+            }
+            None => (None, 0),
+        };
+        let (source, source_uid) = source.unzip();
+        let source_uid = source_uid.flatten();
+        if capacity < min_size {
+            let required = req.capacity_range.map(|r| r.required_bytes).unwrap_or(0);
+            if required > 0 {
+                return Err(Error::OutOfRange(format!("requested {capacity} bytes is smaller than the source ({min_size} bytes)")));
+            }
+            capacity = min_size;
+        }
+
+        // A retry must find what the first attempt made, wherever it landed. A pool that cannot
+        // be asked is passed over here; whether that may hide the first attempt is decided
+        // once the candidates are known.
+        let mut unasked: Vec<(String, Error)> = Vec::new();
+        for pool in self.d.pools.values() {
+            let v = match self.volume_named(pool.as_ref(), &req.name, &local).await {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    self.answered(pool.as_ref());
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(pool.as_ref(), &e);
+                    unasked.push((pool.name().to_owned(), e));
+                    continue;
+                }
+            };
+            self.answered(pool.as_ref());
+            if v.csi_name != req.name {
+                return Err(Error::AlreadyExists(format!(
+                    "local name {local} in pool {} is taken by volume {:?}",
+                    pool.name(),
+                    v.csi_name
+                )));
+            }
+            let limit = req.capacity_range.map(|r| r.limit_bytes as u64).unwrap_or(0);
+            let want_fs = if block { None } else { Some(fs_req.clone().unwrap_or_else(|| pool.default_fs().to_owned())) };
+            // What this request would ask of that pool; any existing size from `capacity` up to
+            // the limit answers it (the pool may have rounded up, or it was expanded since).
+            let asked = CreateRequest {
+                csi_name: req.name.clone(),
+                local: v.local.clone(),
+                capacity,
+                block,
+                fs_type: want_fs,
+                source: source.clone(),
+                parameters: accepted_parameters(pool.as_ref(), &req.parameters),
+                limit: if limit == 0 { u64::MAX } else { limit },
+                uid: String::new(),
+                source_uid: source_uid.clone(),
+            };
+            let mut differences = v.conflicts_with(&asked);
+            // The pool/kind parameters, the access modes and the filesystem select the pools a
+            // volume may live in: one found elsewhere was made for another request.
+            if !pools.iter().any(|p| p.name() == pool.name()) {
+                differences
+                    .push(format!("it lives in pool {}, which this request's parameters and capabilities do not select", pool.name()));
+            }
+            if !differences.is_empty() {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} already exists and is incompatible with this request: {}",
+                    req.name,
+                    differences.join("; ")
+                )));
+            }
+            self.note_volume(pool.as_ref(), &v);
+            return Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) });
+        }
+
+        let requisite: Vec<Segments> = req
+            .accessibility_requirements
+            .as_ref()
+            .map(|t| t.requisite.iter().map(|s| s.segments.clone().into_iter().collect()).collect())
+            .unwrap_or_default();
+        let preferred: Vec<Segments> = req
+            .accessibility_requirements
+            .as_ref()
+            .map(|t| t.preferred.iter().map(|s| s.segments.clone().into_iter().collect()).collect())
+            .unwrap_or_default();
+        if pools.is_empty() {
+            return Err(Error::InvalidArgument("no configured pool matches the pool/kind parameters".into()));
+        }
+        pools.retain(|p| placement::reachable(&self.pool_segments(p.as_ref()), p.multi_node(), &requisite));
+        if pools.is_empty() {
+            return Err(Error::ResourceExhausted(format!(
+                "no pool of node {} lies inside the requested topology; this driver places volumes only on its own pools",
+                self.d.node_id
+            )));
+        }
+        // A candidate that could not be asked for the name may hold the first attempt of this
+        // very request: creating elsewhere could make a second volume. Retryable.
+        if let Some((name, e)) = unasked.iter().find(|(n, _)| pools.iter().any(|p| p.name() == n)) {
+            return Err(Error::Unavailable(format!(
+                "pool {name} cannot be asked whether volume {} already exists ({e}); retry when it answers, or select another pool \
+                 with the pool parameter",
+                crate::error::bounded(&req.name)
+            )));
+        }
+        if !pinned.is_empty() {
+            if !self.d.pools.contains_key(pinned) {
+                return Err(Error::InvalidArgument(format!(
+                    "pool {} is not a pool of node {}",
+                    crate::error::bounded(pinned),
+                    self.d.node_id
+                )));
+            }
+            pools.retain(|p| p.name() == pinned);
+            if pools.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "pool {pinned} of node {} cannot hold this volume: its parameters, capabilities, filesystem, source or \
+                     topology select other pools",
+                    self.d.node_id
+                )));
+            }
+        }
+        let mut candidates = Vec::new();
+        let mut sick = Vec::new();
+        for p in &pools {
+            match p.capacity().await {
+                Ok(free) => {
+                    self.answered(p.as_ref());
+                    candidates.push(Candidate { pool: p.name().to_owned(), segments: self.pool_segments(p.as_ref()), free });
+                }
+                // It answered the lookup, so the volume is not there: placing elsewhere is safe.
+                Err(e) => {
+                    self.failed(p.as_ref(), &e);
+                    sick.push(format!("{}: {e}", p.name()));
+                }
+            }
+        }
+        if candidates.is_empty() {
+            return Err(Error::Unavailable(format!("no candidate pool can tell its free space: {}", sick.join("; "))));
+        }
+        let fits: Vec<Candidate> = candidates.iter().filter(|c| c.free >= capacity).cloned().collect();
+        let Some(choice) = placement::order(fits, &preferred).into_iter().next() else {
+            let best = candidates.iter().map(|c| c.free).max().unwrap_or(0);
+            return Err(Error::ResourceExhausted(format!(
+                "no pool has room for {} (the most any pool can give is {}); free space in a pool or ask for less",
+                crate::config::format_size(capacity),
+                crate::config::format_size(best)
+            )));
+        };
+        let pool = self.d.pools[&choice.pool].clone();
+        let limit = req.capacity_range.map(|r| r.limit_bytes as u64).unwrap_or(0);
+        let fs_type = if block { None } else { Some(fs_req.unwrap_or_else(|| pool.default_fs().to_owned())) };
+        // The filesystem's minimum first, then the pool's allocation unit; neither may pass the limit.
+        if let Some(fs) = &fs_type {
+            let min = crate::node::format::min_size(fs);
+            if capacity < min {
+                if limit != 0 && limit < min {
+                    return Err(Error::OutOfRange(format!(
+                        "{fs} needs at least {} but limit_bytes is {limit}; raise the limit or choose ext4",
+                        crate::config::format_size(min)
+                    )));
+                }
+                capacity = min;
+            }
+        }
+        let unit = pool.allocation_unit().await?.max(1);
+        capacity = capacity.div_ceil(unit) * unit;
+        if limit != 0 && capacity > limit {
+            return Err(Error::OutOfRange(format!(
+                "pool {} allocates in units of {}, so no size fits between required_bytes and limit_bytes {limit}",
+                pool.name(),
+                crate::config::format_size(unit)
+            )));
+        }
+        let creq = CreateRequest {
+            csi_name: req.name.clone(),
+            local: local.clone(),
+            capacity,
+            block,
+            fs_type,
+            source,
+            parameters: accepted_parameters(pool.as_ref(), &req.parameters),
+            limit,
+            uid: new_uid(),
+            source_uid,
+        };
+        if creq.source.is_none() {
+            let v = pool.create_volume(&creq).await?;
+            self.note_volume(pool.as_ref(), &v);
+            drop(guard);
+            return Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) });
+        }
+        // A copy may outlast this request's deadline: it runs detached, holding the lock.
+        let work = Work::Volume { pool: pool.name().to_owned(), request: creq };
+        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard).await?;
+        self.watch_copy(job.clone(), pool.clone(), false, local.clone());
+        self.d.jobs.wait(&job, budget).await?;
+        let missing = || Error::Internal(format!("the copy {local} vanished right after it was made"));
+        let v = pool.get_volume(&local).await?.ok_or_else(missing)?;
+        self.note_volume(pool.as_ref(), &v);
+        Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) })
+    }
+
+    /// DeleteVolume: an id naming nothing here succeeds.
+    pub async fn delete(&self, req: DeleteVolumeRequest) -> Result<DeleteVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        // An id we could never have issued names nothing: deleting nothing succeeds (spec).
+        // A snapshot id names no volume: nothing to delete.
+        let Some(vid) = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume) else { return Ok(DeleteVolumeResponse {}) };
+        let Some(pool) = self.d.own_pool_of(&vid) else {
+            if vid.node.as_deref().is_some_and(|n| n != self.d.node_id) && self.d.pools.contains_key(&vid.pool) {
+                return Err(Error::Unavailable(format!(
+                    "volume {} lives on node {}, and this instance serves node {}; send the request to that node's driver",
+                    req.volume_id,
+                    vid.node.as_deref().unwrap_or("-"),
+                    self.d.node_id
+                )));
+            }
+            return Ok(DeleteVolumeResponse {});
+        };
+        let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Volume, &vid.local))?;
+        // The volume under that name may be another one (deleted and created again): left alone.
+        // A record that cannot be read stops a current id (its uid cannot be checked); a legacy
+        // id is deleted as before, the pool's delete deciding.
+        let csi_name = match pool.get_volume(&vid.local).await {
+            Ok(Some(v)) if !vid.names_volume(v.uid.as_deref()) => return Ok(DeleteVolumeResponse {}),
+            Err(e) if vid.tag.is_some() => return Err(e),
+            Ok(v) => v.map(|v| v.csi_name),
+            Err(_) => None,
+        };
+        pool.delete_volume(&vid.local).await?;
+        self.note_volume_gone(pool.as_ref(), &vid.local, csi_name);
+        Ok(DeleteVolumeResponse {})
+    }
+
+    /// ValidateVolumeCapabilities.
+    pub async fn validate(&self, req: ValidateVolumeCapabilitiesRequest) -> Result<ValidateVolumeCapabilitiesResponse> {
+        require("volume_id", &req.volume_id)?;
+        let caps = decode_caps(&req.volume_capabilities)?;
+        let (pool, v) = self.find_volume(&req.volume_id).await?;
+        let unsupported = caps.iter().find(|c: &&Capability| !c.supported_by(pool.as_ref()) || c.block != v.block);
+        if let Some(c) = unsupported {
+            let why = if c.block != v.block {
+                format!("volume is a {} volume", if v.block { "block" } else { "filesystem" })
+            } else {
+                format!("access mode {} is not supported", c.mode.as_str_name())
+            };
+            return Ok(ValidateVolumeCapabilitiesResponse { confirmed: None, message: why });
+        }
+        Ok(ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                volume_context: req.volume_context,
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: req.mutable_parameters,
+            }),
+            message: String::new(),
+        })
+    }
+
+    async fn condition_of(&self, pool: &dyn Pool, local: &str) -> Result<VolumeCondition> {
+        let condition = pool.condition(local).await?;
+        // A freeze left open past its deadline (crate::node::freeze) makes a healthy pool's
+        // volume abnormal: its writers may be blocked.
+        if condition == pool::Condition::Healthy {
+            if let Some(m) = self.d.freezer.stuck_message(pool.name(), local).await {
+                return Ok(VolumeCondition { abnormal: true, message: m });
+            }
+        }
+        Ok(match condition {
+            pool::Condition::Healthy => VolumeCondition { abnormal: false, message: "volume is healthy".into() },
+            pool::Condition::Abnormal(m) => VolumeCondition { abnormal: true, message: m },
+        })
+    }
+
+    /// Every volume of this node with its condition, keyed by id (not sorted).
+    async fn volume_entries(&self) -> Vec<(String, ap::Volume)> {
+        let mut items = Vec::new();
+        for pool in self.d.pools.values() {
+            let volumes = match pool.list_volumes().await {
+                Ok(v) => {
+                    self.answered(pool.as_ref());
+                    self.health.lock().unwrap_or_else(|e| e.into_inner()).entry(pool.name().to_owned()).or_default().listed = v.clone();
+                    v
+                }
+                // A sick pool does not fail the listing: the volumes it had last time are listed
+                // as abnormal (none after a restart), the other pools answer as usual.
+                Err(e) => {
+                    self.failed(pool.as_ref(), &e);
+                    let cond = VolumeCondition { abnormal: true, message: format!("pool {} does not answer: {e}", pool.name()) };
+                    let listed = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(pool.name()).map(|h| h.listed.clone());
+                    for v in listed.unwrap_or_default() {
+                        let entry = self.volume_entry(pool.as_ref(), &v, Some(cond.clone()));
+                        items.push((self.d.volume_id(pool.as_ref(), &v).to_string(), entry));
+                    }
+                    continue;
+                }
+            };
+            for v in volumes {
+                let cond = match self.condition_of(pool.as_ref(), &v.local).await {
+                    Ok(c) => c,
+                    // Deleted since the pool listed it: it is simply not in this listing.
+                    Err(Error::NotFound(_)) => continue,
+                    Err(e) => VolumeCondition { abnormal: true, message: format!("the condition cannot be read: {e}") },
+                };
+                items.push((self.d.volume_id(pool.as_ref(), &v).to_string(), self.volume_entry(pool.as_ref(), &v, Some(cond))));
+            }
+        }
+        items
+    }
+
+    /// ListVolumes over this node's pools: a sick pool's volumes are listed abnormal.
+    pub async fn list(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse> {
+        let (page, next_token) = paginate(self.volume_entries().await, req.max_entries, &req.starting_token)?;
+        let entries = page
+            .into_iter()
+            .map(|e| list_volumes_response::Entry {
+                volume: e.volume,
+                status: Some(list_volumes_response::VolumeStatus { published_node_ids: vec![], volume_condition: e.condition }),
+            })
+            .collect();
+        Ok(ListVolumesResponse { entries, next_token })
+    }
+
+    /// ControllerGetVolume, with the volume's condition.
+    pub async fn get_volume(&self, req: ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        let (pool, v) = self.find_volume(&req.volume_id).await?;
+        let cond = self.condition_of(pool.as_ref(), &v.local).await?;
+        Ok(ControllerGetVolumeResponse {
+            volume: Some(self.volume_message(pool.as_ref(), &v)),
+            status: Some(controller_get_volume_response::VolumeStatus { published_node_ids: vec![], volume_condition: Some(cond) }),
+        })
+    }
+
+    /// CSI GetCapacity over this node's pools: the largest volume one matching pool can take.
+    pub async fn capacity(&self, req: GetCapacityRequest) -> Result<GetCapacityResponse> {
+        let caps = if req.volume_capabilities.is_empty() { vec![] } else { decode_caps(&req.volume_capabilities)? };
+        let want: Option<Segments> = req.accessible_topology.as_ref().map(|t| t.segments.clone().into_iter().collect());
+        let fs_param = PARAM_FS.iter().find_map(|k| req.parameters.get(*k)).cloned();
+        let fs_cap = caps.iter().map(|c| c.fs_type.clone()).find(|f| !f.is_empty());
+        let block = caps.iter().any(|c| c.block);
+        let mut best = 0u64;
+        let mut smallest: Option<u64> = None;
+        for p in self.selected_pools(&req.parameters)? {
+            let fits_caps = caps.iter().all(|c| c.supported_by(p.as_ref()));
+            let fits_topology = want.as_ref().is_none_or(|w| placement::reachable_in(&self.pool_segments(p.as_ref()), p.multi_node(), w));
+            // The filesystem a create would make there (none for raw block).
+            let fs = (!block).then(|| fs_cap.clone().or(fs_param.clone()).unwrap_or_else(|| p.default_fs().to_owned()));
+            let fits_fs = fs.as_deref().is_none_or(|f| p.filesystems().contains(&f));
+            if !(fits_caps && fits_topology && fits_fs) {
+                continue;
+            }
+            // A sick pool offers nothing; the others still answer.
+            let (free, unit) = match (p.capacity().await, p.allocation_unit().await) {
+                (Ok(free), Ok(unit)) => (free, unit.max(1)),
+                (Err(e), _) | (_, Err(e)) => {
+                    self.failed(p.as_ref(), &e);
+                    continue;
+                }
+            };
+            self.answered(p.as_ref());
+            best = best.max(free);
+            smallest = Some(smallest.unwrap_or(u64::MAX).min(minimum_size(fs.as_deref(), unit)));
+        }
+        Ok(GetCapacityResponse {
+            available_capacity: best as i64,
+            maximum_volume_size: Some(best as i64),
+            minimum_volume_size: Some(smallest.unwrap_or(pool::MIB) as i64),
+        })
+    }
+
+    /// ControllerExpandVolume.
+    pub async fn expand(&self, req: ControllerExpandVolumeRequest) -> Result<ControllerExpandVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        let range = req.capacity_range.ok_or_else(|| Error::InvalidArgument("capacity_range is required".into()))?;
+        let _guard = self.d.locks.try_lock(lock_key(&self.d, ObjectKind::Volume, &req.volume_id))?;
+        let (pool, v) = self.find_volume(&req.volume_id).await?;
+        let want = capacity_for(Some(&range), v.capacity)?;
+        let got = pool.expand_volume(&v.local, want).await?;
+        match pool.get_volume(&v.local).await {
+            Ok(Some(now)) => self.note_volume(pool.as_ref(), &now),
+            // Reported by the periodic pass instead.
+            _ => tracing::debug!(volume = %v.local, "cannot read the expanded volume back for the change feed"),
+        }
+        Ok(ControllerExpandVolumeResponse { capacity_bytes: got as i64, node_expansion_required: !v.block })
+    }
+
+    /// CreateSnapshot, waiting for a copy the default time.
+    #[cfg(test)]
+    async fn snapshot(&self, req: CreateSnapshotRequest) -> Result<CreateSnapshotResponse> {
+        self.snapshot_within(req, jobs::DEFAULT_WAIT).await
+    }
+
+    /// CreateSnapshot; a copy is waited for at most `budget` (the request's deadline).
+    pub async fn snapshot_within(&self, req: CreateSnapshotRequest, budget: Duration) -> Result<CreateSnapshotResponse> {
+        require("name", &req.name)?;
+        require("source_volume_id", &req.source_volume_id)?;
+        for key in req.parameters.keys() {
+            if !key.starts_with("csi.storage.k8s.io/") {
+                return Err(Error::InvalidArgument(format!("unknown snapshot parameter {key:?}")));
+            }
+        }
+        let local = local_name(&req.name);
+        let asked = CreateSnapshotRequest { secrets: HashMap::new(), ..req.clone() };
+        if let Some(job) = self.d.jobs.find(&jobs::snapshot_key(&local)) {
+            if job.work().csi_name() == req.name && job.started_for(&asked) {
+                self.d.jobs.wait(&job, budget).await?;
+            } else if !job.ended() {
+                return Err(Error::Aborted(format!(
+                    "snapshot {} is being copied for another request; retry when it has finished",
+                    crate::error::bounded(&req.name)
+                )));
+            }
+        }
+        // The snapshot's local name (in every pool, where a retry looks for it) and its source
+        // volume: no unstage, expand or delete of the volume runs while it is frozen and copied,
+        // and a second snapshot of it waits its turn (ABORTED) instead of sharing the freeze.
+        let source_key = lock_key(&self.d, ObjectKind::Volume, &req.source_volume_id);
+        let guard = self.d.locks.try_lock_all(name_keys(&self.d, ObjectKind::Snapshot, &req.name).into_iter().chain([source_key]))?;
+        let (pool, v) = self.find_volume(&req.source_volume_id).await?;
+        for p in self.d.pools.values() {
+            let found = match self.snapshot_named(p.as_ref(), &req.name, &local).await {
+                Ok(found) => found,
+                // The snapshot is taken in the source's pool, so only that one must answer.
+                Err(e) if p.name() != pool.name() => {
+                    self.failed(p.as_ref(), &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(s) = found {
+                // Its source must be this very volume, not an earlier one of the same name.
+                if s.csi_name != req.name || p.name() != pool.name() || s.source_volume != v.local || s.source_uid != v.uid {
+                    return Err(Error::AlreadyExists(format!(
+                        "snapshot {:?} already exists with source {}, not {}",
+                        req.name,
+                        self.d.object_id(p.as_ref(), &s.source_volume, Object::Volume, s.source_uid.as_deref()),
+                        crate::error::bounded(&req.source_volume_id)
+                    )));
+                }
+                self.note_snapshot(p.as_ref(), &s);
+                return Ok(CreateSnapshotResponse { snapshot: Some(self.snapshot_message(p.as_ref(), &s)) });
+            }
+        }
+        // A snapshot may be a copy that outlasts this request's deadline: detached, holding the lock.
+        let work = Work::Snapshot {
+            pool: pool.name().to_owned(),
+            source: v.local.clone(),
+            csi_name: req.name.clone(),
+            local: local.clone(),
+            uid: new_uid(),
+        };
+        let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard).await?;
+        self.watch_copy(job.clone(), pool.clone(), true, local.clone());
+        self.d.jobs.wait(&job, budget).await?;
+        let missing = || Error::Internal(format!("the snapshot {local} vanished right after it was made"));
+        let s = pool.get_snapshot(&local).await?.ok_or_else(missing)?;
+        self.note_snapshot(pool.as_ref(), &s);
+        Ok(CreateSnapshotResponse { snapshot: Some(self.snapshot_message(pool.as_ref(), &s)) })
+    }
+
+    /// DeleteSnapshot: an id naming nothing here succeeds.
+    pub async fn delete_snapshot(&self, req: DeleteSnapshotRequest) -> Result<DeleteSnapshotResponse> {
+        require("snapshot_id", &req.snapshot_id)?;
+        // A volume id names no snapshot: nothing to delete.
+        let Some(sid) = VolumeId::parse(&req.snapshot_id).filter(VolumeId::may_name_snapshot) else {
+            return Ok(DeleteSnapshotResponse {});
+        };
+        let Some(pool) = self.d.own_pool_of(&sid) else { return Ok(DeleteSnapshotResponse {}) };
+        let _guard = self.d.locks.try_lock(LockKey::new(pool.name(), ObjectKind::Snapshot, &sid.local))?;
+        // The snapshot under that name may be another one (deleted and taken again): left alone;
+        // an unreadable record as for volumes.
+        let csi_name = match pool.get_snapshot(&sid.local).await {
+            Ok(Some(s)) if !sid.names_snapshot(s.uid.as_deref()) => return Ok(DeleteSnapshotResponse {}),
+            Err(e) if sid.tag.is_some() => return Err(e),
+            Ok(s) => s.map(|s| s.csi_name),
+            Err(_) => None,
+        };
+        pool.delete_snapshot(&sid.local).await?;
+        self.note_snapshot_gone(pool.as_ref(), &sid.local, csi_name);
+        Ok(DeleteSnapshotResponse {})
+    }
+
+    /// ListSnapshots over this node's pools, filtered as the request asks.
+    pub async fn list_snapshots(&self, req: ListSnapshotsRequest) -> Result<ListSnapshotsResponse> {
+        let mut items = Vec::new();
+        // The pool a filter names must answer (an empty answer would say "no such snapshot").
+        let named: Vec<String> =
+            [&req.snapshot_id, &req.source_volume_id].iter().filter_map(|id| VolumeId::parse(id)).map(|id| id.pool).collect();
+        for pool in self.d.pools.values() {
+            let snapshots = match pool.list_snapshots().await {
+                Ok(s) => {
+                    self.answered(pool.as_ref());
+                    s
+                }
+                Err(e) if !named.iter().any(|n| n == pool.name()) => {
+                    self.failed(pool.as_ref(), &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for s in snapshots {
+                let msg = self.snapshot_message(pool.as_ref(), &s);
+                if (!req.snapshot_id.is_empty() && msg.snapshot_id != req.snapshot_id)
+                    || (!req.source_volume_id.is_empty() && msg.source_volume_id != req.source_volume_id)
+                {
+                    continue;
+                }
+                items.push((msg.snapshot_id.clone(), msg));
+            }
+        }
+        let (page, next_token) = paginate(items, req.max_entries, &req.starting_token)?;
+        let entries = page.into_iter().map(|s| list_snapshots_response::Entry { snapshot: Some(s) }).collect();
+        Ok(ListSnapshotsResponse { entries, next_token })
+    }
+
+    /// GetSnapshot.
+    pub async fn get_snapshot(&self, req: GetSnapshotRequest) -> Result<GetSnapshotResponse> {
+        require("snapshot_id", &req.snapshot_id)?;
+        let (pool, s) = self.find_snapshot(&req.snapshot_id).await?;
+        Ok(GetSnapshotResponse { snapshot: Some(self.snapshot_message(pool.as_ref(), &s)) })
+    }
+}
+
+/// The request parameters `pool` understands: what a create passes it, and compares on a retry.
+fn accepted_parameters(pool: &dyn Pool, parameters: &HashMap<String, String>) -> BTreeMap<String, String> {
+    parameters.iter().filter(|(k, _)| pool.accepts_parameter(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// How many changes a subscriber may fall behind before it is told it lagged (and takes a
+/// full inventory again).
+pub const FEED_CAPACITY: usize = 4096;
+/// How often the periodic pass looks at every pool's health and free space.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(15);
+/// Every how many passes it also lists every volume and snapshot, reporting what no
+/// operation did (a copy restarted at start-up, a volume removed by hand).
+const FULL_PASS_EVERY: u32 = 4;
+/// A pool's largest allocatable volume moved "noticeably" when it changed by at least this
+/// fraction of what was reported last (1/16), or went to or from zero.
+const NOTICEABLE: u64 = 16;
+/// Page size of the Agent API's listings when the caller asks for none.
+const DEFAULT_PAGE: u32 = 1000;
+
+/// The StorageClass parameters some pool kind understands, for the inventory (each pool
+/// reports those its `accepts_parameter` takes).
+fn known_parameters() -> impl Iterator<Item = &'static str> {
+    let nfs = [crate::pool::nfs::PARAM_MODE, crate::pool::nfs::PARAM_UID, crate::pool::nfs::PARAM_GID];
+    let zfs = crate::pool::zfs::properties::PARAMETERS.into_iter().map(|(k, _)| k);
+    ["provisioning"].into_iter().chain(nfs).chain(zfs)
+}
+
+/// A pool and the local name of one of its objects.
+type Key = (String, String);
+
+/// What the feed last reported of one object: the sequence number of that report and the
+/// object (`None`: reported gone).
+#[derive(Debug, Clone)]
+struct Seen<T> {
+    sequence: u64,
+    now: Option<T>,
+}
+
+/// The change feed: what was last reported of every object and pool, and the channel.
+struct Feed {
+    state: Mutex<FeedState>,
+    tx: tokio::sync::broadcast::Sender<ap::Change>,
+}
+
+#[derive(Default)]
+struct FeedState {
+    sequence: u64,
+    /// Whether a full pass has run: before it, the feed knows only what operations reported,
+    /// and the first pass records what it finds without reporting it (it is in the inventory).
+    initialised: bool,
+    volumes: HashMap<Key, Seen<ap::Volume>>,
+    snapshots: HashMap<Key, Seen<ap::Snapshot>>,
+    pools: HashMap<String, ap::Pool>,
+}
+
+impl Feed {
+    fn new() -> Feed {
+        let (tx, _) = tokio::sync::broadcast::channel(FEED_CAPACITY);
+        Feed { state: Mutex::new(FeedState::default()), tx }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl FeedState {
+    /// Numbers, records and sends one change (under the lock, so numbers go out in order).
+    fn send(&mut self, tx: &tokio::sync::broadcast::Sender<ap::Change>, change: ap::change::Change) {
+        use ap::change::Change as C;
+        self.sequence += 1;
+        let sequence = self.sequence;
+        match &change {
+            C::VolumeCreated(v) | C::VolumeUpdated(v) => {
+                self.volumes.insert((v.pool.clone(), v.local_name.clone()), Seen { sequence, now: Some(v.clone()) });
+            }
+            C::VolumeDeleted(r) => {
+                self.volumes.insert((r.pool.clone(), r.local_name.clone()), Seen { sequence, now: None });
+            }
+            C::SnapshotCreated(s) => {
+                self.snapshots.insert((s.pool.clone(), s.local_name.clone()), Seen { sequence, now: Some(s.clone()) });
+            }
+            C::SnapshotDeleted(r) => {
+                self.snapshots.insert((r.pool.clone(), r.local_name.clone()), Seen { sequence, now: None });
+            }
+            C::PoolUpdated(p) => {
+                self.pools.insert(p.name.clone(), p.clone());
+            }
+        }
+        // No subscriber is no error: the next registration sends the inventory.
+        let _ = tx.send(ap::Change { sequence, change: Some(change) });
+    }
+
+    /// Reports `v` unless the feed last said exactly that.
+    fn volume(&mut self, tx: &tokio::sync::broadcast::Sender<ap::Change>, v: ap::Volume) {
+        use ap::change::Change as C;
+        let key = (v.pool.clone(), v.local_name.clone());
+        let change = match self.volumes.get(&key).and_then(|s| s.now.as_ref()) {
+            Some(old) if old.volume == v.volume && old.csi_name == v.csi_name => return,
+            // The same volume, changed (expanded); another id is another volume.
+            Some(old) if old.volume.as_ref().map(|o| &o.volume_id) == v.volume.as_ref().map(|n| &n.volume_id) => C::VolumeUpdated(v),
+            _ => C::VolumeCreated(v),
+        };
+        self.send(tx, change);
+    }
+
+    /// Reports the volume `key` gone unless the feed already did.
+    fn volume_gone(&mut self, tx: &tokio::sync::broadcast::Sender<ap::Change>, key: Key, csi_name: Option<String>) {
+        let known = self.volumes.get(&key).map(|s| s.now.as_ref().map(|v| v.csi_name.clone()));
+        let csi_name = match known {
+            Some(None) => return,
+            Some(Some(n)) => n,
+            None => csi_name.unwrap_or_default(),
+        };
+        self.send(tx, ap::change::Change::VolumeDeleted(ap::VolumeRef { pool: key.0, local_name: key.1, csi_name }));
+    }
+
+    /// Reports `s` unless the feed last said exactly that.
+    fn snapshot(&mut self, tx: &tokio::sync::broadcast::Sender<ap::Change>, s: ap::Snapshot) {
+        let key = (s.pool.clone(), s.local_name.clone());
+        if let Some(old) = self.snapshots.get(&key).and_then(|x| x.now.as_ref()) {
+            if old.snapshot == s.snapshot && old.csi_name == s.csi_name {
+                return;
+            }
+        }
+        self.send(tx, ap::change::Change::SnapshotCreated(s));
+    }
+
+    /// Reports the snapshot `key` gone unless the feed already did.
+    fn snapshot_gone(&mut self, tx: &tokio::sync::broadcast::Sender<ap::Change>, key: Key, csi_name: Option<String>) {
+        let known = self.snapshots.get(&key).map(|s| s.now.as_ref().map(|v| v.csi_name.clone()));
+        let csi_name = match known {
+            Some(None) => return,
+            Some(Some(n)) => n,
+            None => csi_name.unwrap_or_default(),
+        };
+        self.send(tx, ap::change::Change::SnapshotDeleted(ap::SnapshotRef { pool: key.0, local_name: key.1, csi_name }));
+    }
+
+    /// Reports `p` when its health changed or its room moved noticeably since the last report.
+    fn pool(&mut self, tx: &tokio::sync::broadcast::Sender<ap::Change>, p: ap::Pool) {
+        let Some(old) = self.pools.get(&p.name) else {
+            // First sight: in the inventory, not a change.
+            self.pools.insert(p.name.clone(), p);
+            return;
+        };
+        let largest = |p: &ap::Pool| p.capacity.as_ref().map(|c| c.largest_volume_bytes).unwrap_or(0);
+        let (was, now) = (largest(old), largest(&p));
+        let moved = (was == 0) != (now == 0) || was.abs_diff(now) >= was / NOTICEABLE;
+        if old.health != p.health || old.health_message != p.health_message || (moved && was != now) {
+            self.send(tx, ap::change::Change::PoolUpdated(p));
+        }
+    }
+}
+
+/// The periodic pass over the pools of `agent`, until the agent is dropped.
+async fn watch(agent: Weak<LocalAgent>) {
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut n, mut seen_before) = (0u32, 0u64);
+    loop {
+        tick.tick().await;
+        let Some(agent) = agent.upgrade() else { return };
+        // Nobody follows the feed (all-in-one, before registering): nothing to report, and
+        // whoever subscribes later starts from an inventory. What was reported gone a tick
+        // ago is forgotten (the full pass does that otherwise), so churn costs no memory.
+        if agent.feed.tx.receiver_count() == 0 {
+            let mut st = agent.feed.lock();
+            st.volumes.retain(|_, s| s.now.is_some() || s.sequence > seen_before);
+            st.snapshots.retain(|_, s| s.now.is_some() || s.sequence > seen_before);
+            seen_before = st.sequence;
+            continue;
+        }
+        n = n.wrapping_add(1);
+        if n % FULL_PASS_EVERY == 1 {
+            agent.take_inventory().await;
+        } else {
+            agent.pass_over_pools().await;
+        }
+    }
+}
+
+impl LocalAgent {
+    /// A volume as the Agent API reports it.
+    fn volume_entry(&self, pool: &dyn Pool, v: &VolumeInfo, condition: Option<VolumeCondition>) -> ap::Volume {
+        ap::Volume {
+            pool: pool.name().to_owned(),
+            local_name: v.local.clone(),
+            csi_name: v.csi_name.clone(),
+            volume: Some(self.volume_message(pool, v)),
+            condition,
+            // The pools do not tell which schema a record was read from.
+            record_schema: 0,
+        }
+    }
+
+    /// A snapshot as the Agent API reports it.
+    fn snapshot_entry(&self, pool: &dyn Pool, s: &SnapshotInfo) -> ap::Snapshot {
+        ap::Snapshot {
+            pool: pool.name().to_owned(),
+            local_name: s.local.clone(),
+            csi_name: s.csi_name.clone(),
+            snapshot: Some(self.snapshot_message(pool, s)),
+            record_schema: 0,
+        }
+    }
+
+    /// Reports a volume made or changed.
+    fn note_volume(&self, pool: &dyn Pool, v: &VolumeInfo) {
+        let entry = self.volume_entry(pool, v, None);
+        self.feed.lock().volume(&self.feed.tx, entry);
+    }
+
+    /// Reports a volume deleted.
+    fn note_volume_gone(&self, pool: &dyn Pool, local: &str, csi_name: Option<String>) {
+        self.feed.lock().volume_gone(&self.feed.tx, (pool.name().to_owned(), local.to_owned()), csi_name);
+    }
+
+    /// Reports a snapshot taken.
+    fn note_snapshot(&self, pool: &dyn Pool, s: &SnapshotInfo) {
+        let entry = self.snapshot_entry(pool, s);
+        self.feed.lock().snapshot(&self.feed.tx, entry);
+    }
+
+    /// Reports a snapshot deleted.
+    fn note_snapshot_gone(&self, pool: &dyn Pool, local: &str, csi_name: Option<String>) {
+        self.feed.lock().snapshot_gone(&self.feed.tx, (pool.name().to_owned(), local.to_owned()), csi_name);
+    }
+
+    /// Reports the object of a detached copy when it is done, even if no request waits for
+    /// it any more (its request gave up, the retry comes later or never).
+    fn watch_copy(&self, job: Arc<jobs::Job>, pool: Arc<dyn Pool>, snapshot: bool, local: String) {
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            job.finished().await;
+            let Some(agent) = me.upgrade() else { return };
+            // A failed copy left nothing to report; what it left is the pool's to clean.
+            if snapshot {
+                if let Ok(Some(s)) = pool.get_snapshot(&local).await {
+                    agent.note_snapshot(pool.as_ref(), &s);
+                }
+            } else if let Ok(Some(v)) = pool.get_volume(&local).await {
+                agent.note_volume(pool.as_ref(), &v);
+            }
+        });
+    }
+
+    /// Used bytes and volume count of `pool`, from the feed's record once a full pass ran.
+    async fn usage(&self, pool: &dyn Pool) -> Result<(u64, u32)> {
+        {
+            let st = self.feed.lock();
+            if st.initialised {
+                let (mut used, mut count) = (0u64, 0u32);
+                for v in st.volumes.iter().filter(|((p, _), _)| p == pool.name()).filter_map(|(_, s)| s.now.as_ref()) {
+                    used += v.volume.as_ref().map(|v| v.capacity_bytes.max(0) as u64).unwrap_or(0);
+                    count += 1;
+                }
+                return Ok((used, count));
+            }
+        }
+        let all = pool.list_volumes().await?;
+        Ok((all.iter().map(|v| v.capacity).sum(), all.len() as u32))
+    }
+
+    /// One pool's capacity now.
+    async fn pool_capacity(&self, pool: &dyn Pool) -> Result<ap::PoolCapacity> {
+        let largest = pool.capacity().await?;
+        let unit = pool.allocation_unit().await?.max(1);
+        let (used, count) = self.usage(pool).await?;
+        Ok(ap::PoolCapacity {
+            pool: pool.name().to_owned(),
+            largest_volume_bytes: largest,
+            used_bytes: used,
+            free_bytes: largest,
+            volume_count: count,
+            // Raw block; a filesystem may need more (crate::node::format::min_size).
+            minimum_volume_bytes: minimum_size(None, unit),
+        })
+    }
+
+    /// One pool as the inventory describes it, health and capacity read now.
+    async fn pool_entry(&self, pool: &dyn Pool) -> ap::Pool {
+        let (health, message, capacity) = match self.pool_capacity(pool).await {
+            Ok(c) => {
+                self.answered(pool);
+                (ap::PoolHealth::Healthy, String::new(), c)
+            }
+            Err(e) => {
+                self.failed(pool, &e);
+                let empty = ap::PoolCapacity { pool: pool.name().to_owned(), ..Default::default() };
+                (ap::PoolHealth::Unavailable, crate::error::status_message(&e.to_string()), empty)
+            }
+        };
+        ap::Pool {
+            name: pool.name().to_owned(),
+            kind: pool.kind().as_str().to_owned(),
+            labels: self.d.labels.get(pool.name()).map(|l| l.clone().into_iter().collect()).unwrap_or_default(),
+            health: health as i32,
+            health_message: message,
+            capacity: Some(capacity),
+            filesystems: pool.filesystems().iter().map(|f| f.to_string()).collect(),
+            default_fs: pool.default_fs().to_owned(),
+            // Shared pools serve filesystems only (Capability::supported_by).
+            block: pool.kind() != PoolKind::Nfs,
+            multi_node: pool.multi_node(),
+            parameters: known_parameters().filter(|k| pool.accepts_parameter(k)).map(str::to_owned).collect(),
+            segments: pool.topology().unwrap_or_default().into_iter().collect(),
+        }
+    }
+
+    /// Reads every pool's health and room and reports those that moved.
+    async fn pass_over_pools(&self) {
+        for pool in self.d.pools.values() {
+            let entry = self.pool_entry(pool.as_ref()).await;
+            self.feed.lock().pool(&self.feed.tx, entry);
+        }
+    }
+
+    /// Lists every pool, reports what differs from what the feed last said (objects no
+    /// operation reported), and answers the inventory as of its `sequence`. An object an
+    /// operation reported while the pools were being listed keeps that report (it is newer
+    /// than the listing); a pool that cannot be listed keeps what was known of it.
+    async fn take_inventory(&self) -> ap::Inventory {
+        let start = self.feed.lock().sequence;
+        let (mut volumes, mut snapshots) = (HashMap::new(), HashMap::new());
+        let (mut unlisted_volumes, mut unlisted_snapshots) = (Vec::new(), Vec::new());
+        let mut pools = Vec::new();
+        for pool in self.d.pools.values() {
+            match pool.list_volumes().await {
+                Ok(vs) => {
+                    for v in &vs {
+                        volumes.insert((pool.name().to_owned(), v.local.clone()), self.volume_entry(pool.as_ref(), v, None));
+                    }
+                    self.health.lock().unwrap_or_else(|e| e.into_inner()).entry(pool.name().to_owned()).or_default().listed = vs;
+                }
+                Err(e) => {
+                    self.failed(pool.as_ref(), &e);
+                    unlisted_volumes.push(pool.name().to_owned());
+                }
+            }
+            match pool.list_snapshots().await {
+                Ok(ss) => {
+                    for s in &ss {
+                        snapshots.insert((pool.name().to_owned(), s.local.clone()), self.snapshot_entry(pool.as_ref(), s));
+                    }
+                }
+                Err(e) => {
+                    self.failed(pool.as_ref(), &e);
+                    unlisted_snapshots.push(pool.name().to_owned());
+                }
+            }
+            pools.push(self.pool_entry(pool.as_ref()).await);
+        }
+        let tx = &self.feed.tx;
+        let mut st = self.feed.lock();
+        let first = !st.initialised;
+        let keys: std::collections::BTreeSet<Key> = volumes.keys().chain(st.volumes.keys()).cloned().collect();
+        for key in keys {
+            if unlisted_volumes.contains(&key.0) || st.volumes.get(&key).is_some_and(|s| s.sequence > start) {
+                continue;
+            }
+            match (volumes.remove(&key), first) {
+                (Some(v), false) => st.volume(tx, v),
+                (None, false) => st.volume_gone(tx, key, None),
+                (now, true) => {
+                    st.volumes.insert(key, Seen { sequence: 0, now });
+                }
+            }
+        }
+        let keys: std::collections::BTreeSet<Key> = snapshots.keys().chain(st.snapshots.keys()).cloned().collect();
+        for key in keys {
+            if unlisted_snapshots.contains(&key.0) || st.snapshots.get(&key).is_some_and(|s| s.sequence > start) {
+                continue;
+            }
+            match (snapshots.remove(&key), first) {
+                (Some(s), false) => st.snapshot(tx, s),
+                (None, false) => st.snapshot_gone(tx, key, None),
+                (now, true) => {
+                    st.snapshots.insert(key, Seen { sequence: 0, now });
+                }
+            }
+        }
+        for p in &pools {
+            st.pool(tx, p.clone());
+        }
+        st.initialised = true;
+        // What is reported gone needs remembering only while a listing may still show it.
+        st.volumes.retain(|_, s| s.now.is_some() || s.sequence > start);
+        st.snapshots.retain(|_, s| s.now.is_some() || s.sequence > start);
+        let mut inventory = ap::Inventory {
+            node_id: self.d.node_id.clone(),
+            advertised_address: String::new(),
+            segments: self.d.segments.clone().into_iter().collect(),
+            pools,
+            volumes: st.volumes.values().filter_map(|s| s.now.clone()).collect(),
+            snapshots: st.snapshots.values().filter_map(|s| s.now.clone()).collect(),
+            sequence: st.sequence,
+            agent_started_unix: self.started_unix,
+            agent_release: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        drop(st);
+        inventory.volumes.sort_by(|a, b| (&a.pool, &a.local_name).cmp(&(&b.pool, &b.local_name)));
+        inventory.snapshots.sort_by(|a, b| (&a.pool, &a.local_name).cmp(&(&b.pool, &b.local_name)));
+        inventory
+    }
+
+    /// Every snapshot of this node, keyed by id; a pool that cannot be listed is left out.
+    async fn snapshot_entries(&self) -> Vec<(String, ap::Snapshot)> {
+        let mut items = Vec::new();
+        for pool in self.d.pools.values() {
+            match pool.list_snapshots().await {
+                Ok(ss) => {
+                    self.answered(pool.as_ref());
+                    for s in ss {
+                        items.push((self.d.snapshot_id(pool.as_ref(), &s).to_string(), self.snapshot_entry(pool.as_ref(), &s)));
+                    }
+                }
+                Err(e) => self.failed(pool.as_ref(), &e),
+            }
+        }
+        items
+    }
+}
+
+/// Page bounds of the Agent API (unsigned, 0 = the default page) as the CSI helper takes them.
+fn page_size(max: u32) -> i32 {
+    let max = if max == 0 { DEFAULT_PAGE } else { max };
+    i32::try_from(max).unwrap_or(i32::MAX)
+}
+
+#[tonic::async_trait]
+impl AgentOps for LocalAgent {
+    fn node_id(&self) -> &str {
+        &self.d.node_id
+    }
+
+    async fn create_volume(&self, req: ap::CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
+        let csi = req.request.ok_or_else(|| Error::InvalidArgument("request is required".into()))?;
+        self.create_within(&req.pool, csi, budget).await
+    }
+
+    async fn delete_volume(&self, req: DeleteVolumeRequest, _budget: Duration) -> Result<DeleteVolumeResponse> {
+        self.delete(req).await
+    }
+
+    async fn expand_volume(&self, req: ControllerExpandVolumeRequest, _budget: Duration) -> Result<ControllerExpandVolumeResponse> {
+        self.expand(req).await
+    }
+
+    async fn create_snapshot(&self, req: CreateSnapshotRequest, budget: Duration) -> Result<CreateSnapshotResponse> {
+        self.snapshot_within(req, budget).await
+    }
+
+    async fn delete_snapshot(&self, req: DeleteSnapshotRequest, _budget: Duration) -> Result<DeleteSnapshotResponse> {
+        LocalAgent::delete_snapshot(self, req).await
+    }
+
+    async fn get_volume(&self, req: ap::GetVolumeRequest, _budget: Duration) -> Result<ap::GetVolumeResponse> {
+        use ap::get_volume_request::Key;
+        let found = match req.key {
+            Some(Key::VolumeId(id)) => match self.find_volume(&id).await {
+                Ok(found) => Some(found),
+                Err(Error::NotFound(_)) => None,
+                Err(e) => return Err(e),
+            },
+            Some(Key::CsiName(name)) => {
+                require("csi_name", &name)?;
+                let local = local_name(&name);
+                let mut found = None;
+                // Every pool must answer: "none" from a pool that was not asked could make a
+                // second volume of this name elsewhere.
+                for pool in self.d.pools.values() {
+                    match self.volume_named(pool.as_ref(), &name, &local).await {
+                        Ok(Some(v)) if v.csi_name == name => {
+                            found = Some((pool.clone(), v));
+                            break;
+                        }
+                        Ok(_) => self.answered(pool.as_ref()),
+                        Err(e) => {
+                            self.failed(pool.as_ref(), &e);
+                            return Err(Error::Unavailable(format!(
+                                "pool {} of node {} cannot be asked whether volume {} exists: {e}",
+                                pool.name(),
+                                self.d.node_id,
+                                crate::error::bounded(&name)
+                            )));
+                        }
+                    }
+                }
+                found
+            }
+            None => return Err(Error::InvalidArgument("volume_id or csi_name is required".into())),
+        };
+        let Some((pool, v)) = found else { return Ok(ap::GetVolumeResponse { volume: None }) };
+        let condition = match self.condition_of(pool.as_ref(), &v.local).await {
+            Ok(c) => c,
+            Err(e) => VolumeCondition { abnormal: true, message: format!("the condition cannot be read: {e}") },
+        };
+        Ok(ap::GetVolumeResponse { volume: Some(self.volume_entry(pool.as_ref(), &v, Some(condition))) })
+    }
+
+    async fn list_volumes(&self, req: ap::ListVolumesRequest, _budget: Duration) -> Result<ap::ListVolumesResponse> {
+        let (volumes, next_token) = paginate(self.volume_entries().await, page_size(req.max_entries), &req.starting_token)?;
+        Ok(ap::ListVolumesResponse { volumes, next_token })
+    }
+
+    async fn get_snapshot(&self, req: ap::GetSnapshotRequest, _budget: Duration) -> Result<ap::GetSnapshotResponse> {
+        use ap::get_snapshot_request::Key;
+        let found = match req.key {
+            Some(Key::SnapshotId(id)) => match self.find_snapshot(&id).await {
+                Ok(found) => Some(found),
+                Err(Error::NotFound(_)) => None,
+                Err(e) => return Err(e),
+            },
+            Some(Key::CsiName(name)) => {
+                require("csi_name", &name)?;
+                let local = local_name(&name);
+                let mut found = None;
+                for pool in self.d.pools.values() {
+                    match self.snapshot_named(pool.as_ref(), &name, &local).await {
+                        Ok(Some(s)) if s.csi_name == name => {
+                            found = Some((pool.clone(), s));
+                            break;
+                        }
+                        Ok(_) => self.answered(pool.as_ref()),
+                        Err(e) => {
+                            self.failed(pool.as_ref(), &e);
+                            return Err(Error::Unavailable(format!(
+                                "pool {} of node {} cannot be asked whether snapshot {} exists: {e}",
+                                pool.name(),
+                                self.d.node_id,
+                                crate::error::bounded(&name)
+                            )));
+                        }
+                    }
+                }
+                found
+            }
+            None => return Err(Error::InvalidArgument("snapshot_id or csi_name is required".into())),
+        };
+        Ok(ap::GetSnapshotResponse { snapshot: found.map(|(pool, s)| self.snapshot_entry(pool.as_ref(), &s)) })
+    }
+
+    async fn list_snapshots(&self, req: ap::ListSnapshotsRequest, _budget: Duration) -> Result<ap::ListSnapshotsResponse> {
+        let (snapshots, next_token) = paginate(self.snapshot_entries().await, page_size(req.max_entries), &req.starting_token)?;
+        Ok(ap::ListSnapshotsResponse { snapshots, next_token })
+    }
+
+    async fn get_capacity(&self, req: ap::GetCapacityRequest, _budget: Duration) -> Result<ap::GetCapacityResponse> {
+        if !req.pool.is_empty() && !self.d.pools.contains_key(&req.pool) {
+            return Err(Error::NotFound(format!("pool {} is not a pool of node {}", crate::error::bounded(&req.pool), self.d.node_id)));
+        }
+        let mut pools = Vec::new();
+        for pool in self.d.pools.values().filter(|p| req.pool.is_empty() || p.name() == req.pool) {
+            // A sick pool offers nothing (placement skips it); the others still answer.
+            let c = match self.pool_capacity(pool.as_ref()).await {
+                Ok(c) => {
+                    self.answered(pool.as_ref());
+                    c
+                }
+                Err(e) => {
+                    self.failed(pool.as_ref(), &e);
+                    ap::PoolCapacity { pool: pool.name().to_owned(), ..Default::default() }
+                }
+            };
+            pools.push(c);
+        }
+        Ok(ap::GetCapacityResponse { pools })
+    }
+
+    async fn get_inventory(&self, _budget: Duration) -> Result<ap::Inventory> {
+        Ok(self.take_inventory().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_ranges() {
+        const M: i64 = 1 << 20;
+        struct Case {
+            name: &'static str,
+            range: Option<CapacityRange>,
+            want: std::result::Result<u64, ()>,
+        }
+        let r = |required_bytes, limit_bytes| Some(CapacityRange { required_bytes, limit_bytes });
+        let cases = [
+            Case { name: "none → default", range: None, want: Ok(DEFAULT_CAPACITY) },
+            Case { name: "1 byte → 1 MiB", range: r(1, 0), want: Ok(1 << 20) },
+            Case { name: "exact MiB", range: r(5 * M, 5 * M), want: Ok(5 << 20) },
+            Case { name: "rounded up within limit", range: r(5 * M + 1, 6 * M), want: Ok(6 << 20) },
+            Case { name: "cannot round within limit", range: r(5 * M + 1, 5 * M + 2), want: Err(()) },
+            Case { name: "limit below required", range: r(10 * M, 5 * M), want: Err(()) },
+            Case { name: "only a small limit", range: r(0, 10 * M), want: Ok(10 << 20) },
+            Case { name: "limit under 1 MiB", range: r(0, 1000), want: Err(()) },
+        ];
+        for c in cases {
+            let got = capacity_for(c.range.as_ref(), DEFAULT_CAPACITY);
+            match (got, c.want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, w, "{}", c.name),
+                (Err(e), Err(())) => assert!(matches!(e, Error::OutOfRange(_)), "{}: {e}", c.name),
+                (g, w) => panic!("{}: got {g:?}, want {w:?}", c.name),
+            }
+        }
+    }
+
+    #[test]
+    fn negative_ranges_are_invalid() {
+        let err = capacity_for(Some(&CapacityRange { required_bytes: -1, limit_bytes: 0 }), DEFAULT_CAPACITY).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    }
+
+    #[test]
+    fn pages_cover_everything_once() {
+        let ids: Vec<(String, u32)> = (0..5).map(|i| (format!("file:n:p:v{i}"), i)).collect();
+        let mut seen = vec![];
+        let mut token = String::new();
+        loop {
+            let (page, next) = paginate(ids.clone(), 2, &token).unwrap();
+            assert!(page.len() <= 2);
+            seen.extend(page);
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+        assert!(matches!(paginate(ids.clone(), 0, "garbage"), Err(Error::Aborted(_))));
+        assert!(matches!(paginate(ids, -1, ""), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn minimum_sizes_are_the_filesystems_rounded_to_the_unit() {
+        const M: u64 = 1 << 20;
+        let cases = [
+            (None, M, M),
+            (None, 4 * M, 4 * M),
+            (Some("ext4"), M, M),
+            (Some("xfs"), M, 300 * M),
+            (Some("xfs"), 4 * M, 300 * M),
+            (Some("btrfs"), 4 * M, 116 * M),
+            (Some("nfs"), M, M),
+        ];
+        for (fs, unit, want) in cases {
+            assert_eq!(minimum_size(fs, unit), want, "{fs:?} in units of {unit}");
+        }
+    }
+
+    #[test]
+    fn a_deleted_token_entry_does_not_break_paging() {
+        let ids: Vec<(String, u32)> = [1, 3, 4].iter().map(|i| (format!("file:n:p:v{i}"), *i)).collect();
+        // The token names v2, which was deleted since the previous page: listing resumes after it.
+        let (page, _) = paginate(ids, 0, "file:n:p:v2").unwrap();
+        assert_eq!(page, vec![3, 4]);
+    }
+
+    mod sick_pools {
+        //! One sick pool must not fail the calls that fan out over every pool.
+
+        use std::sync::Mutex;
+
+        use async_trait::async_trait;
+
+        use super::*;
+        use crate::exec::FakeExec;
+        use crate::node::mount::FakeMounter;
+        use crate::pool::{Attachment, Condition};
+        use crate::proto::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+
+        /// A pool in memory that can be made to fail every call, as a pool whose VG, zpool or
+        /// server is gone does.
+        struct FakePool {
+            name: String,
+            free: u64,
+            volumes: Mutex<BTreeMap<String, VolumeInfo>>,
+            snapshots: Mutex<BTreeMap<String, SnapshotInfo>>,
+            sick: Mutex<Option<String>>,
+            /// Copies (volumes made from a source) wait while a test holds this for writing.
+            copy_gate: tokio::sync::RwLock<()>,
+        }
+
+        impl FakePool {
+            fn new(name: &str, free: u64) -> Arc<FakePool> {
+                Arc::new(FakePool {
+                    name: name.into(),
+                    free,
+                    volumes: Mutex::default(),
+                    snapshots: Mutex::default(),
+                    sick: Mutex::default(),
+                    copy_gate: tokio::sync::RwLock::new(()),
+                })
+            }
+            fn check(&self) -> Result<()> {
+                match self.sick.lock().unwrap().clone() {
+                    Some(m) => Err(Error::Unavailable(m)),
+                    None => Ok(()),
+                }
+            }
+            fn fall_ill(&self, why: &str) {
+                *self.sick.lock().unwrap() = Some(why.into());
+            }
+            fn recover(&self) {
+                *self.sick.lock().unwrap() = None;
+            }
+            fn names(&self) -> Vec<String> {
+                self.volumes.lock().unwrap().values().map(|v| v.csi_name.clone()).collect()
+            }
+        }
+
+        #[async_trait]
+        impl Pool for FakePool {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn kind(&self) -> PoolKind {
+                PoolKind::File
+            }
+            fn default_fs(&self) -> &str {
+                "ext4"
+            }
+            async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo> {
+                self.check()?;
+                if req.source.is_some() {
+                    let _held = self.copy_gate.read().await;
+                }
+                let v = VolumeInfo {
+                    local: req.local.clone(),
+                    csi_name: req.csi_name.clone(),
+                    capacity: req.capacity,
+                    block: req.block,
+                    fs_type: req.fs_type.clone(),
+                    source: req.source.clone(),
+                    created: 0,
+                    uid: Some(req.uid.clone()),
+                    source_uid: req.source_uid.clone(),
+                    parameters: Some(req.parameters.clone()),
+                };
+                self.volumes.lock().unwrap().insert(req.local.clone(), v.clone());
+                Ok(v)
+            }
+            async fn delete_volume(&self, local: &str) -> Result<()> {
+                self.check()?;
+                self.volumes.lock().unwrap().remove(local);
+                Ok(())
+            }
+            async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
+                self.check()?;
+                Ok(self.volumes.lock().unwrap().get(local).cloned())
+            }
+            async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+                self.check()?;
+                Ok(self.volumes.lock().unwrap().values().cloned().collect())
+            }
+            async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
+                self.check()?;
+                if let Some(v) = self.volumes.lock().unwrap().get_mut(local) {
+                    v.capacity = v.capacity.max(capacity);
+                }
+                Ok(capacity)
+            }
+            async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo> {
+                self.check()?;
+                let source_uid = self.volumes.lock().unwrap().get(source_local).and_then(|v| v.uid.clone());
+                let s = SnapshotInfo {
+                    local: local.into(),
+                    csi_name: csi_name.into(),
+                    source_volume: source_local.into(),
+                    size: 1 << 20,
+                    created: 0,
+                    ready: true,
+                    uid: Some(uid.into()),
+                    source_uid,
+                };
+                self.snapshots.lock().unwrap().insert(local.into(), s.clone());
+                Ok(s)
+            }
+            async fn delete_snapshot(&self, local: &str) -> Result<()> {
+                self.check()?;
+                self.snapshots.lock().unwrap().remove(local);
+                Ok(())
+            }
+            async fn get_snapshot(&self, local: &str) -> Result<Option<SnapshotInfo>> {
+                self.check()?;
+                Ok(self.snapshots.lock().unwrap().get(local).cloned())
+            }
+            async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+                self.check()?;
+                Ok(self.snapshots.lock().unwrap().values().cloned().collect())
+            }
+            async fn capacity(&self) -> Result<u64> {
+                self.check()?;
+                Ok(self.free)
+            }
+            async fn attach(&self, _local: &str) -> Result<Attachment> {
+                Err(Error::Unimplemented("not on this fake".into()))
+            }
+            async fn detach(&self, _local: &str) -> Result<()> {
+                Ok(())
+            }
+            async fn condition(&self, local: &str) -> Result<Condition> {
+                self.check()?;
+                match self.volumes.lock().unwrap().contains_key(local) {
+                    true => Ok(Condition::Healthy),
+                    false => Err(Error::NotFound(local.into())),
+                }
+            }
+        }
+
+        const M: u64 = 1 << 20;
+
+        /// A controller over `fast` (100 MiB free) and `slow` (500 MiB free, so placement
+        /// prefers it while it is well).
+        fn controller() -> (Arc<LocalAgent>, Arc<FakePool>, Arc<FakePool>) {
+            let (fast, slow) = (FakePool::new("fast", 100 * M), FakePool::new("slow", 500 * M));
+            let mut pools: BTreeMap<String, Arc<dyn Pool>> = BTreeMap::new();
+            pools.insert("fast".into(), fast.clone());
+            pools.insert("slow".into(), slow.clone());
+            let driver = Driver {
+                node_id: "n1".into(),
+                segments: Segments::from([(crate::placement::NODE_KEY.to_owned(), "n1".to_owned())]),
+                pools,
+                labels: BTreeMap::from([("fast".to_owned(), BTreeMap::from([("tier".to_owned(), "fast".to_owned())]))]),
+                shared: std::sync::RwLock::default(),
+                node: crate::node::Node::new(Arc::new(FakeExec::new()), Arc::new(FakeMounter::new())),
+                locks: crate::locks::Locks::new(),
+                state_dir: std::env::temp_dir(),
+                paths: crate::node::safepath::PathPolicy::default(),
+                records: crate::node::records::Records::new(&std::env::temp_dir()),
+                freezer: Arc::new(crate::node::freeze::Freezer::unrecorded(Arc::new(FakeExec::new()))),
+                jobs: crate::jobs::Jobs::unrecorded(),
+            };
+            (LocalAgent::new(Arc::new(driver)), fast, slow)
+        }
+
+        fn mount_cap(fs: &str) -> VolumeCapability {
+            VolumeCapability {
+                access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+                access_type: Some(AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() })),
+            }
+        }
+
+        fn create_req(name: &str, fs: &str, params: &[(&str, &str)]) -> CreateVolumeRequest {
+            CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange { required_bytes: 8 * M as i64, limit_bytes: 0 }),
+                volume_capabilities: vec![mount_cap(fs)],
+                parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
+            }
+        }
+
+        fn code(e: Error) -> tonic::Code {
+            tonic::Status::from(e).code()
+        }
+
+        #[tokio::test]
+        async fn list_volumes_answers_from_the_healthy_pools_and_shows_the_sick_ones_volumes_abnormal() {
+            let (c, fast, slow) = controller();
+            let on_slow = c.create(create_req("on-slow", "", &[("pool", "slow")])).await.unwrap().volume.unwrap().volume_id;
+            let on_fast = c.create(create_req("on-fast", "", &[("pool", "fast")])).await.unwrap().volume.unwrap().volume_id;
+            let all = c.list(ListVolumesRequest::default()).await.unwrap();
+            assert_eq!(all.entries.len(), 2);
+
+            slow.fall_ill("volume group vg-slow is gone");
+            let listed = c.list(ListVolumesRequest::default()).await.expect("a sick pool must not fail ListVolumes");
+            let by_id: BTreeMap<String, VolumeCondition> = listed
+                .entries
+                .iter()
+                .map(|e| (e.volume.clone().unwrap().volume_id, e.status.clone().unwrap().volume_condition.unwrap()))
+                .collect();
+            assert_eq!(by_id.len(), 2, "{by_id:?}");
+            let slow_cond = &by_id[&on_slow];
+            assert!(slow_cond.abnormal && slow_cond.message.contains("vg-slow is gone"), "{slow_cond:?}");
+            assert!(!by_id[&on_fast].abnormal, "{by_id:?}");
+            assert_eq!(fast.names(), vec!["on-fast".to_owned()]);
+
+            slow.recover();
+            let again = c.list(ListVolumesRequest::default()).await.unwrap();
+            assert!(again.entries.iter().all(|e| !e.status.as_ref().unwrap().volume_condition.as_ref().unwrap().abnormal));
+        }
+
+        #[tokio::test]
+        async fn get_capacity_skips_the_sick_pool() {
+            let (c, _fast, slow) = controller();
+            let req = GetCapacityRequest { volume_capabilities: vec![mount_cap("")], ..Default::default() };
+            assert_eq!(c.capacity(req.clone()).await.unwrap().available_capacity, 500 * M as i64);
+            slow.fall_ill("zpool tank is FAULTED");
+            let got = c.capacity(req.clone()).await.expect("a sick pool must not fail GetCapacity");
+            assert_eq!(got.available_capacity, 100 * M as i64, "only the healthy pool's room counts");
+            // Asked only about the sick pool: it offers nothing, and says so without failing.
+            let only_slow = GetCapacityRequest { parameters: HashMap::from([("pool".into(), "slow".into())]), ..req };
+            assert_eq!(c.capacity(only_slow).await.unwrap().available_capacity, 0);
+        }
+
+        #[tokio::test]
+        async fn create_is_unavailable_only_when_the_sick_pool_could_hold_the_name() {
+            let (c, fast, slow) = controller();
+            let made = c.create(create_req("before", "", &[])).await.unwrap();
+            assert!(made.volume.unwrap().volume_id.contains(":slow:"), "placement prefers the roomier pool while it is well");
+            slow.fall_ill("the NFS server does not answer");
+
+            // The sick pool is a candidate and might hold an earlier attempt: retryable, nothing made.
+            let err = c.create(create_req("new", "", &[])).await.unwrap_err();
+            assert_eq!(code(err), tonic::Code::Unavailable);
+            assert_eq!(fast.names(), Vec::<String>::new(), "a create that could not ask every candidate made a volume");
+
+            // Naming the healthy pool proceeds.
+            let v = c.create(create_req("new", "", &[("pool", "fast")])).await.expect("pool=fast must proceed");
+            assert!(v.volume.unwrap().volume_id.starts_with("file:n1:fast:"));
+            // A name found on a healthy pool is answered, even without a pool parameter.
+            let again = c.create(create_req("new", "", &[])).await.expect("a retry found on a healthy pool");
+            assert!(again.volume.unwrap().volume_id.starts_with("file:n1:fast:"));
+            assert_eq!(fast.names(), vec!["new".to_owned()]);
+        }
+
+        #[tokio::test]
+        async fn create_snapshot_and_list_snapshots_skip_the_sick_pool() {
+            let (c, _fast, slow) = controller();
+            let v = c.create(create_req("src", "", &[("pool", "fast")])).await.unwrap().volume.unwrap();
+            c.create(create_req("other", "", &[("pool", "slow")])).await.unwrap();
+            slow.fall_ill("volume group vg-slow is gone");
+            let snap = CreateSnapshotRequest { name: "snap".into(), source_volume_id: v.volume_id.clone(), ..Default::default() };
+            let s = c.snapshot(snap.clone()).await.expect("a sick pool must not fail CreateSnapshot elsewhere");
+            assert!(s.snapshot.unwrap().snapshot_id.starts_with("file:n1:fast:"));
+            assert!(c.snapshot(snap).await.is_ok(), "the retry finds it");
+            let listed = c.list_snapshots(ListSnapshotsRequest::default()).await.expect("ListSnapshots skips the sick pool");
+            assert_eq!(listed.entries.len(), 1);
+            // A filter that names the sick pool's object cannot be answered with "none".
+            let named = ListSnapshotsRequest { source_volume_id: "file:n1:slow:other".into(), ..Default::default() };
+            assert!(c.list_snapshots(named).await.is_err());
+        }
+
+        #[tokio::test]
+        async fn create_compares_the_filesystem_and_the_pool() {
+            let (c, _fast, _slow) = controller();
+            c.create(create_req("fs", "ext4", &[])).await.unwrap();
+            c.create(create_req("fs", "ext4", &[])).await.expect("the same request again");
+            // No fs_type: the pool's default (ext4) is what the first request got too.
+            c.create(create_req("fs", "", &[])).await.expect("the default filesystem is ext4");
+            let cases =
+                [("another filesystem", create_req("fs", "xfs", &[])), ("another pool", create_req("fs", "ext4", &[("pool", "fast")]))];
+            for (what, req) in cases {
+                let err = c.create(req).await.unwrap_err();
+                assert_eq!(code(err), tonic::Code::AlreadyExists, "{what}");
+            }
+        }
+
+        /// A volume as earlier versions made it: the legacy local name, no uid, no parameters.
+        fn legacy_volume(csi_name: &str, local: &str) -> VolumeInfo {
+            VolumeInfo {
+                local: local.into(),
+                csi_name: csi_name.into(),
+                capacity: 8 * M,
+                block: false,
+                fs_type: Some("ext4".into()),
+                source: None,
+                created: 0,
+                uid: None,
+                source_uid: None,
+                parameters: None,
+            }
+        }
+
+        #[tokio::test]
+        async fn volumes_of_earlier_versions_are_found_by_their_name_and_keep_their_legacy_id() {
+            let (c, _fast, slow) = controller();
+            let name = "PVC Data";
+            let legacy = crate::volume_id::legacy_local_name(name);
+            slow.volumes.lock().unwrap().insert(legacy.clone(), legacy_volume(name, &legacy));
+            let v = c.create(create_req(name, "ext4", &[])).await.unwrap().volume.unwrap();
+            assert_eq!(v.volume_id, format!("file:n1:slow:{legacy}"), "the retry found the legacy volume");
+            assert_eq!(slow.volumes.lock().unwrap().len(), 1, "and made no second one");
+            let got = c.get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await.unwrap();
+            assert_eq!(got.volume.unwrap().volume_id, v.volume_id, "the legacy id names it");
+            // A current id with a uid never names a volume that has none.
+            let forged = format!("file:n1:slow:{legacy}:v0123456789ab");
+            let err = c.get_volume(ControllerGetVolumeRequest { volume_id: forged.clone() }).await.unwrap_err();
+            assert_eq!(code(err), tonic::Code::NotFound);
+            c.delete(DeleteVolumeRequest { volume_id: forged, ..Default::default() }).await.unwrap();
+            assert_eq!(slow.volumes.lock().unwrap().len(), 1, "a forged current id deleted the legacy volume");
+            c.delete(DeleteVolumeRequest { volume_id: v.volume_id, ..Default::default() }).await.unwrap();
+            assert!(slow.volumes.lock().unwrap().is_empty(), "the legacy id deletes it");
+        }
+
+        #[tokio::test]
+        async fn a_legacy_volume_of_another_name_neither_answers_nor_blocks_a_create() {
+            let (c, _fast, slow) = controller();
+            // The old derivation gave "team-data-<hash>" (a clean name) to itself and the same
+            // name to "Team/Data": a legacy volume of the first is not the second's.
+            let first = "Team/Data";
+            let legacy = crate::volume_id::legacy_local_name(first);
+            slow.volumes.lock().unwrap().insert(legacy.clone(), legacy_volume(&legacy, &legacy));
+            let v = c.create(create_req(first, "ext4", &[])).await.expect("a fresh name is never refused").volume.unwrap();
+            let id = VolumeId::parse(&v.volume_id).unwrap();
+            assert_eq!(id.local, crate::volume_id::local_name(first));
+            assert!(id.tag.is_some(), "a new volume gets a current id: {}", v.volume_id);
+            assert_eq!(slow.volumes.lock().unwrap()[&legacy].csi_name, legacy, "the legacy volume is untouched");
+            // The legacy volume's own retry still finds it.
+            let own = c.create(create_req(&legacy, "ext4", &[])).await.unwrap().volume.unwrap();
+            assert_eq!(own.volume_id, format!("file:n1:slow:{legacy}"));
+        }
+
+        #[tokio::test]
+        async fn snapshots_list_by_the_source_they_were_taken_of() {
+            let (c, _fast, _slow) = controller();
+            let first = c.create(create_req("src", "ext4", &[])).await.unwrap().volume.unwrap();
+            let snap = CreateSnapshotRequest { name: "snap".into(), source_volume_id: first.volume_id.clone(), ..Default::default() };
+            let s = c.snapshot(snap).await.unwrap().snapshot.unwrap();
+            assert_eq!(s.source_volume_id, first.volume_id);
+            c.delete(DeleteVolumeRequest { volume_id: first.volume_id.clone(), ..Default::default() }).await.unwrap();
+            let second = c.create(create_req("src", "ext4", &[])).await.unwrap().volume.unwrap();
+            assert_ne!(second.volume_id, first.volume_id);
+            let of = |id: &str| ListSnapshotsRequest { source_volume_id: id.into(), ..Default::default() };
+            assert!(c.list_snapshots(of(&second.volume_id)).await.unwrap().entries.is_empty());
+            assert_eq!(c.list_snapshots(of(&first.volume_id)).await.unwrap().entries.len(), 1);
+            // A restore's recorded source is that very snapshot (its id with its uid).
+            let restore = CreateVolumeRequest {
+                volume_content_source: Some(VolumeContentSource {
+                    r#type: Some(volume_content_source::Type::Snapshot(SnapshotSource { snapshot_id: s.snapshot_id.clone() })),
+                }),
+                ..create_req("restored", "ext4", &[])
+            };
+            let r = c.create(restore.clone()).await.unwrap().volume.unwrap();
+            assert_eq!(r.content_source, restore.volume_content_source);
+        }
+
+        #[tokio::test]
+        async fn get_capacity_reports_the_smallest_volume_the_filesystem_allows() {
+            let (c, _fast, _slow) = controller();
+            for (fs, want) in [("xfs", 300 * M), ("ext4", M), ("", M)] {
+                let req = GetCapacityRequest { volume_capabilities: vec![mount_cap(fs)], ..Default::default() };
+                assert_eq!(c.capacity(req).await.unwrap().minimum_volume_size, Some(want as i64), "{fs:?}");
+            }
+        }
+
+        mod agent_ops {
+            //! The Agent API of the in-process agent, over the same fakes.
+
+            use super::*;
+            use crate::agent::AgentOps;
+            use crate::agent_proto as ap;
+            use ap::change::Change as C;
+
+            const BUDGET: Duration = Duration::from_secs(5);
+
+            /// The Agent API of `a` (its inherent CSI methods share some names).
+            fn ops(a: &LocalAgent) -> &dyn AgentOps {
+                a
+            }
+
+            fn pinned(pool: &str, req: CreateVolumeRequest) -> ap::CreateVolumeRequest {
+                ap::CreateVolumeRequest { pool: pool.into(), request: Some(req) }
+            }
+
+            fn by_name(name: &str) -> ap::GetVolumeRequest {
+                ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::CsiName(name.into())) }
+            }
+
+            /// The changes received so far, without waiting.
+            fn drain(rx: &mut tokio::sync::broadcast::Receiver<ap::Change>) -> Vec<ap::Change> {
+                std::iter::from_fn(|| rx.try_recv().ok()).collect()
+            }
+
+            #[tokio::test]
+            async fn a_pinned_create_lands_in_its_pool_and_a_retry_finds_it_in_any_pool() {
+                let (a, fast, slow) = controller();
+                // Placement alone would choose the roomier `slow`: the pin decides.
+                let v = a.create_volume(pinned("fast", create_req("pv1", "", &[])), BUDGET).await.unwrap().volume.unwrap();
+                assert!(v.volume_id.starts_with("file:n1:fast:"), "{}", v.volume_id);
+                // A retry placed elsewhere (a controller whose index lagged) finds the first one.
+                let again = a.create_volume(pinned("slow", create_req("pv1", "", &[])), BUDGET).await.unwrap().volume.unwrap();
+                assert_eq!(again.volume_id, v.volume_id);
+                assert_eq!((fast.names(), slow.names()), (vec!["pv1".to_owned()], vec![]));
+
+                let cases = [
+                    ("an unknown pool", pinned("nope", create_req("pv2", "", &[])), "not a pool of node n1"),
+                    ("a pool the parameters exclude", pinned("fast", create_req("pv2", "", &[("pool", "slow")])), "cannot hold"),
+                    ("no request", ap::CreateVolumeRequest { pool: "fast".into(), request: None }, "request is required"),
+                ];
+                for (what, req, want) in cases {
+                    let err = a.create_volume(req, BUDGET).await.unwrap_err();
+                    let msg = err.to_string();
+                    assert_eq!(code(err), tonic::Code::InvalidArgument, "{what}");
+                    assert!(msg.contains(want), "{what}: {msg}");
+                }
+                assert!(slow.names().is_empty() && fast.names().len() == 1, "a refused create made a volume");
+            }
+
+            #[tokio::test]
+            async fn volumes_are_found_by_id_and_by_csi_name_legacy_ones_included() {
+                let (a, fast, slow) = controller();
+                let v = a.create_volume(pinned("fast", create_req("pv1", "", &[])), BUDGET).await.unwrap().volume.unwrap();
+                let by_id = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(v.volume_id.clone())) };
+                let got = ops(&a).get_volume(by_id, BUDGET).await.unwrap().volume.expect("found by id");
+                assert_eq!((got.pool.as_str(), got.csi_name.as_str()), ("fast", "pv1"));
+                assert_eq!(got.volume.unwrap().volume_id, v.volume_id);
+                assert!(!got.condition.unwrap().abnormal);
+                let got = ops(&a).get_volume(by_name("pv1"), BUDGET).await.unwrap().volume.expect("found by name");
+                assert_eq!(got.local_name, crate::volume_id::local_name("pv1"));
+
+                let legacy = crate::volume_id::legacy_local_name("Old Data");
+                slow.volumes.lock().unwrap().insert(legacy.clone(), legacy_volume("Old Data", &legacy));
+                let got = ops(&a).get_volume(by_name("Old Data"), BUDGET).await.unwrap().volume.expect("a legacy volume by its name");
+                assert_eq!(got.volume.unwrap().volume_id, format!("file:n1:slow:{legacy}"));
+
+                assert!(ops(&a).get_volume(by_name("never"), BUDGET).await.unwrap().volume.is_none());
+                let forged =
+                    ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId("file:n1:fast:x:v0123456789ab".into())) };
+                assert!(ops(&a).get_volume(forged, BUDGET).await.unwrap().volume.is_none(), "a miss is no error");
+                // A pool that cannot be asked cannot say "none".
+                fast.fall_ill("disk gone");
+                let err = ops(&a).get_volume(by_name("never"), BUDGET).await.unwrap_err();
+                assert_eq!(code(err), tonic::Code::Unavailable);
+                assert!(ops(&a).get_volume(ap::GetVolumeRequest { key: None }, BUDGET).await.is_err());
+            }
+
+            #[tokio::test]
+            async fn listings_page_through_every_volume_and_snapshot_once() {
+                let (a, _fast, _slow) = controller();
+                for i in 0..5 {
+                    let pool = if i % 2 == 0 { "fast" } else { "slow" };
+                    a.create_volume(pinned(pool, create_req(&format!("pv{i}"), "", &[])), BUDGET).await.unwrap();
+                }
+                let (mut seen, mut token) = (Vec::new(), String::new());
+                loop {
+                    let page = a.list_volumes(ap::ListVolumesRequest { max_entries: 2, starting_token: token }, BUDGET).await.unwrap();
+                    assert!(page.volumes.len() <= 2);
+                    seen.extend(page.volumes.iter().map(|v| v.csi_name.clone()));
+                    assert!(page.volumes.iter().all(|v| v.condition.as_ref().is_some_and(|c| !c.abnormal)));
+                    if page.next_token.is_empty() {
+                        break;
+                    }
+                    token = page.next_token;
+                }
+                seen.sort();
+                assert_eq!(seen, (0..5).map(|i| format!("pv{i}")).collect::<Vec<_>>());
+
+                let src = ops(&a).get_volume(by_name("pv0"), BUDGET).await.unwrap().volume.unwrap().volume.unwrap();
+                let snap = CreateSnapshotRequest { name: "snap".into(), source_volume_id: src.volume_id, ..Default::default() };
+                let s = a.create_snapshot(snap, BUDGET).await.unwrap().snapshot.unwrap();
+                let listed = ops(&a).list_snapshots(ap::ListSnapshotsRequest::default(), BUDGET).await.unwrap();
+                assert_eq!(listed.snapshots.len(), 1);
+                assert_eq!(listed.snapshots[0].snapshot.as_ref().unwrap().snapshot_id, s.snapshot_id);
+                let key = |k| ap::GetSnapshotRequest { key: Some(k) };
+                use ap::get_snapshot_request::Key;
+                for k in [Key::SnapshotId(s.snapshot_id.clone()), Key::CsiName("snap".into())] {
+                    let got = ops(&a).get_snapshot(key(k), BUDGET).await.unwrap().snapshot.expect("found");
+                    assert_eq!((got.pool.as_str(), got.csi_name.as_str()), ("fast", "snap"));
+                }
+                assert!(ops(&a).get_snapshot(key(Key::CsiName("other".into())), BUDGET).await.unwrap().snapshot.is_none());
+            }
+
+            #[tokio::test]
+            async fn capacity_is_reported_per_pool() {
+                let (a, _fast, slow) = controller();
+                a.create_volume(pinned("fast", create_req("pv1", "", &[])), BUDGET).await.unwrap();
+                let all = a.get_capacity(ap::GetCapacityRequest::default(), BUDGET).await.unwrap().pools;
+                let by: BTreeMap<_, _> = all.iter().map(|c| (c.pool.as_str(), c)).collect();
+                assert_eq!(by.len(), 2);
+                assert_eq!(by["fast"].largest_volume_bytes, 100 * M);
+                assert_eq!((by["fast"].used_bytes, by["fast"].volume_count), (8 * M, 1));
+                assert_eq!((by["slow"].largest_volume_bytes, by["slow"].volume_count), (500 * M, 0));
+                assert_eq!(by["slow"].minimum_volume_bytes, M);
+                let one = a.get_capacity(ap::GetCapacityRequest { pool: "slow".into() }, BUDGET).await.unwrap().pools;
+                assert_eq!(one.len(), 1);
+                let err = a.get_capacity(ap::GetCapacityRequest { pool: "nope".into() }, BUDGET).await.unwrap_err();
+                assert_eq!(code(err), tonic::Code::NotFound);
+                slow.fall_ill("vg gone");
+                let one = a.get_capacity(ap::GetCapacityRequest { pool: "slow".into() }, BUDGET).await.unwrap().pools;
+                assert_eq!(one[0].largest_volume_bytes, 0, "a sick pool offers nothing");
+            }
+
+            #[tokio::test]
+            async fn the_inventory_holds_every_pool_volume_and_snapshot() {
+                let (a, _fast, slow) = controller();
+                let v = a.create_volume(pinned("fast", create_req("pv1", "ext4", &[])), BUDGET).await.unwrap().volume.unwrap();
+                let snap = CreateSnapshotRequest { name: "s1".into(), source_volume_id: v.volume_id.clone(), ..Default::default() };
+                a.create_snapshot(snap, BUDGET).await.unwrap();
+                slow.fall_ill("zpool FAULTED");
+                let inv = a.get_inventory(BUDGET).await.unwrap();
+                assert_eq!(inv.node_id, "n1");
+                assert_eq!(inv.segments.get(crate::placement::NODE_KEY).map(String::as_str), Some("n1"));
+                assert_eq!(inv.sequence, a.sequence(), "the inventory is as of the last change");
+                assert!(inv.agent_started_unix > 0 && !inv.agent_release.is_empty());
+                let pools: BTreeMap<_, _> = inv.pools.iter().map(|p| (p.name.as_str(), p)).collect();
+                let fast = pools["fast"];
+                assert_eq!((fast.kind.as_str(), fast.health), ("file", ap::PoolHealth::Healthy as i32));
+                assert_eq!(fast.labels.get("tier").map(String::as_str), Some("fast"));
+                assert_eq!(fast.default_fs, "ext4");
+                assert!(fast.block && !fast.multi_node && fast.filesystems.contains(&"xfs".to_owned()));
+                assert_eq!(fast.capacity.as_ref().unwrap().volume_count, 1);
+                let sick = pools["slow"];
+                assert_eq!(sick.health, ap::PoolHealth::Unavailable as i32);
+                assert!(sick.health_message.contains("FAULTED"), "{}", sick.health_message);
+                assert!(sick.labels.is_empty());
+                assert_eq!(inv.volumes.len(), 1);
+                assert_eq!(inv.volumes[0].volume.as_ref().unwrap().volume_id, v.volume_id);
+                assert_eq!((inv.snapshots.len(), inv.snapshots[0].csi_name.as_str()), (1, "s1"));
+            }
+
+            #[tokio::test]
+            async fn every_change_is_reported_once_with_consecutive_numbers() {
+                let (a, fast, _slow) = controller();
+                let inv = a.get_inventory(BUDGET).await.unwrap();
+                let mut rx = a.subscribe();
+                let v = a.create_volume(pinned("fast", create_req("pv1", "", &[])), BUDGET).await.unwrap().volume.unwrap();
+                a.create_volume(pinned("fast", create_req("pv1", "", &[])), BUDGET).await.unwrap();
+                let grow = ControllerExpandVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    capacity_range: Some(CapacityRange { required_bytes: 16 * M as i64, limit_bytes: 0 }),
+                    ..Default::default()
+                };
+                a.expand_volume(grow, BUDGET).await.unwrap();
+                let snap = CreateSnapshotRequest { name: "s1".into(), source_volume_id: v.volume_id.clone(), ..Default::default() };
+                let s = a.create_snapshot(snap, BUDGET).await.unwrap().snapshot.unwrap();
+                ops(&a).delete_snapshot(DeleteSnapshotRequest { snapshot_id: s.snapshot_id, ..Default::default() }, BUDGET).await.unwrap();
+                a.delete_volume(DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() }, BUDGET).await.unwrap();
+                a.delete_volume(DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() }, BUDGET).await.unwrap();
+                let got = drain(&mut rx);
+                let seqs: Vec<u64> = got.iter().map(|c| c.sequence).collect();
+                assert_eq!(seqs, (inv.sequence + 1..=inv.sequence + 5).collect::<Vec<_>>(), "{got:?}");
+                let kinds: Vec<&str> = got
+                    .iter()
+                    .map(|c| match c.change.as_ref().unwrap() {
+                        C::VolumeCreated(_) => "volume created",
+                        C::VolumeUpdated(_) => "volume updated",
+                        C::VolumeDeleted(_) => "volume deleted",
+                        C::SnapshotCreated(_) => "snapshot created",
+                        C::SnapshotDeleted(_) => "snapshot deleted",
+                        C::PoolUpdated(_) => "pool updated",
+                    })
+                    .collect();
+                assert_eq!(kinds, ["volume created", "volume updated", "snapshot created", "snapshot deleted", "volume deleted"]);
+                let Some(C::VolumeUpdated(up)) = &got[1].change else { unreachable!() };
+                assert_eq!(up.volume.as_ref().unwrap().capacity_bytes, 16 * M as i64);
+                let Some(C::VolumeDeleted(gone)) = &got[4].change else { unreachable!() };
+                assert_eq!((gone.pool.as_str(), gone.csi_name.as_str()), ("fast", "pv1"));
+
+                // What no operation made (here: put in the pool behind the agent's back) is
+                // reported by the next full pass, which then answers as of that change.
+                let legacy = crate::volume_id::legacy_local_name("by hand");
+                fast.volumes.lock().unwrap().insert(legacy.clone(), legacy_volume("by hand", &legacy));
+                let inv = a.get_inventory(BUDGET).await.unwrap();
+                let got = drain(&mut rx);
+                assert_eq!(got.len(), 1, "{got:?}");
+                assert!(matches!(&got[0].change, Some(C::VolumeCreated(v)) if v.csi_name == "by hand"));
+                assert_eq!(inv.sequence, got[0].sequence);
+                a.get_inventory(BUDGET).await.unwrap();
+                assert!(drain(&mut rx).is_empty(), "a pass that finds nothing new reports nothing");
+            }
+
+            #[tokio::test]
+            async fn a_copy_that_finishes_after_its_request_gave_up_is_reported() {
+                let (a, fast, _slow) = controller();
+                let src = a.create_volume(pinned("fast", create_req("src", "", &[])), BUDGET).await.unwrap().volume.unwrap();
+                let mut rx = a.subscribe();
+                let held = fast.copy_gate.write().await;
+                let clone = CreateVolumeRequest {
+                    volume_content_source: Some(VolumeContentSource {
+                        r#type: Some(volume_content_source::Type::Volume(VolumeSource { volume_id: src.volume_id.clone() })),
+                    }),
+                    ..create_req("clone", "", &[])
+                };
+                let err = a.create_volume(pinned("fast", clone), Duration::from_millis(50)).await.unwrap_err();
+                assert_eq!(code(err), tonic::Code::Aborted, "the copy is still running");
+                assert!(drain(&mut rx).is_empty(), "nothing is made yet");
+                drop(held);
+                let change = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("reported in time").unwrap();
+                assert!(matches!(&change.change, Some(C::VolumeCreated(v)) if v.csi_name == "clone"), "{change:?}");
+                assert_eq!(change.sequence, a.sequence());
+            }
+
+            #[tokio::test]
+            async fn a_pool_whose_health_moves_is_reported() {
+                let (a, _fast, slow) = controller();
+                a.get_inventory(BUDGET).await.unwrap();
+                let mut rx = a.subscribe();
+                a.pass_over_pools().await;
+                assert!(drain(&mut rx).is_empty(), "nothing moved");
+                slow.fall_ill("vg gone");
+                a.pass_over_pools().await;
+                let got = drain(&mut rx);
+                assert_eq!(got.len(), 1, "{got:?}");
+                assert!(
+                    matches!(&got[0].change, Some(C::PoolUpdated(p)) if p.name == "slow" && p.health == ap::PoolHealth::Unavailable as i32)
+                );
+            }
+        }
+    }
+}
