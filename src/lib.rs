@@ -16,6 +16,24 @@ pub mod agent_proto {
 
     /// The wire version this build speaks (sent in every registration and heartbeat).
     pub const WIRE_VERSION: WireVersion = WireVersion { major: 1, minor: 0 };
+
+    /// The wire version this process speaks: [`WIRE_VERSION`], except in debug builds, where
+    /// the environment variable `HOLDFAST_TEST_WIRE_VERSION=MAJOR.MINOR` replaces it so tests
+    /// can run an agent of another version against a controller (release builds ignore it).
+    /// Both sides call this: the agent for what it sends, the controller as its own version.
+    pub fn wire_version() -> WireVersion {
+        #[cfg(debug_assertions)]
+        if let Some(v) = std::env::var("HOLDFAST_TEST_WIRE_VERSION").ok().as_deref().and_then(parse_wire_version) {
+            return v;
+        }
+        WIRE_VERSION
+    }
+
+    /// Parses `MAJOR.MINOR`.
+    pub fn parse_wire_version(s: &str) -> Option<WireVersion> {
+        let (major, minor) = s.trim().split_once('.')?;
+        Some(WireVersion { major: major.parse().ok()?, minor: minor.parse().ok()? })
+    }
 }
 
 pub mod agent;

@@ -24,7 +24,7 @@ use super::AgentOps;
 use super::local::LocalAgent;
 use super::server::MAX_MESSAGE;
 use crate::agent_proto::registry_client::RegistryClient;
-use crate::agent_proto::{self as ap, WIRE_VERSION};
+use crate::agent_proto::{self as ap, wire_version};
 use crate::tls::{self, ClientTls};
 
 /// How often the `--controller` name is resolved again.
@@ -197,14 +197,15 @@ async fn once(
     inventory.advertised_address = cfg.advertise.clone();
     let mut last = inventory.sequence;
     let (volumes, pools) = (inventory.volumes.len(), inventory.pools.len());
-    let reg = ap::RegisterRequest { version: Some(WIRE_VERSION), inventory: Some(inventory) };
+    let reg = ap::RegisterRequest { version: Some(wire_version()), inventory: Some(inventory) };
     let answer = match client.register(request(reg, REGISTER_BUDGET)).await {
         Ok(a) => a.into_inner(),
         Err(s) if is_refusal(&s) => return Ended::Refused(format!("{:?}: {}", s.code(), s.message())),
         Err(s) => return Ended::Failed(format!("Register: {:?}: {}", s.code(), s.message())),
     };
-    if let Some(v) = answer.version.filter(|v| *v != WIRE_VERSION) {
-        tracing::info!(controller = %addr, controller_version = %format!("{}.{}", v.major, v.minor), agent_version = %format!("{}.{}", WIRE_VERSION.major, WIRE_VERSION.minor), "the controller speaks another wire version; it accepted this agent");
+    let ours = wire_version();
+    if let Some(v) = answer.version.filter(|v| *v != ours) {
+        tracing::info!(controller = %addr, controller_version = %format!("{}.{}", v.major, v.minor), agent_version = %format!("{}.{}", ours.major, ours.minor), "the controller speaks another wire version; it accepted this agent");
     }
     on_nfs(answer.nfs_pools);
     let every = match answer.heartbeat_interval_ms {
@@ -226,7 +227,7 @@ async fn once(
                     }
                 };
                 let hb = ap::HeartbeatRequest {
-                    version: Some(WIRE_VERSION),
+                    version: Some(wire_version()),
                     node_id: cfg.node_id.clone(),
                     sequence: last,
                     pools,
@@ -261,7 +262,7 @@ async fn once(
                 if changes.first().map(|c| c.sequence) != Some(last + 1) {
                     return Ended::Resync(format!("the change feed skipped from {last} to {}", changes[0].sequence));
                 }
-                let report = ap::ReportChangesRequest { version: Some(WIRE_VERSION), node_id: cfg.node_id.clone(), changes };
+                let report = ap::ReportChangesRequest { version: Some(wire_version()), node_id: cfg.node_id.clone(), changes };
                 match client.report_changes(request(report, CALL_BUDGET)).await {
                     Ok(a) if a.get_ref().resync => return Ended::Resync("the controller lost track of the changes".into()),
                     Ok(_) => last = end,
@@ -322,6 +323,15 @@ pub fn nfs_pool_config(def: &ap::NfsPool) -> Result<crate::config::PoolConfig, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wire_versions_parse_as_major_dot_minor() {
+        let v = |major, minor| Some(ap::WireVersion { major, minor });
+        let cases = [("1.0", v(1, 0)), (" 2.13 ", v(2, 13)), ("1", None), ("1.x", None), ("", None), ("-1.0", None)];
+        for (text, want) in cases {
+            assert_eq!(ap::parse_wire_version(text), want, "{text:?}");
+        }
+    }
 
     #[test]
     fn nfs_definitions_become_checked_pool_configs() {
