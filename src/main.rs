@@ -30,6 +30,9 @@ enum Command {
     /// Serve Identity and Node on the plugin socket and the Agent API for this node's pools on
     /// a TCP address, registered with `holdfast controller`.
     Agent(AgentArgs),
+    /// Serve CSI Identity and Controller for a cluster on the socket, and the Registry agents
+    /// register with on a TCP address; places volumes and routes calls to the agents.
+    Controller(ControllerArgs),
     /// An operator's CSI client: create, stage, publish, list… against any CSI socket.
     Ctl(holdfast::ctl::CtlArgs),
     /// Measure a running driver against the raw tools.
@@ -114,6 +117,68 @@ struct AgentArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Node calls served at once on the plugin socket (Identity is never held back).
+    #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_concurrent_calls: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// Where to serve CSI Identity and Controller (and the Admin service of `ctl nodes`):
+    /// unix:///path/csi.sock (or tcp://127.0.0.1:PORT for tests).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///run/holdfast/csi.sock")]
+    endpoint: String,
+    /// Where agents register (host:port, e.g. 0.0.0.0:9100).
+    #[arg(long, env = "HOLDFAST_LISTEN")]
+    listen: String,
+    /// Node ids gone for good, one per line (`#` comments): their volumes can be deleted, nothing
+    /// is placed there, their agents are refused. Re-read when it changes (a ConfigMap).
+    #[arg(long, env = "HOLDFAST_RETIRED_NODES")]
+    retired_nodes: Option<PathBuf>,
+    /// The configuration file (TOML) of the `nfs` pools, which the controller serves itself and
+    /// hands to the agents; other kinds belong to the agents' configuration.
+    #[arg(long, env = "HOLDFAST_CONFIG")]
+    config: Option<PathBuf>,
+    /// The controller's own state (the copy records of its nfs pools): created 0700 if missing.
+    #[arg(long, env = "HOLDFAST_STATE_DIR", default_value = "/var/lib/holdfast/controller-state")]
+    state_dir: PathBuf,
+    /// The node id of the controller's in-process agent for its nfs pools (never part of an id).
+    #[arg(long, env = "NODE_ID", default_value = "holdfast-controller")]
+    node_id: String,
+    /// The controller's certificate (PEM), served to agents and presented when dialing them.
+    #[arg(long, env = "HOLDFAST_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "HOLDFAST_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM) every agent's certificate must be signed by.
+    #[arg(long, env = "HOLDFAST_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Each agent has its own certificate (cert-manager, `holdfast certs node`): its name must
+    /// be the node id it registers. Without it, one certificate may be shared by every agent.
+    #[arg(long, env = "HOLDFAST_TLS_PER_NODE", requires = "tls_cert")]
+    tls_per_node: bool,
+    /// The name an agent's certificate must carry when the controller dials it (default: the
+    /// agent's node id, as with per-node certificates; with a shared certificate, its name).
+    #[arg(long, env = "HOLDFAST_AGENT_SERVER_NAME")]
+    agent_server_name: Option<String>,
+    /// Plain text instead of mutual TLS: for tests only, refused unless --listen is loopback.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca"])]
+    insecure: bool,
+    /// The heartbeat interval agents are told to keep (milliseconds).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    heartbeat_ms: u64,
+    /// An agent silent this long is down (milliseconds; default three heartbeats and 2 s).
+    #[arg(long)]
+    down_after_ms: Option<u64>,
+    /// After a start, creates answer UNAVAILABLE this long while agents register
+    /// (milliseconds; default three heartbeats).
+    #[arg(long)]
+    startup_grace_ms: Option<u64>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Controller calls served at once; further calls wait (Identity is never held back).
     #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_concurrent_calls: u32,
@@ -323,6 +388,95 @@ async fn agent(args: AgentArgs, serve_on: tokio::runtime::Handle) -> anyhow::Res
     Ok(())
 }
 
+async fn controller(args: ControllerArgs, serve_on: tokio::runtime::Handle) -> anyhow::Result<()> {
+    use holdfast::agent::{AgentOps, local::LocalAgent, remote::RemoteAgent};
+    use holdfast::controller::{ClusterController, nfs_pool_definitions, registry};
+    use holdfast::tls::{ClientTls, ServerTls, TlsFiles};
+
+    init_logging(args.log_format);
+    let cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(p) = cfg.pools.iter().find(|p| p.kind() != holdfast::volume_id::PoolKind::Nfs) {
+        bail!(
+            "pool {:?} is a {} pool: the controller serves only nfs pools; node-local pools belong in the configuration of \
+             `holdfast agent` on their node",
+            p.name(),
+            p.kind().as_str()
+        );
+    }
+    let files = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() }),
+        _ if args.insecure => {
+            holdfast::tls::check_insecure(&[&args.listen]).map_err(anyhow::Error::msg)?;
+            None
+        }
+        _ => bail!(
+            "the Registry and Agent API need --tls-cert, --tls-key and --tls-ca (or --insecure, for tests on loopback addresses only)"
+        ),
+    };
+    let server_tls = files.clone().map(ServerTls::server).transpose().context("the controller's TLS files")?.map(Arc::new);
+    let client_tls = files.map(ClientTls::client).transpose().context("the controller's TLS files")?.map(Arc::new);
+
+    let server_name = args.agent_server_name.clone();
+    let connector: registry::Connector = Arc::new(move |node: &str, address: &str| {
+        let name = server_name.clone().unwrap_or_else(|| node.to_owned());
+        Arc::new(RemoteAgent::new(node, address, &name, client_tls.clone())) as Arc<dyn AgentOps>
+    });
+    let heartbeat = Duration::from_millis(args.heartbeat_ms);
+    let opts = registry::RegistryOptions {
+        heartbeat,
+        down_after: args.down_after_ms.map(Duration::from_millis).unwrap_or_else(|| registry::default_down_after(heartbeat)),
+        grace: args.startup_grace_ms.map(Duration::from_millis).unwrap_or(heartbeat * 3),
+        retired_file: args.retired_nodes.clone(),
+        per_node_certs: args.tls_per_node,
+        insecure: args.insecure,
+        nfs_pools: nfs_pool_definitions(&cfg),
+        ..registry::RegistryOptions::new(connector)
+    };
+    let reg = registry::Registry::new(opts);
+
+    // The nfs pools: served in this process, by the same agent code as every node's pools.
+    let exec = Arc::new(RealExec);
+    let mounter = Arc::new(RealMounter::new(exec.clone()));
+    let driver = Arc::new(Driver::new(&args.node_id, &cfg, &args.state_dir, exec, mounter.clone())?);
+    driver.recover().await;
+    if !driver.pools.is_empty() {
+        reg.add_local(LocalAgent::new(driver.clone())).await.map_err(anyhow::Error::msg)?;
+    }
+
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let router = tonic::transport::Server::builder().add_service(reg.service());
+    tracing::info!(listen = %args.listen, tls = server_tls.is_some(), per_node_certs = args.tls_per_node, nfs_pools = driver.pools.len(), "serving the Registry");
+    let registry_api = {
+        let shutdown = until_stopped(stopped.clone());
+        async move {
+            match server_tls {
+                Some(tls) => holdfast::tls::serve(router, listener, tls, shutdown).await,
+                None => router
+                    .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+                    .await
+                    .map_err(|e| format!("serving the Registry: {e}")),
+            }
+        }
+    };
+    let options =
+        ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
+    let csi = server::serve_cluster(&args.endpoint, driver, ClusterController::new(reg), false, options, until_stopped(stopped));
+    tokio::try_join!(csi, registry_api).map_err(anyhow::Error::msg)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
 /// How long, once serving has stopped, the exit waits for blocking calls still running.
 const EXIT_WAIT: Duration = Duration::from_millis(500);
 
@@ -351,6 +505,10 @@ fn main() {
         Command::Agent(a) => {
             let handle = grpc.insert(runtime("holdfast-grpc", Some(2))).handle().clone();
             calls.block_on(agent(a, handle))
+        }
+        Command::Controller(a) => {
+            let handle = grpc.insert(runtime("holdfast-grpc", Some(2))).handle().clone();
+            calls.block_on(controller(a, handle))
         }
         Command::Ctl(a) => calls.block_on(holdfast::ctl::run(a)).map_err(anyhow::Error::msg),
         Command::Bench(a) => calls.block_on(holdfast::bench::run(a)).map_err(anyhow::Error::msg),

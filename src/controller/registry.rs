@@ -554,6 +554,15 @@ impl Registry {
         }
     }
 
+    /// Adds the in-process [`LocalAgent`] (all-in-one; the controller's `nfs` pools): see
+    /// [`Registry::add_in_process`].
+    ///
+    /// [`LocalAgent`]: crate::agent::local::LocalAgent
+    pub async fn add_local(self: &Arc<Self>, agent: Arc<crate::agent::local::LocalAgent>) -> Result<()> {
+        let changes = agent.subscribe();
+        self.add_in_process(agent, changes).await
+    }
+
     /// Adds an agent of this very process (all-in-one; the controller's `nfs` pools): its
     /// inventory now, then its changes as they happen (a gap or a lag makes it read the whole
     /// inventory again). Never down. Subscribe before calling, so no change between the
