@@ -543,6 +543,19 @@ where
     }
 }
 
+/// NodeStage + NodePublish (read-write) through one agent's plugin socket.
+async fn mount_on(node: &Clients, id: &str, staging: &Path, target: &Path) {
+    ok(node.node.clone().node_stage_volume(client::stage_request(id, &path_str(staging), cap())).await, "NodeStageVolume");
+    let req = client::publish_request(id, &path_str(staging), &path_str(target), cap(), false);
+    ok(node.node.clone().node_publish_volume(req).await, "NodePublishVolume");
+}
+
+/// NodeUnpublish + NodeUnstage through one agent's plugin socket.
+async fn unmount_on(node: &Clients, id: &str, staging: &Path, target: &Path) {
+    ok(node.node.clone().node_unpublish_volume(client::unpublish_request(id, &path_str(target))).await, "NodeUnpublishVolume");
+    ok(node.node.clone().node_unstage_volume(client::unstage_request(id, &path_str(staging))).await, "NodeUnstageVolume");
+}
+
 /// The statvfs free bytes of a pool directory.
 fn free_bytes(dir: &Path) -> i64 {
     let st = nix::sys::statvfs::statvfs(dir).unwrap();
@@ -711,13 +724,24 @@ async fn dead_returning_and_retired_nodes_and_a_controller_restart() {
     let mut on: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for n in ["node-a", "node-b", "node-c"] {
         for k in 0..2 {
-            let v = create(&csi, create_request(&unique(&format!("{n}-{k}")), 4 * MIB, requirement(&[&node_topology(n)], &[]), &[])).await;
+            // node-b's first one is large enough for an ext4 filesystem holding data.
+            let size = if (n, k) == ("node-b", 0) { 64 * MIB } else { 4 * MIB };
+            let v = create(&csi, create_request(&unique(&format!("{n}-{k}")), size, requirement(&[&node_topology(n)], &[]), &[])).await;
             assert_eq!(node_of(&v), n);
             on.entry(n).or_default().push(v.volume_id);
         }
     }
     let all: BTreeSet<String> = on.values().flatten().cloned().collect();
     let b_vol = on["node-b"][0].clone();
+    // Data on node-b's volume, written through node-b's plugin socket.
+    let kubelet = cl.tmp.path().join("kubelet-b");
+    let (staging, target) = (kubelet.join("staging"), kubelet.join("pod/mount"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let nb = cl.agent("node-b").clients().await;
+    mount_on(&nb, &b_vol, &staging, &target).await;
+    common::write_durably(&target.join("data"), b"kept while node-b was away\n");
+    unmount_on(&nb, &b_vol, &staging, &target).await;
 
     // node-b loses power: within the down timeout its volumes answer UNAVAILABLE and report
     // "unreachable"; creates that need it wait (UNAVAILABLE), others go on.
@@ -769,8 +793,12 @@ async fn dead_returning_and_retired_nodes_and_a_controller_restart() {
     .await;
     assert_eq!(cl.node_states().await.get("node-b").map(String::as_str), Some("up"));
     let got = get_volume(&csi, &b_vol).await.expect("ControllerGetVolume of node-b's volume");
-    assert_eq!(got.volume.as_ref().map(|v| v.capacity_bytes), Some(4 * MIB), "its volume, as it was");
+    assert_eq!(got.volume.as_ref().map(|v| v.capacity_bytes), Some(64 * MIB), "its volume, as it was");
     assert_eq!(cl.agent("node-b").volume_files().len(), 2);
+    let nb = cl.agent("node-b").clients().await;
+    mount_on(&nb, &b_vol, &staging, &target).await;
+    assert_eq!(std::fs::read(target.join("data")).unwrap(), b"kept while node-b was away\n", "its data intact");
+    unmount_on(&nb, &b_vol, &staging, &target).await;
 
     // The controller restarts (kill -9): the registry is rebuilt from registrations, and no
     // volume is lost or listed twice; a retried create finds its volume, not a new one.
