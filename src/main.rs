@@ -282,9 +282,10 @@ async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow
     mounter.recover().await;
     let options =
         ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
-    server::serve(&args.endpoint, driver, Services { controller: true, node: true }, options, shutdown_signal())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    // The controller of a cluster with one in-process agent holding every pool: the same
+    // placement and routing as `holdfast controller`, no second implementation.
+    let controller = holdfast::controller::ClusterController::over_driver(driver.clone()).await.map_err(anyhow::Error::msg)?;
+    server::serve_cluster(&args.endpoint, driver, controller, true, options, shutdown_signal()).await.map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -350,7 +351,10 @@ async fn agent(args: AgentArgs, serve_on: tokio::runtime::Handle) -> anyhow::Res
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let router = tonic::transport::Server::builder().add_service(agent_service(local.clone()));
+    // The controller bounds its own calls; this bounds what one connection can make us run.
+    let router = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(args.max_concurrent_calls as usize)
+        .add_service(agent_service(local.clone()));
     tracing::info!(listen = %args.listen, advertise = %advertise, tls = server_tls.is_some(), "serving the Agent API");
     let api = {
         let shutdown = until_stopped(stopped.clone());

@@ -22,7 +22,7 @@ use tonic::transport::Server;
 pub mod authority;
 
 use crate::controller::ClusterController;
-use crate::csi::{controller::ControllerService, identity::IdentityService, node::NodeService};
+use crate::csi::{identity::IdentityService, node::NodeService};
 use crate::driver::Driver;
 use crate::endpoint::Endpoint;
 use crate::proto::{controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer};
@@ -295,10 +295,14 @@ async fn serve_inner(
     endpoint: &str,
     driver: Arc<Driver>,
     services: Services,
-    cluster: Option<ClusterController>,
+    mut cluster: Option<ClusterController>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    if services.controller && cluster.is_none() {
+        // This process's pools alone: the cluster's Controller over one in-process agent.
+        cluster = Some(ClusterController::over_driver(driver.clone()).await.map_err(|e| e.to_string())?);
+    }
     let Some(server_rt) = options.serve_on.clone() else {
         return serve_here(endpoint.to_owned(), driver, services, cluster, options, None, shutdown).await;
     };
@@ -322,9 +326,6 @@ async fn serve_here(
     let router = Server::builder()
         .layer(calls)
         .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
-        .add_optional_service(
-            (services.controller && cluster.is_none()).then(|| ControllerServer::new(ControllerService::new(driver.clone()))),
-        )
         .add_optional_service(cluster.as_ref().map(|c| crate::controller::admin::admin_service(c.registry().clone())))
         .add_optional_service(cluster.map(ControllerServer::new))
         .add_optional_service(services.node.then(|| NodeServer::new(NodeService::new(driver.clone()))));

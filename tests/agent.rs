@@ -38,7 +38,10 @@ struct Recorder(Arc<Mutex<Seen>>);
 impl Registry for Recorder {
     async fn register(&self, req: Request<ap::RegisterRequest>) -> Result<Response<ap::RegisterResponse>, Status> {
         self.0.lock().unwrap().registrations.push(req.into_inner());
-        Ok(Response::new(ap::RegisterResponse { version: Some(WIRE_VERSION), heartbeat_interval_ms: 200, nfs_pools: vec![] }))
+        // The nfs pool a node may mount (nothing is mounted until a volume of it is staged).
+        let shared =
+            ap::NfsPool { name: "shared".into(), server: "nfs.invalid".into(), export: "/exports/k8s".into(), ..Default::default() };
+        Ok(Response::new(ap::RegisterResponse { version: Some(WIRE_VERSION), heartbeat_interval_ms: 200, nfs_pools: vec![shared] }))
     }
 
     async fn heartbeat(&self, req: Request<ap::HeartbeatRequest>) -> Result<Response<ap::HeartbeatResponse>, Status> {
@@ -225,6 +228,18 @@ async fn an_agent_registers_reports_its_changes_and_serves_the_agent_api() {
     assert_eq!(info.node_id, "n1");
     let refused = csi.controller.create_volume(create("pv-c")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
+    // The controller's nfs pools are learnt; a volume of any other nfs pool is not served here,
+    // so a hand-made PV cannot point the node at an arbitrary server.
+    assert!(agent.log().contains("nfs pools from the controller") && agent.log().contains("shared"), "{}", agent.log());
+    let stage = |id: &str| proto::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: tmp.path().join("staging").display().to_string(),
+        volume_capability: create("x").volume_capabilities.pop(),
+        ..Default::default()
+    };
+    let err = csi.node.node_stage_volume(stage("nfs:-:elsewhere:pvc-1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.message().contains("not served by this node"), "{err:?}");
 
     // A dead agent is UNAVAILABLE, naming the node and its address.
     drop(agent);

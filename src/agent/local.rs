@@ -1129,16 +1129,28 @@ impl LocalAgent {
     /// it any more (its request gave up, the retry comes later or never).
     fn watch_copy(&self, job: Arc<jobs::Job>, pool: Arc<dyn Pool>, snapshot: bool, local: String) {
         let me = self.me.clone();
+        // A report of the object after this point (the retry that waited, a delete that
+        // followed at once) is newer than what the watcher reads: it then reports nothing.
+        let since = self.feed.lock().sequence;
         tokio::spawn(async move {
             job.finished().await;
             let Some(agent) = me.upgrade() else { return };
+            let key = (pool.name().to_owned(), local.clone());
             // A failed copy left nothing to report; what it left is the pool's to clean.
             if snapshot {
                 if let Ok(Some(s)) = pool.get_snapshot(&local).await {
-                    agent.note_snapshot(pool.as_ref(), &s);
+                    let entry = agent.snapshot_entry(pool.as_ref(), &s);
+                    let mut st = agent.feed.lock();
+                    if !st.snapshots.get(&key).is_some_and(|x| x.sequence > since) {
+                        st.snapshot(&agent.feed.tx, entry);
+                    }
                 }
             } else if let Ok(Some(v)) = pool.get_volume(&local).await {
-                agent.note_volume(pool.as_ref(), &v);
+                let entry = agent.volume_entry(pool.as_ref(), &v, None);
+                let mut st = agent.feed.lock();
+                if !st.volumes.get(&key).is_some_and(|x| x.sequence > since) {
+                    st.volume(&agent.feed.tx, entry);
+                }
             }
         });
     }

@@ -66,14 +66,35 @@ pub struct RegisterConfig {
 /// streams changes, re-registers on resync / failure; hands nfs pool definitions to `on_nfs`.
 /// Runs until the task is dropped.
 pub async fn run(cfg: RegisterConfig, agent: Arc<LocalAgent>, on_nfs: Arc<dyn Fn(Vec<ap::NfsPool>) + Send + Sync>) {
-    let mut sessions: HashMap<SocketAddr, tokio::task::JoinHandle<()>> = HashMap::new();
+    let lookup: Lookup = Arc::new(|name| Box::pin(async move { tokio::net::lookup_host(name).await.map(|found| found.collect()) }));
+    run_with(cfg, agent, on_nfs, lookup, RESOLVE_INTERVAL).await
+}
+
+/// Resolves a `host:port` to its addresses.
+type Lookup = Arc<dyn Fn(String) -> std::pin::Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> + Send + Sync>;
+
+/// [`run`] with its name resolution and how often it runs given (tests).
+async fn run_with(
+    cfg: RegisterConfig,
+    agent: Arc<LocalAgent>,
+    on_nfs: Arc<dyn Fn(Vec<ap::NfsPool>) + Send + Sync>,
+    lookup: Lookup,
+    every: Duration,
+) {
+    // The sessions end with this task (aborted with it).
+    struct Sessions(HashMap<SocketAddr, tokio::task::JoinHandle<()>>);
+    impl Drop for Sessions {
+        fn drop(&mut self) {
+            self.0.values().for_each(|t| t.abort());
+        }
+    }
+    let mut sessions = Sessions(HashMap::new());
     let mut failed_before = false;
     loop {
-        match tokio::net::lookup_host(cfg.controller.as_str()).await {
+        match lookup(cfg.controller.clone()).await {
             Ok(found) => {
                 failed_before = false;
-                let found: Vec<SocketAddr> = found.collect();
-                sessions.retain(|addr, task| {
+                sessions.0.retain(|addr, task| {
                     let keep = found.contains(addr);
                     if !keep {
                         tracing::info!(controller = %addr, "the controller name no longer resolves to this address; stopped registering there");
@@ -82,7 +103,7 @@ pub async fn run(cfg: RegisterConfig, agent: Arc<LocalAgent>, on_nfs: Arc<dyn Fn
                     keep
                 });
                 for addr in found {
-                    sessions.entry(addr).or_insert_with(|| {
+                    sessions.0.entry(addr).or_insert_with(|| {
                         tracing::info!(controller = %addr, "registering with a controller");
                         tokio::spawn(session(cfg.clone(), addr, agent.clone(), on_nfs.clone()))
                     });
@@ -95,7 +116,7 @@ pub async fn run(cfg: RegisterConfig, agent: Arc<LocalAgent>, on_nfs: Arc<dyn Fn
             }
             Err(_) => {}
         }
-        let pause = if sessions.is_empty() { RESOLVE_INTERVAL.min(Duration::from_secs(5)) } else { RESOLVE_INTERVAL };
+        let pause = if sessions.0.is_empty() { every.min(Duration::from_secs(5)) } else { every };
         tokio::time::sleep(pause).await;
     }
 }
@@ -323,6 +344,148 @@ pub fn nfs_pool_config(def: &ap::NfsPool) -> Result<crate::config::PoolConfig, S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent_proto::registry_server::{Registry, RegistryServer};
+    use std::sync::Mutex;
+    use tonic::{Request, Response, Status};
+
+    /// What a test controller saw, and how it answers.
+    #[derive(Default)]
+    struct Seen {
+        registrations: usize,
+        heartbeats: usize,
+        refuse: bool,
+        resync_first_heartbeat: bool,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeRegistry(Arc<Mutex<Seen>>);
+
+    #[tonic::async_trait]
+    impl Registry for FakeRegistry {
+        async fn register(&self, _: Request<ap::RegisterRequest>) -> Result<Response<ap::RegisterResponse>, Status> {
+            let mut s = self.0.lock().unwrap();
+            s.registrations += 1;
+            if s.refuse {
+                return Err(Status::failed_precondition("agent wire version 1.0 is not accepted by controller 3.0"));
+            }
+            Ok(Response::new(ap::RegisterResponse { version: Some(WIRE_V), heartbeat_interval_ms: 50, nfs_pools: vec![] }))
+        }
+        async fn heartbeat(&self, _: Request<ap::HeartbeatRequest>) -> Result<Response<ap::HeartbeatResponse>, Status> {
+            let mut s = self.0.lock().unwrap();
+            s.heartbeats += 1;
+            Ok(Response::new(ap::HeartbeatResponse { resync: s.resync_first_heartbeat && s.heartbeats == 1 }))
+        }
+        async fn report_changes(&self, _: Request<ap::ReportChangesRequest>) -> Result<Response<ap::ReportChangesResponse>, Status> {
+            Ok(Response::new(ap::ReportChangesResponse { resync: false }))
+        }
+    }
+
+    const WIRE_V: ap::WireVersion = crate::agent_proto::WIRE_VERSION;
+
+    impl FakeRegistry {
+        async fn serve(&self) -> SocketAddr {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let svc = RegistryServer::new(self.clone());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            addr
+        }
+        fn get(&self, f: impl Fn(&Seen) -> usize) -> usize {
+            f(&self.0.lock().unwrap())
+        }
+        async fn wait(&self, what: &str, f: impl Fn(&Seen) -> bool) {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while !f(&self.0.lock().unwrap()) {
+                assert!(std::time::Instant::now() < until, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// An agent with no pools, registering through `lookup`'s answers (changed by the test).
+    fn start(tmp: &std::path::Path, addresses: Arc<Mutex<Vec<SocketAddr>>>) -> tokio::task::JoinHandle<()> {
+        let exec = Arc::new(crate::exec::FakeExec::new());
+        let mounter = Arc::new(crate::node::mount::FakeMounter::new());
+        let driver = crate::driver::Driver::new("n1", &crate::config::Config::default(), tmp, exec, mounter).unwrap();
+        let agent = LocalAgent::new(Arc::new(driver));
+        let cfg = RegisterConfig {
+            controller: "controller.test:9100".into(),
+            node_id: "n1".into(),
+            advertise: "127.0.0.1:1".into(),
+            tls: None,
+            server_name: String::new(),
+        };
+        let lookup: Lookup = Arc::new(move |_| {
+            let found = addresses.lock().unwrap().clone();
+            Box::pin(async move { Ok(found) })
+        });
+        tokio::spawn(run_with(cfg, agent, Arc::new(|_| {}), lookup, Duration::from_millis(100)))
+    }
+
+    #[tokio::test]
+    async fn every_address_of_the_controller_name_gets_the_registration_and_follows_its_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b, c) = (FakeRegistry::default(), FakeRegistry::default(), FakeRegistry::default());
+        let (aa, ba, ca) = (a.serve().await, b.serve().await, c.serve().await);
+        let addresses = Arc::new(Mutex::new(vec![aa, ba]));
+        let task = start(tmp.path(), addresses.clone());
+        for (what, r) in [("first replica", &a), ("second replica", &b)] {
+            r.wait(what, |s| s.registrations == 1 && s.heartbeats >= 2).await;
+        }
+        assert_eq!(c.get(|s| s.registrations), 0);
+        // A replica added behind the name gets it at the next resolution; one removed stops.
+        *addresses.lock().unwrap() = vec![ba, ca];
+        c.wait("the new replica", |s| s.registrations == 1 && s.heartbeats >= 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = a.get(|s| s.heartbeats);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(a.get(|s| s.heartbeats), stopped, "the removed address still gets heartbeats");
+        assert_eq!(b.get(|s| s.registrations), 1, "the kept address was not registered again");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_resync_registers_again_and_a_refusal_is_retried_slowly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let resync = FakeRegistry::default();
+        resync.0.lock().unwrap().resync_first_heartbeat = true;
+        let refusing = FakeRegistry::default();
+        refusing.0.lock().unwrap().refuse = true;
+        let addresses = Arc::new(Mutex::new(vec![resync.serve().await, refusing.serve().await]));
+        let task = start(tmp.path(), addresses);
+        resync.wait("a second registration after the resync", |s| s.registrations == 2 && s.heartbeats >= 3).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(refusing.get(|s| s.registrations), 1, "a refused agent must not retry in a tight loop");
+        assert_eq!(refusing.get(|s| s.heartbeats), 0, "a refused agent heartbeats");
+        assert_eq!(resync.get(|s| s.registrations), 2, "one resync, one registration");
+        task.abort();
+    }
+
+    #[test]
+    fn a_node_serves_only_the_nfs_pools_the_controller_defined() {
+        use crate::volume_id::{PoolKind, VolumeId};
+        let tmp = tempfile::tempdir().unwrap();
+        let exec = Arc::new(crate::exec::FakeExec::new());
+        let mounter = Arc::new(crate::node::mount::FakeMounter::new());
+        let driver = crate::driver::Driver::new("n1", &crate::config::Config::default(), tmp.path(), exec, mounter).unwrap();
+        let id = |pool: &str| VolumeId::new(PoolKind::Nfs, None, pool, "pvc-1");
+        assert!(driver.pool_of(&id("shared")).is_none(), "no nfs pool before the controller names one");
+        let def = ap::NfsPool { name: "shared".into(), server: "nfs.example".into(), export: "/exports/k8s".into(), ..Default::default() };
+        learn_nfs_pools(&driver, vec![def, ap::NfsPool { name: "Bad Name".into(), ..Default::default() }]);
+        let pool = driver.pool_of(&id("shared")).expect("a defined pool is served");
+        assert_eq!((pool.name(), pool.kind()), ("shared", PoolKind::Nfs));
+        assert!(driver.pool_of(&id("elsewhere")).is_none(), "an id naming an undefined pool names nothing here");
+        assert!(driver.pool_of(&VolumeId::new(PoolKind::File, None, "shared", "pvc-1")).is_none(), "another kind");
+        assert!(driver.own_pool_of(&id("shared")).is_none(), "the controller operations never act on it");
+        assert!(crate::csi::object_of(&driver, crate::locks::ObjectKind::Volume, &id("elsewhere").to_string()).is_none());
+        // A definition the controller withdraws is no longer served.
+        learn_nfs_pools(&driver, vec![]);
+        assert!(driver.pool_of(&id("shared")).is_none());
+    }
 
     #[test]
     fn wire_versions_parse_as_major_dot_minor() {

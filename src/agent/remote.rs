@@ -20,6 +20,16 @@ use crate::tls::{self, ClientTls};
 /// Time past the budget before the caller stops waiting itself (the peer answers within the
 /// budget; this covers a peer that does not answer at all).
 const GRACE: Duration = Duration::from_secs(1);
+/// After a failed connection attempt, calls fail at once for this long instead of each waiting
+/// for its own attempt (many calls to a dead node must not queue behind each other).
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
+/// The channel, or why the last attempt to open one failed and when.
+#[derive(Default)]
+struct Conn {
+    channel: Option<Channel>,
+    failed: Option<(std::time::Instant, String)>,
+}
 
 /// The agent of another node.
 pub struct RemoteAgent {
@@ -27,7 +37,7 @@ pub struct RemoteAgent {
     address: String,
     server_name: String,
     tls: Option<Arc<ClientTls>>,
-    channel: tokio::sync::Mutex<Option<Channel>>,
+    conn: tokio::sync::Mutex<Conn>,
 }
 
 impl RemoteAgent {
@@ -39,7 +49,7 @@ impl RemoteAgent {
             address: address.to_owned(),
             server_name: server_name.to_owned(),
             tls,
-            channel: tokio::sync::Mutex::new(None),
+            conn: tokio::sync::Mutex::new(Conn::default()),
         }
     }
 
@@ -52,19 +62,33 @@ impl RemoteAgent {
         Error::Unavailable(format!("agent of node {} at {} unreachable: {why}", self.node_id, crate::error::bounded(&self.address)))
     }
 
-    /// A client on the open channel, opening it first if needed.
-    async fn client(&self) -> Result<AgentClient<Channel>> {
-        let mut open = self.channel.lock().await;
-        let channel = match open.as_ref() {
-            Some(c) => c.clone(),
-            None => {
-                let c = match &self.tls {
-                    Some(t) => tls::connect(&self.address, &self.server_name, t.clone()).await,
-                    None => plain(&self.address).await,
+    /// A client on the open channel, opening it first if needed (within `budget`).
+    async fn client(&self, budget: Duration) -> Result<AgentClient<Channel>> {
+        let mut conn = self.conn.lock().await;
+        let channel = match (&conn.channel, &conn.failed) {
+            (Some(c), _) => c.clone(),
+            (None, Some((at, why))) if at.elapsed() < RECONNECT_AFTER => return Err(self.unreachable(why)),
+            (None, _) => {
+                let connect = async {
+                    match &self.tls {
+                        Some(t) => tls::connect(&self.address, &self.server_name, t.clone()).await,
+                        None => plain(&self.address).await,
+                    }
+                };
+                let opened = match tokio::time::timeout(budget.min(tls::HANDSHAKE_TIMEOUT), connect).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("no connection within {:?}", budget.min(tls::HANDSHAKE_TIMEOUT))),
+                };
+                match opened {
+                    Ok(c) => {
+                        conn.failed = None;
+                        conn.channel.insert(c).clone()
+                    }
+                    Err(e) => {
+                        conn.failed = Some((std::time::Instant::now(), e.clone()));
+                        return Err(self.unreachable(&e));
+                    }
                 }
-                .map_err(|e| self.unreachable(&e))?;
-                *open = Some(c.clone());
-                c
             }
         };
         Ok(AgentClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
@@ -76,15 +100,16 @@ impl RemoteAgent {
         F: FnOnce(AgentClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<Resp>, tonic::Status>>,
     {
+        // Connecting is bounded on its own: a node that cannot be reached is UNAVAILABLE.
+        let client = self.client(budget).await?;
         let run = async {
-            let client = self.client().await?;
             let mut request = tonic::Request::new(req);
             request.set_timeout(budget);
             match f(client, request).await {
                 Ok(r) => Ok(r.into_inner()),
                 Err(status) if is_transport(&status) => {
                     // Reopened on the next call (a restarted agent, a new address behind a name).
-                    *self.channel.lock().await = None;
+                    self.conn.lock().await.channel = None;
                     Err(self.unreachable(status.message()))
                 }
                 Err(status) => Err(Error::from_status(&status, &format!("agent of node {}", self.node_id))),
@@ -112,10 +137,11 @@ async fn plain(address: &str) -> std::result::Result<Channel, String> {
         .map_err(|e| format!("cannot connect to {address}: {e}"))
 }
 
-/// Whether a failed call failed on the way (no answer from the agent): tonic keeps the
-/// transport's error as the status's source, an answer has none.
+/// Whether a failed call failed on the way (no answer from the agent: refused, reset,
+/// cancelled by a broken connection): tonic keeps the transport's error as the status's source,
+/// an answer has none. A deadline the client enforced stays DEADLINE_EXCEEDED.
 fn is_transport(status: &tonic::Status) -> bool {
-    std::error::Error::source(status).is_some() && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+    std::error::Error::source(status).is_some() && status.code() != tonic::Code::DeadlineExceeded
 }
 
 #[tonic::async_trait]
@@ -170,5 +196,61 @@ impl AgentOps for RemoteAgent {
 
     async fn get_inventory(&self, budget: Duration) -> Result<ap::Inventory> {
         self.call(ap::GetInventoryRequest {}, budget, |mut c, r| async move { c.get_inventory(r).await }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::local::LocalAgent;
+
+    /// An agent with no pools served in-process on a loopback port; answers its address.
+    async fn serve(tmp: &std::path::Path) -> String {
+        let exec = Arc::new(crate::exec::FakeExec::new());
+        let mounter = Arc::new(crate::node::mount::FakeMounter::new());
+        let driver = crate::driver::Driver::new("n1", &crate::config::Config::default(), tmp, exec, mounter).unwrap();
+        let agent = LocalAgent::new(Arc::new(driver));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(crate::agent::server::agent_service(agent))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_answer_keeps_its_code_and_names_the_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        let addr = serve(tmp.path()).await;
+        let remote = RemoteAgent::new("n1", &addr, "n1", None);
+        let inv = remote.get_inventory(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(inv.node_id, "n1");
+        let err = remote.get_capacity(ap::GetCapacityRequest { pool: "nope".into() }, Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(&err, Error::NotFound(m) if m.starts_with("agent of node n1: ") && m.contains("nope")), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_agent_is_unavailable_at_once_for_every_caller() {
+        // TEST-NET-1: nothing answers there (a connection hangs, or fails at once where there
+        // is no route); each caller may wait at most its 2 s budget, and the attempt is shared.
+        let addr = "192.0.2.1:9".to_owned();
+        let remote = Arc::new(RemoteAgent::new("n9", &addr, "n9", None));
+        let started = std::time::Instant::now();
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let r = remote.clone();
+                tokio::spawn(async move { r.get_inventory(Duration::from_secs(2)).await })
+            })
+            .collect();
+        for c in calls {
+            let err = c.await.unwrap().unwrap_err();
+            assert!(
+                matches!(&err, Error::Unavailable(m) if m.contains("agent of node n9") && m.contains(&addr) && m.contains("unreachable")),
+                "{err}"
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(4), "callers queued behind each other: {:?}", started.elapsed());
     }
 }

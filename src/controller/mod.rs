@@ -100,8 +100,9 @@ enum Route {
     Up(String, Arc<dyn AgentOps>),
     /// A node that is down or retired.
     Trouble(NodeView),
-    /// No agent serves it: a node that never registered, or an nfs pool nobody serves.
-    Unknown(String),
+    /// No agent serves it: a node that never registered, or an nfs pool nobody serves
+    /// (node, pool).
+    Unknown(String, String),
 }
 
 impl ClusterController {
@@ -121,6 +122,19 @@ impl ClusterController {
         ClusterController { standalone: true, ..ClusterController::new(reg) }
     }
 
+    /// all-in-one's controller over `driver`'s pools: a registry holding one in-process
+    /// [`crate::agent::local::LocalAgent`] (no start-up grace, no remote agent).
+    pub async fn over_driver(driver: Arc<crate::driver::Driver>) -> Result<ClusterController> {
+        let connector: registry::Connector = Arc::new(|node: &str, _: &str| -> Arc<dyn AgentOps> {
+            // No Registry service is served in all-in-one, so nothing registers: an agent that
+            // somehow did could serve nothing.
+            Arc::new(registry::Absent(node.to_owned()))
+        });
+        let reg = Registry::new(registry::RegistryOptions { grace: Duration::ZERO, ..registry::RegistryOptions::new(connector) });
+        reg.add_local(crate::agent::local::LocalAgent::new(driver)).await?;
+        Ok(ClusterController::standalone(reg))
+    }
+
     /// The registry it places and routes with.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.reg
@@ -134,17 +148,28 @@ impl ClusterController {
         match view {
             Some(v) if v.state == NodeState::Up => match v.agent.clone() {
                 Some(a) => Route::Up(v.node_id, a),
-                None => Route::Unknown(v.node_id),
+                None => Route::Unknown(v.node_id, id.pool.clone()),
             },
             Some(v) => Route::Trouble(v),
-            None => Route::Unknown(id.node.clone().unwrap_or_else(|| format!("(no node serves pool {})", id.pool))),
+            None => Route::Unknown(id.node.clone().unwrap_or_else(|| format!("(no node serves pool {})", id.pool)), id.pool.clone()),
         }
     }
 
     /// The error for an id whose node has no agent: UNAVAILABLE while agents may still be
-    /// registering or in a cluster (it may come), `absent` in all-in-one.
-    fn unknown(&self, node: &str, absent: Error) -> Error {
+    /// registering or in a cluster (it may come); in all-in-one `absent`, unless the id names a
+    /// pool of this node on another node (UNAVAILABLE, as a single-node driver always said).
+    fn unknown(&self, node: &str, pool: &str, absent: Error) -> Error {
         if self.standalone {
+            // Another node's id naming a pool this node has too (all-in-one on every node): that
+            // node's own driver serves it; answering "gone" here would lose it.
+            let here = self.reg.nodes_view().into_iter().find(|n| n.in_process && n.node_id != node);
+            if let Some(here) = here.filter(|h| h.pools.iter().any(|p| p.name == pool)) {
+                return Error::Unavailable(format!(
+                    "the object lives on node {}, and this instance serves node {}; send the request to that node's driver",
+                    bounded(node),
+                    here.node_id
+                ));
+            }
             return absent;
         }
         let why = if self.reg.ready() { "has no registered agent" } else { "has not registered yet (the controller just started)" };
@@ -239,7 +264,7 @@ impl ClusterController {
                 Route::Up(node, agent) => self.created(&node, agent.create_volume(forward(&sid.pool), budget).await?, &req.name),
                 Route::Trouble(n) if n.state == NodeState::Down => Err(registry::unreachable(&n)),
                 Route::Trouble(n) => Err(Error::NotFound(format!("source {what} {} is on retired node {}", bounded(id), n.node_id))),
-                Route::Unknown(node) => Err(self.unknown(&node, missing())),
+                Route::Unknown(node, pool) => Err(self.unknown(&node, &pool, missing())),
             };
         }
 
@@ -434,7 +459,7 @@ impl ClusterController {
                 Ok(DeleteVolumeResponse {})
             }
             Route::Trouble(n) => Err(registry::unreachable(&n)),
-            Route::Unknown(node) => Err(self.unknown(&node, Error::NotFound(String::new()))).or_else(|e| match e {
+            Route::Unknown(node, pool) => Err(self.unknown(&node, &pool, Error::NotFound(String::new()))).or_else(|e| match e {
                 Error::NotFound(_) => Ok(DeleteVolumeResponse {}),
                 e => Err(e),
             }),
@@ -451,7 +476,7 @@ impl ClusterController {
         match self.route(&id) {
             Route::Up(_, agent) => agent.expand_volume(req, budget).await,
             Route::Trouble(n) => Err(registry::unreachable(&n)),
-            Route::Unknown(node) => Err(self.unknown(&node, missing())),
+            Route::Unknown(node, pool) => Err(self.unknown(&node, &pool, missing())),
         }
     }
 
@@ -495,7 +520,7 @@ impl ClusterController {
             Route::Trouble(n) => {
                 Err(Error::NotFound(format!("source volume {} is on retired node {}", bounded(&req.source_volume_id), n.node_id)))
             }
-            Route::Unknown(node) => Err(self.unknown(&node, missing())),
+            Route::Unknown(node, pool) => Err(self.unknown(&node, &pool, missing())),
         }
     }
 
@@ -514,7 +539,7 @@ impl ClusterController {
                 Ok(DeleteSnapshotResponse {})
             }
             Route::Trouble(n) => Err(registry::unreachable(&n)),
-            Route::Unknown(node) => match self.unknown(&node, Error::NotFound(String::new())) {
+            Route::Unknown(node, pool) => match self.unknown(&node, &pool, Error::NotFound(String::new())) {
                 Error::NotFound(_) => Ok(DeleteSnapshotResponse {}),
                 e => Err(e),
             },
@@ -540,7 +565,7 @@ impl ClusterController {
                 let v = self.indexed_volume(&n.node_id, &req.volume_id).ok_or_else(missing)?;
                 (v.volume, abnormal(&n))
             }
-            Route::Unknown(node) => return Err(self.unknown(&node, missing())),
+            Route::Unknown(node, pool) => return Err(self.unknown(&node, &pool, missing())),
         };
         Ok(ControllerGetVolumeResponse {
             volume,
@@ -559,7 +584,7 @@ impl ClusterController {
                 (node, agent.get_volume(get, budget).await?.volume.ok_or_else(missing)?)
             }
             Route::Trouble(n) => (n.node_id.clone(), self.indexed_volume(&n.node_id, &req.volume_id).ok_or_else(missing)?),
-            Route::Unknown(node) => return Err(self.unknown(&node, missing())),
+            Route::Unknown(node, pool) => return Err(self.unknown(&node, &pool, missing())),
         };
         let pool = self.reg.node(&node).and_then(|n| n.pools.into_iter().find(|p| p.name == volume.pool)).unwrap_or_default();
         // A filesystem volume records its filesystem in its context; a raw block one does not.
@@ -650,8 +675,8 @@ impl ClusterController {
             Some(Some(id)) => match self.route(&id) {
                 Route::Up(n, _) => Some(n),
                 Route::Trouble(n) => Some(n.node_id),
-                Route::Unknown(node) => {
-                    return match self.unknown(&node, Error::NotFound(String::new())) {
+                Route::Unknown(node, pool) => {
+                    return match self.unknown(&node, &pool, Error::NotFound(String::new())) {
                         Error::NotFound(_) => Ok(ListSnapshotsResponse::default()),
                         e => Err(e),
                     };
@@ -712,7 +737,7 @@ impl ClusterController {
                     .ok_or_else(missing)?;
                 Ok(GetSnapshotResponse { snapshot: Some(s) })
             }
-            Route::Unknown(node) => Err(self.unknown(&node, missing())),
+            Route::Unknown(node, pool) => Err(self.unknown(&node, &pool, missing())),
         }
     }
 

@@ -10,7 +10,7 @@
 //! apart (FAILED_PRECONDITION naming both), a node id on the retired list
 //! (FAILED_PRECONDITION), with per-node certificates a certificate not issued to the node id
 //! (PERMISSION_DENIED), and a second live agent claiming a registered node id from another
-//! address (ALREADY_EXISTS).
+//! address (ALREADY_EXISTS; the first keeps it until it is down).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::agent::AgentOps;
+use crate::agent_proto as ap;
 use crate::agent_proto::registry_server::{Registry as RegistryApi, RegistryServer};
-use crate::agent_proto::{self as ap, WIRE_VERSION};
 use crate::error::{Error, Result, bounded};
 use crate::placement::{Health, NODE_KEY, NodeState, PoolCandidate, Segments};
 use crate::volume_id::valid_node_id;
@@ -604,7 +604,7 @@ impl Registry {
     /// Refuses a wire version that is not the same major as this build's, or more than one
     /// minor apart.
     pub fn check_version(theirs: Option<&ap::WireVersion>, node: &str) -> Result<ap::WireVersion, Status> {
-        version_check(WIRE_VERSION, theirs, node)
+        version_check(ap::wire_version(), theirs, node)
     }
 
     /// With per-node certificates, the certificate must be issued to the node id.
@@ -628,7 +628,10 @@ impl Registry {
 
     /// Register: see the module documentation for the refusals.
     pub fn register(&self, req: Request<ap::RegisterRequest>) -> Result<ap::RegisterResponse, Status> {
-        let remote = crate::tls::peer_of(&req).map(|p| p.remote.to_string()).unwrap_or_default();
+        let remote = crate::tls::peer_of(&req)
+            .map(|p| p.remote.to_string())
+            .or_else(|| req.remote_addr().map(|a| a.to_string()))
+            .unwrap_or_default();
         let node = req.get_ref().inventory.as_ref().map(|i| i.node_id.clone()).unwrap_or_default();
         let res = self.register_inner(req, &node);
         if let Err(s) = &res {
@@ -662,7 +665,10 @@ impl Registry {
         let mut reuse = None;
         if let Some(old) = nodes.get(node) {
             let live = old.in_process || old.silent_for(now) <= self.opts.down_after;
-            if old.in_process || (live && old.address != inv.advertised_address && old.started_unix != inv.agent_started_unix) {
+            // A live agent never changes its advertised address (it is fixed at its start), and
+            // process starts are whole seconds (two agents started together share one): another
+            // address while the first is alive is another agent, whatever its start.
+            if old.in_process || (live && old.address != inv.advertised_address) {
                 return Err(Status::already_exists(format!(
                     "node id {} is already registered by a live agent at {} (started {}); this agent at {} (started {}) is refused: \
                      give each node its own --node-id",
@@ -695,7 +701,7 @@ impl Registry {
         }
         nodes.insert(node.to_owned(), entry);
         Ok(ap::RegisterResponse {
-            version: Some(WIRE_VERSION),
+            version: Some(ap::wire_version()),
             heartbeat_interval_ms: self.opts.heartbeat.as_millis().min(u32::MAX as u128) as u32,
             nfs_pools: self.opts.nfs_pools.clone(),
         })
@@ -838,6 +844,60 @@ impl RegistryApi for RegistryService {
     }
 }
 
+/// The agent of a node no process serves (what all-in-one would dial, if anything registered
+/// with it): every call answers UNAVAILABLE.
+pub struct Absent(pub String);
+
+impl Absent {
+    fn err(&self) -> Error {
+        Error::Unavailable(format!("node {} has no agent this process can reach", bounded(&self.0)))
+    }
+}
+
+#[tonic::async_trait]
+impl AgentOps for Absent {
+    fn node_id(&self) -> &str {
+        &self.0
+    }
+    async fn create_volume(&self, _: ap::CreateVolumeRequest, _: Duration) -> Result<crate::proto::CreateVolumeResponse> {
+        Err(self.err())
+    }
+    async fn delete_volume(&self, _: crate::proto::DeleteVolumeRequest, _: Duration) -> Result<crate::proto::DeleteVolumeResponse> {
+        Err(self.err())
+    }
+    async fn expand_volume(
+        &self,
+        _: crate::proto::ControllerExpandVolumeRequest,
+        _: Duration,
+    ) -> Result<crate::proto::ControllerExpandVolumeResponse> {
+        Err(self.err())
+    }
+    async fn create_snapshot(&self, _: crate::proto::CreateSnapshotRequest, _: Duration) -> Result<crate::proto::CreateSnapshotResponse> {
+        Err(self.err())
+    }
+    async fn delete_snapshot(&self, _: crate::proto::DeleteSnapshotRequest, _: Duration) -> Result<crate::proto::DeleteSnapshotResponse> {
+        Err(self.err())
+    }
+    async fn get_volume(&self, _: ap::GetVolumeRequest, _: Duration) -> Result<ap::GetVolumeResponse> {
+        Err(self.err())
+    }
+    async fn list_volumes(&self, _: ap::ListVolumesRequest, _: Duration) -> Result<ap::ListVolumesResponse> {
+        Err(self.err())
+    }
+    async fn get_snapshot(&self, _: ap::GetSnapshotRequest, _: Duration) -> Result<ap::GetSnapshotResponse> {
+        Err(self.err())
+    }
+    async fn list_snapshots(&self, _: ap::ListSnapshotsRequest, _: Duration) -> Result<ap::ListSnapshotsResponse> {
+        Err(self.err())
+    }
+    async fn get_capacity(&self, _: ap::GetCapacityRequest, _: Duration) -> Result<ap::GetCapacityResponse> {
+        Err(self.err())
+    }
+    async fn get_inventory(&self, _: Duration) -> Result<ap::Inventory> {
+        Err(self.err())
+    }
+}
+
 /// An error for a node that cannot serve a call now.
 pub fn unreachable(n: &NodeView) -> Error {
     match n.trouble() {
@@ -850,65 +910,11 @@ pub fn unreachable(n: &NodeView) -> Error {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::agent_proto::WIRE_VERSION;
     use crate::agent_proto::WireVersion;
 
-    /// A fake agent: answers nothing but its node id (the registry never calls it).
-    pub(crate) struct Inert(pub String);
-
-    #[tonic::async_trait]
-    impl AgentOps for Inert {
-        fn node_id(&self) -> &str {
-            &self.0
-        }
-        async fn create_volume(&self, _: ap::CreateVolumeRequest, _: Duration) -> Result<crate::proto::CreateVolumeResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn delete_volume(&self, _: crate::proto::DeleteVolumeRequest, _: Duration) -> Result<crate::proto::DeleteVolumeResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn expand_volume(
-            &self,
-            _: crate::proto::ControllerExpandVolumeRequest,
-            _: Duration,
-        ) -> Result<crate::proto::ControllerExpandVolumeResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn create_snapshot(
-            &self,
-            _: crate::proto::CreateSnapshotRequest,
-            _: Duration,
-        ) -> Result<crate::proto::CreateSnapshotResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn delete_snapshot(
-            &self,
-            _: crate::proto::DeleteSnapshotRequest,
-            _: Duration,
-        ) -> Result<crate::proto::DeleteSnapshotResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn get_volume(&self, _: ap::GetVolumeRequest, _: Duration) -> Result<ap::GetVolumeResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn list_volumes(&self, _: ap::ListVolumesRequest, _: Duration) -> Result<ap::ListVolumesResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn get_snapshot(&self, _: ap::GetSnapshotRequest, _: Duration) -> Result<ap::GetSnapshotResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn list_snapshots(&self, _: ap::ListSnapshotsRequest, _: Duration) -> Result<ap::ListSnapshotsResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn get_capacity(&self, _: ap::GetCapacityRequest, _: Duration) -> Result<ap::GetCapacityResponse> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-        async fn get_inventory(&self, _: Duration) -> Result<ap::Inventory> {
-            Err(Error::Unimplemented("inert".into()))
-        }
-    }
-
     pub(crate) fn inert_connector() -> Connector {
-        Arc::new(|node: &str, _addr: &str| Arc::new(Inert(node.to_owned())) as Arc<dyn AgentOps>)
+        Arc::new(|node: &str, _addr: &str| Arc::new(Absent(node.to_owned())) as Arc<dyn AgentOps>)
     }
 
     fn opts() -> RegistryOptions {
@@ -1011,10 +1017,12 @@ pub(crate) mod tests {
         assert_eq!(err.code(), tonic::Code::AlreadyExists);
         assert!(err.message().contains("10.0.0.1:7000") && err.message().contains("10.0.0.2:7000"), "{}", err.message());
         assert_eq!(r.node("n1").unwrap().address, "10.0.0.1:7000", "the first registration stays");
-        // The same agent restarted at its address, or the same process at a new address: accepted.
+        // Started in the same second (process starts are whole seconds): still another agent.
+        let err = register(&r, inventory("n1", "10.0.0.2:7000", 100, 0), WIRE_VERSION).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists);
+        // The same agent restarted at its address: accepted.
         register(&r, inventory("n1", "10.0.0.1:7000", 300, 0), WIRE_VERSION).expect("a restart at the same address");
-        register(&r, inventory("n1", "10.0.0.3:7000", 300, 0), WIRE_VERSION).expect("the same process, a new address");
-        assert_eq!(r.node("n1").unwrap().address, "10.0.0.3:7000");
+        assert_eq!(r.node("n1").unwrap().started_unix, 300);
     }
 
     #[tokio::test]

@@ -616,3 +616,21 @@ async fn creates_in_flight_count_against_their_pool() {
     assert_eq!(per_node.values().sum::<usize>(), 20);
     assert!(per_node.get("a").copied().unwrap_or(0) >= 8 && per_node.get("b").copied().unwrap_or(0) >= 8, "{per_node:?}");
 }
+
+#[tokio::test]
+async fn all_in_one_sends_another_nodes_ids_to_that_node() {
+    let solo = FakeAgent::new("solo", "z1", &[("p", 1 << 30)]);
+    let reg = Registry::new(RegistryOptions { grace: Duration::ZERO, ..RegistryOptions::new(super::registry::tests::inert_connector()) });
+    reg.add_in_process(solo.clone(), tokio::sync::broadcast::channel(4).1).await.unwrap();
+    let c = ClusterController::standalone(reg);
+    let d = Duration::from_secs(1);
+    // A pool this node has, on another node: that node's driver must answer, never "gone".
+    let theirs = DeleteVolumeRequest { volume_id: "file:other:p:x".into(), ..Default::default() };
+    assert_eq!(code(c.delete(theirs, d).await), Code::Unavailable);
+    // A pool this node does not have: names nothing here.
+    c.delete(DeleteVolumeRequest { volume_id: "file:other:q:x".into(), ..Default::default() }, d).await.unwrap();
+    let get = ControllerGetVolumeRequest { volume_id: "file:other:q:x".into() };
+    assert_eq!(code(c.get_volume(get, d).await), Code::NotFound);
+    let v = c.create(create_req("here", 0), Duration::from_secs(5)).await.unwrap().volume.unwrap();
+    assert!(v.volume_id.starts_with("file:solo:p:"));
+}
