@@ -1141,14 +1141,14 @@ impl LocalAgent {
                 if let Ok(Some(s)) = pool.get_snapshot(&local).await {
                     let entry = agent.snapshot_entry(pool.as_ref(), &s);
                     let mut st = agent.feed.lock();
-                    if !st.snapshots.get(&key).is_some_and(|x| x.sequence > since) {
+                    if st.snapshots.get(&key).is_none_or(|x| x.sequence <= since) {
                         st.snapshot(&agent.feed.tx, entry);
                     }
                 }
             } else if let Ok(Some(v)) = pool.get_volume(&local).await {
                 let entry = agent.volume_entry(pool.as_ref(), &v, None);
                 let mut st = agent.feed.lock();
-                if !st.volumes.get(&key).is_some_and(|x| x.sequence > since) {
+                if st.volumes.get(&key).is_none_or(|x| x.sequence <= since) {
                     st.volume(&agent.feed.tx, entry);
                 }
             }

@@ -148,7 +148,7 @@ async fn session(cfg: RegisterConfig, addr: SocketAddr, agent: Arc<LocalAgent>, 
                 RESYNC_PAUSE
             }
             Ended::Failed(why) => {
-                tracing::warn!(controller = %addr, error = %why, retry_in = ?backoff, "lost the controller; registering again");
+                tracing::warn!(controller = %addr, error = %why, retry_in = ?backoff, "cannot reach the controller; registering again");
                 channel = None;
                 let p = backoff;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -183,8 +183,20 @@ async fn connect(cfg: &RegisterConfig, addr: SocketAddr) -> Result<Channel, Stri
             .tcp_nodelay(true)
             .connect()
             .await
-            .map_err(|e| format!("cannot connect to {address}: {e}")),
+            .map_err(|e| format!("cannot connect to {address}: {}", with_causes(&e))),
     }
+}
+
+/// An error with its causes ("transport error: tcp connect error: Connection refused").
+pub(crate) fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 fn request<T>(msg: T, budget: Duration) -> tonic::Request<T> {

@@ -134,7 +134,7 @@ async fn plain(address: &str) -> std::result::Result<Channel, String> {
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {address}: {e}"))
+        .map_err(|e| format!("cannot connect to {address}: {}", super::register::with_causes(&e)))
 }
 
 /// Whether a failed call failed on the way (no answer from the agent: refused, reset,
