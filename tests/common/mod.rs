@@ -258,7 +258,8 @@ impl Driver {
         let channel = self.wait_for_socket().await;
         let clients = match self.split.as_mut() {
             None => Clients::new(channel),
-            Some(s) => s.clients(channel, NODE_ID, Instant::now() + START_TIMEOUT).await,
+            // Two processes to load (and an agent to register) instead of one.
+            Some(s) => s.clients(channel, NODE_ID, Instant::now() + 2 * START_TIMEOUT).await,
         };
         self.clients = Some(clients);
     }

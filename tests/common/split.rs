@@ -182,9 +182,13 @@ impl Split {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let admin = AdminClient::new(controller.clone());
+        let started = Instant::now();
         let mut clients = Clients::new(controller);
         clients.node = holdfast::proto::node_client::NodeClient::new(node);
         self.wait_ready(&clients, admin, node_id, deadline).await;
+        if started.elapsed() > Duration::from_secs(10) {
+            eprintln!("split driver: the controller was ready {:?} after its socket", started.elapsed());
+        }
         clients
     }
 
