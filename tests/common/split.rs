@@ -41,9 +41,13 @@ pub fn topology() -> Topology {
 }
 
 /// Test timings of the controller (ms): heartbeats twice a second, half a second of start-up
-/// grace (the time it gives agents to register before it places volumes).
+/// grace (the time it gives agents to register before it places volumes), and a minute of
+/// silence before the agent counts as down: the suite does not test dead nodes
+/// (tests/multinode.rs does), and in the software-emulated VM a busy agent's heartbeats can
+/// lag by seconds.
 const HEARTBEAT_MS: &str = "500";
 const GRACE_MS: &str = "500";
+const DOWN_AFTER_MS: &str = "60000";
 /// The controller's and the agent's ports on the driver's own loopback address.
 const CONTROLLER_PORT: u16 = 7440;
 const AGENT_PORT: u16 = 7441;
@@ -109,7 +113,7 @@ impl Split {
             .arg(&self.controller_config)
             .arg("--state-dir")
             .arg(&self.state)
-            .args(["--heartbeat-ms", HEARTBEAT_MS, "--startup-grace-ms", GRACE_MS, "--insecure"])
+            .args(["--heartbeat-ms", HEARTBEAT_MS, "--startup-grace-ms", GRACE_MS, "--down-after-ms", DOWN_AFTER_MS, "--insecure"])
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
             .stdin(Stdio::null())
             .stdout(out)
