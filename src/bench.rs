@@ -1,7 +1,10 @@
 //! `holdfast bench`: measures a running driver through its CSI socket. The driver's idle
-//! memory (`/proc/PID/status`), CreateVolume / DeleteVolume latency over sequential calls, and
-//! the time to a ready-to-use ext4 volume (CreateVolume, NodeStage, NodePublish) against the same
-//! made by hand with `truncate`, `losetup`, `mkfs.ext4` and `mount` in the same run.
+//! memory (`/proc/PID/status`), CreateVolume / DeleteVolume latency over sequential calls (or
+//! `--concurrency` at once: then also the throughput and where the volumes were placed, per
+//! node), and the time to a ready-to-use ext4 volume (CreateVolume, NodeStage, NodePublish)
+//! against the same made by hand with `truncate`, `losetup`, `mkfs.ext4` and `mount` in the same
+//! run. Against `holdfast controller` (`--repeat 0`: it serves no Node), `--agent-pid` adds the
+//! agents' memory.
 //!
 //! Everything the benchmark creates is removed again, also after a failure; inside the work
 //! directory it only ever removes what it created itself, and directories only when empty.
@@ -10,8 +13,9 @@ pub mod by_hand;
 pub mod report;
 pub mod stats;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::client::{self, Access, Clients, capacity, volume_capability};
@@ -22,8 +26,8 @@ use crate::exec::RealExec;
 use crate::proto::controller_client::ControllerClient;
 use crate::proto::node_client::NodeClient;
 use crate::proto::{DeleteVolumeRequest, GetCapacityRequest, GetPluginInfoRequest, VolumeCapability};
-use report::{MemoryReport, Report};
-use stats::{Summary, read_memory};
+use report::{AgentsMemory, MemoryReport, Report, Series};
+use stats::{Memory, Summary, read_memory};
 
 /// `holdfast bench` arguments.
 #[derive(clap::Args, Debug)]
@@ -51,6 +55,15 @@ pub struct BenchArgs {
     /// The driver's pid: its memory is read from /proc/PID/status.
     #[arg(long)]
     pub driver_pid: Option<u32>,
+    /// How many calls of the CreateVolume (and DeleteVolume) series run at once. Above 1 the
+    /// report adds the throughput and how many volumes each node got (from each answer's
+    /// topology): placement across a cluster's agents.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrency: u32,
+    /// The pid of an agent behind the controller measured (repeat for each): the agents'
+    /// memory is reported idle and after the creates.
+    #[arg(long = "agent-pid", value_name = "PID")]
+    pub agent_pids: Vec<u32>,
     /// A CreateVolume parameter (pool=NAME); repeat for several.
     #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub params: Vec<(String, String)>,
@@ -91,10 +104,14 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let memory = |pid: Option<u32>| pid.map(read_memory).transpose();
 
     let idle = memory(args.driver_pid)?;
+    let agents_idle = agents_memory(&args.agent_pids)?;
     let latency = create_delete_latency(&csi, args.count, args.create_size.unwrap_or(args.size), &run_id).await;
     let after_creates = memory(args.driver_pid)?;
-    let (create, delete, after_creates) = match latency {
-        Ok((c, d, m)) => (c, d, m.or(after_creates)),
+    let (series, after_creates, agents_after) = match latency {
+        Ok(s) => {
+            let (m, a) = (s.driver_after_creates, s.agents_after_creates.clone());
+            (s, m.or(after_creates), a)
+        }
         Err(e) => return scratch.finish(Err(e)),
     };
     let rounds = compare_ready(&csi, &scratch, args.repeat, &run_id).await;
@@ -110,8 +127,13 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         },
         size: args.size,
         create_size: args.create_size.unwrap_or(args.size),
-        create,
-        delete,
+        create: series.create,
+        delete: series.delete,
+        series: Series { concurrency: series.concurrency, wall: series.wall, placement: series.placement },
+        agents: match (agents_idle, agents_after) {
+            (Some(idle), Some(after_creates)) => Some(AgentsMemory { idle, after_creates }),
+            _ => None,
+        },
         rounds,
     };
     if args.json {
@@ -122,7 +144,9 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The CSI clients and the request parts every call of the benchmark shares.
+/// The CSI clients and the request parts every call of the benchmark shares (clones share
+/// the connection).
+#[derive(Clone)]
 struct Csi {
     controller: ControllerClient<tonic::transport::Channel>,
     node: NodeClient<tonic::transport::Channel>,
@@ -130,6 +154,8 @@ struct Csi {
     params: HashMap<String, String>,
     capability: VolumeCapability,
     driver_pid: Option<u32>,
+    concurrency: usize,
+    agent_pids: Vec<u32>,
 }
 
 impl Csi {
@@ -141,13 +167,22 @@ impl Csi {
             params: to_map(&args.params, "parameter")?,
             capability: volume_capability(&Access { fs: Some("ext4".into()), ..Access::default() })?,
             driver_pid: args.driver_pid,
+            concurrency: args.concurrency.max(1) as usize,
+            agent_pids: args.agent_pids.clone(),
         })
     }
 
     async fn create(&self, name: &str, size: u64) -> Result<String, String> {
+        self.create_placed(name, size).await.map(|(id, _)| id)
+    }
+
+    /// CreateVolume; the id and the node the answer's topology names (empty if none).
+    async fn create_placed(&self, name: &str, size: u64) -> Result<(String, String), String> {
         let req = client::create_volume_request(name, capacity(size), self.capability.clone(), self.params.clone());
         let resp = self.controller.clone().create_volume(req).await.map_err(|s| format!("CreateVolume {name}: {}", status(&s)))?;
-        resp.into_inner().volume.map(|v| v.volume_id).ok_or_else(|| format!("CreateVolume {name}: the answer has no volume"))
+        let v = resp.into_inner().volume.ok_or_else(|| format!("CreateVolume {name}: the answer has no volume"))?;
+        let node = v.accessible_topology.iter().find_map(|t| t.segments.get(crate::placement::NODE_KEY)).cloned().unwrap_or_default();
+        Ok((v.volume_id, node))
     }
 
     async fn delete(&self, id: &str) -> Result<(), String> {
@@ -176,39 +211,121 @@ impl Csi {
     }
 }
 
-/// Times `count` sequential CreateVolume calls, then the DeleteVolume of each. Also returns the
-/// driver's memory between the two series. On a failure the volumes made so far are deleted.
-async fn create_delete_latency(
-    csi: &Csi,
-    count: usize,
-    size: u64,
-    run_id: &str,
-) -> Result<(Option<Summary>, Option<Summary>, Option<stats::Memory>), String> {
+/// What the CreateVolume / DeleteVolume series measured.
+struct SeriesResult {
+    create: Option<Summary>,
+    delete: Option<Summary>,
+    concurrency: usize,
+    /// From the first create sent to the last answered.
+    wall: Option<Duration>,
+    /// Volumes per node, from the answers' topology.
+    placement: BTreeMap<String, usize>,
+    driver_after_creates: Option<Memory>,
+    agents_after_creates: Option<Vec<Memory>>,
+}
+
+/// The memory of every agent (`None` when no agent pid was given).
+fn agents_memory(pids: &[u32]) -> Result<Option<Vec<Memory>>, String> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    pids.iter().map(|&p| read_memory(p)).collect::<Result<Vec<_>, _>>().map(Some)
+}
+
+/// Runs `op` for `0..count`, at most `concurrency` at once; each result with its latency, in
+/// index order.
+async fn timed_at_once<T, F, Fut>(count: usize, concurrency: usize, op: F) -> Vec<(Duration, Result<T, String>)>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<T, String>> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let Ok(slot) = slots.clone().acquire_owned().await else { break };
+        let call = op(i);
+        tasks.spawn(async move {
+            let t = Instant::now();
+            let r = call.await;
+            drop(slot);
+            (i, t.elapsed(), r)
+        });
+    }
+    let mut out: Vec<Option<(Duration, Result<T, String>)>> = (0..count).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok((i, d, r)) => out[i] = Some((d, r)),
+            Err(e) => return vec![(Duration::ZERO, Err(format!("a benchmark task failed: {e}")))],
+        }
+    }
+    out.into_iter().flatten().collect()
+}
+
+/// Times `count` CreateVolume calls (`csi.concurrency` at once), then the DeleteVolume of
+/// each. Also returns the driver's and agents' memory between the two series. On a failure
+/// the volumes made so far are deleted.
+async fn create_delete_latency(csi: &Csi, count: usize, size: u64, run_id: &str) -> Result<SeriesResult, String> {
     check_room(csi, count, size).await?;
+    let shared = Arc::new(csi.clone());
+    let started = Instant::now();
+    let results = timed_at_once(count, csi.concurrency, |i| {
+        let (csi, name) = (shared.clone(), format!("bench-{run_id}-{i}"));
+        async move { csi.create_placed(&name, size).await }
+    })
+    .await;
+    let wall = (count > 0).then(|| started.elapsed());
     let mut ids = Vec::with_capacity(count);
     let mut creates = Vec::with_capacity(count);
-    for i in 0..count {
-        let t = Instant::now();
-        match csi.create(&format!("bench-{run_id}-{i}"), size).await {
-            Ok(id) => ids.push(id),
-            Err(e) => {
-                let leftovers = delete_all(csi, &ids).await;
-                return Err(with_leftovers(format!("after {i} volumes: {e}"), leftovers));
+    let mut placement = BTreeMap::new();
+    let mut failure = None;
+    for (d, r) in results {
+        match r {
+            Ok((id, node)) => {
+                ids.push(id);
+                creates.push(d);
+                *placement.entry(node).or_insert(0) += 1;
             }
+            Err(e) => failure = failure.or(Some(e)),
         }
-        creates.push(t.elapsed());
+    }
+    if let Some(e) = failure {
+        let leftovers = delete_all(csi, &ids).await;
+        return Err(with_leftovers(format!("after {} volumes: {e}", ids.len()), leftovers));
     }
     let memory = csi.driver_pid.map(read_memory).transpose()?;
+    let agents = agents_memory(&csi.agent_pids)?;
+    let ids = Arc::new(ids);
+    let results = timed_at_once(ids.len(), csi.concurrency, |i| {
+        let (csi, ids) = (shared.clone(), ids.clone());
+        async move { csi.delete(&ids[i]).await }
+    })
+    .await;
     let mut deletes = Vec::with_capacity(count);
-    for (i, id) in ids.iter().enumerate() {
-        let t = Instant::now();
-        if let Err(e) = csi.delete(id).await {
-            let leftovers = delete_all(csi, &ids[i + 1..]).await;
-            return Err(with_leftovers(e, leftovers));
+    let mut left = Vec::new();
+    let mut failure = None;
+    for (i, (d, r)) in results.into_iter().enumerate() {
+        match r {
+            Ok(()) => deletes.push(d),
+            Err(e) => {
+                failure = failure.or(Some(e));
+                left.push(ids[i].clone());
+            }
         }
-        deletes.push(t.elapsed());
     }
-    Ok((Summary::of(&creates), Summary::of(&deletes), memory))
+    if let Some(e) = failure {
+        let leftovers = delete_all(csi, &left).await;
+        return Err(with_leftovers(e, leftovers));
+    }
+    Ok(SeriesResult {
+        create: Summary::of(&creates),
+        delete: Summary::of(&deletes),
+        concurrency: csi.concurrency,
+        wall,
+        placement,
+        driver_after_creates: memory,
+        agents_after_creates: agents,
+    })
 }
 
 /// Fails early, with advice, when the pool cannot hold all the volumes of the series at once

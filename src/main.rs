@@ -333,7 +333,7 @@ async fn agent(args: AgentArgs, serve_on: tokio::runtime::Handle) -> anyhow::Res
     let server_tls = files.clone().map(ServerTls::server).transpose().context("the agent's TLS files")?.map(Arc::new);
     let client_tls = files.map(ClientTls::client).transpose().context("the agent's TLS files")?.map(Arc::new);
 
-    let exec = Arc::new(RealExec);
+    let exec = Arc::new(RealExec::with_prefix(cfg.exec_prefix.to_prefix()));
     let mounter = Arc::new(RealMounter::new(exec.clone()));
     let freeze_deadline = Duration::from_secs(args.freeze_deadline.max(1));
     let driver = Arc::new(Driver::with_freeze_deadline(&args.node_id, &cfg, &args.state_dir, exec, mounter.clone(), freeze_deadline)?);
@@ -443,7 +443,7 @@ async fn controller(args: ControllerArgs, serve_on: tokio::runtime::Handle) -> a
     let reg = registry::Registry::new(opts);
 
     // The nfs pools: served in this process, by the same agent code as every node's pools.
-    let exec = Arc::new(RealExec);
+    let exec = Arc::new(RealExec::with_prefix(cfg.exec_prefix.to_prefix()));
     let mounter = Arc::new(RealMounter::new(exec.clone()));
     let driver = Arc::new(Driver::new(&args.node_id, &cfg, &args.state_dir, exec, mounter.clone())?);
     driver.recover().await;

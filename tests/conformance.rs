@@ -1177,6 +1177,9 @@ async fn sigterm_exits_cleanly_and_removes_the_socket() {
     assert!(status.success(), "holdfast exited with {status} after SIGTERM; log:\n{}", d.log_text());
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(!d.socket.exists(), "socket {} left behind after SIGTERM", d.socket.display());
+    if let Some(c) = d.controller_socket() {
+        assert!(!c.exists(), "controller socket {} left behind after SIGTERM", c.display());
+    }
 }
 
 #[tokio::test]
@@ -1192,10 +1195,12 @@ async fn stale_socket_is_replaced_at_start() {
 #[tokio::test]
 async fn socket_is_not_world_accessible() {
     let d = Driver::start().await;
-    let meta = std::fs::metadata(&d.socket).expect("stat socket");
-    assert!(meta.file_type().is_socket(), "{} is not a socket", d.socket.display());
-    let mode = meta.permissions().mode() & 0o777;
-    assert_eq!(mode & !0o660, 0, "socket mode {mode:o} is wider than 0660");
+    for socket in std::iter::once(d.socket.as_path()).chain(d.controller_socket()) {
+        let meta = std::fs::metadata(socket).expect("stat socket");
+        assert!(meta.file_type().is_socket(), "{} is not a socket", socket.display());
+        let mode = meta.permissions().mode() & 0o777;
+        assert_eq!(mode & !0o660, 0, "socket {} mode {mode:o} is wider than 0660", socket.display());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

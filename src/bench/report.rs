@@ -2,6 +2,7 @@
 //! Medians are taken per step; the "ready" row is the median of each round's total, not the
 //! sum of the step medians.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -28,6 +29,10 @@ pub struct Report {
     pub create: Option<Summary>,
     /// DeleteVolume latencies.
     pub delete: Option<Summary>,
+    /// How the series ran: concurrency, wall time, placement.
+    pub series: Series,
+    /// The agents' memory, when their pids were given.
+    pub agents: Option<AgentsMemory>,
     /// One (holdfast, by hand) pair per round of the ready-volume comparison.
     pub rounds: Vec<(Phases, Phases)>,
 }
@@ -43,6 +48,45 @@ pub struct MemoryReport {
     pub after_creates: Memory,
     /// At the end; its `hwm` is the peak over the driver's life.
     pub end: Memory,
+}
+
+/// How the CreateVolume series ran.
+#[derive(Debug, Clone, Default)]
+pub struct Series {
+    /// Calls at once (1: sequential).
+    pub concurrency: usize,
+    /// From the first create sent to the last one answered.
+    pub wall: Option<Duration>,
+    /// Volumes per node id, from the answers' topology ("" when an answer named none).
+    pub placement: BTreeMap<String, usize>,
+}
+
+/// The memory of every agent, idle and after the creates.
+#[derive(Debug, Clone)]
+pub struct AgentsMemory {
+    /// Before the series (one per agent).
+    pub idle: Vec<Memory>,
+    /// After the creates, before the deletes.
+    pub after_creates: Vec<Memory>,
+}
+
+/// (min, median, max) of the RSS of several processes.
+fn rss_spread(m: &[Memory]) -> Option<(u64, u64, u64)> {
+    let mut rss: Vec<u64> = m.iter().map(|m| m.rss).collect();
+    rss.sort_unstable();
+    Some((*rss.first()?, rss[rss.len() / 2], *rss.last()?))
+}
+
+fn rss_text(m: &[Memory]) -> String {
+    match rss_spread(m) {
+        Some((min, med, max)) => format!("RSS min {}, median {}, max {}", format_size(min), format_size(med), format_size(max)),
+        None => "-".into(),
+    }
+}
+
+/// Volumes per node: (nodes, fewest, most).
+fn spread(placement: &BTreeMap<String, usize>) -> Option<(usize, usize, usize)> {
+    Some((placement.len(), *placement.values().min()?, *placement.values().max()?))
 }
 
 /// One row of the comparison: a step and how to get its time out of [`Phases`].
@@ -84,10 +128,32 @@ impl Report {
             ]);
             out += "\n";
         }
+        if let Some(a) = &self.agents {
+            out += &format!("agents' memory ({} agents)\n", a.idle.len());
+            out += &fields(&[("  idle", rss_text(&a.idle)), ("  after the creates", rss_text(&a.after_creates))]);
+            out += "\n";
+        }
         if let (Some(c), Some(d)) = (&self.create, &self.delete) {
-            out += &format!("CreateVolume / DeleteVolume: {} sequential calls, {} each\n", c.count, format_size(self.create_size));
+            let how = match self.series.concurrency {
+                0 | 1 => "sequential calls".to_owned(),
+                n => format!("calls, {n} at a time"),
+            };
+            out += &format!("CreateVolume / DeleteVolume: {} {how}, {} each\n", c.count, format_size(self.create_size));
             let row = |op: &str, s: &Summary| vec![op.to_owned(), format_duration(s.p50), format_duration(s.p99), format_duration(s.max)];
             out += &table(&["OP", "P50", "P99", "MAX"], &[row("create", c), row("delete", d)]);
+            if self.series.concurrency > 1
+                && let Some(w) = self.series.wall
+            {
+                out += &format!(
+                    "  {} creates in {} ({:.0} per second)\n",
+                    c.count,
+                    format_duration(w),
+                    c.count as f64 / w.as_secs_f64().max(1e-9)
+                );
+            }
+            if let Some((nodes, min, max)) = spread(&self.series.placement).filter(|&(n, ..)| n > 1) {
+                out += &format!("  placed on {nodes} nodes: {min} to {max} volumes each\n");
+            }
             out += "\n";
         }
         if !self.rounds.is_empty() {
@@ -125,7 +191,15 @@ impl Report {
                 "after_creates": mem(&m.after_creates),
                 "end": mem(&m.end),
             })),
+            "agents": self.agents.as_ref().map(|a| json!({
+                "count": a.idle.len(),
+                "idle": a.idle.iter().map(mem).collect::<Vec<_>>(),
+                "after_creates": a.after_creates.iter().map(mem).collect::<Vec<_>>(),
+            })),
             "create_volume_ms": summary(&self.create),
+            "concurrency": self.series.concurrency,
+            "create_series_wall_ms": self.series.wall.map(ms),
+            "placement": self.series.placement,
             "create_volume_size_bytes": self.create_size,
             "delete_volume_ms": summary(&self.delete),
             "ready_volume": {
@@ -163,6 +237,8 @@ mod tests {
             create_size: 256 << 20,
             create: Some(s(2, 5, 9)),
             delete: Some(s(1, 3, 4)),
+            series: Series { concurrency: 1, wall: Some(Duration::from_millis(9)), placement: BTreeMap::from([(String::from("n1"), 3)]) },
+            agents: None,
             rounds: vec![
                 (phases(2, 100, 4, 50), phases(1, 80, 2, 40)),
                 (phases(4, 300, 4, 60), phases(1, 90, 2, 40)),
@@ -207,6 +283,28 @@ teardown  60.0 ms   40.0 ms  1.50x  umount x2, losetup -d, rm
         assert_eq!(j["ready_volume"]["median"][3]["holdfast_ms"], 128.0);
         assert_eq!(j["ready_volume"]["median"][3]["ratio"], 1.376);
         assert_eq!(j["ready_volume"]["rounds"][1]["holdfast"]["ready"], 308.0);
+    }
+
+    #[test]
+    fn a_concurrent_series_across_agents() {
+        let mem = |mib: u64| Memory { rss: mib << 20, hwm: mib << 20 };
+        let placement = BTreeMap::from([("a".to_owned(), 400), ("b".to_owned(), 350), ("c".to_owned(), 250)]);
+        let r = Report {
+            memory: None,
+            rounds: vec![],
+            series: Series { concurrency: 16, wall: Some(Duration::from_secs(2)), placement },
+            agents: Some(AgentsMemory { idle: vec![mem(4), mem(3), mem(5)], after_creates: vec![mem(6), mem(5), mem(7)] }),
+            ..report()
+        };
+        let text = r.text();
+        assert!(text.contains("agents' memory (3 agents)\n  idle               RSS min 3 MiB, median 4 MiB, max 5 MiB\n"), "{text}");
+        assert!(text.contains("3 calls, 16 at a time, 256 MiB each"), "{text}");
+        assert!(text.contains("  3 creates in 2.00 s (2 per second)\n  placed on 3 nodes: 250 to 400 volumes each\n"), "{text}");
+        let j = r.json();
+        assert_eq!(j["concurrency"], 16);
+        assert_eq!(j["placement"]["b"], 350);
+        assert_eq!(j["agents"]["count"], 3);
+        assert_eq!(j["agents"]["after_creates"][2]["rss_bytes"], 7 << 20);
     }
 
     #[test]

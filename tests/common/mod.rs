@@ -6,6 +6,8 @@
 //! - `HOLDFAST_TEST_CONFIG`: a config file whose first `[[pool]]` is used (shared by all tests
 //!   of the run); default: a fresh `file` pool in each driver's temp dir.
 //! - `HOLDFAST_TEST_FS`: the filesystem stage tests ask for (default `ext4`).
+//! - `HOLDFAST_TOPOLOGY=split`: `holdfast controller` + one `holdfast agent` instead of
+//!   all-in-one ([`split`]).
 //!
 //! Dropping a [`Driver`] first undoes, through the driver, whatever the helpers published,
 //! staged and created that the test did not undo (a failed test); then it stops the driver
@@ -15,6 +17,8 @@
 
 // Each integration test binary uses a different subset of these helpers.
 #![allow(dead_code)]
+
+pub mod split;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -125,7 +129,8 @@ impl Setup {
         let dir = self.tmp.path().to_path_buf();
         let log = dir.join("driver.log");
         let endpoint = format!("unix://{}", self.socket.display());
-        let child = spawn_driver(&dir, &endpoint, &self.pool.config, &self.launch, &log);
+        let mut split = (split::topology() == split::Topology::Split).then(|| split::Split::new(&dir, &self.pool.config));
+        let child = spawn_driver(&dir, &endpoint, &self.pool.config, &self.launch, &log, split.as_mut());
         let fs_type = std::env::var("HOLDFAST_TEST_FS").unwrap_or_else(|_| "ext4".into());
         // The Driver owns the child from here on, so a failed start still cleans up.
         let mut driver = Driver {
@@ -140,6 +145,7 @@ impl Setup {
             clients: None,
             leftovers: Mutex::new(Vec::new()),
             launch: self.launch,
+            split,
         };
         driver.connect().await;
         driver
@@ -161,18 +167,24 @@ impl Setup {
     }
 }
 
-/// Starts `holdfast all-in-one` in `dir` (state in `dir/state`), appending to `log`.
-fn spawn_driver(dir: &Path, endpoint: &str, config: &Path, launch: &Launch, log: &Path) -> Child {
+/// Starts `holdfast all-in-one` in `dir` (state in `dir/state`), appending to `log`; split:
+/// the controller, then the agent in its place.
+fn spawn_driver(dir: &Path, endpoint: &str, config: &Path, launch: &Launch, log: &Path, split: Option<&mut split::Split>) -> Child {
     let out = File::options().create(true).append(true).open(log).expect("open driver log");
     let err = out.try_clone().expect("dup driver log");
-    Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .arg("all-in-one")
-        .args(["--endpoint", endpoint, "--node-id", NODE_ID])
-        .arg("--config")
-        .arg(config)
-        .args(["--log-format", "text"])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
+    let mut cmd = match split {
+        Some(s) => {
+            s.spawn_controller();
+            s.agent_command(endpoint, NODE_ID, &dir.join("state"))
+        }
+        None => {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+            c.arg("all-in-one").args(["--endpoint", endpoint, "--node-id", NODE_ID]).arg("--config").arg(config);
+            c.arg("--state-dir").arg(dir.join("state"));
+            c
+        }
+    };
+    cmd.args(["--log-format", "text"])
         .args(&launch.args)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
         .envs(launch.envs.iter().map(|(k, v)| (k, v)))
@@ -223,6 +235,8 @@ pub struct Driver {
     /// group in the VM) and nothing attached.
     leftovers: Mutex<Vec<Leftover>>,
     launch: Launch,
+    /// The controller, when the driver is split ([`split`]); `child` is then the agent.
+    split: Option<split::Split>,
 }
 
 /// Something to undo if the test does not, in the order Drop undoes them.
@@ -242,7 +256,12 @@ impl Driver {
 
     async fn connect(&mut self) {
         let channel = self.wait_for_socket().await;
-        self.clients = Some(Clients::new(channel));
+        let clients = match self.split.as_mut() {
+            None => Clients::new(channel),
+            // Two processes to load (and an agent to register) instead of one.
+            Some(s) => s.clients(channel, NODE_ID, Instant::now() + 2 * START_TIMEOUT).await,
+        };
+        self.clients = Some(clients);
     }
 
     /// Kills the driver with SIGKILL (no clean-up of its own) and waits for it to be gone.
@@ -252,13 +271,16 @@ impl Driver {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(s) = self.split.as_mut() {
+            s.kill();
+        }
     }
 
     /// Starts the driver again, with the same config, state directory, arguments and
     /// environment, and reconnects (after [`Driver::kill`], as a supervisor would).
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "restart: the driver is still running");
-        self.child = Some(spawn_driver(&self.dir, &self.endpoint, &self.pool.config, &self.launch, &self.log));
+        self.child = Some(spawn_driver(&self.dir, &self.endpoint, &self.pool.config, &self.launch, &self.log, self.split.as_mut()));
         self.connect().await;
     }
 
@@ -300,7 +322,17 @@ impl Driver {
 
     /// What the driver wrote so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
+        let own = std::fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()));
+        match &self.split {
+            None => own,
+            Some(s) => format!("----- agent -----\n{own}----- controller -----\n{}", s.log_text()),
+        }
+    }
+
+    /// The controller's socket when the driver is split (Identity and Controller answer
+    /// there; `socket` is then the agent's, serving Node).
+    pub fn controller_socket(&self) -> Option<&Path> {
+        self.split.as_ref().map(|s| s.socket.as_path())
     }
 
     /// The process id, for signal tests.
@@ -310,20 +342,22 @@ impl Driver {
 
     /// Sends SIGTERM and waits up to `timeout` for the exit, with the clients still connected
     /// (as a CO's are); `None` if it did not exit (it is then killed).
+    /// Split: both processes, and the first failure (or `None`) of the two.
     pub async fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
+        let child = self.child.take()?;
+        let controller = self.split.as_mut().and_then(split::Split::take);
         signal_term(&child);
+        if let Some(c) = &controller {
+            signal_term(c);
+        }
         let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let status = wait_exit(child, deadline).await;
+        match controller {
+            None => status,
+            Some(c) => match (status, wait_exit(c, deadline).await) {
+                (Some(a), Some(c)) => Some(if a.success() { c } else { a }),
+                _ => None,
+            },
         }
     }
 
@@ -618,6 +652,18 @@ impl Drop for Driver {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        if let Some(mut c) = self.split.as_mut().and_then(split::Split::take) {
+            signal_term(&c);
+            let deadline = Instant::now() + STOP_TIMEOUT;
+            while !matches!(c.try_wait(), Ok(Some(_))) {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         if std::thread::panicking() {
             eprintln!("----- holdfast log ({}) -----\n{}----- end of holdfast log -----", self.log.display(), self.log_text());
         }
@@ -698,11 +744,26 @@ pub struct Mounted {
 }
 
 /// The runtime that carries the client connections (see [`Driver::wait_for_socket`]).
-fn background() -> &'static tokio::runtime::Runtime {
+pub(crate) fn background() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("build the client runtime")
     })
+}
+
+/// Waits for `child` to exit until `deadline`; then kills it and answers `None`.
+async fn wait_exit(mut child: Child, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn signal_term(child: &Child) {
@@ -928,6 +989,7 @@ impl Setup {
     /// started with `opts` (same socket, log and clients' endpoint): built on [`Setup::start`]
     /// so that this keeps working whatever else the harness learns to pass.
     pub async fn start_with(self, opts: StartOptions) -> Driver {
+        assert_eq!(split::topology(), split::Topology::AllInOne, "start_with starts all-in-one only (HOLDFAST_TOPOLOGY=split)");
         let mut driver = self.start().await;
         driver.clients = None;
         if let Some(mut child) = driver.child.take() {
@@ -980,6 +1042,9 @@ impl Driver {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(s) = self.split.as_mut() {
+            s.kill();
         }
         self.leftovers.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }

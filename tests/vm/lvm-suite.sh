@@ -10,7 +10,9 @@
 #   1. tests/lvm.rs (the binary): real LVM tests, each on its own loop-device VG;
 #   2. tests/conformance.rs on a thick pool (tests/fixtures/lvm/conformance-thick.toml), without
 #      the tests that need snapshots or clones: thick pools refuse those by design;
-#   3. tests/conformance.rs on a thin pool (tests/fixtures/lvm/conformance-thin.toml), all of it;
+#   3. tests/conformance.rs on a thin pool (tests/fixtures/lvm/conformance-thin.toml), all of it,
+#      against all-in-one and again against `holdfast controller` + one `holdfast agent`
+#      (HOLDFAST_TOPOLOGY=split);
 #   4. every test binary of `pool_tests` below whose tests/NAME.rs exists, on the thick and the
 #      thin pool (HOLDFAST_TEST_CONFIG names the pool's config, as for conformance).
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed,
@@ -120,6 +122,8 @@ stage "conformance, thick LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/
   "$conf_bin" --test-threads="$threads" "${skip_args[@]}" "$@"
 stage "conformance, thin LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/conformance-thin.toml \
   "$conf_bin" --test-threads="$threads" "$@"
+stage "conformance, thin LVM pool, controller + agent" env HOLDFAST_TOPOLOGY=split \
+  HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/conformance-thin.toml "$conf_bin" --test-threads="$threads" "$@"
 for bin in ${HOLDFAST_POOL_TEST_BINS:-}; do
   t=$(basename "$bin")
   t=${t%-*}

@@ -13,7 +13,9 @@
 #      names, a stopped server, timing against mkdir + mount by hand);
 #   2. tests/conformance.rs against an nfs pool (HOLDFAST_TEST_CONFIG), except the tests whose
 #      assertions only hold for node-local pools (listed below with the reason);
-#   3. every test binary of `pool_tests` below whose tests/NAME.rs exists, against the same pool.
+#   3. every test binary of `pool_tests` below whose tests/NAME.rs exists, against the same pool;
+#   4. tests/conformance.rs as in 2, against `holdfast controller` (which serves nfs pools) + one
+#      `holdfast agent` (HOLDFAST_TOPOLOGY=split) instead of all-in-one.
 # It prints a summary and exits non-zero when any part failed. HOLDFAST_REQUIRE_REAL=1 is set in
 # the guest, so a test binary that cannot reach the NFS server fails instead of reporting "NOT RUN".
 #
@@ -123,6 +125,7 @@ for bin in ${HOLDFAST_POOL_TEST_BINS:-}; do
   t=$(basename "$bin")
   part "tests/${t%-*}.rs" env HOLDFAST_TEST_CONFIG="$config" "$bin" "$@"
 done
+part conformance-split env HOLDFAST_TOPOLOGY=split HOLDFAST_TEST_CONFIG="$config" "$HOLDFAST_CONFORMANCE_BIN" "${skips[@]}" "$@"
 
 echo
 echo "== summary (total $((SECONDS - start))s)"

@@ -15,14 +15,16 @@
 #      `mount --bind` typed by hand, in the same run (HOLDFAST_ZFS_TIMING_ROUNDS, default 5);
 #   5. tests/conformance.rs on zvols formatted xfs (same config as 3);
 #   6. every test binary of `pool_tests` below whose tests/NAME.rs exists, on the dataset pool
-#      (fs zfs) and the zvol pool (fs ext4), as for conformance (HOLDFAST_TEST_CONFIG).
+#      (fs zfs) and the zvol pool (fs ext4), as for conformance (HOLDFAST_TEST_CONFIG);
+#   7. tests/conformance.rs on datasets against `holdfast controller` + one `holdfast agent`
+#      (HOLDFAST_TOPOLOGY=split) instead of all-in-one.
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed,
 # or if datasets are left behind below the conformance parents. HOLDFAST_REQUIRE_REAL=1 is set in
 # the guest, so a test binary that cannot use real ZFS fails instead of reporting "NOT RUN".
 # Environment: HOLDFAST_ZFS_TARGET (cargo target dir inside the repository, default
 # target/zfs-vm), HOLDFAST_ZFS_SUITE_TIMEOUT (seconds, default 3600), HOLDFAST_TEST_THREADS
 # (conformance threads in the guest, default 2), HOLDFAST_ZFS_STAGES (which stages to run,
-# default "1 2 3 4 5 6"); extra arguments after the binaries go to every test binary (a name filter).
+# default "1 2 3 4 5 6 7"); extra arguments after the binaries go to every test binary (a name filter).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -77,7 +79,7 @@ export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
 # The test binaries must run here: anything missing is a failure, never "NOT RUN".
 export HOLDFAST_REQUIRE_REAL=1
 threads=${HOLDFAST_TEST_THREADS:-2}
-stages=${HOLDFAST_ZFS_STAGES:-1 2 3 4 5 6}
+stages=${HOLDFAST_ZFS_STAGES:-1 2 3 4 5 6 7}
 
 start=$SECONDS
 echo "== zfs-suite: zpool hfzfs on the VM disk ($(zfs version | head -n1))"
@@ -187,6 +189,12 @@ conformance() {  # conformance CONFIG FS
   return $rc
 }
 
+# The same against controller + agent (`stage` runs it in a subshell: the export stays there).
+split_conformance() {
+  export HOLDFAST_TOPOLOGY=split
+  conformance "$@"
+}
+
 extra=("$@")
 for s in $stages; do
   case $s in
@@ -205,6 +213,7 @@ for s in $stages; do
           HOLDFAST_TEST_FS=ext4 "$bin" --test-threads="$threads" "${extra[@]}"
       done
       ;;
+    7) stage "conformance, ZFS datasets, controller + agent" split_conformance tests/fixtures/zfs/conformance-dataset.toml zfs ;;
     *) echo "zfs-suite: unknown stage $s" >&2; exit 2 ;;
   esac
 done
