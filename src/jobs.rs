@@ -334,6 +334,11 @@ impl Jobs {
     }
 }
 
+/// What is left of a budget that ends at `deadline` (zero once it has passed).
+pub fn left(deadline: std::time::Instant) -> Duration {
+    deadline.saturating_duration_since(std::time::Instant::now())
+}
+
 /// How long a request may wait for its copy: a little less than the deadline the client sent
 /// (`grpc-timeout`), so the answer arrives before the client gives up; [`DEFAULT_WAIT`] when
 /// it sent none; never more than [`MAX_WAIT`].

@@ -165,7 +165,7 @@ fn pinned(pool: &str, name: &str) -> ap::CreateVolumeRequest {
 }
 
 fn by_name(name: &str) -> ap::GetVolumeRequest {
-    ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::CsiName(name.into())) }
+    ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::CsiName(name.into())), pools: vec![] }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

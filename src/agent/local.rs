@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::AgentOps;
 use crate::agent_proto as ap;
@@ -305,6 +305,8 @@ impl LocalAgent {
     /// names the pool to create in (the controller placed it there); empty: placed among this
     /// node's pools. Either way a retry finds the volume in any pool of the node.
     pub async fn create_within(&self, pinned: &str, req: CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
+        // The budget runs from the call's start: the look-ups before the wait spend it too.
+        let deadline = Instant::now() + budget;
         require("name", &req.name)?;
         let caps = decode_caps(&req.volume_capabilities)?;
         let block = caps[0].block;
@@ -342,7 +344,7 @@ impl LocalAgent {
         // from what it made, as for any retry.
         if let Some(job) = self.d.jobs.find(&jobs::volume_key(&local)) {
             if job.work().csi_name() == req.name && job.started_for(&asked) {
-                self.d.jobs.wait(&job, budget).await?;
+                self.d.jobs.wait(&job, crate::jobs::left(deadline)).await?;
             } else if !job.ended() {
                 return Err(Error::Aborted(format!(
                     "volume {} is being copied for another request; retry when it has finished",
@@ -567,7 +569,7 @@ impl LocalAgent {
         let work = Work::Volume { pool: pool.name().to_owned(), request: creq };
         let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard).await?;
         self.watch_copy(job.clone(), pool.clone(), false, local.clone());
-        self.d.jobs.wait(&job, budget).await?;
+        self.d.jobs.wait(&job, crate::jobs::left(deadline)).await?;
         let missing = || Error::Internal(format!("the copy {local} vanished right after it was made"));
         let v = pool.get_volume(&local).await?.ok_or_else(missing)?;
         self.note_volume(pool.as_ref(), &v);
@@ -767,6 +769,7 @@ impl LocalAgent {
 
     /// CreateSnapshot; a copy is waited for at most `budget` (the request's deadline).
     pub async fn snapshot_within(&self, req: CreateSnapshotRequest, budget: Duration) -> Result<CreateSnapshotResponse> {
+        let deadline = Instant::now() + budget;
         require("name", &req.name)?;
         require("source_volume_id", &req.source_volume_id)?;
         for key in req.parameters.keys() {
@@ -778,7 +781,7 @@ impl LocalAgent {
         let asked = CreateSnapshotRequest { secrets: HashMap::new(), ..req.clone() };
         if let Some(job) = self.d.jobs.find(&jobs::snapshot_key(&local)) {
             if job.work().csi_name() == req.name && job.started_for(&asked) {
-                self.d.jobs.wait(&job, budget).await?;
+                self.d.jobs.wait(&job, crate::jobs::left(deadline)).await?;
             } else if !job.ended() {
                 return Err(Error::Aborted(format!(
                     "snapshot {} is being copied for another request; retry when it has finished",
@@ -826,7 +829,7 @@ impl LocalAgent {
         };
         let job = self.d.start_copy(pool.clone(), work, Some(Box::new(asked)), guard).await?;
         self.watch_copy(job.clone(), pool.clone(), true, local.clone());
-        self.d.jobs.wait(&job, budget).await?;
+        self.d.jobs.wait(&job, crate::jobs::left(deadline)).await?;
         let missing = || Error::Internal(format!("the snapshot {local} vanished right after it was made"));
         let s = pool.get_snapshot(&local).await?.ok_or_else(missing)?;
         self.note_snapshot(pool.as_ref(), &s);
@@ -1377,8 +1380,10 @@ impl AgentOps for LocalAgent {
                 require("csi_name", &name)?;
                 let local = local_name(&name);
                 let mut found = None;
-                // Every pool must answer: "none" from a pool that was not asked could make a
-                // second volume of this name elsewhere.
+                // Every pool that matters must answer: "none" from a candidate that was not
+                // asked could make a second volume of this name elsewhere. A pool the create
+                // could not use anyway is passed over (one sick pool stays one sick pool).
+                let matters = |p: &str| req.pools.is_empty() || req.pools.iter().any(|c| c == p);
                 for pool in self.d.pools.values() {
                     match self.volume_named(pool.as_ref(), &name, &local).await {
                         Ok(Some(v)) if v.csi_name == name => {
@@ -1386,6 +1391,7 @@ impl AgentOps for LocalAgent {
                             break;
                         }
                         Ok(_) => self.answered(pool.as_ref()),
+                        Err(e) if !matters(pool.name()) => self.failed(pool.as_ref(), &e),
                         Err(e) => {
                             self.failed(pool.as_ref(), &e);
                             return Err(Error::Unavailable(format!(
@@ -1965,7 +1971,7 @@ mod tests {
             }
 
             fn by_name(name: &str) -> ap::GetVolumeRequest {
-                ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::CsiName(name.into())) }
+                ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::CsiName(name.into())), pools: vec![] }
             }
 
             /// The changes received so far, without waiting.
@@ -2002,7 +2008,7 @@ mod tests {
             async fn volumes_are_found_by_id_and_by_csi_name_legacy_ones_included() {
                 let (a, fast, slow) = controller();
                 let v = a.create_volume(pinned("fast", create_req("pv1", "", &[])), BUDGET).await.unwrap().volume.unwrap();
-                let by_id = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(v.volume_id.clone())) };
+                let by_id = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(v.volume_id.clone())), pools: vec![] };
                 let got = ops(&a).get_volume(by_id, BUDGET).await.unwrap().volume.expect("found by id");
                 assert_eq!((got.pool.as_str(), got.csi_name.as_str()), ("fast", "pv1"));
                 assert_eq!(got.volume.unwrap().volume_id, v.volume_id);
@@ -2016,14 +2022,16 @@ mod tests {
                 assert_eq!(got.volume.unwrap().volume_id, format!("file:n1:slow:{legacy}"));
 
                 assert!(ops(&a).get_volume(by_name("never"), BUDGET).await.unwrap().volume.is_none());
-                let forged =
-                    ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId("file:n1:fast:x:v0123456789ab".into())) };
+                let forged = ap::GetVolumeRequest {
+                    key: Some(ap::get_volume_request::Key::VolumeId("file:n1:fast:x:v0123456789ab".into())),
+                    pools: vec![],
+                };
                 assert!(ops(&a).get_volume(forged, BUDGET).await.unwrap().volume.is_none(), "a miss is no error");
                 // A pool that cannot be asked cannot say "none".
                 fast.fall_ill("disk gone");
                 let err = ops(&a).get_volume(by_name("never"), BUDGET).await.unwrap_err();
                 assert_eq!(code(err), tonic::Code::Unavailable);
-                assert!(ops(&a).get_volume(ap::GetVolumeRequest { key: None }, BUDGET).await.is_err());
+                assert!(ops(&a).get_volume(ap::GetVolumeRequest { key: None, pools: vec![] }, BUDGET).await.is_err());
             }
 
             #[tokio::test]

@@ -215,6 +215,10 @@ impl ClusterController {
 
     /// CreateVolume: validate, find the name, place, route.
     async fn create(&self, req: CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
+        // The budget runs from the call's start: the look-ups and the placement spend it too,
+        // so the agent is given what is left (a copy still running then answers ABORTED in
+        // time, before the client's own deadline cuts the call off).
+        let deadline = std::time::Instant::now() + budget;
         require("name", &req.name)?;
         let caps = decode_caps(&req.volume_capabilities)?;
         let block = caps[0].block;
@@ -248,7 +252,7 @@ impl ClusterController {
 
         // Known to the index: the agent holding it answers (its own retry check).
         if let Some((node, v)) = self.reg.volumes_named(&req.name).into_iter().next() {
-            return self.create_found(&req, &preq, &node, &v.pool, forward(&v.pool), budget).await;
+            return self.create_found(&req, &preq, &node, &v.pool, forward(&v.pool), jobs::left(deadline)).await;
         }
 
         // A clone or restore is made inside the pool of its source.
@@ -263,7 +267,9 @@ impl ClusterController {
             let sid =
                 VolumeId::parse(id).filter(|i| if snapshot { i.may_name_snapshot() } else { i.may_name_volume() }).ok_or_else(missing)?;
             return match self.route(&sid) {
-                Route::Up(node, agent) => self.created(&node, agent.create_volume(forward(&sid.pool), budget).await?, &req.name),
+                Route::Up(node, agent) => {
+                    self.created(&node, agent.create_volume(forward(&sid.pool), jobs::left(deadline)).await?, &req.name)
+                }
                 Route::Trouble(n) if n.state == NodeState::Down => Err(registry::unreachable(&n)),
                 Route::Trouble(n) => Err(Error::NotFound(format!("source {what} {} is on retired node {}", bounded(id), n.node_id))),
                 Route::Unknown(node, pool) => Err(self.unknown(&node, &pool, missing())),
@@ -317,9 +323,11 @@ impl ClusterController {
             .collect();
         nodes.sort();
         nodes.dedup();
-        let found = self.look_up(&nodes, &req.name).await?;
+        let asked: Vec<(String, Vec<String>)> =
+            nodes.iter().map(|n| (n.clone(), fitting.iter().filter(|c| c.node == *n).map(|c| c.pool.clone()).collect())).collect();
+        let found = self.look_up(&asked, &req.name).await?;
         if let Some((node, pool)) = found {
-            return self.create_found(&req, &preq, &node, &pool, forward(&pool), budget).await;
+            return self.create_found(&req, &preq, &node, &pool, forward(&pool), jobs::left(deadline)).await;
         }
         // Chosen and counted in one step, so a create placed at the same moment sees it.
         let (choice, _reserved) = {
@@ -337,7 +345,7 @@ impl ClusterController {
             (choice, reserved)
         };
         let agent = self.agent_of(&choice.node)?;
-        let resp = agent.create_volume(forward(&choice.pool), budget).await?;
+        let resp = agent.create_volume(forward(&choice.pool), jobs::left(deadline)).await?;
         self.created(&choice.node, resp, &req.name)
     }
 
@@ -408,13 +416,15 @@ impl ClusterController {
     /// Asks each of `nodes` for volume `name` (and its capacities, refreshed in the registry);
     /// the first that holds it: (node, pool). A node that cannot answer makes the create
     /// UNAVAILABLE: it may hold the first attempt.
-    async fn look_up(&self, nodes: &[String], name: &str) -> Result<Option<(String, String)>> {
+    /// Asks each node whether it holds `name`; a node must hear from every pool of its that is
+    /// a candidate (`(node, candidate pools)`), other pools of it may be sick.
+    async fn look_up(&self, nodes: &[(String, Vec<String>)], name: &str) -> Result<Option<(String, String)>> {
         let mut set = JoinSet::new();
-        for node in nodes {
+        for (node, pools) in nodes {
             let agent = self.agent_of(node)?;
-            let (node, name) = (node.clone(), name.to_owned());
+            let (node, name, pools) = (node.clone(), name.to_owned(), pools.clone());
             set.spawn(async move {
-                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::CsiName(name)) };
+                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::CsiName(name)), pools };
                 let (found, caps) = tokio::join!(
                     agent.get_volume(get, LOOKUP_BUDGET),
                     agent.get_capacity(ap::GetCapacityRequest { pool: String::new() }, LOOKUP_BUDGET)
@@ -569,7 +579,7 @@ impl ClusterController {
         let id = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
         let (volume, condition) = match self.route(&id) {
             Route::Up(_, agent) => {
-                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(req.volume_id.clone())) };
+                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(req.volume_id.clone())), pools: vec![] };
                 let v = agent.get_volume(get, budget).await?.volume.ok_or_else(missing)?;
                 (v.volume, v.condition.unwrap_or_else(healthy))
             }
@@ -592,7 +602,7 @@ impl ClusterController {
         let id = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
         let (node, volume) = match self.route(&id) {
             Route::Up(node, agent) => {
-                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(req.volume_id.clone())) };
+                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(req.volume_id.clone())), pools: vec![] };
                 (node, agent.get_volume(get, budget).await?.volume.ok_or_else(missing)?)
             }
             Route::Trouble(n) => (n.node_id.clone(), self.indexed_volume(&n.node_id, &req.volume_id).ok_or_else(missing)?),

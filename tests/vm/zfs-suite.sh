@@ -17,14 +17,15 @@
 #   6. every test binary of `pool_tests` below whose tests/NAME.rs exists, on the dataset pool
 #      (fs zfs) and the zvol pool (fs ext4), as for conformance (HOLDFAST_TEST_CONFIG);
 #   7. tests/conformance.rs on datasets against `holdfast controller` + one `holdfast agent`
-#      (HOLDFAST_TOPOLOGY=split) instead of all-in-one.
+#      (HOLDFAST_TOPOLOGY=split) instead of all-in-one: not yet in the default stages (it has
+#      not had a verified run in the VM); HOLDFAST_ZFS_STAGES=7 runs it (outside CI).
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed,
 # or if datasets are left behind below the conformance parents. HOLDFAST_REQUIRE_REAL=1 is set in
 # the guest, so a test binary that cannot use real ZFS fails instead of reporting "NOT RUN".
 # Environment: HOLDFAST_ZFS_TARGET (cargo target dir inside the repository, default
 # target/zfs-vm), HOLDFAST_ZFS_SUITE_TIMEOUT (seconds, default 3600), HOLDFAST_TEST_THREADS
 # (conformance threads in the guest, default 2), HOLDFAST_ZFS_STAGES (which stages to run,
-# default "1 2 3 4 5 6 7"); extra arguments after the binaries go to every test binary (a name filter).
+# default "1 2 3 4 5 6"); extra arguments after the binaries go to every test binary (a name filter).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -79,7 +80,7 @@ export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
 # The test binaries must run here: anything missing is a failure, never "NOT RUN".
 export HOLDFAST_REQUIRE_REAL=1
 threads=${HOLDFAST_TEST_THREADS:-2}
-stages=${HOLDFAST_ZFS_STAGES:-1 2 3 4 5 6 7}
+stages=${HOLDFAST_ZFS_STAGES:-1 2 3 4 5 6}
 
 start=$SECONDS
 echo "== zfs-suite: zpool hfzfs on the VM disk ($(zfs version | head -n1))"
