@@ -556,6 +556,13 @@ impl Registry {
             for c in caps {
                 if let Some(p) = e.pools.iter_mut().find(|p| p.name == c.pool) {
                     p.capacity = Some(c.clone());
+                    // It just told its room (a pool that cannot answers zeros): the outage that
+                    // marked it unavailable is over, even before its agent's next health pass
+                    // says so, so a create right after an NFS server came back is placed.
+                    if c.minimum_volume_bytes > 0 && p.health == ap::PoolHealth::Unavailable as i32 {
+                        p.health = ap::PoolHealth::Healthy as i32;
+                        p.health_message.clear();
+                    }
                 }
             }
         }
