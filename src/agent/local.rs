@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::AgentOps;
 use crate::agent_proto as ap;
-use crate::csi::{Capability, decode_caps, lock_key, name_keys, require, topology};
+use crate::csi::{decode_caps, lock_key, name_keys, require, topology};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::jobs::{self, Work};
@@ -606,31 +606,6 @@ impl LocalAgent {
         pool.delete_volume(&vid.local).await?;
         self.note_volume_gone(pool.as_ref(), &vid.local, csi_name);
         Ok(DeleteVolumeResponse {})
-    }
-
-    /// ValidateVolumeCapabilities.
-    pub async fn validate(&self, req: ValidateVolumeCapabilitiesRequest) -> Result<ValidateVolumeCapabilitiesResponse> {
-        require("volume_id", &req.volume_id)?;
-        let caps = decode_caps(&req.volume_capabilities)?;
-        let (pool, v) = self.find_volume(&req.volume_id).await?;
-        let unsupported = caps.iter().find(|c: &&Capability| !c.supported_by(pool.as_ref()) || c.block != v.block);
-        if let Some(c) = unsupported {
-            let why = if c.block != v.block {
-                format!("volume is a {} volume", if v.block { "block" } else { "filesystem" })
-            } else {
-                format!("access mode {} is not supported", c.mode.as_str_name())
-            };
-            return Ok(ValidateVolumeCapabilitiesResponse { confirmed: None, message: why });
-        }
-        Ok(ValidateVolumeCapabilitiesResponse {
-            confirmed: Some(validate_volume_capabilities_response::Confirmed {
-                volume_context: req.volume_context,
-                volume_capabilities: req.volume_capabilities,
-                parameters: req.parameters,
-                mutable_parameters: req.mutable_parameters,
-            }),
-            message: String::new(),
-        })
     }
 
     async fn condition_of(&self, pool: &dyn Pool, local: &str) -> Result<VolumeCondition> {
