@@ -910,7 +910,7 @@ async fn a_read_only_publish_is_never_writable_even_across_kill_9() {
     // Everything is unpublished: the staging mount must be the volume's only mount (a
     // half-made bind left by a kill, e.g. in the driver's holding directory, would be a
     // read-write mount of it that nobody asked for, and would keep its device busy).
-    let mounts = mount_points_of_device(&staged.major_minor);
+    let mounts = staged.mounts();
     assert_eq!(mounts, vec![staging.clone()], "after every publish was undone, the volume is still mounted elsewhere");
     d.unstage(&id, &staging).await;
     staged.assert_released("after unpublishing everything and unstaging");

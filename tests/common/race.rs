@@ -309,13 +309,15 @@ fn crate_unescape(s: &str) -> String {
     s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
-/// Every mount point in the table showing the filesystem `major_minor`.
-pub fn mount_points_of_device(major_minor: &str) -> Vec<PathBuf> {
+/// Every mount point in the table showing the filesystem `major_minor`, with its source.
+fn mounts_of_device(major_minor: &str) -> Vec<(PathBuf, String)> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            (f.len() > 4 && f[2] == major_minor).then(|| PathBuf::from(crate_unescape(f[4])))
+            let dash = f.iter().position(|x| *x == "-")?;
+            (f.len() > dash + 2 && f.len() > 4 && f[2] == major_minor)
+                .then(|| (PathBuf::from(crate_unescape(f[4])), crate_unescape(f[dash + 2])))
         })
         .collect()
 }
@@ -355,10 +357,27 @@ impl Staged {
         Staged { major_minor, source, image }
     }
 
+    /// The mount points of this volume's filesystem now. A `major:minor` alone does not name
+    /// it once it is unmounted: a ZFS dataset's anonymous device number and a detached loop
+    /// device are reused at once by whatever another test mounts next. So a dataset's mounts
+    /// must also show its name as their source, and a loop device must still have this
+    /// volume's image behind it.
+    pub fn mounts(&self) -> Vec<PathBuf> {
+        if !still_ours(self) {
+            return Vec::new();
+        }
+        let by_device = self.source.starts_with("/dev/");
+        mounts_of_device(&self.major_minor)
+            .into_iter()
+            .filter(|(_, source)| by_device || *source == self.source)
+            .map(|(p, _)| p)
+            .collect()
+    }
+
     /// Fails unless no mount of the volume's filesystem is left anywhere and (file pool) no
     /// loop device is attached to its image: nothing holds the volume after its unstage.
     pub fn assert_released(&self, what: &str) {
-        let left = mount_points_of_device(&self.major_minor);
+        let left = self.mounts();
         assert!(left.is_empty(), "{what}: the volume's filesystem ({}) is still mounted at {left:?}", self.source);
         if let Some(img) = &self.image {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -403,7 +422,7 @@ impl Drop for FrozenRescue {
             if !still_ours(s) {
                 continue;
             }
-            let mounted = mount_points_of_device(&s.major_minor);
+            let mounted = s.mounts();
             for m in &mounted {
                 // Fails harmlessly when it is not frozen.
                 quiet("fsfreeze", &["--unfreeze", &path_str(m)]);
