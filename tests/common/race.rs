@@ -367,11 +367,7 @@ impl Staged {
             return Vec::new();
         }
         let by_device = self.source.starts_with("/dev/");
-        mounts_of_device(&self.major_minor)
-            .into_iter()
-            .filter(|(_, source)| by_device || *source == self.source)
-            .map(|(p, _)| p)
-            .collect()
+        mounts_of_device(&self.major_minor).into_iter().filter(|(_, source)| by_device || *source == self.source).map(|(p, _)| p).collect()
     }
 
     /// Fails unless no mount of the volume's filesystem is left anywhere and (file pool) no
