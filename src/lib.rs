@@ -36,6 +36,13 @@ pub mod agent_proto {
     }
 }
 
+/// The version `holdfast --version` prints: the crate's version and the git commit it was built
+/// from (GetPluginInfo reports the two apart: `vendor_version` and the manifest's `commit`).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("HOLDFAST_GIT_COMMIT"), ")");
+
+/// The git commit this binary was built from ("unknown" when built outside a checkout).
+pub const GIT_COMMIT: &str = env!("HOLDFAST_GIT_COMMIT");
+
 pub mod agent;
 pub mod bench;
 pub mod blocking;

@@ -17,7 +17,7 @@ use holdfast::node::mount::RealMounter;
 use holdfast::server::{self, ServeOptions, Services};
 
 #[derive(Parser, Debug)]
-#[command(name = "holdfast", version, about = "CSI storage driver: volumes from LVM, ZFS, NFS and file pools")]
+#[command(name = "holdfast", version = holdfast::VERSION, about = "CSI storage driver: volumes from LVM, ZFS, NFS and file pools")]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,

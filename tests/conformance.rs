@@ -32,7 +32,14 @@ async fn plugin_info_names_the_driver_and_a_version() {
     let d = Driver::start().await;
     let info = ok(d.identity().get_plugin_info(GetPluginInfoRequest {}).await, "GetPluginInfo");
     assert_eq!(info.name, DRIVER_NAME);
-    assert!(!info.vendor_version.is_empty(), "vendor_version is empty");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"), "vendor_version is not the crate's version");
+    // The commit the driver was built from, for an operator's bug report.
+    let commit = info.manifest.get("commit").map(String::as_str).unwrap_or("");
+    assert!(
+        commit == "unknown" || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "the manifest's commit is neither a short git commit nor \"unknown\": {:?}",
+        info.manifest
+    );
 }
 
 #[tokio::test]

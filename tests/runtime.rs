@@ -535,3 +535,22 @@ async fn calls_beyond_the_concurrency_limit_queue_and_identity_is_never_held_bac
     c.delete_volume(DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
     drop(fixture);
 }
+
+/// `holdfast --version` names the version and the commit of the checkout it was built from, so
+/// an operator's bug report says exactly which code ran.
+#[test]
+fn version_names_the_crate_version_and_the_git_commit() {
+    let out = Command::new(env!("CARGO_BIN_EXE_holdfast")).arg("--version").output().expect("run holdfast --version");
+    assert!(out.status.success(), "holdfast --version failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with(&format!("holdfast {} (commit ", env!("CARGO_PKG_VERSION"))), "holdfast --version printed {text:?}");
+    let head = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(env!("CARGO_MANIFEST_DIR")).output();
+    match head {
+        // In a checkout (CI's clean clone): exactly its HEAD.
+        Ok(h) if h.status.success() => {
+            let head = String::from_utf8_lossy(&h.stdout).trim().to_owned();
+            assert!(text.contains(&format!("(commit {head})")), "holdfast --version printed {text:?}, the checkout is at {head}");
+        }
+        _ => assert!(text.contains("(commit unknown)"), "outside a checkout the commit is unknown: {text:?}"),
+    }
+}

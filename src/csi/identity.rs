@@ -36,7 +36,11 @@ impl Identity for IdentityService {
         Ok(Response::new(GetPluginInfoResponse {
             name: DRIVER_NAME.to_owned(),
             vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
-            manifest: [("pools".to_owned(), self.driver.pools.keys().cloned().collect::<Vec<_>>().join(","))].into(),
+            manifest: [
+                ("pools".to_owned(), self.driver.pools.keys().cloned().collect::<Vec<_>>().join(",")),
+                ("commit".to_owned(), crate::GIT_COMMIT.to_owned()),
+            ]
+            .into(),
         }))
     }
 
