@@ -937,6 +937,21 @@ async fn snapshot_restores_the_written_data() {
     assert!(restored.capacity_bytes >= src.volume.capacity_bytes);
     let again = d.create_with(req).await;
     assert_eq!(again.volume_id, restored.volume_id, "repeated restore made another volume");
+    // No size asked for (Nomad sends no capacity_range): the snapshot's own size, not the
+    // default size of a new volume.
+    let no_size = CreateVolumeRequest {
+        capacity_range: None,
+        volume_content_source: from_snap.clone(),
+        ..d.create_request(&unique("restore-unsized"), 0, src.cap.clone())
+    };
+    let no_size = d.create_with(no_size).await;
+    assert!(
+        no_size.capacity_bytes >= snap.size_bytes && no_size.capacity_bytes < snap.size_bytes + 64 * MIB,
+        "a restore without capacity_range got {} bytes from a snapshot of {} bytes",
+        no_size.capacity_bytes,
+        snap.size_bytes
+    );
+    d.delete(&no_size.volume_id).await;
     // Same name without the source is a different request: ALREADY_EXISTS.
     let plain = d.create_request(&restore_name, src.volume.capacity_bytes, src.cap.clone());
     expect_code(d.controller().create_volume(plain).await, Code::AlreadyExists, "CreateVolume same name, without the snapshot source");

@@ -382,11 +382,15 @@ impl LocalAgent {
         };
         let (source, source_uid) = source.unzip();
         let source_uid = source_uid.flatten();
+        let (required, limit) = req.capacity_range.map(|r| (r.required_bytes, r.limit_bytes)).unwrap_or((0, 0));
         if capacity < min_size {
-            let required = req.capacity_range.map(|r| r.required_bytes).unwrap_or(0);
             if required > 0 {
                 return Err(Error::OutOfRange(format!("requested {capacity} bytes is smaller than the source ({min_size} bytes)")));
             }
+            capacity = min_size;
+        } else if source.is_some() && required == 0 && limit == 0 {
+            // A copy with no size asked for (Nomad sends none) is its source's size, not the
+            // default size of a new volume.
             capacity = min_size;
         }
 
