@@ -356,3 +356,30 @@ async fn the_provisioning_parameter_chooses_and_is_checked() {
         d.delete(&v.volume_id).await;
     }
 }
+
+/// GetCapacity offers only what a create can take: volumes are made in whole MiB, so the
+/// capacity answered is a whole number of MiB even when the free space of the pool's
+/// filesystem is not, and a thick volume of exactly that size is made (the scheduler places a
+/// claim of "all of it" on the strength of that answer).
+#[tokio::test]
+async fn the_capacity_answered_can_be_taken_whole() {
+    let setup = Setup::with_config(|dir| {
+        let fs = scratch_fs(dir, "poolfs", 96);
+        // A filler that leaves the free space off a MiB boundary.
+        let filler = fs.join("filler");
+        std::fs::write(&filler, vec![7u8; (3 << 20) + 12 * 1024]).expect("write the filler");
+        std::fs::File::open(&filler).and_then(|f| f.sync_all()).expect("sync the filler");
+        file_pool("whole", &fs.join("pool"), "")
+    });
+    let d = setup.start().await;
+    let params = HashMap::from([("pool".to_owned(), "whole".to_owned())]);
+    let cap = ok(d.controller().get_capacity(GetCapacityRequest { parameters: params.clone(), ..Default::default() }).await, "GetCapacity");
+    let room = cap.available_capacity;
+    assert!(room > 0, "the pool offers nothing: {cap:?}");
+    assert_eq!(room % (1 << 20), 0, "GetCapacity answered {room} bytes, not a whole number of MiB");
+    let v = d.create_with(request_in(&d, "whole", &unique("all-of-it"), room, &[])).await;
+    assert_eq!(v.capacity_bytes, room, "a volume of all the room offered");
+    let after = ok(d.controller().get_capacity(GetCapacityRequest { parameters: params, ..Default::default() }).await, "GetCapacity");
+    assert!(after.available_capacity < (1 << 20), "after taking all the room, {} bytes are still offered", after.available_capacity);
+    d.delete(&v.volume_id).await;
+}

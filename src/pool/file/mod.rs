@@ -912,7 +912,9 @@ impl Pool for FilePool {
     }
 
     async fn capacity(&self) -> Result<u64> {
-        self.room().await
+        // Volumes are made in whole MiB: room that is not a whole MiB cannot be asked for (a
+        // create of the exact byte count is rounded up and would not fit).
+        Ok(self.room().await? / super::MIB * super::MIB)
     }
 
     async fn attach(&self, local: &str) -> Result<Attachment> {
