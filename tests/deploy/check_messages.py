@@ -1,28 +1,38 @@
 #!/usr/bin/env python3
 """Every error message the driver can return has an entry in docs/troubleshooting.md.
 
-What counts as a message (read from src/**/*.rs, test code left out):
+What counts as a message (read from src/**/*.rs; `#[cfg(test)]` items, the test modules they
+name and the recording fakes (`impl … Fake…`) left out):
 
 - the text given to a gRPC-coded error: `Error::InvalidArgument / NotFound / AlreadyExists /
   FailedPrecondition / ResourceExhausted / OutOfRange / Aborted / Unimplemented / Unavailable /
-  DeadlineExceeded / Internal (…)` and `Status::invalid_argument / … (…)`;
+  DeadlineExceeded / Internal (…)` and `Status::invalid_argument / … / permission_denied (…)`,
+  however many lines the call takes; a pattern (`Err(Error::NotFound(_)) =>`) is no message;
 - the context of a failed command or file-system call (`Error::exec(ctx, e)`, `Error::io(ctx, e)`,
   `.context(|| ctx)`): the operator sees "ctx: `cmd` failed with exit code N: stderr" under
   INTERNAL (DEADLINE_EXCEEDED when the command timed out);
-- where the text is not written at the call: a local `let` (every template in its expression), a
-  parameter of the enclosing function (the argument each caller passes, followed through callers
-  of callers), or `.map_err(Error::X)` over a function whose `Err(…)` texts are then taken.
+- where the text is not written at the call, the checker follows it: a local `let` (each text of
+  its expression: a literal, a format!, each arm of an if/match, `…` for an arm that passes on
+  another text), a constant, a function of ours returning a String (`self.vg_missing()`), a
+  parameter of the enclosing function (what each caller passes), the parameter of a local closure
+  (`let bad = |m| Error::X(format!("pool {name}: {m}"))`: each `bad(…)` call), a placeholder
+  naming a helper's parameter that its callers fill with at most 8 literals (`require("name", …)`),
+  or `.map_err(Error::X)` over a function whose `Err(…)` texts are then taken.
 
-Each text is reduced to its static part: a `{…}` placeholder, or a value the checker cannot see
-(a variable, a call), becomes `…`. A message is covered by a catalogue entry when both have the
-same code and the same text, compared after turning each run of placeholders into one `…` and
-runs of blanks into one space. The catalogue's entries are the rows of its tables whose first
-cell opens with a code span (the message) under a heading that starts with the gRPC code.
+Each text is reduced to its static part: a `{…}` placeholder, or a value the checker cannot see,
+becomes `…`. A text with no letter of its own (`{}`, `{peer}: {m}`) relays another message, which
+has its entry where it is made. A message is covered by a catalogue entry when both have the same
+code and the same text, compared after turning each run of `…` into one and each run of blanks
+into one space: no partial or pattern match, so a new or changed text needs its own entry. The
+catalogue's entries are the table rows whose first cell opens with a code span (the message),
+under a heading that starts with the gRPC code (or a deeper heading below one).
 
-Exit status 1, with each missing message as `file:line: CODE text`, when any is not covered;
-also when a call could not be read (a message whose text cannot be found at all): those are
-listed so that the checker, not a reviewer, has to be taught about them. `--list` prints every
-message found; `--self-test` runs the checker on made-up sources and catalogues.
+Exit status 1, listing each missing message as `file:line: CODE text` (the line of the text),
+when any is not covered; also when a text cannot be found at all (a binding or parameter that
+leads nowhere): those are listed so that the checker, not a reviewer, is taught about them
+(RELAYS below). Entries that match no message any more are listed too, without failing.
+`--list` prints every message found; `--self-test` runs the checker on a made-up source and
+catalogue (a missing entry, a wrong code and a partial entry must fail).
 """
 import os
 import re
@@ -314,6 +324,15 @@ class Reader:
                         j += 1
                     if j < len(toks) and is_p(toks[j], "{"):
                         self.functions.setdefault(toks[k + 1].text, []).append((path, k, j, matching(toks, j)))
+        self.consts = {}  # name -> value of each `const NAME: &str = "…";`
+        for toks in files.values():
+            for k in range(len(toks) - 6):
+                if is_i(toks[k], "const") and toks[k + 1].kind == "ident":
+                    j = k + 2
+                    while j < len(toks) and not is_p(toks[j], "=") and not is_p(toks[j], ";"):
+                        j += 1
+                    if j + 2 < len(toks) and is_p(toks[j], "=") and toks[j + 1].kind == "str" and is_p(toks[j + 2], ";"):
+                        self.consts[toks[k + 1].text] = toks[j + 1].value
         self.unread = []  # (path, line, why)
 
     def enclosing_fn(self, path, at):
@@ -351,6 +370,8 @@ class Reader:
             return self.texts(path, toks, j, hi, depth + 1)
         if is_p(t, "{") and matching(toks, lo) == hi - 1:  # a block: its templates
             return self.templates_in(path, toks, lo + 1, hi - 1, depth) or [WILD]
+        if t.kind == "ident" and hi == lo + 1 and t.text in self.consts:  # a constant
+            return [text_at(self.consts[t.text], path, t)]
         if t.kind == "ident" and hi == lo + 1:  # a variable or parameter
             return self.follow_name(path, toks, lo, t.text, depth)
         if t.kind == "ident" and hi == lo + 3 and is_p(toks[lo + 1], "(") and is_p(toks[lo + 2], ")"):
@@ -428,6 +449,10 @@ class Reader:
             if arg is not None and arg[1] - arg[0] == 1 and toks[arg[0]].kind == "ident":
                 name = toks[arg[0]].text
             sub = [WILD]
+            if name and self.local_let(path, toks, lo, name) is None:
+                got = self.param_texts(path, toks, lo, name, depth)
+                if got:
+                    sub = got
             local = self.local_let(path, toks, lo, name) if name else None
             # only a local that is itself a text (a literal, a format!, an if or match over those)
             if local is not None and (toks[local[0]].kind == "str" or toks[local[0]].text in ("format", "if", "match")):
@@ -436,6 +461,84 @@ class Reader:
                     sub = got
             outs = [o + x for o in outs for x in sub]
         return [text_at(o, path, toks[lo]) for o in outs]
+
+    def param_texts(self, path, toks, at, name, depth):
+        """Texts a helper's callers give its parameter `name` used at `at` in a placeholder: of a
+        closure bound by `let bad = |m: String| …` (each `bad(…)` call in the function), or of a
+        function (each call passing a plain literal, such as `require("volume_id", …)`). None
+        when a caller passes something else or the variants would be too many."""
+        if depth > 4:
+            return None
+        fn = self.enclosing_fn(path, at)
+        if not fn:
+            return None
+        lo, hi = fn[2], fn[3]
+        # a closure around `at` with `name` among its parameters
+        for k in range(at - 1, lo, -1):
+            if not (is_p(toks[k], "|") and is_p(toks[k - 1], "=") and is_i(toks[k - 3], "let")):
+                continue
+            close = k + 1
+            while not is_p(toks[close], "|"):
+                close += 1
+            params = split_args(toks, k, close)
+            index = next((n for n, (s, _) in enumerate(params) if is_i(toks[s], name)), None)
+            end = close + 1
+            while end < hi and not is_p(toks[end], ";"):
+                if toks[end].kind == "punct" and toks[end].text in OPEN:
+                    end = matching(toks, end)
+                end += 1
+            if index is None or not (close < at < end):
+                continue
+            clos = toks[k - 2].text
+            found = []
+            for j in range(end, hi):
+                if is_i(toks[j], clos) and is_p(toks[j + 1], "("):
+                    args = split_args(toks, j + 1, matching(toks, j + 1))
+                    if index >= len(args):
+                        return None
+                    got = self.texts(path, toks, args[index][0], args[index][1], depth + 1)
+                    if not got or all(g == WILD for g in got):
+                        return None
+                    found += got
+            return found if 0 < len(found) <= 32 else None
+        # a parameter of the function: callers passing literals
+        open_ = fn[1] + 2
+        while not is_p(toks[open_], "("):
+            open_ += 1
+        params = split_args(toks, open_, matching(toks, open_))
+        index, pos = None, 0
+        for s, e in params:
+            if any(is_i(x, "self") for x in toks[s:e]) and e - s <= 4:
+                continue
+            if is_i(toks[s], name):
+                index = pos
+            pos += 1
+        if index is None:
+            return None
+        found = []
+        for p, ftoks in self.files.items():
+            for j in range(1, len(ftoks) - 1):
+                if is_i(ftoks[j], fn[0]) and is_p(ftoks[j + 1], "(") and not is_i(ftoks[j - 1], "fn"):
+                    args = split_args(ftoks, j + 1, matching(ftoks, j + 1))
+                    if index >= len(args):
+                        return None
+                    s, e = args[index]
+                    while s < e and is_p(ftoks[s], "&"):
+                        s += 1
+                    if e - s == 1 and ftoks[s].kind == "str":
+                        found.append(text_at(ftoks[s].value, p, ftoks[s]))
+                    elif e - s == 1 and ftoks[s].text in self.consts:
+                        found.append(text_at(self.consts[ftoks[s].text], p, ftoks[s]))
+                    elif e - s == 1 and ftoks[s].kind == "ident":  # passed on by another helper
+                        got = self.param_texts(p, ftoks, s, ftoks[s].text, depth + 1)
+                        if not got:
+                            return None
+                        found += got
+                    else:
+                        return None
+        found = list(dict.fromkeys(found))
+        # a few (a noun, a field) make distinct messages; many are steps of one message
+        return found if 0 < len(found) <= 8 else None
 
     def local_let(self, path, toks, at, name):
         """(start, end) of the expression of the `let name = …;` before `at` in its function."""
@@ -769,6 +872,27 @@ fn gone(&self) -> String {
 fn orphan(text: String) -> Error {
     Error::Aborted(text)
 }
+fn conf(name: &str) -> Result<()> {
+    let bad = |m: String| Error::InvalidArgument(format!("pool {name:?}: {m}"));
+    if name.is_empty() {
+        return Err(bad("a pool needs `path`".into()));
+    }
+    Err(bad(format!("name {} is too long", name.len())))
+}
+const PARAM_POOL: &str = "pool";
+fn need(key: &str) -> Error {
+    Error::InvalidArgument(format!("parameter {key} is empty"))
+}
+fn callers() -> Vec<Error> {
+    vec![need(PARAM_POOL), need("kind")]
+}
+fn freeze(e: &ExecError) -> Error {
+    let why = match e {
+        ExecError::Failed { .. } => "it is busy".to_owned(),
+        other => other.to_string(),
+    };
+    Error::Aborted(format!("cannot freeze ({why})"))
+}
 impl Mounter for FakeMounter {
     fn mount(&self) -> Result<()> { Err(Error::Internal("a fake's failure".into())) }
 }
@@ -786,6 +910,13 @@ SELF_TEST_DOC = '''
 |---|---|---|
 | `volume_id is required` | x | y |
 | `value … is not allowed` | x | y |
+| ``pool …: a pool needs `path` `` | x | y |
+| `pool …: name … is too long` | x | y |
+| `parameter pool is empty` | x | y |
+| `parameter kind is empty` | x | y |
+### ABORTED
+| `cannot freeze (it is busy)` | x | y |
+| `cannot freeze (…)` | x | y |
 ### NOT_FOUND: ids
 | `volume … does not exist on this node` | x | y |
 ### FAILED_PRECONDITION
@@ -809,6 +940,13 @@ def self_test():
     want = {
         ("INVALID_ARGUMENT", "volume_id is required"),
         ("INVALID_ARGUMENT", "value … is not allowed"),
+        # a local closure's callers, a helper's literal (or constant) arguments, a match's arms
+        ("INVALID_ARGUMENT", "pool …: a pool needs `path`"),
+        ("INVALID_ARGUMENT", "pool …: name … is too long"),
+        ("INVALID_ARGUMENT", "parameter pool is empty"),
+        ("INVALID_ARGUMENT", "parameter kind is empty"),
+        ("ABORTED", "cannot freeze (it is busy)"),
+        ("ABORTED", "cannot freeze (…)"),
         ("NOT_FOUND", "volume … does not exist on this node"),
         ("FAILED_PRECONDITION", "volume … is too long"),
         ("FAILED_PRECONDITION", "short"),
