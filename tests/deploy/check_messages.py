@@ -8,6 +8,9 @@ name and the recording fakes (`impl … Fake…`) left out):
   FailedPrecondition / ResourceExhausted / OutOfRange / Aborted / Unimplemented / Unavailable /
   DeadlineExceeded / Internal (…)` and `Status::invalid_argument / … / permission_denied (…)`,
   however many lines the call takes; a pattern (`Err(Error::NotFound(_)) =>`) is no message;
+- the message of an abnormal volume condition (`Condition::Abnormal(…)`, `VolumeCondition {
+  abnormal: true, message: … }`), which users see as VolumeConditionAbnormal events: listed
+  under the pseudo-code VOLUME_CONDITION;
 - the context of a failed command or file-system call (`Error::exec(ctx, e)`, `Error::io(ctx, e)`,
   `.context(|| ctx)`): the operator sees "ctx: `cmd` failed with exit code N: stderr" under
   INTERNAL (DEADLINE_EXCEEDED when the command timed out);
@@ -67,7 +70,10 @@ STATUS_CODES = {
     "internal": "INTERNAL",
     "unauthenticated": "UNAUTHENTICATED",
 }
-ALL_CODES = set(CODES.values()) | set(STATUS_CODES.values())
+# Not a gRPC code: the message of an abnormal volume condition (ListVolumes, NodeGetVolumeStats),
+# which reaches users as a VolumeConditionAbnormal event.
+CONDITION = "VOLUME_CONDITION"
+ALL_CODES = set(CODES.values()) | set(STATUS_CODES.values()) | {CONDITION}
 WILD = "…"
 
 
@@ -377,7 +383,7 @@ class Reader:
         if t.kind == "ident" and hi == lo + 3 and is_p(toks[lo + 1], "(") and is_p(toks[lo + 2], ")"):
             # `what()`: a closure parameter called
             return self.follow_name(path, toks, lo, t.text, depth)
-        called = self.called_fn(toks, lo, hi)
+        called = self.called_fn(toks, lo, hi, path)
         if called is not None:
             return called
         if is_i(t, "if"):
@@ -388,8 +394,11 @@ class Reader:
             return self.templates_in(path, toks, lo, hi, depth) or [WILD]
         return [WILD]
 
-    def called_fn(self, toks, lo, hi):
-        """Texts of `f(…)` / `self.f(…)` / `a::f(…)` when f is one of ours returning a text."""
+    def called_fn(self, toks, lo, hi, path=None):
+        """Texts of `f(…)` / `self.f(…)` / `a::f(…)` when f is one of ours returning a text (a
+        definition in the caller's file first: names repeat across modules)."""
+        while hi - lo > 2 and (is_p(toks[hi - 1], "?") or (is_i(toks[hi - 1], "await") and is_p(toks[hi - 2], "."))):
+            hi -= 1 if is_p(toks[hi - 1], "?") else 2
         if not is_p(toks[hi - 1], ")"):
             return None
         open_ = None
@@ -410,13 +419,19 @@ class Reader:
         if j >= lo:  # more than a path before the call
             return None
         name = toks[open_ - 1].text
+        defs = self.functions.get(name, [])
+        if any(p == path for p, _, _, _ in defs):
+            defs = [d for d in defs if d[0] == path]
+        elif open_ - 3 >= lo and is_p(toks[open_ - 2], "::"):  # `module::f`: that module's
+            module = toks[open_ - 3].text
+            defs = [d for d in defs if module in d[0].split(os.sep)[-1] or module in d[0].split(os.sep)[-2:-1]] or defs
         found = []
-        for p, _, blo, bhi in self.functions.get(name, []):
+        for p, _, blo, bhi in defs:
             ftoks = self.files[p]
             # only functions that return a text: their signature says String
             sig = ftoks[blo - 6 : blo]
             if any(is_i(x, "String") for x in sig):
-                found += self.templates_in(p, ftoks, blo + 1, bhi, 1)
+                found += self.templates_in(p, ftoks, blo + 1, bhi, 1, made_only=True)
         return found or None
 
     def format_texts(self, path, toks, lo, hi, depth):
@@ -557,8 +572,10 @@ class Reader:
                 return (j + 1, end)
         return None
 
-    def templates_in(self, path, toks, lo, hi, depth):
-        """Every format!/literal text in toks[lo:hi] (the branches of an if/match, a block)."""
+    def templates_in(self, path, toks, lo, hi, depth, made_only=False):
+        """Every format!/literal text in toks[lo:hi] (the branches of an if/match, a block);
+        `made_only`: in the body of a function returning a String, only the literals made into
+        one (`"…".into()`, `.to_string()`, `String::from("…")`), not those it compares with."""
         found, j = [], lo
         while j < hi:
             t = toks[j]
@@ -567,7 +584,13 @@ class Reader:
                 found += self.format_texts(path, toks, j, close + 1, depth)
                 j = close + 1
                 continue
-            if t.kind == "str":
+            if t.kind == "str" and made_only:
+                made = (j + 3 < hi and is_p(toks[j + 1], ".") and toks[j + 2].text in CONVERSIONS) or (
+                    is_p(toks[j - 1], "(") and toks[j - 2].text == "from" and toks[j - 4].text == "String"
+                )
+                if made:
+                    found.append(text_at(t.value, path, t))
+            elif t.kind == "str":
                 prev = toks[j - 1]
                 # a literal compared or searched for is not a text of the message
                 if not (prev.kind == "punct" and prev.text in ("==", "!=")) and not (
@@ -592,12 +615,14 @@ class Reader:
             if is_i(toks[k], name) and (is_p(toks[k + 1], ")") or is_p(toks[k + 1], "|") or is_p(toks[k + 1], ",")):
                 # a binding: `Error::X(m) =>`, `Some(t) =>`, `|e|`, `Err(m) =>`
                 owner = toks[k - 2] if k >= 2 else None
-                if is_p(toks[k + 1], "|") or (owner is not None and owner.kind == "ident" and (owner.text in CODES or owner.text in ("Err", "Ok"))):
+                if is_p(toks[k + 1], "|") or (
+                    owner is not None and owner.kind == "ident" and (owner.text in CODES or owner.text in ("Err", "Ok", "Abnormal"))
+                ):
                     return [WILD]
                 if owner is not None and is_i(owner, "Some"):
                     scrut = self.scrutinee(toks, k, lo)
                     if scrut is not None:
-                        got = self.called_fn(toks, scrut[0], scrut[1])
+                        got = self.called_fn(toks, scrut[0], scrut[1], path)
                         if got:
                             return got
         if not fn:
@@ -634,7 +659,15 @@ class Reader:
         return found
 
     def scrutinee(self, toks, at, lo):
-        """(start, end) of the expression of the `match … {` whose arm binds at `at`."""
+        """(start, end) of the expression of the `match … {` whose arm binds at `at`, or of the
+        `if let Some(x) = … {` / `let Some(x) = … else` that binds it."""
+        if is_i(toks[at - 3], "let") and is_p(toks[at + 2], "="):
+            end = at + 3
+            while end < len(toks) and not is_p(toks[end], "{") and not is_i(toks[end], "else") and not is_p(toks[end], ";"):
+                if toks[end].kind == "punct" and toks[end].text in ("(", "["):
+                    end = matching(toks, end)
+                end += 1
+            return (at + 3, end)
         depth = 0
         for k in range(at, lo, -1):
             if is_p(toks[k], "}"):
@@ -711,6 +744,18 @@ def messages(files):
                     code = STATUS_CODES[t.text]
             elif is_p(t, ".") and is_i(toks[i + 1], "context") and is_p(toks[i + 2], "("):
                 code, i = "INTERNAL", i + 1
+            if t.kind == "ident" and t.text == "Abnormal" and is_p(toks[i - 1], "::") and toks[i - 2].text == "Condition":
+                code = CONDITION
+            elif is_i(t, "VolumeCondition") and is_p(toks[i + 1], "{"):
+                # `VolumeCondition { abnormal: true, message: … }`: the message field's expression
+                close = matching(toks, i + 1)
+                fields = {toks[a].text: (a + 2, b) for a, b in split_args(toks, i + 1, close) if b - a > 2}
+                if "message" in fields and "abnormal" in fields and is_i(toks[fields["abnormal"][0]], "true"):
+                    s_, e_ = fields["message"]
+                    for text in dict.fromkeys(reader.texts(path, toks, s_, e_)):
+                        where = getattr(text, "where", None) or (path, t.line)
+                        found.append((where[0], where[1], CONDITION, str(text)))
+                continue
             if code is None:
                 continue
             fn = reader.enclosing_fn(path, i)
@@ -893,6 +938,18 @@ fn freeze(e: &ExecError) -> Error {
     };
     Error::Aborted(format!("cannot freeze ({why})"))
 }
+async fn health(&self) -> Result<VolumeCondition> {
+    if let Some(m) = self.stuck().await {
+        return Ok(VolumeCondition { abnormal: true, message: m });
+    }
+    Ok(match self.probe() {
+        Ok(()) => VolumeCondition { abnormal: false, message: "volume is healthy".into() },
+        Err(e) => Condition::Abnormal(format!("pool {} does not answer: {e}", self.name)),
+    })
+}
+async fn stuck(&self) -> Option<String> {
+    Some(format!("a freeze began {} s ago", 3))
+}
 impl Mounter for FakeMounter {
     fn mount(&self) -> Result<()> { Err(Error::Internal("a fake's failure".into())) }
 }
@@ -914,6 +971,9 @@ SELF_TEST_DOC = '''
 | `pool …: name … is too long` | x | y |
 | `parameter pool is empty` | x | y |
 | `parameter kind is empty` | x | y |
+### VOLUME_CONDITION
+| `a freeze began … s ago` | x | y |
+| `pool … does not answer: …` | x | y |
 ### ABORTED
 | `cannot freeze (it is busy)` | x | y |
 | `cannot freeze (…)` | x | y |
@@ -947,6 +1007,9 @@ def self_test():
         ("INVALID_ARGUMENT", "parameter kind is empty"),
         ("ABORTED", "cannot freeze (it is busy)"),
         ("ABORTED", "cannot freeze (…)"),
+        # volume conditions; a healthy one is no message; an `if let Some(m) = f().await` binding
+        ("VOLUME_CONDITION", "a freeze began … s ago"),
+        ("VOLUME_CONDITION", "pool … does not answer: …"),
         ("NOT_FOUND", "volume … does not exist on this node"),
         ("FAILED_PRECONDITION", "volume … is too long"),
         ("FAILED_PRECONDITION", "short"),
