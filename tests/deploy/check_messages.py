@@ -34,7 +34,8 @@ Exit status 1, listing each missing message as `file:line: CODE text` (the line 
 when any is not covered; also when a text cannot be found at all (a binding or parameter that
 leads nowhere): those are listed so that the checker, not a reviewer, is taught about them
 (RELAYS below). Entries that match no message any more are listed too, without failing.
-`--list` prints every message found; `--self-test` runs the checker on a made-up source and
+`--list` prints every message found; `--root DIR` reads DIR/src instead (a branch's export)
+against this tree's catalogue; `--self-test` runs the checker on a made-up source and
 catalogue (a missing entry, a wrong code and a partial entry must fail).
 """
 import os
@@ -386,13 +387,58 @@ class Reader:
         called = self.called_fn(toks, lo, hi, path)
         if called is not None:
             return called
-        if is_i(t, "if"):
-            return self.templates_in(path, toks, lo, hi, depth) or [WILD]
-        if is_i(t, "match"):  # the arms' texts, and `…` for an arm that passes on another text
-            return self.templates_in(path, toks, lo, hi, depth) + [text_at(WILD, path, t)]
+        if is_i(t, "if") or is_i(t, "match"):  # each branch's texts (`…` for one that is none)
+            found = []
+            for blo, bhi in self.branches(toks, lo, hi):
+                found += self.texts(path, toks, blo, bhi, depth + 1) or [WILD]
+            return found or [WILD]
         if any(tk.kind == "str" or is_i(tk, "format") for tk in toks[lo:hi]):
             return self.templates_in(path, toks, lo, hi, depth) or [WILD]
         return [WILD]
+
+    def branches(self, toks, lo, hi):
+        """(start, end) of the value of each branch of the `if … else …` or `match … {…}` at lo."""
+        out = []
+        if is_i(toks[lo], "if"):
+            j = lo
+            while j < hi and is_i(toks[j], "if"):
+                while j < hi and not is_p(toks[j], "{"):
+                    j = matching(toks, j) + 1 if toks[j].kind == "punct" and toks[j].text in ("(", "[") else j + 1
+                close = matching(toks, j)
+                out.append((j + 1, close))
+                j = close + 1
+                if j < hi and is_i(toks[j], "else"):
+                    j += 1
+                    if j < hi and is_p(toks[j], "{"):
+                        close = matching(toks, j)
+                        out.append((j + 1, close))
+                        j = close + 1
+                else:
+                    break
+            return out
+        j = lo
+        while j < hi and not is_p(toks[j], "{"):
+            j = matching(toks, j) + 1 if toks[j].kind == "punct" and toks[j].text in ("(", "[") else j + 1
+        end = matching(toks, j)
+        j += 1
+        while j < end:
+            if toks[j].kind == "punct" and toks[j].text in ("(", "["):
+                j = matching(toks, j) + 1
+                continue
+            if is_p(toks[j], "=>"):
+                b = j + 1
+                if is_p(toks[b], "{"):
+                    close = matching(toks, b)
+                    out.append((b + 1, close))
+                    j = close + 1
+                    continue
+                e = b
+                while e < end and not is_p(toks[e], ","):
+                    e = matching(toks, e) + 1 if toks[e].kind == "punct" and toks[e].text in OPEN else e + 1
+                out.append((b, e))
+                j = e
+            j += 1
+        return out
 
     def called_fn(self, toks, lo, hi, path=None):
         """Texts of `f(…)` / `self.f(…)` / `a::f(…)` when f is one of ours returning a text (a
@@ -594,7 +640,7 @@ class Reader:
                 prev = toks[j - 1]
                 # a literal compared or searched for is not a text of the message
                 if not (prev.kind == "punct" and prev.text in ("==", "!=")) and not (
-                    is_p(prev, "(") and toks[j - 2].text in ("starts_with", "ends_with", "contains", "find", "strip_prefix", "get")
+                    is_p(prev, "(") and toks[j - 2].text in ("starts_with", "ends_with", "contains", "find", "strip_prefix", "get", "join", "split", "replace")
                 ):
                     found.append(text_at(t.value, path, t))
             j += 1
@@ -612,6 +658,8 @@ class Reader:
         if fn and (path, fn[0]) in RELAYS:
             return [WILD]
         for k in range(at - 1, lo, -1):
+            if is_i(toks[k], name) and is_p(toks[k + 1], "=>"):  # `other => …`: the arm's own value
+                return [WILD]
             if is_i(toks[k], name) and (is_p(toks[k + 1], ")") or is_p(toks[k + 1], "|") or is_p(toks[k + 1], ",")):
                 # a binding: `Error::X(m) =>`, `Some(t) =>`, `|e|`, `Err(m) =>`
                 owner = toks[k - 2] if k >= 2 else None
@@ -1064,11 +1112,15 @@ def self_test():
 
 
 def main():
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-    if "--self-test" in sys.argv:
+    here = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    args = sys.argv[1:]
+    if "--self-test" in args:
         self_test()
         return 0
-    return run(root, os.path.join(root, "docs", "troubleshooting.md"), "--list" in sys.argv)
+    # --root DIR: read DIR/src (another checkout, say a branch about to be merged) against this
+    # tree's catalogue
+    root = os.path.abspath(args[args.index("--root") + 1]) if "--root" in args else here
+    return run(root, os.path.join(here, "docs", "troubleshooting.md"), "--list" in args)
 
 
 if __name__ == "__main__":
