@@ -344,11 +344,15 @@ class Reader:
 
     def enclosing_fn(self, path, at):
         """(name, fn index, body open, body close) of the innermost function holding token `at`."""
+        if not hasattr(self, "by_file"):
+            self.by_file = {}
+            for name, defs in self.functions.items():
+                for p, k, lo, hi in defs:
+                    self.by_file.setdefault(p, []).append((name, k, lo, hi))
         best = None
-        for name, defs in self.functions.items():
-            for p, k, lo, hi in defs:
-                if p == path and lo < at < hi and (best is None or lo > best[2]):
-                    best = (name, k, lo, hi)
+        for name, k, lo, hi in self.by_file.get(path, []):
+            if lo < at < hi and (best is None or lo > best[2]):
+                best = (name, k, lo, hi)
         return best
 
     def texts(self, path, toks, lo, hi, depth=0):
@@ -780,59 +784,66 @@ def messages(files):
     for path, toks in files.items():
         n = len(toks)
         for i in range(2, n - 3):
-            t = toks[i]
-            code = None
-            if t.kind == "ident" and is_p(toks[i - 1], "::"):
-                owner = toks[i - 2].text
-                if owner == "Error" and t.text in CODES:
-                    code = CODES[t.text]
-                elif owner == "Error" and t.text in ("exec", "io"):
-                    code = "INTERNAL"
-                elif owner == "Status" and t.text in STATUS_CODES:
-                    code = STATUS_CODES[t.text]
-            elif is_p(t, ".") and is_i(toks[i + 1], "context") and is_p(toks[i + 2], "("):
-                code, i = "INTERNAL", i + 1
-            if t.kind == "ident" and t.text == "Abnormal" and is_p(toks[i - 1], "::") and toks[i - 2].text == "Condition":
-                code = CONDITION
-            elif is_i(t, "VolumeCondition") and is_p(toks[i + 1], "{"):
-                # `VolumeCondition { abnormal: true, message: … }`: the message field's expression
-                close = matching(toks, i + 1)
-                fields = {toks[a].text: (a + 2, b) for a, b in split_args(toks, i + 1, close) if b - a > 2}
-                if "message" in fields and "abnormal" in fields and is_i(toks[fields["abnormal"][0]], "true"):
-                    s_, e_ = fields["message"]
-                    for text in dict.fromkeys(reader.texts(path, toks, s_, e_)):
+            try:
+                t = toks[i]
+                code = None
+                if t.kind == "ident" and is_p(toks[i - 1], "::"):
+                    owner = toks[i - 2].text
+                    if owner == "Error" and t.text in CODES:
+                        code = CODES[t.text]
+                    elif owner == "Error" and t.text in ("exec", "io"):
+                        code = "INTERNAL"
+                    elif owner == "Status" and t.text in STATUS_CODES:
+                        code = STATUS_CODES[t.text]
+                elif is_p(t, ".") and is_i(toks[i + 1], "context") and is_p(toks[i + 2], "("):
+                    code, i = "INTERNAL", i + 1
+                if t.kind == "ident" and t.text == "Abnormal" and is_p(toks[i - 1], "::") and toks[i - 2].text == "Condition":
+                    code = CONDITION
+                elif is_i(t, "VolumeCondition") and is_p(toks[i + 1], "{"):
+                    # `VolumeCondition { abnormal: true, message: … }`: the message field's expression
+                    close = matching(toks, i + 1)
+                    fields = {toks[a].text: (a + 2, b) for a, b in split_args(toks, i + 1, close) if b - a > 2}
+                    if "message" in fields and "abnormal" in fields and is_i(toks[fields["abnormal"][0]], "true"):
+                        s_, e_ = fields["message"]
+                        for text in dict.fromkeys(reader.texts(path, toks, s_, e_)):
+                            where = getattr(text, "where", None) or (path, t.line)
+                            found.append((where[0], where[1], CONDITION, str(text)))
+                    continue
+                if code is None:
+                    continue
+                fn = reader.enclosing_fn(path, i)
+                if fn and (path, fn[0]) in PLUMBING:
+                    continue
+                nxt = toks[i + 1]
+                if is_p(nxt, "("):
+                    close = matching(toks, i + 1)
+                    args = split_args(toks, i + 1, close)
+                    if not args or in_pattern(toks, close):
+                        continue
+                    s, e = args[0]
+                    if e - s == 1 and toks[s].text in ("_", ".."):
+                        continue
+                    texts = reader.texts(path, toks, s, e)
+                    for text in dict.fromkeys(texts):
+                        if text != "":  # an empty text is a placeholder replaced before anyone sees it
+                            where = getattr(text, "where", None) or (path, toks[i].line)
+                            found.append((where[0], where[1], code, str(text)))
+                elif is_p(toks[i - 3], "(") and is_i(toks[i - 4], "map_err") and is_p(nxt, ")"):
+                    # `.map_err(Error::X)`: the texts are the Err(…) of the function called before
+                    texts = reader.err_texts_of(path, toks, i - 4, 0)
+                    if texts is None:
+                        reader.unread.append((path, t.line, f"cannot find the texts that .map_err({toks[i-2].text}::{t.text}) wraps"))
+                        continue
+                    for text in dict.fromkeys(texts):
                         where = getattr(text, "where", None) or (path, t.line)
-                        found.append((where[0], where[1], CONDITION, str(text)))
-                continue
-            if code is None:
-                continue
-            fn = reader.enclosing_fn(path, i)
-            if fn and (path, fn[0]) in PLUMBING:
-                continue
-            nxt = toks[i + 1]
-            if is_p(nxt, "("):
-                close = matching(toks, i + 1)
-                args = split_args(toks, i + 1, close)
-                if not args or in_pattern(toks, close):
-                    continue
-                s, e = args[0]
-                if e - s == 1 and toks[s].text in ("_", ".."):
-                    continue
-                texts = reader.texts(path, toks, s, e)
-                for text in dict.fromkeys(texts):
-                    if text != "":  # an empty text is a placeholder replaced before anyone sees it
-                        where = getattr(text, "where", None) or (path, toks[i].line)
                         found.append((where[0], where[1], code, str(text)))
-            elif is_p(toks[i - 3], "(") and is_i(toks[i - 4], "map_err") and is_p(nxt, ")"):
-                # `.map_err(Error::X)`: the texts are the Err(…) of the function called before
-                texts = reader.err_texts_of(path, toks, i - 4, 0)
-                if texts is None:
-                    reader.unread.append((path, t.line, f"cannot find the texts that .map_err({toks[i-2].text}::{t.text}) wraps"))
-                    continue
-                for text in dict.fromkeys(texts):
-                    where = getattr(text, "where", None) or (path, t.line)
-                    found.append((where[0], where[1], code, str(text)))
+            except (ValueError, IndexError, KeyError, AttributeError) as e:
+                # new syntax the checker does not know: a failure to look at, not a pass
+                reader.unread.append((path, toks[i].line, f"the checker cannot read this call ({e!r})"))
     return found, reader.unread
+
+
+LEX_ERRORS = []  # (path, line, why) of files the lexer could not read
 
 
 def load_sources(root):
@@ -844,7 +855,12 @@ def load_sources(root):
                 continue
             path = os.path.join(dirpath, name)
             with open(path, encoding="utf-8") as f:
-                toks, test_mods = strip_test_code(lex(f.read()))
+                src = f.read()
+            try:
+                toks, test_mods = strip_test_code(lex(src))
+            except (ValueError, IndexError) as e:
+                LEX_ERRORS.append((os.path.relpath(path, root), 1, f"the checker cannot read this file ({e!r})"))
+                toks, test_mods = [], []
             files[path] = toks
             stem = name[:-3]
             base = dirpath if stem in ("mod", "lib", "main") else os.path.join(dirpath, stem)
@@ -901,6 +917,7 @@ def missing(found, entries):
 def run(root, doc, show_all=False):
     files = load_sources(root)
     found, unread = messages(files)
+    unread = LEX_ERRORS + unread
     with open(doc, encoding="utf-8") as f:
         entries = catalogue(f.read())
     if show_all:
