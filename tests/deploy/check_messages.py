@@ -33,7 +33,8 @@ under a heading that starts with the gRPC code (or a deeper heading below one).
 Exit status 1, listing each missing message as `file:line: CODE text` (the line of the text),
 when any is not covered; also when a text cannot be found at all (a binding or parameter that
 leads nowhere): those are listed so that the checker, not a reviewer, is taught about them
-(RELAYS below). Entries that match no message any more are listed too, without failing.
+(RELAYS below). Entries that match no message any more are counted, without failing
+(`--stale` lists them: rows to delete, or rows written ahead for a branch not merged yet).
 `--list` prints every message found; `--root DIR` reads DIR/src instead (a branch's export)
 against this tree's catalogue; `--self-test` runs the checker on a made-up source and
 catalogue (a missing entry, a wrong code and a partial entry must fail).
@@ -383,6 +384,8 @@ class Reader:
             return self.templates_in(path, toks, lo + 1, hi - 1, depth) or [WILD]
         if t.kind == "ident" and hi == lo + 1 and t.text in self.consts:  # a constant
             return [text_at(self.consts[t.text], path, t)]
+        if t.kind == "ident" and hi == lo + 1 and t.text[0].isupper():  # `None`, another constant
+            return [] if t.text == "None" else [WILD]
         if t.kind == "ident" and hi == lo + 1:  # a variable or parameter
             return self.follow_name(path, toks, lo, t.text, depth)
         if t.kind == "ident" and hi == lo + 3 and is_p(toks[lo + 1], "(") and is_p(toks[lo + 2], ")"):
@@ -914,7 +917,7 @@ def missing(found, entries):
     return [f for f in found if not is_relay(f[3]) and (f[2], normalize(f[3])) not in entries]
 
 
-def run(root, doc, show_all=False):
+def run(root, doc, show_all=False, show_stale=False):
     files = load_sources(root)
     found, unread = messages(files)
     unread = LEX_ERRORS + unread
@@ -928,7 +931,7 @@ def run(root, doc, show_all=False):
     known = {(c, normalize(t)) for _, _, c, t in found} & entries
     stale = sorted(entries - distinct)
     for path, line, code, text in lack:
-        print(f"{path}:{line}: {code} `{normalize(text)}`: no entry in {os.path.relpath(doc, root)}")
+        print(f"{path}:{line}: {code} `{normalize(text)}`: no entry in {os.path.relpath(doc)}")
     for path, line, why in unread:
         print(f"{path}:{line}: {why}: teach tests/deploy/check_messages.py where it comes from")
     print(
@@ -936,7 +939,9 @@ def run(root, doc, show_all=False):
         f"{len(distinct)} distinct (and {sum(1 for f in found if is_relay(f[3]))} relays of other messages), {len(known)} in the catalogue, {len(lack)} missing, "
         f"{len(unread)} unread; catalogue entries matching no message: {len(stale)}"
     )
-    for code, text in stale:
+    if stale and not show_stale:
+        print("  (tests/deploy/check_messages.py --stale lists the entries matching no message)")
+    for code, text in stale if show_stale else []:
         print(f"  (no message has it any more: {code} `{text}`)")
     return 1 if lack or unread else 0
 
@@ -1137,7 +1142,7 @@ def main():
     # --root DIR: read DIR/src (another checkout, say a branch about to be merged) against this
     # tree's catalogue
     root = os.path.abspath(args[args.index("--root") + 1]) if "--root" in args else here
-    return run(root, os.path.join(here, "docs", "troubleshooting.md"), "--list" in args)
+    return run(root, os.path.join(here, "docs", "troubleshooting.md"), "--list" in args, "--stale" in args)
 
 
 if __name__ == "__main__":
