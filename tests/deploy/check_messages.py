@@ -19,8 +19,9 @@ name and the recording fakes (`impl … Fake…`) left out):
   another text), a constant, a function of ours returning a String (`self.vg_missing()`), a
   parameter of the enclosing function (what each caller passes), the parameter of a local closure
   (`let bad = |m| Error::X(format!("pool {name}: {m}"))`: each `bad(…)` call), a placeholder
-  naming a helper's parameter that its callers fill with at most 8 literals (`require("name", …)`),
-  or `.map_err(Error::X)` over a function whose `Err(…)` texts are then taken.
+  naming a helper's parameter that its callers fill with at most 8 literals or constants
+  (`non_empty(PARAM_POOL)`), or `.map_err(Error::X)` over a function whose `Err(…)` texts are
+  then taken.
 
 Each text is reduced to its static part: a `{…}` placeholder, or a value the checker cannot see,
 becomes `…`. A text with no letter of its own (`{}`, `{peer}: {m}`) relays another message, which
