@@ -34,6 +34,9 @@ pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 pub const CTX_FS_TYPE: &str = "holdfast.dev/fs-type";
 /// Volume context key: the pool.
 pub const CTX_POOL: &str = "holdfast.dev/pool";
+/// Volume context keys of the mutable parameters (issue 12: modify): `holdfast.dev/<key>` with
+/// the value the volume has now, e.g. `holdfast.dev/compression=zstd`.
+pub const CTX_MUTABLE_PREFIX: &str = "holdfast.dev/";
 
 /// Parameters the CSI layer handles itself.
 const PARAM_POOL: &str = "pool";
@@ -225,6 +228,9 @@ impl LocalAgent {
         if let Some(fs) = &v.fs_type {
             ctx.insert(CTX_FS_TYPE.to_owned(), fs.clone());
         }
+        for (k, value) in &v.mutable {
+            ctx.insert(format!("{CTX_MUTABLE_PREFIX}{k}"), value.clone());
+        }
         Volume {
             volume_id: self.d.volume_id(pool, v).to_string(),
             capacity_bytes: v.capacity as i64,
@@ -337,6 +343,19 @@ impl LocalAgent {
             }
             pools.retain(|p| p.filesystems().contains(&fs));
         }
+        // issue 12: modify. The mutable parameters select the pools that can apply them all.
+        let mutable: BTreeMap<String, String> = req.mutable_parameters.clone().into_iter().collect();
+        if !mutable.is_empty() && !pools.is_empty() {
+            let check = |p: &Arc<dyn Pool>| {
+                let fs = if block { None } else { Some(fs_req.clone().unwrap_or_else(|| p.default_fs().to_owned())) };
+                mutable.iter().try_for_each(|(k, v)| p.check_mutable(block, fs.as_deref(), k, v))
+            };
+            let first = check(&pools[0]);
+            pools.retain(|p| check(p).is_ok());
+            if let (true, Err(e)) = (pools.is_empty(), first) {
+                return Err(e);
+            }
+        }
 
         let local = local_name(&req.name);
         let asked = CreateVolumeRequest { secrets: HashMap::new(), ..req.clone() };
@@ -430,6 +449,7 @@ impl LocalAgent {
                 limit: if limit == 0 { u64::MAX } else { limit },
                 uid: String::new(),
                 source_uid: source_uid.clone(),
+                mutable: mutable.clone(),
             };
             let mut differences = v.conflicts_with(&asked);
             // The pool/kind parameters, the access modes and the filesystem select the pools a
@@ -558,6 +578,7 @@ impl LocalAgent {
             limit,
             uid: new_uid(),
             source_uid,
+            mutable,
         };
         if creq.source.is_none() {
             let v = pool.create_volume(&creq).await?;
@@ -734,6 +755,36 @@ impl LocalAgent {
             _ => tracing::debug!(volume = %v.local, "cannot read the expanded volume back for the change feed"),
         }
         Ok(ControllerExpandVolumeResponse { capacity_bytes: got as i64, node_expansion_required: !v.block })
+    }
+
+    // issue 12: modify
+    /// ControllerModifyVolume: every key is checked against the volume's pool first (nothing
+    /// changes when one is refused), then each key whose value differs is applied in key order
+    /// under the volume's lock; a failure part-way leaves the volume's record with the keys
+    /// applied so far, and a retry completes the rest.
+    pub async fn modify(&self, req: ControllerModifyVolumeRequest) -> Result<ControllerModifyVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        if req.mutable_parameters.is_empty() {
+            return Err(Error::InvalidArgument("mutable_parameters is required: the parameters to change".into()));
+        }
+        let _guard = self.d.locks.try_lock(lock_key(&self.d, ObjectKind::Volume, &req.volume_id))?;
+        let (pool, v) = self.find_volume(&req.volume_id).await?;
+        let wanted: BTreeMap<String, String> = req.mutable_parameters.into_iter().collect();
+        for (k, value) in &wanted {
+            pool.check_mutable(v.block, v.fs_type.as_deref(), k, value)?;
+        }
+        let mut applied = Ok(());
+        for (k, value) in wanted.iter().filter(|(k, value)| v.mutable.get(*k) != Some(*value)) {
+            if let Err(e) = pool.modify_volume(&v.local, k, value).await {
+                applied = Err(e);
+                break;
+            }
+        }
+        match pool.get_volume(&v.local).await {
+            Ok(Some(now)) => self.note_volume(pool.as_ref(), &now),
+            _ => tracing::debug!(volume = %v.local, "cannot read the modified volume back for the change feed"),
+        }
+        applied.map(|()| ControllerModifyVolumeResponse {})
     }
 
     /// CreateSnapshot, waiting for a copy the default time.
@@ -1462,6 +1513,11 @@ impl AgentOps for LocalAgent {
     async fn get_inventory(&self, _budget: Duration) -> Result<ap::Inventory> {
         Ok(self.take_inventory().await)
     }
+
+    // issue 12: modify
+    async fn modify_volume(&self, req: ControllerModifyVolumeRequest, _budget: Duration) -> Result<ControllerModifyVolumeResponse> {
+        self.modify(req).await
+    }
 }
 
 #[cfg(test)]
@@ -1627,6 +1683,7 @@ mod tests {
                     uid: Some(req.uid.clone()),
                     source_uid: req.source_uid.clone(),
                     parameters: Some(req.parameters.clone()),
+                    mutable: Default::default(),
                 };
                 self.volumes.lock().unwrap().insert(req.local.clone(), v.clone());
                 Ok(v)
@@ -1851,6 +1908,7 @@ mod tests {
                 uid: None,
                 source_uid: None,
                 parameters: None,
+                mutable: Default::default(),
             }
         }
 

@@ -174,6 +174,7 @@ impl Rig {
             limit: 0,
             uid: crate::volume_id::new_uid(),
             source_uid: None,
+            mutable: Default::default(),
         }
     }
 }
@@ -539,6 +540,7 @@ async fn a_crash_between_rename_and_commit_is_finished_or_discarded_by_the_retry
             uid: Some("0123456789ab".into()),
             source_uid: None,
             parameters: Some(req.parameters.clone()),
+            mutable: Default::default(),
         },
         subdir: "team-a/db".into(),
     };
