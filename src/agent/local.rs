@@ -1626,6 +1626,8 @@ mod tests {
             sick: Mutex<Option<String>>,
             /// Copies (volumes made from a source) wait while a test holds this for writing.
             copy_gate: tokio::sync::RwLock<()>,
+            /// The next modify of this mutable key fails (issue 12: modify).
+            fail_key: Mutex<Option<String>>,
         }
 
         impl FakePool {
@@ -1637,6 +1639,7 @@ mod tests {
                     snapshots: Mutex::default(),
                     sick: Mutex::default(),
                     copy_gate: tokio::sync::RwLock::new(()),
+                    fail_key: Mutex::new(None),
                 })
             }
             fn check(&self) -> Result<()> {
@@ -1683,7 +1686,7 @@ mod tests {
                     uid: Some(req.uid.clone()),
                     source_uid: req.source_uid.clone(),
                     parameters: Some(req.parameters.clone()),
-                    mutable: Default::default(),
+                    mutable: req.mutable.clone(),
                 };
                 self.volumes.lock().unwrap().insert(req.local.clone(), v.clone());
                 Ok(v)
@@ -1754,6 +1757,26 @@ mod tests {
                     false => Err(Error::NotFound(local.into())),
                 }
             }
+            // issue 12: modify
+            fn mutable_keys(&self) -> &'static [&'static str] {
+                &["a", "b", "c"]
+            }
+            fn check_mutable(&self, _block: bool, _fs: Option<&str>, key: &str, value: &str) -> Result<()> {
+                match (self.mutable_keys().contains(&key), value) {
+                    (true, "bad") => Err(Error::InvalidArgument(format!("{key}: bad value"))),
+                    (true, _) => Ok(()),
+                    _ => Err(pool::not_mutable(self.kind(), key, self.mutable_keys())),
+                }
+            }
+            async fn modify_volume(&self, local: &str, key: &str, value: &str) -> Result<()> {
+                if self.fail_key.lock().unwrap().take_if(|k| k == key).is_some() {
+                    return Err(Error::Internal(format!("applying {key} failed")));
+                }
+                let mut vols = self.volumes.lock().unwrap();
+                let v = vols.get_mut(local).ok_or_else(|| Error::NotFound(local.into()))?;
+                v.mutable.insert(key.into(), value.into());
+                Ok(())
+            }
         }
 
         const M: u64 = 1 << 20;
@@ -1797,6 +1820,48 @@ mod tests {
                 parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 ..Default::default()
             }
+        }
+
+        // issue 12: modify
+        #[tokio::test]
+        async fn modify_checks_every_key_first_and_a_retry_completes_what_a_failure_left() {
+            let (a, fast, _slow) = controller();
+            let mut req = create_req("m1", "ext4", &[("pool", "fast")]);
+            req.mutable_parameters.insert("a".into(), "1".into());
+            let v = a.create(req.clone()).await.unwrap().volume.unwrap();
+            assert_eq!(v.volume_context.get("holdfast.dev/a").map(String::as_str), Some("1"), "{:?}", v.volume_context);
+            let mut other = req.clone();
+            other.mutable_parameters.insert("a".into(), "2".into());
+            let err = a.create(other).await.unwrap_err();
+            assert!(matches!(&err, Error::AlreadyExists(m) if m.contains("mutable parameter a")), "{err}");
+            let mut unknown = create_req("m2", "ext4", &[("pool", "fast")]);
+            unknown.mutable_parameters.insert("zz".into(), "1".into());
+            assert!(matches!(a.create(unknown).await.unwrap_err(), Error::InvalidArgument(m) if m.contains("zz")));
+
+            let modify = |pairs: &[(&str, &str)]| ControllerModifyVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                mutable_parameters: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
+            };
+            let stored = || fast.volumes.lock().unwrap().values().next().unwrap().mutable.clone();
+            let pairs = |p: &[(&str, &str)]| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+            for (what, req) in [("unknown key", modify(&[("a", "2"), ("zz", "1")])), ("bad value", modify(&[("a", "2"), ("b", "bad")]))] {
+                let err = a.modify(req).await.unwrap_err();
+                assert!(matches!(&err, Error::InvalidArgument(_)), "{what}: {err}");
+                assert_eq!(stored(), pairs(&[("a", "1")]), "{what}: nothing applied");
+            }
+            *fast.fail_key.lock().unwrap() = Some("b".into());
+            let all = [("a", "2"), ("b", "2"), ("c", "2")];
+            assert!(matches!(a.modify(modify(&all)).await.unwrap_err(), Error::Internal(_)));
+            assert_eq!(stored(), pairs(&[("a", "2")]), "the record holds what was applied before the failure");
+            a.modify(modify(&all)).await.unwrap();
+            assert_eq!(stored(), pairs(&all), "the retry completed");
+            a.modify(modify(&all)).await.unwrap();
+            let got = a.get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await.unwrap().volume.unwrap();
+            assert_eq!(got.volume_context.get("holdfast.dev/c").map(String::as_str), Some("2"));
+            let gone = ControllerModifyVolumeRequest { volume_id: format!("{}x", v.volume_id), ..modify(&all) };
+            assert!(matches!(a.modify(gone).await.unwrap_err(), Error::NotFound(_)));
+            assert!(matches!(a.modify(modify(&[])).await.unwrap_err(), Error::InvalidArgument(_)));
         }
 
         fn code(e: Error) -> tonic::Code {
