@@ -16,10 +16,10 @@ use crate::client::{self, Clients, Source};
 use crate::proto::volume_capability::access_mode::Mode;
 use crate::proto::{
     ControllerExpandVolumeRequest, ControllerExpandVolumeResponse, ControllerGetCapabilitiesRequest, ControllerGetVolumeRequest,
-    CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest, GetCapacityRequest,
-    GetPluginCapabilitiesRequest, GetPluginInfoRequest, ListSnapshotsRequest, ListVolumesRequest, NodeExpandVolumeRequest,
-    NodeGetCapabilitiesRequest, NodeGetInfoRequest, NodeGetVolumeStatsRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
-    ProbeRequest, TopologyRequirement,
+    ControllerModifyVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
+    GetCapacityRequest, GetPluginCapabilitiesRequest, GetPluginInfoRequest, ListSnapshotsRequest, ListVolumesRequest,
+    NodeExpandVolumeRequest, NodeGetCapabilitiesRequest, NodeGetInfoRequest, NodeGetVolumeStatsRequest, NodePublishVolumeRequest,
+    NodeStageVolumeRequest, ProbeRequest, TopologyRequirement,
 };
 use request::{Access, capacity, parse_access_mode, parse_key_value, parse_size_arg, to_map, topology, volume_capability};
 
@@ -72,6 +72,20 @@ pub enum Command {
     Expand(ExpandArgs),
     /// The nodes a `holdfast controller` knows: up, down or retired, address, pools and free space.
     Nodes,
+    // issue 12: modify
+    /// ControllerModifyVolume: set mutable parameters (KEY=VALUE …), then show the volume with
+    /// its current values (volume_context holdfast.dev/KEY).
+    Modify(ModifyArgs),
+}
+
+/// `ctl modify`.
+#[derive(clap::Args, Debug)]
+pub struct ModifyArgs {
+    /// The volume.
+    pub id: String,
+    /// The mutable parameters to set, e.g. compression=zstd provisioning=thick.
+    #[arg(required = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub params: Vec<(String, String)>,
 }
 
 /// A volume or snapshot id.
@@ -139,6 +153,9 @@ pub struct CreateArgs {
     /// Required topology segment (topology.holdfast.dev/node=NODE); repeat for several keys.
     #[arg(long = "topology", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub topology: Vec<(String, String)>,
+    /// A mutable parameter applied at creation (as a VolumeAttributesClass's); repeat for several.
+    #[arg(long = "mutable", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub mutable: Vec<(String, String)>,
 }
 
 /// `ctl list`.
@@ -283,6 +300,7 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
         Command::Stats(a) => stats(clients, out, a).await,
         Command::Expand(a) => expand(clients, out, a).await,
         Command::Nodes => list_nodes(&args.endpoint, out).await,
+        Command::Modify(a) => modify(clients, out, a).await,
     }
 }
 
@@ -389,6 +407,7 @@ fn create_request(a: &CreateArgs) -> Result<CreateVolumeRequest, String> {
     Ok(CreateVolumeRequest {
         volume_content_source: source.map(client::content_source),
         accessibility_requirements,
+        mutable_parameters: to_map(&a.mutable, "mutable parameter")?,
         ..client::create_volume_request(&a.name, capacity(a.size), capability, to_map(&a.params, "parameter")?)
     })
 }
@@ -672,6 +691,20 @@ async fn expand(mut c: Clients, out: Out, a: ExpandArgs) -> Result<(), String> {
     Ok(())
 }
 
+// issue 12: modify
+fn modify_request(a: &ModifyArgs) -> Result<ControllerModifyVolumeRequest, String> {
+    Ok(ControllerModifyVolumeRequest {
+        volume_id: a.id.clone(),
+        mutable_parameters: to_map(&a.params, "mutable parameter")?,
+        ..Default::default()
+    })
+}
+
+async fn modify(mut c: Clients, out: Out, a: ModifyArgs) -> Result<(), String> {
+    c.controller.controller_modify_volume(modify_request(&a)?).await.map_err(|s| format!("ControllerModifyVolume: {}", failed(s)))?;
+    get(c, out, IdArg { id: a.id }).await
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
@@ -891,5 +924,28 @@ mod tests {
 
         let got: Result<Vec<u32>, String> = all_pages(|_| async { Err("ABORTED: stale token".to_owned()) }).await;
         assert_eq!(got.unwrap_err(), "ABORTED: stale token");
+    }
+
+    // issue 12: modify
+    #[test]
+    fn modify_requests() {
+        let a = parse("modify file:n1:p:v1:vabc compression=zstd provisioning=thick").unwrap();
+        let Command::Modify(m) = a.cmd else { panic!("not modify: {:?}", a.cmd) };
+        let r = modify_request(&m).unwrap();
+        assert_eq!(r.volume_id, "file:n1:p:v1:vabc");
+        assert_eq!(r.mutable_parameters.len(), 2);
+        assert_eq!(r.mutable_parameters["compression"], "zstd");
+        assert!(parse("modify v1").is_err(), "at least one KEY=VALUE");
+        assert!(parse("modify v1 compression").is_err(), "KEY=VALUE");
+        let m = match parse("modify v1 a=1 a=2").unwrap().cmd {
+            Command::Modify(m) => m,
+            _ => unreachable!(),
+        };
+        assert!(modify_request(&m).is_err(), "a key given twice");
+        let c = match parse("create pvc-1 --size 1GiB --mutable provisioning=thin").unwrap().cmd {
+            Command::Create(c) => c,
+            _ => unreachable!(),
+        };
+        assert_eq!(create_request(&c).unwrap().mutable_parameters["provisioning"], "thin");
     }
 }

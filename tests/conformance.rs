@@ -1443,3 +1443,7 @@ async fn a_create_retry_with_other_pool_parameters_or_filesystem_is_already_exis
         d.delete(&v.volume_id).await;
     }
 }
+
+// issue 12: modify
+#[path = "conformance/modify.rs"]
+mod modify;

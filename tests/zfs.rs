@@ -199,6 +199,7 @@ fn request(csi_name: &str, capacity: u64, fs: Option<&str>) -> CreateRequest {
         limit: 0,
         uid: holdfast::volume_id::new_uid(),
         source_uid: None,
+        mutable: Default::default(),
     }
 }
 

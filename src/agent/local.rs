@@ -34,6 +34,9 @@ pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 pub const CTX_FS_TYPE: &str = "holdfast.dev/fs-type";
 /// Volume context key: the pool.
 pub const CTX_POOL: &str = "holdfast.dev/pool";
+/// Volume context keys of the mutable parameters (issue 12: modify): `holdfast.dev/<key>` with
+/// the value the volume has now, e.g. `holdfast.dev/compression=zstd`.
+pub const CTX_MUTABLE_PREFIX: &str = "holdfast.dev/";
 
 /// Parameters the CSI layer handles itself.
 const PARAM_POOL: &str = "pool";
@@ -225,6 +228,9 @@ impl LocalAgent {
         if let Some(fs) = &v.fs_type {
             ctx.insert(CTX_FS_TYPE.to_owned(), fs.clone());
         }
+        for (k, value) in &v.mutable {
+            ctx.insert(format!("{CTX_MUTABLE_PREFIX}{k}"), value.clone());
+        }
         Volume {
             volume_id: self.d.volume_id(pool, v).to_string(),
             capacity_bytes: v.capacity as i64,
@@ -337,6 +343,19 @@ impl LocalAgent {
             }
             pools.retain(|p| p.filesystems().contains(&fs));
         }
+        // issue 12: modify. The mutable parameters select the pools that can apply them all.
+        let mutable: BTreeMap<String, String> = req.mutable_parameters.clone().into_iter().collect();
+        if !mutable.is_empty() && !pools.is_empty() {
+            let check = |p: &Arc<dyn Pool>| {
+                let fs = if block { None } else { Some(fs_req.clone().unwrap_or_else(|| p.default_fs().to_owned())) };
+                mutable.iter().try_for_each(|(k, v)| p.check_mutable(block, fs.as_deref(), k, v))
+            };
+            let first = check(&pools[0]);
+            pools.retain(|p| check(p).is_ok());
+            if let (true, Err(e)) = (pools.is_empty(), first) {
+                return Err(e);
+            }
+        }
 
         let local = local_name(&req.name);
         let asked = CreateVolumeRequest { secrets: HashMap::new(), ..req.clone() };
@@ -434,6 +453,7 @@ impl LocalAgent {
                 limit: if limit == 0 { u64::MAX } else { limit },
                 uid: String::new(),
                 source_uid: source_uid.clone(),
+                mutable: mutable.clone(),
             };
             let mut differences = v.conflicts_with(&asked);
             // The pool/kind parameters, the access modes and the filesystem select the pools a
@@ -562,6 +582,7 @@ impl LocalAgent {
             limit,
             uid: new_uid(),
             source_uid,
+            mutable,
         };
         if creq.source.is_none() {
             let v = pool.create_volume(&creq).await?;
@@ -738,6 +759,36 @@ impl LocalAgent {
             _ => tracing::debug!(volume = %v.local, "cannot read the expanded volume back for the change feed"),
         }
         Ok(ControllerExpandVolumeResponse { capacity_bytes: got as i64, node_expansion_required: !v.block })
+    }
+
+    // issue 12: modify
+    /// ControllerModifyVolume: every key is checked against the volume's pool first (nothing
+    /// changes when one is refused), then each key whose value differs is applied in key order
+    /// under the volume's lock; a failure part-way leaves the volume's record with the keys
+    /// applied so far, and a retry completes the rest.
+    pub async fn modify(&self, req: ControllerModifyVolumeRequest) -> Result<ControllerModifyVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        if req.mutable_parameters.is_empty() {
+            return Err(Error::InvalidArgument("mutable_parameters is required: the parameters to change".into()));
+        }
+        let _guard = self.d.locks.try_lock(lock_key(&self.d, ObjectKind::Volume, &req.volume_id))?;
+        let (pool, v) = self.find_volume(&req.volume_id).await?;
+        let wanted: BTreeMap<String, String> = req.mutable_parameters.into_iter().collect();
+        for (k, value) in &wanted {
+            pool.check_mutable(v.block, v.fs_type.as_deref(), k, value)?;
+        }
+        let mut applied = Ok(());
+        for (k, value) in wanted.iter().filter(|(k, value)| v.mutable.get(*k) != Some(*value)) {
+            if let Err(e) = pool.modify_volume(&v.local, k, value).await {
+                applied = Err(e);
+                break;
+            }
+        }
+        match pool.get_volume(&v.local).await {
+            Ok(Some(now)) => self.note_volume(pool.as_ref(), &now),
+            _ => tracing::debug!(volume = %v.local, "cannot read the modified volume back for the change feed"),
+        }
+        applied.map(|()| ControllerModifyVolumeResponse {})
     }
 
     /// CreateSnapshot, waiting for a copy the default time.
@@ -1466,6 +1517,11 @@ impl AgentOps for LocalAgent {
     async fn get_inventory(&self, _budget: Duration) -> Result<ap::Inventory> {
         Ok(self.take_inventory().await)
     }
+
+    // issue 12: modify
+    async fn modify_volume(&self, req: ControllerModifyVolumeRequest, _budget: Duration) -> Result<ControllerModifyVolumeResponse> {
+        self.modify(req).await
+    }
 }
 
 #[cfg(test)]
@@ -1574,6 +1630,8 @@ mod tests {
             sick: Mutex<Option<String>>,
             /// Copies (volumes made from a source) wait while a test holds this for writing.
             copy_gate: tokio::sync::RwLock<()>,
+            /// The next modify of this mutable key fails (issue 12: modify).
+            fail_key: Mutex<Option<String>>,
         }
 
         impl FakePool {
@@ -1585,6 +1643,7 @@ mod tests {
                     snapshots: Mutex::default(),
                     sick: Mutex::default(),
                     copy_gate: tokio::sync::RwLock::new(()),
+                    fail_key: Mutex::new(None),
                 })
             }
             fn check(&self) -> Result<()> {
@@ -1631,6 +1690,7 @@ mod tests {
                     uid: Some(req.uid.clone()),
                     source_uid: req.source_uid.clone(),
                     parameters: Some(req.parameters.clone()),
+                    mutable: req.mutable.clone(),
                 };
                 self.volumes.lock().unwrap().insert(req.local.clone(), v.clone());
                 Ok(v)
@@ -1701,6 +1761,26 @@ mod tests {
                     false => Err(Error::NotFound(local.into())),
                 }
             }
+            // issue 12: modify
+            fn mutable_keys(&self) -> &'static [&'static str] {
+                &["a", "b", "c"]
+            }
+            fn check_mutable(&self, _block: bool, _fs: Option<&str>, key: &str, value: &str) -> Result<()> {
+                match (self.mutable_keys().contains(&key), value) {
+                    (true, "bad") => Err(Error::InvalidArgument(format!("{key}: bad value"))),
+                    (true, _) => Ok(()),
+                    _ => Err(pool::not_mutable(self.kind(), key, self.mutable_keys())),
+                }
+            }
+            async fn modify_volume(&self, local: &str, key: &str, value: &str) -> Result<()> {
+                if self.fail_key.lock().unwrap().take_if(|k| k == key).is_some() {
+                    return Err(Error::Internal(format!("applying {key} failed")));
+                }
+                let mut vols = self.volumes.lock().unwrap();
+                let v = vols.get_mut(local).ok_or_else(|| Error::NotFound(local.into()))?;
+                v.mutable.insert(key.into(), value.into());
+                Ok(())
+            }
         }
 
         const M: u64 = 1 << 20;
@@ -1744,6 +1824,48 @@ mod tests {
                 parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 ..Default::default()
             }
+        }
+
+        // issue 12: modify
+        #[tokio::test]
+        async fn modify_checks_every_key_first_and_a_retry_completes_what_a_failure_left() {
+            let (a, fast, _slow) = controller();
+            let mut req = create_req("m1", "ext4", &[("pool", "fast")]);
+            req.mutable_parameters.insert("a".into(), "1".into());
+            let v = a.create(req.clone()).await.unwrap().volume.unwrap();
+            assert_eq!(v.volume_context.get("holdfast.dev/a").map(String::as_str), Some("1"), "{:?}", v.volume_context);
+            let mut other = req.clone();
+            other.mutable_parameters.insert("a".into(), "2".into());
+            let err = a.create(other).await.unwrap_err();
+            assert!(matches!(&err, Error::AlreadyExists(m) if m.contains("mutable parameter a")), "{err}");
+            let mut unknown = create_req("m2", "ext4", &[("pool", "fast")]);
+            unknown.mutable_parameters.insert("zz".into(), "1".into());
+            assert!(matches!(a.create(unknown).await.unwrap_err(), Error::InvalidArgument(m) if m.contains("zz")));
+
+            let modify = |pairs: &[(&str, &str)]| ControllerModifyVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                mutable_parameters: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
+            };
+            let stored = || fast.volumes.lock().unwrap().values().next().unwrap().mutable.clone();
+            let pairs = |p: &[(&str, &str)]| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+            for (what, req) in [("unknown key", modify(&[("a", "2"), ("zz", "1")])), ("bad value", modify(&[("a", "2"), ("b", "bad")]))] {
+                let err = a.modify(req).await.unwrap_err();
+                assert!(matches!(&err, Error::InvalidArgument(_)), "{what}: {err}");
+                assert_eq!(stored(), pairs(&[("a", "1")]), "{what}: nothing applied");
+            }
+            *fast.fail_key.lock().unwrap() = Some("b".into());
+            let all = [("a", "2"), ("b", "2"), ("c", "2")];
+            assert!(matches!(a.modify(modify(&all)).await.unwrap_err(), Error::Internal(_)));
+            assert_eq!(stored(), pairs(&[("a", "2")]), "the record holds what was applied before the failure");
+            a.modify(modify(&all)).await.unwrap();
+            assert_eq!(stored(), pairs(&all), "the retry completed");
+            a.modify(modify(&all)).await.unwrap();
+            let got = a.get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await.unwrap().volume.unwrap();
+            assert_eq!(got.volume_context.get("holdfast.dev/c").map(String::as_str), Some("2"));
+            let gone = ControllerModifyVolumeRequest { volume_id: format!("{}x", v.volume_id), ..modify(&all) };
+            assert!(matches!(a.modify(gone).await.unwrap_err(), Error::NotFound(_)));
+            assert!(matches!(a.modify(modify(&[])).await.unwrap_err(), Error::InvalidArgument(_)));
         }
 
         fn code(e: Error) -> tonic::Code {
@@ -1855,6 +1977,7 @@ mod tests {
                 uid: None,
                 source_uid: None,
                 parameters: None,
+                mutable: Default::default(),
             }
         }
 

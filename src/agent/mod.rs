@@ -55,4 +55,19 @@ pub trait AgentOps: Send + Sync + 'static {
     async fn get_capacity(&self, req: ap::GetCapacityRequest, budget: Duration) -> Result<ap::GetCapacityResponse>;
     /// The full inventory now.
     async fn get_inventory(&self, budget: Duration) -> Result<ap::Inventory>;
+
+    // issue 12: modify
+    /// ControllerModifyVolume of a volume of this node. The default is for agents that serve
+    /// no pools of their own (a node no process serves): UNIMPLEMENTED.
+    async fn modify_volume(
+        &self,
+        req: proto::ControllerModifyVolumeRequest,
+        _budget: Duration,
+    ) -> Result<proto::ControllerModifyVolumeResponse> {
+        Err(crate::error::Error::Unimplemented(format!(
+            "node {} cannot modify volume {}",
+            self.node_id(),
+            crate::error::bounded(&req.volume_id)
+        )))
+    }
 }

@@ -197,6 +197,15 @@ impl AgentOps for RemoteAgent {
     async fn get_inventory(&self, budget: Duration) -> Result<ap::Inventory> {
         self.call(ap::GetInventoryRequest {}, budget, |mut c, r| async move { c.get_inventory(r).await }).await
     }
+
+    // issue 12: modify
+    async fn modify_volume(
+        &self,
+        req: proto::ControllerModifyVolumeRequest,
+        budget: Duration,
+    ) -> Result<proto::ControllerModifyVolumeResponse> {
+        self.call(req, budget, |mut c, r| async move { c.modify_volume(r).await }).await
+    }
 }
 
 #[cfg(test)]

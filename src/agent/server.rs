@@ -111,4 +111,15 @@ impl Agent for AgentService {
         let budget = wait_budget(r.metadata());
         traced("agent.GetInventory", "", self.ops.get_inventory(budget)).await
     }
+
+    // issue 12: modify
+    async fn modify_volume(
+        &self,
+        r: Request<proto::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<proto::ControllerModifyVolumeResponse>, Status> {
+        let budget = wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.volume_id.clone();
+        traced("agent.ModifyVolume", &id, self.ops.modify_volume(r, budget)).await
+    }
 }

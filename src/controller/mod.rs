@@ -850,6 +850,33 @@ impl ClusterController {
     }
 }
 
+// issue 12: modify
+impl ClusterController {
+    /// ControllerModifyVolume: routed to the agent of the volume's node, which checks every key
+    /// against the volume's pool and applies them (the volume's lock is the agent's).
+    async fn modify(&self, req: ControllerModifyVolumeRequest, budget: Duration) -> Result<ControllerModifyVolumeResponse> {
+        require("volume_id", &req.volume_id)?;
+        if req.mutable_parameters.is_empty() {
+            return Err(Error::InvalidArgument("mutable_parameters is required: the parameters to change".into()));
+        }
+        let missing = || Error::NotFound(format!("volume {} does not exist", bounded(&req.volume_id)));
+        let id = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
+        match self.route(&id) {
+            Route::Up(node, agent) => {
+                let resp = agent.modify_volume(req.clone(), budget).await?;
+                // The index shows the new values at once (the agent's change feed follows too).
+                let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(req.volume_id.clone())), pools: vec![] };
+                if let Ok(ap::GetVolumeResponse { volume: Some(v) }) = agent.get_volume(get, budget).await {
+                    self.reg.note_volume(&node, v);
+                }
+                Ok(resp)
+            }
+            Route::Trouble(n) => Err(registry::unreachable(&n)),
+            Route::Unknown(node, pool) => Err(self.unknown(&node, &pool, missing())),
+        }
+    }
+}
+
 /// The requisite and preferred topologies of a request.
 fn topologies(t: Option<&TopologyRequirement>) -> (Vec<Segments>, Vec<Segments>) {
     let conv = |ts: &[Topology]| ts.iter().map(|s| s.segments.clone().into_iter().collect()).collect();
@@ -998,6 +1025,8 @@ impl Controller for ClusterController {
             T::GetVolume,
             T::VolumeCondition,
             T::SingleNodeMultiWriter,
+            // issue 12: modify
+            T::ModifyVolume,
         ];
         Ok(Response::new(ControllerGetCapabilitiesResponse { capabilities: caps.into_iter().map(rpc_cap).collect() }))
     }
@@ -1040,9 +1069,12 @@ impl Controller for ClusterController {
 
     async fn controller_modify_volume(
         &self,
-        _: Request<ControllerModifyVolumeRequest>,
+        r: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented("ControllerModifyVolume is not supported (no mutable parameters)"))
+        let budget = jobs::wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.volume_id.clone();
+        traced("ControllerModifyVolume", &id, self.modify(r, budget)).await
     }
 
     async fn get_snapshot(&self, r: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {

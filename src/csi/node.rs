@@ -686,6 +686,7 @@ mod tests {
                 uid: None,
                 source_uid: None,
                 parameters: None,
+                mutable: Default::default(),
             }))
         }
         async fn attach(&self, local: &str) -> Result<Attachment> {

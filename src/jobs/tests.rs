@@ -21,6 +21,7 @@ fn work(local: &str) -> Work {
             limit: 0,
             uid: "u".into(),
             source_uid: None,
+            mutable: Default::default(),
         },
     }
 }

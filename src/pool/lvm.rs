@@ -380,6 +380,8 @@ impl LvmPool {
             uid: meta.uid,
             source_uid: meta.source_uid,
             parameters: meta.parameters,
+            // LVM volumes take no mutable parameters (issue 12: modify; docs/operations.md).
+            mutable: Default::default(),
         }
     }
 

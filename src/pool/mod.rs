@@ -92,6 +92,10 @@ pub struct CreateRequest {
     pub uid: String,
     /// The recorded uid of the source object, when there is a source and it has one.
     pub source_uid: Option<String>,
+    /// The request's `mutable_parameters` (issue 12: modify), each already checked with
+    /// [`Pool::check_mutable`]: applied at creation and recorded as [`VolumeInfo::mutable`].
+    #[serde(default)]
+    pub mutable: BTreeMap<String, String>,
 }
 
 /// A volume as the pool stores it (the pool is the source of truth).
@@ -120,6 +124,11 @@ pub struct VolumeInfo {
     /// The pool parameters it was created with (`None`: not recorded, made before they were).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<BTreeMap<String, String>>,
+    /// The mutable parameters applied to it (issue 12: modify): at creation
+    /// (`mutable_parameters`) and by every ControllerModifyVolume since, each key with the value
+    /// it has now. Stored in the pool's own record of the volume; empty: none ever set.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mutable: BTreeMap<String, String>,
 }
 
 impl VolumeInfo {
@@ -160,6 +169,16 @@ impl VolumeInfo {
                     (Some(a), _) => d.push(format!("its parameter {k} is {}", crate::error::bounded(a))),
                     (None, _) => d.push(format!("it was made without parameter {k}")),
                 }
+            }
+        }
+        // The mutable parameters it has now (a create retried after a modify changed them is
+        // another request: CSI compares with the volume as it is).
+        let keys: std::collections::BTreeSet<&String> = self.mutable.keys().chain(req.mutable.keys()).collect();
+        for k in keys {
+            match (self.mutable.get(k), req.mutable.get(k)) {
+                (a, b) if a == b => {}
+                (Some(a), _) => d.push(format!("its mutable parameter {k} is {}", crate::error::bounded(a))),
+                (None, _) => d.push(format!("it has no mutable parameter {k}")),
             }
         }
         d
@@ -297,6 +316,36 @@ pub trait Pool: Send + Sync {
     async fn copy_progress(&self, _snapshot: bool, _local: &str, _source: &Source, _deadline: std::time::Duration) -> Option<(u64, u64)> {
         None
     }
+
+    // issue 12: modify
+    /// The mutable parameters (ControllerModifyVolume, CreateVolume's `mutable_parameters`)
+    /// this pool's volumes take; empty: none.
+    fn mutable_keys(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Checks one mutable parameter for a volume of this shape (raw block or not, its
+    /// filesystem) before anything is applied: INVALID_ARGUMENT naming the key when the pool
+    /// does not know it, cannot change it on such a volume, or its tool would refuse the value.
+    fn check_mutable(&self, _block: bool, _fs_type: Option<&str>, key: &str, _value: &str) -> Result<()> {
+        Err(not_mutable(self.kind(), key, self.mutable_keys()))
+    }
+    /// Applies one mutable parameter (already checked) to an existing volume and records it in
+    /// the volume's own record ([`VolumeInfo::mutable`]), in that order, so the record never
+    /// claims what was not applied; applying a value the volume has is harmless (retries).
+    async fn modify_volume(&self, _local: &str, key: &str, _value: &str) -> Result<()> {
+        Err(not_mutable(self.kind(), key, self.mutable_keys()))
+    }
+}
+
+// issue 12: modify
+/// INVALID_ARGUMENT for a mutable parameter a pool of `kind` does not take, naming the key and
+/// the ones it does.
+pub fn not_mutable(kind: PoolKind, key: &str, keys: &[&str]) -> crate::error::Error {
+    let takes = if keys.is_empty() { "none".to_owned() } else { keys.join(", ") };
+    crate::error::Error::InvalidArgument(format!(
+        "mutable parameter {} cannot be set on a volume of a {kind} pool (mutable parameters there: {takes})",
+        crate::error::bounded(key)
+    ))
 }
 
 #[cfg(test)]
@@ -315,6 +364,7 @@ mod tests {
             limit: 0,
             uid: "0123456789ab".into(),
             source_uid: Some("ba9876543210".into()),
+            mutable: [("atime".to_owned(), "off".to_owned())].into(),
         }
     }
 
@@ -330,6 +380,7 @@ mod tests {
             uid: Some(r.uid.clone()),
             source_uid: r.source_uid.clone(),
             parameters: Some(r.parameters.clone()),
+            mutable: r.mutable.clone(),
         }
     }
 
@@ -379,6 +430,16 @@ mod tests {
                     ..r.clone()
                 },
                 want: &["without parameter atime"],
+            },
+            Case {
+                name: "another mutable value",
+                req: CreateRequest { mutable: [("atime".to_owned(), "on".to_owned())].into(), ..r.clone() },
+                want: &["mutable parameter atime is \"off\""],
+            },
+            Case {
+                name: "mutable left out",
+                req: CreateRequest { mutable: BTreeMap::new(), ..r.clone() },
+                want: &["mutable parameter atime"],
             },
             Case {
                 name: "two differences",

@@ -291,6 +291,21 @@ fn allocate(path: &Path, len: u64) -> Result<()> {
     f.sync_all().context(|| format!("syncing {}", path.display()))
 }
 
+/// Gives `path` its own copy of every block it shares with another file (reflink) up to `len`,
+/// so later writes need no new blocks; a filesystem that cannot share blocks has nothing to do.
+fn unshare(path: &Path, len: u64) -> Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    let f = OpenOptions::new().write(true).open(path).context(|| format!("opening {}", path.display()))?;
+    let end = i64::try_from(len).map_err(|_| Error::OutOfRange(format!("{len} bytes is too large for a file")))?;
+    match fallocate(&f, FallocateFlags::FALLOC_FL_UNSHARE_RANGE, 0, end) {
+        Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::EINVAL) => Ok(()),
+        Err(nix::errno::Errno::ENOSPC) => {
+            Err(Error::ResourceExhausted(format!("the filesystem of {} has no room to unshare {}", path.display(), format_size(len))))
+        }
+        Err(e) => Err(Error::io(format!("unsharing the blocks of {}", path.display()), e.into())),
+    }
+}
+
 /// Grows `path` to `len` bytes (sparse) and flushes it; never shrinks.
 fn grow_and_sync(path: &Path, len: u64) -> Result<()> {
     let f = OpenOptions::new().write(true).open(path).context(|| format!("opening {}", path.display()))?;
@@ -433,9 +448,10 @@ impl FilePool {
         })
     }
 
-    /// The provisioning a request asks for (its `provisioning` parameter), or the pool's.
+    /// The provisioning a request asks for (its `provisioning` mutable parameter, else its
+    /// parameter), or the pool's.
     fn provisioning_of(&self, req: &CreateRequest) -> Result<Provisioning> {
-        match req.parameters.get(PARAM_PROVISIONING) {
+        match req.mutable.get(PARAM_PROVISIONING).or(req.parameters.get(PARAM_PROVISIONING)) {
             None => Ok(self.provisioning),
             Some(p) => Provisioning::parse(p).ok_or_else(|| {
                 Error::InvalidArgument(format!(
@@ -751,6 +767,7 @@ impl Pool for FilePool {
             uid: Some(req.uid.clone()),
             source_uid: req.source_uid.clone(),
             parameters: Some(req.parameters.clone()),
+            mutable: req.mutable.clone(),
         };
         self.commit(&f, VolumeRecord { info: info.clone(), provisioning, shared }).await?;
         tracing::info!(pool = %self.name, local = %info.local, capacity = info.capacity, provisioning = provisioning.as_str(), "created volume");
@@ -1013,6 +1030,64 @@ impl Pool for FilePool {
             )));
         }
         Ok(Condition::Healthy)
+    }
+
+    // issue 12: modify
+    fn mutable_keys(&self) -> &'static [&'static str] {
+        &[PARAM_PROVISIONING]
+    }
+
+    fn check_mutable(&self, _block: bool, _fs_type: Option<&str>, key: &str, value: &str) -> Result<()> {
+        if key != PARAM_PROVISIONING {
+            return Err(crate::pool::not_mutable(PoolKind::File, key, self.mutable_keys()));
+        }
+        Provisioning::parse(value).map(|_| ()).ok_or_else(|| {
+            Error::InvalidArgument(format!("mutable parameter {key}={} is neither \"thick\" nor \"thin\"", crate::error::bounded(value)))
+        })
+    }
+
+    /// `provisioning`: to thick, every hole of the image is allocated (and shared reflinked
+    /// blocks unshared), then attached loop devices stop passing discards on; to thin, only the
+    /// record changes: nothing that holds data is punched, the blocks the image holds stay
+    /// allocated until the filesystem inside discards them, which its next attach lets through.
+    async fn modify_volume(&self, local: &str, key: &str, value: &str) -> Result<()> {
+        self.check_mutable(false, None, key, value)?;
+        let want = Provisioning::parse(value).expect("checked");
+        let f = self.files(Kind::Volume, local)?;
+        let r = self
+            .read_volume(&f, local)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {local} does not exist in file pool {:?}", self.name)))?;
+        if want == Provisioning::Thick {
+            let fs = self.pool_fs().await?;
+            if fs == PoolFs::Btrfs && r.provisioning != Provisioning::Thick {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {local} of file pool {:?} cannot become thick: on btrfs a thick image must be NOCOW, which only an \
+                     empty file can become (create a thick volume and copy the data instead)",
+                    self.name
+                )));
+            }
+            let img = f.img.clone();
+            let len = r.info.capacity;
+            self.blocking(format!("allocating {}", f.img.display()), ALLOCATE_DEADLINE, move || {
+                if fs.may_reflink() {
+                    unshare(&img, len)?;
+                }
+                allocate(&img, len)
+            })
+            .await?;
+            for dev in loopdev::find(self.exec.as_ref(), &f.img).await? {
+                self.turn_off_discard(&dev).await?;
+            }
+        }
+        let mut info = r.info;
+        info.mutable.insert(key.to_owned(), value.to_owned());
+        // Unshared (thick) or promised only its holes (thin, as a thin copy is): nothing shared counts.
+        let record = VolumeRecord { info, provisioning: want, shared: 0 };
+        let ff = f.clone();
+        self.blocking(format!("writing {}", f.meta.display()), METADATA_DEADLINE, move || write_meta(&ff, &record)).await?;
+        tracing::info!(pool = %self.name, local, provisioning = want.as_str(), "modified volume");
+        Ok(())
     }
 }
 

@@ -56,6 +56,7 @@ fn req(name: &str, capacity: u64, block: bool, source: Option<Source>) -> Create
         limit: 0,
         uid: crate::volume_id::new_uid(),
         source_uid: None,
+        mutable: Default::default(),
     }
 }
 

@@ -114,6 +114,7 @@ fn request(local: &str, capacity: u64) -> CreateRequest {
         limit: 0,
         uid: "0123456789ab".into(),
         source_uid: None,
+        mutable: Default::default(),
     }
 }
 

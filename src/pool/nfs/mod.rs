@@ -618,7 +618,10 @@ impl Pool for NfsPool {
         if let Some(fs) = req.fs_type.as_deref().filter(|f| *f != "nfs") {
             return Err(Error::InvalidArgument(format!("nfs pool {:?} serves nfs filesystems, not {fs:?}", self.name)));
         }
-        let attrs = DirAttributes::from_parameters(&req.parameters)?;
+        // The mutable parameters (issue 12: modify) win over the StorageClass's.
+        let mut dir_params = req.parameters.clone();
+        dir_params.extend(req.mutable.clone());
+        let attrs = DirAttributes::from_parameters(&dir_params)?;
         let subdir = self
             .template
             .expand(&req.csi_name, &req.parameters)
@@ -635,6 +638,7 @@ impl Pool for NfsPool {
             uid: Some(req.uid.clone()),
             source_uid: req.source_uid.clone(),
             parameters: Some(req.parameters.clone()),
+            mutable: req.mutable.clone(),
         };
         let same = |m: &VolumeMeta| m.info.conflicts_with(req).is_empty();
         if let Some(m) = self.read_volume(&layout, local).await? {
@@ -913,5 +917,54 @@ impl Pool for NfsPool {
             }
             Err(e) => Condition::Abnormal(e.to_string()),
         })
+    }
+
+    // issue 12: modify
+    fn mutable_keys(&self) -> &'static [&'static str] {
+        &[PARAM_MODE, PARAM_UID, PARAM_GID]
+    }
+
+    fn check_mutable(&self, _block: bool, _fs_type: Option<&str>, key: &str, value: &str) -> Result<()> {
+        if !self.mutable_keys().contains(&key) {
+            return Err(crate::pool::not_mutable(PoolKind::Nfs, key, self.mutable_keys()));
+        }
+        DirAttributes::from_parameters(&[(key.to_owned(), value.to_owned())].into()).map(|_| ())
+    }
+
+    /// `mode`, `uid`, `gid` of the volume's directory (itself, not what it holds), set through
+    /// a descriptor opened beneath the export without following symlinks; a change of owner
+    /// keeps the directory's mode (set-gid included).
+    async fn modify_volume(&self, local: &str, key: &str, value: &str) -> Result<()> {
+        check_local(local)?;
+        self.check_mutable(false, None, key, value)?;
+        let attrs = DirAttributes::from_parameters(&[(key.to_owned(), value.to_owned())].into())?;
+        let layout = self.ready().await?;
+        let mut meta = self.read_volume(&layout, local).await?.ok_or_else(|| self.missing(local))?;
+        let (root, subdir) = (layout.root.clone(), meta.subdir.clone());
+        self.fs("changing the volume directory's attributes", move || {
+            use std::os::unix::fs::PermissionsExt;
+            let fd = store::open_dir(&root, &subdir)?.ok_or_else(|| {
+                Error::FailedPrecondition(format!("the directory {} of the volume is missing on the export", root.join(&subdir).display()))
+            })?;
+            let dir = std::fs::File::from(fd);
+            let shown = root.join(&subdir);
+            let mode = dir.metadata().context(|| format!("inspecting {}", shown.display()))?.permissions().mode() & 0o7777;
+            if attrs.uid.is_some() || attrs.gid.is_some() {
+                std::os::unix::fs::fchown(&dir, attrs.uid, attrs.gid).context(|| format!("changing the owner of {}", shown.display()))?;
+            }
+            let mode = attrs.mode.unwrap_or(mode);
+            dir.set_permissions(std::fs::Permissions::from_mode(mode)).context(|| format!("setting mode {mode:o} on {}", shown.display()))
+        })
+        .await?;
+        // Recorded once applied.
+        meta.info.mutable.insert(key.to_owned(), value.to_owned());
+        let (path, m) = (layout.volume_meta(local), meta.clone());
+        {
+            let _tree = self.tree.lock().await;
+            self.fs("recording the volume's mutable parameters", move || store::write_json(&path, &m)).await?;
+        }
+        self.known.lock().unwrap_or_else(|e| e.into_inner()).insert(local.to_owned(), meta);
+        tracing::info!(pool = %self.name, local, key, value, "modified volume directory");
+        Ok(())
     }
 }

@@ -174,6 +174,7 @@ impl Rig {
             limit: 0,
             uid: crate::volume_id::new_uid(),
             source_uid: None,
+            mutable: Default::default(),
         }
     }
 }
@@ -539,6 +540,7 @@ async fn a_crash_between_rename_and_commit_is_finished_or_discarded_by_the_retry
             uid: Some("0123456789ab".into()),
             source_uid: None,
             parameters: Some(req.parameters.clone()),
+            mutable: Default::default(),
         },
         subdir: "team-a/db".into(),
     };
@@ -732,4 +734,36 @@ async fn a_volume_directory_replaced_by_a_symlink_is_never_followed() {
     unswap();
     r.pool.delete_volume(&v.local).await.unwrap();
     assert!(!dir.exists() && holds(&victim) == ["secret"]);
+}
+
+// issue 12: modify
+#[tokio::test]
+async fn modify_changes_the_volume_directory_and_records_it() {
+    let r = rig("");
+    let mut req = r.req("pvc-mod", &[("mode", "0750")]);
+    req.mutable.insert("uid".into(), "1000".into());
+    let v = r.pool.create_volume(&req).await.unwrap();
+    let dir = r.work().join("pvc-mod");
+    let stat = || {
+        let m = std::fs::metadata(&dir).unwrap();
+        (m.permissions().mode() & 0o7777, m.uid(), m.gid())
+    };
+    assert_eq!(stat().0, 0o750);
+    assert_eq!(stat().1, 1000, "the mutable uid applied at creation");
+    r.pool.modify_volume(&v.local, "mode", "2770").await.unwrap();
+    r.pool.modify_volume(&v.local, "gid", "5678").await.unwrap();
+    assert_eq!(stat(), (0o2770, 1000, 5678), "a new owner keeps the set-gid mode");
+    let got = r.pool.get_volume(&v.local).await.unwrap().unwrap();
+    assert_eq!(got.mutable, [("gid", "5678"), ("mode", "2770"), ("uid", "1000")].map(|(k, v)| (k.to_owned(), v.to_owned())).into());
+    for (k, value) in [("mode", "999"), ("uid", "x"), ("provisioning", "thin")] {
+        let err = r.pool.check_mutable(false, None, k, value).unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument(m) if m.contains(k)), "{k}: {err}");
+    }
+    // A directory replaced by a symlink is not followed.
+    std::fs::rename(&dir, r.work().join("moved")).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(elsewhere.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), &dir).unwrap();
+    assert!(matches!(r.pool.modify_volume(&v.local, "mode", "0777").await, Err(Error::FailedPrecondition(_))));
+    assert_eq!(std::fs::metadata(elsewhere.path()).unwrap().permissions().mode() & 0o7777, 0o700, "the symlink was followed");
 }

@@ -91,10 +91,11 @@ impl ZfsPool {
                 // A clone starts without a reservation; `auto` reserves its volsize, and follows it.
                 p.push(("refreservation".to_owned(), "auto".to_owned()));
             }
+            let mut p = self.with_mutable(p, req, zvol)?;
             p.extend(meta.properties());
             p
         } else {
-            self.dataset_properties(req.capacity, tuning, &meta)
+            self.dataset_properties(req.capacity, self.with_mutable(tuning, req, zvol)?, &meta)
         };
         if let Some(existing) = self.run_create(command::clone(&origin, &name, &props), &name, req).await? {
             return Ok(existing);
@@ -131,6 +132,7 @@ impl ZfsPool {
             uid: None,
             source_uid: None,
             parameters: None,
+            mutable: Default::default(),
         };
         let dataset = snapshot.split_once('@').map_or(snapshot, |(d, _)| d);
         match self

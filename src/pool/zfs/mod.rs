@@ -44,6 +44,7 @@ pub mod command;
 mod copy;
 mod destroy;
 mod health;
+pub mod mutable;
 pub mod properties;
 pub mod report;
 
@@ -346,6 +347,7 @@ impl ZfsPool {
             uid: meta.uid,
             source_uid: meta.source_uid,
             parameters: meta.parameters,
+            mutable: meta.mutable,
         }
     }
 
@@ -418,6 +420,7 @@ impl ZfsPool {
             uid: Some(req.uid.clone()),
             source_uid: req.source_uid.clone(),
             parameters: Some(req.parameters.clone()),
+            mutable: req.mutable.clone(),
         }
     }
 
@@ -427,6 +430,19 @@ impl ZfsPool {
         p.extend(tuning);
         p.extend(meta.properties());
         p
+    }
+
+    // issue 12: modify
+    /// `tuning` with the native properties of a create's mutable parameters (checked again:
+    /// they decide the object), which win over the StorageClass's and the config's.
+    pub(super) fn with_mutable(&self, mut tuning: Vec<(String, String)>, req: &CreateRequest, zvol: bool) -> Result<Vec<(String, String)>> {
+        let mut extra = Vec::new();
+        for (k, v) in &req.mutable {
+            mutable::check(k, v, zvol)?;
+            extra.push(mutable::native(k, v, zvol, req.capacity));
+        }
+        mutable::merge(&mut tuning, extra);
+        Ok(tuning)
     }
 
     /// Creates the parent dataset (and missing ancestors) when it is missing.
@@ -593,6 +609,7 @@ impl Pool for ZfsPool {
             return self.create_copy(req, source, zvol, fs_type).await;
         }
         let meta = self.new_meta(req, fs_type, false);
+        let tuning = self.with_mutable(tuning, req, zvol)?;
         let cmd = if zvol {
             let mut props = tuning;
             props.extend(meta.properties());
@@ -696,6 +713,12 @@ impl Pool for ZfsPool {
                     .await
                     .context(|| format!("raising the {q} of ZFS {} to {capacity} bytes", o.name))?;
             }
+            // A thick dataset reserves its capacity (issue 12: modify); a zvol's `auto` follows.
+            if meta.mutable.get(mutable::PROVISIONING).map(String::as_str) == Some("thick") {
+                self.run(command::set(&o.name, "refreservation", &capacity.to_string()))
+                    .await
+                    .context(|| format!("raising the refreservation of ZFS {} to {capacity} bytes", o.name))?;
+            }
         }
         tracing::info!(pool = %self.name, dataset = %o.name, capacity, "expanded ZFS volume");
         Ok(self.read_volume(&o.name).await?.capacity)
@@ -739,6 +762,7 @@ impl Pool for ZfsPool {
             uid: Some(uid.to_owned()),
             source_uid: vmeta.uid.clone(),
             parameters: None,
+            mutable: Default::default(),
         };
         let name = format!("{}@{local}", v.name);
         match self.snapshot_frozen(&v.name, format!("snapshot {csi_name:?}"), command::snapshot(&name, &meta.properties())).await {
@@ -879,6 +903,50 @@ impl Pool for ZfsPool {
             Some(p) => Condition::Abnormal(p),
             None => Condition::Healthy,
         })
+    }
+
+    // issue 12: modify
+    fn mutable_keys(&self) -> &'static [&'static str] {
+        &mutable::KEYS
+    }
+
+    fn check_mutable(&self, block: bool, fs_type: Option<&str>, key: &str, value: &str) -> Result<()> {
+        mutable::check(key, value, block || fs_type.is_some_and(|f| f != "zfs"))
+    }
+
+    async fn modify_volume(&self, local: &str, key: &str, value: &str) -> Result<()> {
+        let (o, meta) =
+            self.find_volume(local).await?.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
+        let zvol = o.kind == Kind::Volume;
+        mutable::check(key, value, zvol)?;
+        let (prop, val) = mutable::native(key, value, zvol, o.capacity());
+        match self.run(command::set(&o.name, &prop, &val)).await {
+            Ok(_) => {}
+            Err(e) if command::is_bad_property(&e) => {
+                return Err(Error::InvalidArgument(format!(
+                    "zfs refused mutable parameter {key}={value} on ZFS {}: {}",
+                    o.name,
+                    e.stderr().trim()
+                )));
+            }
+            Err(e) if command::is_no_space(&e) => {
+                return Err(Error::ResourceExhausted(format!(
+                    "no room to reserve {} for ZFS {} ({key}={value}): {}",
+                    format_size(o.capacity()),
+                    o.name,
+                    e.stderr().trim()
+                )));
+            }
+            Err(e) => return Err(Error::exec(format!("setting {prop}={val} on ZFS {}", o.name), e)),
+        }
+        // Recorded only once applied: the record never claims a value the volume lacks.
+        let mut now = meta.mutable;
+        now.insert(key.to_owned(), value.to_owned());
+        self.run(command::set(&o.name, report::P_MUTABLE, &report::mutable_value(&now)))
+            .await
+            .context(|| format!("recording {key}={value} on ZFS {}", o.name))?;
+        tracing::info!(pool = %self.name, dataset = %o.name, key, value, "modified ZFS volume");
+        Ok(())
     }
 }
 

@@ -46,6 +46,10 @@ pub const P_SOURCE_UID: &str = "holdfast:source-uid";
 /// A volume's pool parameters, as a JSON object ([`encode`]d): a retry is compared with them.
 pub const P_PARAMS: &str = "holdfast:params";
 
+/// A volume's mutable parameters as they are now (issue 12: modify), a JSON object
+/// ([`encode`]d); absent: none ever set. Written after the native property it records.
+pub const P_MUTABLE: &str = "holdfast:mutable";
+
 /// The schema of the record ([`RECORD_SCHEMA`]; absent: schema 1).
 pub const P_SCHEMA: &str = "holdfast:schema";
 /// The schema of the records holdfast writes: 2 added uids and parameters. A record of a newer
@@ -53,8 +57,23 @@ pub const P_SCHEMA: &str = "holdfast:schema";
 pub const RECORD_SCHEMA: u32 = 2;
 
 /// The user properties holdfast reads, in the order it asks for them.
-pub const USER: [&str; 14] =
-    [P_POOL, P_TYPE, P_LOCAL, P_NAME, P_CAPACITY, P_BLOCK, P_FS, P_SOURCE, P_SIZE, P_PENDING, P_UID, P_SOURCE_UID, P_PARAMS, P_SCHEMA];
+pub const USER: [&str; 15] = [
+    P_POOL,
+    P_TYPE,
+    P_LOCAL,
+    P_NAME,
+    P_CAPACITY,
+    P_BLOCK,
+    P_FS,
+    P_SOURCE,
+    P_SIZE,
+    P_PENDING,
+    P_UID,
+    P_SOURCE_UID,
+    P_PARAMS,
+    P_SCHEMA,
+    P_MUTABLE,
+];
 
 /// Every property of [`NATIVE`] and [`USER`], comma-separated, for `zfs get`.
 pub fn all_properties() -> String {
@@ -263,6 +282,8 @@ pub struct Meta {
     pub source_uid: Option<String>,
     /// Volumes: the pool parameters of the create request (`None`: not recorded).
     pub parameters: Option<BTreeMap<String, String>>,
+    /// Volumes: the mutable parameters as they are now ([`P_MUTABLE`]).
+    pub mutable: BTreeMap<String, String>,
 }
 
 impl Meta {
@@ -303,9 +324,17 @@ impl Meta {
         if let Some(params) = &self.parameters {
             p.push((P_PARAMS.to_owned(), encode(&serde_json::to_string(params).unwrap_or_default())));
         }
+        if !self.mutable.is_empty() {
+            p.push((P_MUTABLE.to_owned(), mutable_value(&self.mutable)));
+        }
         p.push((P_SCHEMA.to_owned(), RECORD_SCHEMA.to_string()));
         p
     }
+}
+
+/// The value of [`P_MUTABLE`] for `mutable`.
+pub fn mutable_value(mutable: &BTreeMap<String, String>) -> String {
+    encode(&serde_json::to_string(mutable).unwrap_or_default())
 }
 
 /// `snapshot:<local>` / `volume:<local>`.
@@ -367,6 +396,12 @@ pub fn decode_meta(o: &Object) -> Result<Option<Meta>, String> {
                 .ok_or_else(|| format!("{P_PARAMS} is not an encoded JSON object of strings: {v:?}"))?,
         ),
     };
+    let mutable = match get(P_MUTABLE) {
+        None => BTreeMap::new(),
+        Some(v) => decode(v)
+            .and_then(|j| serde_json::from_str::<BTreeMap<String, String>>(&j).ok())
+            .ok_or_else(|| format!("{P_MUTABLE} is not an encoded JSON object of strings: {v:?}"))?,
+    };
     Ok(Some(Meta {
         pool: pool.clone(),
         object,
@@ -381,6 +416,7 @@ pub fn decode_meta(o: &Object) -> Result<Option<Meta>, String> {
         uid: uid(P_UID)?,
         source_uid: uid(P_SOURCE_UID)?,
         parameters,
+        mutable,
     }))
 }
 

@@ -112,6 +112,7 @@ fn req(local: &str, capacity: u64, fs: Option<&str>) -> CreateRequest {
         limit: 0,
         uid: "0123456789ab".into(),
         source_uid: None,
+        mutable: Default::default(),
     }
 }
 
@@ -199,6 +200,7 @@ fn uids_and_parameters_round_trip_through_the_properties() {
         uid: Some("0123456789ab".into()),
         source_uid: Some("ba9876543210".into()),
         parameters: Some([("recordsize".to_owned(), "16K".to_owned()), ("odd".to_owned(), "tab\there %".to_owned())].into()),
+        mutable: Default::default(),
     };
     let user: Vec<(String, String)> = meta.properties();
     let user: Vec<(&str, &str)> = user.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -827,4 +829,48 @@ async fn the_mounts_of_a_zvol_come_from_the_mount_table() {
     let mounts = table.mounts().await.unwrap();
     let got = copy::mounted_filesystems(Path::new("/dev/null"), &mounts);
     assert_eq!(got, [PathBuf::from("/mnt/ext4"), PathBuf::from("/mnt/btrfs")]);
+}
+
+// issue 12: modify
+#[tokio::test]
+async fn mutable_parameters_are_set_then_recorded_and_applied_at_creation() {
+    let (p, fake) = pool("");
+    let get = get_line("tank/hf/v1", command::DATASETS, 0);
+    fake.on(&get, vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 32 * MIB, &[("holdfast:mutable", "{\"atime\":\"off\"}")]))]);
+    p.modify_volume("v1", "provisioning", "thick").await.unwrap();
+    let lines = fake.lines();
+    assert_eq!(
+        lines[1..],
+        [
+            "zfs set refreservation=33554432 tank/hf/v1".to_owned(),
+            "zfs set holdfast:mutable={\"atime\":\"off\",\"provisioning\":\"thick\"} tank/hf/v1".to_owned()
+        ],
+        "the property first, then the record"
+    );
+    // A refusal of zfs is the key's INVALID_ARGUMENT, and nothing is recorded.
+    let (p, fake) = pool("");
+    fake.on(&get, vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 32 * MIB, &[]))]);
+    fake.on(
+        "zfs set compression=zstd",
+        vec![Reply::Fail(1, "cannot set property for 'tank/hf/v1': 'compression' must be one of 'on | off'\n".into())],
+    );
+    let err = p.modify_volume("v1", "compression", "zstd").await.unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("compression")), "{err}");
+    assert!(fake.lines().iter().all(|l| !l.starts_with("zfs set holdfast:mutable")), "{:?}", fake.lines());
+    // A zvol has no recordsize; checked before zfs is asked.
+    let err = p.check_mutable(true, None, "recordsize", "128K").unwrap_err();
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("recordsize") && m.contains("volblocksize")), "{err}");
+
+    // At creation: the native properties win over the StorageClass's, and the record holds them.
+    let (p, fake) = pool("");
+    fake.on(&get, vec![Reply::Fail(1, MISSING.into()), Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 32 * MIB, &[]))]);
+    let mut r = req("v1", 32 * MIB, Some("zfs"));
+    r.parameters.insert("compression".into(), "lz4".into());
+    r.mutable.insert("compression".into(), "zstd".into());
+    r.mutable.insert("provisioning".into(), "thick".into());
+    p.create_volume(&r).await.unwrap();
+    let create = fake.lines()[1].clone();
+    assert!(create.contains("-o compression=zstd -o refreservation=33554432 "), "{create}");
+    assert!(!create.contains("compression=lz4"), "{create}");
+    assert!(create.contains("-o holdfast:mutable={\"compression\":\"zstd\",\"provisioning\":\"thick\"}"), "{create}");
 }
