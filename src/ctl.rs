@@ -320,7 +320,7 @@ fn failed(s: tonic::Status) -> String {
 }
 
 async fn info(c: Clients, out: Out) -> Result<(), String> {
-    let Clients { mut identity, mut controller, mut node } = c;
+    let Clients { mut identity, mut controller, mut node, .. } = c;
     // Only GetPluginInfo is required of every endpoint; the rest are shown as unavailable.
     let plugin = identity.get_plugin_info(GetPluginInfoRequest {}).await.map_err(failed)?.into_inner();
     let info = show::Info {

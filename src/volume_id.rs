@@ -103,6 +103,10 @@ pub enum Object {
     Volume,
     /// A snapshot (`s` in the id).
     Snapshot,
+    /// A group snapshot (`g` in the id; issue 12): `<kind>:<node>:<pool>:<group local>:g<uid>`,
+    /// the local name derived from the group's CSI name as for snapshots. The group is not an
+    /// object of its own in the pool: its members record it.
+    Group,
 }
 
 impl Object {
@@ -110,6 +114,7 @@ impl Object {
         match self {
             Object::Volume => 'v',
             Object::Snapshot => 's',
+            Object::Group => 'g',
         }
     }
 }
@@ -167,6 +172,7 @@ impl VolumeId {
                 let object = match t.chars().next()? {
                     'v' => Object::Volume,
                     's' => Object::Snapshot,
+                    'g' => Object::Group,
                     _ => return None,
                 };
                 let uid = &t[1..];
@@ -211,6 +217,11 @@ impl VolumeId {
     /// Whether this id can name a snapshot at all (current snapshot ids and legacy ids).
     pub fn may_name_snapshot(&self) -> bool {
         self.tag.as_ref().is_none_or(|t| t.object == Object::Snapshot)
+    }
+
+    /// Whether this is a group snapshot id (only current ids: groups came after uids).
+    pub fn is_group(&self) -> bool {
+        self.tag.as_ref().is_some_and(|t| t.object == Object::Group)
     }
 
     fn names(&self, object: Object, uid: Option<&str>) -> bool {

@@ -1421,3 +1421,7 @@ async fn a_create_retry_with_other_pool_parameters_or_filesystem_is_already_exis
         d.delete(&v.volume_id).await;
     }
 }
+
+// issue 12: group snapshots
+#[path = "conformance/group.rs"]
+mod group;

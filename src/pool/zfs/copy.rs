@@ -131,6 +131,7 @@ impl ZfsPool {
             uid: None,
             source_uid: None,
             parameters: None,
+            group: None,
         };
         let dataset = snapshot.split_once('@').map_or(snapshot, |(d, _)| d);
         match self

@@ -52,9 +52,27 @@ pub const P_SCHEMA: &str = "holdfast:schema";
 /// schema is refused, not half understood.
 pub const RECORD_SCHEMA: u32 = 2;
 
+/// issue 12: a group snapshot member's group, [`crate::pool::GroupMembership::encode`]d.
+pub const P_GROUP: &str = "holdfast:group";
+
 /// The user properties holdfast reads, in the order it asks for them.
-pub const USER: [&str; 14] =
-    [P_POOL, P_TYPE, P_LOCAL, P_NAME, P_CAPACITY, P_BLOCK, P_FS, P_SOURCE, P_SIZE, P_PENDING, P_UID, P_SOURCE_UID, P_PARAMS, P_SCHEMA];
+pub const USER: [&str; 15] = [
+    P_POOL,
+    P_TYPE,
+    P_LOCAL,
+    P_NAME,
+    P_CAPACITY,
+    P_BLOCK,
+    P_FS,
+    P_SOURCE,
+    P_SIZE,
+    P_PENDING,
+    P_UID,
+    P_SOURCE_UID,
+    P_PARAMS,
+    P_SCHEMA,
+    P_GROUP,
+];
 
 /// Every property of [`NATIVE`] and [`USER`], comma-separated, for `zfs get`.
 pub fn all_properties() -> String {
@@ -263,6 +281,8 @@ pub struct Meta {
     pub source_uid: Option<String>,
     /// Volumes: the pool parameters of the create request (`None`: not recorded).
     pub parameters: Option<BTreeMap<String, String>>,
+    /// Snapshots: the group snapshot it is a member of (issue 12: [`P_GROUP`]).
+    pub group: Option<crate::pool::GroupMembership>,
 }
 
 impl Meta {
@@ -302,6 +322,9 @@ impl Meta {
         }
         if let Some(params) = &self.parameters {
             p.push((P_PARAMS.to_owned(), encode(&serde_json::to_string(params).unwrap_or_default())));
+        }
+        if let Some(g) = &self.group {
+            p.push((P_GROUP.to_owned(), g.encode()));
         }
         p.push((P_SCHEMA.to_owned(), RECORD_SCHEMA.to_string()));
         p
@@ -381,6 +404,10 @@ pub fn decode_meta(o: &Object) -> Result<Option<Meta>, String> {
         uid: uid(P_UID)?,
         source_uid: uid(P_SOURCE_UID)?,
         parameters,
+        group: match get(P_GROUP) {
+            None => None,
+            Some(g) => Some(crate::pool::GroupMembership::decode(g).ok_or_else(|| format!("{P_GROUP} is not a group record: {g:?}"))?),
+        },
     }))
 }
 
