@@ -3,6 +3,8 @@
 //! `--json`. Each subcommand is one function: build the request (pure, tested below), call,
 //! show. Failed calls read `NOT_FOUND: volume … does not exist`.
 
+// issue 12: group snapshots
+pub mod group;
 pub mod nodes;
 pub mod request;
 pub mod show;
@@ -72,6 +74,9 @@ pub enum Command {
     Expand(ExpandArgs),
     /// The nodes a `holdfast controller` knows: up, down or retired, address, pools and free space.
     Nodes,
+    // issue 12: group snapshots
+    /// Group snapshots (GroupController): create, delete, get.
+    GroupSnapshot(group::GroupArgs),
 }
 
 /// A volume or snapshot id.
@@ -283,6 +288,7 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
         Command::Stats(a) => stats(clients, out, a).await,
         Command::Expand(a) => expand(clients, out, a).await,
         Command::Nodes => list_nodes(&args.endpoint, out).await,
+        Command::GroupSnapshot(a) => group::run(clients, out, a).await,
     }
 }
 

@@ -340,6 +340,18 @@ mod tests {
 
     const UID: &str = "0123456789ab";
 
+    // issue 12: group snapshots
+    #[test]
+    fn group_ids_name_groups_only() {
+        let id = VolumeId::of(PoolKind::Zfs, Some("n1"), "tank", "db-0123456789abcdef", Object::Group, Some("0123456789ab"));
+        let text = id.to_string();
+        assert_eq!(text, "zfs:n1:tank:db-0123456789abcdef:g0123456789ab");
+        let back = VolumeId::parse(&text).unwrap();
+        assert!(back.is_group() && !back.may_name_volume() && !back.may_name_snapshot());
+        assert!(!VolumeId::parse("zfs:n1:tank:db:s0123456789ab").unwrap().is_group());
+        assert!(!VolumeId::parse("zfs:n1:tank:db").unwrap().is_group(), "a legacy id is never a group's");
+    }
+
     #[test]
     fn ids_round_trip() {
         let id = VolumeId::of(PoolKind::Lvm, Some("node-a"), "vg0", "pvc-4f3c", Object::Volume, Some(UID));

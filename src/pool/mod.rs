@@ -463,6 +463,31 @@ mod tests {
         }
     }
 
+    // issue 12: group snapshots
+    #[test]
+    fn a_group_record_round_trips_and_a_damaged_one_is_refused() {
+        let g = GroupMembership {
+            name: "db backup/1 名".into(),
+            local: "db-backup-0123456789abcdef".into(),
+            uid: "0123456789ab".into(),
+            members: 2,
+        };
+        let word = g.encode();
+        assert!(word.chars().all(|c| c.is_ascii_alphanumeric() || "-_:".contains(c)), "{word}");
+        assert_eq!(GroupMembership::decode(&word), Some(g));
+        for bad in [
+            "",
+            "a:0123456789ab:2",
+            "a:0123456789ab:0:61",
+            "a:xyz:2:61",
+            "A:0123456789ab:2:61",
+            "a:0123456789ab:2:6",
+            "a:0123456789ab:2:61:x",
+        ] {
+            assert_eq!(GroupMembership::decode(bad), None, "{bad:?}");
+        }
+    }
+
     #[test]
     fn what_an_old_record_does_not_hold_is_not_compared() {
         let r = request();
