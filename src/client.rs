@@ -28,6 +28,8 @@ pub struct Clients {
     pub controller: ControllerClient<Channel>,
     /// Node: stage, publish, stats, expansion.
     pub node: NodeClient<Channel>,
+    /// issue 12: GroupController: group snapshots.
+    pub group: crate::proto::group_controller_client::GroupControllerClient<Channel>,
 }
 
 impl Clients {
@@ -36,6 +38,7 @@ impl Clients {
         Clients {
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),
+            group: crate::proto::group_controller_client::GroupControllerClient::new(channel.clone()),
             node: NodeClient::new(channel),
         }
     }

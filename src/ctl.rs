@@ -3,6 +3,8 @@
 //! `--json`. Each subcommand is one function: build the request (pure, tested below), call,
 //! show. Failed calls read `NOT_FOUND: volume … does not exist`.
 
+// issue 12: group snapshots
+pub mod group;
 pub mod nodes;
 pub mod request;
 pub mod show;
@@ -72,6 +74,9 @@ pub enum Command {
     Expand(ExpandArgs),
     /// The nodes a `holdfast controller` knows: up, down or retired, address, pools and free space.
     Nodes,
+    // issue 12: group snapshots
+    /// Group snapshots (GroupController): create, delete, get.
+    GroupSnapshot(group::GroupArgs),
     // issue 12: modify
     /// ControllerModifyVolume: set mutable parameters (KEY=VALUE …), then show the volume with
     /// its current values (volume_context holdfast.dev/KEY).
@@ -301,6 +306,7 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
         Command::Expand(a) => expand(clients, out, a).await,
         Command::Nodes => list_nodes(&args.endpoint, out).await,
         Command::Modify(a) => modify(clients, out, a).await,
+        Command::GroupSnapshot(a) => group::run(clients, out, a).await,
     }
 }
 
@@ -338,7 +344,7 @@ fn failed(s: tonic::Status) -> String {
 }
 
 async fn info(c: Clients, out: Out) -> Result<(), String> {
-    let Clients { mut identity, mut controller, mut node } = c;
+    let Clients { mut identity, mut controller, mut node, .. } = c;
     // Only GetPluginInfo is required of every endpoint; the rest are shown as unavailable.
     let plugin = identity.get_plugin_info(GetPluginInfoRequest {}).await.map_err(failed)?.into_inner();
     let info = show::Info {

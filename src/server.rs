@@ -25,7 +25,10 @@ use crate::controller::ClusterController;
 use crate::csi::{identity::IdentityService, node::NodeService};
 use crate::driver::Driver;
 use crate::endpoint::Endpoint;
-use crate::proto::{controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer};
+use crate::proto::{
+    controller_server::ControllerServer, group_controller_server::GroupControllerServer, identity_server::IdentityServer,
+    node_server::NodeServer,
+};
 
 /// Which CSI services a process serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,12 +325,15 @@ async fn serve_here(
 ) -> Result<(), String> {
     let endpoint = endpoint.as_str();
     let (fire, fired) = tokio::sync::oneshot::channel();
+    let cluster = cluster.map(Arc::new);
     let calls = Calls { slots: Arc::new(tokio::sync::Semaphore::new(options.max_concurrent_calls.max(1))), runtime: calls_on };
     let router = Server::builder()
         .layer(calls)
-        .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
+        .add_service(IdentityServer::new(IdentityService::new(driver.clone()).with_group_controller(cluster.is_some())))
         .add_optional_service(cluster.as_ref().map(|c| crate::controller::admin::admin_service(c.registry().clone())))
-        .add_optional_service(cluster.map(ControllerServer::new))
+        // issue 12: group snapshots: served wherever the Controller is.
+        .add_optional_service(cluster.as_ref().map(|c| GroupControllerServer::new(crate::controller::group::GroupService(c.clone()))))
+        .add_optional_service(cluster.map(ControllerServer::from_arc))
         .add_optional_service(services.node.then(|| NodeServer::new(NodeService::new(driver.clone()))));
     match Endpoint::parse(endpoint)? {
         Endpoint::Unix(path) => {

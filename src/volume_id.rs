@@ -103,6 +103,10 @@ pub enum Object {
     Volume,
     /// A snapshot (`s` in the id).
     Snapshot,
+    /// A group snapshot (`g` in the id; issue 12): `<kind>:<node>:<pool>:<group local>:g<uid>`,
+    /// the local name derived from the group's CSI name as for snapshots. The group is not an
+    /// object of its own in the pool: its members record it.
+    Group,
 }
 
 impl Object {
@@ -110,6 +114,7 @@ impl Object {
         match self {
             Object::Volume => 'v',
             Object::Snapshot => 's',
+            Object::Group => 'g',
         }
     }
 }
@@ -167,6 +172,7 @@ impl VolumeId {
                 let object = match t.chars().next()? {
                     'v' => Object::Volume,
                     's' => Object::Snapshot,
+                    'g' => Object::Group,
                     _ => return None,
                 };
                 let uid = &t[1..];
@@ -211,6 +217,11 @@ impl VolumeId {
     /// Whether this id can name a snapshot at all (current snapshot ids and legacy ids).
     pub fn may_name_snapshot(&self) -> bool {
         self.tag.as_ref().is_none_or(|t| t.object == Object::Snapshot)
+    }
+
+    /// Whether this is a group snapshot id (only current ids: groups came after uids).
+    pub fn is_group(&self) -> bool {
+        self.tag.as_ref().is_some_and(|t| t.object == Object::Group)
     }
 
     fn names(&self, object: Object, uid: Option<&str>) -> bool {
@@ -328,6 +339,18 @@ mod tests {
     use super::*;
 
     const UID: &str = "0123456789ab";
+
+    // issue 12: group snapshots
+    #[test]
+    fn group_ids_name_groups_only() {
+        let id = VolumeId::of(PoolKind::Zfs, Some("n1"), "tank", "db-0123456789abcdef", Object::Group, Some("0123456789ab"));
+        let text = id.to_string();
+        assert_eq!(text, "zfs:n1:tank:db-0123456789abcdef:g0123456789ab");
+        let back = VolumeId::parse(&text).unwrap();
+        assert!(back.is_group() && !back.may_name_volume() && !back.may_name_snapshot());
+        assert!(!VolumeId::parse("zfs:n1:tank:db:s0123456789ab").unwrap().is_group());
+        assert!(!VolumeId::parse("zfs:n1:tank:db").unwrap().is_group(), "a legacy id is never a group's");
+    }
 
     #[test]
     fn ids_round_trip() {

@@ -1447,3 +1447,6 @@ async fn a_create_retry_with_other_pool_parameters_or_filesystem_is_already_exis
 // issue 12: modify
 #[path = "conformance/modify.rs"]
 mod modify;
+// issue 12: group snapshots
+#[path = "conformance/group.rs"]
+mod group;

@@ -383,3 +383,64 @@ async fn the_capacity_answered_can_be_taken_whole() {
     assert!(after.available_capacity < (1 << 20), "after taking all the room, {} bytes are still offered", after.available_capacity);
     d.delete(&v.volume_id).await;
 }
+
+// issue 12: group snapshots
+/// Removes one member snapshot's files from a file pool, as a driver killed in the middle of
+/// DeleteVolumeGroupSnapshot leaves the group: the other members are still there.
+fn drop_member(pool_dir: &Path, snapshot_id: &str) {
+    let local = holdfast::volume_id::VolumeId::parse(snapshot_id).expect("a holdfast snapshot id").local;
+    for ext in ["json", "img"] {
+        std::fs::remove_file(pool_dir.join("snapshots").join(format!("{local}.{ext}"))).expect("remove a member's file");
+    }
+}
+
+#[tokio::test]
+async fn a_half_deleted_group_is_retaken_by_a_retry_and_deleted_by_a_delete() {
+    let mut d = Setup::with_config(|dir| file_pool("grp", &dir.join("grp"), "")).start().await;
+    let pool_dir = d.dir.join("grp");
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    let a = d.create(&unique("ga"), 16 * MIB, cap.clone()).await;
+    let b = d.create(&unique("gb"), 16 * MIB, cap.clone()).await;
+    let req = CreateVolumeGroupSnapshotRequest {
+        name: unique("g"),
+        source_volume_ids: vec![a.volume_id.clone(), b.volume_id.clone()],
+        ..Default::default()
+    };
+    let take = |d: &Driver| {
+        let (mut c, r) = (d.group(), req.clone());
+        async move { ok(c.create_volume_group_snapshot(r).await, "CreateVolumeGroupSnapshot").group_snapshot.expect("no group") }
+    };
+    let get = |id: &str| GetVolumeGroupSnapshotRequest { group_snapshot_id: id.to_owned(), ..Default::default() };
+    let first = take(&d).await;
+    d.remember_group(&first.group_snapshot_id);
+    assert_eq!(first.snapshots.len(), 2);
+
+    // Cut short: one member gone. Not answered as a complete group any more.
+    drop_member(&pool_dir, &first.snapshots[0].snapshot_id);
+    let half =
+        ok(d.group().get_volume_group_snapshot(get(&first.group_snapshot_id)).await, "GetVolumeGroupSnapshot").group_snapshot.unwrap();
+    assert_eq!(half.snapshots.len(), 1);
+    assert!(!half.ready_to_use, "a group missing a member is not ready");
+    // A create retry takes the group again, whole, at a new point in time (and a new id).
+    let again = take(&d).await;
+    d.remember_group(&again.group_snapshot_id);
+    assert_ne!(again.group_snapshot_id, first.group_snapshot_id);
+    assert_eq!(again.snapshots.len(), 2);
+    assert!(again.ready_to_use);
+    expect_code(d.group().get_volume_group_snapshot(get(&first.group_snapshot_id)).await, Code::NotFound, "the half group is gone");
+
+    // Killed in the middle of a delete, then restarted: the rest is still deletable.
+    drop_member(&pool_dir, &again.snapshots[1].snapshot_id);
+    d.kill();
+    d.restart().await;
+    let listed: Vec<String> = again.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
+    let del =
+        DeleteVolumeGroupSnapshotRequest { group_snapshot_id: again.group_snapshot_id.clone(), snapshot_ids: listed, ..Default::default() };
+    ok(d.group().delete_volume_group_snapshot(del).await, "DeleteVolumeGroupSnapshot of a half-deleted group");
+    d.delete_group(&first.group_snapshot_id).await;
+    expect_code(d.group().get_volume_group_snapshot(get(&again.group_snapshot_id)).await, Code::NotFound, "a deleted group");
+    let left = d.list_snapshots(ListSnapshotsRequest::default()).await;
+    assert!(left.is_empty(), "snapshots left: {left:?}");
+    d.delete(&a.volume_id).await;
+    d.delete(&b.volume_id).await;
+}

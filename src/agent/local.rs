@@ -27,6 +27,9 @@ use crate::proto::volume_content_source::{self, SnapshotSource, VolumeSource};
 use crate::proto::*;
 use crate::volume_id::{Object, PoolKind, VolumeId, legacy_local_name, local_name, new_uid};
 
+// issue 12: group snapshots
+pub mod group;
+
 /// Capacity of a volume whose request gives no capacity range.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 
@@ -253,7 +256,7 @@ impl LocalAgent {
             source_volume_id: self.d.object_id(pool, &s.source_volume, Object::Volume, s.source_uid.as_deref()).to_string(),
             creation_time: Some(timestamp(s.created)),
             ready_to_use: s.ready,
-            group_snapshot_id: String::new(),
+            group_snapshot_id: self.group_id(pool, s).map(|g| g.to_string()).unwrap_or_default(),
         }
     }
 
@@ -879,6 +882,14 @@ impl LocalAgent {
         // an unreadable record as for volumes.
         let csi_name = match pool.get_snapshot(&sid.local).await {
             Ok(Some(s)) if !sid.names_snapshot(s.uid.as_deref()) => return Ok(DeleteSnapshotResponse {}),
+            // issue 12: the spec's error table: a member goes with its group only.
+            Ok(Some(s)) if s.group.is_some() => {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot {} is a member of group snapshot {}: it cannot be deleted alone; delete the group (DeleteVolumeGroupSnapshot)",
+                    crate::error::bounded(&req.snapshot_id),
+                    self.group_id(pool.as_ref(), &s).map(|g| g.to_string()).unwrap_or_default()
+                )));
+            }
             Err(e) if sid.tag.is_some() => return Err(e),
             Ok(s) => s.map(|s| s.csi_name),
             Err(_) => None,
@@ -1522,6 +1533,27 @@ impl AgentOps for LocalAgent {
     async fn modify_volume(&self, req: ControllerModifyVolumeRequest, _budget: Duration) -> Result<ControllerModifyVolumeResponse> {
         self.modify(req).await
     }
+
+    // issue 12: group snapshots
+    async fn create_group_snapshot(
+        &self,
+        req: CreateVolumeGroupSnapshotRequest,
+        _budget: Duration,
+    ) -> Result<CreateVolumeGroupSnapshotResponse> {
+        self.create_group_snapshot_here(req).await
+    }
+
+    async fn delete_group_snapshot(
+        &self,
+        req: DeleteVolumeGroupSnapshotRequest,
+        _budget: Duration,
+    ) -> Result<DeleteVolumeGroupSnapshotResponse> {
+        self.delete_group_snapshot_here(req).await
+    }
+
+    async fn get_group_snapshot(&self, req: GetVolumeGroupSnapshotRequest, _budget: Duration) -> Result<GetVolumeGroupSnapshotResponse> {
+        self.get_group_snapshot_here(req).await
+    }
 }
 
 #[cfg(test)]
@@ -1727,6 +1759,7 @@ mod tests {
                     ready: true,
                     uid: Some(uid.into()),
                     source_uid,
+                    group: None,
                 };
                 self.snapshots.lock().unwrap().insert(local.into(), s.clone());
                 Ok(s)

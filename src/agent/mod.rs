@@ -70,4 +70,35 @@ pub trait AgentOps: Send + Sync + 'static {
             crate::error::bounded(&req.volume_id)
         )))
     }
+
+    // issue 12: group snapshots (defaults: an agent that serves none, e.g. a test's fake)
+    /// CreateVolumeGroupSnapshot of volumes of one pool of this node.
+    async fn create_group_snapshot(
+        &self,
+        _req: proto::CreateVolumeGroupSnapshotRequest,
+        _budget: Duration,
+    ) -> Result<proto::CreateVolumeGroupSnapshotResponse> {
+        Err(no_groups(self.node_id()))
+    }
+    /// DeleteVolumeGroupSnapshot (an id naming nothing: OK).
+    async fn delete_group_snapshot(
+        &self,
+        _req: proto::DeleteVolumeGroupSnapshotRequest,
+        _budget: Duration,
+    ) -> Result<proto::DeleteVolumeGroupSnapshotResponse> {
+        Err(no_groups(self.node_id()))
+    }
+    /// GetVolumeGroupSnapshot (NOT_FOUND when no member is left).
+    async fn get_group_snapshot(
+        &self,
+        _req: proto::GetVolumeGroupSnapshotRequest,
+        _budget: Duration,
+    ) -> Result<proto::GetVolumeGroupSnapshotResponse> {
+        Err(no_groups(self.node_id()))
+    }
+}
+
+/// What an agent without group snapshots answers.
+fn no_groups(node: &str) -> crate::error::Error {
+    crate::error::Error::Unimplemented(format!("the agent of node {node} does not serve group snapshots (upgrade it)"))
 }

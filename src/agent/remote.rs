@@ -206,6 +206,31 @@ impl AgentOps for RemoteAgent {
     ) -> Result<proto::ControllerModifyVolumeResponse> {
         self.call(req, budget, |mut c, r| async move { c.modify_volume(r).await }).await
     }
+
+    // issue 12: group snapshots
+    async fn create_group_snapshot(
+        &self,
+        req: proto::CreateVolumeGroupSnapshotRequest,
+        budget: Duration,
+    ) -> Result<proto::CreateVolumeGroupSnapshotResponse> {
+        self.call(req, budget, |mut c, r| async move { c.create_volume_group_snapshot(r).await }).await
+    }
+
+    async fn delete_group_snapshot(
+        &self,
+        req: proto::DeleteVolumeGroupSnapshotRequest,
+        budget: Duration,
+    ) -> Result<proto::DeleteVolumeGroupSnapshotResponse> {
+        self.call(req, budget, |mut c, r| async move { c.delete_volume_group_snapshot(r).await }).await
+    }
+
+    async fn get_group_snapshot(
+        &self,
+        req: proto::GetVolumeGroupSnapshotRequest,
+        budget: Duration,
+    ) -> Result<proto::GetVolumeGroupSnapshotResponse> {
+        self.call(req, budget, |mut c, r| async move { c.get_volume_group_snapshot(r).await }).await
+    }
 }
 
 #[cfg(test)]

@@ -122,4 +122,35 @@ impl Agent for AgentService {
         let id = r.volume_id.clone();
         traced("agent.ModifyVolume", &id, self.ops.modify_volume(r, budget)).await
     }
+
+    // issue 12: group snapshots
+    async fn create_volume_group_snapshot(
+        &self,
+        r: Request<proto::CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<proto::CreateVolumeGroupSnapshotResponse>, Status> {
+        let budget = wait_budget(r.metadata());
+        let r = r.into_inner();
+        let name = r.name.clone();
+        traced("agent.CreateVolumeGroupSnapshot", &name, self.ops.create_group_snapshot(r, budget)).await
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        r: Request<proto::DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<proto::DeleteVolumeGroupSnapshotResponse>, Status> {
+        let budget = wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.group_snapshot_id.clone();
+        traced("agent.DeleteVolumeGroupSnapshot", &id, self.ops.delete_group_snapshot(r, budget)).await
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        r: Request<proto::GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<proto::GetVolumeGroupSnapshotResponse>, Status> {
+        let budget = wait_budget(r.metadata());
+        let r = r.into_inner();
+        let id = r.group_snapshot_id.clone();
+        traced("agent.GetVolumeGroupSnapshot", &id, self.ops.get_group_snapshot(r, budget)).await
+    }
 }

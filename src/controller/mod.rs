@@ -16,6 +16,8 @@
 //! node "node N retired", and deleting them succeeds (with a warning in the log).
 
 pub mod admin;
+// issue 12: group snapshots
+pub mod group;
 pub mod registry;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -17,12 +17,20 @@ use crate::proto::{
 /// The Identity service.
 pub struct IdentityService {
     driver: Arc<Driver>,
+    /// issue 12: whether the GroupController service is served beside it.
+    group_controller: bool,
 }
 
 impl IdentityService {
     /// Serves identity for `driver`.
     pub fn new(driver: Arc<Driver>) -> Self {
-        IdentityService { driver }
+        IdentityService { driver, group_controller: false }
+    }
+
+    /// issue 12: advertise GROUP_CONTROLLER_SERVICE (where the GroupController is served).
+    pub fn with_group_controller(mut self, served: bool) -> Self {
+        self.group_controller = served;
+        self
     }
 }
 
@@ -53,13 +61,12 @@ impl Identity for IdentityService {
                 r#type: volume_expansion::Type::Online as i32,
             })),
         };
-        Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities: vec![
-                service_cap(service::Type::ControllerService),
-                service_cap(service::Type::VolumeAccessibilityConstraints),
-                online,
-            ],
-        }))
+        let mut capabilities =
+            vec![service_cap(service::Type::ControllerService), service_cap(service::Type::VolumeAccessibilityConstraints), online];
+        if self.group_controller {
+            capabilities.push(service_cap(service::Type::GroupControllerService));
+        }
+        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
     }
 
     /// Ready whenever it answers: the socket only appears once every pool is open (start-up

@@ -183,6 +183,8 @@ pub fn snapshot_json(s: &Snapshot) -> Value {
         "size_bytes": s.size_bytes,
         "creation_time": s.creation_time.as_ref().map(timestamp),
         "ready_to_use": s.ready_to_use,
+        // issue 12: the group snapshot it is a member of ("" when none).
+        "group_snapshot_id": s.group_snapshot_id,
     })
 }
 

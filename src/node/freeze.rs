@@ -187,24 +187,39 @@ impl Freezer {
         T: Send + 'static,
         Fut: Future<Output = T> + Send + 'static,
     {
-        if target.mount_points.is_empty() {
+        self.around_all(vec![target], op).await
+    }
+
+    // issue 12: group snapshots
+    /// [`Freezer::around`] for several volumes at once (a group snapshot): every filesystem of
+    /// every target is frozen before `op` runs, all are thawed whatever happens, and the one
+    /// deadline runs from the first freeze. A target that fails to freeze fails the call
+    /// (FAILED_PRECONDITION naming its volume) with those already frozen thawed.
+    pub async fn around_all<T, Fut>(self: &Arc<Self>, targets: Vec<Target>, op: Fut) -> Result<T>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        if targets.iter().all(|t| t.mount_points.is_empty()) {
             return Ok(op.await);
         }
         let me = self.clone();
         // A task of its own: dropping the caller's future must never skip the thaw.
-        let task = tokio::spawn(async move { me.run(target, op).await });
+        let task = tokio::spawn(async move { me.run(targets, op).await });
         task.await.map_err(|e| Error::Internal(format!("the freeze task failed ({e}); check for frozen filesystems")))?
     }
 
-    async fn run<T, Fut: Future<Output = T>>(&self, target: Target, op: Fut) -> Result<T> {
-        let mut points = target.mount_points.clone();
+    async fn run<T, Fut: Future<Output = T>>(&self, targets: Vec<Target>, op: Fut) -> Result<T> {
+        let mut points: Vec<(PathBuf, &Target)> =
+            targets.iter().flat_map(|t| t.mount_points.iter().map(move |mp| (mp.clone(), t))).collect();
         // One order for everyone, so two operations over the same filesystems cannot deadlock.
-        points.sort();
-        points.dedup();
+        points.sort_by(|a, b| a.0.cmp(&b.0));
+        points.dedup_by(|a, b| a.0 == b.0);
+        let target = &targets[0];
         let mut entered: Vec<(PathBuf, Instant)> = Vec::new();
         let mut result = Ok(None);
-        for mp in &points {
-            match self.enter(&target, mp).await {
+        for (mp, t) in &points {
+            match self.enter(t, mp).await {
                 Ok(since) => entered.push((mp.clone(), since)),
                 Err(e) => {
                     result = Err(e);

@@ -32,6 +32,8 @@
 
 pub mod command;
 pub mod dm;
+// issue 12: group snapshots
+mod group;
 pub mod report;
 pub mod tags;
 
@@ -399,6 +401,7 @@ impl LvmPool {
             ready: true,
             uid: meta.uid,
             source_uid: meta.source_uid,
+            group: meta.group,
         }
     }
 
@@ -567,6 +570,7 @@ impl LvmPool {
             uid: Some(req.uid.clone()),
             source_uid: req.source_uid.clone(),
             parameters: Some(req.parameters.clone()),
+            group: None,
         }
     }
 
@@ -819,6 +823,7 @@ impl Pool for LvmPool {
             uid: Some(uid.to_owned()),
             source_uid: source_meta.uid.clone(),
             parameters: None,
+            group: None,
         };
         let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
         let cmd = command::lvcreate_snapshot(&self.vg, &source.name, &lv_name, &tags, false);
@@ -935,6 +940,15 @@ impl Pool for LvmPool {
             }
         }
         Ok(Condition::Healthy)
+    }
+
+    // issue 12: group snapshots
+    async fn create_group_snapshot(
+        self: Arc<Self>,
+        group: crate::pool::GroupMembership,
+        members: Vec<crate::pool::GroupMember>,
+    ) -> Result<Vec<SnapshotInfo>> {
+        self.group_snapshot(group, members).await
     }
 }
 

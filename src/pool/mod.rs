@@ -207,6 +207,60 @@ pub struct SnapshotInfo {
     /// ListSnapshots by source id lists only snapshots of that very volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_uid: Option<String>,
+    /// The group snapshot it is a member of (issue 12), recorded with the snapshot itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupMembership>,
+}
+
+/// What every member of a group snapshot records of its group: the group is not stored apart,
+/// so these are what finds, checks and deletes it (after a restart too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMembership {
+    /// The group's CSI name.
+    pub name: String,
+    /// The group's local name (the fourth field of its id).
+    pub local: String,
+    /// The group's uid (the last field of its id, after `g`).
+    pub uid: String,
+    /// How many members the group has: fewer found means an unfinished create or delete.
+    pub members: u32,
+}
+
+impl GroupMembership {
+    /// One word of `[0-9a-z_:-]` for an LVM tag or a ZFS user property:
+    /// `<local>:<uid>:<members>:<hex of the name>`.
+    pub fn encode(&self) -> String {
+        format!("{}:{}:{}:{}", self.local, self.uid, self.members, hex::encode(self.name.as_bytes()))
+    }
+
+    /// Reads [`GroupMembership::encode`] back; `None` when damaged.
+    pub fn decode(s: &str) -> Option<GroupMembership> {
+        let mut f = s.split(':');
+        let (local, uid, members, name) = (f.next()?, f.next()?, f.next()?, f.next()?);
+        if f.next().is_some() || !crate::volume_id::valid_local_name(local) || !crate::volume_id::valid_uid(uid) {
+            return None;
+        }
+        let name = String::from_utf8(hex::decode(name).ok()?).ok()?;
+        Some(GroupMembership { name, local: local.to_owned(), uid: uid.to_owned(), members: members.parse().ok().filter(|n| *n > 0)? })
+    }
+}
+
+/// One member of a group snapshot to take: what [`Pool::create_snapshot`] takes for one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    /// The source volume's local name.
+    pub source: String,
+    /// The member snapshot's CSI name.
+    pub csi_name: String,
+    /// The member snapshot's local name.
+    pub local: String,
+    /// The member snapshot's fresh uid.
+    pub uid: String,
+}
+
+/// The refusal of a pool kind that cannot take group snapshots, naming a member's volume.
+pub fn no_group_snapshots(pool: &str, kind: PoolKind, volume: &str, why: &str) -> crate::error::Error {
+    crate::error::Error::FailedPrecondition(format!("volume {volume:?} cannot be part of a group snapshot: pool {pool:?} ({kind}) {why}"))
 }
 
 /// How the node reaches a volume's data.
@@ -317,6 +371,19 @@ pub trait Pool: Send + Sync {
         None
     }
 
+    // issue 12: group snapshots
+    /// Takes every member of a group snapshot at one point in time (write-order consistent
+    /// across the members, or refused: FAILED_PRECONDITION naming a volume). Each member is an
+    /// ordinary snapshot recording `group`. On failure nothing of the group is left. Members
+    /// that exist already are the caller's to check first ([`Pool::list_snapshots`]).
+    async fn create_group_snapshot(
+        self: std::sync::Arc<Self>,
+        _group: GroupMembership,
+        members: Vec<GroupMember>,
+    ) -> Result<Vec<SnapshotInfo>> {
+        let volume = members.first().map(|m| m.source.clone()).unwrap_or_default();
+        Err(no_group_snapshots(self.name(), self.kind(), &volume, "cannot take snapshots of several volumes at one point in time"))
+    }
     // issue 12: modify
     /// The mutable parameters (ControllerModifyVolume, CreateVolume's `mutable_parameters`)
     /// this pool's volumes take; empty: none.
@@ -453,6 +520,31 @@ mod tests {
             for (g, w) in got.iter().zip(c.want) {
                 assert!(g.contains(w), "{}: {g:?} does not say {w:?}", c.name);
             }
+        }
+    }
+
+    // issue 12: group snapshots
+    #[test]
+    fn a_group_record_round_trips_and_a_damaged_one_is_refused() {
+        let g = GroupMembership {
+            name: "db backup/1 名".into(),
+            local: "db-backup-0123456789abcdef".into(),
+            uid: "0123456789ab".into(),
+            members: 2,
+        };
+        let word = g.encode();
+        assert!(word.chars().all(|c| c.is_ascii_alphanumeric() || "-_:".contains(c)), "{word}");
+        assert_eq!(GroupMembership::decode(&word), Some(g));
+        for bad in [
+            "",
+            "a:0123456789ab:2",
+            "a:0123456789ab:0:61",
+            "a:xyz:2:61",
+            "A:0123456789ab:2:61",
+            "a:0123456789ab:2:6",
+            "a:0123456789ab:2:61:x",
+        ] {
+            assert_eq!(GroupMembership::decode(bad), None, "{bad:?}");
         }
     }
 

@@ -246,6 +246,8 @@ enum Leftover {
     Staged(String, String),
     Snapshot(String),
     Volume(String),
+    /// issue 12: a group snapshot (its members cannot be deleted alone).
+    Group(String),
 }
 
 impl Driver {
@@ -318,6 +320,10 @@ impl Driver {
     /// A Node client.
     pub fn node(&self) -> NodeClient<Channel> {
         self.clients.as_ref().expect("driver started").node.clone()
+    }
+    /// issue 12: a GroupController client (on the controller's socket when split).
+    pub fn group(&self) -> holdfast::proto::group_controller_client::GroupControllerClient<Channel> {
+        self.clients.as_ref().expect("driver started").group.clone()
     }
 
     /// What the driver wrote so far.
@@ -451,6 +457,18 @@ impl Driver {
     /// test created by its own CreateVolume calls).
     pub fn remember_volume(&self, volume_id: &str) {
         self.remember(Leftover::Volume(volume_id.to_owned()));
+    }
+
+    /// issue 12: deletes group snapshot `id` at the end of the test if the test does not.
+    pub fn remember_group(&self, id: &str) {
+        self.remember(Leftover::Group(id.to_owned()));
+    }
+
+    /// issue 12: deletes a group snapshot, failing the test on any error.
+    pub async fn delete_group(&self, id: &str) {
+        let req = DeleteVolumeGroupSnapshotRequest { group_snapshot_id: id.to_owned(), ..Default::default() };
+        ok(self.group().delete_volume_group_snapshot(req).await, &format!("DeleteVolumeGroupSnapshot {id}"));
+        self.forget(&Leftover::Group(id.to_owned()));
     }
 
     /// Deletes a snapshot, failing the test on any error.
@@ -690,7 +708,7 @@ impl Driver {
         leftovers.reverse();
         // A stable sort: kinds in undo order, newest first within a kind.
         leftovers.sort_by_key(rank);
-        let (mut controller, mut node) = (clients.controller.clone(), clients.node.clone());
+        let (mut controller, mut node, mut group) = (clients.controller.clone(), clients.node.clone(), clients.group.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         background().spawn(async move {
             for l in leftovers {
@@ -706,6 +724,10 @@ impl Driver {
                     }
                     Leftover::Volume(id) => {
                         controller.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.map(drop)
+                    }
+                    Leftover::Group(id) => {
+                        let req = DeleteVolumeGroupSnapshotRequest { group_snapshot_id: id.clone(), ..Default::default() };
+                        group.delete_volume_group_snapshot(req).await.map(drop)
                     }
                 };
                 if let Err(s) = res {
@@ -725,7 +747,7 @@ fn rank(l: &Leftover) -> u8 {
     match l {
         Leftover::Published(..) => 0,
         Leftover::Staged(..) => 1,
-        Leftover::Snapshot(_) => 2,
+        Leftover::Snapshot(_) | Leftover::Group(_) => 2,
         Leftover::Volume(_) => 3,
     }
 }

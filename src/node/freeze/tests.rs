@@ -254,3 +254,34 @@ async fn a_thaw_of_a_filesystem_that_is_not_frozen_counts_as_thawed() {
     f.freezer.around(target(&["/mnt/vol"]), async {}).await.unwrap();
     assert!(records(&f.state).unwrap().is_empty());
 }
+
+// issue 12: group snapshots
+fn target_of(volume: &str, points: &[&str]) -> Target {
+    Target { volume: volume.into(), purpose: "group snapshot g1".into(), ..target(points) }
+}
+
+#[tokio::test]
+async fn a_group_freezes_every_member_before_the_operation_and_thaws_them_all() {
+    let f = fixture(FROZEN_DEADLINE);
+    let fake = f.fake.clone();
+    let targets = vec![target_of("v2", &["/mnt/b"]), target_of("v1", &["/mnt/a", "/mnt/vol"]), target_of("v3", &[])];
+    let inside = f.freezer.around_all(targets, async move { fsfreeze_lines(&fake) }).await.unwrap();
+    assert_eq!(inside, ["fsfreeze --freeze /mnt/a", "fsfreeze --freeze /mnt/b", "fsfreeze --freeze /mnt/vol"], "all frozen, in one order");
+    let all = fsfreeze_lines(&f.fake);
+    assert_eq!(&all[3..], ["fsfreeze --unfreeze /mnt/vol", "fsfreeze --unfreeze /mnt/b", "fsfreeze --unfreeze /mnt/a"]);
+    assert!(records(&f.state).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_member_that_cannot_be_frozen_fails_the_group_with_the_others_thawed() {
+    let f = fixture(FROZEN_DEADLINE);
+    f.fake.on("fsfreeze --freeze /mnt/b", vec![Reply::Fail(1, "fsfreeze: /mnt/b: freeze failed: Operation not supported".into())]);
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let r = ran.clone();
+    let targets = vec![target_of("v1", &["/mnt/a"]), target_of("v2", &["/mnt/b"])];
+    let err = f.freezer.around_all(targets, async move { r.store(true, std::sync::atomic::Ordering::SeqCst) }).await.unwrap_err();
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("\"v2\"") && m.contains("/mnt/b")), "{err}");
+    assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "the operation ran with a member not frozen");
+    assert_eq!(fsfreeze_lines(&f.fake), ["fsfreeze --freeze /mnt/a", "fsfreeze --freeze /mnt/b", "fsfreeze --unfreeze /mnt/a"]);
+    assert!(records(&f.state).unwrap().is_empty());
+}

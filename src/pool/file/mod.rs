@@ -55,7 +55,7 @@ use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec};
 use crate::node::freeze::{Freezer, Target};
 use crate::node::{loopdev, mountinfo};
-use crate::pool::{Attachment, Condition, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
+use crate::pool::{Attachment, Condition, CreateRequest, GroupMember, GroupMembership, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::store;
 use crate::volume_id::{PoolKind, valid_local_name};
 
@@ -691,6 +691,79 @@ impl FilePool {
     }
 }
 
+impl FilePool {
+    /// [`Pool::create_snapshot`], recording `group` when it is a member of a group snapshot.
+    async fn snapshot_of(
+        &self,
+        source_local: &str,
+        csi_name: &str,
+        local: &str,
+        uid: &str,
+        group: Option<GroupMembership>,
+    ) -> Result<SnapshotInfo> {
+        let f = self.files(Kind::Snapshot, local)?;
+        let src = self.files(Kind::Volume, source_local)?;
+        if let Some(s) = self.read_snapshot(&f, local).await? {
+            if s.info.csi_name == csi_name && s.info.source_volume == source_local {
+                return Ok(s.info);
+            }
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {local} in file pool {:?} already exists as {:?} of volume {}; this request asks for {csi_name:?} of volume {source_local}",
+                self.name, s.info.csi_name, s.info.source_volume
+            )));
+        }
+        self.clean_leftovers(Kind::Snapshot, &f).await?;
+        let Some(source) = self.read_volume(&src, source_local).await? else {
+            return Err(Error::NotFound(format!("volume {source_local} does not exist in file pool {:?}", self.name)));
+        };
+        let fs = self.pool_fs().await?;
+        let img = src.img.clone();
+        let (len, allocated) = self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || sizes(&img)).await?;
+        let thick = source.provisioning == Provisioning::Thick;
+        // A real copy keeps holes, so it takes what the source has allocated. A reflink copy
+        // of a thick volume takes nothing now, but the volume's next writes need new blocks:
+        // the pool keeps the volume's size for them until the snapshot is deleted.
+        let shared = if thick && fs.may_reflink() { len } else { 0 };
+        let claim = if shared > 0 { shared } else { allocated };
+        let _claim = self.claim(claim, &format!("snapshot {local} of volume {source_local}")).await?;
+        let copied = async {
+            if fs == PoolFs::Btrfs && thick {
+                // btrfs reflinks only between files of one kind (NOCOW or not).
+                self.create_tmp(&f, true).await?;
+            }
+            self.copy_image(source_local, format!("snapshot {csi_name:?}"), &src.img, &f.tmp_img).await?;
+            let tmp = f.tmp_img.clone();
+            self.blocking(format!("syncing {}", tmp.display()), ALLOCATE_DEADLINE, move || {
+                sync_file(&tmp)?;
+                sizes(&tmp)
+            })
+            .await
+        }
+        .await;
+        let size = match copied {
+            Ok((len, _)) => len,
+            Err(e) => {
+                self.discard_tmp(&f).await;
+                return Err(e);
+            }
+        };
+        let info = SnapshotInfo {
+            local: local.to_owned(),
+            csi_name: csi_name.to_owned(),
+            source_volume: source_local.to_owned(),
+            size,
+            created: now(),
+            ready: true,
+            uid: Some(uid.to_owned()),
+            source_uid: source.info.uid.clone(),
+            group,
+        };
+        self.commit(&f, SnapshotRecord { info: info.clone(), shared }).await?;
+        tracing::info!(pool = %self.name, local, source = source_local, size, shared, "created snapshot");
+        Ok(info)
+    }
+}
+
 #[async_trait]
 impl Pool for FilePool {
     fn name(&self) -> &str {
@@ -834,65 +907,7 @@ impl Pool for FilePool {
     }
 
     async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo> {
-        let f = self.files(Kind::Snapshot, local)?;
-        let src = self.files(Kind::Volume, source_local)?;
-        if let Some(s) = self.read_snapshot(&f, local).await? {
-            if s.info.csi_name == csi_name && s.info.source_volume == source_local {
-                return Ok(s.info);
-            }
-            return Err(Error::AlreadyExists(format!(
-                "snapshot {local} in file pool {:?} already exists as {:?} of volume {}; this request asks for {csi_name:?} of volume {source_local}",
-                self.name, s.info.csi_name, s.info.source_volume
-            )));
-        }
-        self.clean_leftovers(Kind::Snapshot, &f).await?;
-        let Some(source) = self.read_volume(&src, source_local).await? else {
-            return Err(Error::NotFound(format!("volume {source_local} does not exist in file pool {:?}", self.name)));
-        };
-        let fs = self.pool_fs().await?;
-        let img = src.img.clone();
-        let (len, allocated) = self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || sizes(&img)).await?;
-        let thick = source.provisioning == Provisioning::Thick;
-        // A real copy keeps holes, so it takes what the source has allocated. A reflink copy
-        // of a thick volume takes nothing now, but the volume's next writes need new blocks:
-        // the pool keeps the volume's size for them until the snapshot is deleted.
-        let shared = if thick && fs.may_reflink() { len } else { 0 };
-        let claim = if shared > 0 { shared } else { allocated };
-        let _claim = self.claim(claim, &format!("snapshot {local} of volume {source_local}")).await?;
-        let copied = async {
-            if fs == PoolFs::Btrfs && thick {
-                // btrfs reflinks only between files of one kind (NOCOW or not).
-                self.create_tmp(&f, true).await?;
-            }
-            self.copy_image(source_local, format!("snapshot {csi_name:?}"), &src.img, &f.tmp_img).await?;
-            let tmp = f.tmp_img.clone();
-            self.blocking(format!("syncing {}", tmp.display()), ALLOCATE_DEADLINE, move || {
-                sync_file(&tmp)?;
-                sizes(&tmp)
-            })
-            .await
-        }
-        .await;
-        let size = match copied {
-            Ok((len, _)) => len,
-            Err(e) => {
-                self.discard_tmp(&f).await;
-                return Err(e);
-            }
-        };
-        let info = SnapshotInfo {
-            local: local.to_owned(),
-            csi_name: csi_name.to_owned(),
-            source_volume: source_local.to_owned(),
-            size,
-            created: now(),
-            ready: true,
-            uid: Some(uid.to_owned()),
-            source_uid: source.info.uid.clone(),
-        };
-        self.commit(&f, SnapshotRecord { info: info.clone(), shared }).await?;
-        tracing::info!(pool = %self.name, local, source = source_local, size, shared, "created snapshot");
-        Ok(info)
+        self.snapshot_of(source_local, csi_name, local, uid, None).await
     }
 
     async fn copy_progress(&self, snapshot: bool, local: &str, source: &Source, deadline: Duration) -> Option<(u64, u64)> {
@@ -1088,6 +1103,53 @@ impl Pool for FilePool {
         self.blocking(format!("writing {}", f.meta.display()), METADATA_DEADLINE, move || write_meta(&ff, &record)).await?;
         tracing::info!(pool = %self.name, local, provisioning = want.as_str(), "modified volume");
         Ok(())
+    }
+
+    // issue 12: group snapshots
+    /// Every mounted member frozen (one [`Freezer::around_all`]), every image copied (each
+    /// copy joins the freeze its volume is in), then all thawed. A raw block member that is
+    /// attached has no filesystem to freeze, so its writes could not be held: refused.
+    async fn create_group_snapshot(self: Arc<Self>, group: GroupMembership, members: Vec<GroupMember>) -> Result<Vec<SnapshotInfo>> {
+        let purpose = format!("group snapshot {:?}", group.name);
+        let mut targets = Vec::new();
+        for m in &members {
+            let f = self.files(Kind::Volume, &m.source)?;
+            let v = self.read_volume(&f, &m.source).await?;
+            let v = v.ok_or_else(|| Error::NotFound(format!("volume {} does not exist in file pool {:?}", m.source, self.name)))?;
+            let mount_points = mounted_from(self.exec.as_ref(), &self.freezer, &f.img).await?;
+            if v.info.block && !loopdev::find(self.exec.as_ref(), &f.img).await?.is_empty() {
+                return Err(crate::pool::no_group_snapshots(
+                    &self.name,
+                    PoolKind::File,
+                    &m.source,
+                    "holds it as a raw block device in use, whose writes cannot be held at one point (unpublish it first)",
+                ));
+            }
+            targets.push(Target { pool: self.name.clone(), volume: m.source.clone(), mount_points, purpose: purpose.clone() });
+        }
+        let me = self.clone();
+        let taken = self
+            .freezer
+            .around_all(targets, async move {
+                let mut done: Vec<SnapshotInfo> = Vec::new();
+                for m in &members {
+                    match me.snapshot_of(&m.source, &m.csi_name, &m.local, &m.uid, Some(group.clone())).await {
+                        Ok(s) => done.push(s),
+                        Err(e) => {
+                            // Nothing of a failed group is left behind.
+                            for s in &done {
+                                if let Err(d) = me.delete_snapshot(&s.local).await {
+                                    tracing::error!(pool = %me.name, snapshot = %s.local, error = %d, "cannot remove a member of a failed group snapshot");
+                                }
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(done)
+            })
+            .await;
+        taken?
     }
 }
 

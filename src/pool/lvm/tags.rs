@@ -32,6 +32,8 @@ const SCHEMA: &str = "holdfast.schema=";
 /// the tag are schema 1). A record of a newer schema is refused, not half understood.
 pub const RECORD_SCHEMA: u32 = 2;
 const PARAM: &str = "holdfast.param=";
+/// issue 12: a group snapshot member's group, [`crate::pool::GroupMembership::encode`]d.
+const GROUP: &str = "holdfast.group=";
 
 /// Longest tag LVM accepts.
 pub const MAX_TAG_LEN: usize = 1024;
@@ -77,6 +79,8 @@ pub struct Meta {
     pub source_uid: Option<String>,
     /// Volumes: the pool parameters of the create request (`None`: not recorded).
     pub parameters: Option<std::collections::BTreeMap<String, String>>,
+    /// Snapshots: the group snapshot it is a member of (issue 12: [`GROUP`]).
+    pub group: Option<crate::pool::GroupMembership>,
 }
 
 fn tag_char_ok(c: char) -> bool {
@@ -131,6 +135,9 @@ pub fn encode(m: &Meta) -> Result<Vec<String>, String> {
         for (k, v) in params {
             tags.push(format!("{PARAM}{}={}", hex::encode(k), hex::encode(v)));
         }
+    }
+    if let Some(g) = &m.group {
+        tags.push(format!("{GROUP}{}", g.encode()));
     }
     if let Some(bad) = tags.iter().find(|t| !valid_tag(t)) {
         return Err(format!("cannot store {bad:?} as an LVM tag (allowed: A-Z a-z 0-9 _ + . - / = ! : & #, at most {MAX_TAG_LEN})"));
@@ -217,6 +224,10 @@ pub fn decode(tags: &[String]) -> Result<Option<Meta>, String> {
         uid: uid(UID)?,
         source_uid: uid(SOURCE_UID)?,
         parameters,
+        group: match get(GROUP) {
+            None => None,
+            Some(g) => Some(crate::pool::GroupMembership::decode(g).ok_or_else(|| format!("tag {GROUP}{g} is not a group record"))?),
+        },
     }))
 }
 
@@ -240,6 +251,7 @@ mod tests {
             uid: Some("0123456789ab".into()),
             source_uid: None,
             parameters: Some(Default::default()),
+            group: None,
         }
     }
 

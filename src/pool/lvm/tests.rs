@@ -82,6 +82,7 @@ fn vol_meta(local: &str, capacity: u64) -> Meta {
         uid: None,
         source_uid: None,
         parameters: None,
+        group: None,
     }
 }
 

@@ -814,6 +814,7 @@ impl Pool for NfsPool {
             ready: true,
             uid: Some(uid.to_owned()),
             source_uid: src.info.uid.clone(),
+            group: None,
         };
         let l = layout.clone();
         let (info2, subdir) = (info.clone(), src.subdir.clone());

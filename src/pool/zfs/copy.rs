@@ -133,6 +133,7 @@ impl ZfsPool {
             source_uid: None,
             parameters: None,
             mutable: Default::default(),
+            group: None,
         };
         let dataset = snapshot.split_once('@').map_or(snapshot, |(d, _)| d);
         match self

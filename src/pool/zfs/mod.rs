@@ -59,7 +59,7 @@ use crate::config::{PoolConfig, format_size};
 use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec, ExecError};
 use crate::node::freeze::{Freezer, Target};
-use crate::pool::{Attachment, Condition, CreateRequest, MIB, Pool, SnapshotInfo, Source, VolumeInfo};
+use crate::pool::{Attachment, Condition, CreateRequest, GroupMember, GroupMembership, MIB, Pool, SnapshotInfo, Source, VolumeInfo};
 use crate::volume_id::{PoolKind, legacy_local_name, valid_local_name};
 
 use copy::SnapshotError;
@@ -365,6 +365,7 @@ impl ZfsPool {
             ready: true,
             uid: meta.uid,
             source_uid: meta.source_uid,
+            group: meta.group,
         }
     }
 
@@ -421,6 +422,7 @@ impl ZfsPool {
             source_uid: req.source_uid.clone(),
             parameters: Some(req.parameters.clone()),
             mutable: req.mutable.clone(),
+            group: None,
         }
     }
 
@@ -763,6 +765,7 @@ impl Pool for ZfsPool {
             source_uid: vmeta.uid.clone(),
             parameters: None,
             mutable: Default::default(),
+            group: None,
         };
         let name = format!("{}@{local}", v.name);
         match self.snapshot_frozen(&v.name, format!("snapshot {csi_name:?}"), command::snapshot(&name, &meta.properties())).await {
@@ -947,6 +950,136 @@ impl Pool for ZfsPool {
             .context(|| format!("recording {key}={value} on ZFS {}", o.name))?;
         tracing::info!(pool = %self.name, dataset = %o.name, key, value, "modified ZFS volume");
         Ok(())
+    }
+
+    // issue 12: group snapshots
+    /// ONE `zfs snapshot` naming every member (ZFS takes them in one transaction group: one
+    /// point in time), with the filesystems on member zvols frozen first. The command sets what
+    /// all members share (marked pending); each member's own record follows with `zfs set`.
+    /// A member left pending by a crash is not taken for a snapshot (its record does not name
+    /// it); a retry of the group removes it before taking the group again.
+    async fn create_group_snapshot(self: Arc<Self>, group: GroupMembership, members: Vec<GroupMember>) -> Result<Vec<SnapshotInfo>> {
+        let mut sources = Vec::new();
+        for m in &members {
+            if !valid_local_name(&m.local) {
+                return Err(Error::InvalidArgument(format!("{:?} is not a valid local snapshot name", m.local)));
+            }
+            let (v, vmeta) = self
+                .find_volume(&m.source)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("volume {:?} not found in pool {:?}", m.source, self.name)))?;
+            if vmeta.pending {
+                return Err(crate::pool::no_group_snapshots(
+                    &self.name,
+                    PoolKind::Zfs,
+                    &m.source,
+                    "holds it as an unfinished copy; retry its creation first",
+                ));
+            }
+            sources.push((v, vmeta));
+        }
+        // Leftovers of an earlier attempt at this group cut short between the two steps.
+        for o in self.tree(command::SNAPSHOTS, 2).await? {
+            let left = o.user.get(report::P_GROUP).and_then(|g| GroupMembership::decode(g)).is_some_and(|g| g.name == group.name);
+            if left
+                && self.is_child(&o)
+                && o.user.get(report::P_PENDING).map(String::as_str) == Some("1")
+                && o.user.get(report::P_POOL) == Some(&self.name)
+            {
+                tracing::warn!(pool = %self.name, snapshot = %o.name, "destroying an unfinished member of group snapshot {:?}", group.name);
+                self.destroy(&o.name, "an unfinished group snapshot member").await?;
+            }
+        }
+        let names: Vec<String> = members.iter().zip(&sources).map(|(m, (v, _))| format!("{}@{}", v.name, m.local)).collect();
+        let shared = vec![
+            (report::P_POOL.to_owned(), self.name.clone()),
+            (report::P_TYPE.to_owned(), ObjectType::Snapshot.as_str().to_owned()),
+            (report::P_NAME.to_owned(), report::encode(&group.name)),
+            (report::P_PENDING.to_owned(), "1".to_owned()),
+            (report::P_GROUP.to_owned(), group.encode()),
+        ];
+        let mut snapshot = Cmd::new("zfs").arg("snapshot");
+        for (k, v) in &shared {
+            snapshot = snapshot.arg("-o").arg(format!("{k}={v}"));
+        }
+        let snapshot = snapshot.args(names.iter().map(String::as_str)).timeout(command::CHANGE_TIMEOUT);
+        // The filesystems on member zvols write out their caches first, all frozen together.
+        let mounts = self.freezer.mounter().mounts().await?;
+        let mut targets = Vec::new();
+        for (v, _) in &sources {
+            let device = Self::zvol_device(&v.name);
+            let mounts = mounts.clone();
+            let mount_points = if v.kind == Kind::Volume {
+                crate::blocking::run("mountinfo", "finding the mounts of a device", crate::blocking::METADATA_DEADLINE, move || {
+                    if device.exists() { copy::mounted_filesystems(&device, &mounts) } else { Vec::new() }
+                })
+                .await?
+            } else {
+                Vec::new()
+            };
+            let volume = v.leaf().to_owned();
+            targets.push(Target { pool: self.name.clone(), volume, mount_points, purpose: format!("group snapshot {:?}", group.name) });
+        }
+        let exec = self.exec.clone();
+        match self.freezer.around_all(targets, async move { exec.run(snapshot).await.map(|_| ()) }).await? {
+            Ok(()) => tracing::info!(pool = %self.name, snapshots = ?names, "took ZFS group snapshot in one command"),
+            Err(e) if command::is_no_space(&e) => {
+                return Err(Error::ResourceExhausted(format!(
+                    "no room for group snapshot {:?} in pool {:?}: {}",
+                    group.name,
+                    self.name,
+                    e.stderr().trim()
+                )));
+            }
+            Err(e) => return Err(Error::exec(format!("taking ZFS group snapshot {:?} ({})", group.name, names.join(" ")), e)),
+        }
+        let mut taken = Vec::new();
+        let mut failed = None;
+        for ((m, (v, vmeta)), name) in members.iter().zip(&sources).zip(&names) {
+            let meta = Meta {
+                pool: self.name.clone(),
+                object: ObjectType::Snapshot,
+                local: m.local.clone(),
+                csi_name: m.csi_name.clone(),
+                capacity: 0,
+                block: vmeta.block,
+                fs_type: vmeta.fs_type.clone(),
+                source: Some(Source::Volume(m.source.clone())),
+                size: v.capacity(),
+                pending: false,
+                uid: Some(m.uid.clone()),
+                source_uid: vmeta.uid.clone(),
+                parameters: None,
+                group: Some(group.clone()),
+                mutable: Default::default(),
+            };
+            let mut set = Cmd::new("zfs").arg("set");
+            for (k, val) in meta.properties() {
+                set = set.arg(format!("{k}={val}"));
+            }
+            // `pending` is not among a finished record's properties: cleared explicitly.
+            let set = set.arg(format!("{}=0", report::P_PENDING)).arg(name.as_str()).timeout(command::CHANGE_TIMEOUT);
+            if let Err(e) = self.run(set).await {
+                failed = Some(Error::exec(format!("recording group snapshot member {name}"), e));
+                break;
+            }
+            match self.read(name, command::SNAPSHOTS).await? {
+                Some(o) => taken.push(Self::snapshot_info(&o, meta)),
+                None => {
+                    failed = Some(Error::Aborted(format!("ZFS snapshot {name} came and went; retry")));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            for name in &names {
+                if let Err(d) = self.destroy(name, "a member of a failed group snapshot").await {
+                    tracing::error!(pool = %self.name, snapshot = %name, error = %d, "cannot destroy a member of a failed group snapshot");
+                }
+            }
+            return Err(e);
+        }
+        Ok(taken)
     }
 }
 

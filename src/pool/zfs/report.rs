@@ -56,8 +56,11 @@ pub const P_SCHEMA: &str = "holdfast:schema";
 /// schema is refused, not half understood.
 pub const RECORD_SCHEMA: u32 = 2;
 
+/// issue 12: a group snapshot member's group, [`crate::pool::GroupMembership::encode`]d.
+pub const P_GROUP: &str = "holdfast:group";
+
 /// The user properties holdfast reads, in the order it asks for them.
-pub const USER: [&str; 15] = [
+pub const USER: [&str; 16] = [
     P_POOL,
     P_TYPE,
     P_LOCAL,
@@ -73,6 +76,7 @@ pub const USER: [&str; 15] = [
     P_PARAMS,
     P_SCHEMA,
     P_MUTABLE,
+    P_GROUP,
 ];
 
 /// Every property of [`NATIVE`] and [`USER`], comma-separated, for `zfs get`.
@@ -284,6 +288,8 @@ pub struct Meta {
     pub parameters: Option<BTreeMap<String, String>>,
     /// Volumes: the mutable parameters as they are now ([`P_MUTABLE`]).
     pub mutable: BTreeMap<String, String>,
+    /// Snapshots: the group snapshot it is a member of (issue 12: [`P_GROUP`]).
+    pub group: Option<crate::pool::GroupMembership>,
 }
 
 impl Meta {
@@ -326,6 +332,9 @@ impl Meta {
         }
         if !self.mutable.is_empty() {
             p.push((P_MUTABLE.to_owned(), mutable_value(&self.mutable)));
+        }
+        if let Some(g) = &self.group {
+            p.push((P_GROUP.to_owned(), g.encode()));
         }
         p.push((P_SCHEMA.to_owned(), RECORD_SCHEMA.to_string()));
         p
@@ -417,6 +426,10 @@ pub fn decode_meta(o: &Object) -> Result<Option<Meta>, String> {
         source_uid: uid(P_SOURCE_UID)?,
         parameters,
         mutable,
+        group: match get(P_GROUP) {
+            None => None,
+            Some(g) => Some(crate::pool::GroupMembership::decode(g).ok_or_else(|| format!("{P_GROUP} is not a group record: {g:?}"))?),
+        },
     }))
 }
 

@@ -201,6 +201,7 @@ fn uids_and_parameters_round_trip_through_the_properties() {
         source_uid: Some("ba9876543210".into()),
         parameters: Some([("recordsize".to_owned(), "16K".to_owned()), ("odd".to_owned(), "tab\there %".to_owned())].into()),
         mutable: Default::default(),
+        group: None,
     };
     let user: Vec<(String, String)> = meta.properties();
     let user: Vec<(&str, &str)> = user.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
