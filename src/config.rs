@@ -96,6 +96,9 @@ pub struct PoolConfig {
     pub overprovision_ratio: Option<f64>,
     /// lvm: extra `lvcreate` arguments (RAID, stripes).
     pub lvcreate_options: Option<Vec<String>>,
+    /// lvm thick: the copy-on-write space of a snapshot, a share of its origin (`"20%"`, the
+    /// default) or a size (`"1GiB"`); see [`crate::pool::lvm::SnapshotReserve`].
+    pub snapshot_reserve: Option<String>,
     /// zfs: the parent dataset.
     pub dataset: Option<String>,
     /// zfs: default properties of new datasets and zvols.
@@ -344,6 +347,7 @@ impl PoolConfig {
             ("thin_pool", self.thin_pool.is_some()),
             ("overprovision_ratio", self.overprovision_ratio.is_some()),
             ("lvcreate_options", self.lvcreate_options.is_some()),
+            ("snapshot_reserve", self.snapshot_reserve.is_some()),
             ("dataset", self.dataset.is_some()),
             ("properties", self.properties.is_some()),
             ("quota_mode", self.quota_mode.is_some()),
@@ -357,7 +361,9 @@ impl PoolConfig {
         ];
         let (required, allowed): (&[&str], &[&str]) = match self.kind() {
             PoolKind::File => (&["path"], &["path", "reserve", "provisioning"]),
-            PoolKind::Lvm => (&["volume_group"], &["volume_group", "thin_pool", "overprovision_ratio", "lvcreate_options"]),
+            PoolKind::Lvm => {
+                (&["volume_group"], &["volume_group", "thin_pool", "overprovision_ratio", "lvcreate_options", "snapshot_reserve"])
+            }
             PoolKind::Zfs => (&["dataset"], &["dataset", "properties", "quota_mode", "sparse"]),
             PoolKind::Nfs => (&["server", "export"], &["server", "export", "mount_options", "subdir", "on_delete", "pool_topology"]),
         };

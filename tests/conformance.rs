@@ -772,7 +772,7 @@ async fn filesystem_volume_full_lifecycle_is_idempotent() {
 async fn stats_and_expand_answer_not_found_for_paths_that_are_not_the_volumes() {
     let d = Driver::start().await;
     d.require_node(&[NodeCap::GetVolumeStats, NodeCap::ExpandVolume]).await;
-    // A real id of a deleted volume (no snapshot needed: thick LVM pools have none).
+    // A real id of a deleted volume.
     let gone = d.create(&unique("not-its-path"), 8 * MIB, d.mount_cap(Mode::SingleNodeWriter)).await.volume_id;
     d.delete(&gone).await;
     let m = d.mounted_volume("not-its-path", Mode::SingleNodeWriter).await;
@@ -1308,6 +1308,16 @@ async fn a_volume_created_again_under_its_name_gets_a_new_id_and_the_old_id_reac
     let first = d.create(&name, d.fs_volume_size(), cap.clone()).await;
     let snap_name = unique("reborn-snap");
     let snap = d.snapshot(&snap_name, &first.volume_id).await;
+    let thick = snapshots_die_with_their_volume(&d);
+    if thick {
+        // A thick LVM snapshot is a copy-on-write LV of its volume and cannot outlive it
+        // (docs/operations.md): DeleteVolume is refused naming it, so the snapshot goes first.
+        let del = DeleteVolumeRequest { volume_id: first.volume_id.clone(), ..Default::default() };
+        let refused =
+            expect_code(d.controller().delete_volume(del).await, Code::FailedPrecondition, "DeleteVolume of a snapshotted thick volume");
+        assert!(refused.message().contains(&snap_name), "the refusal does not name the snapshot: {}", refused.message());
+        d.delete_snapshot(&snap.snapshot_id).await;
+    }
     d.delete(&first.volume_id).await;
     let second = d.create(&name, d.fs_volume_size(), cap.clone()).await;
     assert_ne!(second.volume_id, first.volume_id, "a volume created again under its name got the deleted one's id");
@@ -1322,11 +1332,20 @@ async fn a_volume_created_again_under_its_name_gets_a_new_id_and_the_old_id_reac
     let of_new = d.list_snapshots(ListSnapshotsRequest { source_volume_id: second.volume_id.clone(), ..Default::default() }).await;
     assert!(of_new.is_empty(), "ListSnapshots of the new volume lists the deleted one's snapshots: {of_new:?}");
     let of_old = d.list_snapshots(ListSnapshotsRequest { source_volume_id: first.volume_id.clone(), ..Default::default() }).await;
-    assert_eq!(of_old.iter().map(|s| s.snapshot_id.clone()).collect::<Vec<_>>(), vec![snap.snapshot_id.clone()]);
-    assert_eq!(of_old[0].source_volume_id, first.volume_id, "the snapshot no longer names the volume it was taken of");
-    // A snapshot retry naming the new volume as its source is another request.
-    let again = CreateSnapshotRequest { name: snap_name, source_volume_id: second.volume_id.clone(), ..Default::default() };
-    expect_code(d.controller().create_snapshot(again).await, Code::AlreadyExists, "CreateSnapshot of the new volume, old snapshot's name");
+    if thick {
+        assert!(of_old.is_empty(), "the thick volume's deleted snapshot is still listed: {of_old:?}");
+    } else {
+        assert_eq!(of_old.iter().map(|s| s.snapshot_id.clone()).collect::<Vec<_>>(), vec![snap.snapshot_id.clone()]);
+        assert_eq!(of_old[0].source_volume_id, first.volume_id, "the snapshot no longer names the volume it was taken of");
+        // A snapshot retry naming the new volume as its source is another request (on a thick
+        // pool the old snapshot is gone, so the name is free again).
+        let again = CreateSnapshotRequest { name: snap_name, source_volume_id: second.volume_id.clone(), ..Default::default() };
+        expect_code(
+            d.controller().create_snapshot(again).await,
+            Code::AlreadyExists,
+            "CreateSnapshot of the new volume, old snapshot's name",
+        );
+    }
     // Deleting by the old id (a PV deleted late) leaves the new volume alone.
     d.delete(&first.volume_id).await;
     let get = ControllerGetVolumeRequest { volume_id: second.volume_id.clone() };
@@ -1450,3 +1469,18 @@ mod modify;
 // issue 12: group snapshots
 #[path = "conformance/group.rs"]
 mod group;
+// ---------------------------------------------------------------------------------------------
+// issue 12: what a pool kind genuinely cannot do
+
+/// Whether a volume's snapshots die with it, so DeleteVolume of a volume that has snapshots is
+/// refused (FAILED_PRECONDITION naming them): a thick LVM pool (no `thin_pool`), whose
+/// snapshots are copy-on-write LVs of their origin. Every other kind keeps them independent.
+fn snapshots_die_with_their_volume(d: &Driver) -> bool {
+    if d.pool.kind != "lvm" {
+        return false;
+    }
+    let text = std::fs::read_to_string(&d.pool.config).unwrap_or_default();
+    let table: toml::Table = text.parse().unwrap_or_default();
+    let first = table.get("pool").and_then(|p| p.as_array()).and_then(|a| a.first());
+    first.and_then(|p| p.get("thin_pool")).is_none()
+}

@@ -32,6 +32,9 @@ use holdfast::volume_id::local_name;
 #[path = "common/real.rs"]
 mod real;
 
+#[path = "common/mod.rs"]
+mod common;
+
 // `harness = false` compiles test attributes out without a word: tests go in TESTS.
 const _: () = assert!(!real::has_test_attribute(include_str!("lvm.rs")), "tests/lvm.rs: list tests in TESTS, not with test attributes");
 
@@ -52,6 +55,13 @@ const TESTS: &[(&str, TestFn)] = &[
     ("capacity_numbers_match_what_fits", || Box::pin(capacity_numbers_match_what_fits())),
     ("copied_tags_do_not_make_a_second_volume", || Box::pin(copied_tags_do_not_make_a_second_volume())),
     ("the_driver_resumes_its_suspended_devices_at_start_up", || Box::pin(the_driver_resumes_its_suspended_devices_at_start_up())),
+    ("thick_snapshot_restore_and_clone_ext4", || Box::pin(thick_snapshot_restore_and_clone("ext4"))),
+    ("thick_snapshot_restore_and_clone_btrfs", || Box::pin(thick_snapshot_restore_and_clone("btrfs"))),
+    ("thick_copies_are_block_exact_and_hand_out_no_old_data", || Box::pin(thick_copies_are_block_exact_and_hand_out_no_old_data())),
+    ("an_overflowed_thick_snapshot_is_not_ready_and_never_restored", || {
+        Box::pin(an_overflowed_thick_snapshot_is_not_ready_and_never_restored())
+    }),
+    ("thick_copies_outlive_their_request_and_a_killed_driver", || Box::pin(thick_copies_outlive_their_request_and_a_killed_driver())),
 ];
 
 fn in_vm() -> bool {
@@ -259,10 +269,7 @@ async fn thick_volume_lifecycle() {
     assert!(fs_size(&mnt) > before + 20 * MIB, "ext4 grew from {before} to {}", fs_size(&mnt));
 
     assert!(matches!(pool.delete_volume(&req.local).await, Err(Error::FailedPrecondition(_))), "a mounted LV is not removed");
-    let snap = pool.create_snapshot(&req.local, "snap", "snap", &holdfast::volume_id::new_uid()).await.unwrap_err();
-    assert!(matches!(&snap, Error::FailedPrecondition(m) if m.contains("snapshots need a thin pool")), "{snap:?}");
-    let copy = CreateRequest { source: Some(Source::Volume(req.local.clone())), ..request("copy", 40 * MIB, Some("ext4")) };
-    assert!(matches!(pool.create_volume(&copy).await, Err(Error::InvalidArgument(_))));
+    // (Thick snapshots, restores and clones: the thick_* tests below; issue 12 made them work.)
 
     lab.umount(&mnt).await;
     pool.detach(&req.local).await.unwrap();
@@ -585,4 +592,267 @@ async fn the_driver_resumes_its_suspended_devices_at_start_up() {
     });
     assert!(rx.recv_timeout(Duration::from_secs(20)).is_ok(), "a write to the resumed device hangs");
     pool.delete_volume(&v.local).await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thick pools: copy-on-write snapshots, restores and clones by block copy (issue 12).
+
+/// Names of the temporary copy sources (`hfc-…`) a thick clone makes and must remove.
+async fn copy_sources(lab: &Lab) -> Vec<String> {
+    lab.lvs().await.into_iter().map(|l| l.name).filter(|n| n.starts_with("hfc-")).collect()
+}
+
+/// Snapshot of a mounted thick volume, restored into a larger volume and cloned while mounted:
+/// each holds exactly what its source held at that point, mounts beside it with a new UUID;
+/// the source cannot be deleted while it has the snapshot.
+async fn thick_snapshot_restore_and_clone(fs: &str) {
+    let lab = Lab::new(&format!("thick-{fs}"), 1024).await;
+    let pool = lab.pool("thick-snap", "");
+    // 128 MiB at least: btrfs refuses to resize below 256 MiB, and the restore is twice the size.
+    let size = format::min_size(fs).max(128 * MIB);
+    let src = pool.create_volume(&request(&format!("{fs}-thick-source"), size, Some(fs))).await.unwrap();
+    let src_dev = lab.device(&pool, &src.local).await;
+    let src_mnt = lab.mkfs_and_mount(&src_dev, fs, "source").await;
+    let before = b"written before the snapshot\n".repeat(2000);
+    write_durably(&src_mnt.join("before"), &before);
+
+    let snap = pool.create_snapshot(&src.local, &format!("{fs}-thick-snap"), "tsnap1", &holdfast::volume_id::new_uid()).await.unwrap();
+    assert_eq!((snap.source_volume.as_str(), snap.size, snap.ready), (src.local.as_str(), size, true));
+    let again = pool.create_snapshot(&src.local, &format!("{fs}-thick-snap"), "tsnap1", &holdfast::volume_id::new_uid()).await.unwrap();
+    assert_eq!(again, snap, "a retried snapshot is the same one");
+    assert_eq!(pool.list_snapshots().await.unwrap(), vec![snap.clone()]);
+    let cow = lab.lvs().await.into_iter().find(|l| l.name == holdfast::pool::lvm::snapshot_lv("tsnap1")).expect("the snapshot LV");
+    assert!(cow.attr.cow_snapshot() && cow.origin == holdfast::pool::lvm::volume_lv(&src.local), "a COW snapshot of its origin: {cow:?}");
+    write_durably(&src_mnt.join("after"), b"written after the snapshot\n");
+
+    let restore =
+        CreateRequest { source: Some(Source::Snapshot("tsnap1".into())), ..request(&format!("{fs}-thick-restore"), 2 * size, Some(fs)) };
+    let restored = pool.create_volume(&restore).await.unwrap();
+    assert_eq!((restored.capacity, restored.source.clone()), (2 * size, restore.source.clone()));
+    assert_eq!(pool.create_volume(&restore).await.unwrap(), restored, "a retried restore returns the same volume");
+    let r_dev = lab.device(&pool, &restored.local).await;
+    let src_uuid = format::probe(lab.exec.as_ref(), &src_dev).await.unwrap().and_then(|s| s.uuid);
+    let r_sig = format::probe(lab.exec.as_ref(), &r_dev).await.unwrap().expect("the restore holds the filesystem");
+    assert_eq!(r_sig.kind, fs);
+    assert!(r_sig.uuid.is_some() && r_sig.uuid != src_uuid, "restored UUID {:?} equals the source's", r_sig.uuid);
+    let r_mnt = lab.mount(&r_dev, "restored").await;
+    assert_eq!(std::fs::read(r_mnt.join("before")).unwrap(), before);
+    assert!(!r_mnt.join("after").exists(), "the restore shows a write made after the snapshot");
+    format::grow(lab.exec.as_ref(), fs, &r_dev, &r_mnt).await.unwrap();
+    assert!(fs_size(&r_mnt) > size, "the restored {fs} did not grow into its larger volume");
+
+    // A clone of the mounted, written source: copied through a temporary snapshot, removed after.
+    let clone_req =
+        CreateRequest { source: Some(Source::Volume(src.local.clone())), ..request(&format!("{fs}-thick-clone"), size, Some(fs)) };
+    let clone = pool.create_volume(&clone_req).await.unwrap();
+    assert!(copy_sources(&lab).await.is_empty(), "the clone's temporary snapshot is left: {:?}", copy_sources(&lab).await);
+    let c_dev = lab.device(&pool, &clone.local).await;
+    let c_mnt = lab.mount(&c_dev, "clone").await;
+    assert_eq!(std::fs::read(c_mnt.join("before")).unwrap(), before);
+    assert!(c_mnt.join("after").exists(), "the clone lacks a write made before it");
+    assert_eq!(pool.condition(&clone.local).await.unwrap(), Condition::Healthy);
+
+    for m in [&c_mnt, &r_mnt, &src_mnt] {
+        lab.umount(m).await;
+    }
+    // A COW snapshot cannot outlive its origin: the delete is refused, naming it.
+    let err = pool.delete_volume(&src.local).await.unwrap_err();
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains(&format!("{fs}-thick-snap"))), "{err:?}");
+    assert!(pool.get_volume(&src.local).await.unwrap().is_some(), "the refused delete removed the volume");
+    assert_eq!(pool.get_snapshot("tsnap1").await.unwrap(), Some(snap.clone()), "the refused delete removed the snapshot");
+    pool.delete_snapshot("tsnap1").await.unwrap();
+    pool.delete_snapshot("tsnap1").await.unwrap();
+    for v in [&clone.local, &restored.local, &src.local] {
+        pool.delete_volume(v).await.unwrap();
+    }
+    assert!(lab.holdfast_lvs().await.is_empty());
+}
+
+/// Reads `len` bytes of block device `dev` from its start.
+fn read_device(dev: &Path, len: u64) -> Vec<u8> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(dev).unwrap();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// Writes `data` at `offset` of block device `dev`, durably.
+fn write_device(dev: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.write_all_at(data, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Raw block volumes, compared byte for byte: a restore holds the snapshot's blocks exactly
+/// (zero runs included, which the copy zeroes instead of writing) and a clone the source's;
+/// past the source's size a larger copy reads zeros, never what the extents held before.
+async fn thick_copies_are_block_exact_and_hand_out_no_old_data() {
+    let lab = Lab::new("thick-block", 256).await;
+    let pool = lab.pool("thick-block", "");
+    // Extents full of old data (a deleted LV's), which new LVs get.
+    run(&["lvcreate", "-q", "-y", "-L", "200M", "-n", "junk", &lab.vg]).await;
+    let junk = PathBuf::from(format!("/dev/{}/junk", lab.vg));
+    for i in 0..200u64 {
+        write_device(&junk, i * MIB, &vec![0xAB; MIB as usize]);
+    }
+    run(&["lvremove", "-q", "-y", &format!("{}/junk", lab.vg)]).await;
+
+    let src = pool.create_volume(&request("block-source", 16 * MIB, None)).await.unwrap();
+    let dev = lab.device(&pool, &src.local).await;
+    write_device(&dev, 0, &vec![0x11; MIB as usize]);
+    write_device(&dev, MIB, &vec![0; 7 * MIB as usize]);
+    write_device(&dev, 8 * MIB + 4096, b"a few bytes in the middle");
+    let at_snapshot = read_device(&dev, 16 * MIB);
+    pool.create_snapshot(&src.local, "block-snap", "bsnap", &holdfast::volume_id::new_uid()).await.unwrap();
+    write_device(&dev, 0, &vec![0x33; MIB as usize]);
+    let now = read_device(&dev, 16 * MIB);
+    assert_ne!(now, at_snapshot);
+
+    let restore = CreateRequest { source: Some(Source::Snapshot("bsnap".into())), ..request("block-restore", 48 * MIB, None) };
+    let r = pool.create_volume(&restore).await.unwrap();
+    let r_dev = lab.device(&pool, &r.local).await;
+    let got = read_device(&r_dev, 48 * MIB);
+    assert!(got[..16 * MIB as usize] == at_snapshot[..], "the restore differs from the snapshot");
+    assert!(got[16 * MIB as usize..].iter().all(|b| *b == 0), "past the source's size the restore is not zero (old data handed out)");
+
+    let clone = CreateRequest { source: Some(Source::Volume(src.local.clone())), ..request("block-clone", 16 * MIB, None) };
+    let c = pool.create_volume(&clone).await.unwrap();
+    assert!(read_device(&lab.device(&pool, &c.local).await, 16 * MIB) == now, "the clone differs from its source");
+    assert!(copy_sources(&lab).await.is_empty());
+
+    pool.delete_snapshot("bsnap").await.unwrap();
+    for v in [&c.local, &r.local, &src.local] {
+        pool.delete_volume(v).await.unwrap();
+    }
+    assert!(lab.holdfast_lvs().await.is_empty());
+}
+
+/// A snapshot whose origin changed more than its COW space holds is invalidated by
+/// dm-snapshot: reported not ready, refused as a source (FAILED_PRECONDITION, nothing made).
+async fn an_overflowed_thick_snapshot_is_not_ready_and_never_restored() {
+    let lab = Lab::new("overflow", 256).await;
+    let pool = lab.pool("overflow", "snapshot_reserve = \"1MiB\"\n");
+    let src = pool.create_volume(&request("overflowing", 16 * MIB, None)).await.unwrap();
+    let dev = lab.device(&pool, &src.local).await;
+    write_device(&dev, 0, &vec![0x44; MIB as usize]);
+    let snap = pool.create_snapshot(&src.local, "overflow-snap", "osnap", &holdfast::volume_id::new_uid()).await.unwrap();
+    assert!(snap.ready);
+    // 8 MiB of changes through a 1 MiB COW space.
+    write_device(&dev, 0, &vec![0x55; 8 * MIB as usize]);
+    let lv = lab.lvs().await.into_iter().find(|l| l.name == holdfast::pool::lvm::snapshot_lv("osnap")).expect("the snapshot LV");
+    assert!(lv.attr.invalid_snapshot(), "LVM did not invalidate the overflowed snapshot: {lv:?}");
+    assert!(!pool.get_snapshot("osnap").await.unwrap().expect("still listed").ready, "an overflowed snapshot is reported ready");
+    assert!(!pool.list_snapshots().await.unwrap()[0].ready);
+
+    let before = lab.holdfast_lvs().await;
+    let restore = CreateRequest { source: Some(Source::Snapshot("osnap".into())), ..request("from-overflowed", 16 * MIB, None) };
+    let err = pool.create_volume(&restore).await.unwrap_err();
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("overflowed") && m.contains("overflow-snap")), "{err:?}");
+    assert_eq!(lab.holdfast_lvs().await, before, "a refused restore made an LV");
+    pool.delete_snapshot("osnap").await.unwrap();
+    pool.delete_volume(&src.local).await.unwrap();
+    assert!(lab.holdfast_lvs().await.is_empty());
+}
+
+/// Through the real driver: a restore and a clone slower than the client's deadline run on
+/// detached (ABORTED "copy … in progress" meanwhile), survive a kill -9 of the driver (the
+/// restarted driver copies again; no half-copied volume is ever returned) and the retry gets
+/// the volume holding exactly the source's blocks. DeleteVolume of the snapshotted source
+/// answers FAILED_PRECONDITION naming the snapshot.
+async fn thick_copies_outlive_their_request_and_a_killed_driver() {
+    use common::{Driver, Setup};
+    use holdfast::proto::volume_capability::access_mode::Mode;
+    use holdfast::proto::*;
+    use tonic::Code;
+
+    let lab = Lab::new("detached", 512).await;
+    let vg = lab.vg.clone();
+    // 32 chunks of 1 MiB at 1 s: a copy takes at least 32 s. The client deadlines below leave
+    // the driver's look-ups (several `lvs` under software emulation) time to reach the copy.
+    let setup = Setup::with_config(|_| format!("[[pool]]\nname = \"thick-jobs\"\nkind = \"lvm\"\nvolume_group = \"{vg}\"\n"))
+        .env(holdfast::pool::lvm::blockcopy::TEST_DELAY_ENV, "1000");
+    let mut d: Driver = setup.start().await;
+    let cap = common::block_cap(Mode::SingleNodeWriter);
+    let source = d.create("detached-source", 32 * common::MIB, cap.clone()).await;
+    let lv_of = |id: &str| {
+        PathBuf::from(format!(
+            "/dev/{vg}/{}",
+            holdfast::pool::lvm::volume_lv(&holdfast::volume_id::VolumeId::parse(id).expect("a volume id").local)
+        ))
+    };
+    let src_dev = lv_of(&source.volume_id);
+    for i in 0..32u64 {
+        write_device(&src_dev, i * MIB, &format!("block {i} of the source ").into_bytes().repeat(1000));
+    }
+    let want = read_device(&src_dev, 32 * MIB);
+    let snap = d.snapshot("detached-snap", &source.volume_id).await;
+    assert!(snap.ready_to_use);
+
+    async fn within(d: &Driver, req: CreateVolumeRequest, t: Duration) -> Result<Volume, tonic::Status> {
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(t);
+        d.controller().create_volume(r).await.map(|v| v.into_inner().volume.expect("no volume"))
+    }
+    let from = |name: &str, source: volume_content_source::Type| {
+        let mut req = d.create_request(name, 32 * common::MIB, cap.clone());
+        req.volume_content_source = Some(VolumeContentSource { r#type: Some(source) });
+        req
+    };
+    let restore = from(
+        "detached-restore",
+        volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: snap.snapshot_id.clone() }),
+    );
+    let clone = from(
+        "detached-clone",
+        volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: source.volume_id.clone() }),
+    );
+
+    for (what, req) in [("restore", &restore), ("clone", &clone)] {
+        // The client gives up first (its deadline: DEADLINE_EXCEEDED, or CANCELLED when the
+        // server's timeout fires first); the copy goes on, and a retry finds it running.
+        let gave_up = |c: Code| matches!(c, Code::Aborted | Code::DeadlineExceeded | Code::Cancelled);
+        let first = within(&d, req.clone(), Duration::from_secs(6)).await.unwrap_err();
+        assert!(gave_up(first.code()), "{what}: {:?} {}", first.code(), first.message());
+        let mut running = None;
+        for _ in 0..3 {
+            let retry = within(&d, req.clone(), Duration::from_secs(10)).await.unwrap_err();
+            assert!(gave_up(retry.code()), "{what}: {:?} {}", retry.code(), retry.message());
+            if retry.code() == Code::Aborted {
+                running = Some(retry);
+                break;
+            }
+        }
+        let retry = running.unwrap_or_else(|| panic!("{what}: no retry answered ABORTED while the copy ran"));
+        assert!(retry.message().contains("in progress"), "{what}: {}", retry.message());
+        // Killed mid-copy: the new LV exists, unfinished; the restarted driver copies again.
+        d.kill();
+        d.restart().await;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let v = loop {
+            match within(&d, req.clone(), Duration::from_secs(20)).await {
+                Ok(v) => break v,
+                Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                    assert!(e.message().contains("in progress"), "{what}: {}", e.message());
+                }
+                // Look-ups waiting behind the restarted copy's LVM commands can outlast the
+                // client's deadline under emulation: a CO retries those too.
+                Err(e) if gave_up(e.code()) && Instant::now() < deadline => {}
+                Err(e) => panic!("{what} after the restart: {:?} {}", e.code(), e.message()),
+            }
+        };
+        d.remember_volume(&v.volume_id);
+        let expected = if what == "restore" { &want } else { &read_device(&src_dev, 32 * MIB) };
+        assert!(read_device(&lv_of(&v.volume_id), 32 * MIB) == *expected, "{what}: the copy differs from its source");
+        assert!(copy_sources(&lab).await.is_empty(), "{what}: a temporary snapshot is left: {:?}", copy_sources(&lab).await);
+    }
+
+    // The snapshotted source cannot go; without its snapshot it can.
+    let req = DeleteVolumeRequest { volume_id: source.volume_id.clone(), ..Default::default() };
+    let refused = d.controller().delete_volume(req).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{}", refused.message());
+    assert!(refused.message().contains("detached-snap"), "{}", refused.message());
+    d.delete_snapshot(&snap.snapshot_id).await;
+    d.delete(&source.volume_id).await;
 }

@@ -8,11 +8,25 @@
 //! starts with `_`, and local names never contain `.`, so the mapping is one-to-one and always
 //! legal. The prefixes keep clear of the reserved `snapshot`/`pvmove` prefixes.
 //!
-//! Snapshots, restores and clones need a thin pool: a snapshot is a thin snapshot LV (left
-//! with LVM's activation-skip flag, never written); a restored or cloned volume is a writable
-//! thin snapshot of the snapshot or volume, grown when asked for more, whose filesystem gets a
-//! new UUID so that it mounts beside its source. Thin snapshots are independent LVs, so a volume
-//! that has snapshots can be deleted and its snapshots stay usable.
+//! Thin pools: a snapshot is a thin snapshot LV (left with LVM's activation-skip flag, never
+//! written); a restored or cloned volume is a writable thin snapshot of the snapshot or volume,
+//! grown when asked for more, whose filesystem gets a new UUID so that it mounts beside its
+//! source. Thin snapshots are independent LVs, so a volume that has snapshots can be deleted and
+//! its snapshots stay usable.
+//!
+//! Thick pools: a snapshot is a copy-on-write snapshot LV (`lvcreate --snapshot --size`) whose
+//! COW space is `snapshot_reserve` ([`SnapshotReserve`], default 20% of the origin). Every
+//! first write to an origin block while it has snapshots copies the old block into each
+//! snapshot's COW space; once the origin has changed more than that space holds, dm-snapshot
+//! invalidates the snapshot (lv_attr `I`, 100% used): it is then reported not ready and refused
+//! as a source with FAILED_PRECONDITION, never restored. A COW snapshot cannot outlive its
+//! origin, so deleting a thick volume that has snapshots is FAILED_PRECONDITION naming them. A
+//! restore or clone is a new thick LV filled by a sparse-aware block copy ([`blockcopy`]) of
+//! the snapshot, or of a temporary COW snapshot of a cloned volume (`hfc-<new local>`, taken
+//! like a snapshot and removed after the copy, so a mounted source is copied consistently
+//! without being frozen for the copy's length); its filesystem then gets a new UUID. The new
+//! LV carries the pending tag until the copy is done, and a retry or a restarted driver copies
+//! again from the start.
 //!
 //! Consistency: a snapshot or clone of a mounted volume is taken with its filesystem frozen.
 //! LVM's device suspend freezes ext4 and XFS itself, but not btrfs (whose superblock is not
@@ -30,6 +44,7 @@
 //! reports the real LV size, so with 4 MiB extents a 1 MiB request gets 4 MiB; create the
 //! volume group with `vgcreate -s 1M` to give callers exactly the whole MiB they ask for.
 
+pub mod blockcopy;
 pub mod command;
 pub mod dm;
 // issue 12: group snapshots
@@ -90,6 +105,75 @@ pub fn volume_lv(local: &str) -> String {
 /// The LV of snapshot `local`.
 pub fn snapshot_lv(local: &str) -> String {
     format!("hfs-{}", local.replace('_', "."))
+}
+
+/// The temporary COW snapshot a thick clone into volume `local` copies from.
+pub fn copy_source_lv(local: &str) -> String {
+    format!("hfc-{}", local.replace('_', "."))
+}
+
+/// How long one block copy of a thick restore or clone may run.
+const COPY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// The COW space of a thick pool's snapshots (`snapshot_reserve`): a share of the origin's size,
+/// or a fixed size. The origin may change that much while the snapshot exists (and, for a
+/// clone's temporary snapshot, while the copy runs) before the snapshot overflows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotReserve {
+    /// Percent of the origin, 1 to 100 (100: the snapshot can never overflow).
+    Percent(u32),
+    /// Bytes, whatever the origin's size.
+    Bytes(u64),
+}
+
+/// `snapshot_reserve` when the config sets none.
+pub const DEFAULT_SNAPSHOT_RESERVE: SnapshotReserve = SnapshotReserve::Percent(20);
+
+impl SnapshotReserve {
+    /// `"20%"` or a size (`"1GiB"`, see [`crate::config::parse_size`]); `None` when it is neither.
+    pub fn parse(s: &str) -> Option<SnapshotReserve> {
+        match s.trim().strip_suffix('%') {
+            Some(p) => p.trim().parse::<u32>().ok().filter(|p| (1..=100).contains(p)).map(SnapshotReserve::Percent),
+            None => crate::config::parse_size(s).filter(|b| *b >= MIB).map(SnapshotReserve::Bytes),
+        }
+    }
+
+    /// The COW size for an origin of `origin` bytes: whole MiB, at least 1 MiB. At 100% a
+    /// little more than the origin, for dm-snapshot's own metadata (one 4 KiB exception chunk
+    /// in every 256, and a header), so that a full rewrite still fits.
+    pub fn cow_size(self, origin: u64) -> u64 {
+        let bytes = match self {
+            SnapshotReserve::Percent(100) => origin + origin / 128 + MIB,
+            SnapshotReserve::Percent(p) => (origin as u128 * p as u128).div_ceil(100) as u64,
+            SnapshotReserve::Bytes(b) => b,
+        };
+        crate::pool::round_up_mib(bytes)
+    }
+}
+
+impl std::fmt::Display for SnapshotReserve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnapshotReserve::Percent(p) => write!(f, "{p}% of the origin"),
+            SnapshotReserve::Bytes(b) => write!(f, "{}", format_size(*b)),
+        }
+    }
+}
+
+/// Why snapshot LV `lv` may not be read as a source, if it may not: a thick pool's COW
+/// snapshot that overflowed (invalidated, or its COW space full).
+pub fn snapshot_problem(lv: &Lv) -> Option<String> {
+    let full = lv.attr.cow_snapshot() && lv.data_percent.is_some_and(|p| p >= 100.0);
+    (lv.attr.invalid_snapshot() || full).then(|| {
+        format!(
+            "its copy-on-write space overflowed (LV {}/{}: attr {}, {}% used): the origin changed more than snapshot_reserve \
+             after it was taken, so its content is lost; delete it (and raise snapshot_reserve for new snapshots)",
+            lv.vg,
+            lv.name,
+            lv.attr.0,
+            lv.data_percent.map(|p| format!("{p:.1}")).unwrap_or_else(|| "?".into())
+        )
+    })
 }
 
 /// VG and LV names: `[A-Za-z0-9+_.-]`, at most 127 characters, not starting with `-`.
@@ -167,6 +251,10 @@ pub struct LvmPool {
     thin_pool: Option<String>,
     overprovision_ratio: f64,
     lvcreate_options: Vec<String>,
+    /// Thick pools: the COW space of each snapshot.
+    snapshot_reserve: SnapshotReserve,
+    /// The block copies running now, by the local name of the volume they fill.
+    copies: std::sync::Mutex<std::collections::HashMap<String, Arc<blockcopy::Progress>>>,
     default_fs: String,
     exec: Arc<dyn Exec>,
     /// Freezes btrfs volumes around snapshots (the driver's, shared by its pools).
@@ -212,6 +300,15 @@ impl LvmPool {
                 )));
             }
         }
+        let snapshot_reserve = match &cfg.snapshot_reserve {
+            None => DEFAULT_SNAPSHOT_RESERVE,
+            Some(_) if cfg.thin_pool.is_some() => {
+                return Err(bad("snapshot_reserve applies to thick pools only (thin snapshots need no reserve): remove it".into()));
+            }
+            Some(r) => SnapshotReserve::parse(r).ok_or_else(|| {
+                bad(format!("snapshot_reserve {r:?} is neither a share of the origin from 1% to 100% nor a size of at least 1 MiB (\"20%\", \"1GiB\")"))
+            })?,
+        };
         let default_fs = cfg.default_fs.clone().unwrap_or_else(|| "ext4".to_owned());
         // Replaced by the driver's own (`with_freezer`); this one keeps no records.
         let freezer = Arc::new(Freezer::unrecorded(exec.clone()));
@@ -221,6 +318,8 @@ impl LvmPool {
             thin_pool: cfg.thin_pool.clone(),
             overprovision_ratio: ratio,
             lvcreate_options: options,
+            snapshot_reserve,
+            copies: Default::default(),
             default_fs,
             exec,
             freezer,
@@ -398,7 +497,7 @@ impl LvmPool {
             source_volume,
             size: if meta.size > 0 { meta.size } else { lv.size },
             created: meta.created,
-            ready: true,
+            ready: snapshot_problem(lv).is_none(),
             uid: meta.uid,
             source_uid: meta.source_uid,
             group: meta.group,
@@ -479,7 +578,7 @@ impl LvmPool {
             )));
         }
         if meta.pending {
-            self.finish_copy(&lv, req.capacity, req.block).await?;
+            self.finish_copy(&lv, req.capacity, req.block, meta.source.as_ref().map(|s| (s, meta.csi_name.as_str()))).await?;
             return self.read_volume(&lv.name).await;
         }
         Ok(Self::volume_info(&lv, meta))
@@ -496,24 +595,38 @@ impl LvmPool {
     }
 
     /// Ends a restore or clone with the shared flow ([`crate::pool::copy::finish`]): grow to
-    /// the requested size, give the filesystem a new UUID, drop the pending tag.
-    async fn finish_copy(&self, lv: &Lv, capacity: u64, block: bool) -> Result<()> {
+    /// the requested size, give the filesystem a new UUID, drop the pending tag. A thick copy
+    /// (its `source` and CSI name given) is filled by block copy first, from the start.
+    async fn finish_copy(&self, lv: &Lv, capacity: u64, block: bool, thick: Option<(&Source, &str)>) -> Result<()> {
+        if let (None, Some((source, csi_name))) = (&self.thin_pool, thick) {
+            match self.fill_thick(lv, source, csi_name).await {
+                Ok(()) => {}
+                // The source cannot give it (overflowed, gone): the unfinished copy goes, so a
+                // failed create leaves nothing behind.
+                Err(e @ (Error::FailedPrecondition(_) | Error::NotFound(_))) => {
+                    if let Err(r) = self.remove(&lv.name, &format!("unfinished copy for {csi_name:?}")).await {
+                        tracing::warn!(pool = %self.name, lv = %lv.name, error = %r, "cannot remove an unfinished copy");
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         crate::pool::copy::finish(self.exec.as_ref(), &LvCopy { pool: self, lv }, capacity, block).await
     }
 
     async fn create_copy(&self, req: &CreateRequest, source: &Source, lv_name: &str) -> Result<VolumeInfo> {
-        let Some(pool) = self.thin_pool.as_deref() else {
-            // CSI CreateVolume: a source the plugin cannot use is INVALID_ARGUMENT.
-            return Err(Error::InvalidArgument(format!(
-                "pool {:?} is a thick LVM pool: restoring snapshots and cloning volumes need thin LVs; set thin_pool in its config or use another pool",
-                self.name
-            )));
-        };
         let origin = match source {
-            Source::Snapshot(s) => self
-                .find(s, ObjectType::Snapshot)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("snapshot {s:?} not found in pool {:?}", self.name)))?,
+            Source::Snapshot(s) => {
+                let found = self
+                    .find(s, ObjectType::Snapshot)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("snapshot {s:?} not found in pool {:?}", self.name)))?;
+                if let Some(p) = snapshot_problem(&found.0) {
+                    return Err(Error::FailedPrecondition(format!("snapshot {:?} cannot be restored: {p}", found.1.csi_name)));
+                }
+                found
+            }
             Source::Volume(v) => {
                 let found = self
                     .find(v, ObjectType::Volume)
@@ -533,6 +646,9 @@ impl LvmPool {
                 format_size(req.capacity)
             )));
         }
+        let Some(pool) = self.thin_pool.as_deref() else {
+            return self.create_thick_copy(req, lv_name).await;
+        };
         self.check_thin_room(pool, req.capacity, &format!("volume {:?}", req.csi_name)).await?;
         let meta = self.new_meta(req, true);
         let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
@@ -550,7 +666,7 @@ impl LvmPool {
             .lookup(lv_name)
             .await?
             .ok_or_else(|| Error::Internal(format!("LV {}/{lv_name} vanished right after it was made", self.vg)))?;
-        self.finish_copy(&lv, req.capacity, req.block).await?;
+        self.finish_copy(&lv, req.capacity, req.block, None).await?;
         self.read_volume(lv_name).await
     }
 
@@ -572,6 +688,164 @@ impl LvmPool {
             parameters: Some(req.parameters.clone()),
             group: None,
         }
+    }
+
+    /// A thick restore or clone: a new thick LV, tagged pending, then filled by block copy
+    /// ([`LvmPool::finish_copy`]). A retry that finds it pending fills it again.
+    async fn create_thick_copy(&self, req: &CreateRequest, lv_name: &str) -> Result<VolumeInfo> {
+        let tags = tags::encode(&self.new_meta(req, true)).map_err(Error::InvalidArgument)?;
+        let cmd = command::lvcreate_thick(&self.vg, lv_name, req.capacity, &tags, &self.lvcreate_options);
+        if let Some(existing) = self.run_create(cmd, lv_name, req, None).await? {
+            return Ok(existing);
+        }
+        let lv = self
+            .lookup(lv_name)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("LV {}/{lv_name} vanished right after it was made", self.vg)))?;
+        let source = req.source.as_ref().ok_or_else(|| Error::Internal("a thick copy without a source".into()))?;
+        self.finish_copy(&lv, req.capacity, req.block, Some((source, &req.csi_name))).await?;
+        self.read_volume(lv_name).await
+    }
+
+    /// Fills the thick LV `target` with the content of `source`: a snapshot is read as it is
+    /// (and checked again after the copy: an overflow meanwhile spoils what was read); a volume
+    /// through a temporary COW snapshot taken for the copy (frozen like a snapshot, so a mounted
+    /// source is copied consistently) and removed after it.
+    async fn fill_thick(&self, target: &Lv, source: &Source, csi_name: &str) -> Result<()> {
+        let dst = self.activate(target).await?;
+        let target_local = tags::decode(&target.tags).ok().flatten().map(|m| m.local).unwrap_or_default();
+        match source {
+            Source::Snapshot(s) => {
+                let (snap, meta) = self
+                    .find(s, ObjectType::Snapshot)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("snapshot {s:?} not found in pool {:?}", self.name)))?;
+                let unusable = |p: String| Error::FailedPrecondition(format!("snapshot {:?} cannot be restored: {p}", meta.csi_name));
+                if let Some(p) = snapshot_problem(&snap) {
+                    return Err(unusable(p));
+                }
+                let src = self.activate(&snap).await?;
+                self.block_copy(&src, &dst, &target_local).await?;
+                match self.lookup(&snap.name).await? {
+                    Some(after) => snapshot_problem(&after).map_or(Ok(()), |p| Err(unusable(p))),
+                    None => Err(Error::NotFound(format!("snapshot {s:?} was removed during the copy"))),
+                }
+            }
+            Source::Volume(v) => {
+                let (origin, _) = self
+                    .find(v, ObjectType::Volume)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("volume {v:?} not found in pool {:?}", self.name)))?;
+                let tmp = copy_source_lv(&target_local);
+                // What a killed attempt left: it may have overflowed since, so it is not reused.
+                self.remove_copy_source(&tmp).await?;
+                let meta = Meta {
+                    pool: self.name.clone(),
+                    object: ObjectType::Snapshot,
+                    local: target_local.clone(),
+                    csi_name: csi_name.to_owned(),
+                    capacity: 0,
+                    block: false,
+                    fs_type: None,
+                    source: Some(Source::Volume(v.clone())),
+                    size: origin.size,
+                    created: now(),
+                    pending: true,
+                    uid: None,
+                    source_uid: None,
+                    parameters: None,
+                    group: None,
+                };
+                let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
+                let cow = self.snapshot_reserve.cow_size(origin.size);
+                let cmd = command::lvcreate_cow_snapshot(&self.vg, &origin.name, &tmp, cow, &tags);
+                match self.snapshot_frozen(&origin, v, format!("clone {csi_name:?}"), cmd).await {
+                    Ok(()) => {}
+                    Err(SnapshotError::Freeze(e)) => return Err(e),
+                    Err(SnapshotError::Lvm(e)) if command::is_no_space(&e) => {
+                        return Err(Error::ResourceExhausted(format!(
+                            "no room in volume group {} for the {} temporary snapshot a clone of volume {v:?} copies from: {}",
+                            self.vg,
+                            format_size(cow),
+                            e.stderr().trim()
+                        )));
+                    }
+                    Err(SnapshotError::Lvm(e)) => {
+                        return Err(Error::exec(format!("snapshotting LV {}/{} as {tmp}", self.vg, origin.name), e));
+                    }
+                }
+                let copied = async {
+                    let lv = self.lookup(&tmp).await?.ok_or_else(|| Error::Internal(format!("LV {}/{tmp} vanished", self.vg)))?;
+                    let src = self.activate(&lv).await?;
+                    self.block_copy(&src, &dst, &target_local).await?;
+                    match self.lookup(&tmp).await?.as_ref().and_then(snapshot_problem) {
+                        // Retryable: a quieter moment, or a larger reserve, lets it through.
+                        Some(_) => Err(Error::Aborted(format!(
+                            "volume {v:?} changed by more than snapshot_reserve ({}) while it was copied; retry, or raise \
+                             snapshot_reserve",
+                            self.snapshot_reserve
+                        ))),
+                        None => Ok(()),
+                    }
+                }
+                .await;
+                let removed = self.remove_copy_source(&tmp).await;
+                copied?;
+                removed
+            }
+        }
+    }
+
+    /// Removes the temporary snapshot `lv` of a thick clone when it is there and ours.
+    async fn remove_copy_source(&self, lv: &str) -> Result<()> {
+        let Some(found) = self.lookup(lv).await? else { return Ok(()) };
+        let ours = tags::decode(&found.tags).ok().flatten().is_some_and(|m| {
+            m.pool == self.name && m.object == ObjectType::Snapshot && m.pending && copy_source_lv(&m.local) == found.name
+        });
+        if !ours {
+            return Err(Error::FailedPrecondition(format!(
+                "LV {}/{lv} exists and is not a temporary copy source of holdfast pool {:?}; rename or remove it",
+                self.vg, self.name
+            )));
+        }
+        self.remove(lv, &format!("temporary copy source {lv}")).await
+    }
+
+    /// Copies block device `src` onto `dst` (the device of volume `local`) off the workers,
+    /// counting progress for [`Pool::copy_progress`].
+    async fn block_copy(&self, src: &Path, dst: &Path, local: &str) -> Result<()> {
+        let progress = Arc::new(blockcopy::Progress::default());
+        self.copies.lock().unwrap_or_else(|p| p.into_inner()).insert(local.to_owned(), progress.clone());
+        let (s, d) = (src.to_owned(), dst.to_owned());
+        let what = format!("copying {} to {}", src.display(), dst.display());
+        let domain = format!("lvm:{}", self.vg);
+        let copied = crate::blocking::run(&domain, &what, COPY_TIMEOUT, move || blockcopy::copy(&s, &d, &progress)).await;
+        self.copies.lock().unwrap_or_else(|p| p.into_inner()).remove(local);
+        let copied = copied??;
+        tracing::info!(pool = %self.name, src = %src.display(), dst = %dst.display(), written = copied.written, zeroed = copied.zeroed, "block copy done");
+        Ok(())
+    }
+
+    /// A thick volume's COW snapshots die with it: its deletion is refused while it has any
+    /// (naming them). A clone's temporary snapshot left by a killed copy is removed.
+    async fn refuse_if_snapshotted(&self, lv: &Lv, local: &str) -> Result<()> {
+        let mut names = Vec::new();
+        for child in self.list_lvs().await?.into_iter().filter(|c| c.origin == lv.name) {
+            match self.ours(&child, ObjectType::Snapshot) {
+                Ok(Some(meta)) => names.push(format!("{:?}", meta.csi_name)),
+                _ if child.name.starts_with("hfc-") => self.remove_copy_source(&child.name).await?,
+                // Not ours: lvremove would take it along with its origin.
+                _ => names.push(format!("LV {}/{} (not holdfast's)", self.vg, child.name)),
+            }
+        }
+        if names.is_empty() {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "volume {local:?} has snapshots: {}; a thick LVM snapshot is a copy-on-write LV that cannot outlive its origin, \
+             so delete the snapshots first",
+            names.join(", ")
+        )))
     }
 
     /// Runs an `lvcreate` of volume `lv` (a snapshot of `origin`, frozen, for a clone).
@@ -717,10 +991,11 @@ impl Pool for LvmPool {
     }
 
     async fn delete_volume(&self, local: &str) -> Result<()> {
-        match self.find(local, ObjectType::Volume).await? {
-            Some((lv, _)) => self.remove(&lv.name, &format!("volume {local:?}")).await,
-            None => Ok(()),
+        let Some((lv, _)) = self.find(local, ObjectType::Volume).await? else { return Ok(()) };
+        if self.thin_pool.is_none() {
+            self.refuse_if_snapshotted(&lv, local).await?;
         }
+        self.remove(&lv.name, &format!("volume {local:?}")).await
     }
 
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
@@ -771,14 +1046,6 @@ impl Pool for LvmPool {
     }
 
     async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo> {
-        if self.thin_pool.is_none() {
-            // CreateSnapshot has no code of its own for this; the request is well-formed but
-            // the pool is not set up for it, which is FAILED_PRECONDITION.
-            return Err(Error::FailedPrecondition(format!(
-                "pool {:?} is a thick LVM pool: snapshots need a thin pool; set thin_pool in its config",
-                self.name
-            )));
-        }
         if !valid_local_name(local) {
             return Err(Error::InvalidArgument(format!("{local:?} is not a valid local snapshot name")));
         }
@@ -826,9 +1093,14 @@ impl Pool for LvmPool {
             group: None,
         };
         let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
-        let cmd = command::lvcreate_snapshot(&self.vg, &source.name, &lv_name, &tags, false);
+        let cmd = match self.thin_pool {
+            Some(_) => command::lvcreate_snapshot(&self.vg, &source.name, &lv_name, &tags, false),
+            None => command::lvcreate_cow_snapshot(&self.vg, &source.name, &lv_name, self.snapshot_reserve.cow_size(source.size), &tags),
+        };
         match self.snapshot_frozen(&source, source_local, format!("snapshot {csi_name:?}"), cmd).await {
-            Ok(()) => tracing::info!(pool = %self.name, lv = %lv_name, source = %source.name, "created thin snapshot"),
+            Ok(()) => {
+                tracing::info!(pool = %self.name, lv = %lv_name, source = %source.name, thin = self.thin_pool.is_some(), "created snapshot")
+            }
             Err(SnapshotError::Freeze(e)) => return Err(e),
             Err(SnapshotError::Lvm(e)) if command::is_lv_exists(&e) => {
                 let lv =
@@ -910,6 +1182,12 @@ impl Pool for LvmPool {
 
     async fn recover(&self) -> Result<()> {
         self.resume_suspended().await.map(|_| ())
+    }
+
+    async fn copy_progress(&self, snapshot: bool, local: &str, _source: &Source, _deadline: Duration) -> Option<(u64, u64)> {
+        // Thin copies are instant; a thick block copy counts what it has done.
+        let copies = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        copies.get(local).filter(|_| !snapshot).map(|p| p.get())
     }
 
     async fn condition(&self, local: &str) -> Result<Condition> {

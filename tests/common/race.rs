@@ -521,9 +521,10 @@ pub fn temp_files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Whether the pool under test refuses snapshots and clones by design (a thick LVM pool: no
-/// `thin_pool` in its config).
-pub fn pool_refuses_copies(d: &Driver) -> bool {
+/// Whether the pool under test's snapshots die with their volume, so DeleteVolume of a volume
+/// that has snapshots is refused (a thick LVM pool, no `thin_pool` in its config: its snapshots
+/// are copy-on-write LVs of their origin).
+pub fn snapshots_die_with_their_volume(d: &Driver) -> bool {
     if d.pool.kind != "lvm" {
         return false;
     }

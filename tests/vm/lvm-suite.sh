@@ -8,8 +8,8 @@
 # Inside the VM (`--guest LVM_TEST_BIN CONFORMANCE_BIN`) it makes the volume groups on the VM
 # disks and runs, timing each:
 #   1. tests/lvm.rs (the binary): real LVM tests, each on its own loop-device VG;
-#   2. tests/conformance.rs on a thick pool (tests/fixtures/lvm/conformance-thick.toml), without
-#      the tests that need snapshots or clones: thick pools refuse those by design;
+#   2. tests/conformance.rs on a thick pool (tests/fixtures/lvm/conformance-thick.toml), all of it
+#      (thick pools have COW snapshots and block-copied restores and clones since issue 12);
 #   3. tests/conformance.rs on a thin pool (tests/fixtures/lvm/conformance-thin.toml), all of it,
 #      against all-in-one (and, with HOLDFAST_VM_SPLIT=1, again against `holdfast controller` +
 #      one `holdfast agent`: HOLDFAST_TOPOLOGY=split);
@@ -29,17 +29,6 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cd "$repo"
-
-# The conformance tests that need snapshots or clones (not available on thick pools).
-thick_skips=(
-  unknown_ids_are_not_found
-  deleting_unknown_volumes_and_snapshots_succeeds
-  list_snapshots_pages_and_filters
-  snapshot_restores_the_written_data
-  clone_copies_the_source_volume
-  a_volume_id_and_a_snapshot_id_are_never_taken_for_each_other
-  a_volume_created_again_under_its_name_gets_a_new_id_and_the_old_id_reaches_nothing
-)
 
 # Test binaries that drive a pool through HOLDFAST_TEST_CONFIG, run like conformance on every pool
 # of this suite when their file exists in the tree.
@@ -111,15 +100,9 @@ stage() {  # stage NAME COMMAND...
   [ $rc = 0 ] || failed+=("$name")
 }
 
-skip_args=()
-for t in "${thick_skips[@]}"; do skip_args+=(--skip "$t"); done
-
 stage "tests/lvm.rs (real LVM)" "$lvm_bin" "$@"
-echo
-echo "   thick pool: skipping ${#thick_skips[@]} conformance tests that need snapshots or clones"
-echo "   (a thick pool answers FAILED_PRECONDITION / INVALID_ARGUMENT to them, by design): ${thick_skips[*]}"
 stage "conformance, thick LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/conformance-thick.toml \
-  "$conf_bin" --test-threads="$threads" "${skip_args[@]}" "$@"
+  "$conf_bin" --test-threads="$threads" "$@"
 stage "conformance, thin LVM pool" env HOLDFAST_TEST_CONFIG=tests/fixtures/lvm/conformance-thin.toml \
   "$conf_bin" --test-threads="$threads" "$@"
 # Not yet in the default run: it has not had one verified green run in the VM (one failure seen

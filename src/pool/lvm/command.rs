@@ -60,6 +60,14 @@ pub fn lvcreate_snapshot(vg: &str, origin: &str, lv: &str, tags: &[String], writ
     add_tags(cmd, tags).arg(format!("{vg}/{origin}")).timeout(CHANGE_TIMEOUT)
 }
 
+/// A copy-on-write snapshot `lv` of the thick LV `vg/origin` with `cow` bytes of COW space
+/// (what the origin may change before the snapshot overflows and is invalidated). Active with
+/// its origin: dm-snapshot must see every origin write to keep the snapshot's content.
+pub fn lvcreate_cow_snapshot(vg: &str, origin: &str, lv: &str, cow: u64, tags: &[String]) -> Cmd {
+    let cmd = Cmd::new("lvcreate").args(["--yes", "--snapshot", "--name", lv, "--size"]).arg(format!("{cow}b"));
+    add_tags(cmd, tags).arg(format!("{vg}/{origin}")).timeout(CHANGE_TIMEOUT)
+}
+
 /// Grows `vg/lv` to `size` bytes (the filesystem is grown by the node).
 pub fn lvextend(vg: &str, lv: &str, size: u64) -> Cmd {
     Cmd::new("lvextend").args(["--yes", "--size"]).arg(format!("{size}b")).arg(format!("{vg}/{lv}")).timeout(CHANGE_TIMEOUT)
@@ -175,6 +183,11 @@ mod tests {
                 name: "restore",
                 cmd: lvcreate_snapshot("vg0", "hfs-s", "hf-b", &tags[..1], true),
                 want: "lvcreate --yes --snapshot --name hf-b --setactivationskip n --activate y --addtag holdfast.managed vg0/hfs-s",
+            },
+            Case {
+                name: "thick snapshot",
+                cmd: lvcreate_cow_snapshot("vg0", "hf-a", "hfs-s", 4 << 20, &tags[..1]),
+                want: "lvcreate --yes --snapshot --name hfs-s --size 4194304b --addtag holdfast.managed vg0/hf-a",
             },
             Case { name: "extend", cmd: lvextend("vg0", "hf-a", 2 << 30), want: "lvextend --yes --size 2147483648b vg0/hf-a" },
             Case { name: "remove", cmd: lvremove("vg0", "hf-a"), want: "lvremove --yes vg0/hf-a" },

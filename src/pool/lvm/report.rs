@@ -97,6 +97,16 @@ impl LvAttr {
             _ => "in an unknown health state",
         })
     }
+    /// Bit 1: `s` (or `S`, invalid) for an old-style copy-on-write snapshot, the kind a thick
+    /// pool takes; thin snapshots show `V` like any thin LV.
+    pub fn cow_snapshot(&self) -> bool {
+        matches!(self.bit(0), 's' | 'S')
+    }
+    /// Bit 5 `I` / `S`: a copy-on-write snapshot that dm-snapshot invalidated (its COW space
+    /// overflowed, or it failed): its content is lost and it must never be read as a source.
+    pub fn invalid_snapshot(&self) -> bool {
+        matches!(self.bit(4), 'I' | 'S')
+    }
     /// Bit 10: `k` when the LV is skipped by normal activation (thin snapshots).
     pub fn activation_skip(&self) -> bool {
         self.bit(9) == 'k'

@@ -448,21 +448,120 @@ async fn only_marked_lvs_of_this_pool_are_listed_or_removed() {
 async fn delete_of_an_open_volume_fails_precondition() {
     let (p, fake) = pool("");
     on_lookup(&fake, "hf-v1", vec![found(&[vol_row("v1", 1 << 20)])]);
+    // A thick pool looks for the volume's snapshots first: it has none.
+    on_list(&fake, &[vol_row("v1", 1 << 20)]);
     fake.on("lvremove", vec![Reply::Fail(5, "  Logical volume vg0/hf-v1 contains a filesystem in use.\n".into())]);
     assert!(matches!(p.delete_volume("v1").await, Err(Error::FailedPrecondition(m)) if m.contains("unstage")));
     fake.on("lvremove", vec![Reply::Fail(5, NOT_FOUND.into())]);
     p.delete_volume("v1").await.unwrap();
 }
 
+/// A thick pool's snapshot of `source`: a COW snapshot LV (attr `s`), `used` percent full.
+fn cow_row(local: &str, source: &str, size: u64, attr: &'static str, used: &'static str) -> Row {
+    Row { attr, pool_lv: "", data: used, ..snap_row(local, source, size) }
+}
+
+#[test]
+fn snapshot_reserve_is_a_share_or_a_size() {
+    let cases: [(&str, Option<SnapshotReserve>); 8] = [
+        ("20%", Some(SnapshotReserve::Percent(20))),
+        (" 100 %", Some(SnapshotReserve::Percent(100))),
+        ("0%", None),
+        ("101%", None),
+        ("1GiB", Some(SnapshotReserve::Bytes(1 << 30))),
+        ("512K", None),
+        ("lots", None),
+        ("-5%", None),
+    ];
+    for (text, want) in cases {
+        assert_eq!(SnapshotReserve::parse(text), want, "{text:?}");
+    }
+    const M: u64 = 1 << 20;
+    let sizes = [
+        (SnapshotReserve::Percent(20), 16 * M, 4 * M),
+        (SnapshotReserve::Percent(20), 100 * M, 20 * M),
+        (SnapshotReserve::Percent(1), 8 * M, M),
+        (SnapshotReserve::Percent(100), 128 * M, 130 * M),
+        (SnapshotReserve::Bytes(64 * M), 8 * M, 64 * M),
+    ];
+    for (r, origin, want) in sizes {
+        assert_eq!(r.cow_size(origin), want, "{r:?} of {origin}");
+    }
+}
+
 #[tokio::test]
-async fn thick_pools_refuse_snapshots_and_copies_clearly() {
+async fn thick_snapshots_are_cow_lvs_sized_by_the_reserve() {
+    for (extra, cow) in [("", 4u64 << 20), ("snapshot_reserve = \"50%\"\n", 8 << 20), ("snapshot_reserve = \"1GiB\"\n", 1 << 30)] {
+        let (p, fake) = pool(extra);
+        let snap = cow_row("s1", "v1", 16 << 20, "swi-a-s---", "0.01");
+        on_lookup(&fake, "hfs-s1", vec![missing(), found(std::slice::from_ref(&snap))]);
+        on_lookup(&fake, "hf-v1", vec![found(&[vol_row("v1", 16 << 20)])]);
+        let s = p.create_snapshot("v1", "csi-s1", "s1", "0123456789ab").await.unwrap();
+        assert_eq!((s.source_volume.as_str(), s.size, s.ready), ("v1", 16 << 20, true), "{extra}");
+        let got = changes(&fake);
+        assert_eq!(got.len(), 1, "{extra}: {got:?}");
+        assert!(
+            got[0].starts_with(&format!("lvcreate --yes --snapshot --name hfs-s1 --size {cow}b --addtag holdfast.managed")),
+            "{extra}: {got:?}"
+        );
+        assert!(got[0].ends_with(" vg0/hf-v1"), "{got:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_overflowed_thick_snapshot_is_not_ready_and_never_restored() {
+    // Invalidated by dm-snapshot (attr I), or reported 100% full before LVM marks it.
+    for (attr, used) in [("swi-I-s---", "100.00"), ("swi-a-s---", "100.00")] {
+        let (p, fake) = pool("");
+        let snap = cow_row("s1", "v1", 16 << 20, attr, used);
+        on_list(&fake, std::slice::from_ref(&snap));
+        let listed = p.list_snapshots().await.unwrap();
+        assert_eq!((listed.len(), listed[0].ready), (1, false), "{attr}");
+        on_lookup(&fake, "hfs-s1", vec![found(std::slice::from_ref(&snap))]);
+        assert!(!p.get_snapshot("s1").await.unwrap().unwrap().ready);
+        on_lookup(&fake, "hf-v2", vec![missing()]);
+        let req = CreateRequest { source: Some(Source::Snapshot("s1".into())), ..request("v2", 16 << 20) };
+        let err = p.create_volume(&req).await.unwrap_err();
+        assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("overflowed") && m.contains("csi-s1")), "{err:?}");
+        assert!(changes(&fake).is_empty(), "{attr}: nothing is made from an overflowed snapshot: {:?}", changes(&fake));
+    }
+    // A thin snapshot whose data is 100% mapped is simply full of data: ready.
+    let (p, fake) = pool("thin_pool = \"tp0\"\n");
+    on_lookup(&fake, "hfs-s1", vec![found(&[Row { data: "100.00", ..snap_row("s1", "v1", 16 << 20) }])]);
+    assert!(p.get_snapshot("s1").await.unwrap().unwrap().ready);
+}
+
+#[tokio::test]
+async fn a_thick_volume_with_snapshots_is_not_deleted() {
     let (p, fake) = pool("");
-    let err = p.create_snapshot("v1", "snap", "s1", "0123456789ab").await.unwrap_err();
-    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("snapshots need a thin pool")), "{err:?}");
+    let foreign = Row { origin: volume_lv("v1"), attr: "swi-a-s---", ..row("by-hand", 4 << 20, vec![]) };
+    on_lookup(&fake, "hf-v1", vec![found(&[vol_row("v1", 16 << 20)])]);
+    on_list(&fake, &[vol_row("v1", 16 << 20), cow_row("s1", "v1", 16 << 20, "swi-a-s---", "1.00"), foreign]);
+    let err = p.delete_volume("v1").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::FailedPrecondition(m) if m.contains("\"csi-s1\"") && m.contains("vg0/by-hand") && m.contains("delete the snapshots first")),
+        "{err:?}"
+    );
+    assert!(changes(&fake).is_empty(), "nothing removed: {:?}", changes(&fake));
+    // Without snapshots (another volume's do not count) it goes.
+    let (p, fake) = pool("");
+    on_lookup(&fake, "hf-v1", vec![found(&[vol_row("v1", 16 << 20)])]);
+    on_list(&fake, &[vol_row("v1", 16 << 20), vol_row("v2", 16 << 20), cow_row("s2", "v2", 16 << 20, "swi-a-s---", "1.00")]);
+    p.delete_volume("v1").await.unwrap();
+    assert_eq!(changes(&fake), ["lvremove --yes vg0/hf-v1"]);
+}
+
+#[tokio::test]
+async fn a_thick_restore_is_a_pending_thick_lv_first() {
+    // The block copy itself needs real devices (tests/lvm.rs); here: what is made, and that a
+    // failure to fill it leaves it pending for the retry.
+    let (p, fake) = pool("");
+    let snap = cow_row("s1", "v1", 16 << 20, "swi-a-s---", "2.00");
+    on_lookup(&fake, "hfs-s1", vec![found(std::slice::from_ref(&snap))]);
     on_lookup(&fake, "hf-v2", vec![missing()]);
-    let req = CreateRequest { source: Some(Source::Snapshot("s1".into())), ..request("v2", 1 << 20) };
-    let err = p.create_volume(&req).await.unwrap_err();
-    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("set thin_pool")), "{err:?}");
+    let small = CreateRequest { source: Some(Source::Snapshot("s1".into())), ..request("v2", 8 << 20) };
+    assert!(matches!(p.create_volume(&small).await, Err(Error::OutOfRange(_))));
+    assert!(changes(&fake).is_empty());
 }
 
 #[tokio::test]
@@ -643,6 +742,8 @@ fn config_mistakes_are_named() {
         Case { extra: "lvcreate_options = [\"-L10G\"]\n", want: "may not contain \"-L10G\"" },
         Case { extra: "lvcreate_options = [\"--addtag=x\"]\n", want: "may not contain" },
         Case { extra: "overprovision_ratio = 2.0\n", want: "thin pools only" },
+        Case { extra: "snapshot_reserve = \"20%\"\nthin_pool = \"tp0\"\n", want: "thick pools only" },
+        Case { extra: "snapshot_reserve = \"0%\"\n", want: "snapshot_reserve \"0%\" is neither" },
         Case { extra: "thin_pool = \"-x\"\n", want: "thin_pool \"-x\"" },
     ];
     for c in cases {
