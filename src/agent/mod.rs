@@ -55,4 +55,9 @@ pub trait AgentOps: Send + Sync + 'static {
     async fn get_capacity(&self, req: ap::GetCapacityRequest, budget: Duration) -> Result<ap::GetCapacityResponse>;
     /// The full inventory now.
     async fn get_inventory(&self, budget: Duration) -> Result<ap::Inventory>;
+
+    // issue 11: cluster
+    /// Claims (or releases) a CSI name for a controller before it places the volume; an agent
+    /// that does not know claims (an older one) refuses UNIMPLEMENTED.
+    async fn claim_name(&self, req: ap::ClaimNameRequest, budget: Duration) -> Result<ap::ClaimNameResponse>;
 }

@@ -197,6 +197,11 @@ impl AgentOps for RemoteAgent {
     async fn get_inventory(&self, budget: Duration) -> Result<ap::Inventory> {
         self.call(ap::GetInventoryRequest {}, budget, |mut c, r| async move { c.get_inventory(r).await }).await
     }
+
+    // issue 11: cluster
+    async fn claim_name(&self, req: ap::ClaimNameRequest, budget: Duration) -> Result<ap::ClaimNameResponse> {
+        self.call(req, budget, |mut c, r| async move { c.claim_name(r).await }).await
+    }
 }
 
 #[cfg(test)]

@@ -111,4 +111,12 @@ impl Agent for AgentService {
         let budget = wait_budget(r.metadata());
         traced("agent.GetInventory", "", self.ops.get_inventory(budget)).await
     }
+
+    // issue 11: cluster
+    async fn claim_name(&self, r: Request<ap::ClaimNameRequest>) -> Result<Response<ap::ClaimNameResponse>, Status> {
+        let budget = wait_budget(r.metadata());
+        let r = r.into_inner();
+        let name = r.csi_name.clone();
+        traced("agent.ClaimName", &name, self.ops.claim_name(r, budget)).await
+    }
 }
