@@ -325,7 +325,7 @@ async fn serve_here(
     let calls = Calls { slots: Arc::new(tokio::sync::Semaphore::new(options.max_concurrent_calls.max(1))), runtime: calls_on };
     let router = Server::builder()
         .layer(calls)
-        .add_service(IdentityServer::new(IdentityService::new(driver.clone())))
+        .add_service(IdentityServer::new(IdentityService::new(driver.clone()).with_controller(cluster.is_some())))
         .add_optional_service(cluster.as_ref().map(|c| crate::controller::admin::admin_service(c.registry().clone())))
         .add_optional_service(cluster.map(ControllerServer::new))
         .add_optional_service(services.node.then(|| NodeServer::new(NodeService::new(driver.clone()))));

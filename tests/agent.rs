@@ -239,6 +239,19 @@ async fn an_agent_registers_reports_its_changes_and_serves_the_agent_api() {
     assert_eq!(info.node_id, "n1");
     let refused = csi.controller.create_volume(create("pv-c")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
+    // ... and advertises only that (issue 11: cluster): no CONTROLLER_SERVICE, so a CO never
+    // sends controller calls to an agent.
+    let caps = csi.identity.get_plugin_capabilities(proto::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    let services: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(proto::plugin_capability::Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    assert!(!services.contains(&(proto::plugin_capability::service::Type::ControllerService as i32)), "{services:?}");
+    assert!(services.contains(&(proto::plugin_capability::service::Type::VolumeAccessibilityConstraints as i32)), "{services:?}");
     // The controller's nfs pools are learnt; a volume of any other nfs pool is not served here,
     // so a hand-made PV cannot point the node at an arbitrary server.
     assert!(agent.log().contains("nfs pools from the controller") && agent.log().contains("shared"), "{}", agent.log());

@@ -6,10 +6,10 @@
 //! Claims: before a create is placed on one of several candidate nodes, the name is claimed
 //! on the first [`CLAIM_NODES`] of those nodes in an order fixed by the name alone (rendezvous
 //! hashing), so two controllers that see the same candidates claim on the same agents and at
-//! least one agent sees both. All or nothing: a claim held by another controller sends this
-//! create where that one places the name (its agent's retry check then answers both with one
-//! volume); claims held by others that disagree answer ABORTED (retryable) after this
-//! controller's own claims are released. A create on a node is itself a claim there (the agent
+//! least one agent sees both. All or nothing: when another controller holds the claim on every
+//! claim node, this create goes where that one places the name (its agent's retry check then
+//! answers both with one volume); any other contention answers ABORTED (retryable) after this
+//! controller's own claims are released (waited for, so no release overtakes a new claim). A create on a node is itself a claim there (the agent
 //! refuses, ABORTED, a create while another controller's claim places the name elsewhere).
 //! Claims live [`CLAIM_TTL`] in the agents' memory only, so a controller killed with -9 leaves
 //! nothing that outlives them, and they stay after a successful create so a second controller
@@ -151,12 +151,14 @@ impl Claims {
         if failed.is_empty() && held.is_empty() {
             return Ok(Claimed::Free);
         }
-        self.release_on(reg, &granted, name);
+        self.release_on(reg, &granted, name).await;
         if !failed.is_empty() {
             return Err(Error::Unavailable(format!("cannot claim volume name {} ({}); retry", bounded(name), failed.join("; "))));
         }
+        // Sent elsewhere only when the other holds every claim node for one place: with some
+        // granted here, the other may be sent here just as well (each to the other's choice).
         let (first_node, first_pool) = (held[0].1.clone(), held[0].2.clone());
-        if held.iter().all(|(_, n, p)| *n == first_node && *p == first_pool) && !first_node.is_empty() {
+        if granted.is_empty() && held.iter().all(|(_, n, p)| *n == first_node && *p == first_pool) && !first_node.is_empty() {
             return Ok(Claimed::Elsewhere(first_node, first_pool));
         }
         Err(Error::Aborted(format!(
@@ -167,19 +169,22 @@ impl Claims {
     }
 
     /// Drops this controller's claims on `name` (its create was refused: the name is free).
-    pub fn release(&self, reg: &Registry, candidates: &[String], name: &str) {
-        self.release_on(reg, &Self::claim_nodes(name, candidates), name);
+    pub async fn release(&self, reg: &Registry, candidates: &[String], name: &str) {
+        self.release_on(reg, &Self::claim_nodes(name, candidates), name).await;
     }
 
-    fn release_on(&self, reg: &Registry, nodes: &[String], name: &str) {
+    /// Waited for, so a release never arrives after this controller's next claim of the name
+    /// (which it would drop). Best effort: a claim not released expires.
+    async fn release_on(&self, reg: &Registry, nodes: &[String], name: &str) {
+        let mut set = tokio::task::JoinSet::new();
         for n in nodes {
             let Some(agent) = reg.node(n).and_then(|v| v.agent) else { continue };
             let req = ap::ClaimNameRequest { csi_name: name.to_owned(), controller: self.id.clone(), release: true, ..Default::default() };
-            // Best effort: a claim not released expires.
-            tokio::spawn(async move {
+            set.spawn(async move {
                 let _ = agent.claim_name(req, CLAIM_BUDGET).await;
             });
         }
+        while set.join_next().await.is_some() {}
     }
 
     /// A create of `name` goes to (`node`, `pool`): until its outcome is known, retries go there.

@@ -263,13 +263,6 @@ impl ClusterController {
             self.claims.settled(&req.name);
             return self.create_found(&req, &preq, &node, &v.pool, forward(&v.pool), jobs::left(deadline)).await;
         }
-        // An earlier attempt here whose outcome is unknown (its answer was lost): the node it
-        // went to may hold the volume or still make it; its agent answers the retry.
-        if let Some((node, pool)) = self.claims.unsettled(&req.name) {
-            let res = self.create_found(&req, &preq, &node, &pool, forward(&pool), jobs::left(deadline)).await;
-            self.claims.outcome(&req.name, &node, &pool, &res);
-            return res;
-        }
 
         // A clone or restore is made inside the pool of its source.
         if let Some(source) = req.volume_content_source.as_ref().and_then(|s| s.r#type.as_ref()) {
@@ -340,6 +333,20 @@ impl ClusterController {
             .collect();
         nodes.sort();
         nodes.dedup();
+        // An earlier attempt here whose outcome is unknown (its answer was lost): the node it
+        // went to may hold the volume or still make it; its agent answers the retry (claimed
+        // for that node first, as any create on several candidates).
+        if let Some((node, pool)) = self.claims.unsettled(&req.name) {
+            if let claims::Claimed::Elsewhere(other, _) = self.claims.claim(&self.reg, &nodes, &req.name, &node, &pool).await? {
+                return Err(Error::Aborted(format!(
+                    "another controller is placing volume {} on node {other} while an earlier attempt here went to node {node}; retry",
+                    bounded(&req.name)
+                )));
+            }
+            let res = self.create_found(&req, &preq, &node, &pool, forward(&pool), jobs::left(deadline)).await;
+            self.claims.outcome(&req.name, &node, &pool, &res);
+            return res;
+        }
         let asked: Vec<(String, Vec<String>)> = nodes
             .iter()
             .filter(|n| !self.reg.index_complete(n))
@@ -386,7 +393,7 @@ impl ClusterController {
         if res.is_ok() {
             self.claims.settle(&self.reg, &node, &pool, capacity, reports);
         } else if self.claims.definitive(&res) {
-            self.claims.release(&self.reg, &nodes, &req.name);
+            self.claims.release(&self.reg, &nodes, &req.name).await;
         }
         self.created(&node, res?, &req.name)
     }

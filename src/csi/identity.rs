@@ -17,12 +17,20 @@ use crate::proto::{
 /// The Identity service.
 pub struct IdentityService {
     driver: Arc<Driver>,
+    /// Whether this socket serves the Controller service (an agent's plugin socket does not).
+    controller: bool,
 }
 
 impl IdentityService {
-    /// Serves identity for `driver`.
+    /// Serves identity for `driver`, with the Controller service.
     pub fn new(driver: Arc<Driver>) -> Self {
-        IdentityService { driver }
+        IdentityService { driver, controller: true }
+    }
+
+    // issue 11: cluster
+    /// Whether the Controller service is served beside it (advertised only then).
+    pub fn with_controller(self, controller: bool) -> Self {
+        IdentityService { controller, ..self }
     }
 }
 
@@ -49,12 +57,9 @@ impl Identity for IdentityService {
                 r#type: volume_expansion::Type::Online as i32,
             })),
         };
+        let controller = self.controller.then(|| service_cap(service::Type::ControllerService));
         Ok(Response::new(GetPluginCapabilitiesResponse {
-            capabilities: vec![
-                service_cap(service::Type::ControllerService),
-                service_cap(service::Type::VolumeAccessibilityConstraints),
-                online,
-            ],
+            capabilities: controller.into_iter().chain([service_cap(service::Type::VolumeAccessibilityConstraints), online]).collect(),
         }))
     }
 
