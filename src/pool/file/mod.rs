@@ -121,6 +121,9 @@ struct VolumeRecord {
     /// with another image (reflink) that the next write to either needs anew.
     #[serde(default)]
     shared: u64,
+    /// issue 11: cluster. The record's schema (refused when newer than this build's).
+    #[serde(default)]
+    schema: crate::pool::schema::RecordSchema,
 }
 
 /// What a snapshot's metadata file holds.
@@ -132,6 +135,9 @@ struct SnapshotRecord {
     /// size, because the volume's next writes need new blocks.
     #[serde(default)]
     shared: u64,
+    /// issue 11: cluster. As [`VolumeRecord::schema`].
+    #[serde(default)]
+    schema: crate::pool::schema::RecordSchema,
 }
 
 /// What the pool's filesystem can do for copies and allocation.
@@ -752,7 +758,7 @@ impl Pool for FilePool {
             source_uid: req.source_uid.clone(),
             parameters: Some(req.parameters.clone()),
         };
-        self.commit(&f, VolumeRecord { info: info.clone(), provisioning, shared }).await?;
+        self.commit(&f, VolumeRecord { info: info.clone(), provisioning, shared, schema: Default::default() }).await?;
         tracing::info!(pool = %self.name, local = %info.local, capacity = info.capacity, provisioning = provisioning.as_str(), "created volume");
         Ok(info)
     }
@@ -873,7 +879,7 @@ impl Pool for FilePool {
             uid: Some(uid.to_owned()),
             source_uid: source.info.uid.clone(),
         };
-        self.commit(&f, SnapshotRecord { info: info.clone(), shared }).await?;
+        self.commit(&f, SnapshotRecord { info: info.clone(), shared, schema: Default::default() }).await?;
         tracing::info!(pool = %self.name, local, source = source_local, size, shared, "created snapshot");
         Ok(info)
     }
