@@ -76,7 +76,8 @@ struct AgentArgs {
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///run/holdfast/csi.sock")]
     endpoint: String,
     /// The controller's Registry address (host:port); every address the name resolves to gets
-    /// the registration (a headless Service with several controller replicas).
+    /// the registration (a headless Service with several controller replicas). Several
+    /// addresses may be given, comma-separated.
     #[arg(long, env = "HOLDFAST_CONTROLLER")]
     controller: String,
     /// Where to serve the Agent API (host:port, e.g. 0.0.0.0:9101).
@@ -370,7 +371,8 @@ async fn agent(args: AgentArgs, serve_on: tokio::runtime::Handle) -> anyhow::Res
         }
     };
 
-    let server_name = args.tls_server_name.clone().unwrap_or_else(|| host_of(&args.controller).to_owned());
+    let server_name =
+        args.tls_server_name.clone().unwrap_or_else(|| host_of(args.controller.split(',').next().unwrap_or_default().trim()).to_owned());
     let reg = register::RegisterConfig {
         controller: args.controller.clone(),
         node_id: args.node_id.clone(),

@@ -329,7 +329,9 @@ async fn serve_here(
     let calls = Calls { slots: Arc::new(tokio::sync::Semaphore::new(options.max_concurrent_calls.max(1))), runtime: calls_on };
     let router = Server::builder()
         .layer(calls)
-        .add_service(IdentityServer::new(IdentityService::new(driver.clone()).with_group_controller(cluster.is_some())))
+        .add_service(IdentityServer::new(
+            IdentityService::new(driver.clone()).with_controller(cluster.is_some()).with_group_controller(cluster.is_some()),
+        ))
         .add_optional_service(cluster.as_ref().map(|c| crate::controller::admin::admin_service(c.registry().clone())))
         // issue 12: group snapshots: served wherever the Controller is.
         .add_optional_service(cluster.as_ref().map(|c| GroupControllerServer::new(crate::controller::group::GroupService(c.clone()))))

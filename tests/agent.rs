@@ -161,7 +161,7 @@ fn create(name: &str) -> proto::CreateVolumeRequest {
 }
 
 fn pinned(pool: &str, name: &str) -> ap::CreateVolumeRequest {
-    ap::CreateVolumeRequest { pool: pool.into(), request: Some(create(name)) }
+    ap::CreateVolumeRequest { pool: pool.into(), request: Some(create(name)), ..Default::default() }
 }
 
 fn by_name(name: &str) -> ap::GetVolumeRequest {
@@ -210,17 +210,28 @@ async fn an_agent_registers_reports_its_changes_and_serves_the_agent_api() {
     remote.delete_volume(proto::DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() }, BUDGET).await.unwrap();
     assert!(remote.get_volume(by_name("pv-a"), BUDGET).await.unwrap().volume.is_none(), "deleted");
 
-    // Exactly one creation and one deletion, numbered on from the inventory.
-    controller.wait_for("the two changes", |s| s.changes.len() >= 2).await;
+    // Exactly one creation and one deletion, numbered on from the inventory; each followed by
+    // the pool's room after it (issue 11: cluster), so the controller never asks for it.
+    controller.wait_for("the changes", |s| s.changes.len() >= 4).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let changes = controller.0.lock().unwrap().changes.clone();
     let seqs: Vec<u64> = changes.iter().map(|c| c.sequence).collect();
-    assert_eq!(seqs, vec![inv.sequence + 1, inv.sequence + 2], "{changes:?}");
+    assert_eq!(seqs, (inv.sequence + 1..=inv.sequence + changes.len() as u64).collect::<Vec<_>>(), "{changes:?}");
+    let room = |c: &ap::Change| matches!(&c.change, Some(ap::change::Change::PoolCapacity(p)) if p.pool == "p");
+    assert!(room(changes.last().unwrap()), "the room after the delete: {changes:?}");
+    let last_room = changes.iter().rev().find_map(|c| match &c.change {
+        Some(ap::change::Change::PoolCapacity(p)) => Some(p.clone()),
+        _ => None,
+    });
+    assert_eq!(last_room.map(|p| (p.volume_count, p.used_bytes)), Some((0, 0)), "{changes:?}");
+    let changes: Vec<ap::Change> = changes.into_iter().filter(|c| !room(c)).collect();
+    assert_eq!(changes.len(), 2, "{changes:?}");
     assert!(matches!(&changes[0].change, Some(ap::change::Change::VolumeCreated(c)) if c.csi_name == "pv-a"), "{changes:?}");
     assert!(matches!(&changes[1].change, Some(ap::change::Change::VolumeDeleted(d)) if d.csi_name == "pv-a"), "{changes:?}");
     let last = controller.0.lock().unwrap().heartbeats.len();
     controller.wait_for("a heartbeat after the changes", |s| s.heartbeats.len() > last + 1).await;
-    assert_eq!(controller.0.lock().unwrap().heartbeats.last().unwrap().sequence, inv.sequence + 2, "heartbeats carry the last sequence");
+    let sequence = controller.0.lock().unwrap().changes.last().unwrap().sequence;
+    assert_eq!(controller.0.lock().unwrap().heartbeats.last().unwrap().sequence, sequence, "heartbeats carry the last sequence");
 
     // The plugin socket serves Identity and Node for this node, not Controller.
     let mut csi = holdfast::client::Clients::connect(&format!("unix://{}", tmp.path().join("csi.sock").display())).await.unwrap();
@@ -228,6 +239,19 @@ async fn an_agent_registers_reports_its_changes_and_serves_the_agent_api() {
     assert_eq!(info.node_id, "n1");
     let refused = csi.controller.create_volume(create("pv-c")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
+    // ... and advertises only that (issue 11: cluster): no CONTROLLER_SERVICE, so a CO never
+    // sends controller calls to an agent.
+    let caps = csi.identity.get_plugin_capabilities(proto::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    let services: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(proto::plugin_capability::Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    assert!(!services.contains(&(proto::plugin_capability::service::Type::ControllerService as i32)), "{services:?}");
+    assert!(services.contains(&(proto::plugin_capability::service::Type::VolumeAccessibilityConstraints as i32)), "{services:?}");
     // The controller's nfs pools are learnt; a volume of any other nfs pool is not served here,
     // so a hand-made PV cannot point the node at an arbitrary server.
     assert!(agent.log().contains("nfs pools from the controller") && agent.log().contains("shared"), "{}", agent.log());

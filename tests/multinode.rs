@@ -172,6 +172,8 @@ impl Agent {
 struct Options {
     /// Environment of the controller process.
     controller_env: Vec<(String, String)>,
+    /// A second controller replica, active at the same time (agents register with both).
+    two_controllers: bool,
 }
 
 /// A controller and its agents, with everything they use under one temp dir; Drop stops the
@@ -182,7 +184,10 @@ struct Cluster {
     agents: Vec<Agent>,
     controller: Proc,
     controller_socket: PathBuf,
-    controller_addr: SocketAddrV4,
+    /// The second replica and its CSI socket (Options::two_controllers).
+    second: Option<(Proc, PathBuf)>,
+    /// What agents get as `--controller`: every replica's Registry address.
+    registry_addrs: String,
     retired_file: PathBuf,
     certs: PathBuf,
     net: Net,
@@ -212,6 +217,34 @@ fn tls_args(dir: &Path) -> Vec<String> {
     ]
 }
 
+/// `holdfast controller` NAME serving CSI on `socket` and the Registry on `addr`, with the
+/// cluster's certificates and retired-nodes file (its log and state under `tmp`).
+fn controller_proc(tmp: &Path, name: &str, socket: &Path, addr: SocketAddrV4, retired: &Path, certs_dir: &Path, opts: &Options) -> Proc {
+    let (socket, listen, retired, tls) = (socket.to_owned(), addr.to_string(), retired.to_owned(), tls_args(&certs_dir.join("controller")));
+    let env = opts.controller_env.clone();
+    let state = tmp.join(format!("{name}-state"));
+    Proc::start(
+        name,
+        tmp.join(format!("{name}.log")),
+        Box::new(move || {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
+            cmd.arg("controller")
+                .args(["--endpoint", &format!("unix://{}", socket.display())])
+                .args(["--listen", &listen])
+                .arg("--retired-nodes")
+                .arg(&retired)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["--heartbeat-ms", HEARTBEAT_MS, "--down-after-ms", DOWN_MS, "--startup-grace-ms", GRACE_MS])
+                // Per-node certificates: each must name the node id it registers.
+                .arg("--tls-per-node")
+                .args(&tls)
+                .envs(env.iter().map(|(k, v)| (k, v)));
+            cmd
+        }),
+    )
+}
+
 impl Cluster {
     /// Namespaces for `extra` more agents than `specs` are made too (for impostors).
     async fn start(specs: &[NodeSpec], extra: usize, opts: Options) -> Cluster {
@@ -227,34 +260,16 @@ impl Cluster {
         let retired_file = tmp.path().join("retired-nodes");
         std::fs::write(&retired_file, "# node ids, one a line\n").unwrap();
         let controller_socket = tmp.path().join("controller.sock");
-        let controller = {
-            let (socket, listen, retired, tls) =
-                (controller_socket.clone(), controller_addr.to_string(), retired_file.clone(), tls_args(&certs_dir.join("controller")));
-            let env = opts.controller_env.clone();
-            let state = tmp.path().join("controller-state");
-            Proc::start(
-                "controller",
-                tmp.path().join("controller.log"),
-                Box::new(move || {
-                    let mut cmd = Command::new(env!("CARGO_BIN_EXE_holdfast"));
-                    cmd.arg("controller")
-                        .args(["--endpoint", &format!("unix://{}", socket.display())])
-                        .args(["--listen", &listen])
-                        .arg("--retired-nodes")
-                        .arg(&retired)
-                        .arg("--state-dir")
-                        .arg(&state)
-                        .args(["--heartbeat-ms", HEARTBEAT_MS, "--down-after-ms", DOWN_MS, "--startup-grace-ms", GRACE_MS])
-                        // Per-node certificates: each must name the node id it registers.
-                        .arg("--tls-per-node")
-                        .args(&tls)
-                        .envs(env.iter().map(|(k, v)| (k, v)));
-                    cmd
-                }),
-            )
-        };
+        let controller = controller_proc(tmp.path(), "controller", &controller_socket, controller_addr, &retired_file, &certs_dir, &opts);
+        let mut registry_addrs = controller_addr.to_string();
+        let second = opts.two_controllers.then(|| {
+            let addr = SocketAddrV4::new(net.host_ip(), free_port(net.host_ip()));
+            registry_addrs.push_str(&format!(",{addr}"));
+            let socket = tmp.path().join("controller-2.sock");
+            (controller_proc(tmp.path(), "controller-2", &socket, addr, &retired_file, &certs_dir, &opts), socket)
+        });
         let mut cluster =
-            Cluster { agents: Vec::new(), controller, controller_socket, controller_addr, retired_file, certs: certs_dir, net, tmp };
+            Cluster { agents: Vec::new(), controller, controller_socket, second, registry_addrs, retired_file, certs: certs_dir, net, tmp };
         for (i, spec) in specs.iter().enumerate() {
             cluster.add_agent(i, spec.clone(), spec.id, &[]);
         }
@@ -311,7 +326,7 @@ impl Cluster {
         );
         std::fs::write(&config, text).unwrap();
         let (socket, state, tls) = (dir.join("csi.sock"), dir.join("state"), tls_args(&cert_dir));
-        let (controller, listen) = (self.controller_addr.to_string(), SocketAddrV4::new(net.ip, AGENT_PORT).to_string());
+        let (controller, listen) = (self.registry_addrs.clone(), SocketAddrV4::new(net.ip, AGENT_PORT).to_string());
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let node_id = spec.id;
         let ns = net.clone();
@@ -412,10 +427,21 @@ impl Cluster {
     /// Every process's log, for a failure message.
     fn logs(&self) -> String {
         let mut out = format!("----- controller -----\n{}", self.controller.log_text());
+        if let Some((second, _)) = &self.second {
+            out.push_str(&format!("----- {} -----\n{}", second.what, second.log_text()));
+        }
         for a in &self.agents {
             out.push_str(&format!("----- {} -----\n{}", a.proc.what, a.proc.log_text()));
         }
         out
+    }
+
+    /// Makes the second controller replica the one `csi`, `ready` and `node_states` talk to,
+    /// and the first the second (call again to swap back).
+    fn swap_controllers(&mut self) {
+        let (proc, socket) = self.second.as_mut().expect("a second controller");
+        std::mem::swap(&mut self.controller, proc);
+        std::mem::swap(&mut self.controller_socket, socket);
     }
 
     /// Writes the retired-nodes file.
@@ -437,6 +463,9 @@ impl Drop for Cluster {
             a.proc.stop();
         }
         self.controller.stop();
+        if let Some((second, _)) = &mut self.second {
+            second.stop();
+        }
         let left = clean_up_dir(self.tmp.path());
         if !left.is_empty() {
             eprintln!("cannot unmount {left:?}; keeping {} for inspection", self.tmp.path().display());
@@ -853,7 +882,7 @@ async fn dead_returning_and_retired_nodes_and_a_controller_restart() {
 async fn agents_without_a_valid_identity_or_version_are_refused() {
     // The controller speaks wire version 1.1 (test-only override, debug builds): today's
     // agents, 1.0, are the previous minor version and must be accepted.
-    let opts = Options { controller_env: vec![("HOLDFAST_TEST_WIRE_VERSION".into(), "1.1".into())] };
+    let opts = Options { controller_env: vec![("HOLDFAST_TEST_WIRE_VERSION".into(), "1.1".into())], ..Default::default() };
     let mut cl = Cluster::start(&NODES[..1], 6, opts).await;
     let csi = cl.ready(&["node-a"]).await;
     let small = |id| NodeSpec { id, zone: "zone-1", pool_mib: 64 };
@@ -924,4 +953,93 @@ fn the_split_harness_gives_nfs_pools_to_the_controller_and_the_rest_to_the_agent
     let (controller, agent) = common::split::split_config("[[pool]]\nname = \"d\"\nkind = \"file\"\npath = \"/x\"\n");
     assert_eq!(controller.trim(), "");
     assert_eq!(names(&agent), ["d"]);
+}
+
+// issue 11: cluster
+/// A CreateVolume as the external-provisioner sends it: retried while the answer is ABORTED
+/// or UNAVAILABLE (contention, a claim held by the other replica), up to `within`.
+async fn create_retrying(csi: &Clients, req: CreateVolumeRequest, within: Duration) -> Result<Volume, tonic::Status> {
+    let deadline = Instant::now() + within;
+    loop {
+        match csi.controller.clone().create_volume(req.clone()).await {
+            Ok(r) => return Ok(r.into_inner().volume.expect("a volume")),
+            Err(s) if matches!(s.code(), Code::Aborted | Code::Unavailable) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+/// Two active controller replicas (their sidecars elect leaders separately) and three agents
+/// registered with both: creates of one name through both at once, many rounds, each make
+/// one volume and answer both callers its id, even while one replica also places other
+/// volumes (so the two see different room); a replica killed with -9 in the middle of a
+/// create leaves the name to the other, and once back answers the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_active_controllers_make_one_volume_of_one_name() {
+    let nodes = [
+        NodeSpec { id: "node-a", zone: "zone-1", pool_mib: 256 },
+        NodeSpec { id: "node-b", zone: "zone-1", pool_mib: 256 },
+        NodeSpec { id: "node-c", zone: "zone-2", pool_mib: 256 },
+    ];
+    let mut cluster = Cluster::start(&nodes, 0, Options { two_controllers: true, ..Default::default() }).await;
+    let ids = ["node-a", "node-b", "node-c"];
+    let one = cluster.ready(&ids).await;
+    cluster.swap_controllers();
+    let two = cluster.ready(&ids).await;
+    cluster.swap_controllers();
+    let within = Duration::from_secs(30);
+    let volumes_named = |cluster: &Cluster, name: &str| -> usize {
+        // Each volume's record in its pool names its CSI name.
+        let quoted = format!("\"{name}\"");
+        cluster
+            .agents
+            .iter()
+            .map(|a| {
+                let dir = a.pool_dir().join("volumes");
+                a.volume_files().iter().filter(|f| std::fs::read_to_string(dir.join(f)).is_ok_and(|t| t.contains(&quoted))).count()
+            })
+            .sum()
+    };
+    for round in 0..30 {
+        let name = unique(&format!("shared-{round}"));
+        let req = create_request(&name, MIB, None, &[]);
+        // Replica one also places a bigger volume at that moment: its room differs from two's.
+        let filler = create_request(&unique(&format!("filler-{round}")), 8 * MIB, None, &[]);
+        let (a, b, f) = tokio::join!(
+            create_retrying(&one, req.clone(), within),
+            create_retrying(&two, req.clone(), within),
+            create_retrying(&one, filler, within)
+        );
+        let (a, b) = (
+            a.unwrap_or_else(|e| panic!("round {round}, replica one: {e:?}")),
+            b.unwrap_or_else(|e| panic!("round {round}, replica two: {e:?}")),
+        );
+        f.unwrap_or_else(|e| panic!("round {round}, filler: {e:?}"));
+        assert_eq!(a.volume_id, b.volume_id, "round {round}: both callers get the same volume");
+        assert_eq!(volumes_named(&cluster, &name), 1, "round {round}: one volume of {name} in the cluster; logs:\n{}", cluster.logs());
+    }
+
+    // Replica two is killed -9 while its create is on the way; replica one then creates the
+    // name: one volume, and replica two, back, answers the same id.
+    let name = unique("orphan");
+    let req = create_request(&name, MIB, None, &[]);
+    let pending = {
+        let two = two.clone();
+        let req = req.clone();
+        tokio::spawn(async move { two.controller.clone().create_volume(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    cluster.second.as_mut().unwrap().0.kill();
+    let _ = pending.await;
+    let made = create_retrying(&one, req.clone(), within).await.expect("replica one creates it");
+    assert_eq!(volumes_named(&cluster, &name), 1, "one volume after the kill; logs:\n{}", cluster.logs());
+    cluster.second.as_mut().unwrap().0.spawn();
+    cluster.swap_controllers();
+    let two = cluster.ready(&ids).await;
+    cluster.swap_controllers();
+    let again = create_retrying(&two, req, within).await.expect("replica two, restarted");
+    assert_eq!(again.volume_id, made.volume_id);
+    assert_eq!(volumes_named(&cluster, &name), 1);
 }

@@ -60,6 +60,11 @@ pub struct LocalAgent {
     me: Weak<LocalAgent>,
     /// When this process started (seconds since the epoch), sent in the inventory.
     started_unix: i64,
+    // issue 11: cluster
+    /// Live claims on CSI names by controllers (see `ClaimNameRequest`), by name.
+    claims: Mutex<HashMap<String, NameClaim>>,
+    /// Pools whose room is being read to report it (value: it moved again meanwhile).
+    room: Mutex<HashMap<String, bool>>,
 }
 
 /// One pool as the fan-out calls last saw it.
@@ -82,6 +87,8 @@ impl LocalAgent {
             feed: Feed::new(),
             me: me.clone(),
             started_unix,
+            claims: Mutex::new(HashMap::new()),
+            room: Mutex::new(HashMap::new()),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(watch(Arc::downgrade(&agent)));
@@ -117,6 +124,8 @@ impl LocalAgent {
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(was) = h.entry(pool.name().to_owned()).or_default().sick.take() {
             tracing::info!(pool = pool.name(), was = %was, "pool answers again");
+            drop(h);
+            self.room_moved(pool.name());
         }
     }
 
@@ -125,10 +134,16 @@ impl LocalAgent {
     fn failed(&self, pool: &dyn Pool, e: &Error) {
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         let entry = h.entry(pool.name().to_owned()).or_default();
-        if entry.sick.is_none() {
+        let was_well = entry.sick.is_none();
+        if was_well {
             tracing::warn!(pool = pool.name(), error = %e, "pool does not answer; calls over all pools go on without it");
         }
         entry.sick = Some(e.to_string());
+        drop(h);
+        if was_well {
+            // Its health changed: the controller hears it now, not at the next periodic pass.
+            self.room_moved(pool.name());
+        }
     }
 }
 
@@ -1028,6 +1043,11 @@ impl FeedState {
             C::PoolUpdated(p) => {
                 self.pools.insert(p.name.clone(), p.clone());
             }
+            C::PoolCapacity(c) => {
+                if let Some(p) = self.pools.get_mut(&c.pool) {
+                    p.capacity = Some(c.clone());
+                }
+            }
         }
         // No subscriber is no error: the next registration sends the inventory.
         let _ = tx.send(ap::Change { sequence, change: Some(change) });
@@ -1390,15 +1410,32 @@ impl AgentOps for LocalAgent {
 
     async fn create_volume(&self, req: ap::CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
         let csi = req.request.ok_or_else(|| Error::InvalidArgument("request is required".into()))?;
-        self.create_within(&req.pool, csi, budget).await
+        if !req.controller.is_empty() {
+            self.claim_for_create(&csi.name, &req.controller, &req.pool)?;
+        }
+        let res = self.create_within(&req.pool, csi, budget).await;
+        if let Some(id) = res.as_ref().ok().and_then(|r| r.volume.as_ref()).and_then(|v| VolumeId::parse(&v.volume_id)) {
+            self.room_moved(&id.pool);
+        }
+        res
     }
 
     async fn delete_volume(&self, req: DeleteVolumeRequest, _budget: Duration) -> Result<DeleteVolumeResponse> {
-        self.delete(req).await
+        let pool = VolumeId::parse(&req.volume_id).map(|i| i.pool);
+        let res = self.delete(req).await;
+        if let (Ok(_), Some(p)) = (&res, pool) {
+            self.room_moved(&p);
+        }
+        res
     }
 
     async fn expand_volume(&self, req: ControllerExpandVolumeRequest, _budget: Duration) -> Result<ControllerExpandVolumeResponse> {
-        self.expand(req).await
+        let pool = VolumeId::parse(&req.volume_id).map(|i| i.pool);
+        let res = self.expand(req).await;
+        if let (Ok(_), Some(p)) = (&res, pool) {
+            self.room_moved(&p);
+        }
+        res
     }
 
     async fn create_snapshot(&self, req: CreateSnapshotRequest, budget: Duration) -> Result<CreateSnapshotResponse> {
@@ -1553,6 +1590,123 @@ impl AgentOps for LocalAgent {
 
     async fn get_group_snapshot(&self, req: GetVolumeGroupSnapshotRequest, _budget: Duration) -> Result<GetVolumeGroupSnapshotResponse> {
         self.get_group_snapshot_here(req).await
+    }
+
+    // issue 11: cluster
+    async fn claim_name(&self, req: ap::ClaimNameRequest, _budget: Duration) -> Result<ap::ClaimNameResponse> {
+        require("csi_name", &req.csi_name)?;
+        require("controller", &req.controller)?;
+        let now = Instant::now();
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        claims.retain(|_, c| c.until > now);
+        if req.release {
+            if claims.get(&req.csi_name).is_some_and(|c| c.controller == req.controller) {
+                claims.remove(&req.csi_name);
+            }
+            return Ok(ap::ClaimNameResponse { granted: true, ..Default::default() });
+        }
+        match claims.get(&req.csi_name) {
+            Some(c) if c.controller != req.controller => {
+                Ok(ap::ClaimNameResponse { granted: false, holder: c.controller.clone(), node: c.node.clone(), pool: c.pool.clone() })
+            }
+            _ => {
+                let ttl = Duration::from_millis(u64::from(req.ttl_ms)).clamp(Duration::from_millis(100), MAX_CLAIM);
+                claims.insert(req.csi_name, NameClaim { controller: req.controller, node: req.node, pool: req.pool, until: now + ttl });
+                Ok(ap::ClaimNameResponse { granted: true, ..Default::default() })
+            }
+        }
+    }
+}
+
+// issue 11: cluster
+/// The longest a claim on a name lives without being asked again.
+const MAX_CLAIM: Duration = Duration::from_secs(120);
+/// How long a create here keeps its name claimed for this node (longer than a change takes
+/// to reach every controller's index).
+pub const CREATE_CLAIM: Duration = Duration::from_secs(30);
+
+/// A controller's claim on a CSI name: where it places the volume, until when.
+#[derive(Debug, Clone)]
+struct NameClaim {
+    controller: String,
+    node: String,
+    pool: String,
+    until: Instant,
+}
+
+impl LocalAgent {
+    /// A create from `controller` of `name` in `pool` here: refused (ABORTED) while another
+    /// controller's live claim places the name on another node; otherwise the name is claimed
+    /// for this node (a controller placing it elsewhere is sent here instead).
+    fn claim_for_create(&self, name: &str, controller: &str, pool: &str) -> Result<()> {
+        let now = Instant::now();
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        claims.retain(|_, c| c.until > now);
+        if let Some(c) = claims.get(name) {
+            if c.controller != controller && c.node != self.d.node_id {
+                return Err(Error::Aborted(format!(
+                    "another controller is placing volume {} on node {}; retry",
+                    crate::error::bounded(name),
+                    crate::error::bounded(&c.node)
+                )));
+            }
+        }
+        let node = self.d.node_id.clone();
+        claims.insert(
+            name.to_owned(),
+            NameClaim { controller: controller.to_owned(), node, pool: pool.to_owned(), until: now + CREATE_CLAIM },
+        );
+        Ok(())
+    }
+
+    /// The room of `pool` moved (a volume made, deleted, grown) or its health changed: it is
+    /// read again and reported as a change, off the caller's path; moves while it is read
+    /// make one more read, so a burst of creates costs a few reads, not one each.
+    fn room_moved(&self, pool: &str) {
+        if !self.d.pools.contains_key(pool) {
+            return;
+        }
+        {
+            let mut r = self.room.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(again) = r.get_mut(pool) {
+                *again = true;
+                return;
+            }
+            r.insert(pool.to_owned(), false);
+        }
+        let (me, name) = (self.me.clone(), pool.to_owned());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.room.lock().unwrap_or_else(|e| e.into_inner()).remove(pool);
+            return;
+        };
+        rt.spawn(async move {
+            loop {
+                let Some(agent) = me.upgrade() else { return };
+                let Some(pool) = agent.d.pools.get(&name).cloned() else { return };
+                let entry = agent.pool_entry(pool.as_ref()).await;
+                {
+                    let mut st = agent.feed.lock();
+                    let healthy = entry.health == ap::PoolHealth::Healthy as i32;
+                    let known = st.pools.get(&name).map(|p| (p.health, p.health_message.clone()));
+                    if known.as_ref().is_some_and(|(h, m)| *h != entry.health || *m != entry.health_message) {
+                        st.pool(&agent.feed.tx, entry);
+                    } else if healthy {
+                        let told = st.pools.get(&name).and_then(|p| p.capacity.as_ref());
+                        if let Some(c) = entry.capacity.clone().filter(|c| told != Some(c)) {
+                            st.send(&agent.feed.tx, ap::change::Change::PoolCapacity(c));
+                        }
+                    }
+                }
+                let mut r = agent.room.lock().unwrap_or_else(|e| e.into_inner());
+                match r.get_mut(&name) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        r.remove(&name);
+                        return;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -2102,7 +2256,7 @@ mod tests {
             }
 
             fn pinned(pool: &str, req: CreateVolumeRequest) -> ap::CreateVolumeRequest {
-                ap::CreateVolumeRequest { pool: pool.into(), request: Some(req) }
+                ap::CreateVolumeRequest { pool: pool.into(), request: Some(req), ..Default::default() }
             }
 
             fn by_name(name: &str) -> ap::GetVolumeRequest {
@@ -2128,7 +2282,11 @@ mod tests {
                 let cases = [
                     ("an unknown pool", pinned("nope", create_req("pv2", "", &[])), "not a pool of node n1"),
                     ("a pool the parameters exclude", pinned("fast", create_req("pv2", "", &[("pool", "slow")])), "cannot hold"),
-                    ("no request", ap::CreateVolumeRequest { pool: "fast".into(), request: None }, "request is required"),
+                    (
+                        "no request",
+                        ap::CreateVolumeRequest { pool: "fast".into(), request: None, ..Default::default() },
+                        "request is required",
+                    ),
                 ];
                 for (what, req, want) in cases {
                     let err = a.create_volume(req, BUDGET).await.unwrap_err();
@@ -2273,7 +2431,10 @@ mod tests {
                 a.delete_volume(DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() }, BUDGET).await.unwrap();
                 let got = drain(&mut rx);
                 let seqs: Vec<u64> = got.iter().map(|c| c.sequence).collect();
-                assert_eq!(seqs, (inv.sequence + 1..=inv.sequence + 5).collect::<Vec<_>>(), "{got:?}");
+                assert_eq!(seqs, (inv.sequence + 1..=inv.sequence + got.len() as u64).collect::<Vec<_>>(), "{got:?}");
+                // The pool's room after the changes is reported too (issue 11: cluster), between
+                // them as the reads finish; the objects' changes are these, in this order.
+                let got: Vec<ap::Change> = got.into_iter().filter(|c| !matches!(c.change, Some(C::PoolCapacity(_)))).collect();
                 let kinds: Vec<&str> = got
                     .iter()
                     .map(|c| match c.change.as_ref().unwrap() {
@@ -2283,6 +2444,7 @@ mod tests {
                         C::SnapshotCreated(_) => "snapshot created",
                         C::SnapshotDeleted(_) => "snapshot deleted",
                         C::PoolUpdated(_) => "pool updated",
+                        C::PoolCapacity(_) => "pool capacity",
                     })
                     .collect();
                 assert_eq!(kinds, ["volume created", "volume updated", "snapshot created", "snapshot deleted", "volume deleted"]);
@@ -2318,9 +2480,15 @@ mod tests {
                 };
                 let err = a.create_volume(pinned("fast", clone), Duration::from_millis(50)).await.unwrap_err();
                 assert_eq!(code(err), tonic::Code::Aborted, "the copy is still running");
-                assert!(drain(&mut rx).is_empty(), "nothing is made yet");
+                // (The source's pool room, read after its create, may be reported meanwhile.)
+                assert!(drain(&mut rx).iter().all(|c| matches!(c.change, Some(C::PoolCapacity(_)))), "nothing is made yet");
                 drop(held);
-                let change = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("reported in time").unwrap();
+                let change = loop {
+                    let c = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("reported in time").unwrap();
+                    if !matches!(c.change, Some(C::PoolCapacity(_))) {
+                        break c;
+                    }
+                };
                 assert!(matches!(&change.change, Some(C::VolumeCreated(v)) if v.csi_name == "clone"), "{change:?}");
                 assert_eq!(change.sequence, a.sequence());
             }

@@ -56,6 +56,10 @@ pub trait AgentOps: Send + Sync + 'static {
     /// The full inventory now.
     async fn get_inventory(&self, budget: Duration) -> Result<ap::Inventory>;
 
+    // issue 11: cluster
+    /// Claims (or releases) a CSI name for a controller before it places the volume; an agent
+    /// that does not know claims (an older one) refuses UNIMPLEMENTED.
+    async fn claim_name(&self, req: ap::ClaimNameRequest, budget: Duration) -> Result<ap::ClaimNameResponse>;
     // issue 12: modify
     /// ControllerModifyVolume of a volume of this node. The default is for agents that serve
     /// no pools of their own (a node no process serves): UNIMPLEMENTED.

@@ -66,7 +66,17 @@ pub struct RegisterConfig {
 /// streams changes, re-registers on resync / failure; hands nfs pool definitions to `on_nfs`.
 /// Runs until the task is dropped.
 pub async fn run(cfg: RegisterConfig, agent: Arc<LocalAgent>, on_nfs: Arc<dyn Fn(Vec<ap::NfsPool>) + Send + Sync>) {
-    let lookup: Lookup = Arc::new(|name| Box::pin(async move { tokio::net::lookup_host(name).await.map(|found| found.collect()) }));
+    // issue 11: cluster. Several `host:port`s may be given, comma-separated (controller
+    // replicas without a DNS name for them all); each gets the registration.
+    let lookup: Lookup = Arc::new(|name| {
+        Box::pin(async move {
+            let mut all = Vec::new();
+            for part in name.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                all.extend(tokio::net::lookup_host(part).await?);
+            }
+            Ok(all)
+        })
+    });
     run_with(cfg, agent, on_nfs, lookup, RESOLVE_INTERVAL).await
 }
 

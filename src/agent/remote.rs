@@ -231,6 +231,11 @@ impl AgentOps for RemoteAgent {
     ) -> Result<proto::GetVolumeGroupSnapshotResponse> {
         self.call(req, budget, |mut c, r| async move { c.get_volume_group_snapshot(r).await }).await
     }
+
+    // issue 11: cluster
+    async fn claim_name(&self, req: ap::ClaimNameRequest, budget: Duration) -> Result<ap::ClaimNameResponse> {
+        self.call(req, budget, |mut c, r| async move { c.claim_name(r).await }).await
+    }
 }
 
 #[cfg(test)]

@@ -153,4 +153,12 @@ impl Agent for AgentService {
         let id = r.group_snapshot_id.clone();
         traced("agent.GetVolumeGroupSnapshot", &id, self.ops.get_group_snapshot(r, budget)).await
     }
+
+    // issue 11: cluster
+    async fn claim_name(&self, r: Request<ap::ClaimNameRequest>) -> Result<Response<ap::ClaimNameResponse>, Status> {
+        let budget = wait_budget(r.metadata());
+        let r = r.into_inner();
+        let name = r.csi_name.clone();
+        traced("agent.ClaimName", &name, self.ops.claim_name(r, budget)).await
+    }
 }

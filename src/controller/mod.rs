@@ -17,6 +17,7 @@
 
 pub mod admin;
 // issue 12: group snapshots
+pub mod claims;
 pub mod group;
 pub mod registry;
 
@@ -67,6 +68,9 @@ pub struct ClusterController {
     pending: Mutex<HashMap<(String, String), (u64, u64)>>,
     /// One placement at a time (choose, then count): microseconds each.
     placing: Mutex<()>,
+    // issue 11: cluster
+    /// Claims on names (two active replicas) and creates whose outcome is unknown.
+    claims: claims::Claims,
 }
 
 /// Takes a create's room back from [`ClusterController::pending`] when it is answered.
@@ -118,6 +122,7 @@ impl ClusterController {
             standalone: false,
             pending: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
+            claims: claims::Claims::new(),
         }
     }
 
@@ -195,6 +200,8 @@ impl ClusterController {
                 c.volumes += n;
             }
         }
+        drop(p);
+        self.claims.count_settling(&self.reg, &mut all);
         all
     }
 
@@ -250,10 +257,12 @@ impl ClusterController {
                     .collect(),
                 ..req.clone()
             }),
+            controller: self.claims.id().to_owned(),
         };
 
         // Known to the index: the agent holding it answers (its own retry check).
         if let Some((node, v)) = self.reg.volumes_named(&req.name).into_iter().next() {
+            self.claims.settled(&req.name);
             return self.create_found(&req, &preq, &node, &v.pool, forward(&v.pool), jobs::left(deadline)).await;
         }
 
@@ -316,8 +325,9 @@ impl ClusterController {
                 bounded(&req.name)
             )));
         }
-        // Every node that could hold it is asked (a name missing from the index), and tells its
-        // capacity now (placement acts on fresh numbers).
+        // A node whose index is not authoritative (its inventory or a change is missing) is
+        // asked whether it holds the name; the others are answered by the index. Capacities
+        // are what the agents reported (heartbeats, changes): nothing is asked per create.
         let mut nodes: Vec<String> = fitting
             .iter()
             .filter(|c| c.node_state == NodeState::Up && placement::reachable(&c.segments, c.shared, &preq.requisite))
@@ -325,30 +335,69 @@ impl ClusterController {
             .collect();
         nodes.sort();
         nodes.dedup();
-        let asked: Vec<(String, Vec<String>)> =
-            nodes.iter().map(|n| (n.clone(), fitting.iter().filter(|c| c.node == *n).map(|c| c.pool.clone()).collect())).collect();
-        let found = self.look_up(&asked, &req.name).await?;
-        if let Some((node, pool)) = found {
-            return self.create_found(&req, &preq, &node, &pool, forward(&pool), jobs::left(deadline)).await;
+        // An earlier attempt here whose outcome is unknown (its answer was lost): the node it
+        // went to may hold the volume or still make it; its agent answers the retry (claimed
+        // for that node first, as any create on several candidates).
+        if let Some((node, pool)) = self.claims.unsettled(&req.name) {
+            if let claims::Claimed::Elsewhere(other, _) = self.claims.claim(&self.reg, &nodes, &req.name, &node, &pool).await? {
+                return Err(Error::Aborted(format!(
+                    "another controller is placing volume {} on node {other} while an earlier attempt here went to node {node}; retry",
+                    bounded(&req.name)
+                )));
+            }
+            let res = self.create_found(&req, &preq, &node, &pool, forward(&pool), jobs::left(deadline)).await;
+            self.claims.outcome(&req.name, &node, &pool, &res);
+            return res;
+        }
+        let asked: Vec<(String, Vec<String>)> = nodes
+            .iter()
+            .filter(|n| !self.reg.index_complete(n))
+            .map(|n| (n.clone(), fitting.iter().filter(|c| c.node == *n).map(|c| c.pool.clone()).collect()))
+            .collect();
+        if !asked.is_empty() {
+            if let Some((node, pool)) = self.look_up(&asked, &req.name).await? {
+                return self.create_found(&req, &preq, &node, &pool, forward(&pool), jobs::left(deadline)).await;
+            }
         }
         // Chosen and counted in one step, so a create placed at the same moment sees it.
         let (choice, _reserved) = {
             let _one = self.placing.lock().unwrap_or_else(|e| e.into_inner());
-            if !nodes.is_empty() {
-                let considered: Vec<PoolCandidate> = self
-                    .candidates()
-                    .into_iter()
-                    .filter(|p| !matches_parameters(p, &preq) || fitting.iter().any(|f| f.node == p.node && f.pool == p.pool))
-                    .collect();
-                placed = placement::place(&considered, &preq);
-            }
+            let considered: Vec<PoolCandidate> = self
+                .candidates()
+                .into_iter()
+                .filter(|p| !matches_parameters(p, &preq) || fitting.iter().any(|f| f.node == p.node && f.pool == p.pool))
+                .collect();
+            placed = placement::place(&considered, &preq);
             let choice = placed.choice(&preq)?.clone();
             let reserved = self.reserve(&choice.node, &choice.pool, capacity);
             (choice, reserved)
         };
-        let agent = self.agent_of(&choice.node)?;
-        let resp = agent.create_volume(forward(&choice.pool), jobs::left(deadline)).await?;
-        self.created(&choice.node, resp, &req.name)
+        // Another active controller may place the same name at this moment: the name is
+        // claimed on a few of the candidate nodes first (all or nothing); a claim held by the
+        // other sends this create where the other places it.
+        let (node, pool) = match self.claims.claim(&self.reg, &nodes, &req.name, &choice.node, &choice.pool).await? {
+            claims::Claimed::Free => (choice.node.clone(), choice.pool.clone()),
+            claims::Claimed::Elsewhere(node, pool) => {
+                if !fitting.iter().any(|f| f.node == node && f.pool == pool) {
+                    return Err(Error::Aborted(format!(
+                        "another controller is placing volume {} on node {node} (pool {pool}), outside this request's candidates; retry",
+                        bounded(&req.name)
+                    )));
+                }
+                (node, pool)
+            }
+        };
+        let agent = self.agent_of(&node)?;
+        let reports = self.reg.room_reports(&node);
+        self.claims.dispatched(&req.name, &node, &pool);
+        let res = agent.create_volume(forward(&pool), jobs::left(deadline)).await;
+        self.claims.outcome(&req.name, &node, &pool, &res);
+        if res.is_ok() {
+            self.claims.settle(&self.reg, &node, &pool, capacity, reports);
+        } else if self.claims.definitive(&res) {
+            self.claims.release(&self.reg, &nodes, &req.name).await;
+        }
+        self.created(&node, res?, &req.name)
     }
 
     /// A create of a name that exists on `node` in `pool`: outside the requisite topology it
@@ -415,11 +464,10 @@ impl ClusterController {
         self.reg.node(node).and_then(|n| n.agent).ok_or_else(|| Error::Unavailable(format!("node {node} left the registry; retry")))
     }
 
-    /// Asks each of `nodes` for volume `name` (and its capacities, refreshed in the registry);
-    /// the first that holds it: (node, pool). A node that cannot answer makes the create
-    /// UNAVAILABLE: it may hold the first attempt.
     /// Asks each node whether it holds `name`; a node must hear from every pool of its that is
-    /// a candidate (`(node, candidate pools)`), other pools of it may be sick.
+    /// a candidate (`(node, candidate pools)`), other pools of it may be sick. The first that
+    /// holds it: (node, pool). A node that cannot answer makes the create UNAVAILABLE: it may
+    /// hold the first attempt.
     async fn look_up(&self, nodes: &[(String, Vec<String>)], name: &str) -> Result<Option<(String, String)>> {
         let mut set = JoinSet::new();
         for (node, pools) in nodes {
@@ -427,30 +475,13 @@ impl ClusterController {
             let (node, name, pools) = (node.clone(), name.to_owned(), pools.clone());
             set.spawn(async move {
                 let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::CsiName(name)), pools };
-                let (found, caps) = tokio::join!(
-                    agent.get_volume(get, LOOKUP_BUDGET),
-                    agent.get_capacity(ap::GetCapacityRequest { pool: String::new() }, LOOKUP_BUDGET)
-                );
-                (node, found, caps)
+                (node, agent.get_volume(get, LOOKUP_BUDGET).await)
             });
         }
         let mut found = None;
         let mut failed = Vec::new();
         while let Some(joined) = set.join_next().await {
-            let Ok((node, got, caps)) = joined else { continue };
-            if let Ok(c) = caps {
-                self.reg.update_capacities(&node, &c.pools);
-                // A pool that cannot tell its room answers zeros (no minimum size): its health
-                // and why are in the agent's description of its pools, read now, so placement
-                // refuses it with the reason instead of as full.
-                if c.pools.iter().any(|p| p.minimum_volume_bytes == 0) {
-                    if let Some(agent) = self.reg.node(&node).and_then(|n| n.agent) {
-                        if let Ok(inv) = agent.get_inventory(LOOKUP_BUDGET).await {
-                            self.reg.update_pools(&node, inv.pools);
-                        }
-                    }
-                }
-            }
+            let Ok((node, got)) = joined else { continue };
             match got {
                 Ok(ap::GetVolumeResponse { volume: Some(v) }) => found = Some((node, v.pool)),
                 Ok(_) => {}

@@ -106,6 +106,13 @@ struct Entry {
     in_process: bool,
     /// Whether its going down was logged (one line per change, not one per tick).
     down_logged: bool,
+    // issue 11: cluster
+    /// Whether the index of its objects is authoritative: its full inventory arrived and every
+    /// change since applied in sequence (false from a gap or a heartbeat ahead of it until it
+    /// registers again).
+    in_sync: bool,
+    /// How many times its pools' room was reported (heartbeats, capacity changes).
+    room_reports: u64,
 }
 
 impl Entry {
@@ -129,6 +136,8 @@ impl Entry {
             agent,
             in_process,
             down_logged: false,
+            in_sync: true,
+            room_reports: 0,
         };
         for v in inv.volumes {
             e.put_volume(v);
@@ -191,14 +200,36 @@ impl Entry {
             Some(C::VolumeDeleted(r)) => self.drop_volume(&(r.pool, r.local_name)),
             Some(C::SnapshotCreated(s)) => self.put_snapshot(s),
             Some(C::SnapshotDeleted(r)) => self.drop_snapshot(&(r.pool, r.local_name)),
-            Some(C::PoolUpdated(p)) => match self.pools.iter_mut().find(|q| q.name == p.name) {
-                Some(q) => *q = p,
-                None => self.pools.push(p),
-            },
+            Some(C::PoolUpdated(p)) => {
+                match self.pools.iter_mut().find(|q| q.name == p.name) {
+                    Some(q) => *q = p,
+                    None => self.pools.push(p),
+                }
+                self.room_reports += 1;
+            }
+            Some(C::PoolCapacity(c)) => self.set_room(&[c]),
             // A kind of change this build does not know (a newer agent): nothing to apply.
             None => {}
         }
         true
+    }
+
+    /// The room its pools reported (a heartbeat, a change, a live answer). A pool that just
+    /// told its room is healthy again, even before its agent's health report says so.
+    fn set_room(&mut self, caps: &[ap::PoolCapacity]) {
+        if caps.is_empty() {
+            return;
+        }
+        for c in caps {
+            if let Some(p) = self.pools.iter_mut().find(|p| p.name == c.pool) {
+                p.capacity = Some(c.clone());
+                if c.minimum_volume_bytes > 0 && p.health == ap::PoolHealth::Unavailable as i32 {
+                    p.health = ap::PoolHealth::Healthy as i32;
+                    p.health_message.clear();
+                }
+            }
+        }
+        self.room_reports += 1;
     }
 
     fn silent_for(&self, now: Instant) -> Duration {
@@ -553,19 +584,23 @@ impl Registry {
     /// Capacities a node answered just now (GetCapacity asked live).
     pub fn update_capacities(&self, node: &str, caps: &[ap::PoolCapacity]) {
         if let Some(e) = self.nodes().get_mut(node) {
-            for c in caps {
-                if let Some(p) = e.pools.iter_mut().find(|p| p.name == c.pool) {
-                    p.capacity = Some(c.clone());
-                    // It just told its room (a pool that cannot answers zeros): the outage that
-                    // marked it unavailable is over, even before its agent's next health pass
-                    // says so, so a create right after an NFS server came back is placed.
-                    if c.minimum_volume_bytes > 0 && p.health == ap::PoolHealth::Unavailable as i32 {
-                        p.health = ap::PoolHealth::Healthy as i32;
-                        p.health_message.clear();
-                    }
-                }
-            }
+            // It just told its room (a pool that cannot answers zeros): the outage that marked
+            // it unavailable is over, so a create right after an NFS server came back is placed.
+            e.set_room(caps);
         }
+    }
+
+    // issue 11: cluster
+    /// Whether the index is authoritative for `node`: its full inventory arrived and its
+    /// changes since were applied in sequence, so a name missing from the index is not there
+    /// (no look-up needed).
+    pub fn index_complete(&self, node: &str) -> bool {
+        self.nodes().get(node).is_some_and(|e| e.in_sync)
+    }
+
+    /// How many times `node` reported its pools' room so far (see [`Registry::update_capacities`]).
+    pub fn room_reports(&self, node: &str) -> u64 {
+        self.nodes().get(node).map(|e| e.room_reports).unwrap_or(0)
     }
 
     /// Adds the in-process [`LocalAgent`] (all-in-one; the controller's `nfs` pools): see
@@ -736,6 +771,7 @@ impl Registry {
         let Some(e) = nodes.get_mut(&node).filter(|e| !e.in_process) else { return Ok(ap::HeartbeatResponse { resync: true }) };
         if e.started_unix != hb.agent_started_unix || e.sequence != hb.sequence {
             tracing::info!(node = %node, have = e.sequence, agent = hb.sequence, "agent's changes do not match the index; asking it to register again");
+            e.in_sync = false;
             return Ok(ap::HeartbeatResponse { resync: true });
         }
         if e.down_logged {
@@ -743,11 +779,7 @@ impl Registry {
             e.down_logged = false;
         }
         e.seen();
-        for c in hb.pools {
-            if let Some(p) = e.pools.iter_mut().find(|p| p.name == c.pool) {
-                p.capacity = Some(c);
-            }
-        }
+        e.set_room(&hb.pools);
         Ok(ap::HeartbeatResponse { resync: false })
     }
 
@@ -764,6 +796,7 @@ impl Registry {
             let seq = c.sequence;
             if !e.apply(c) {
                 tracing::info!(node = %node, have = e.sequence, got = seq, "a change is missing; asking the agent to register again");
+                e.in_sync = false;
                 return Ok(ap::ReportChangesResponse { resync: true });
             }
         }
@@ -908,6 +941,10 @@ impl AgentOps for Absent {
         Err(self.err())
     }
     async fn get_inventory(&self, _: Duration) -> Result<ap::Inventory> {
+        Err(self.err())
+    }
+    // issue 11: cluster
+    async fn claim_name(&self, _: ap::ClaimNameRequest, _: Duration) -> Result<ap::ClaimNameResponse> {
         Err(self.err())
     }
 }

@@ -28,6 +28,10 @@ struct FakeAgent {
     calls: Mutex<Vec<String>>,
     /// Simulates an agent that does not answer.
     broken: AtomicBool,
+    /// Claims on names: name → (controller, node, pool), as the real agent keeps them.
+    claims: Mutex<BTreeMap<String, (String, String, String)>>,
+    /// GetVolume and GetCapacity calls (a create over an authoritative index makes none).
+    asked: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeAgent {
@@ -58,6 +62,8 @@ impl FakeAgent {
             volumes: Mutex::new(BTreeMap::new()),
             calls: Mutex::new(Vec::new()),
             broken: AtomicBool::new(false),
+            claims: Mutex::new(BTreeMap::new()),
+            asked: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -114,6 +120,15 @@ impl AgentOps for FakeAgent {
         let r = req.request.unwrap();
         for k in PLACEMENT_ONLY {
             assert!(!r.parameters.contains_key(k), "the controller passed its own parameter {k} to the agent");
+        }
+        {
+            let mut claims = self.claims.lock().unwrap();
+            if let Some((c, node, _)) = claims.get(&r.name) {
+                if *c != req.controller && *node != self.node {
+                    return Err(Error::Aborted(format!("another controller is placing {} on node {node}", r.name)));
+                }
+            }
+            claims.insert(r.name.clone(), (req.controller.clone(), self.node.clone(), req.pool.clone()));
         }
         self.calls.lock().unwrap().push(format!("create {} {}", req.pool, r.name));
         // A create takes a moment, as a real one does: others are placed meanwhile.
@@ -182,6 +197,7 @@ impl AgentOps for FakeAgent {
     }
 
     async fn get_volume(&self, req: ap::GetVolumeRequest, _: Duration) -> Result<ap::GetVolumeResponse> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         let vols = self.volumes.lock().unwrap();
         let volume = match req.key {
@@ -208,6 +224,7 @@ impl AgentOps for FakeAgent {
     }
 
     async fn get_capacity(&self, _: ap::GetCapacityRequest, _: Duration) -> Result<ap::GetCapacityResponse> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         Ok(ap::GetCapacityResponse { pools: self.pools.lock().unwrap().iter().filter_map(|p| p.capacity.clone()).collect() })
     }
@@ -215,6 +232,26 @@ impl AgentOps for FakeAgent {
     async fn get_inventory(&self, _: Duration) -> Result<ap::Inventory> {
         self.check()?;
         Ok(self.inventory())
+    }
+
+    async fn claim_name(&self, req: ap::ClaimNameRequest, _: Duration) -> Result<ap::ClaimNameResponse> {
+        self.check()?;
+        let mut claims = self.claims.lock().unwrap();
+        if req.release {
+            if claims.get(&req.csi_name).is_some_and(|(c, _, _)| *c == req.controller) {
+                claims.remove(&req.csi_name);
+            }
+            return Ok(ap::ClaimNameResponse { granted: true, ..Default::default() });
+        }
+        match claims.get(&req.csi_name) {
+            Some((c, node, pool)) if *c != req.controller => {
+                Ok(ap::ClaimNameResponse { granted: false, holder: c.clone(), node: node.clone(), pool: pool.clone() })
+            }
+            _ => {
+                claims.insert(req.csi_name, (req.controller, req.node, req.pool));
+                Ok(ap::ClaimNameResponse { granted: true, ..Default::default() })
+            }
+        }
     }
 }
 
@@ -373,8 +410,12 @@ async fn a_retry_is_answered_by_the_node_holding_the_name_even_behind_the_index(
     let first = cl.create(create_req("once", 1)).await.unwrap();
     let again = cl.create(create_req("once", 1)).await.unwrap();
     assert_eq!(again.volume_id, first.volume_id);
-    // Made on node c but not reported yet: found there by the look-up, not made twice on b.
+    // Made on node c but not reported yet, and c's heartbeat says a change is missing (the
+    // index is not authoritative for c): found there by the look-up, not made twice on b.
     let planted = cl.agent("c").plant("bulk", "behind");
+    let hb =
+        ap::HeartbeatRequest { version: Some(WIRE_VERSION), node_id: "c".into(), agent_started_unix: 1, sequence: 1, ..Default::default() };
+    assert!(cl.c.registry().heartbeat(Request::new(hb)).unwrap().resync);
     let got = cl.create(create_req("behind", 1)).await.unwrap();
     assert_eq!(got.volume_id, planted);
     for n in ["a", "b"] {
@@ -638,8 +679,8 @@ async fn all_in_one_sends_another_nodes_ids_to_that_node() {
 #[tokio::test]
 async fn two_controllers_creating_one_name_at_once_make_one_volume() {
     // Two active replicas, each with its own registry of the same agents (their sidecars elect
-    // leaders separately). Each asks the candidates for the name and their capacity just before
-    // placing, so both place it on the same pool, where the agent's own retry check answers.
+    // leaders separately). Each claims the name on the candidate agents before placing; the
+    // second is sent where the first places it, where the agent's own retry check answers.
     let cl = cluster();
     let lookup = cl.agents.clone();
     let connector: Connector = Arc::new(move |node: &str, _: &str| lookup[node].clone() as Arc<dyn AgentOps>);
@@ -671,4 +712,40 @@ async fn capacity_refuses_parameters_no_pool_knows() {
         assert!(!matches!(got, Err(Error::InvalidArgument(ref m)) if m.contains("unknown parameter")), "{ok}: {got:?}");
     }
     assert_eq!(code(cl.c.capacity(req("provisoning")).await), Code::InvalidArgument);
+}
+
+// issue 11: cluster
+#[tokio::test]
+async fn creates_over_an_authoritative_index_ask_no_agent_and_place_on_reported_room() {
+    let cl = cluster();
+    for i in 0..6 {
+        cl.create(create_req(&format!("quiet-{i}"), 1)).await.unwrap();
+    }
+    let asked: usize = cl.agents.values().map(|a| a.asked.load(Ordering::SeqCst)).sum();
+    assert_eq!(asked, 0, "no GetVolume / GetCapacity per create while every index is in sequence");
+    // b (9 GiB) took the first creates; its room counts them although the fake never reports
+    // it, so most-free moved on to a (5 GiB) once b had less.
+    let on_a = cl.agent("a").names().len();
+    assert!(on_a >= 1, "answered creates count against their pool until reported: {:?}", cl.agent("b").names());
+    // A heartbeat ahead of the index: that node is asked before the next create is placed.
+    let hb =
+        ap::HeartbeatRequest { version: Some(WIRE_VERSION), node_id: "a".into(), agent_started_unix: 1, sequence: 7, ..Default::default() };
+    assert!(cl.c.registry().heartbeat(Request::new(hb)).unwrap().resync);
+    cl.create(create_req("after-gap", 1)).await.unwrap();
+    assert_eq!(cl.agent("a").asked.load(Ordering::SeqCst), 1);
+    assert_eq!(cl.agent("b").asked.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_retried_on_its_node() {
+    let cl = cluster();
+    // The first attempt reaches b, which makes it, but the answer is lost (b "unreachable").
+    cl.agent("b").plant("slow", "lost");
+    cl.c.claims.dispatched("lost", "b", "slow");
+    cl.c.claims.outcome::<()>("lost", "b", "slow", &Err(Error::Unavailable("cut off".into())));
+    // The retry goes to b (its agent's retry check answers), never to a fresh placement.
+    let got = cl.create(with_params(create_req("lost", 1), &[("placementPolicy", "least-used")])).await.unwrap();
+    assert_eq!(node_of(&got), "b");
+    let made = cl.agents.values().flat_map(|a| a.names()).filter(|n| n == "lost").count();
+    assert_eq!(made, 1);
 }

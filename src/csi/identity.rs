@@ -19,18 +19,26 @@ pub struct IdentityService {
     driver: Arc<Driver>,
     /// issue 12: whether the GroupController service is served beside it.
     group_controller: bool,
+    /// Whether this socket serves the Controller service (an agent's plugin socket does not).
+    controller: bool,
 }
 
 impl IdentityService {
-    /// Serves identity for `driver`.
+    /// Serves identity for `driver`, with the Controller service.
     pub fn new(driver: Arc<Driver>) -> Self {
-        IdentityService { driver, group_controller: false }
+        IdentityService { driver, group_controller: false, controller: true }
     }
 
     /// issue 12: advertise GROUP_CONTROLLER_SERVICE (where the GroupController is served).
     pub fn with_group_controller(mut self, served: bool) -> Self {
         self.group_controller = served;
         self
+    }
+
+    // issue 11: cluster
+    /// Whether the Controller service is served beside it (advertised only then).
+    pub fn with_controller(self, controller: bool) -> Self {
+        IdentityService { controller, ..self }
     }
 }
 
@@ -61,12 +69,15 @@ impl Identity for IdentityService {
                 r#type: volume_expansion::Type::Online as i32,
             })),
         };
-        let mut capabilities =
-            vec![service_cap(service::Type::ControllerService), service_cap(service::Type::VolumeAccessibilityConstraints), online];
-        if self.group_controller {
-            capabilities.push(service_cap(service::Type::GroupControllerService));
-        }
-        Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
+        let controller = self.controller.then(|| service_cap(service::Type::ControllerService));
+        let group = self.group_controller.then(|| service_cap(service::Type::GroupControllerService));
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities: controller
+                .into_iter()
+                .chain([service_cap(service::Type::VolumeAccessibilityConstraints), online])
+                .chain(group)
+                .collect(),
+        }))
     }
 
     /// Ready whenever it answers: the socket only appears once every pool is open (start-up

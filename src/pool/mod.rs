@@ -16,6 +16,8 @@ pub mod copy;
 pub mod file;
 pub mod lvm;
 pub mod nfs;
+// issue 11: cluster
+pub mod schema;
 pub mod zfs;
 
 /// 1 MiB: every capacity is rounded up to a multiple of this.

@@ -121,6 +121,9 @@ struct VolumeRecord {
     /// with another image (reflink) that the next write to either needs anew.
     #[serde(default)]
     shared: u64,
+    /// issue 11: cluster. The record's schema (refused when newer than this build's).
+    #[serde(default)]
+    schema: crate::pool::schema::RecordSchema,
 }
 
 /// What a snapshot's metadata file holds.
@@ -132,6 +135,9 @@ struct SnapshotRecord {
     /// size, because the volume's next writes need new blocks.
     #[serde(default)]
     shared: u64,
+    /// issue 11: cluster. As [`VolumeRecord::schema`].
+    #[serde(default)]
+    schema: crate::pool::schema::RecordSchema,
 }
 
 /// What the pool's filesystem can do for copies and allocation.
@@ -758,7 +764,7 @@ impl FilePool {
             source_uid: source.info.uid.clone(),
             group,
         };
-        self.commit(&f, SnapshotRecord { info: info.clone(), shared }).await?;
+        self.commit(&f, SnapshotRecord { info: info.clone(), shared, schema: Default::default() }).await?;
         tracing::info!(pool = %self.name, local, source = source_local, size, shared, "created snapshot");
         Ok(info)
     }
@@ -842,7 +848,7 @@ impl Pool for FilePool {
             parameters: Some(req.parameters.clone()),
             mutable: req.mutable.clone(),
         };
-        self.commit(&f, VolumeRecord { info: info.clone(), provisioning, shared }).await?;
+        self.commit(&f, VolumeRecord { info: info.clone(), provisioning, shared, schema: Default::default() }).await?;
         tracing::info!(pool = %self.name, local = %info.local, capacity = info.capacity, provisioning = provisioning.as_str(), "created volume");
         Ok(info)
     }
@@ -1098,7 +1104,7 @@ impl Pool for FilePool {
         let mut info = r.info;
         info.mutable.insert(key.to_owned(), value.to_owned());
         // Unshared (thick) or promised only its holes (thin, as a thin copy is): nothing shared counts.
-        let record = VolumeRecord { info, provisioning: want, shared: 0 };
+        let record = VolumeRecord { info, provisioning: want, shared: 0, schema: Default::default() };
         let ff = f.clone();
         self.blocking(format!("writing {}", f.meta.display()), METADATA_DEADLINE, move || write_meta(&ff, &record)).await?;
         tracing::info!(pool = %self.name, local, provisioning = want.as_str(), "modified volume");

@@ -647,6 +647,26 @@ fn records_written_before_provisioning_existed_read_as_thin() {
     assert!(json.contains(r#""provisioning":"thick""#) && json.contains(r#""shared":7"#), "{json}");
     let back: VolumeRecord = serde_json::from_str(&json).unwrap();
     assert_eq!((back.provisioning, back.shared), (Provisioning::Thick, 7));
+    // issue 11: cluster. Records carry their schema; an old one reads as schema 0.
+    assert_eq!(r.schema.0, 0);
+    assert!(json.contains(r#""schema":1"#), "{json}");
+    assert_eq!(back.schema.0, 1);
+}
+
+// issue 11: cluster
+#[tokio::test]
+async fn a_record_of_a_newer_schema_is_refused_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path(), Arc::new(FakeExec::new()));
+    p.create_volume(&req("v1", MIB, false, None)).await.unwrap();
+    let meta = dir.path().join("volumes/v1.json");
+    let text = std::fs::read_to_string(&meta).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["schema"], 1, "{text}");
+    v["schema"] = 7.into();
+    std::fs::write(&meta, v.to_string()).unwrap();
+    let err = p.get_volume("v1").await.unwrap_err().to_string();
+    assert!(err.contains("record schema 7") && err.contains("upgrade holdfast"), "{err}");
 }
 
 #[tokio::test]

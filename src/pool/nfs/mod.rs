@@ -674,7 +674,7 @@ impl Pool for NfsPool {
             .await?;
             self.remove_tree(&trash).await?;
         }
-        let meta = VolumeMeta { info, subdir };
+        let meta = VolumeMeta { info, subdir, schema: Default::default() };
         let built = async {
             self.build(&layout, local, fill, attrs).await?;
             self.commit(&layout, &meta).await
@@ -823,7 +823,10 @@ impl Pool for NfsPool {
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).context(|| format!("syncing {}", tmp.display()))?;
             let archive_bytes = std::fs::metadata(&tmp).context(|| format!("inspecting {}", tmp.display()))?.len();
             std::fs::rename(&tmp, &archive).context(|| format!("moving {} to {}", tmp.display(), archive.display()))?;
-            store::write_json(&l.snapshot_meta(&info2.local), &SnapshotMeta { info: info2, archive_bytes, subdir })
+            store::write_json(
+                &l.snapshot_meta(&info2.local),
+                &SnapshotMeta { info: info2, archive_bytes, subdir, schema: Default::default() },
+            )
         })
         .await?;
         tracing::info!(pool = %self.name, local, source = source_local, "created snapshot");

@@ -45,6 +45,9 @@ pub struct VolumeMeta {
     pub info: VolumeInfo,
     /// The data directory, relative to the export root.
     pub subdir: String,
+    /// issue 11: cluster. The record's schema (refused when newer than this build's).
+    #[serde(default)]
+    pub schema: crate::pool::schema::RecordSchema,
 }
 
 /// A snapshot as stored in `snapshots/<local>.json`.
@@ -55,6 +58,9 @@ pub struct SnapshotMeta {
     pub info: SnapshotInfo,
     /// Size of the archive file in bytes.
     pub archive_bytes: u64,
+    /// issue 11: cluster. As [`VolumeMeta::schema`].
+    #[serde(default)]
+    pub schema: crate::pool::schema::RecordSchema,
     /// The subdirectory it was taken from (for operators).
     pub subdir: String,
 }

@@ -543,6 +543,7 @@ async fn a_crash_between_rename_and_commit_is_finished_or_discarded_by_the_retry
             mutable: Default::default(),
         },
         subdir: "team-a/db".into(),
+        schema: Default::default(),
     };
     store::write_json(&r.meta_dir().join("tmp/pvc-crash.json"), &meta).unwrap();
     std::fs::create_dir_all(r.work().join("team-a/db")).unwrap();
