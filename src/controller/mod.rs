@@ -359,6 +359,12 @@ impl ClusterController {
                 return self.create_found(&req, &preq, &node, &pool, forward(&pool), jobs::left(deadline)).await;
             }
         }
+        // Only pools the registry holds unhealthy could take it: their agents said so at their
+        // last report, seconds ago, and an outage (an NFS server restarting) may be over. They
+        // are asked for their room now, once, before the create is refused for that.
+        if let Err(Error::Unavailable(_)) = placed.choice(&preq) {
+            self.refresh_sick(&fitting, deadline).await;
+        }
         // Chosen and counted in one step, so a create placed at the same moment sees it.
         let (choice, _reserved) = {
             let _one = self.placing.lock().unwrap_or_else(|e| e.into_inner());
@@ -793,6 +799,29 @@ impl ClusterController {
                 Ok(GetSnapshotResponse { snapshot: Some(s) })
             }
             Route::Unknown(node, pool) => Err(self.unknown(&node, &pool, missing())),
+        }
+    }
+
+    /// Asks the agents of the unhealthy pools among `fitting` for their room (bounded by
+    /// [`LOOKUP_BUDGET`] and the call's deadline); what they answer updates the registry, a
+    /// pool that answers with room being healthy again.
+    async fn refresh_sick(&self, fitting: &[PoolCandidate], deadline: std::time::Instant) {
+        let mut nodes: Vec<&str> =
+            fitting.iter().filter(|c| matches!(c.health, placement::Health::Unavailable(_))).map(|c| c.node.as_str()).collect();
+        nodes.sort();
+        nodes.dedup();
+        let budget = LOOKUP_BUDGET.min(jobs::left(deadline));
+        let mut set = JoinSet::new();
+        for node in nodes {
+            if let Ok(agent) = self.agent_of(node) {
+                let node = node.to_owned();
+                set.spawn(async move { (node, agent.get_capacity(ap::GetCapacityRequest { pool: String::new() }, budget).await) });
+            }
+        }
+        while let Some(joined) = set.join_next().await {
+            if let Ok((node, Ok(c))) = joined {
+                self.reg.update_capacities(&node, &c.pools);
+            }
         }
     }
 
