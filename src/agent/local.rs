@@ -420,10 +420,13 @@ impl LocalAgent {
         let (source, source_uid) = source.unzip();
         let source_uid = source_uid.flatten();
         let (required, limit) = req.capacity_range.map(|r| (r.required_bytes, r.limit_bytes)).unwrap_or((0, 0));
+        // What a volume this request made earlier must hold: the size asked for; a copy made
+        // with no size asked for was its source's size then, which may have grown since.
+        let asked_capacity = if required == 0 && source.is_some() { 0 } else { capacity };
+        // Refused only once no earlier attempt is found: a retry of a copy whose source grew
+        // meanwhile is answered with the volume that attempt made.
+        let too_small = (capacity < min_size && required > 0).then(|| capacity);
         if capacity < min_size {
-            if required > 0 {
-                return Err(Error::OutOfRange(format!("requested {capacity} bytes is smaller than the source ({min_size} bytes)")));
-            }
             capacity = min_size;
         } else if source.is_some() && required == 0 && limit == 0 {
             // A copy with no size asked for (Nomad sends none) is its source's size, not the
@@ -463,7 +466,7 @@ impl LocalAgent {
             let asked = CreateRequest {
                 csi_name: req.name.clone(),
                 local: v.local.clone(),
-                capacity,
+                capacity: asked_capacity,
                 block,
                 fs_type: want_fs,
                 source: source.clone(),
@@ -489,6 +492,9 @@ impl LocalAgent {
             }
             self.note_volume(pool.as_ref(), &v);
             return Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) });
+        }
+        if let Some(asked) = too_small {
+            return Err(Error::OutOfRange(format!("requested {asked} bytes is smaller than the source ({min_size} bytes)")));
         }
 
         let requisite: Vec<Segments> = req
