@@ -425,7 +425,7 @@ impl LocalAgent {
         let asked_capacity = if required == 0 && source.is_some() { 0 } else { capacity };
         // Refused only once no earlier attempt is found: a retry of a copy whose source grew
         // meanwhile is answered with the volume that attempt made.
-        let too_small = (capacity < min_size && required > 0).then(|| capacity);
+        let too_small = (capacity < min_size && required > 0).then_some(capacity);
         if capacity < min_size {
             capacity = min_size;
         } else if source.is_some() && required == 0 && limit == 0 {
