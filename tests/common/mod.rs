@@ -282,6 +282,11 @@ impl Driver {
     /// environment, and reconnects (after [`Driver::kill`], as a supervisor would).
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "restart: the driver is still running");
+        // A killed driver leaves its socket file: connecting to it before the new driver has
+        // replaced it gives a channel whose first call fails ("transport error"), as seen on a
+        // loaded VM. The new driver replaces a stale socket itself (conformance
+        // stale_socket_is_replaced_at_start); the harness waits for the new one.
+        let _ = std::fs::remove_file(&self.socket);
         self.child = Some(spawn_driver(&self.dir, &self.endpoint, &self.pool.config, &self.launch, &self.log, self.split.as_mut()));
         self.connect().await;
     }
