@@ -1469,18 +1469,3 @@ mod modify;
 // issue 12: group snapshots
 #[path = "conformance/group.rs"]
 mod group;
-// ---------------------------------------------------------------------------------------------
-// issue 12: what a pool kind genuinely cannot do
-
-/// Whether a volume's snapshots die with it, so DeleteVolume of a volume that has snapshots is
-/// refused (FAILED_PRECONDITION naming them): a thick LVM pool (no `thin_pool`), whose
-/// snapshots are copy-on-write LVs of their origin. Every other kind keeps them independent.
-fn snapshots_die_with_their_volume(d: &Driver) -> bool {
-    if d.pool.kind != "lvm" {
-        return false;
-    }
-    let text = std::fs::read_to_string(&d.pool.config).unwrap_or_default();
-    let table: toml::Table = text.parse().unwrap_or_default();
-    let first = table.get("pool").and_then(|p| p.as_array()).and_then(|a| a.first());
-    first.and_then(|p| p.get("thin_pool")).is_none()
-}

@@ -1101,3 +1101,17 @@ pub fn clean_up_dir(dir: &Path) -> Vec<PathBuf> {
 pub fn all_mount_points() -> Vec<PathBuf> {
     mount_points()
 }
+
+/// Whether the pool under test's snapshots die with their volume, so DeleteVolume of a volume
+/// that has snapshots is refused (FAILED_PRECONDITION naming them): a thick LVM pool (no
+/// `thin_pool` in its config), whose snapshots are copy-on-write LVs of their origin. Every
+/// other kind keeps them independent.
+pub fn snapshots_die_with_their_volume(d: &Driver) -> bool {
+    if d.pool.kind != "lvm" {
+        return false;
+    }
+    let text = std::fs::read_to_string(&d.pool.config).unwrap_or_default();
+    let table: toml::Table = text.parse().unwrap_or_default();
+    let first = table.get("pool").and_then(|p| p.as_array()).and_then(|a| a.first());
+    first.and_then(|p| p.get("thin_pool")).is_none()
+}

@@ -521,19 +521,6 @@ pub fn temp_files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Whether the pool under test's snapshots die with their volume, so DeleteVolume of a volume
-/// that has snapshots is refused (a thick LVM pool, no `thin_pool` in its config: its snapshots
-/// are copy-on-write LVs of their origin).
-pub fn snapshots_die_with_their_volume(d: &Driver) -> bool {
-    if d.pool.kind != "lvm" {
-        return false;
-    }
-    let text = std::fs::read_to_string(&d.pool.config).unwrap_or_default();
-    let table: toml::Table = text.parse().unwrap_or_default();
-    let first = table.get("pool").and_then(|p| p.as_array()).and_then(|a| a.first());
-    first.and_then(|p| p.get("thin_pool")).is_none()
-}
-
 /// The step of CreateSnapshot (and of a clone) that takes the time, per pool kind: the tool
 /// and an argument pattern for [`Wrappers::slow`]. On a `file` pool it is the image copy (run
 /// while a mounted source is frozen).

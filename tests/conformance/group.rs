@@ -8,10 +8,9 @@ use holdfast::proto::group_controller_service_capability::{Type as GroupCapType,
 
 /// Why this pool refuses groups of unmounted volumes, if it does (docs/design.md).
 fn refuses_groups(d: &Driver) -> Option<&'static str> {
-    let config = std::fs::read_to_string(&d.pool.config).unwrap_or_default();
     match d.pool.kind.as_str() {
         "nfs" => Some("nfs"),
-        "lvm" if !config.contains("thin_pool") => Some("thick LVM"),
+        "lvm" if snapshots_die_with_their_volume(d) => Some("thick LVM"),
         _ => None,
     }
 }
