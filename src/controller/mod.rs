@@ -810,13 +810,17 @@ impl ClusterController {
             fitting.iter().filter(|c| matches!(c.health, placement::Health::Unavailable(_))).map(|c| c.node.as_str()).collect();
         nodes.sort();
         nodes.dedup();
-        let budget = LOOKUP_BUDGET.min(jobs::left(deadline));
+        let agents = nodes.into_iter().filter_map(|n| self.agent_of(n).ok().map(|a| (n.to_owned(), a))).collect();
+        self.ask_room(agents, LOOKUP_BUDGET.min(jobs::left(deadline))).await;
+    }
+
+    /// Asks each of `agents` (node id, agent) for the room of all its pools at once, at most
+    /// `budget`; the answers update the registry (an agent that does not answer in time keeps
+    /// the numbers it reported last).
+    async fn ask_room(&self, agents: Vec<(String, Arc<dyn AgentOps>)>, budget: Duration) {
         let mut set = JoinSet::new();
-        for node in nodes {
-            if let Ok(agent) = self.agent_of(node) {
-                let node = node.to_owned();
-                set.spawn(async move { (node, agent.get_capacity(ap::GetCapacityRequest { pool: String::new() }, budget).await) });
-            }
+        for (node, agent) in agents {
+            set.spawn(async move { (node, agent.get_capacity(ap::GetCapacityRequest { pool: String::new() }, budget).await) });
         }
         while let Some(joined) = set.join_next().await {
             if let Ok((node, Ok(c))) = joined {
@@ -835,19 +839,14 @@ impl ClusterController {
         let block = caps.iter().any(|c| c.block);
         let segment: Option<Segments> = req.accessible_topology.as_ref().map(|t| t.segments.clone().into_iter().collect());
         self.check_parameters(&req.parameters)?;
-        let views: Vec<NodeView> = self.reg.nodes_view().into_iter().filter(|n| n.registered && n.state == NodeState::Up).collect();
-        let mut set = JoinSet::new();
-        for n in &views {
-            if let Some(agent) = n.agent.clone() {
-                let node = n.node_id.clone();
-                set.spawn(async move { (node, agent.get_capacity(ap::GetCapacityRequest { pool: String::new() }, LOOKUP_BUDGET).await) });
-            }
-        }
-        while let Some(joined) = set.join_next().await {
-            if let Ok((node, Ok(c))) = joined {
-                self.reg.update_capacities(&node, &c.pools);
-            }
-        }
+        let agents = self
+            .reg
+            .nodes_view()
+            .into_iter()
+            .filter(|n| n.registered && n.state == NodeState::Up)
+            .filter_map(|n| n.agent.map(|a| (n.node_id, a)))
+            .collect();
+        self.ask_room(agents, LOOKUP_BUDGET).await;
         let mut pools: Vec<PoolCandidate> = Vec::new();
         let mut smallest: Option<u64> = None;
         for n in self.reg.nodes_view().into_iter().filter(|n| n.registered) {
