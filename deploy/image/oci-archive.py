@@ -23,6 +23,21 @@ def blob(layout, data):
     return {"digest": "sha256:" + digest, "size": len(data)}
 
 
+def reference(name):
+    """The fully qualified reference a runtime resolves `name` to, the Docker way: a first path
+    component that is no registry (no dot, no colon, not localhost) means docker.io, and a
+    one-component name docker.io/library. The kubelet asks containerd for that reference, so an
+    image imported under the short name would not be found. No tag means :latest."""
+    if ":" not in name.rpartition("/")[2] and "@" not in name:
+        name += ":latest"
+    first, _, rest = name.partition("/")
+    if not rest:
+        return "docker.io/library/" + name
+    if "." in first or ":" in first or first == "localhost":
+        return name
+    return "docker.io/" + name
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rootfs", required=True, help="the root filesystem as a tar")
@@ -57,8 +72,10 @@ def main():
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": cfg, "layers": [layer]}
         man = blob(layout, json.dumps(manifest, sort_keys=True).encode())
         man["mediaType"] = "application/vnd.oci.image.manifest.v1+json"
-        # podman reads the ref.name annotation as the image's name, containerd its own one.
-        man["annotations"] = {"org.opencontainers.image.ref.name": a.name, "io.containerd.image.name": a.name}
+        # podman reads the ref.name annotation as the image's name, containerd its own one; both
+        # get the full reference (`ctr images import` keeps the name as it is written).
+        ref = reference(a.name)
+        man["annotations"] = {"org.opencontainers.image.ref.name": ref, "io.containerd.image.name": ref}
         man["platform"] = {"architecture": a.arch, "os": "linux"}
         index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [man]}
         with open(os.path.join(layout, "index.json"), "w") as f:
