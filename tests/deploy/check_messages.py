@@ -23,6 +23,15 @@ name and the recording fakes (`impl … Fake…`) left out):
   (`non_empty(PARAM_POOL)`), or `.map_err(Error::X)` over a function whose `Err(…)` texts are
   then taken.
 
+- start-up refusals, under the pseudo-code STARTUP (what `holdfast` prints before it exits, when it
+  will not start: a bad config, a socket in use, TLS files missing or not matching): in the
+  files of STARTUP_FILES (main.rs, config.rs and the serving code), `bail!(…)`, `anyhow!(…)`,
+  `eprintln!(…)`, `ConfigError(…)` (and `.map_err(ConfigError)` over a function of the same
+  file), every other `Err(…)` (`Err(format!(…))` of a function answering a String), the closures
+  of `.map_err(|e| …)` / `.ok_or_else(|| …)`, `#[error("…")]` attributes, and in main.rs
+  `.context(…)` / `.with_context(…)` (anyhow's: there they are start-up messages, elsewhere
+  error.rs's INTERNAL contexts). A text given to a gRPC-coded error there keeps its code.
+
 Each text is reduced to its static part: a `{…}` placeholder, or a value the checker cannot see,
 becomes `…`. A text with no letter of its own (`{}`, `{peer}: {m}`) relays another message, which
 has its entry where it is made. A message is covered by a catalogue entry when both have the same
@@ -76,7 +85,13 @@ STATUS_CODES = {
 # Not a gRPC code: the message of an abnormal volume condition (ListVolumes, NodeGetVolumeStats),
 # which reaches users as a VolumeConditionAbnormal event.
 CONDITION = "VOLUME_CONDITION"
-ALL_CODES = set(CODES.values()) | set(STATUS_CODES.values()) | {CONDITION}
+# Not a gRPC code either: what `holdfast` prints when it refuses to start (read from these files).
+STARTUP = "STARTUP"
+STARTUP_FILES = ("src/main.rs", "src/config.rs", "src/server.rs", "src/tls.rs")
+# Error types whose construction in STARTUP_FILES is a coded message (read by the main pass) or
+# another type's plumbing, not a start-up text of its own.
+CODED = {"Error", "Status", "tonic", "TlsError", "ConfigError", "Self", "e", "err"}
+ALL_CODES = set(CODES.values()) | set(STATUS_CODES.values()) | {CONDITION, STARTUP}
 WILD = "…"
 
 
@@ -739,8 +754,9 @@ class Reader:
                 depth -= 1
         return None
 
-    def err_texts_of(self, path, toks, at, depth):
-        """Texts of `Err(…)` in the function called just before `.map_err(` at `at`."""
+    def err_texts_of(self, path, toks, at, depth, same_file=False):
+        """Texts of `Err(…)` in the function called just before `.map_err(` at `at` (with
+        same_file, only a function of that name in the caller's file)."""
         j = at - 1  # the `.` before map_err
         fn = self.enclosing_fn(path, at)
         if fn and (path, fn[0]) in RELAYS:
@@ -758,6 +774,8 @@ class Reader:
                     break
         found = []
         for p, _, lo, hi in self.functions.get(name, []):
+            if same_file and p != path:
+                continue
             ftoks = self.files[p]
             for m in range(lo, hi):
                 if is_i(ftoks[m], "Err") and is_p(ftoks[m + 1], "("):
@@ -800,7 +818,7 @@ def messages(files):
                     elif owner == "Status" and t.text in STATUS_CODES:
                         code = STATUS_CODES[t.text]
                 elif is_p(t, ".") and is_i(toks[i + 1], "context") and is_p(toks[i + 2], "("):
-                    code, i = "INTERNAL", i + 1
+                    code, i = ("INTERNAL" if path != "src/main.rs" else STARTUP), i + 1
                 if t.kind == "ident" and t.text == "Abnormal" and is_p(toks[i - 1], "::") and toks[i - 2].text == "Condition":
                     code = CONDITION
                 elif is_i(t, "VolumeCondition") and is_p(toks[i + 1], "{"):
@@ -844,7 +862,72 @@ def messages(files):
             except (ValueError, IndexError, KeyError, AttributeError) as e:
                 # new syntax the checker does not know: a failure to look at, not a pass
                 reader.unread.append((path, toks[i].line, f"the checker cannot read this call ({e!r})"))
+    for path in STARTUP_FILES:
+        if path in files:
+            found += startup_messages(reader, path, files[path])
     return found, reader.unread
+
+
+def startup_messages(reader, path, toks):
+    """(path, line, STARTUP, text) of each start-up refusal in one of STARTUP_FILES."""
+    found = []
+
+    def add(texts, tok):
+        for text in dict.fromkeys(texts):
+            if text != "":
+                where = getattr(text, "where", None) or (path, tok.line)
+                found.append((where[0], where[1], STARTUP, str(text)))
+
+    n = len(toks)
+    for i in range(1, n - 3):
+        t = toks[i]
+        try:
+            if t.kind != "ident" and not is_p(t, "#"):
+                continue
+            if t.text in ("bail", "anyhow", "eprintln") and is_p(toks[i + 1], "!") and is_p(toks[i + 2], "("):
+                add(reader.format_texts(path, toks, i, matching(toks, i + 2) + 1, 0), t)
+            elif is_p(t, "#") and is_p(toks[i + 1], "[") and is_i(toks[i + 2], "error") and is_p(toks[i + 3], "("):
+                lit = toks[i + 4]
+                if lit.kind == "str":  # `#[error("cannot read {path}: {source}")]`
+                    add([text_at(re.sub(r"\{[^{}]*\}", WILD, lit.value), path, lit)], lit)
+            elif path == "src/main.rs" and t.text == "with_context" and is_p(toks[i - 1], ".") and is_p(toks[i + 1], "("):
+                close = matching(toks, i + 1)
+                add(reader.texts(path, toks, i + 2, close), t)
+            elif t.text in ("ConfigError", "Err") and is_p(toks[i + 1], "(") and not is_i(toks[i - 1], "struct"):
+                close = matching(toks, i + 1)
+                args = split_args(toks, i + 1, close)
+                if not args or in_pattern(toks, close):
+                    continue
+                s_, e_ = args[0]
+                first = toks[s_]
+                if first.kind == "ident" and (first.text in CODED or first.text in CODES) and e_ - s_ > 1:
+                    continue  # Err(Error::X(…)), Err(ConfigError(…)): read where they are made
+                if e_ - s_ == 1 and first.kind == "ident" and first.text not in reader.consts:
+                    continue  # Err(e): a relay of a value made elsewhere (read there)
+                add(reader.texts(path, toks, s_, e_), t)
+            elif t.text in ("map_err", "ok_or_else") and is_p(toks[i - 1], ".") and is_p(toks[i + 1], "("):
+                close = matching(toks, i + 1)
+                if is_i(toks[i + 2], "ConfigError") and close == i + 3:
+                    # `.map_err(ConfigError)`: the Err(…) texts of the function called before, in this file
+                    texts = reader.err_texts_of(path, toks, i, 0, same_file=True)
+                    if texts is None:
+                        reader.unread.append((path, t.line, "cannot find the texts that .map_err(ConfigError) wraps"))
+                    else:
+                        add(texts, t)
+                    continue
+                if not (is_p(toks[i + 2], "|") or is_p(toks[i + 2], "||")):
+                    continue  # `.map_err(Error::X)` is the main pass's; `.map_err(f)` passes a value on
+                j = i + 3
+                if is_p(toks[i + 2], "|"):
+                    while not is_p(toks[j], "|"):
+                        j += 1
+                    j += 1
+                if any(x.kind == "ident" and x.text in ("Error", "Status", "TlsError", "ConfigError") for x in toks[j:close]):
+                    continue  # the closure builds a coded error or a ConfigError: read where it does
+                add(reader.texts(path, toks, j, close), t)
+        except (ValueError, IndexError, KeyError, AttributeError) as e:
+            reader.unread.append((path, t.line, f"the checker cannot read this start-up message ({e!r})"))
+    return found
 
 
 LEX_ERRORS = []  # (path, line, why) of files the lexer could not read
@@ -1030,6 +1113,36 @@ mod tests {
 }
 '''
 
+# src/main.rs and src/config.rs of the made-up tree: start-up refusals.
+SELF_TEST_MAIN = r'''
+//! made up
+fn start(args: Args) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config)?;
+    if cfg.pools.is_empty() {
+        bail!("the configuration names no pool in {}", args.config.display());
+    }
+    let id = hostname::get().context("cannot read the hostname")?;
+    let l = bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    check(&args.listen).map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+'''
+SELF_TEST_CONFIG = r'''
+//! made up
+#[derive(thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+fn load(path: &Path) -> Result<Config, ConfigError> {
+    let src = read(path).map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+    parse(&src).map_err(|ConfigError(m)| ConfigError(format!("{}: {m}", path.display())))?;
+    prefix().map_err(ConfigError)?;
+    Err(ConfigError("no pool".into()))
+}
+fn prefix() -> Result<(), String> {
+    Err(format!("exec_prefix.{} is empty", 1))
+}
+'''
+
 SELF_TEST_DOC = '''
 # Troubleshooting
 ## By message
@@ -1060,6 +1173,13 @@ SELF_TEST_DOC = '''
 | `no pool can take …; retry` | x | y |
 ### PERMISSION_DENIED
 | `certificate … is not node …'s` | x | y |
+### STARTUP: refusals
+| `the configuration names no pool in …` | x | y |
+| `cannot read the hostname` | x | y |
+| `cannot listen on …` | x | y |
+| `cannot read config …: …` | x | y |
+| `exec_prefix.… is empty` | x | y |
+| `no pool` | x | y |
 '''
 
 
@@ -1089,11 +1209,26 @@ def self_test():
         ("INTERNAL", "…"),  # Error::Internal(m) of a matched binding: a relay
         ("UNAVAILABLE", "no pool can take …; retry"),
         ("PERMISSION_DENIED", "certificate … is not node …'s"),
+        # start-up refusals (src/main.rs and src/config.rs): bail!, anyhow's contexts,
+        # ConfigError(…) and .map_err(ConfigError) over a function answering String errors;
+        # `{}: {m}` and `#[error("{0}")]` relay
+        ("STARTUP", "the configuration names no pool in …"),
+        ("STARTUP", "cannot read the hostname"),
+        ("STARTUP", "cannot listen on …"),
+        ("STARTUP", "cannot read config …: …"),
+        ("STARTUP", "exec_prefix.… is empty"),
+        ("STARTUP", "no pool"),
+        ("STARTUP", "…"),
+        ("STARTUP", "…: …"),
     }
     with tempfile.TemporaryDirectory() as root:
         os.makedirs(os.path.join(root, "src"))
         with open(os.path.join(root, "src", "lib.rs"), "w") as f:
             f.write(SELF_TEST_SRC)
+        with open(os.path.join(root, "src", "main.rs"), "w") as f:
+            f.write(SELF_TEST_MAIN)
+        with open(os.path.join(root, "src", "config.rs"), "w") as f:
+            f.write(SELF_TEST_CONFIG)
         found, unread = messages(load_sources(root))
         got = {(c, normalize(t)) for _, _, c, t in found}
         assert not any("only in a test" in t or "fake" in t for _, t in got), "test code or a fake counted"
@@ -1110,6 +1245,10 @@ def self_test():
             f.write(SELF_TEST_DOC.replace("| `short` | x | y |\n", ""))
         lack = missing(found, catalogue(open(doc).read()))
         assert [(l, c, t) for _, l, c, t in lack] == [(13, "FAILED_PRECONDITION", "short")], lack
+        # a start-up refusal without its entry fails too, and an INTERNAL row is not one for it
+        nostart = SELF_TEST_DOC.replace("| `cannot read the hostname` | x | y |\n", "")
+        assert [(c, t) for _, _, c, t in missing(found, catalogue(nostart))] == [("STARTUP", "cannot read the hostname")]
+        assert len(missing(found, catalogue(nostart + "### INTERNAL\n| `cannot read the hostname` | x | y |\n"))) == 1
         # the same text under another code is not an entry for it
         wrong = SELF_TEST_DOC.replace("### INTERNAL\n", "### ABORTED\n")
         assert [t for _, _, _, t in missing(found, catalogue(wrong))] == ["creating …"]
