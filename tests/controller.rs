@@ -71,6 +71,9 @@ struct Cluster {
     grace_ms: u64,
     /// Mutual TLS with per-node certificates (made by `holdfast certs` under `certs/`), or plain.
     tls: bool,
+    /// Under TLS, the controller's flags for agents sharing one certificate (`holdfast-agent`,
+    /// as the deploy files ship) instead of `--tls-per-node`.
+    shared_cert: Option<Vec<String>>,
     controller: Option<Proc>,
     agents: BTreeMap<String, Proc>,
     csi: Option<Channel>,
@@ -82,12 +85,17 @@ impl Cluster {
     }
 
     async fn start_with(grace_ms: u64, tls: bool) -> Cluster {
+        Cluster::start_tls(grace_ms, tls, None).await
+    }
+
+    async fn start_tls(grace_ms: u64, tls: bool, shared_cert: Option<Vec<String>>) -> Cluster {
         let dir = tempfile::Builder::new().prefix("holdfast-controller-").tempdir().unwrap();
         std::fs::write(dir.path().join("retired"), "# gone for good\n").unwrap();
         let mut c = Cluster {
             registry: format!("127.0.0.1:{}", free_port()),
             grace_ms,
             tls,
+            shared_cert,
             dir,
             controller: None,
             agents: BTreeMap::new(),
@@ -101,7 +109,7 @@ impl Cluster {
             };
             let ca = certs.join("ca");
             run(&["certs", "ca", "--out", ca.to_str().unwrap()]);
-            for (name, san) in [("holdfast-controller", Some("127.0.0.1")), ("n1", None), ("n2", None)] {
+            for (name, san) in [("holdfast-controller", Some("127.0.0.1")), ("n1", None), ("n2", None), ("holdfast-agent", None)] {
                 let out = certs.join(name);
                 let mut args = vec!["certs", "node", "--ca", ca.to_str().unwrap(), "--node-id", name, "--out", out.to_str().unwrap()];
                 if let Some(san) = san {
@@ -147,8 +155,10 @@ impl Cluster {
         .to_vec();
         let mut args = args;
         args.extend(self.tls_args("holdfast-controller"));
-        if self.tls {
-            args.push("--tls-per-node".into());
+        match (&self.shared_cert, self.tls) {
+            (Some(flags), true) => args.extend(flags.iter().cloned()),
+            (None, true) => args.push("--tls-per-node".into()),
+            _ => {}
         }
         let proc = Proc::spawn(&args, &self.path("controller.log"));
         self.controller = Some(proc);
@@ -431,4 +441,32 @@ async fn with_per_node_certificates_an_agent_must_present_its_own() {
     let v = c.create(request("over-tls", 64 * MIB, vec![], vec![])).await.unwrap();
     assert_eq!(node_of(&v), "n1");
     c.controller_client().delete_volume(DeleteVolumeRequest { volume_id: v.volume_id, ..Default::default() }).await.unwrap();
+}
+
+/// The TLS setup the deploy files ship: every agent presents the one certificate
+/// `holdfast-agent` (docs/operations.md makes it with `holdfast certs`, the cert-manager
+/// component as a Certificate), and the controller checks that name when it dials an agent, with
+/// the flag deploy/kubernetes/base/controller.yaml gives it. Without the flag it checks for the
+/// node id, and no call reaches an agent although the agents register.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_agent_certificate_of_the_deploy_files_reaches_the_agents() {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/base/controller.yaml")).unwrap();
+    let flag = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- --agent-server-name="))
+        .expect("deploy/kubernetes/base/controller.yaml gives the controller --agent-server-name");
+    assert_eq!(flag, "holdfast-agent", "the name of the agents' shared certificate");
+    let mut c = Cluster::start_tls(0, true, Some(vec![format!("--agent-server-name={flag}")])).await;
+    c.start_agent_with_cert("n1", "n1", "z1", free_port(), "holdfast-agent");
+    c.until_state("n1", "up", Duration::from_secs(30)).await;
+    let v = c.create(request("shared-cert", 64 * MIB, vec![], vec![])).await.unwrap();
+    assert_eq!(node_of(&v), "n1");
+    c.controller_client().delete_volume(DeleteVolumeRequest { volume_id: v.volume_id, ..Default::default() }).await.unwrap();
+    drop(c);
+
+    let mut c = Cluster::start_tls(0, true, Some(vec![])).await;
+    c.start_agent_with_cert("n1", "n1", "z1", free_port(), "holdfast-agent");
+    c.until_state("n1", "up", Duration::from_secs(30)).await;
+    let err = c.create(request("shared-cert", 64 * MIB, vec![], vec![])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }

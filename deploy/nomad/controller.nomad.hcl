@@ -47,6 +47,9 @@ job "holdfast-controller" {
           "--tls-cert=${NOMAD_SECRETS_DIR}/tls.crt",
           "--tls-key=${NOMAD_SECRETS_DIR}/tls.key",
           "--tls-ca=${NOMAD_SECRETS_DIR}/ca.crt",
+          # Every agent presents the one shared certificate (holdfast certs node --node-id
+          # holdfast-agent): the name checked when dialling an agent, not its node id.
+          "--agent-server-name=holdfast-agent",
         ]
         ports = ["registration"]
         # The controller mounts the exports of nfs pools to make volume directories.

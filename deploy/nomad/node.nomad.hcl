@@ -37,6 +37,8 @@ job "holdfast-node" {
           "--tls-cert=${NOMAD_SECRETS_DIR}/tls.crt",
           "--tls-key=${NOMAD_SECRETS_DIR}/tls.key",
           "--tls-ca=${NOMAD_SECRETS_DIR}/ca.crt",
+          # The controller's certificate names holdfast-controller, not the Consul name dialled.
+          "--tls-server-name=holdfast-controller",
         ]
         mount {
           type   = "bind"

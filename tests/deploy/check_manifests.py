@@ -7,7 +7,9 @@
    (VolumeAttributesClass v1, 1.34) against the newest only; CRD kinds against the schemas in
    tests/fixtures/crd-schemas; an object of a kind with no schema fails;
 3. what must agree agrees: driver name and plugin id, socket paths, kubelet paths, node id
-   source, topology keys (with src/), the controller's address, port and certificate names,
+   source, topology keys (with src/), the controller's address, port and certificate names
+   (the names each end checks in the other's certificate: the Certificates of the cert-manager
+   component, or the `holdfast certs` commands of docs/operations.md),
    the pools StorageClasses name, image names and tags (with Cargo.toml), and every flag the
    files give `holdfast` is one `holdfast <subcommand> --help` lists (the real binary);
 4. the Nomad job files parse as HCL2 (python-hcl2) and the volume specs as HCL1 (pyhcl), with
@@ -248,12 +250,39 @@ def check_set(where, objs):
         fail(f"{where}: exec_prefix enters PID 1's namespaces but the pod has no hostPID")
     secret_names = {v["secret"]["secretName"] for v in list(vols.values()) + dep["spec"]["template"]["spec"]["volumes"] if "secret" in v}
     certs = {o["spec"]["secretName"]: o for o in by.get("Certificate", [])}
+    # The names each end checks in the other's certificate: the agent the controller's (the host
+    # it dials, or --tls-server-name), the controller every agent's (--agent-server-name; without
+    # it the node id, which a certificate shared by every agent of a DaemonSet cannot carry).
+    ctrl_name = arg(agent, "--tls-server-name") or want.rsplit(":", 1)[0]
+    agent_name = arg(ctrl, "--agent-server-name")
+    if agent_name is None and not arg(ctrl, "--tls-per-node"):
+        fail(f"{where}: the agents share one certificate but the controller has no --agent-server-name: it would check each agent's certificate for its node id")
     if certs:
         if not secret_names <= set(certs):
             fail(f"{where}: Secrets {sorted(secret_names - set(certs))} are mounted but no Certificate makes them")
         ctrl_secret = [v for v in dep["spec"]["template"]["spec"]["volumes"] if "secret" in v][0]["secret"]["secretName"]
-        if want.rsplit(":", 1)[0] not in certs[ctrl_secret]["spec"].get("dnsNames", []):
-            fail(f"{where}: the controller's certificate does not name {want.rsplit(':', 1)[0]}")
+        if ctrl_name not in certs[ctrl_secret]["spec"].get("dnsNames", []):
+            fail(f"{where}: the controller's certificate does not name {ctrl_name}")
+        agent_secret = vols.get("tls", {}).get("secret", {}).get("secretName")
+        if agent_name and agent_secret in certs and agent_name not in certs[agent_secret]["spec"].get("dnsNames", []):
+            fail(f"{where}: the controller checks agents for {agent_name}, their certificate names {certs[agent_secret]['spec'].get('dnsNames')}")
+    else:
+        # Secrets made by hand as docs/operations.md says (`holdfast certs node …`).
+        documented = doc_cert_names()
+        if ctrl_name not in documented.get("controller", []):
+            fail(f"{where}: agents check the controller's certificate for {ctrl_name}; docs/operations.md makes it for {documented.get('controller')}")
+        if agent_name and agent_name not in documented.get("agent", []):
+            fail(f"{where}: the controller checks agents for {agent_name}; docs/operations.md makes their certificate for {documented.get('agent')}")
+
+
+def doc_cert_names():
+    """Names of the certificates docs/operations.md makes with `holdfast certs node … --out ./X`:
+    {X: [--node-id, --san…]}."""
+    text = open(os.path.join(ROOT, "docs", "operations.md")).read().replace("\\\n", " ")
+    out = {}
+    for m in re.finditer(r"holdfast certs node --ca \S+ --node-id (\S+)((?:\s+--san \S+)*)\s+--out \./(\w+)", text):
+        out[m.group(3)] = [m.group(1)] + re.findall(r"--san (\S+)", m.group(2))
+    return out
 
 
 def kustomize(d):
@@ -364,6 +393,15 @@ def check_nomad():
                         fail(f"{rel}: task {tname} runs {cfg['image']}, not holdfast/holdfast:{VERSION}")
                     args = cfg["args"]
                     check_flags(f"{rel}: task {tname}", args)
+                    # The certificates' names (made as docs/operations.md says) each end checks.
+                    flags = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
+                    documented = doc_cert_names()
+                    if args[0] == "controller" and "--tls-cert" in flags and flags.get("--agent-server-name") not in documented.get("agent", []):
+                        fail(f"{rel}: the controller checks agents for {flags.get('--agent-server-name')} (the node id if unset); docs/operations.md makes their certificate for {documented.get('agent')}")
+                    if args[0] == "agent" and "--tls-cert" in flags:
+                        name = flags.get("--tls-server-name") or flags.get("--controller", "").rsplit(":", 1)[0]
+                        if name not in documented.get("controller", []):
+                            fail(f"{rel}: the agent checks the controller's certificate for {name}; docs/operations.md makes it for {documented.get('controller')}")
                     if plugin["type"] in ("node", "monolith"):
                         if jbody.get("type") != "system" or not cfg.get("privileged"):
                             fail(f"{rel}: the {plugin['type']} plugin is not a privileged system job")
