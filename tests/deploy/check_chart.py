@@ -2,10 +2,12 @@
 
 For each case, the chart (deploy/helm/holdfast) is rendered with tests/deploy/gotemplate.py for
 a set of values and compared, object by object and field by field, with `kubectl kustomize` of
-the matching overlay. Empty lists and maps count as absent (Kubernetes reads them so)."""
+the matching overlay. Empty lists and maps count as absent (Kubernetes reads them so). Every key
+of values.yaml has its row in the README's values reference."""
 
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -120,8 +122,42 @@ def self_test():
     assert got == 'a:\n  b: "x"\n', repr(got)
 
 
+# Maps that are values as a whole (the README documents the key, not what the map may hold).
+WHOLE = ("resources", "Resources", "nodeSelector")
+
+
+def undocumented(values, readme):
+    """Keys of `values` (dot paths, down to its leaves or a WHOLE map) that no row of the
+    README's values table names: as written, `pools.<kind>.…` for any pool, `a.b.*` for what
+    lies below a.b, or `a.b.image` / `.tag` for a sibling."""
+    names = []
+    for line in readme.splitlines():
+        m = re.match(r"\|\s*(.+?)\s*\|", line)
+        for k in re.findall(r"`([^`]+)`", m.group(1)) if m else []:
+            names.append(names[-1].rsplit(".", 1)[0] + k if k.startswith(".") and names else k)
+
+    def covered(path):
+        for n in names:
+            pat = re.escape(n).replace(re.escape("<kind>"), r"[A-Za-z]+")
+            if n.endswith(".*"):
+                pat = pat[: -len(re.escape("*"))] + r".+"
+            if re.fullmatch(pat, path):
+                return True
+        return False
+
+    def leaves(d, pre=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v and not k.endswith(WHOLE):
+                yield from leaves(v, pre + k + ".")
+            else:
+                yield pre + k
+
+    return [p for p in leaves(values) if not covered(p)]
+
+
 def main():
     self_test()
+    assert undocumented({"a": {"b": 1, "c": 2}, "pools": {"x": {"on": 1}}}, "| `a.b` | 1 |\n| `pools.<kind>.on` | 1 |") == ["a.c"]
     defaults = yaml.safe_load(open(os.path.join(CHART, "values.yaml")))
     failed = 0
     for name, over, overlay, absent in CASES:
@@ -151,6 +187,12 @@ def main():
     if lines != ["node-a", "node-b"]:
         failed += 1
         print(f"check_chart: retiredNodes rendered as {lines!r}")
+    missing = undocumented(defaults, open(os.path.join(CHART, "README.md")).read())
+    if missing:
+        failed += 1
+        print(f"check_chart: values.yaml keys without a row in deploy/helm/holdfast/README.md: {missing}")
+    else:
+        print("check_chart: every key of values.yaml has its row in the chart's README")
     return 1 if failed else 0
 
 
