@@ -224,6 +224,16 @@ def check_set(where, objs):
         missing = [f for f in flags if f not in prov.get(name, {}).get("args", [])]
         if missing:
             fail(f"{where}: {name} lacks {missing}")
+    # Group snapshots exactly where the set installs a VolumeGroupSnapshotClass (the sidecar's
+    # gate without the CRDs makes it fail), with the snapshotter's RBAC for them.
+    groups = bool(by.get("VolumeGroupSnapshotClass"))
+    gate = "--feature-gates=CSIVolumeGroupSnapshot=true" in prov.get("csi-snapshotter", {}).get("args", [])
+    if groups != gate:
+        fail(f"{where}: a VolumeGroupSnapshotClass is {'' if groups else 'not '}installed but the csi-snapshotter's CSIVolumeGroupSnapshot gate is {'off' if groups else 'on'}")
+    roles = {r["metadata"]["name"]: r for r in by.get("ClusterRole", [])}
+    group_rules = [r for r in roles.get("holdfast-snapshotter", {}).get("rules", []) if "groupsnapshot.storage.k8s.io" in r.get("apiGroups", [])]
+    if groups and not any("volumegroupsnapshotcontents" in r.get("resources", []) and "update" in r.get("verbs", []) for r in group_rules):
+        fail(f"{where}: group snapshots on, but the snapshotter's ClusterRole cannot update VolumeGroupSnapshotContents")
     pod = ds["spec"]["template"]["spec"]
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     for p in [f"{KUBELET}/pods", f"{KUBELET}/plugins"]:
