@@ -63,6 +63,11 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Threads that run calls (the pools' blocking work runs on threads of its own, started
+    /// as needed): a node agent needs few; each costs memory (a stack, a malloc arena).
+    #[arg(long, env = "HOLDFAST_WORKER_THREADS", default_value_t = NODE_WORKER_THREADS,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    worker_threads: u32,
     /// Controller and Node calls served at once; further calls wait for a free slot (each
     /// within its own deadline). Identity calls (Probe, GetPluginInfo) are never held back.
     #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
@@ -117,6 +122,11 @@ struct AgentArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Threads that run calls (the pools' blocking work runs on threads of its own, started
+    /// as needed): a node agent needs few; each costs memory (a stack, a malloc arena).
+    #[arg(long, env = "HOLDFAST_WORKER_THREADS", default_value_t = NODE_WORKER_THREADS,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    worker_threads: u32,
     /// Node calls served at once on the plugin socket (Identity is never held back).
     #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -179,6 +189,9 @@ struct ControllerArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Threads that run calls (default: one per CPU).
+    #[arg(long, env = "HOLDFAST_WORKER_THREADS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    worker_threads: Option<u32>,
     /// Controller calls served at once; further calls wait (Identity is never held back).
     #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -485,6 +498,12 @@ async fn controller(args: ControllerArgs, serve_on: tokio::runtime::Handle) -> a
     Ok(())
 }
 
+/// issue 11: perf11. The call threads of `all-in-one` and `agent` unless told otherwise: what
+/// they run waits on the pools' blocking threads and on the network, so two serve a node
+/// whatever its CPU count (a runtime sized by CPUs starts one thread per core, each with its
+/// stack and malloc arena, on a 64-core node as on a small one).
+const NODE_WORKER_THREADS: u32 = 2;
+
 /// How long, once serving has stopped, the exit waits for blocking calls still running.
 const EXIT_WAIT: Duration = Duration::from_millis(500);
 
@@ -503,7 +522,13 @@ fn main() {
     };
     // The pools and every Controller/Node call run on `calls`; connections and Identity on
     // `grpc`, which nothing else uses, so Probe answers even when calls block their threads.
-    let calls = runtime("holdfast-call", None);
+    let threads = match &cli.cmd {
+        Command::AllInOne(a) => Some(a.worker_threads as usize),
+        Command::Agent(a) => Some(a.worker_threads as usize),
+        Command::Controller(a) => a.worker_threads.map(|n| n as usize),
+        _ => None,
+    };
+    let calls = runtime("holdfast-call", threads);
     let mut grpc = None;
     let res = match cli.cmd {
         Command::AllInOne(a) => {

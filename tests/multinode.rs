@@ -174,6 +174,8 @@ struct Options {
     controller_env: Vec<(String, String)>,
     /// A second controller replica, active at the same time (agents register with both).
     two_controllers: bool,
+    /// The heartbeat interval and down timeout (ms) instead of HEARTBEAT_MS and DOWN_MS.
+    heartbeat: Option<(&'static str, &'static str)>,
 }
 
 /// A controller and its agents, with everything they use under one temp dir; Drop stops the
@@ -222,6 +224,7 @@ fn tls_args(dir: &Path) -> Vec<String> {
 fn controller_proc(tmp: &Path, name: &str, socket: &Path, addr: SocketAddrV4, retired: &Path, certs_dir: &Path, opts: &Options) -> Proc {
     let (socket, listen, retired, tls) = (socket.to_owned(), addr.to_string(), retired.to_owned(), tls_args(&certs_dir.join("controller")));
     let env = opts.controller_env.clone();
+    let (heartbeat, down) = opts.heartbeat.unwrap_or((HEARTBEAT_MS, DOWN_MS));
     let state = tmp.join(format!("{name}-state"));
     Proc::start(
         name,
@@ -235,7 +238,7 @@ fn controller_proc(tmp: &Path, name: &str, socket: &Path, addr: SocketAddrV4, re
                 .arg(&retired)
                 .arg("--state-dir")
                 .arg(&state)
-                .args(["--heartbeat-ms", HEARTBEAT_MS, "--down-after-ms", DOWN_MS, "--startup-grace-ms", GRACE_MS])
+                .args(["--heartbeat-ms", heartbeat, "--down-after-ms", down, "--startup-grace-ms", GRACE_MS])
                 // Per-node certificates: each must name the node id it registers.
                 .arg("--tls-per-node")
                 .args(&tls)
@@ -1042,4 +1045,63 @@ async fn two_active_controllers_make_one_volume_of_one_name() {
     let again = create_retrying(&two, req, within).await.expect("replica two, restarted");
     assert_eq!(again.volume_id, made.volume_id);
     assert_eq!(volumes_named(&cluster, &name), 1);
+}
+
+/// The health of `pool` on `node` as the controller's registry has it (`holdfast ctl nodes`).
+async fn pool_health(cl: &Cluster, node: &str, pool: &str) -> (holdfast::agent_proto::PoolHealth, String) {
+    let channel = holdfast::endpoint::connect(&format!("unix://{}", cl.controller_socket.display())).await.expect("connect");
+    let resp = AdminClient::new(channel).list_nodes(ListNodesRequest {}).await.expect("Admin ListNodes").into_inner();
+    let n = resp.nodes.into_iter().find(|n| n.node_id == node).unwrap_or_else(|| panic!("node {node} is not in the registry"));
+    let p = n.pools.into_iter().find(|p| p.name == pool).unwrap_or_else(|| panic!("pool {pool} is not listed on {node}"));
+    (p.health(), p.health_message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_health_change_reaches_the_controller_at_once() {
+    use holdfast::agent_proto::PoolHealth;
+    // Heartbeats a minute apart (and down only after three minutes): what the controller
+    // learns within seconds came as a change, not with a heartbeat. The agent's own periodic
+    // pass over its pools runs every 15 s; the waits below are far shorter.
+    let opts = Options { heartbeat: Some(("60000", "180000")), ..Default::default() };
+    let mut cl = Cluster::start(&NODES[..1], 0, opts).await;
+    let csi = cl.ready(&["node-a"]).await;
+    let v = create(&csi, create_request(&unique("health"), 4 * MIB, None, &[])).await;
+    assert_eq!(pool_health(&cl, "node-a", "local").await.0, PoolHealth::Healthy);
+    let within = Duration::from_secs(3);
+
+    // The pool's directory goes away (as a filesystem that is not mounted any more). The agent
+    // notices on its next look at the pool: here the controller's ListVolumes, which the agent
+    // answers from its pools, listing the volume abnormal.
+    // (A listing first: a sick pool's volumes are listed as the agent last listed them.)
+    assert!(listed_condition(&list_volumes(&csi).await, &v.volume_id).is_some(), "the volume is listed");
+    let volumes = cl.agent("node-a").pool_dir().join("volumes");
+    let away = cl.agent("node-a").pool_dir().join("volumes.away");
+    std::fs::rename(&volumes, &away).unwrap();
+    let noticed = Instant::now();
+    let listed = listed_condition(&list_volumes(&csi).await, &v.volume_id).expect("the volume is listed").expect("with a condition");
+    assert!(listed.abnormal && listed.message.contains("pool local"), "{listed:?}");
+    let cl_ref = &cl;
+    let message = eventually(within, "the controller hears the pool is unavailable", || async move {
+        let (health, message) = pool_health(cl_ref, "node-a", "local").await;
+        (health == PoolHealth::Unavailable).then_some(message)
+    })
+    .await;
+    let took = noticed.elapsed();
+    assert!(message.contains("missing"), "the operator is told why: {message}");
+    // Nothing is placed on it: the node's capacity is gone at the controller too.
+    assert_eq!(capacity(&csi, &node_topology("node-a")).await.expect("GetCapacity"), 0, "capacity of a sick pool");
+    eprintln!("unavailable at the controller {took:?} after the agent noticed");
+
+    // Back: the next look reports it healthy, again at once.
+    std::fs::rename(&away, &volumes).unwrap();
+    let back = Instant::now();
+    let listed = listed_condition(&list_volumes(&csi).await, &v.volume_id).expect("the volume is listed").expect("with a condition");
+    assert!(!listed.abnormal, "{listed:?}");
+    eventually(within, "the controller hears the pool is back", || async move {
+        (pool_health(cl_ref, "node-a", "local").await.0 == PoolHealth::Healthy).then_some(())
+    })
+    .await;
+    eprintln!("healthy at the controller {:?} after the agent noticed", back.elapsed());
+    assert!(capacity(&csi, &node_topology("node-a")).await.expect("GetCapacity") > 0, "the pool's room is back");
+    ok(delete(&csi, &v.volume_id).await.map(tonic::Response::new), "DeleteVolume");
 }

@@ -1157,8 +1157,9 @@ impl LocalAgent {
             csi_name: v.csi_name.clone(),
             volume: Some(self.volume_message(pool, v)),
             condition,
-            // The pools do not tell which schema a record was read from.
-            record_schema: 0,
+            // issue 11: perf11. The schema this pool writes its records in (an older record
+            // is rewritten in it on its next change).
+            record_schema: crate::pool::schema::record_schema(pool.kind()),
         }
     }
 
@@ -1169,7 +1170,7 @@ impl LocalAgent {
             local_name: s.local.clone(),
             csi_name: s.csi_name.clone(),
             snapshot: Some(self.snapshot_message(pool, s)),
-            record_schema: 0,
+            record_schema: crate::pool::schema::record_schema(pool.kind()),
         }
     }
 
@@ -2415,6 +2416,9 @@ mod tests {
                 assert_eq!(inv.volumes.len(), 1);
                 assert_eq!(inv.volumes[0].volume.as_ref().unwrap().volume_id, v.volume_id);
                 assert_eq!((inv.snapshots.len(), inv.snapshots[0].csi_name.as_str()), (1, "s1"));
+                // The schema of the records a file pool writes, as the controller compares it.
+                let schema = crate::pool::schema::JSON_RECORD_SCHEMA;
+                assert_eq!((inv.volumes[0].record_schema, inv.snapshots[0].record_schema), (schema, schema));
             }
 
             #[tokio::test]

@@ -617,10 +617,12 @@ impl ClusterController {
         let missing = || Error::NotFound(format!("volume {} does not exist", bounded(&req.volume_id)));
         let id = VolumeId::parse(&req.volume_id).filter(VolumeId::may_name_volume).ok_or_else(missing)?;
         let (volume, condition) = match self.route(&id) {
-            Route::Up(_, agent) => {
+            Route::Up(node, agent) => {
                 let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(req.volume_id.clone())), pools: vec![] };
                 let v = agent.get_volume(get, budget).await?.volume.ok_or_else(missing)?;
-                (v.volume, v.condition.unwrap_or_else(healthy))
+                let kinds = self.reg.node(&node).map(|n| pool_kinds(&n)).unwrap_or_default();
+                let condition = condition_of(&node, &kinds, &v);
+                (v.volume, condition)
             }
             Route::Trouble(n) => {
                 let v = self.indexed_volume(&n.node_id, &req.volume_id).ok_or_else(missing)?;
@@ -697,9 +699,11 @@ impl ClusterController {
             let Ok((n, got)) = joined else { continue };
             match got {
                 Ok(vols) => {
+                    let kinds = pool_kinds(&n);
                     for v in vols {
+                        let cond = condition_of(&n.node_id, &kinds, &v);
                         if let Some(vol) = v.volume {
-                            items.push((vol.volume_id.clone(), (vol, v.condition.unwrap_or_else(healthy))));
+                            items.push((vol.volume_id.clone(), (vol, cond)));
                         }
                     }
                 }
@@ -981,6 +985,35 @@ fn serves(p: &ap::Pool, caps: &[Capability], block: bool, fs: Option<&str>) -> b
 
 fn healthy() -> VolumeCondition {
     VolumeCondition { abnormal: false, message: "volume is healthy".into() }
+}
+
+/// The kind of each pool of a node, by pool name.
+fn pool_kinds(n: &NodeView) -> HashMap<String, String> {
+    n.pools.iter().map(|p| (p.name.clone(), p.kind.clone())).collect()
+}
+
+/// issue 11: perf11. The condition of a volume an agent of `node` answered with: the agent's
+/// own, unless the volume's record is of a newer schema than this controller's build reads for
+/// its pool's kind (an agent upgraded before the controller). Such a volume stays in the index
+/// and is served by its agent, which reads its own records, but is reported abnormal so the
+/// operator upgrades the controller before relying on it.
+fn condition_of(node: &str, kinds: &HashMap<String, String>, v: &ap::Volume) -> VolumeCondition {
+    if let Some(c) = v.condition.clone().filter(|c| c.abnormal) {
+        return c;
+    }
+    let newest = kinds.get(&v.pool).and_then(|k| k.parse::<crate::volume_id::PoolKind>().ok()).map(crate::pool::schema::record_schema);
+    match newest {
+        Some(newest) if v.record_schema > newest => VolumeCondition {
+            abnormal: true,
+            message: format!(
+                "the record of this volume in pool {} on node {node} is of schema {}, newer than this controller reads ({newest}): \
+                 upgrade the controller to the agent's release",
+                bounded(&v.pool),
+                v.record_schema
+            ),
+        },
+        _ => v.condition.clone().unwrap_or_else(healthy),
+    }
 }
 
 fn abnormal(n: &NodeView) -> VolumeCondition {

@@ -749,3 +749,40 @@ async fn a_create_whose_answer_was_lost_is_retried_on_its_node() {
     let made = cl.agents.values().flat_map(|a| a.names()).filter(|n| n == "lost").count();
     assert_eq!(made, 1);
 }
+
+#[tokio::test]
+async fn a_volume_record_newer_than_the_controller_reads_is_served_but_reported_abnormal() {
+    let cl = cluster();
+    let d = Duration::from_secs(5);
+    let newest = crate::pool::schema::record_schema(crate::volume_id::PoolKind::File);
+    // What today's agents report: the schema their pools write (never 0 any more).
+    let current = cl.agent("c").plant("bulk", "current");
+    let newer = cl.agent("c").plant("bulk", "newer");
+    for (id, schema) in [(&current, newest), (&newer, newest + 1)] {
+        cl.agent("c").volumes.lock().unwrap().get_mut(id).unwrap().record_schema = schema;
+    }
+    let condition = |id: &str| {
+        let id = id.to_owned();
+        let c = &cl.c;
+        async move { c.get_volume(ControllerGetVolumeRequest { volume_id: id }, d).await.unwrap().status.unwrap().volume_condition.unwrap() }
+    };
+    assert!(!condition(&current).await.abnormal);
+    let cond = condition(&newer).await;
+    assert!(cond.abnormal, "{cond:?}");
+    let want = format!("schema {}, newer than this controller reads ({newest}): upgrade the controller", newest + 1);
+    assert!(cond.message.contains(&want) && cond.message.contains("node c"), "{}", cond.message);
+    let listed: BTreeMap<String, VolumeCondition> =
+        cl.c.list(ListVolumesRequest::default(), d)
+            .await
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| (e.volume.unwrap().volume_id, e.status.unwrap().volume_condition.unwrap()))
+            .collect();
+    assert!(listed[&newer].abnormal && listed[&newer].message.contains(&want), "{listed:?}");
+    assert!(!listed[&current].abnormal);
+    // Still its agent's volume: it answers the calls for it (the agent reads its own records).
+    let del = DeleteVolumeRequest { volume_id: newer.clone(), ..Default::default() };
+    cl.c.delete(del, d).await.unwrap();
+    assert!(cl.agent("c").calls().contains(&format!("delete {newer}")));
+}

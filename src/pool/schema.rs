@@ -9,6 +9,18 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// The schema of the JSON records this build writes and the newest it reads.
 pub const JSON_RECORD_SCHEMA: u32 = 1;
 
+/// The schema of the records a pool of `kind` writes with each volume and snapshot in this
+/// build, which is also the newest this build reads: what the Agent API reports as
+/// `record_schema`, and what the controller compares an agent's reports with.
+pub fn record_schema(kind: crate::volume_id::PoolKind) -> u32 {
+    use crate::volume_id::PoolKind;
+    match kind {
+        PoolKind::File | PoolKind::Nfs => JSON_RECORD_SCHEMA,
+        PoolKind::Lvm => crate::pool::lvm::tags::RECORD_SCHEMA,
+        PoolKind::Zfs => crate::pool::zfs::report::RECORD_SCHEMA,
+    }
+}
+
 /// A record's `schema` field: written as [`JSON_RECORD_SCHEMA`], read back as what the file
 /// says (refused when newer than this build).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
