@@ -203,6 +203,8 @@ struct Files {
     meta: PathBuf,
     tmp_img: PathBuf,
     tmp_meta: PathBuf,
+    /// The directory's shared fsync (group commit).
+    sync: Arc<store::GroupSync>,
 }
 
 /// A `file` pool: image files in a directory, attached to loop devices on this node.
@@ -226,6 +228,8 @@ pub struct FilePool {
     freezer: Arc<Freezer>,
     /// Volumes and promised bytes in memory (issue 14: creation cost flat in the pool's size).
     index: index::Index,
+    /// The volumes' and the snapshots' directory fsyncs, shared by concurrent writers.
+    syncs: [Arc<store::GroupSync>; 2],
 }
 
 fn now() -> i64 {
@@ -241,10 +245,10 @@ fn remove_if_exists(path: &Path) -> Result<()> {
 /// is a leftover a retry removes. Durable when it returns.
 fn remove_files(f: &Files) -> Result<()> {
     // The metadata and its temporary, then a directory fsync: the commit point of the deletion.
-    store::remove_durably(&f.meta)?;
+    store::remove_durably_grouped(&f.meta, &f.sync)?;
     remove_if_exists(&f.img)?;
     remove_if_exists(&f.tmp_img)?;
-    store::sync_dir(&f.dir)
+    f.sync.sync(&f.dir)
 }
 
 /// How the pool's metadata files are named in messages, and what to do with a damaged one.
@@ -257,9 +261,10 @@ fn read_meta<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     store::read_file(path, &meta_noun())
 }
 
-/// Writes a metadata file atomically: temporary file, fsync, rename, fsync of the directory.
+/// Writes a metadata file atomically: temporary file, fsync, rename, fsync of the directory
+/// (shared with concurrent writers: group commit).
 fn write_meta<T: Serialize>(files: &Files, value: &T) -> Result<()> {
-    store::write_file(&files.meta, value)
+    store::write_file_grouped(&files.meta, value, &files.sync)
 }
 
 /// Flushes a file's data to disk.
@@ -400,6 +405,7 @@ impl FilePool {
         let freezer = Arc::new(Freezer::unrecorded(exec.clone()));
         Ok(FilePool {
             index: index::Index::new(&root, Path::new(SYS_BLOCK)),
+            syncs: Default::default(),
             domain: format!("pool:{name}"),
             name,
             root,
@@ -488,6 +494,7 @@ impl FilePool {
             tmp_meta: store::temporary_of(&meta),
             meta,
             tmp_img: dir.join(format!(".{local}.img.tmp")),
+            sync: self.syncs[kind as usize].clone(),
             dir,
         })
     }
