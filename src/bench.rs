@@ -11,6 +11,7 @@
 
 pub mod by_hand;
 pub mod report;
+pub mod scale;
 pub mod stats;
 
 use std::collections::{BTreeMap, HashMap};
@@ -70,6 +71,13 @@ pub struct BenchArgs {
     /// Print the results as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Instead of the series above: fill the pool to each of these numbers of volumes
+    /// (comma-separated, ascending; volumes of --create-size, 16 at a time) and time --count
+    /// sequential creates, the full ListVolumes listing at page size 100 and GetCapacity at
+    /// each; with --concurrency above 1, also create+delete throughput at the first level.
+    /// Pass `--param provisioning=thin` on a file pool so 10,000 volumes need no real space.
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    pub scale: Vec<usize>,
 }
 
 /// The times to one ready-to-use volume, step by step.
@@ -102,6 +110,20 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     let run_id =
         format!("{:x}{:x}", std::process::id(), SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs());
     let memory = |pid: Option<u32>| pid.map(read_memory).transpose();
+    if !args.scale.is_empty() {
+        let mut levels = args.scale.clone();
+        levels.sort_unstable();
+        let (levels, throughput) = scale::run(&csi, &levels, args.count, args.create_size.unwrap_or(args.size), &run_id)
+            .await
+            .map_err(|e| scratch.finish::<()>(Err(e)).unwrap_err())?;
+        scratch.finish(Ok(()))?;
+        if args.json {
+            println!("{}", scale::json(&levels, throughput));
+        } else {
+            print!("{}", scale::text(&levels, throughput));
+        }
+        return Ok(());
+    }
 
     let idle = memory(args.driver_pid)?;
     let agents_idle = agents_memory(&args.agent_pids)?;

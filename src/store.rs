@@ -96,7 +96,73 @@ pub fn write_file<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     write_bytes(path, &json)
 }
 
+/// As [`write_file`], the directory fsync shared with concurrent writers of the same
+/// directory through `group` (group commit): durable when it returns, as [`write_file`].
+pub fn write_file_grouped<T: Serialize + ?Sized>(path: &Path, value: &T, group: &GroupSync) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(format!("encoding {}: {e}", path.display())))?;
+    write_bytes_then(path, &json, |dir| group.sync(dir))
+}
+
+/// Directory fsyncs shared by the concurrent writers of one directory (group commit): a writer
+/// whose rename was done before a running fsync began waits for that fsync, and one fsync
+/// started after it serves every writer waiting by then. Each writer returns only once an
+/// fsync that began after its own change succeeded; a failed fsync is retried by each writer
+/// it served, so every writer gets its own answer. A blocking call (run on the blocking pool).
+#[derive(Debug, Default)]
+pub struct GroupSync {
+    state: std::sync::Mutex<GroupState>,
+    turn: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    /// Tickets handed out: one per writer whose change is done and awaits an fsync.
+    taken: u64,
+    /// Every ticket up to this one is durable.
+    durable: u64,
+    /// An fsync is running.
+    running: bool,
+}
+
+impl GroupSync {
+    /// Makes the changes done so far in `dir` durable, sharing the fsync with other writers.
+    pub fn sync(&self, dir: &Path) -> Result<()> {
+        self.sync_by(|| sync_dir(dir))
+    }
+
+    /// [`GroupSync::sync`] with `fsync` doing the fsync (tests count them).
+    fn sync_by(&self, fsync: impl Fn() -> Result<()>) -> Result<()> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.taken += 1;
+        let ticket = s.taken;
+        loop {
+            if s.durable >= ticket {
+                return Ok(());
+            }
+            if !s.running {
+                s.running = true;
+                let upto = s.taken;
+                drop(s);
+                let r = fsync();
+                s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                s.running = false;
+                if r.is_ok() {
+                    s.durable = s.durable.max(upto);
+                }
+                self.turn.notify_all();
+                r?;
+                continue;
+            }
+            s = self.turn.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
 fn write_bytes(path: &Path, json: &[u8]) -> Result<()> {
+    write_bytes_then(path, json, sync_dir)
+}
+
+fn write_bytes_then(path: &Path, json: &[u8], sync: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().ok_or_else(|| Error::Internal(format!("{} has no directory", path.display())))?;
     let tmp = temporary_of(path);
     // Not create_new: a temporary left by a crash is simply overwritten.
@@ -113,17 +179,26 @@ fn write_bytes(path: &Path, json: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e));
     }
-    sync_dir(dir)
+    sync(dir)
 }
 
 /// Removes the record at `path` and its temporary, durably (the directory is fsynced).
 /// `true` when the record was there.
 pub fn remove_durably(path: &Path) -> Result<bool> {
+    remove_durably_then(path, sync_dir)
+}
+
+/// As [`remove_durably`], the directory fsync shared through `group` ([`GroupSync`]).
+pub fn remove_durably_grouped(path: &Path, group: &GroupSync) -> Result<bool> {
+    remove_durably_then(path, |dir| group.sync(dir))
+}
+
+fn remove_durably_then(path: &Path, sync: impl FnOnce(&Path) -> Result<()>) -> Result<bool> {
     let was = remove_if_exists(path)?;
     let tmp = remove_if_exists(&temporary_of(path))?;
     if was || tmp {
         if let Some(dir) = path.parent() {
-            sync_dir(dir)?;
+            sync(dir)?;
         }
     }
     Ok(was)
@@ -320,6 +395,50 @@ mod tests {
     use serde::Deserialize;
 
     use super::*;
+
+    // issue 14: group commit
+    /// Concurrent writers share fsyncs (fewer fsyncs than writers), every writer returns only
+    /// after an fsync that began after it asked, and a failed fsync fails the writers it served
+    /// until a later one succeeds for them.
+    #[test]
+    fn concurrent_writers_share_directory_fsyncs() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Barrier};
+        let group = Arc::new(GroupSync::default());
+        let fsyncs = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(Barrier::new(16));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (group, fsyncs, barrier) = (group.clone(), fsyncs.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    group.sync_by(|| {
+                        fsyncs.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(30));
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        let n = fsyncs.load(Ordering::SeqCst);
+        assert!((1..16).contains(&n), "16 writers made {n} fsyncs");
+        assert_eq!(group.state.lock().unwrap().durable, 16);
+
+        // A failure answers its writer, and the next writer gets an fsync of its own.
+        let failed = group.sync_by(|| Err(Error::Internal("disk gone".into())));
+        assert!(failed.is_err());
+        let before = fsyncs.load(Ordering::SeqCst);
+        group
+            .sync_by(|| {
+                fsyncs.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(fsyncs.load(Ordering::SeqCst), before + 1);
+    }
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     struct Rec {

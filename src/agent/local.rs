@@ -206,6 +206,9 @@ fn timestamp(secs: i64) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: secs, nanos: 0 }
 }
 
+/// A volume listed by its pool, with the condition already known (a sick pool's) or not.
+type Listed = (Arc<dyn Pool>, VolumeInfo, Option<VolumeCondition>);
+
 impl LocalAgent {
     /// The pools a request's parameters select, with the pool-specific parameters checked.
     fn selected_pools(&self, params: &HashMap<String, String>) -> Result<Vec<Arc<dyn Pool>>> {
@@ -672,9 +675,10 @@ impl LocalAgent {
         })
     }
 
-    /// Every volume of this node with its condition, keyed by id (not sorted).
-    async fn volume_entries(&self) -> Vec<(String, ap::Volume)> {
-        let mut items = Vec::new();
+    /// One page of this node's volumes (see [`paginate`]) with their conditions. Only the
+    /// page's volumes have their condition read: a listing costs the page, not the pool.
+    async fn volume_page(&self, max: i32, token: &str) -> Result<(Vec<ap::Volume>, String)> {
+        let mut items: Vec<(String, Listed)> = Vec::new();
         for pool in self.d.pools.values() {
             let volumes = match pool.list_volumes().await {
                 Ok(v) => {
@@ -689,28 +693,35 @@ impl LocalAgent {
                     let cond = VolumeCondition { abnormal: true, message: format!("pool {} does not answer: {e}", pool.name()) };
                     let listed = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(pool.name()).map(|h| h.listed.clone());
                     for v in listed.unwrap_or_default() {
-                        let entry = self.volume_entry(pool.as_ref(), &v, Some(cond.clone()));
-                        items.push((self.d.volume_id(pool.as_ref(), &v).to_string(), entry));
+                        items.push((self.d.volume_id(pool.as_ref(), &v).to_string(), (pool.clone(), v, Some(cond.clone()))));
                     }
                     continue;
                 }
             };
             for v in volumes {
-                let cond = match self.condition_of(pool.as_ref(), &v.local).await {
+                items.push((self.d.volume_id(pool.as_ref(), &v).to_string(), (pool.clone(), v, None)));
+            }
+        }
+        let (page, next) = paginate(items, max, token)?;
+        let mut out = Vec::with_capacity(page.len());
+        for (pool, v, cond) in page {
+            let cond = match cond {
+                Some(c) => c,
+                None => match self.condition_of(pool.as_ref(), &v.local).await {
                     Ok(c) => c,
                     // Deleted since the pool listed it: it is simply not in this listing.
                     Err(Error::NotFound(_)) => continue,
                     Err(e) => VolumeCondition { abnormal: true, message: format!("the condition cannot be read: {e}") },
-                };
-                items.push((self.d.volume_id(pool.as_ref(), &v).to_string(), self.volume_entry(pool.as_ref(), &v, Some(cond))));
-            }
+                },
+            };
+            out.push(self.volume_entry(pool.as_ref(), &v, Some(cond)));
         }
-        items
+        Ok((out, next))
     }
 
     /// ListVolumes over this node's pools: a sick pool's volumes are listed abnormal.
     pub async fn list(&self, req: ListVolumesRequest) -> Result<ListVolumesResponse> {
-        let (page, next_token) = paginate(self.volume_entries().await, req.max_entries, &req.starting_token)?;
+        let (page, next_token) = self.volume_page(req.max_entries, &req.starting_token).await?;
         let entries = page
             .into_iter()
             .map(|e| list_volumes_response::Entry {
@@ -1501,7 +1512,7 @@ impl AgentOps for LocalAgent {
     }
 
     async fn list_volumes(&self, req: ap::ListVolumesRequest, _budget: Duration) -> Result<ap::ListVolumesResponse> {
-        let (volumes, next_token) = paginate(self.volume_entries().await, page_size(req.max_entries), &req.starting_token)?;
+        let (volumes, next_token) = self.volume_page(page_size(req.max_entries), &req.starting_token).await?;
         Ok(ap::ListVolumesResponse { volumes, next_token })
     }
 

@@ -675,13 +675,16 @@ impl ClusterController {
         if req.max_entries < 0 {
             return Err(Error::InvalidArgument(format!("max_entries {} must not be negative", req.max_entries)));
         }
+        // A token this driver did not issue is refused before any agent is asked.
+        paginate(Vec::<(String, ())>::new(), req.max_entries, &req.starting_token)?;
         let mut set = JoinSet::new();
         let mut items: Vec<(String, (Volume, VolumeCondition))> = Vec::new();
         for n in self.reg.nodes_view().into_iter().filter(|n| n.registered) {
             match (n.state, n.agent.clone()) {
                 (NodeState::Up, Some(agent)) => {
+                    let (max, token) = (req.max_entries, req.starting_token.clone());
                     set.spawn(async move {
-                        let got = all_volumes(agent.as_ref(), budget).await;
+                        let got = volumes_from(agent.as_ref(), max, token, budget).await;
                         (n, got)
                     });
                 }
@@ -695,10 +698,16 @@ impl ClusterController {
                 }
             }
         }
+        // The smallest key an agent's partial answer stopped before: nothing at or after it
+        // belongs in this page (that agent's volumes there were not asked for yet).
+        let mut limit: Option<String> = None;
         while let Some(joined) = set.join_next().await {
             let Ok((n, got)) = joined else { continue };
             match got {
-                Ok(vols) => {
+                Ok((vols, next)) => {
+                    if !next.is_empty() && limit.as_ref().is_none_or(|l| next < *l) {
+                        limit = Some(next);
+                    }
                     let kinds = pool_kinds(&n);
                     for v in vols {
                         let cond = condition_of(&n.node_id, &kinds, &v);
@@ -718,7 +727,13 @@ impl ClusterController {
                 }
             }
         }
-        let (page, next_token) = paginate(items, req.max_entries, &req.starting_token)?;
+        if let Some(l) = &limit {
+            items.retain(|(k, _)| k < l);
+        }
+        let (page, mut next_token) = paginate(items, req.max_entries, &req.starting_token)?;
+        if next_token.is_empty() {
+            next_token = limit.unwrap_or_default();
+        }
         let entries = page
             .into_iter()
             .map(|(volume, cond)| list_volumes_response::Entry {
@@ -1032,6 +1047,19 @@ async fn all_volumes(agent: &dyn AgentOps, budget: Duration) -> Result<Vec<ap::V
         }
         token = page.next_token;
     }
+}
+
+/// The volumes of an agent that a ListVolumes page of `max` entries (0: all) from `token` can
+/// hold: the first `max` + 1 of the agent's (the one more tells whether a next page exists), as
+/// the merged page of all agents takes at most `max` from each. So a page costs the page.
+/// With the agent's next token: where its answer stopped (empty: it gave all from `token`).
+async fn volumes_from(agent: &dyn AgentOps, max: i32, token: String, budget: Duration) -> Result<(Vec<ap::Volume>, String)> {
+    if max <= 0 {
+        return Ok((all_volumes(agent, budget).await?, String::new()));
+    }
+    let want = u32::try_from(max).unwrap_or(u32::MAX).saturating_add(1);
+    let page = agent.list_volumes(ap::ListVolumesRequest { max_entries: want, starting_token: token }, budget).await?;
+    Ok((page.volumes, page.next_token))
 }
 
 /// Every snapshot of an agent, page by page.

@@ -971,6 +971,20 @@ mod tests {
         r.stage_at(&r.path("stage-2"), cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
     }
 
+    // issue 14: no redundant probes on stage
+    /// Staging a volume that holds a filesystem probes it once (one blkid) and reads the mount
+    /// table twice: once for what is at the staging path, once for the mount it made (its
+    /// identity for the record). A second probe or read coming back fails this test.
+    #[tokio::test]
+    async fn a_stage_probes_once_and_reads_the_mount_table_twice() {
+        let r = rig().await;
+        let stage = r.path("stage");
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        let blkids = r.exec.lines().iter().filter(|l| l.starts_with("blkid")).count();
+        assert_eq!(blkids, 1, "{:?}", r.exec.lines());
+        assert_eq!(r.mounter.table_reads(), 2);
+    }
+
     #[tokio::test]
     async fn a_failed_stage_leaves_nothing_attached_or_recorded() {
         let r = rig().await;

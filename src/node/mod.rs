@@ -108,8 +108,8 @@ impl Node {
                 // grown here, so it never comes back smaller than its capacity. ext4 grows
                 // offline before the mount; xfs and btrfs can only grow mounted (a no-op when full).
                 // By device identity, not path: /dev/zvol/… and /dev/<vg>/<lv> are links to /dev/zd0, /dev/dm-3.
-                let unmounted_elsewhere = !self.mounter.mounts().await?.iter().any(|m| id.is(m));
-                if !fresh && unmounted_elsewhere && fs == "ext4" {
+                // The mount table is read only when the answer matters (issue 14: no redundant reads).
+                if !fresh && fs == "ext4" && !self.mounter.mounts().await?.iter().any(|m| id.is(m)) {
                     let fs_bytes = format::ext_fs_bytes(self.exec.as_ref(), device).await?;
                     let dev_bytes = size_of(device).await?;
                     if fs_bytes + (1 << 20) <= dev_bytes {

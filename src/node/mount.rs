@@ -471,6 +471,8 @@ struct FakeState {
     table: Vec<MountInfo>,
     next_id: u32,
     fail: Vec<(String, String)>,
+    /// Reads of the table ([`Mounter::mounts`], [`Mounter::mount_at`]).
+    reads: usize,
 }
 
 /// A recording fake with a simulated mount table: mounts and binds add lines that
@@ -489,6 +491,11 @@ impl FakeMounter {
     /// Every call so far, in order (failed ones included).
     pub fn calls(&self) -> Vec<MountCall> {
         self.state.lock().unwrap().calls.clone()
+    }
+    /// How many times the table was read ([`Mounter::mounts`] and [`Mounter::mount_at`]: each
+    /// is one read of `/proc/self/mountinfo` in the real one).
+    pub fn table_reads(&self) -> usize {
+        self.state.lock().unwrap().reads
     }
     /// Adds a line to the simulated table, as if something else had mounted it.
     pub fn add_mount(&self, source: &str, target: &Path, fs_type: &str, options: &[&str]) {
@@ -613,11 +620,15 @@ impl Mounter for FakeMounter {
     }
 
     async fn mounts(&self) -> Result<Vec<MountInfo>> {
-        Ok(self.state.lock().unwrap().table.clone())
+        let mut s = self.state.lock().unwrap();
+        s.reads += 1;
+        Ok(s.table.clone())
     }
 
     async fn mount_at(&self, path: &RequestPath) -> Result<Option<MountInfo>> {
-        Ok(mountinfo::top_at(&self.state.lock().unwrap().table, path.as_path()).cloned())
+        let mut s = self.state.lock().unwrap();
+        s.reads += 1;
+        Ok(mountinfo::top_at(&s.table, path.as_path()).cloned())
     }
 }
 

@@ -59,6 +59,7 @@ use crate::pool::{Attachment, Condition, CreateRequest, GroupMember, GroupMember
 use crate::store;
 use crate::volume_id::{PoolKind, valid_local_name};
 
+mod index;
 mod room;
 
 /// Filesystem for filesystem volumes when neither the request nor the config names one.
@@ -202,6 +203,8 @@ struct Files {
     meta: PathBuf,
     tmp_img: PathBuf,
     tmp_meta: PathBuf,
+    /// The directory's shared fsync (group commit).
+    sync: Arc<store::GroupSync>,
 }
 
 /// A `file` pool: image files in a directory, attached to loop devices on this node.
@@ -223,6 +226,10 @@ pub struct FilePool {
     claiming: tokio::sync::Mutex<()>,
     /// Freezes a mounted source around its copy (the driver's, shared by its pools).
     freezer: Arc<Freezer>,
+    /// Volumes and promised bytes in memory (issue 14: creation cost flat in the pool's size).
+    index: index::Index,
+    /// The volumes' and the snapshots' directory fsyncs, shared by concurrent writers.
+    syncs: [Arc<store::GroupSync>; 2],
 }
 
 fn now() -> i64 {
@@ -238,10 +245,10 @@ fn remove_if_exists(path: &Path) -> Result<()> {
 /// is a leftover a retry removes. Durable when it returns.
 fn remove_files(f: &Files) -> Result<()> {
     // The metadata and its temporary, then a directory fsync: the commit point of the deletion.
-    store::remove_durably(&f.meta)?;
+    store::remove_durably_grouped(&f.meta, &f.sync)?;
     remove_if_exists(&f.img)?;
     remove_if_exists(&f.tmp_img)?;
-    store::sync_dir(&f.dir)
+    f.sync.sync(&f.dir)
 }
 
 /// How the pool's metadata files are named in messages, and what to do with a damaged one.
@@ -254,9 +261,10 @@ fn read_meta<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     store::read_file(path, &meta_noun())
 }
 
-/// Writes a metadata file atomically: temporary file, fsync, rename, fsync of the directory.
+/// Writes a metadata file atomically: temporary file, fsync, rename, fsync of the directory
+/// (shared with concurrent writers: group commit).
 fn write_meta<T: Serialize>(files: &Files, value: &T) -> Result<()> {
-    store::write_file(&files.meta, value)
+    store::write_file_grouped(&files.meta, value, &files.sync)
 }
 
 /// Flushes a file's data to disk.
@@ -396,6 +404,8 @@ impl FilePool {
         // Replaced by the driver's own (`with_freezer`); this one keeps no records.
         let freezer = Arc::new(Freezer::unrecorded(exec.clone()));
         Ok(FilePool {
+            index: index::Index::new(&root, Path::new(SYS_BLOCK)),
+            syncs: Default::default(),
             domain: format!("pool:{name}"),
             name,
             root,
@@ -420,6 +430,7 @@ impl FilePool {
     /// Sets loop devices' queue limits under `path` instead of `/sys/block` (tests).
     pub fn with_sys_block(mut self, path: impl Into<PathBuf>) -> Self {
         self.sys_block = path.into();
+        self.index.set_sys_block(&self.sys_block);
         self
     }
 
@@ -437,6 +448,39 @@ impl FilePool {
         blocking::run(&self.domain, &what, deadline, f).await?
     }
 
+    /// Marks an operation that changes the pool (see [`index::Index::begin`]).
+    async fn begin(&self) -> Result<index::Busy> {
+        let ix = self.index.clone();
+        self.blocking(format!("reading the index of {}", self.root.display()), METADATA_DEADLINE, move || ix.begin()).await
+    }
+
+    /// Ends an operation begun with [`FilePool::begin`].
+    async fn done(&self, busy: index::Busy) {
+        let ix = self.index.clone();
+        let _ = self
+            .blocking(format!("reading the index of {}", self.root.display()), METADATA_DEADLINE, move || {
+                ix.done(busy);
+                Ok(())
+            })
+            .await;
+    }
+
+    /// Tells the index whether a volume's image is attached (see [`index::Index::set_attached`]).
+    async fn set_attached(&self, local: &str, attached: bool) -> Result<()> {
+        let (ix, l) = (self.index.clone(), local.to_owned());
+        self.blocking(format!("indexing volume {local}"), METADATA_DEADLINE, move || ix.set_attached(&l, attached)).await
+    }
+
+    /// Records a committed volume in the index.
+    async fn index_volume(&self, record: VolumeRecord) -> Result<()> {
+        let ix = self.index.clone();
+        self.blocking(format!("indexing volume {}", record.info.local), METADATA_DEADLINE, move || {
+            ix.put_volume(record);
+            Ok(())
+        })
+        .await
+    }
+
     fn files(&self, kind: Kind, local: &str) -> Result<Files> {
         // The one gate between a name and a path: nothing but [a-z0-9_-] reaches the filesystem.
         if !valid_local_name(local) {
@@ -450,6 +494,7 @@ impl FilePool {
             tmp_meta: store::temporary_of(&meta),
             meta,
             tmp_img: dir.join(format!(".{local}.img.tmp")),
+            sync: self.syncs[kind as usize].clone(),
             dir,
         })
     }
@@ -707,6 +752,17 @@ impl FilePool {
         uid: &str,
         group: Option<GroupMembership>,
     ) -> Result<SnapshotInfo> {
+        self.changing(self.snapshot_of_now(source_local, csi_name, local, uid, group)).await
+    }
+
+    async fn snapshot_of_now(
+        &self,
+        source_local: &str,
+        csi_name: &str,
+        local: &str,
+        uid: &str,
+        group: Option<GroupMembership>,
+    ) -> Result<SnapshotInfo> {
         let f = self.files(Kind::Snapshot, local)?;
         let src = self.files(Kind::Volume, source_local)?;
         if let Some(s) = self.read_snapshot(&f, local).await? {
@@ -765,30 +821,24 @@ impl FilePool {
             group,
         };
         self.commit(&f, SnapshotRecord { info: info.clone(), shared, schema: Default::default() }).await?;
+        self.index.put_snapshot(local, shared);
         tracing::info!(pool = %self.name, local, source = source_local, size, shared, "created snapshot");
         Ok(info)
     }
 }
 
-#[async_trait]
-impl Pool for FilePool {
-    fn name(&self) -> &str {
-        &self.name
+/// The bodies of the pool's changing operations; [`Pool`]'s methods run each as one
+/// operation of the index ([`FilePool::changing`]).
+impl FilePool {
+    /// Runs `op` as one change of the pool: the index knows the directory mtimes it leaves.
+    async fn changing<T>(&self, op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let busy = self.begin().await?;
+        let r = op.await;
+        self.done(busy).await;
+        r
     }
 
-    fn kind(&self) -> PoolKind {
-        PoolKind::File
-    }
-
-    fn default_fs(&self) -> &str {
-        &self.default_fs
-    }
-
-    fn accepts_parameter(&self, key: &str) -> bool {
-        key == PARAM_PROVISIONING
-    }
-
-    async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo> {
+    async fn create_volume_now(&self, req: &CreateRequest) -> Result<VolumeInfo> {
         let provisioning = self.provisioning_of(req)?;
         let f = self.files(Kind::Volume, &req.local)?;
         if let Some(r) = self.read_volume(&f, &req.local).await? {
@@ -848,12 +898,14 @@ impl Pool for FilePool {
             parameters: Some(req.parameters.clone()),
             mutable: req.mutable.clone(),
         };
-        self.commit(&f, VolumeRecord { info: info.clone(), provisioning, shared, schema: Default::default() }).await?;
+        let record = VolumeRecord { info: info.clone(), provisioning, shared, schema: Default::default() };
+        self.commit(&f, record.clone()).await?;
+        self.index_volume(record).await?;
         tracing::info!(pool = %self.name, local = %info.local, capacity = info.capacity, provisioning = provisioning.as_str(), "created volume");
         Ok(info)
     }
 
-    async fn delete_volume(&self, local: &str) -> Result<()> {
+    async fn delete_volume_now(&self, local: &str) -> Result<()> {
         let f = self.files(Kind::Volume, local)?;
         let img = f.img.clone();
         if self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || Ok(img.exists())).await? {
@@ -865,19 +917,12 @@ impl Pool for FilePool {
             }
         }
         let ff = f.clone();
-        self.blocking(format!("deleting volume {local} in {}", f.dir.display()), METADATA_DEADLINE, move || remove_files(&ff)).await
+        self.blocking(format!("deleting volume {local} in {}", f.dir.display()), METADATA_DEADLINE, move || remove_files(&ff)).await?;
+        self.index.remove_volume(local);
+        Ok(())
     }
 
-    async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
-        let f = self.files(Kind::Volume, local)?;
-        Ok(self.read_volume(&f, local).await?.map(|r| r.info))
-    }
-
-    async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
-        Ok(self.list::<VolumeRecord>(Kind::Volume).await?.into_iter().map(|r| r.info).collect())
-    }
-
-    async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
+    async fn expand_volume_now(&self, local: &str, capacity: u64) -> Result<u64> {
         let f = self.files(Kind::Volume, local)?;
         let r = self
             .read_volume(&f, local)
@@ -907,9 +952,108 @@ impl Pool for FilePool {
         }
         let ff = f.clone();
         let record = VolumeRecord { info: VolumeInfo { capacity, ..r.info }, ..r };
+        let indexed = record.clone();
         self.blocking(format!("writing {}", f.meta.display()), METADATA_DEADLINE, move || write_meta(&ff, &record)).await?;
+        self.index_volume(indexed).await?;
         tracing::info!(pool = %self.name, local, capacity, "expanded volume");
         Ok(capacity)
+    }
+
+    async fn delete_snapshot_now(&self, local: &str) -> Result<()> {
+        let f = self.files(Kind::Snapshot, local)?;
+        let ff = f.clone();
+        self.blocking(format!("deleting snapshot {local} in {}", f.dir.display()), METADATA_DEADLINE, move || remove_files(&ff)).await?;
+        self.index.remove_snapshot(local);
+        Ok(())
+    }
+
+    async fn discard_unfinished_now(&self, snapshot: bool, local: &str) -> Result<()> {
+        let kind = if snapshot { Kind::Snapshot } else { Kind::Volume };
+        let f = self.files(kind, local)?;
+        self.clean_leftovers(kind, &f).await
+    }
+
+    async fn modify_volume_now(&self, local: &str, key: &str, value: &str) -> Result<()> {
+        self.check_mutable(false, None, key, value)?;
+        let want = Provisioning::parse(value).expect("checked");
+        let f = self.files(Kind::Volume, local)?;
+        let r = self
+            .read_volume(&f, local)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("volume {local} does not exist in file pool {:?}", self.name)))?;
+        if want == Provisioning::Thick {
+            let fs = self.pool_fs().await?;
+            if fs == PoolFs::Btrfs && r.provisioning != Provisioning::Thick {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {local} of file pool {:?} cannot become thick: on btrfs a thick image must be NOCOW, which only an \
+                     empty file can become (create a thick volume and copy the data instead)",
+                    self.name
+                )));
+            }
+            let img = f.img.clone();
+            let len = r.info.capacity;
+            self.blocking(format!("allocating {}", f.img.display()), ALLOCATE_DEADLINE, move || {
+                if fs.may_reflink() {
+                    unshare(&img, len)?;
+                }
+                allocate(&img, len)
+            })
+            .await?;
+            for dev in loopdev::find(self.exec.as_ref(), &f.img).await? {
+                self.turn_off_discard(&dev).await?;
+            }
+        }
+        let mut info = r.info;
+        info.mutable.insert(key.to_owned(), value.to_owned());
+        // Unshared (thick) or promised only its holes (thin, as a thin copy is): nothing shared counts.
+        let record = VolumeRecord { info, provisioning: want, shared: 0, schema: Default::default() };
+        let (ff, indexed) = (f.clone(), record.clone());
+        self.blocking(format!("writing {}", f.meta.display()), METADATA_DEADLINE, move || write_meta(&ff, &record)).await?;
+        self.index_volume(indexed).await?;
+        tracing::info!(pool = %self.name, local, provisioning = want.as_str(), "modified volume");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Pool for FilePool {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> PoolKind {
+        PoolKind::File
+    }
+
+    fn default_fs(&self) -> &str {
+        &self.default_fs
+    }
+
+    fn accepts_parameter(&self, key: &str) -> bool {
+        key == PARAM_PROVISIONING
+    }
+
+    async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo> {
+        self.changing(self.create_volume_now(req)).await
+    }
+
+    async fn delete_volume(&self, local: &str) -> Result<()> {
+        self.changing(self.delete_volume_now(local)).await
+    }
+
+    async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
+        let f = self.files(Kind::Volume, local)?;
+        Ok(self.read_volume(&f, local).await?.map(|r| r.info))
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let ix = self.index.clone();
+        let records = self.blocking(format!("listing {}", self.root.display()), METADATA_DEADLINE, move || ix.volumes()).await?;
+        Ok(records.into_iter().map(|r| r.info).collect())
+    }
+
+    async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
+        self.changing(self.expand_volume_now(local, capacity)).await
     }
 
     async fn create_snapshot(&self, source_local: &str, csi_name: &str, local: &str, uid: &str) -> Result<SnapshotInfo> {
@@ -929,15 +1073,11 @@ impl Pool for FilePool {
     }
 
     async fn discard_unfinished(&self, snapshot: bool, local: &str) -> Result<()> {
-        let kind = if snapshot { Kind::Snapshot } else { Kind::Volume };
-        let f = self.files(kind, local)?;
-        self.clean_leftovers(kind, &f).await
+        self.changing(self.discard_unfinished_now(snapshot, local)).await
     }
 
     async fn delete_snapshot(&self, local: &str) -> Result<()> {
-        let f = self.files(Kind::Snapshot, local)?;
-        let ff = f.clone();
-        self.blocking(format!("deleting snapshot {local} in {}", f.dir.display()), METADATA_DEADLINE, move || remove_files(&ff)).await
+        self.changing(self.delete_snapshot_now(local)).await
     }
 
     async fn get_snapshot(&self, local: &str) -> Result<Option<SnapshotInfo>> {
@@ -979,6 +1119,8 @@ impl Pool for FilePool {
                 tracing::warn!(pool = %self.name, local, error = %e, "cannot re-allocate a thick volume's image");
             }
         }
+        // Before the device exists: from then on the image is written behind the pool's back.
+        self.set_attached(local, true).await?;
         let dev = loopdev::attach(self.exec.as_ref(), &f.img).await?;
         if thick {
             if let Err(e) = self.turn_off_discard(&dev).await {
@@ -995,7 +1137,8 @@ impl Pool for FilePool {
 
     async fn detach(&self, local: &str) -> Result<()> {
         let f = self.files(Kind::Volume, local)?;
-        loopdev::detach_all(self.exec.as_ref(), &f.img).await
+        loopdev::detach_all(self.exec.as_ref(), &f.img).await?;
+        self.set_attached(local, false).await
     }
 
     async fn condition(&self, local: &str) -> Result<Condition> {
@@ -1072,43 +1215,7 @@ impl Pool for FilePool {
     /// record changes: nothing that holds data is punched, the blocks the image holds stay
     /// allocated until the filesystem inside discards them, which its next attach lets through.
     async fn modify_volume(&self, local: &str, key: &str, value: &str) -> Result<()> {
-        self.check_mutable(false, None, key, value)?;
-        let want = Provisioning::parse(value).expect("checked");
-        let f = self.files(Kind::Volume, local)?;
-        let r = self
-            .read_volume(&f, local)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("volume {local} does not exist in file pool {:?}", self.name)))?;
-        if want == Provisioning::Thick {
-            let fs = self.pool_fs().await?;
-            if fs == PoolFs::Btrfs && r.provisioning != Provisioning::Thick {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {local} of file pool {:?} cannot become thick: on btrfs a thick image must be NOCOW, which only an \
-                     empty file can become (create a thick volume and copy the data instead)",
-                    self.name
-                )));
-            }
-            let img = f.img.clone();
-            let len = r.info.capacity;
-            self.blocking(format!("allocating {}", f.img.display()), ALLOCATE_DEADLINE, move || {
-                if fs.may_reflink() {
-                    unshare(&img, len)?;
-                }
-                allocate(&img, len)
-            })
-            .await?;
-            for dev in loopdev::find(self.exec.as_ref(), &f.img).await? {
-                self.turn_off_discard(&dev).await?;
-            }
-        }
-        let mut info = r.info;
-        info.mutable.insert(key.to_owned(), value.to_owned());
-        // Unshared (thick) or promised only its holes (thin, as a thin copy is): nothing shared counts.
-        let record = VolumeRecord { info, provisioning: want, shared: 0, schema: Default::default() };
-        let ff = f.clone();
-        self.blocking(format!("writing {}", f.meta.display()), METADATA_DEADLINE, move || write_meta(&ff, &record)).await?;
-        tracing::info!(pool = %self.name, local, provisioning = want.as_str(), "modified volume");
-        Ok(())
+        self.changing(self.modify_volume_now(local, key, value)).await
     }
 
     // issue 12: group snapshots

@@ -8,17 +8,14 @@
 //! thick volumes (blocks two images share, which the next write to either needs anew).
 //! Snapshots are never written after they are taken, so their own holes promise nothing.
 
-use std::fs;
 use std::io::ErrorKind;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::{FilePool, Kind, SnapshotRecord, VolumeRecord, read_meta};
+use super::FilePool;
 use crate::blocking::METADATA_DEADLINE;
 use crate::config::format_size;
-use crate::error::{Context, Error, Result};
-use crate::volume_id::valid_local_name;
+use crate::error::{Error, Result};
 
 /// Bytes claimed from the pool until the object is committed (then its file accounts for them).
 pub(super) struct Claim {
@@ -61,47 +58,18 @@ pub(super) fn free_bytes(root: &Path) -> Result<u64> {
     Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
-/// Bytes the pool's objects under `root` were promised but do not hold (see the module doc).
-pub(super) fn promised_under(root: &Path) -> Result<u64> {
-    let mut total = 0u64;
-    for kind in [Kind::Volume, Kind::Snapshot] {
-        let dir = root.join(kind.dir());
-        for entry in fs::read_dir(&dir).map_err(|e| dir_error(&dir, e))? {
-            let entry = entry.context(|| format!("listing {}", dir.display()))?;
-            let name = entry.file_name();
-            let Some(local) = name.to_str().and_then(|n| n.strip_suffix(".json")).filter(|l| valid_local_name(l)) else { continue };
-            // An image without metadata is a leftover: it promises nothing.
-            let shared = match kind {
-                Kind::Volume => read_meta::<VolumeRecord>(&entry.path()).ok().flatten().map(|r| r.shared),
-                Kind::Snapshot => read_meta::<SnapshotRecord>(&entry.path()).ok().flatten().map(|r| r.shared),
-            };
-            total = total.saturating_add(shared.unwrap_or(0));
-            if kind == Kind::Snapshot {
-                continue;
-            }
-            let img = dir.join(format!("{local}.img"));
-            match fs::metadata(&img) {
-                Ok(m) => total = total.saturating_add(m.len().saturating_sub(m.blocks() * 512)),
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(format!("inspecting {}", img.display()), e)),
-            }
-        }
-    }
-    Ok(total)
-}
-
 impl FilePool {
     /// Bytes the pool's objects were promised but do not hold (a blocking call).
     #[cfg(test)]
     pub(super) fn promised(&self) -> Result<u64> {
-        promised_under(&self.root)
+        disk::promised_under(&self.root)
     }
 
     /// Free space and promises, measured off the async workers.
     async fn measure(&self) -> Result<(u64, u64)> {
-        let root = self.root.clone();
+        let (root, ix) = (self.root.clone(), self.index.clone());
         self.blocking(format!("measuring the room in {}", root.display()), METADATA_DEADLINE, move || {
-            Ok((free_bytes(&root)?, promised_under(&root)?))
+            Ok((free_bytes(&root)?, ix.promised()?))
         })
         .await
     }
@@ -133,5 +101,49 @@ impl FilePool {
         }
         *g += bytes;
         Ok(Claim { in_flight: self.in_flight.clone(), bytes })
+    }
+}
+
+/// The promises as the files say them: the truth the index keeps in memory (tests compare).
+#[cfg(test)]
+pub(super) mod disk {
+    use std::fs;
+    use std::io::ErrorKind;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    use super::super::{Kind, SnapshotRecord, VolumeRecord, read_meta};
+    use super::dir_error;
+    use crate::error::{Context, Error, Result};
+    use crate::volume_id::valid_local_name;
+
+    /// Bytes the pool's objects under `root` were promised but do not hold (see the module doc), as
+    /// the files say: the truth the index ([`super::index`]) keeps in memory.
+    pub(in crate::pool::file) fn promised_under(root: &Path) -> Result<u64> {
+        let mut total = 0u64;
+        for kind in [Kind::Volume, Kind::Snapshot] {
+            let dir = root.join(kind.dir());
+            for entry in fs::read_dir(&dir).map_err(|e| dir_error(&dir, e))? {
+                let entry = entry.context(|| format!("listing {}", dir.display()))?;
+                let name = entry.file_name();
+                let Some(local) = name.to_str().and_then(|n| n.strip_suffix(".json")).filter(|l| valid_local_name(l)) else { continue };
+                // An image without metadata is a leftover: it promises nothing.
+                let shared = match kind {
+                    Kind::Volume => read_meta::<VolumeRecord>(&entry.path()).ok().flatten().map(|r| r.shared),
+                    Kind::Snapshot => read_meta::<SnapshotRecord>(&entry.path()).ok().flatten().map(|r| r.shared),
+                };
+                total = total.saturating_add(shared.unwrap_or(0));
+                if kind == Kind::Snapshot {
+                    continue;
+                }
+                let img = dir.join(format!("{local}.img"));
+                match fs::metadata(&img) {
+                    Ok(m) => total = total.saturating_add(m.len().saturating_sub(m.blocks() * 512)),
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(format!("inspecting {}", img.display()), e)),
+                }
+            }
+        }
+        Ok(total)
     }
 }

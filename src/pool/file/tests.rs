@@ -698,3 +698,80 @@ async fn a_thin_attach_leaves_discard_alone() {
     assert_eq!(p.attach("v1").await.unwrap(), Attachment::Device("/dev/loop4".into()));
     assert_eq!(fs::read_to_string(&knob).unwrap(), "4294966784\n", "a thin volume's trims give space back");
 }
+
+// issue 14: the index
+/// The index's promises equal what the files say after every kind of change, an attached
+/// image is measured anew (its writes are not the pool's), a change made by hand is noticed,
+/// and a restarted pool rebuilds the same index, finding attached images in the kernel's list.
+#[tokio::test]
+async fn the_index_promises_what_the_files_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path(), Arc::new(RealExec));
+    let same = |p: &FilePool, what: &str| {
+        let disk = p.promised().unwrap();
+        assert_eq!(p.index.promised().unwrap(), disk, "{what}: index and files differ");
+        disk
+    };
+    p.create_volume(&req("v1", 4 * MIB, false, None)).await.unwrap();
+    assert_eq!(same(&p, "thick"), 0);
+    p.create_volume(&thin(req("t1", 8 * MIB, false, None))).await.unwrap();
+    assert_eq!(same(&p, "thin"), 8 * MIB);
+    p.expand_volume("t1", 12 * MIB).await.unwrap();
+    assert_eq!(same(&p, "thin expanded"), 12 * MIB);
+    p.modify_volume("t1", PARAM_PROVISIONING, "thick").await.unwrap();
+    assert_eq!(same(&p, "made thick"), 0);
+    p.create_volume(&thin(req("t2", 8 * MIB, false, None))).await.unwrap();
+    p.create_snapshot("t2", "s", "s1", "uid").await.unwrap();
+    same(&p, "snapshot");
+
+    // Written while attached: measured anew, then kept as detached.
+    p.index.set_attached("t2", true).unwrap();
+    write_at(&img(dir.path(), "volumes", "t2"), 0, &vec![1u8; 2 * MIB as usize]);
+    assert_eq!(same(&p, "written while attached"), 6 * MIB);
+    p.index.set_attached("t2", false).unwrap();
+    assert_eq!(same(&p, "detached"), 6 * MIB);
+    p.delete_snapshot("s1").await.unwrap();
+    p.delete_volume("v1").await.unwrap();
+    same(&p, "deleted");
+    let names = |p: &FilePool| {
+        let ix = p.index.volumes().unwrap();
+        ix.into_iter().map(|r| r.info.local).collect::<Vec<_>>()
+    };
+    assert_eq!(names(&p), ["t1", "t2"]);
+
+    // By hand: a volume's files removed while the driver is idle.
+    fs::remove_file(dir.path().join("volumes/t1.json")).unwrap();
+    assert_eq!(names(&p), ["t2"], "a change behind the pool's back is noticed");
+    let listed: Vec<String> = p.list_volumes().await.unwrap().into_iter().map(|v| v.local).collect();
+    assert_eq!(listed, ["t2"]);
+
+    // A restart: t2 attached (as the kernel shows it) is measured anew after it is written.
+    let back = dir.path().join("fake-sys-block/loop7/loop");
+    fs::create_dir_all(&back).unwrap();
+    fs::write(back.join("backing_file"), format!("{}\n", img(dir.path(), "volumes", "t2").display())).unwrap();
+    let q = pool(dir.path(), Arc::new(FakeExec::new()));
+    assert_eq!(names(&q), ["t2"]);
+    write_at(&img(dir.path(), "volumes", "t2"), 4 * MIB, &vec![1u8; MIB as usize]);
+    assert_eq!(same(&q, "restarted, attached"), 5 * MIB);
+}
+
+/// A creation reads no other volume's files: the index answers for them, so its cost does not
+/// grow with the pool (issue 14). Every other volume's metadata is made unreadable (in place,
+/// which the directory's mtime does not show): a create that read them would skip them and
+/// count less, one that listed them would fail nothing but differ in what it promises.
+#[tokio::test]
+async fn a_create_reads_no_other_volumes_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path(), Arc::new(FakeExec::new()));
+    for i in 0..20 {
+        p.create_volume(&thin(req(&format!("t{i}"), MIB, false, None))).await.unwrap();
+    }
+    for i in 0..20 {
+        fs::write(dir.path().join(format!("volumes/t{i}.json")), "{damaged").unwrap();
+    }
+    let before = p.capacity().await.unwrap();
+    p.create_volume(&req("v", MIB, false, None)).await.unwrap();
+    assert_eq!(p.index.volumes().unwrap().len(), 21, "the damaged records were not re-read");
+    // The 20 thin volumes still promise their 20 MiB: the room fell by the new volume only.
+    assert!(before - p.capacity().await.unwrap() <= 2 * MIB, "room before {before}");
+}
