@@ -1,7 +1,8 @@
 //! [`RemoteAgent`]: the Agent API of another node, called over gRPC (mutual TLS, or plain
 //! text on loopback under `--insecure`). The channel is opened on the first call and reopened
 //! after a failure, so making one never blocks and a node that is down costs nothing until
-//! asked. Each call carries its budget as its gRPC deadline; a peer's answer keeps its code
+//! asked. Each call carries its budget as its gRPC deadline (none when the caller's client sent
+//! none, as all-in-one would run it); a peer's answer keeps its code
 //! ([`Error::from_status`]); a transport failure is UNAVAILABLE naming the node and address.
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use super::server::MAX_MESSAGE;
 use crate::agent_proto as ap;
 use crate::agent_proto::agent_client::AgentClient;
 use crate::error::{Error, Result};
+use crate::jobs;
 use crate::proto;
 use crate::tls::{self, ClientTls};
 
@@ -102,11 +104,23 @@ impl RemoteAgent {
     {
         // Connecting is bounded on its own: a node that cannot be reached is UNAVAILABLE.
         let client = self.client(budget).await?;
+        // The caller's client sent no deadline (`wait_budget` answered its default): the agent
+        // then runs the call as all-in-one would, with no deadline (it waits the default time
+        // for a copy job), and only our own bound below, at the longest wait, ends a peer that
+        // never answers. Sending the default as the deadline would make the agent's server drop
+        // a create that takes longer than that (a slow lvcreate on a loaded node) midway.
+        let deadline = (budget != jobs::DEFAULT_WAIT).then_some(budget);
+        let bound = deadline.unwrap_or(jobs::MAX_WAIT);
         let run = async {
             let mut request = tonic::Request::new(req);
-            request.set_timeout(budget);
+            if let Some(d) = deadline {
+                request.set_timeout(d);
+            }
             match f(client, request).await {
                 Ok(r) => Ok(r.into_inner()),
+                // Our own deadline passed (tonic's client timeout): the agent is reachable, only
+                // slow; the call may still finish there, and a retry finds what it made.
+                Err(status) if is_timeout(&status) => Err(self.too_slow(bound)),
                 Err(status) if is_transport(&status) => {
                     // Reopened on the next call (a restarted agent, a new address behind a name).
                     self.conn.lock().await.channel = None;
@@ -115,15 +129,32 @@ impl RemoteAgent {
                 Err(status) => Err(Error::from_status(&status, &format!("agent of node {}", self.node_id))),
             }
         };
-        match tokio::time::timeout(budget + GRACE, run).await {
+        match tokio::time::timeout(bound + GRACE, run).await {
             Ok(r) => r,
-            Err(_) => Err(Error::DeadlineExceeded(format!(
-                "agent of node {} at {} did not answer within {budget:?}",
-                self.node_id,
-                crate::error::bounded(&self.address)
-            ))),
+            Err(_) => Err(self.too_slow(bound)),
         }
     }
+
+    fn too_slow(&self, bound: Duration) -> Error {
+        Error::DeadlineExceeded(format!(
+            "agent of node {} at {} did not answer within {bound:?}",
+            self.node_id,
+            crate::error::bounded(&self.address)
+        ))
+    }
+}
+
+/// Whether a failed call is tonic's client-side timeout ([`tonic::TimeoutExpired`] somewhere in
+/// its chain of sources).
+fn is_timeout(status: &tonic::Status) -> bool {
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// A plain-text channel (`--insecure`, loopback only: checked where the flag is parsed).
@@ -268,6 +299,29 @@ mod tests {
         assert_eq!(inv.node_id, "n1");
         let err = remote.get_capacity(ap::GetCapacityRequest { pool: "nope".into() }, Duration::from_secs(5)).await.unwrap_err();
         assert!(matches!(&err, Error::NotFound(m) if m.starts_with("agent of node n1: ") && m.contains("nope")), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_agent_is_deadline_exceeded_not_unreachable() {
+        // A peer that accepts the connection and never answers: a node busy past the caller's
+        // deadline. That is DEADLINE_EXCEEDED (retry: the call may still finish there), never
+        // "unreachable", which would send an operator looking for a network fault.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            loop {
+                let (c, _) = listener.accept().await.unwrap();
+                conns.push(c);
+            }
+        });
+        let remote = RemoteAgent::new("n1", &addr, "n1", None);
+        let err = remote.get_inventory(Duration::from_secs(1)).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::DeadlineExceeded(m) if m.contains("agent of node n1") && m.contains("did not answer within 1s")),
+            "{err}"
+        );
+        held.abort();
     }
 
     #[tokio::test]

@@ -57,6 +57,12 @@ if [ "${1:-}" != --guest ]; then
     HOLDFAST_POOL_TEST_BINS+="$b "
   done
   export HOLDFAST_POOL_TEST_BINS
+  hf_bin=$(grep '"reason":"compiler-artifact"' <<<"$json" | grep '"kind":\["bin"\]' | grep -o '"executable":"[^"]*holdfast"' | cut -d'"' -f4 | tail -n1)
+  [ -x "$hf_bin" ] || { echo "lvm-suite: cannot find the built holdfast binary" >&2; exit 2; }
+  # Run from the guest's RAM (tests/vm/local-bins.sh says why).
+  . "$here/local-bins.sh"
+  export HOLDFAST_VM_LOCAL_BINS="$hf_bin $lvm_bin $conf_bin $HOLDFAST_POOL_TEST_BINS"
+  vm_bins_strip $HOLDFAST_VM_LOCAL_BINS
   exec "$here/run" --disk hfthick:4G --disk hfthin:4G --timeout "${HOLDFAST_LVM_SUITE_TIMEOUT:-5400}" \
     -- bash tests/vm/lvm-suite.sh --guest "$lvm_bin" "$conf_bin" "$@"
 fi
@@ -75,6 +81,8 @@ export HOLDFAST_REQUIRE_REAL=1
 threads=${HOLDFAST_TEST_THREADS:-2}
 
 start=$SECONDS
+. tests/vm/local-bins.sh
+vm_bins_local ${HOLDFAST_VM_LOCAL_BINS:-}
 echo "== lvm-suite: volume groups on the VM disks"
 pvcreate -q /dev/disk/by-id/virtio-hfthick /dev/disk/by-id/virtio-hfthin
 vgcreate -q -s 1M hfthick /dev/disk/by-id/virtio-hfthick

@@ -73,6 +73,10 @@ if [ ! -e /run/holdfast-vm ]; then
   export HOLDFAST_NFS_LOG_DIR=${HOLDFAST_NFS_LOG_DIR:-$CARGO_TARGET_DIR/nfs-suite-logs}
   rm -rf "$HOLDFAST_NFS_LOG_DIR"
   [ -x "$HOLDFAST_NFS_BIN" ] && [ -x "$HOLDFAST_CONFORMANCE_BIN" ] || { echo "nfs-suite: test binaries not found" >&2; exit 1; }
+  # Run from the guest's RAM (tests/vm/local-bins.sh says why).
+  . "$here/local-bins.sh"
+  export HOLDFAST_VM_LOCAL_BINS="$CARGO_TARGET_DIR/debug/holdfast $HOLDFAST_NFS_BIN $HOLDFAST_CONFORMANCE_BIN $HOLDFAST_POOL_TEST_BINS"
+  vm_bins_strip $HOLDFAST_VM_LOCAL_BINS
   exec "$here/run" -v --timeout "${HOLDFAST_VM_TIMEOUT:-3600}" -- "$here/nfs-suite.sh" "$@"
 fi
 
@@ -87,6 +91,8 @@ export HOLDFAST_TEST_FS=nfs   # what the conformance suite asks for in its mount
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
 start=$SECONDS
+. "$here/local-bins.sh"
+vm_bins_local ${HOLDFAST_VM_LOCAL_BINS:-}
 mkdir -p "$export_dir"
 holdfast-vm-nfs-start >/dev/null || { echo "nfs-suite: holdfast-vm-nfs-start failed" >&2; exit 1; }
 exportfs -o rw,no_root_squash,insecure,no_subtree_check,sync "127.0.0.1:$export_dir" || exit 1

@@ -65,6 +65,10 @@ if [ "${1:-}" != --guest ]; then
     HOLDFAST_POOL_TEST_BINS+="$b "
   done
   export HOLDFAST_POOL_TEST_BINS
+  # Run from the guest's RAM (tests/vm/local-bins.sh says why).
+  . "$here/local-bins.sh"
+  export HOLDFAST_VM_LOCAL_BINS="$hf_bin $zfs_bin $conf_bin $HOLDFAST_POOL_TEST_BINS"
+  vm_bins_strip $HOLDFAST_VM_LOCAL_BINS
   exec "$here/run" --zfs --disk hfzfs:6G --timeout "${HOLDFAST_ZFS_SUITE_TIMEOUT:-5400}" \
     -- bash tests/vm/zfs-suite.sh --guest "$zfs_bin" "$conf_bin" "$hf_bin" "$@"
 fi
@@ -85,6 +89,8 @@ threads=${HOLDFAST_TEST_THREADS:-2}
 stages=${HOLDFAST_ZFS_STAGES:-1 2 3 4 5 6}
 
 start=$SECONDS
+. tests/vm/local-bins.sh
+vm_bins_local ${HOLDFAST_VM_LOCAL_BINS:-}
 echo "== zfs-suite: zpool hfzfs on the VM disk ($(zfs version | head -n1))"
 zpool create -f -o ashift=12 -O mountpoint=none hfzfs /dev/disk/by-id/virtio-hfzfs
 zpool list -o name,size,free,health hfzfs
