@@ -18,7 +18,7 @@ use super::AgentOps;
 use crate::agent_proto as ap;
 use crate::csi::{decode_caps, lock_key, name_keys, require, topology};
 use crate::driver::Driver;
-use crate::error::{Error, Result, bounded};
+use crate::error::{Error, Result, cut};
 use crate::jobs::{self, Work};
 use crate::locks::{LockKey, ObjectKind};
 use crate::placement::{self, Candidate, Segments};
@@ -1018,7 +1018,7 @@ type Key = (String, String);
 fn pvc_of(parameters: &HashMap<String, String>) -> Option<(String, String)> {
     let name = parameters.get(crate::pool::nfs::template::PARAM_PVC_NAME)?;
     let namespace = parameters.get(crate::pool::nfs::template::PARAM_PVC_NAMESPACE).cloned().unwrap_or_default();
-    Some((bounded(name), bounded(&namespace)))
+    Some((cut(name).to_owned(), cut(&namespace).to_owned()))
 }
 
 /// Logs one volume event: exactly one line per change the feed reports (see
@@ -1026,7 +1026,7 @@ fn pvc_of(parameters: &HashMap<String, String>) -> Option<(String, String)> {
 fn volume_event(event: &str, v: &ap::Volume, pvc: Option<&(String, String)>, capacity: i64) {
     let id = v.volume.as_ref().map(|x| x.volume_id.as_str()).unwrap_or_default();
     let (pvc_name, pvc_namespace) = pvc.map(|(n, ns)| (n.as_str(), ns.as_str())).unwrap_or_default();
-    tracing::info!(event, volume_id = id, csi_name = %bounded(&v.csi_name), pool = %v.pool, pvc_name, pvc_namespace, capacity_bytes = capacity, "volume {event}");
+    tracing::info!(event, volume_id = id, csi_name = cut(&v.csi_name), pool = %v.pool, pvc_name, pvc_namespace, capacity_bytes = capacity, "volume {event}");
 }
 
 /// What the feed last reported of one object: the sequence number of that report and the
@@ -1112,11 +1112,11 @@ impl FeedState {
             return;
         }
         let v = self.volumes.get(&key).and_then(|s| s.now.as_ref());
-        let csi_name = v.map(|v| bounded(&v.csi_name)).unwrap_or_default();
+        let csi_name = v.map(|v| cut(&v.csi_name)).unwrap_or_default();
         let volume_id = v.and_then(|v| v.volume.as_ref()).map(|x| x.volume_id.as_str()).unwrap_or_default();
         let (pvc_name, pvc_namespace) =
             v.and_then(|v| self.pvc.get(&v.csi_name)).map(|(n, ns)| (n.as_str(), ns.as_str())).unwrap_or_default();
-        let message = bounded(&c.message);
+        let message = cut(&c.message);
         if c.abnormal {
             tracing::warn!(
                 event = "abnormal",
@@ -1161,14 +1161,14 @@ impl FeedState {
                 self.abnormal.remove(&(r.pool.clone(), r.local_name.clone()));
                 let (pvc_name, pvc_namespace) = pvc.as_ref().map(|(n, ns)| (n.as_str(), ns.as_str())).unwrap_or_default();
                 let volume_id = id.as_ref().map(|v| v.volume_id.as_str()).unwrap_or_default();
-                tracing::info!(event = "deleted", volume_id, csi_name = %bounded(&r.csi_name), pool = %r.pool, local_name = %r.local_name, pvc_name, pvc_namespace, "volume deleted");
+                tracing::info!(event = "deleted", volume_id, csi_name = cut(&r.csi_name), pool = %r.pool, local_name = %r.local_name, pvc_name, pvc_namespace, "volume deleted");
             }
             C::SnapshotCreated(s) => {
                 let (id, source) = s.snapshot.as_ref().map(|x| (x.snapshot_id.as_str(), x.source_volume_id.as_str())).unwrap_or_default();
-                tracing::info!(event = "snapshotted", snapshot_id = id, volume_id = source, csi_name = %bounded(&s.csi_name), pool = %s.pool, "volume snapshotted");
+                tracing::info!(event = "snapshotted", snapshot_id = id, volume_id = source, csi_name = cut(&s.csi_name), pool = %s.pool, "volume snapshotted");
             }
             C::SnapshotDeleted(r) => {
-                tracing::info!(event = "snapshot deleted", csi_name = %bounded(&r.csi_name), pool = %r.pool, local_name = %r.local_name, "snapshot deleted");
+                tracing::info!(event = "snapshot deleted", csi_name = cut(&r.csi_name), pool = %r.pool, local_name = %r.local_name, "snapshot deleted");
             }
             C::PoolUpdated(_) | C::PoolCapacity(_) => {}
         }
