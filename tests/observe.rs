@@ -223,6 +223,25 @@ async fn a_scrape_counts_the_calls_and_the_log_has_one_event_per_change() {
     ctl.delete_snapshot(DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() }).await.unwrap();
     ctl.delete_volume(DeleteVolumeRequest { volume_id: ids[0].clone(), ..Default::default() }).await.unwrap();
 
+    // obs-b's backing file goes missing: abnormal (logged once, however often it is read),
+    // then back: healthy again.
+    let local = ids[1].split(':').nth(3).unwrap().to_owned();
+    let image = dir.join("p/volumes").join(format!("{local}.img"));
+    std::fs::rename(&image, image.with_extension("moved")).unwrap();
+    let condition = |id: String| {
+        let mut ctl = ctl.clone();
+        async move {
+            let got = ctl.controller_get_volume(ControllerGetVolumeRequest { volume_id: id }).await.unwrap().into_inner();
+            got.status.unwrap().volume_condition.unwrap()
+        }
+    };
+    for _ in 0..2 {
+        assert!(condition(ids[1].clone()).await.abnormal);
+    }
+    std::fs::rename(image.with_extension("moved"), &image).unwrap();
+    assert!(!condition(ids[1].clone()).await.abnormal);
+    assert!(!condition(ids[1].clone()).await.abnormal);
+
     let listed = ctl.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().entries.len();
     assert_eq!(listed, 2);
     let scrape = until_code(&metrics, "/metrics", 200, &p).await;
@@ -283,7 +302,13 @@ async fn a_scrape_counts_the_calls_and_the_log_has_one_event_per_change() {
     assert_eq!(of("snapshot deleted", "obs-snap"), 1, "{log}");
     assert_eq!(of("staged", "obs-b"), 1, "{log}");
     assert_eq!(of("unstaged", "obs-b"), 1, "{log}");
-    assert_eq!(ev.len(), 9, "no other events: {ev:?}");
+    assert_eq!(of("abnormal", "obs-b"), 1, "{log}");
+    let abnormal = ev.iter().find(|e| field(e, "event") == "abnormal").unwrap();
+    assert_eq!(field(abnormal, "volume_id"), ids[1]);
+    assert_eq!(field(abnormal, "pvc_name"), "claim-obs-b");
+    assert!(field(abnormal, "message").contains("missing"), "{abnormal:?}");
+    assert_eq!(of("healthy", "obs-b"), 1, "{log}");
+    assert_eq!(ev.len(), 11, "no other events: {ev:?}");
 
     for id in &ids[1..] {
         ctl.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.unwrap();
