@@ -119,8 +119,8 @@ fn command_histogram() -> Histogram {
 
 impl Metrics {
     fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("holdfast");
-        let m = Metrics {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("holdfast"),
             rpc_seconds: Family::new_with_constructor(rpc_histogram as fn() -> Histogram),
             rpc_total: Family::default(),
             in_flight: Gauge::default(),
@@ -133,8 +133,8 @@ impl Metrics {
             pool_health: Family::default(),
             agent_state: Family::default(),
             agents: Family::default(),
-            registry: Registry::default(),
         };
+        let registry = &mut m.registry;
         registry.register("rpc_duration_seconds", "CSI calls served: time to the answer", m.rpc_seconds.clone());
         registry.register("rpc", "CSI calls answered, by method, gRPC code and pool kind", m.rpc_total.clone());
         registry.register("rpc_in_flight", "Controller and Node calls being served now (or waiting for a slot)", m.in_flight.clone());
@@ -147,7 +147,7 @@ impl Metrics {
         registry.register("pool_health", "1 for the pool's health state now, 0 for the others", m.pool_health.clone());
         registry.register("agent_state", "Controller: 1 for each agent's state now, 0 for the others", m.agent_state.clone());
         registry.register("agents", "Controller: agents in each state", m.agents.clone());
-        Metrics { registry, ..m }
+        m
     }
 
     /// The Prometheus (OpenMetrics) text of every series now.

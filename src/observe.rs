@@ -308,11 +308,6 @@ async fn answer(which: Endpoints, observed: Observed, req: Request<hyper::body::
     Ok(r)
 }
 
-/// Binds `address` (host:port) for `which`; the error says which flag to fix.
-pub async fn bind(address: &str, flag: &str) -> Result<tokio::net::TcpListener, String> {
-    tokio::net::TcpListener::bind(address).await.map_err(|e| format!("cannot listen on {flag} {address}: {e}"))
-}
-
 /// Serves `which` on `listener` until the process ends: HTTP/1.1, one task per connection.
 pub async fn serve(listener: tokio::net::TcpListener, which: Endpoints, observed: Observed) {
     if which == Endpoints::Metrics {
