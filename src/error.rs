@@ -64,6 +64,20 @@ pub enum Error {
 /// a log line; the rest is cut and its length noted.
 pub const MAX_ECHO: usize = 256;
 
+// issue 14: events
+/// Caller-supplied text as a structured log field: cut to [`MAX_ECHO`] bytes (at a character
+/// boundary), not quoted; the log writer escapes what could break a line (JSON, or one-line text).
+pub fn cut(s: &str) -> &str {
+    if s.len() <= MAX_ECHO {
+        return s;
+    }
+    let mut end = MAX_ECHO;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Caller-supplied text made safe to echo: control characters escaped (no forged log lines),
 /// cut to [`MAX_ECHO`] bytes with the full length noted (no oversized gRPC messages), quoted.
 pub fn bounded(s: &str) -> String {

@@ -259,7 +259,19 @@ impl<E> Prefixed<E> {
 #[async_trait]
 impl<E: Exec> Exec for Prefixed<E> {
     async fn run(&self, cmd: Cmd) -> Result<Output, ExecError> {
-        self.inner.run(self.prefix.apply(cmd)).await
+        // issue 14: metrics: every real command passes here, named by its own program (not the
+        // prefix's nsenter). A dropped call records nothing: it has no outcome.
+        let started = std::time::Instant::now();
+        let program = crate::metrics::program_label(&cmd.program);
+        let res = self.inner.run(self.prefix.apply(cmd)).await;
+        let failure = match &res {
+            Ok(_) => None,
+            Err(ExecError::Failed { .. }) => Some("exit"),
+            Err(ExecError::Timeout { .. }) => Some("timeout"),
+            Err(ExecError::Spawn { .. }) => Some("spawn"),
+        };
+        crate::metrics::command(program, started.elapsed(), failure);
+        res
     }
 }
 

@@ -59,7 +59,10 @@ pub mod error;
 pub mod exec;
 pub mod jobs;
 pub mod locks;
+// issue 14: metrics, health endpoints
+pub mod metrics;
 pub mod node;
+pub mod observe;
 pub mod placement;
 pub mod pool;
 pub mod server;

@@ -73,6 +73,8 @@ struct ServeArgs {
     #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_concurrent_calls: u32,
+    #[command(flatten)]
+    observe: ObserveArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -131,6 +133,8 @@ struct AgentArgs {
     #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_concurrent_calls: u32,
+    #[command(flatten)]
+    observe: ObserveArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -196,6 +200,47 @@ struct ControllerArgs {
     #[arg(long, env = "HOLDFAST_MAX_CONCURRENT_CALLS", default_value_t = server::DEFAULT_MAX_CONCURRENT_CALLS as u32,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     max_concurrent_calls: u32,
+    #[command(flatten)]
+    observe: ObserveArgs,
+}
+
+// issue 14: metrics, health endpoints
+/// The HTTP endpoints for operators' tools (see `holdfast::observe`).
+#[derive(clap::Args, Debug)]
+struct ObserveArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port, e.g. 0.0.0.0:9810).
+    #[arg(long, env = "HOLDFAST_METRICS_ADDRESS")]
+    metrics_address: Option<String>,
+    /// Serve /healthz, /readyz and /status at this address (host:port, e.g. 0.0.0.0:9808).
+    #[arg(long, env = "HOLDFAST_HEALTH_ADDRESS")]
+    health_address: Option<String>,
+}
+
+/// Starts the endpoints `args` asks for on `serve_on` (the gRPC runtime, so they answer while
+/// calls block theirs), with the figures of `source` read on the current (calls') runtime.
+fn observe(args: &ObserveArgs, source: Arc<dyn holdfast::observe::Source>, serve_on: &tokio::runtime::Handle) -> anyhow::Result<()> {
+    use holdfast::observe::{Endpoints, Observed};
+    let observed = Observed::new(source, tokio::runtime::Handle::current());
+    for (address, flag, which) in
+        [(&args.metrics_address, "--metrics-address", Endpoints::Metrics), (&args.health_address, "--health-address", Endpoints::Health)]
+    {
+        let Some(address) = address else { continue };
+        if which == Endpoints::Metrics {
+            // From now on, so the start-up's commands are counted too.
+            holdfast::metrics::install();
+        }
+        // Bound here so a taken port fails the start; registered with the gRPC runtime.
+        let std = std::net::TcpListener::bind(address).with_context(|| format!("cannot listen on {flag} {address}"))?;
+        std.set_nonblocking(true)?;
+        let observed = observed.clone();
+        serve_on.spawn(async move {
+            match tokio::net::TcpListener::from_std(std) {
+                Ok(l) => holdfast::observe::serve(l, which, observed).await,
+                Err(e) => tracing::error!(error = %e, "cannot serve {flag}"),
+            }
+        });
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -294,11 +339,13 @@ async fn all_in_one(args: ServeArgs, serve_on: tokio::runtime::Handle) -> anyhow
     // holding bind of a killed publish pins a volume.
     driver.recover().await;
     mounter.recover().await;
-    let options =
-        ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
     // The controller of a cluster with one in-process agent holding every pool: the same
     // placement and routing as `holdfast controller`, no second implementation.
-    let controller = holdfast::controller::ClusterController::over_driver(driver.clone()).await.map_err(anyhow::Error::msg)?;
+    let agent = holdfast::agent::local::LocalAgent::new(driver.clone());
+    observe(&args.observe, agent.clone(), &serve_on)?;
+    let options =
+        ServeOptions { max_concurrent_calls: args.max_concurrent_calls as usize, serve_on: Some(serve_on), ..ServeOptions::default() };
+    let controller = holdfast::controller::ClusterController::over_agent(agent).await.map_err(anyhow::Error::msg)?;
     server::serve_cluster(&args.endpoint, driver, controller, true, options, shutdown_signal()).await.map_err(anyhow::Error::msg)?;
     tracing::info!("stopped");
     Ok(())
@@ -355,6 +402,8 @@ async fn agent(args: AgentArgs, serve_on: tokio::runtime::Handle) -> anyhow::Res
     driver.recover().await;
     mounter.recover().await;
     let local = LocalAgent::new(driver.clone());
+    holdfast::observe::require_registration();
+    observe(&args.observe, local.clone(), &serve_on)?;
 
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -475,6 +524,7 @@ async fn controller(args: ControllerArgs, serve_on: tokio::runtime::Handle) -> a
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    observe(&args.observe, reg.clone(), &serve_on)?;
     let router = tonic::transport::Server::builder().add_service(reg.service());
     tracing::info!(listen = %args.listen, tls = server_tls.is_some(), per_node_certs = args.tls_per_node, nfs_pools = driver.pools.len(), "serving the Registry");
     let registry_api = {

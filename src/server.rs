@@ -229,22 +229,45 @@ where
         // The clone that was polled ready serves this call; the fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if req.uri().path().starts_with("/csi.v1.Identity/") {
-            return Box::pin(inner.call(req));
+        let identity = req.uri().path().starts_with("/csi.v1.Identity/");
+        // issue 14: metrics: every call's latency and outcome, recorded here once for all.
+        let call = crate::metrics::Call::start(req.uri().path(), !identity);
+        if identity {
+            let Some(call) = call else { return Box::pin(inner.call(req)) };
+            return Box::pin(async move {
+                let res = inner.call(req).await;
+                call.done(res.as_ref().map(grpc_code).unwrap_or(2), "none");
+                res
+            });
         }
         let calls = self.calls.clone();
         Box::pin(async move {
             // Waiting here costs no thread; the client's deadline still cuts the wait short.
             let _slot = calls.slots.acquire_owned().await.ok();
-            let Some(rt) = calls.runtime else { return inner.call(req).await };
-            let task = rt.spawn(inner.call(req));
-            let _abort = AbortOnDrop(task.abort_handle());
-            match task.await {
-                Ok(res) => res,
-                Err(e) => Ok(tonic::Status::internal(format!("the call failed: {e}")).into_http()),
+            let work = crate::metrics::with_pool_kind(inner.call(req));
+            let (res, kind) = match calls.runtime {
+                None => work.await,
+                Some(rt) => {
+                    let task = rt.spawn(work);
+                    let _abort = AbortOnDrop(task.abort_handle());
+                    match task.await {
+                        Ok(done) => done,
+                        Err(e) => (Ok(tonic::Status::internal(format!("the call failed: {e}")).into_http()), "none"),
+                    }
+                }
+            };
+            if let Some(call) = call {
+                call.done(res.as_ref().map(grpc_code).unwrap_or(2), kind);
             }
+            res
         })
     }
+}
+
+/// The gRPC code of an answer: in its headers when it failed at once (tonic's trailers-only
+/// answer); a unary answer with a body succeeded (its trailers say OK).
+fn grpc_code<B>(res: &http::Response<B>) -> i32 {
+    res.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// Runs a server future until it ends, or until `grace` after the shutdown signal fired.
@@ -351,6 +374,8 @@ async fn serve_here(
             };
             tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), max_concurrent_calls = options.max_concurrent_calls, "serving CSI");
             let incoming = UnixListenerStream::new(listener).map(|conn| conn.map(relayed));
+            // issue 14: health: /readyz answers ready from here on (an agent: once registered too).
+            crate::observe::set_serving();
             let res = with_grace(router.serve_with_incoming_shutdown(incoming, shutdown), fired, options.grace).await;
             remove_own_socket(&path, ino);
             res
@@ -362,6 +387,7 @@ async fn serve_here(
                 let _ = fire.send(());
             };
             tracing::info!(endpoint, node = %driver.node_id, pools = driver.pools.len(), max_concurrent_calls = options.max_concurrent_calls, "serving CSI");
+            crate::observe::set_serving();
             with_grace(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown), fired, options.grace).await
         }
     }

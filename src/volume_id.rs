@@ -195,6 +195,8 @@ impl VolumeId {
         if !valid_pool_name(pool) || !valid_local_name(local) {
             return None;
         }
+        // issue 14: metrics: the call that named this id concerns a pool of this kind.
+        crate::metrics::note_pool_kind(kind);
         Some(VolumeId { kind, node, pool: pool.to_owned(), local: local.to_owned(), tag })
     }
 
@@ -235,6 +237,8 @@ impl VolumeId {
 
 impl fmt::Display for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // issue 14: metrics: an id made for an answer (CreateVolume) names the call's pool kind.
+        crate::metrics::note_pool_kind(self.kind);
         write!(f, "{}:{}:{}:{}", self.kind, self.node.as_deref().unwrap_or("-"), self.pool, self.local)?;
         if let Some(t) = &self.tag {
             write!(f, ":{}{}", t.object.marker(), t.uid)?;

@@ -23,6 +23,12 @@ job "holdfast-controller" {
       port "registration" {
         static = 9750
       }
+      port "metrics" {
+        static = 9810
+      }
+      port "health" {
+        static = 9811
+      }
     }
 
     # Agents find the controllers through this name (Consul DNS:
@@ -31,6 +37,13 @@ job "holdfast-controller" {
       name     = "holdfast-controller"
       port     = "registration"
       provider = "consul"
+      check {
+        type     = "http"
+        port     = "health"
+        path     = "/readyz"
+        interval = "10s"
+        timeout  = "3s"
+      }
     }
 
     task "controller" {
@@ -50,8 +63,11 @@ job "holdfast-controller" {
           # Every agent presents the one shared certificate (holdfast certs node --node-id
           # holdfast-agent): the name checked when dialling an agent, not its node id.
           "--agent-server-name=holdfast-agent",
+          # Prometheus metrics and /healthz, /readyz, /status (docs/observability.md).
+          "--metrics-address=0.0.0.0:9810",
+          "--health-address=0.0.0.0:9811",
         ]
-        ports = ["registration"]
+        ports = ["registration", "metrics", "health"]
         # The controller mounts the exports of nfs pools to make volume directories.
         privileged = true
       }

@@ -11,6 +11,29 @@ job "holdfast" {
   type = "system"
 
   group "monolith" {
+    network {
+      port "metrics" {
+        static = 9755
+      }
+      port "health" {
+        static = 9756
+      }
+    }
+
+    service {
+      name     = "holdfast"
+      port     = "metrics"
+      provider = "consul"
+      tags     = ["metrics"]
+      check {
+        type     = "http"
+        port     = "health"
+        path     = "/readyz"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
     task "plugin" {
       driver = "docker"
 
@@ -25,6 +48,9 @@ job "holdfast" {
           "--node-id=${node.unique.name}",
           "--config=${NOMAD_TASK_DIR}/config.toml",
           "--state-dir=/var/lib/holdfast/state",
+          # Prometheus metrics and /healthz, /readyz, /status (docs/observability.md).
+          "--metrics-address=0.0.0.0:9755",
+          "--health-address=0.0.0.0:9756",
         ]
         mount {
           type   = "bind"

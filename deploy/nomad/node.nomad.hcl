@@ -17,6 +17,30 @@ job "holdfast-node" {
   type = "system"
 
   group "node" {
+    network {
+      port "metrics" {
+        static = 9755
+      }
+      port "health" {
+        static = 9756
+      }
+    }
+
+    # Ready once registered with a controller; metrics scraped from the same service.
+    service {
+      name     = "holdfast-node"
+      port     = "metrics"
+      provider = "consul"
+      tags     = ["metrics"]
+      check {
+        type     = "http"
+        port     = "health"
+        path     = "/readyz"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
     task "node" {
       driver = "docker"
 
@@ -39,6 +63,9 @@ job "holdfast-node" {
           "--tls-ca=${NOMAD_SECRETS_DIR}/ca.crt",
           # The controller's certificate names holdfast-controller, not the Consul name dialled.
           "--tls-server-name=holdfast-controller",
+          # Prometheus metrics and /healthz, /readyz, /status (docs/observability.md).
+          "--metrics-address=0.0.0.0:9755",
+          "--health-address=0.0.0.0:9756",
         ]
         mount {
           type   = "bind"

@@ -18,7 +18,7 @@ use super::AgentOps;
 use crate::agent_proto as ap;
 use crate::csi::{decode_caps, lock_key, name_keys, require, topology};
 use crate::driver::Driver;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, cut};
 use crate::jobs::{self, Work};
 use crate::locks::{LockKey, ObjectKind};
 use crate::placement::{self, Candidate, Segments};
@@ -332,6 +332,24 @@ impl LocalAgent {
     /// names the pool to create in (the controller placed it there); empty: placed among this
     /// node's pools. Either way a retry finds the volume in any pool of the node.
     pub async fn create_within(&self, pinned: &str, req: CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
+        // issue 14: events: the PVC the provisioner names (--extra-create-metadata) goes into
+        // the volume's event lines; kept while the volume lives in this process.
+        let name = req.name.clone();
+        let pvc = pvc_of(&req.parameters);
+        if let Some(p) = &pvc {
+            self.feed.lock().pvc.insert(name.clone(), p.clone());
+        }
+        let res = self.create_unlogged(pinned, req, budget).await;
+        if res.is_err() && pvc.is_some() {
+            let mut st = self.feed.lock();
+            if !st.volumes.values().any(|s| s.now.as_ref().is_some_and(|v| v.csi_name == name)) {
+                st.pvc.remove(&name);
+            }
+        }
+        res
+    }
+
+    async fn create_unlogged(&self, pinned: &str, req: CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
         // The budget runs from the call's start: the look-ups before the wait spend it too.
         let deadline = Instant::now() + budget;
         require("name", &req.name)?;
@@ -666,13 +684,17 @@ impl LocalAgent {
         // volume abnormal: its writers may be blocked.
         if condition == pool::Condition::Healthy {
             if let Some(m) = self.d.freezer.stuck_message(pool.name(), local).await {
-                return Ok(VolumeCondition { abnormal: true, message: m });
+                let c = VolumeCondition { abnormal: true, message: m };
+                self.feed.lock().note_condition(pool.name(), local, &c);
+                return Ok(c);
             }
         }
-        Ok(match condition {
+        let c = match condition {
             pool::Condition::Healthy => VolumeCondition { abnormal: false, message: "volume is healthy".into() },
             pool::Condition::Abnormal(m) => VolumeCondition { abnormal: true, message: m },
-        })
+        };
+        self.feed.lock().note_condition(pool.name(), local, &c);
+        Ok(c)
     }
 
     /// One page of this node's volumes (see [`paginate`]) with their conditions. Only the
@@ -1002,6 +1024,22 @@ fn known_parameters() -> impl Iterator<Item = &'static str> {
 /// A pool and the local name of one of its objects.
 type Key = (String, String);
 
+// issue 14: events
+/// The PVC name and namespace in CreateVolume's parameters (`--extra-create-metadata`).
+fn pvc_of(parameters: &HashMap<String, String>) -> Option<(String, String)> {
+    let name = parameters.get(crate::pool::nfs::template::PARAM_PVC_NAME)?;
+    let namespace = parameters.get(crate::pool::nfs::template::PARAM_PVC_NAMESPACE).cloned().unwrap_or_default();
+    Some((cut(name).to_owned(), cut(&namespace).to_owned()))
+}
+
+/// Logs one volume event: exactly one line per change the feed reports (see
+/// [`FeedState::send`]), with the ids an operator searches by.
+fn volume_event(event: &str, v: &ap::Volume, pvc: Option<&(String, String)>, capacity: i64) {
+    let id = v.volume.as_ref().map(|x| x.volume_id.as_str()).unwrap_or_default();
+    let (pvc_name, pvc_namespace) = pvc.map(|(n, ns)| (n.as_str(), ns.as_str())).unwrap_or_default();
+    tracing::info!(event, volume_id = id, csi_name = cut(&v.csi_name), pool = %v.pool, pvc_name, pvc_namespace, capacity_bytes = capacity, "volume {event}");
+}
+
 /// What the feed last reported of one object: the sequence number of that report and the
 /// object (`None`: reported gone).
 #[derive(Debug, Clone)]
@@ -1025,6 +1063,11 @@ struct FeedState {
     volumes: HashMap<Key, Seen<ap::Volume>>,
     snapshots: HashMap<Key, Seen<ap::Snapshot>>,
     pools: HashMap<String, ap::Pool>,
+    // issue 14: events
+    /// The PVC (name, namespace) of each volume created by CSI name, for its event lines.
+    pvc: HashMap<String, (String, String)>,
+    /// The volumes last seen abnormal (their condition), so each change is logged once.
+    abnormal: std::collections::HashSet<Key>,
 }
 
 impl Feed {
@@ -1044,6 +1087,7 @@ impl FeedState {
         use ap::change::Change as C;
         self.sequence += 1;
         let sequence = self.sequence;
+        self.log_event(&change);
         match &change {
             C::VolumeCreated(v) | C::VolumeUpdated(v) => {
                 self.volumes.insert((v.pool.clone(), v.local_name.clone()), Seen { sequence, now: Some(v.clone()) });
@@ -1068,6 +1112,77 @@ impl FeedState {
         }
         // No subscriber is no error: the next registration sends the inventory.
         let _ = tx.send(ap::Change { sequence, change: Some(change) });
+    }
+
+    // issue 14: events
+    /// Logs `local`'s condition when it changed since last read: found abnormal, or healthy again.
+    fn note_condition(&mut self, pool: &str, local: &str, c: &VolumeCondition) {
+        let key = (pool.to_owned(), local.to_owned());
+        let changed = if c.abnormal { self.abnormal.insert(key.clone()) } else { self.abnormal.remove(&key) };
+        if !changed {
+            return;
+        }
+        let v = self.volumes.get(&key).and_then(|s| s.now.as_ref());
+        let csi_name = v.map(|v| cut(&v.csi_name)).unwrap_or_default();
+        let volume_id = v.and_then(|v| v.volume.as_ref()).map(|x| x.volume_id.as_str()).unwrap_or_default();
+        let (pvc_name, pvc_namespace) =
+            v.and_then(|v| self.pvc.get(&v.csi_name)).map(|(n, ns)| (n.as_str(), ns.as_str())).unwrap_or_default();
+        let message = cut(&c.message);
+        if c.abnormal {
+            tracing::warn!(
+                event = "abnormal",
+                volume_id,
+                csi_name,
+                pool,
+                local_name = local,
+                pvc_name,
+                pvc_namespace,
+                message,
+                "volume found abnormal"
+            );
+        } else {
+            tracing::info!(
+                event = "healthy",
+                volume_id,
+                csi_name,
+                pool,
+                local_name = local,
+                pvc_name,
+                pvc_namespace,
+                "volume healthy again"
+            );
+        }
+    }
+
+    /// The event line of `change` (before it is recorded: the old state is still here).
+    fn log_event(&mut self, change: &ap::change::Change) {
+        use ap::change::Change as C;
+        let cap = |v: &ap::Volume| v.volume.as_ref().map(|x| x.capacity_bytes).unwrap_or(0);
+        match change {
+            C::VolumeCreated(v) => volume_event("created", v, self.pvc.get(&v.csi_name), cap(v)),
+            C::VolumeUpdated(v) => {
+                let was = self.volumes.get(&(v.pool.clone(), v.local_name.clone())).and_then(|s| s.now.as_ref()).map(cap);
+                let event = if was.is_some_and(|w| w < cap(v)) { "expanded" } else { "changed" };
+                volume_event(event, v, self.pvc.get(&v.csi_name), cap(v));
+            }
+            C::VolumeDeleted(r) => {
+                let id =
+                    self.volumes.get(&(r.pool.clone(), r.local_name.clone())).and_then(|s| s.now.as_ref()).and_then(|v| v.volume.clone());
+                let pvc = self.pvc.remove(&r.csi_name);
+                self.abnormal.remove(&(r.pool.clone(), r.local_name.clone()));
+                let (pvc_name, pvc_namespace) = pvc.as_ref().map(|(n, ns)| (n.as_str(), ns.as_str())).unwrap_or_default();
+                let volume_id = id.as_ref().map(|v| v.volume_id.as_str()).unwrap_or_default();
+                tracing::info!(event = "deleted", volume_id, csi_name = cut(&r.csi_name), pool = %r.pool, local_name = %r.local_name, pvc_name, pvc_namespace, "volume deleted");
+            }
+            C::SnapshotCreated(s) => {
+                let (id, source) = s.snapshot.as_ref().map(|x| (x.snapshot_id.as_str(), x.source_volume_id.as_str())).unwrap_or_default();
+                tracing::info!(event = "snapshotted", snapshot_id = id, volume_id = source, csi_name = cut(&s.csi_name), pool = %s.pool, "volume snapshotted");
+            }
+            C::SnapshotDeleted(r) => {
+                tracing::info!(event = "snapshot deleted", csi_name = cut(&r.csi_name), pool = %r.pool, local_name = %r.local_name, "snapshot deleted");
+            }
+            C::PoolUpdated(_) | C::PoolCapacity(_) => {}
+        }
     }
 
     /// Reports `v` unless the feed last said exactly that.
@@ -1268,6 +1383,17 @@ impl LocalAgent {
             // Raw block; a filesystem may need more (crate::node::format::min_size).
             minimum_volume_bytes: minimum_size(None, unit),
         })
+    }
+
+    // issue 14: metrics
+    /// Every pool as the inventory describes it, health and capacity read now (for the
+    /// metrics and `/status` of this process).
+    pub async fn pool_reports(&self) -> Vec<ap::Pool> {
+        let mut out = Vec::with_capacity(self.d.pools.len());
+        for pool in self.d.pools.values() {
+            out.push(self.pool_entry(pool.as_ref()).await);
+        }
+        out
     }
 
     /// One pool as the inventory describes it, health and capacity read now.

@@ -256,6 +256,8 @@ async fn once(
         ms => Duration::from_millis(u64::from(ms)),
     };
     tracing::info!(controller = %addr, pools, volumes, sequence = last, heartbeat = ?every, "registered");
+    // issue 14: health: an agent is ready (/readyz) once a controller took it.
+    crate::observe::set_registered();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;

@@ -134,13 +134,19 @@ impl ClusterController {
     /// all-in-one's controller over `driver`'s pools: a registry holding one in-process
     /// [`crate::agent::local::LocalAgent`] (no start-up grace, no remote agent).
     pub async fn over_driver(driver: Arc<crate::driver::Driver>) -> Result<ClusterController> {
+        ClusterController::over_agent(crate::agent::local::LocalAgent::new(driver)).await
+    }
+
+    // issue 14: metrics
+    /// [`ClusterController::over_driver`] over an agent the caller keeps (its pools' metrics).
+    pub async fn over_agent(agent: Arc<crate::agent::local::LocalAgent>) -> Result<ClusterController> {
         let connector: registry::Connector = Arc::new(|node: &str, _: &str| -> Arc<dyn AgentOps> {
             // No Registry service is served in all-in-one, so nothing registers: an agent that
             // somehow did could serve nothing.
             Arc::new(registry::Absent(node.to_owned()))
         });
         let reg = Registry::new(registry::RegistryOptions { grace: Duration::ZERO, ..registry::RegistryOptions::new(connector) });
-        reg.add_local(crate::agent::local::LocalAgent::new(driver)).await?;
+        reg.add_local(agent).await?;
         Ok(ClusterController::standalone(reg))
     }
 

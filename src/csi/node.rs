@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::controller::CTX_FS_TYPE;
 use super::{decode_cap, lock_key, object_of, require, topology, traced};
 use crate::driver::Driver;
-use crate::error::{Error, Result, bounded};
+use crate::error::{Error, Result, bounded, cut};
 use crate::locks::ObjectKind;
 use crate::node::mountinfo::MountInfo;
 use crate::node::records::{Backing, MountKey, PublishRecord, StageRecord, VolumeRecord};
@@ -164,9 +164,14 @@ impl NodeService {
             rec.remove_stage(&p);
         }
         let in_use = !rec.stages.is_empty();
+        let was_staged = rec.stage_at(staging.as_path()).is_some();
         let attachment = pool.attach(&v.local).await?;
         let before = rec.clone();
         let res = self.stage_attached(&r, &cap, pool.as_ref(), &v, &staging, &attachment, &mut rec).await;
+        if res.is_ok() && !was_staged {
+            // issue 14: events: one line when the volume becomes staged here, not per retry.
+            tracing::info!(event = "staged", volume_id = cut(&r.volume_id), csi_name = cut(&v.csi_name), pool = pool.name(), staging = %staging.as_path().display(), "volume staged");
+        }
         if let Err(e) = &res {
             // Leave nothing behind that this call made: its record entry and, unless the volume
             // is in use here already, its attachment (a loop device).
@@ -209,7 +214,14 @@ impl NodeService {
             Attachment::Device(p) => Backing::Device { path: p.clone(), dev: device_number(p).await },
             Attachment::Mount { source, fs_type, .. } => Backing::Source { source: source.clone(), fs_type: fs_type.clone() },
         };
-        let entry = StageRecord { path: staging.as_path().to_owned(), backing, fs_type: fs.clone(), block: cap.block, mount: None };
+        let entry = StageRecord {
+            path: staging.as_path().to_owned(),
+            backing,
+            fs_type: fs.clone(),
+            block: cap.block,
+            mount: None,
+            csi_name: v.csi_name.clone(),
+        };
         if rec.stage_at(staging.as_path()) != Some(&entry) {
             rec.remove_stage(staging.as_path());
             rec.stages.push(entry);
@@ -267,6 +279,8 @@ impl NodeService {
             }
         }
         self.d.records.save(&rec).await?;
+        // issue 14: events
+        tracing::info!(event = "unstaged", volume_id = cut(&r.volume_id), csi_name = cut(&entry.csi_name), staging = %shown, "volume unstaged");
         Ok(NodeUnstageVolumeResponse {})
     }
 

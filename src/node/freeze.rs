@@ -274,6 +274,7 @@ impl Freezer {
         match self.exec.run(freeze).await {
             Ok(_) => {
                 tracing::info!(pool = %target.pool, volume = %target.volume, mount_point = %mp.display(), purpose = %target.purpose, "frozen");
+                crate::metrics::frozen(1);
                 s.holders = 1;
                 let now = Instant::now();
                 s.since = Some(now);
@@ -301,7 +302,10 @@ impl Freezer {
             return Ok(());
         }
         s.since = None;
-        if !self.thaw(mp).await? {
+        let thawed = self.thaw(mp).await?;
+        // issue 14: metrics: a failed thaw (above) leaves it counted frozen, as it is.
+        crate::metrics::frozen(-1);
+        if !thawed {
             tracing::warn!(mount_point = %mp.display(), "the filesystem was thawed by something else during the operation");
         }
         self.remove_record(mp).await?;

@@ -44,6 +44,10 @@ pub struct StageRecord {
     /// The staging mount as the kernel showed it once mounted; binds of it show the same.
     #[serde(default)]
     pub mount: Option<MountKey>,
+    // issue 14: events
+    /// The volume's CSI name, for the `unstaged` event line (empty in records written before).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub csi_name: String,
 }
 
 /// What a volume's staging mounts.
@@ -242,6 +246,7 @@ mod tests {
             fs_type: fs.into(),
             block: false,
             mount: mount.map(|(mm, root)| MountKey { major_minor: mm.into(), root: root.into() }),
+            csi_name: String::new(),
         }
     }
 
@@ -253,6 +258,7 @@ mod tests {
             fs_type: "nfs".into(),
             block: false,
             mount: None,
+            csi_name: String::new(),
         };
         struct Case {
             name: &'static str,
