@@ -463,7 +463,7 @@ fn cow_row(local: &str, source: &str, size: u64, attr: &'static str, used: &'sta
 
 #[test]
 fn snapshot_reserve_is_a_share_or_a_size() {
-    let cases: [(&str, Option<SnapshotReserve>); 8] = [
+    let cases: [(&str, Option<SnapshotReserve>); 21] = [
         ("20%", Some(SnapshotReserve::Percent(20))),
         (" 100 %", Some(SnapshotReserve::Percent(100))),
         ("0%", None),
@@ -472,6 +472,20 @@ fn snapshot_reserve_is_a_share_or_a_size() {
         ("512K", None),
         ("lots", None),
         ("-5%", None),
+        // issue 12, hostile config values: extremes and near misses.
+        ("", None),
+        ("%", None),
+        ("1%", Some(SnapshotReserve::Percent(1))),
+        ("4294967297%", None),
+        ("20.5%", None),
+        ("20%%", None),
+        ("1M", Some(SnapshotReserve::Bytes(1 << 20))),
+        ("1048575", None),
+        ("1.5GiB", None),
+        ("18446744073709551616", None),
+        ("16777216T", None),
+        ("-1GiB", None),
+        ("\u{ff12}\u{ff10}%", None),
     ];
     for (text, want) in cases {
         assert_eq!(SnapshotReserve::parse(text), want, "{text:?}");
@@ -487,6 +501,13 @@ fn snapshot_reserve_is_a_share_or_a_size() {
     for (r, origin, want) in sizes {
         assert_eq!(r.cow_size(origin), want, "{r:?} of {origin}");
     }
+    // Sizes beyond any volume group are refused (1 EiB is the most); the largest accepted
+    // ones do not overflow.
+    assert_eq!(SnapshotReserve::parse("18446744073709551615"), None);
+    assert_eq!(SnapshotReserve::parse("1048577T"), None);
+    let most = SnapshotReserve::parse("1048576T").expect("1 EiB is a size");
+    assert_eq!(most.cow_size(M), 1 << 60);
+    assert_eq!(SnapshotReserve::Percent(100).cow_size(1 << 50), (1u64 << 50) + (1 << 43) + M);
 }
 
 #[tokio::test]
