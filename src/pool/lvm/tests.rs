@@ -802,3 +802,39 @@ async fn only_filesystems_lvm_cannot_freeze_are_handed_to_the_freezer() {
     assert_eq!(mounted_filesystems(Path::new("/dev/null"), &mounts), [PathBuf::from("/mnt/btrfs")]);
     assert!(mounted_filesystems(Path::new("/dev/holdfast-no-such-lv"), &mounts).is_empty());
 }
+
+/// issue 12: LVM grows the origin of thick COW snapshots only while it is inactive. In use
+/// (device-mapper counts an opener): FAILED_PRECONDITION naming the snapshot, nothing changed
+/// but the refused `lvextend`; unused: deactivated, extended, activated again.
+#[tokio::test]
+async fn a_snapshotted_thick_origin_grows_only_while_inactive() {
+    const ACTIVE_ORIGIN: &str = "  Snapshot origin volumes can be resized only while inactive: try lvchange -an.\n";
+    let extend = "lvextend --yes --size 33554432b vg0/hf-v1";
+    for (open, want) in [
+        ("1\n", vec![extend.to_owned(), "dmsetup info -c --noheadings -o open vg0-hf--v1".to_owned()]),
+        (
+            "0\n",
+            vec![
+                extend.to_owned(),
+                "dmsetup info -c --noheadings -o open vg0-hf--v1".to_owned(),
+                "lvchange --activate n vg0/hf-v1".to_owned(),
+                extend.to_owned(),
+                "lvchange --activate y --ignoreactivationskip vg0/hf-v1".to_owned(),
+            ],
+        ),
+    ] {
+        let (p, fake) = pool("");
+        let v = vol_row("v1", 16 << 20);
+        on_lookup(&fake, "hf-v1", vec![found(std::slice::from_ref(&v)), found(&[vol_row("v1", 32 << 20)])]);
+        on_list(&fake, &[v, cow_row("s1", "v1", 16 << 20, "swi-a-s---", "0.01")]);
+        fake.on("lvextend", vec![Reply::Fail(5, ACTIVE_ORIGIN.into()), Reply::Ok(String::new())]);
+        fake.on("dmsetup", vec![Reply::Ok(open.into())]);
+        let got = p.expand_volume("v1", 32 << 20).await;
+        if open == "1\n" {
+            assert!(matches!(&got, Err(Error::FailedPrecondition(m)) if m.contains("csi-s1") && m.contains("unstage")), "{got:?}");
+        } else {
+            assert_eq!(got.unwrap(), 32 << 20);
+        }
+        assert_eq!(changes(&fake), want, "opened {open:?}");
+    }
+}
