@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
+use holdfast::proto::controller_service_capability::rpc::Type as CtrlCap;
 use holdfast::proto::volume_capability::access_mode::Mode;
 use holdfast::proto::*;
 use hostile_guards::*;
@@ -379,4 +380,250 @@ async fn stage_records_survive_a_restart() {
     second.unstage(&id, &staging).await;
     assert!(!is_mount_point(&staging), "NodeUnstageVolume after a restart left the volume mounted");
     second.delete(&id).await;
+}
+
+// --- issue 12: hostile inputs for the group snapshot and modify fields ---------------------
+
+/// A refusal's message must stay within the driver's cap (docs: error messages are bounded).
+fn assert_bounded(s: &tonic::Status, what: &str) {
+    assert!(s.message().len() <= 1024, "{what}: a {}-byte message", s.message().len());
+    assert!(!s.message().chars().any(|c| c.is_control() && c != '\n' && c != '\t'), "{what}: raw control characters: {:?}", s.message());
+}
+
+/// Every snapshot id of the pool (members of groups included).
+async fn all_snapshot_ids(d: &Driver) -> std::collections::BTreeSet<String> {
+    d.list_snapshots(ListSnapshotsRequest::default()).await.into_iter().map(|s| s.snapshot_id).collect()
+}
+
+/// issue 12 (hostile inputs): CreateVolumeGroupSnapshot with source_volume_ids that are empty,
+/// duplicated, a thousand long, of other kinds, pools or nodes, or garbage, and names that are
+/// empty, 10 KB long or hold control characters: each answers its precise code with a bounded
+/// message, and no snapshot is made (ListSnapshots is unchanged, the volume is intact).
+#[tokio::test]
+async fn hostile_group_snapshot_requests_make_nothing() {
+    let d = Driver::start().await;
+    let v = d.create(&unique("hostile-grp"), d.fs_volume_size(), d.mount_cap(Mode::SingleNodeWriter)).await;
+    let id = v.volume_id.as_str();
+    let before = all_snapshot_ids(&d).await;
+    let other_node = {
+        let mut f: Vec<&str> = id.split(':').collect();
+        f[1] = "some-other-node";
+        f.join(":")
+    };
+    let other_kind = id.replacen(&format!("{}:", d.pool.kind), if d.pool.kind == "zfs" { "lvm:" } else { "zfs:" }, 1);
+    let thousand: Vec<String> = std::iter::once(id.to_owned()).chain((1..1000).map(|i| format!("{}-{i}", unknown_volume_id(&d)))).collect();
+    let good = unique("hostile-grp");
+    struct Case {
+        what: &'static str,
+        name: String,
+        ids: Vec<String>,
+        want: &'static [Code],
+    }
+    let cases = [
+        Case { what: "no source volumes", name: good.clone(), ids: vec![], want: &[Code::InvalidArgument] },
+        Case { what: "one volume twice", name: good.clone(), ids: vec![id.into(), id.into()], want: &[Code::InvalidArgument] },
+        Case { what: "the same volume 1000 times", name: good.clone(), ids: vec![id.to_owned(); 1000], want: &[Code::InvalidArgument] },
+        Case { what: "1000 ids, all but one unknown", name: good.clone(), ids: thousand, want: &[Code::NotFound] },
+        Case { what: "a volume of another node", name: good.clone(), ids: vec![id.into(), other_node], want: &[Code::InvalidArgument] },
+        Case { what: "a volume of another kind", name: good.clone(), ids: vec![id.into(), other_kind], want: &[Code::InvalidArgument] },
+        Case { what: "a garbage id", name: good.clone(), ids: vec![id.into(), "\u{1b}[31m;rm -rf /".into()], want: &[Code::NotFound] },
+        Case { what: "a 10 KB id", name: good.clone(), ids: vec![id.into(), "x".repeat(10 << 10)], want: &[Code::NotFound] },
+        Case {
+            what: "an empty id",
+            name: good.clone(),
+            ids: vec![id.into(), String::new()],
+            want: &[Code::NotFound, Code::InvalidArgument],
+        },
+        Case { what: "an empty name", name: String::new(), ids: vec![id.into()], want: &[Code::InvalidArgument] },
+        Case { what: "a 10 KB name", name: "g".repeat(10 << 10), ids: vec![id.into()], want: &[Code::InvalidArgument] },
+        Case {
+            what: "a name with control characters",
+            name: "grp\n\u{7}\u{1b}[2J".into(),
+            ids: vec![id.into()],
+            want: &[Code::InvalidArgument],
+        },
+    ];
+    for c in cases {
+        let req = CreateVolumeGroupSnapshotRequest { name: c.name, source_volume_ids: c.ids, ..Default::default() };
+        let started = std::time::Instant::now();
+        let s = expect_one_of(d.group().create_volume_group_snapshot(req).await, c.want, c.what);
+        assert_bounded(&s, c.what);
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "{}: took {:?}", c.what, started.elapsed());
+        assert_eq!(all_snapshot_ids(&d).await, before, "{}: snapshots were made", c.what);
+    }
+    // The volume is still there, unharmed.
+    ok(d.controller().controller_get_volume(ControllerGetVolumeRequest { volume_id: id.to_owned() }).await, "ControllerGetVolume");
+    d.delete(id).await;
+}
+
+/// issue 12 (hostile inputs): Delete/GetVolumeGroupSnapshot of malformed group ids (empty,
+/// garbage, 10 KB, control characters, and ids of a volume and of a snapshot): Get answers
+/// NOT_FOUND (INVALID_ARGUMENT when empty), Delete answers OK for what names no group (the
+/// spec) and never deletes the volume or the snapshot its id names.
+#[tokio::test]
+async fn hostile_group_snapshot_ids_touch_nothing() {
+    let d = Driver::start().await;
+    d.require_controller(&[CtrlCap::CreateDeleteSnapshot]).await;
+    let v = d.create(&unique("hostile-gid"), d.fs_volume_size(), d.mount_cap(Mode::SingleNodeWriter)).await;
+    let snap = d.snapshot(&unique("hostile-gid"), &v.volume_id).await;
+    let group_like = |id: &str| {
+        // The snapshot's id with its object letter turned into a group's ('s' -> 'g').
+        let (head, last) = id.rsplit_once(':').unwrap();
+        format!("{head}:g{}", &last[1..])
+    };
+    let ids = [
+        "garbage".to_owned(),
+        "x".repeat(10 << 10),
+        "g:\n\u{1b}[2J:\0".to_owned(),
+        v.volume_id.clone(),
+        snap.snapshot_id.clone(),
+        group_like(&snap.snapshot_id),
+        unknown_volume_id(&d),
+    ];
+    for gid in &ids {
+        let what = format!("GetVolumeGroupSnapshot {}", &gid[..gid.len().min(40)]);
+        let s = expect_code(
+            d.group()
+                .get_volume_group_snapshot(GetVolumeGroupSnapshotRequest { group_snapshot_id: gid.clone(), ..Default::default() })
+                .await,
+            Code::NotFound,
+            &what,
+        );
+        assert_bounded(&s, &what);
+        let what = format!("DeleteVolumeGroupSnapshot {}", &gid[..gid.len().min(40)]);
+        let r = d
+            .group()
+            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest { group_snapshot_id: gid.clone(), ..Default::default() })
+            .await;
+        ok(r, &what);
+        // A group id naming a snapshot's member list must list it; a stray snapshot_ids entry is refused.
+        let r = d
+            .group()
+            .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: gid.clone(),
+                snapshot_ids: vec![snap.snapshot_id.clone()],
+                ..Default::default()
+            })
+            .await;
+        if let Err(s) = &r {
+            assert_bounded(s, &what);
+        }
+    }
+    for (what, r) in [
+        (
+            "GetVolumeGroupSnapshot of an empty id",
+            d.group().get_volume_group_snapshot(GetVolumeGroupSnapshotRequest::default()).await.map(|_| ()),
+        ),
+        (
+            "DeleteVolumeGroupSnapshot of an empty id",
+            d.group().delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest::default()).await.map(|_| ()),
+        ),
+    ] {
+        let s = expect_code(r.map(tonic::Response::new), Code::InvalidArgument, what);
+        assert_bounded(&s, what);
+    }
+    // Neither the volume nor the snapshot went anywhere.
+    ok(d.controller().controller_get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await, "ControllerGetVolume");
+    assert!(all_snapshot_ids(&d).await.contains(&snap.snapshot_id), "a DeleteVolumeGroupSnapshot deleted snapshot {}", snap.snapshot_id);
+    d.delete_snapshot(&snap.snapshot_id).await;
+    d.delete(&v.volume_id).await;
+}
+
+/// The key a pool kind really can change (docs/design.md, ControllerModifyVolume), and a value
+/// it accepts; LVM has none.
+fn a_mutable_key(d: &Driver) -> Option<(&'static str, &'static str)> {
+    match d.pool.kind.as_str() {
+        "file" => Some(("provisioning", "thin")),
+        "zfs" => Some(("compression", "lz4")),
+        "nfs" => Some(("mode", "0750")),
+        _ => None,
+    }
+}
+
+/// The hostile values of a mutable parameter: empty, 10 KB, and ones that would inject more
+/// arguments or properties into `zfs set`, `lvchange` or a shell.
+fn hostile_values(good: &str) -> Vec<String> {
+    vec![
+        String::new(),
+        " ".into(),
+        "v".repeat(10 << 10),
+        format!("{good} -o mountpoint=/"),
+        format!("{good} atime=off"),
+        format!("{good}\nreadonly=on"),
+        format!("{good}="),
+        format!("={good}"),
+        format!("-o{good}"),
+        format!("{good};touch /tmp/holdfast-pwned"),
+        format!(" {good}"),
+        format!("{good}\0"),
+    ]
+}
+
+/// issue 12 (hostile inputs): ControllerModifyVolume with unknown keys, 10 KB keys and values,
+/// values with spaces, `=`, newlines or `-o` (which would inject into `zfs set` or `lvchange`),
+/// and empty values: INVALID_ARGUMENT with a bounded message, and the volume's recorded values
+/// (ControllerGetVolume's volume_context) unchanged — nothing half-applied.
+#[tokio::test]
+async fn hostile_mutable_parameters_change_nothing() {
+    let d = Driver::start().await;
+    d.require_controller(&[CtrlCap::ModifyVolume]).await;
+    let v = d.create(&unique("hostile-mod"), d.fs_volume_size(), d.mount_cap(Mode::SingleNodeWriter)).await;
+    let context = || async {
+        ok(d.controller().controller_get_volume(ControllerGetVolumeRequest { volume_id: v.volume_id.clone() }).await, "ControllerGetVolume")
+            .volume
+            .map(|v| v.volume_context)
+            .unwrap_or_default()
+    };
+    let before = context().await;
+    let mut cases: Vec<(String, std::collections::HashMap<String, String>)> = vec![
+        ("an unknown key".into(), [("holdfast-no-such-key".to_owned(), "1".to_owned())].into()),
+        ("a 10 KB key".into(), [("k".repeat(10 << 10), "1".to_owned())].into()),
+        ("an empty key".into(), [(String::new(), "1".to_owned())].into()),
+        ("a key with -o".into(), [("-o mountpoint".to_owned(), "/".to_owned())].into()),
+        ("a key with a newline".into(), [("compression\nreadonly".to_owned(), "on".to_owned())].into()),
+    ];
+    if let Some((key, good)) = a_mutable_key(&d) {
+        for value in hostile_values(good) {
+            let what = format!("{key}={:?}", &value[..value.len().min(30)]);
+            cases.push((what.clone(), [(key.to_owned(), value.clone())].into()));
+            // With a valid key beside it, the valid one must not be applied either.
+            cases.push((
+                format!("{what} beside a valid key"),
+                [(key.to_owned(), value), ("holdfast-no-such-key".to_owned(), "1".to_owned())].into(),
+            ));
+        }
+    }
+    for (what, params) in cases {
+        let req = ControllerModifyVolumeRequest { volume_id: v.volume_id.clone(), mutable_parameters: params, ..Default::default() };
+        let s = expect_code(d.controller().controller_modify_volume(req).await, Code::InvalidArgument, &what);
+        assert_bounded(&s, &what);
+        assert_eq!(context().await, before, "{what}: the volume's recorded values changed");
+    }
+    assert!(!Path::new("/tmp/holdfast-pwned").exists(), "a mutable value ran a command");
+    d.delete(&v.volume_id).await;
+}
+
+/// issue 12 (hostile inputs): CreateVolume with the same hostile mutable_parameters answers
+/// INVALID_ARGUMENT and makes no volume.
+#[tokio::test]
+async fn hostile_mutable_parameters_at_create_make_no_volume() {
+    let d = Driver::start().await;
+    d.require_controller(&[CtrlCap::ModifyVolume]).await;
+    let before: std::collections::BTreeSet<String> = d.list_volume_ids(0).await.into_iter().collect();
+    let (key, good) = a_mutable_key(&d).unwrap_or(("provisioning", "thin"));
+    let mut values = hostile_values(good);
+    values.push("k".repeat(10 << 10));
+    for (i, value) in values.into_iter().enumerate() {
+        let what = format!("CreateVolume with {key}={:?}", &value[..value.len().min(30)]);
+        let mut req = d.create_request(&unique("hostile-modc"), d.fs_volume_size(), d.mount_cap(Mode::SingleNodeWriter));
+        if i % 2 == 0 {
+            req.mutable_parameters.insert(key.to_owned(), value);
+        } else {
+            req.mutable_parameters.insert(value, good.to_owned());
+        }
+        let s = expect_code(d.controller().create_volume(req).await, Code::InvalidArgument, &what);
+        assert_bounded(&s, &what);
+    }
+    let after: std::collections::BTreeSet<String> = d.list_volume_ids(0).await.into_iter().collect();
+    assert_eq!(after, before, "CreateVolume with hostile mutable_parameters made volumes");
 }

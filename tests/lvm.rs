@@ -62,6 +62,7 @@ const TESTS: &[(&str, TestFn)] = &[
         Box::pin(an_overflowed_thick_snapshot_is_not_ready_and_never_restored())
     }),
     ("thick_copies_outlive_their_request_and_a_killed_driver", || Box::pin(thick_copies_outlive_their_request_and_a_killed_driver())),
+    ("a_snapshotted_thick_volume_grows_only_while_unused", || Box::pin(a_snapshotted_thick_volume_grows_only_while_unused())),
 ];
 
 fn in_vm() -> bool {
@@ -855,4 +856,57 @@ async fn thick_copies_outlive_their_request_and_a_killed_driver() {
     assert!(refused.message().contains("detached-snap"), "{}", refused.message());
     d.delete_snapshot(&snap.snapshot_id).await;
     d.delete(&source.volume_id).await;
+}
+
+/// issue 12: LVM grows the origin of COW snapshots only while it is inactive. A mounted thick
+/// volume that has a snapshot: the expansion is FAILED_PRECONDITION naming the snapshot, and
+/// nothing changed (size, data, snapshot); unmounted, the same expansion grows it (deactivated,
+/// extended, activated again), the filesystem then grows into it (NodeExpandVolume at the next
+/// stage), and the snapshot still holds, restorable, what the volume held when it was taken.
+async fn a_snapshotted_thick_volume_grows_only_while_unused() {
+    let lab = Lab::new("thick-grow", 1024).await;
+    let pool = lab.pool("thick-grow", "");
+    let size = 64 * MIB;
+    let v = pool.create_volume(&request("thick-grow-source", size, Some("ext4"))).await.unwrap();
+    let dev = lab.device(&pool, &v.local).await;
+    let mnt = lab.mkfs_and_mount(&dev, "ext4", "source").await;
+    write_durably(&mnt.join("before"), b"written before the snapshot\n");
+    let snap = pool.create_snapshot(&v.local, "thick-grow-snap", "tgsnap1", &holdfast::volume_id::new_uid()).await.unwrap();
+    write_durably(&mnt.join("after"), b"written after the snapshot\n");
+
+    let err = pool.expand_volume(&v.local, 2 * size).await.unwrap_err();
+    assert!(matches!(&err, Error::FailedPrecondition(m) if m.contains("thick-grow-snap") && m.contains("unstage")), "{err:?}");
+    assert_eq!(device_size(&dev), size, "the refused expansion grew the device");
+    assert_eq!(pool.get_volume(&v.local).await.unwrap().map(|g| g.capacity), Some(size));
+    assert_eq!(std::fs::read(mnt.join("after")).unwrap(), b"written after the snapshot\n", "the mounted data changed");
+    assert_eq!(pool.get_snapshot("tgsnap1").await.unwrap(), Some(snap.clone()), "the refusal touched the snapshot");
+
+    lab.umount(&mnt).await;
+    let grown = pool.expand_volume(&v.local, 2 * size).await.unwrap();
+    assert_eq!(grown, 2 * size);
+    assert_eq!(pool.expand_volume(&v.local, 2 * size).await.unwrap(), 2 * size, "a retried expansion");
+    let dev = lab.device(&pool, &v.local).await;
+    assert_eq!(device_size(&dev), 2 * size, "the device did not grow");
+    let mnt = lab.mount(&dev, "source-again").await;
+    format::grow(lab.exec.as_ref(), "ext4", &dev, &mnt).await.unwrap();
+    assert!(fs_size(&mnt) > size, "the filesystem did not grow into the larger volume");
+    assert_eq!(std::fs::read(mnt.join("after")).unwrap(), b"written after the snapshot\n");
+    let now = pool.get_snapshot("tgsnap1").await.unwrap().expect("the snapshot is gone");
+    assert!(now.ready && now.size == size, "the snapshot after the expansion: {now:?}");
+
+    // The snapshot still restores what the volume held when it was taken.
+    let restore = CreateRequest { source: Some(Source::Snapshot("tgsnap1".into())), ..request("thick-grow-restore", size, Some("ext4")) };
+    let restored = pool.create_volume(&restore).await.unwrap();
+    let r_dev = lab.device(&pool, &restored.local).await;
+    let r_mnt = lab.mount(&r_dev, "restored").await;
+    assert_eq!(std::fs::read(r_mnt.join("before")).unwrap(), b"written before the snapshot\n");
+    assert!(!r_mnt.join("after").exists(), "the restore shows a write made after the snapshot");
+    for m in [&r_mnt, &mnt] {
+        lab.umount(m).await;
+    }
+    pool.delete_snapshot("tgsnap1").await.unwrap();
+    for l in [&restored.local, &v.local] {
+        pool.delete_volume(l).await.unwrap();
+    }
+    assert!(lab.holdfast_lvs().await.is_empty());
 }

@@ -24,7 +24,7 @@ pub struct GroupService(pub Arc<ClusterController>);
 impl ClusterController {
     /// CreateVolumeGroupSnapshot: one node, one pool, then the node's agent.
     async fn create_group(&self, req: CreateVolumeGroupSnapshotRequest, budget: Duration) -> Result<CreateVolumeGroupSnapshotResponse> {
-        require("name", &req.name)?;
+        crate::agent::local::group::check_group_name(&req.name)?;
         let Some(first) = req.source_volume_ids.first() else {
             return Err(Error::InvalidArgument("source_volume_ids is required".into()));
         };

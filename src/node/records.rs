@@ -100,6 +100,22 @@ pub fn dev_name(rdev: u64) -> String {
     format!("{}:{}", rustix::fs::major(rdev), rustix::fs::minor(rdev))
 }
 
+/// Whether mount source `source` is a name in /dev of the block device numbered `rdev`. btrfs
+/// shows as a mount's source whichever name of its device was scanned last: udev scans a
+/// device under its kernel name (`/dev/dm-6`) when its content changes, also after the mount
+/// (a restore's new fsid), so the source of a volume's own mount can turn from
+/// `/dev/vg/lv` into `/dev/dm-6`. The kernel renames a mounted btrfs device only to a path of
+/// the same block device, so the same device number is the same device. Only /dev is looked
+/// at (devtmpfs: the stat cannot hang on a network filesystem).
+fn names_device(source: &str, rdev: u64) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let path = Path::new(source);
+    if !source.starts_with("/dev/") || path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return false;
+    }
+    std::fs::metadata(path).is_ok_and(|md| md.file_type().is_block_device() && md.rdev() == rdev)
+}
+
 impl StageRecord {
     /// Whether mount `m` shows this staging's data: the staging mount itself or a bind of it.
     pub fn holds(&self, m: &MountInfo) -> bool {
@@ -116,7 +132,7 @@ impl StageRecord {
                 // btrfs shows an anonymous device number: then the source and the type must
                 // both match (anyone can name a tmpfs "/dev/loop3", not make it btrfs).
                 let fs_ok = if self.fs_type.is_empty() { m.fs_type != "tmpfs" } else { m.fs_type == self.fs_type };
-                fs_ok && Path::new(&m.source) == path
+                fs_ok && (Path::new(&m.source) == path || dev.is_some_and(|d| names_device(&m.source, d)))
             }
             Backing::Source { source, fs_type } => {
                 let fs_ok = m.fs_type == *fs_type || (fs_type == "nfs" && m.fs_type.starts_with("nfs"));
@@ -306,6 +322,37 @@ mod tests {
         for c in cases {
             assert_eq!(c.stage.holds(&c.mount), c.want, "{}", c.name);
         }
+    }
+
+    /// A block device node of this machine and its number, to stand in for a volume's device.
+    fn some_block_device() -> (PathBuf, u64) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        std::fs::read_dir("/dev")
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find_map(|p| std::fs::symlink_metadata(&p).ok().filter(|m| m.file_type().is_block_device()).map(|m| (p, m.rdev())))
+            .expect("no block device in /dev")
+    }
+
+    /// issue 12: a btrfs mount's source is whichever name of its device udev scanned last
+    /// (`/dev/dm-6` for `/dev/vg/lv`): another name of the very device is the volume's own,
+    /// anything else (another device, a name outside /dev, a tmpfs) still is not.
+    #[test]
+    fn btrfs_shows_any_name_of_the_volumes_device() {
+        let (node, rdev) = some_block_device();
+        let stage = StageRecord {
+            backing: Backing::Device { path: "/dev/vg/holdfast-no-such-lv".into(), dev: Some(rdev) },
+            ..device_stage("btrfs", Some(("0:77", "/")))
+        };
+        let node = node.to_str().unwrap();
+        assert!(stage.holds(&line("0:77", "/", "btrfs", node)), "{node} is the volume's device");
+        assert!(!stage.holds(&line("0:77", "/", "tmpfs", node)), "a tmpfs named like the device");
+        assert!(!stage.holds(&line("0:77", "/", "btrfs", "/dev/null")), "/dev/null is a character device");
+        let elsewhere = format!("/dev/../dev/{}", node.trim_start_matches("/dev/"));
+        assert!(!stage.holds(&line("0:77", "/", "btrfs", &elsewhere)), "a name leaving /dev");
+        let other = StageRecord { backing: Backing::Device { path: "/dev/vg/lv".into(), dev: Some(rdev + 1) }, ..stage.clone() };
+        assert!(!other.holds(&line("0:77", "/", "btrfs", node)), "another device's name");
     }
 
     #[tokio::test]

@@ -126,6 +126,9 @@ pub enum SnapshotReserve {
     Bytes(u64),
 }
 
+/// The largest absolute `snapshot_reserve`: 1 EiB.
+const MAX_RESERVE: u64 = 1 << 60;
+
 /// `snapshot_reserve` when the config sets none.
 pub const DEFAULT_SNAPSHOT_RESERVE: SnapshotReserve = SnapshotReserve::Percent(20);
 
@@ -134,7 +137,8 @@ impl SnapshotReserve {
     pub fn parse(s: &str) -> Option<SnapshotReserve> {
         match s.trim().strip_suffix('%') {
             Some(p) => p.trim().parse::<u32>().ok().filter(|p| (1..=100).contains(p)).map(SnapshotReserve::Percent),
-            None => crate::config::parse_size(s).filter(|b| *b >= MIB).map(SnapshotReserve::Bytes),
+            // More than 1 EiB is more than any volume group holds (and near u64's end).
+            None => crate::config::parse_size(s).filter(|b| (MIB..=MAX_RESERVE).contains(b)).map(SnapshotReserve::Bytes),
         }
     }
 
@@ -306,7 +310,7 @@ impl LvmPool {
                 return Err(bad("snapshot_reserve applies to thick pools only (thin snapshots need no reserve): remove it".into()));
             }
             Some(r) => SnapshotReserve::parse(r).ok_or_else(|| {
-                bad(format!("snapshot_reserve {r:?} is neither a share of the origin from 1% to 100% nor a size of at least 1 MiB (\"20%\", \"1GiB\")"))
+                bad(format!("snapshot_reserve {r:?} is neither a share of the origin from 1% to 100% nor a size from 1 MiB to 1 EiB (\"20%\", \"1GiB\")"))
             })?,
         };
         let default_fs = cfg.default_fs.clone().unwrap_or_else(|| "ext4".to_owned());
@@ -826,6 +830,53 @@ impl LvmPool {
         Ok(())
     }
 
+    /// Grows thick volume `lv`, the origin of COW snapshots, which LVM does only while it is
+    /// inactive (found on the VM's LVM 2.03: "Snapshot origin volumes can be resized only while
+    /// inactive"). A volume in use (mounted, or a raw block volume open) cannot be deactivated:
+    /// FAILED_PRECONDITION naming the snapshots, so a retry once it is unstaged grows it (the
+    /// resizer retries, and NodeExpandVolume grows the filesystem at the next stage). Otherwise
+    /// it is deactivated with its snapshots, extended, and activated again whatever happened;
+    /// a driver killed in between leaves it inactive, and the next attach activates it.
+    async fn extend_inactive(
+        &self,
+        lv: &Lv,
+        local: &str,
+        capacity: u64,
+    ) -> Result<std::result::Result<crate::exec::Output, crate::exec::ExecError>> {
+        let snapshots = || async {
+            let mut names = Vec::new();
+            for child in self.list_lvs().await?.into_iter().filter(|c| c.origin == lv.name) {
+                match self.ours(&child, ObjectType::Snapshot) {
+                    Ok(Some(meta)) => names.push(format!("{:?}", meta.csi_name)),
+                    _ => names.push(format!("LV {}/{}", self.vg, child.name)),
+                }
+            }
+            Ok::<_, Error>(names.join(", "))
+        };
+        let in_use = |names: String| {
+            Error::FailedPrecondition(format!(
+                "volume {local:?} has snapshots ({names}), and LVM grows the origin of thick snapshots only while it is inactive, \
+                 which it cannot be while it is in use: unstage the volume (stop what uses it) and retry, or delete the snapshots"
+            ))
+        };
+        if self.open_count(&lv.name).await? > 0 {
+            return Err(in_use(snapshots().await?));
+        }
+        match self.exec.run(command::lvchange_deactivate(&self.vg, &lv.name)).await {
+            Ok(_) => {}
+            // Opened meanwhile, or one of its snapshots is (a restore copying from it).
+            Err(e) if command::is_in_use(&e) => return Err(in_use(snapshots().await?)),
+            Err(e) => return Err(Error::exec(format!("deactivating LV {}/{} to grow it", self.vg, lv.name), e)),
+        }
+        let extended = self.exec.run(command::lvextend(&self.vg, &lv.name, capacity)).await;
+        self.exec
+            .run(command::lvchange_activate(&self.vg, &lv.name))
+            .await
+            .map_err(|e| Error::exec(format!("activating LV {}/{} again after growing it", self.vg, lv.name), e))?;
+        tracing::info!(pool = %self.name, lv = %lv.name, ok = extended.is_ok(), "extended a thick snapshot origin while inactive");
+        Ok(extended)
+    }
+
     /// A thick volume's COW snapshots die with it: its deletion is refused while it has any
     /// (naming them). A clone's temporary snapshot left by a killed copy is removed.
     async fn refuse_if_snapshotted(&self, lv: &Lv, local: &str) -> Result<()> {
@@ -1028,7 +1079,11 @@ impl Pool for LvmPool {
         if let Some(pool) = self.thin_pool.as_deref() {
             self.check_thin_room(pool, capacity - lv.size, &format!("growing volume {local:?}")).await?;
         }
-        match self.exec.run(command::lvextend(&self.vg, &lv.name, capacity)).await {
+        let mut extended = self.exec.run(command::lvextend(&self.vg, &lv.name, capacity)).await;
+        if matches!(&extended, Err(e) if command::is_active_origin(e)) {
+            extended = self.extend_inactive(&lv, local, capacity).await?;
+        }
+        match extended {
             Ok(_) => {}
             // Space may be freed later, so this is worth retrying: not OUT_OF_RANGE.
             Err(e) if command::is_no_space(&e) => {

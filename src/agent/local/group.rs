@@ -25,6 +25,29 @@ fn group_key(pool: &str, local: &str) -> LockKey {
     LockKey::new(pool, ObjectKind::Snapshot, &format!("group:{local}"))
 }
 
+/// The longest group snapshot name taken, in bytes. Kubernetes names groups
+/// `groupsnapshot-<uid>` (50 bytes); each member records the name (hex-encoded in an LVM tag of
+/// at most 1024 characters, beside its source's local name), so a longer one could be taken
+/// on one pool kind and not on another.
+pub const MAX_GROUP_NAME: usize = 256;
+
+/// A group snapshot name must be given, at most [`MAX_GROUP_NAME`] bytes, and free of control
+/// characters (it is echoed in logs, `holdfast ctl` output and every member's record).
+pub fn check_group_name(name: &str) -> Result<()> {
+    require("name", name)?;
+    if name.len() > MAX_GROUP_NAME {
+        return Err(Error::InvalidArgument(format!(
+            "group snapshot name {} is {} bytes long: at most {MAX_GROUP_NAME}",
+            bounded(name),
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!("group snapshot name {} holds control characters", bounded(name))));
+    }
+    Ok(())
+}
+
 /// The CSI name of the member of group `group` taken of volume `source` (local name).
 pub fn member_name(group: &str, source: &str) -> String {
     format!("{group}/{source}")
@@ -73,7 +96,7 @@ impl LocalAgent {
     /// CreateVolumeGroupSnapshot: validate, lock the group and its volumes, find the group
     /// (a retry) or take it.
     pub async fn create_group_snapshot_here(&self, req: CreateVolumeGroupSnapshotRequest) -> Result<CreateVolumeGroupSnapshotResponse> {
-        require("name", &req.name)?;
+        check_group_name(&req.name)?;
         if req.source_volume_ids.is_empty() {
             return Err(Error::InvalidArgument("source_volume_ids is required".into()));
         }

@@ -83,6 +83,17 @@ pub fn lvchange_activate(vg: &str, lv: &str) -> Cmd {
     Cmd::new("lvchange").args(["--activate", "y", "--ignoreactivationskip"]).arg(format!("{vg}/{lv}")).timeout(CHANGE_TIMEOUT)
 }
 
+/// Deactivates `vg/lv` (a thick origin: with its COW snapshots).
+pub fn lvchange_deactivate(vg: &str, lv: &str) -> Cmd {
+    Cmd::new("lvchange").args(["--activate", "n"]).arg(format!("{vg}/{lv}")).timeout(CHANGE_TIMEOUT)
+}
+
+/// Whether `lvextend` refused because its LV is the origin of active COW snapshots (LVM grows
+/// a snapshot origin only while it is inactive).
+pub fn is_active_origin(e: &ExecError) -> bool {
+    failed_with(e, &["only while inactive"])
+}
+
 /// Removes one tag from `vg/lv`.
 pub fn lvchange_deltag(vg: &str, lv: &str, tag: &str) -> Cmd {
     Cmd::new("lvchange").args(["--deltag", tag]).arg(format!("{vg}/{lv}")).timeout(CHANGE_TIMEOUT)

@@ -13,12 +13,17 @@
 //!   later (kernel and user freezes are counted apart) but fails with EBUSY before, for
 //!   filesystems bound to the LV (ext4, XFS). btrfs is not bound to the device and nests on
 //!   every kernel.
+//! - The kernel release is only the first guess: a kernel that answers EBUSY to LVM's freeze
+//!   of a frozen ext4/XFS member anyway (a 6.6+ release without the change, or a vendor
+//!   kernel) is remembered for the life of the process ([`observed_no_nesting`]), and its later
+//!   groups with such members are refused up front, as before 6.6.
 //! - A member nobody has open (not staged, not published as a block device) cannot be
 //!   written, so it needs no freeze. A member open by anything but its mounts (a raw block
 //!   volume in use) cannot be held: refused, FAILED_PRECONDITION naming it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{LvmPool, command, now, snapshot_lv, tags};
 use crate::error::{Error, Result};
@@ -34,6 +39,16 @@ pub fn nested_freeze(release: &str) -> bool {
     let major = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
     let minor = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
     (major, minor) >= (6, 6)
+}
+
+/// Set once an `lvcreate` of a member whose ext4/XFS filesystem was frozen failed with EBUSY:
+/// the running kernel does not nest the freezes, whatever its release says.
+static NO_NESTING_SEEN: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process has seen the running kernel refuse LVM's freeze of a frozen ext4/XFS
+/// member (see the module docs).
+pub fn observed_no_nesting() -> bool {
+    NO_NESTING_SEEN.load(Ordering::Relaxed)
 }
 
 /// The running kernel's release.
@@ -69,7 +84,7 @@ fn dm_name(vg: &str, lv: &str) -> String {
 
 impl LvmPool {
     /// How many openers the device of `lv` has (0 when it is not active).
-    async fn open_count(&self, lv: &str) -> Result<u32> {
+    pub(super) async fn open_count(&self, lv: &str) -> Result<u32> {
         let name = dm_name(&self.vg, lv);
         let cmd =
             crate::exec::Cmd::new("dmsetup").args(["info", "-c", "--noheadings", "-o", "open", &name]).timeout(command::CHANGE_TIMEOUT);
@@ -93,7 +108,7 @@ impl LvmPool {
             ));
         }
         let release = kernel_release();
-        let nested = nested_freeze(&release);
+        let nested = nested_freeze(&release) && !observed_no_nesting();
         let mounts = self.freezer.mounter().mounts().await?;
         let mut targets = Vec::new();
         let mut origins = Vec::new();
@@ -126,16 +141,20 @@ impl LvmPool {
                     "has it open other than through its mounts (a raw block volume in use?): its writes cannot be held at one point with the others; unpublish it first",
                 ));
             }
-            if mounted.iter().any(|(_, bound)| *bound) && !nested {
-                return Err(no_group_snapshots(
-                    &self.name,
-                    PoolKind::Lvm,
-                    &m.source,
-                    &format!(
+            let bound = mounted.iter().any(|(_, bound)| *bound);
+            if bound && !nested {
+                let why = if observed_no_nesting() {
+                    format!(
+                        "has its ext4/XFS filesystem mounted, and this kernel (Linux {release}) answered EBUSY to LVM's snapshot of such a volume with the group frozen \
+                         (its own freeze does not nest in ours): unstage the volumes first"
+                    )
+                } else {
+                    format!(
                         "has its ext4/XFS filesystem mounted, and on Linux {release} LVM's snapshot cannot run with the filesystems of the group frozen together \
                          (its own freeze fails with EBUSY; Linux 6.6 and later nest them): unstage the volumes first, or run Linux 6.6 or later"
-                    ),
-                ));
+                    )
+                };
+                return Err(no_group_snapshots(&self.name, PoolKind::Lvm, &m.source, &why));
             }
             let mount_points = mounted.into_iter().map(|(p, _)| p).collect();
             targets.push(Target {
@@ -144,7 +163,7 @@ impl LvmPool {
                 mount_points,
                 purpose: format!("group snapshot {:?}", group.name),
             });
-            origins.push((lv, meta));
+            origins.push((lv, meta, bound));
         }
         let me = self.clone();
         let group_name = group.name.clone();
@@ -152,7 +171,7 @@ impl LvmPool {
             .freezer
             .around_all(targets, async move {
                 let mut made: Vec<String> = Vec::new();
-                for (m, (lv, meta)) in members.iter().zip(&origins) {
+                for (m, (lv, meta, bound)) in members.iter().zip(&origins) {
                     let record = Meta {
                         pool: me.name.clone(),
                         object: ObjectType::Snapshot,
@@ -176,6 +195,11 @@ impl LvmPool {
                             if command::is_no_space(&e) {
                                 Error::ResourceExhausted(format!("no room for group snapshot {:?} in pool {:?}: {}", group.name, me.name, e.stderr().trim()))
                             } else if e.stderr().contains("Device or resource busy") {
+                                if *bound {
+                                    // The release promised nesting; the kernel does not keep it.
+                                    NO_NESTING_SEEN.store(true, Ordering::Relaxed);
+                                    tracing::warn!(pool = %me.name, lv = %lv.name, "LVM's freeze of a frozen ext4/XFS volume failed with EBUSY: groups of mounted ext4/XFS volumes are refused from now on");
+                                }
                                 no_group_snapshots(&me.name, PoolKind::Lvm, &m.source, &format!("could not be suspended by LVM with the group frozen: {}", e.stderr().trim()))
                             } else {
                                 Error::exec(format!("snapshotting LV {}/{} as {name} for group snapshot {:?}", me.vg, lv.name, group.name), e)

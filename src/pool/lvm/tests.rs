@@ -463,7 +463,7 @@ fn cow_row(local: &str, source: &str, size: u64, attr: &'static str, used: &'sta
 
 #[test]
 fn snapshot_reserve_is_a_share_or_a_size() {
-    let cases: [(&str, Option<SnapshotReserve>); 8] = [
+    let cases: [(&str, Option<SnapshotReserve>); 21] = [
         ("20%", Some(SnapshotReserve::Percent(20))),
         (" 100 %", Some(SnapshotReserve::Percent(100))),
         ("0%", None),
@@ -472,6 +472,20 @@ fn snapshot_reserve_is_a_share_or_a_size() {
         ("512K", None),
         ("lots", None),
         ("-5%", None),
+        // issue 12, hostile config values: extremes and near misses.
+        ("", None),
+        ("%", None),
+        ("1%", Some(SnapshotReserve::Percent(1))),
+        ("4294967297%", None),
+        ("20.5%", None),
+        ("20%%", None),
+        ("1M", Some(SnapshotReserve::Bytes(1 << 20))),
+        ("1048575", None),
+        ("1.5GiB", None),
+        ("18446744073709551616", None),
+        ("16777216T", None),
+        ("-1GiB", None),
+        ("\u{ff12}\u{ff10}%", None),
     ];
     for (text, want) in cases {
         assert_eq!(SnapshotReserve::parse(text), want, "{text:?}");
@@ -487,6 +501,13 @@ fn snapshot_reserve_is_a_share_or_a_size() {
     for (r, origin, want) in sizes {
         assert_eq!(r.cow_size(origin), want, "{r:?} of {origin}");
     }
+    // Sizes beyond any volume group are refused (1 EiB is the most); the largest accepted
+    // ones do not overflow.
+    assert_eq!(SnapshotReserve::parse("18446744073709551615"), None);
+    assert_eq!(SnapshotReserve::parse("1048577T"), None);
+    let most = SnapshotReserve::parse("1048576T").expect("1 EiB is a size");
+    assert_eq!(most.cow_size(M), 1 << 60);
+    assert_eq!(SnapshotReserve::Percent(100).cow_size(1 << 50), (1u64 << 50) + (1 << 43) + M);
 }
 
 #[tokio::test]
@@ -780,4 +801,40 @@ async fn only_filesystems_lvm_cannot_freeze_are_handed_to_the_freezer() {
     let mounts = table.mounts().await.unwrap();
     assert_eq!(mounted_filesystems(Path::new("/dev/null"), &mounts), [PathBuf::from("/mnt/btrfs")]);
     assert!(mounted_filesystems(Path::new("/dev/holdfast-no-such-lv"), &mounts).is_empty());
+}
+
+/// issue 12: LVM grows the origin of thick COW snapshots only while it is inactive. In use
+/// (device-mapper counts an opener): FAILED_PRECONDITION naming the snapshot, nothing changed
+/// but the refused `lvextend`; unused: deactivated, extended, activated again.
+#[tokio::test]
+async fn a_snapshotted_thick_origin_grows_only_while_inactive() {
+    const ACTIVE_ORIGIN: &str = "  Snapshot origin volumes can be resized only while inactive: try lvchange -an.\n";
+    let extend = "lvextend --yes --size 33554432b vg0/hf-v1";
+    for (open, want) in [
+        ("1\n", vec![extend.to_owned(), "dmsetup info -c --noheadings -o open vg0-hf--v1".to_owned()]),
+        (
+            "0\n",
+            vec![
+                extend.to_owned(),
+                "dmsetup info -c --noheadings -o open vg0-hf--v1".to_owned(),
+                "lvchange --activate n vg0/hf-v1".to_owned(),
+                extend.to_owned(),
+                "lvchange --activate y --ignoreactivationskip vg0/hf-v1".to_owned(),
+            ],
+        ),
+    ] {
+        let (p, fake) = pool("");
+        let v = vol_row("v1", 16 << 20);
+        on_lookup(&fake, "hf-v1", vec![found(std::slice::from_ref(&v)), found(&[vol_row("v1", 32 << 20)])]);
+        on_list(&fake, &[v, cow_row("s1", "v1", 16 << 20, "swi-a-s---", "0.01")]);
+        fake.on("lvextend", vec![Reply::Fail(5, ACTIVE_ORIGIN.into()), Reply::Ok(String::new())]);
+        fake.on("dmsetup", vec![Reply::Ok(open.into())]);
+        let got = p.expand_volume("v1", 32 << 20).await;
+        if open == "1\n" {
+            assert!(matches!(&got, Err(Error::FailedPrecondition(m)) if m.contains("csi-s1") && m.contains("unstage")), "{got:?}");
+        } else {
+            assert_eq!(got.unwrap(), 32 << 20);
+        }
+        assert_eq!(changes(&fake), want, "opened {open:?}");
+    }
 }

@@ -1,5 +1,7 @@
 #!/bin/bash
 # issue 12 probe (VM only): dmsetup suspend of two thin LVs, then lvcreate --snapshot of each: fails and leaves the thin pool transaction id behind (never do this).
+# One line per filesystem for tests/vm/lvm-newkernel-suite.sh:
+#   result FS lvcreate_a=RC lvcreate_b=RC new_thin_lv=RC   (new_thin_lv: a thin LV made afterwards)
 set -u
 [ -e /run/holdfast-vm ] || exit 2
 truncate -s 1G /tmp/pv.img
@@ -25,7 +27,7 @@ for fs in ext4 xfs btrfs; do
   timeout 30 dmsetup suspend gp-${fs}b; echo "suspend b rc=$?"
   dmsetup info -c -o name,attr | grep gp-
   for n in a b; do
-    timeout 60 lvcreate -q -s -kn -n s$fs$n gp/$fs$n; echo "lvcreate $n rc=$?"
+    timeout 60 lvcreate -q -s -kn -n s$fs$n gp/$fs$n; r=$?; echo "lvcreate $n rc=$r"; eval "rc_$n=$r"
     dmsetup info -c -o name,attr | grep "gp-$fs"
   done
   for n in a b; do timeout 30 dmsetup resume gp-$fs$n; echo "resume $n rc=$?"; done
@@ -42,4 +44,6 @@ for fs in ext4 xfs btrfs; do
     umount /mnt/s$fs$n
   done
   umount /mnt/${fs}a /mnt/${fs}b
+  lvcreate -q -V 16M -T gp/tp -n after$fs >/dev/null 2>&1; new=$?
+  echo "result $fs lvcreate_a=$rc_a lvcreate_b=$rc_b new_thin_lv=$new"
 done
