@@ -19,8 +19,7 @@
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed,
 # or if LVs of the suite's volume group are left behind. HOLDFAST_REQUIRE_REAL=1 is set in the
 # guest. About 10 minutes on an idle 2-core machine.
-# The guest runs the binaries of the shared tree: set CARGO_TARGET_DIR to a private directory
-# inside the repository when others build in the same tree (see tests/vm/lvm-suite.sh).
+# The guest runs copies of the binaries in its RAM (tests/vm/local-bins.sh).
 # Environment: HOLDFAST_LVM_NEWKERNEL_TIMEOUT (seconds, default 2400), HOLDFAST_TEST_THREADS
 # (conformance threads in the guest, default 2).
 set -euo pipefail
@@ -38,6 +37,12 @@ if [ "${1:-}" != --guest ]; then
     echo "lvm-newkernel-suite: cannot find the built conformance binary ($conf_bin)" >&2
     exit 2
   fi
+  hf_bin=$(grep '"reason":"compiler-artifact"' <<<"$json" | grep '"kind":\["bin"\]' | grep -o '"executable":"[^"]*holdfast"' | cut -d'"' -f4 | tail -n1)
+  [ -x "$hf_bin" ] || { echo "lvm-newkernel-suite: cannot find the built holdfast binary" >&2; exit 2; }
+  # Run from the guest's RAM (tests/vm/local-bins.sh says why).
+  . "$here/local-bins.sh"
+  export HOLDFAST_VM_LOCAL_BINS="$hf_bin $conf_bin"
+  vm_bins_strip $HOLDFAST_VM_LOCAL_BINS
   exec "$here/run" --kernel backports --disk hfthin:4G --timeout "${HOLDFAST_LVM_NEWKERNEL_TIMEOUT:-2400}" \
     -- bash tests/vm/lvm-newkernel-suite.sh --guest "$conf_bin"
 fi
@@ -51,6 +56,8 @@ export LVM_SUPPRESS_FD_WARNINGS=1 RUST_BACKTRACE=${RUST_BACKTRACE:-0}
 export HOLDFAST_REQUIRE_REAL=1
 threads=${HOLDFAST_TEST_THREADS:-2}
 start=$SECONDS
+. tests/vm/local-bins.sh
+vm_bins_local ${HOLDFAST_VM_LOCAL_BINS:-}
 echo "== lvm-newkernel-suite: Linux $(uname -r)"
 release=$(uname -r)
 IFS=.- read -r major minor _ <<<"$release"
