@@ -334,6 +334,31 @@ impl Jobs {
     }
 }
 
+/// The budget of a call whose client sent no deadline (`grpc-timeout`): it runs to its end, as
+/// the client asked. Far beyond any real deadline, and small enough that adding it to an
+/// `Instant` cannot overflow; [`is_unbounded`] recognises it (and what is left of it).
+pub const NO_DEADLINE: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Whether `budget` is [`NO_DEADLINE`] or what is left of it after a call's first steps.
+pub fn is_unbounded(budget: Duration) -> bool {
+    budget > Duration::from_secs(365 * 86_400)
+}
+
+/// The budget of a call routed by the controller: the client's deadline less a margin, as
+/// [`wait_budget`], or [`NO_DEADLINE`] when it sent none (a copy is still waited for only
+/// [`DEFAULT_WAIT`]: [`copy_wait`]).
+pub fn call_budget(meta: &tonic::metadata::MetadataMap) -> Duration {
+    match meta.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout) {
+        Some(_) => wait_budget(meta),
+        None => NO_DEADLINE,
+    }
+}
+
+/// How long a call with `budget` waits for a copy job before answering ABORTED.
+pub fn copy_wait(budget: Duration) -> Duration {
+    if is_unbounded(budget) { DEFAULT_WAIT } else { budget }
+}
+
 /// What is left of a budget that ends at `deadline` (zero once it has passed).
 pub fn left(deadline: std::time::Instant) -> Duration {
     deadline.saturating_duration_since(std::time::Instant::now())

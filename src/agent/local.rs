@@ -332,6 +332,7 @@ impl LocalAgent {
     /// names the pool to create in (the controller placed it there); empty: placed among this
     /// node's pools. Either way a retry finds the volume in any pool of the node.
     pub async fn create_within(&self, pinned: &str, req: CreateVolumeRequest, budget: Duration) -> Result<CreateVolumeResponse> {
+        let budget = jobs::copy_wait(budget);
         // issue 14: events: the PVC the provisioner names (--extra-create-metadata) goes into
         // the volume's event lines; kept while the volume lives in this process.
         let name = req.name.clone();
@@ -856,7 +857,7 @@ impl LocalAgent {
 
     /// CreateSnapshot; a copy is waited for at most `budget` (the request's deadline).
     pub async fn snapshot_within(&self, req: CreateSnapshotRequest, budget: Duration) -> Result<CreateSnapshotResponse> {
-        let deadline = Instant::now() + budget;
+        let deadline = Instant::now() + jobs::copy_wait(budget);
         require("name", &req.name)?;
         require("source_volume_id", &req.source_volume_id)?;
         for key in req.parameters.keys() {

@@ -104,12 +104,12 @@ impl RemoteAgent {
     {
         // Connecting is bounded on its own: a node that cannot be reached is UNAVAILABLE.
         let client = self.client(budget).await?;
-        // The caller's client sent no deadline (`wait_budget` answered its default): the agent
-        // then runs the call as all-in-one would, with no deadline (it waits the default time
-        // for a copy job), and only our own bound below, at the longest wait, ends a peer that
-        // never answers. Sending the default as the deadline would make the agent's server drop
-        // a create that takes longer than that (a slow lvcreate on a loaded node) midway.
-        let deadline = (budget != jobs::DEFAULT_WAIT).then_some(budget);
+        // The caller's client sent no deadline (`jobs::call_budget`): the agent then runs the
+        // call as all-in-one would, with no deadline (it waits the default time for a copy job),
+        // and only our own bound below, at the longest wait, ends a peer that never answers.
+        // Sending a deadline of our own would make the agent's server drop a create that takes
+        // longer (a slow lvcreate on a loaded node) midway.
+        let deadline = (!jobs::is_unbounded(budget)).then_some(budget);
         let bound = deadline.unwrap_or(jobs::MAX_WAIT);
         let run = async {
             let mut request = tonic::Request::new(req);

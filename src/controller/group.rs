@@ -131,7 +131,7 @@ impl GroupController for GroupService {
         &self,
         r: Request<CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let name = r.name.clone();
         traced("CreateVolumeGroupSnapshot", &name, self.0.create_group(r, budget)).await
@@ -141,7 +141,7 @@ impl GroupController for GroupService {
         &self,
         r: Request<DeleteVolumeGroupSnapshotRequest>,
     ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let id = r.group_snapshot_id.clone();
         traced("DeleteVolumeGroupSnapshot", &id, self.0.delete_group(r, budget)).await
@@ -151,7 +151,7 @@ impl GroupController for GroupService {
         &self,
         r: Request<GetVolumeGroupSnapshotRequest>,
     ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let id = r.group_snapshot_id.clone();
         traced("GetVolumeGroupSnapshot", &id, self.0.get_group(r, budget)).await

@@ -1091,14 +1091,14 @@ fn rpc_cap(t: rpc::Type) -> ControllerServiceCapability {
 #[tonic::async_trait]
 impl Controller for ClusterController {
     async fn create_volume(&self, r: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let name = r.name.clone();
         traced("CreateVolume", &name, self.create(r, budget)).await
     }
 
     async fn delete_volume(&self, r: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let id = r.volume_id.clone();
         traced("DeleteVolume", &id, self.delete(r, budget)).await
@@ -1122,14 +1122,14 @@ impl Controller for ClusterController {
         &self,
         r: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let id = r.volume_id.clone();
         traced("ValidateVolumeCapabilities", &id, self.validate(r, budget)).await
     }
 
     async fn list_volumes(&self, r: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         traced("ListVolumes", "", self.list(r.into_inner(), budget)).await
     }
 
@@ -1160,21 +1160,21 @@ impl Controller for ClusterController {
     }
 
     async fn create_snapshot(&self, r: Request<CreateSnapshotRequest>) -> Result<Response<CreateSnapshotResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let name = r.name.clone();
         traced("CreateSnapshot", &name, self.snapshot(r, budget)).await
     }
 
     async fn delete_snapshot(&self, r: Request<DeleteSnapshotRequest>) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let id = r.snapshot_id.clone();
         traced("DeleteSnapshot", &id, self.delete_snapshot(r, budget)).await
     }
 
     async fn list_snapshots(&self, r: Request<ListSnapshotsRequest>) -> Result<Response<ListSnapshotsResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         traced("ListSnapshots", "", self.list_snapshots(r.into_inner(), budget)).await
     }
 
@@ -1182,14 +1182,14 @@ impl Controller for ClusterController {
         &self,
         r: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let id = r.volume_id.clone();
         traced("ControllerExpandVolume", &id, self.expand(r, budget)).await
     }
 
     async fn controller_get_volume(&self, r: Request<ControllerGetVolumeRequest>) -> Result<Response<ControllerGetVolumeResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let id = r.volume_id.clone();
         traced("ControllerGetVolume", &id, self.get_volume(r, budget)).await
@@ -1199,14 +1199,14 @@ impl Controller for ClusterController {
         &self,
         r: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let id = r.volume_id.clone();
         traced("ControllerModifyVolume", &id, self.modify(r, budget)).await
     }
 
     async fn get_snapshot(&self, r: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
-        let budget = jobs::wait_budget(r.metadata());
+        let budget = jobs::call_budget(r.metadata());
         let r = r.into_inner();
         let id = r.snapshot_id.clone();
         traced("GetSnapshot", &id, self.get_snapshot(r, budget)).await

@@ -192,3 +192,22 @@ fn grpc_timeouts_parse_and_leave_a_margin() {
     assert_eq!(parse_grpc_timeout("S"), None);
     assert_eq!(parse_grpc_timeout("5x"), None);
 }
+
+#[test]
+fn a_call_without_a_deadline_runs_to_its_end_and_waits_for_a_copy_the_default_time() {
+    let mut meta = tonic::metadata::MetadataMap::new();
+    let unbounded = call_budget(&meta);
+    assert!(is_unbounded(unbounded));
+    // What is left of it after a call's first steps is still no deadline.
+    assert!(is_unbounded(unbounded - Duration::from_secs(3600)));
+    assert_eq!(copy_wait(unbounded), DEFAULT_WAIT);
+    meta.insert("grpc-timeout", "10S".parse().unwrap());
+    let bounded = call_budget(&meta);
+    assert_eq!(bounded, Duration::from_secs(9));
+    assert!(!is_unbounded(bounded) && !is_unbounded(MAX_WAIT));
+    assert_eq!(copy_wait(bounded), bounded);
+    // Garbage is no deadline, as for wait_budget.
+    meta.insert("grpc-timeout", "garbage".parse().unwrap());
+    assert!(is_unbounded(call_budget(&meta)));
+    let _ = std::time::Instant::now() + NO_DEADLINE;
+}
