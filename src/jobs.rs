@@ -348,10 +348,7 @@ pub fn is_unbounded(budget: Duration) -> bool {
 /// [`wait_budget`], or [`NO_DEADLINE`] when it sent none (a copy is still waited for only
 /// [`DEFAULT_WAIT`]: [`copy_wait`]).
 pub fn call_budget(meta: &tonic::metadata::MetadataMap) -> Duration {
-    match meta.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout) {
-        Some(_) => wait_budget(meta),
-        None => NO_DEADLINE,
-    }
+    client_deadline(meta).map_or(NO_DEADLINE, less_margin)
 }
 
 /// How long a call with `budget` waits for a copy job before answering ABORTED.
@@ -368,10 +365,17 @@ pub fn left(deadline: std::time::Instant) -> Duration {
 /// (`grpc-timeout`), so the answer arrives before the client gives up; [`DEFAULT_WAIT`] when
 /// it sent none; never more than [`MAX_WAIT`].
 pub fn wait_budget(meta: &tonic::metadata::MetadataMap) -> Duration {
-    let Some(t) = meta.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout) else {
-        return DEFAULT_WAIT;
-    };
-    // A tenth (at least 50 ms, at most 2 s) for the answer to travel.
+    client_deadline(meta).map_or(DEFAULT_WAIT, less_margin)
+}
+
+/// The deadline the client sent (`grpc-timeout`), if it sent a valid one.
+fn client_deadline(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    meta.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout)
+}
+
+/// A client's deadline less a tenth (at least 50 ms, at most 2 s) for the answer to travel,
+/// never more than [`MAX_WAIT`].
+fn less_margin(t: Duration) -> Duration {
     let margin = (t / 10).clamp(Duration::from_millis(50), Duration::from_secs(2));
     t.saturating_sub(margin).min(MAX_WAIT)
 }
