@@ -146,6 +146,30 @@ fn pvc_params(name: &str) -> HashMap<String, String> {
     ])
 }
 
+/// `holdfast all-in-one` on a `file` pool named `pool` in `dir`, node n1, serving metrics and
+/// health on free loopback ports, with `extra` arguments; connected.
+struct AllInOne {
+    p: Proc,
+    c: Clients,
+    metrics: String,
+    health: String,
+}
+
+impl AllInOne {
+    async fn start(dir: &Path, pool: &str, extra: &[&str]) -> AllInOne {
+        let config = file_config(dir, pool);
+        let (metrics, health) = (free_address(), free_address());
+        let endpoint = format!("unix://{}", dir.join("csi.sock").display());
+        let (config, state) = (config.to_string_lossy().into_owned(), dir.join("state").to_string_lossy().into_owned());
+        let mut args = vec!["all-in-one", "--endpoint", &endpoint, "--node-id", "n1", "--config", &config, "--state-dir", &state];
+        args.extend_from_slice(extra);
+        args.extend(["--metrics-address", metrics.as_str(), "--health-address", health.as_str()]);
+        let p = Proc::spawn(dir, "driver", &args);
+        let c = connect(&endpoint, &p).await;
+        AllInOne { p, c, metrics, health }
+    }
+}
+
 /// A conformance-style run against all-in-one, scraped at the end: every counter equals the
 /// calls made, the pool gauges equal what the pool holds, the commands of a stage are
 /// counted by program, each volume change is one JSON event line, and /status agrees.
@@ -153,31 +177,7 @@ fn pvc_params(name: &str) -> HashMap<String, String> {
 async fn a_scrape_counts_the_calls_and_the_log_has_one_event_per_change() {
     let tmp = tempfile::Builder::new().prefix("holdfast-observe-").tempdir().unwrap();
     let dir = tmp.path();
-    let config = file_config(dir, "p");
-    let (metrics, health) = (free_address(), free_address());
-    let endpoint = format!("unix://{}", dir.join("csi.sock").display());
-    let p = Proc::spawn(
-        dir,
-        "driver",
-        &[
-            "all-in-one",
-            "--endpoint",
-            &endpoint,
-            "--node-id",
-            "n1",
-            "--config",
-            &config.to_string_lossy(),
-            "--state-dir",
-            &dir.join("state").to_string_lossy(),
-            "--log-format",
-            "json",
-            "--metrics-address",
-            &metrics,
-            "--health-address",
-            &health,
-        ],
-    );
-    let c = connect(&endpoint, &p).await;
+    let AllInOne { p, c, metrics, health } = AllInOne::start(dir, "p", &["--log-format", "json"]).await;
     assert_eq!(until_code(&health, "/healthz", 200, &p).await, "ok\n");
     assert_eq!(until_code(&health, "/readyz", 200, &p).await, "ready\n");
 
@@ -321,29 +321,7 @@ async fn a_scrape_counts_the_calls_and_the_log_has_one_event_per_change() {
 async fn probe_and_readyz_stay_ready_while_a_pool_is_sick() {
     let tmp = tempfile::Builder::new().prefix("holdfast-observe-").tempdir().unwrap();
     let dir = tmp.path();
-    let config = file_config(dir, "sick");
-    let (metrics, health) = (free_address(), free_address());
-    let endpoint = format!("unix://{}", dir.join("csi.sock").display());
-    let p = Proc::spawn(
-        dir,
-        "driver",
-        &[
-            "all-in-one",
-            "--endpoint",
-            &endpoint,
-            "--node-id",
-            "n1",
-            "--config",
-            &config.to_string_lossy(),
-            "--state-dir",
-            &dir.join("state").to_string_lossy(),
-            "--metrics-address",
-            &metrics,
-            "--health-address",
-            &health,
-        ],
-    );
-    let c = connect(&endpoint, &p).await;
+    let AllInOne { p, c, metrics, health } = AllInOne::start(dir, "sick", &[]).await;
     until_code(&health, "/readyz", 200, &p).await;
     std::fs::rename(dir.join("sick"), dir.join("sick-moved")).unwrap();
 
