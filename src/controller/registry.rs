@@ -1116,9 +1116,8 @@ pub(crate) mod tests {
     async fn the_name_index_follows_creates_renames_and_deletes() {
         let r = Registry::new(opts());
         register(&r, inventory("n1", "10.0.0.1:7000", 100, 0), WIRE_VERSION).unwrap();
-        let named = |name: &str| -> Vec<(String, String)> {
-            r.volumes_named(name).into_iter().map(|(_, v)| (v.pool, v.local_name)).collect()
-        };
+        let named =
+            |name: &str| -> Vec<(String, String)> { r.volumes_named(name).into_iter().map(|(_, v)| (v.pool, v.local_name)).collect() };
         let key = |pool: &str, local: &str| (pool.to_owned(), local.to_owned());
         // The same name in two pools (two creates racing on one node): both, in key order.
         r.note_volume("n1", volume("q", "b", "vol-a"));
@@ -1132,7 +1131,11 @@ pub(crate) mod tests {
         assert_eq!(named("vol-z"), [key("p", "a")]);
         let deleted = ap::Change {
             sequence: 1,
-            change: Some(ap::change::Change::VolumeDeleted(ap::VolumeRef { pool: "q".into(), local_name: "b".into(), csi_name: "vol-a".into() })),
+            change: Some(ap::change::Change::VolumeDeleted(ap::VolumeRef {
+                pool: "q".into(),
+                local_name: "b".into(),
+                csi_name: "vol-a".into(),
+            })),
         };
         assert!(!report(&r, "n1", vec![deleted]));
         assert!(named("vol-a").is_empty());
