@@ -286,16 +286,26 @@ impl<W: std::io::Write> std::io::Write for OneLine<W> {
     }
 }
 
+/// `HOLDFAST_LOG` as comma-separated `LEVEL` and `TARGET=LEVEL` directives (`debug`,
+/// `info,holdfast::exec=debug`); unset, empty or unreadable: `info`. A `Targets` filter rather than
+/// `EnvFilter`: the same directives without span and field matching, which no one used and
+/// which linked a regex engine into every binary (issue 14: idle memory is mostly code).
+fn log_filter(var: Option<&str>) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::Targets;
+    var.filter(|v| !v.trim().is_empty())
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO))
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG").unwrap_or_else(|_| "info".into());
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| OneLine(std::io::stderr()))
-        .with_ansi(std::io::stderr().is_terminal());
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
+    let filter = log_filter(std::env::var("HOLDFAST_LOG").ok().as_deref());
+    let layer = tracing_subscriber::fmt::layer().with_writer(|| OneLine(std::io::stderr())).with_ansi(std::io::stderr().is_terminal());
+    let registry = tracing_subscriber::registry();
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => registry.with(layer.with_filter(filter)).init(),
+        LogFormat::Json => registry.with(layer.json().flatten_event(true).with_filter(filter)).init(),
     }
 }
 
@@ -620,5 +630,34 @@ mod tests {
         out.write_all(b"INFO created name=a\nINFO forged\r\n").unwrap();
         out.write_all(b"INFO plain\n").unwrap();
         assert_eq!(String::from_utf8(out.0).unwrap(), "INFO created name=a\\nINFO forged\\r\nINFO plain\n");
+    }
+
+    #[test]
+    fn holdfast_log_reads_levels_and_per_target_levels() {
+        use tracing::Level;
+        struct Case {
+            var: Option<&'static str>,
+            target: &'static str,
+            level: Level,
+            want: bool,
+        }
+        let cases = [
+            Case { var: None, target: "holdfast::exec", level: Level::INFO, want: true },
+            Case { var: None, target: "holdfast::exec", level: Level::DEBUG, want: false },
+            Case { var: Some("debug"), target: "holdfast::exec", level: Level::DEBUG, want: true },
+            Case { var: Some("debug"), target: "h2", level: Level::TRACE, want: false },
+            Case { var: Some("warn,holdfast::exec=debug"), target: "holdfast::exec", level: Level::DEBUG, want: true },
+            Case { var: Some("warn,holdfast::exec=debug"), target: "holdfast::server", level: Level::INFO, want: false },
+            Case { var: Some("warn,holdfast::exec=debug"), target: "rustls", level: Level::WARN, want: true },
+            Case { var: Some("off"), target: "holdfast", level: Level::ERROR, want: false },
+            // Empty or unreadable: the default, not silence.
+            Case { var: Some(""), target: "holdfast", level: Level::INFO, want: true },
+            Case { var: Some("holdfast=loud"), target: "holdfast", level: Level::INFO, want: true },
+            Case { var: Some("holdfast=loud"), target: "holdfast", level: Level::DEBUG, want: false },
+        ];
+        for c in cases {
+            let got = log_filter(c.var).would_enable(c.target, &c.level);
+            assert_eq!(got, c.want, "HOLDFAST_LOG={:?}: {} at {}", c.var, c.target, c.level);
+        }
     }
 }
