@@ -1052,6 +1052,13 @@ impl Pool for FilePool {
         Ok(records.into_iter().map(|r| r.info).collect())
     }
 
+    async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<VolumeInfo>> {
+        let (ix, from) = (self.index.clone(), from.to_owned());
+        let records =
+            self.blocking(format!("listing {}", self.root.display()), METADATA_DEADLINE, move || ix.volumes_from(&from, max)).await?;
+        Ok(records.into_iter().map(|r| r.info).collect())
+    }
+
     async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
         self.changing(self.expand_volume_now(local, capacity)).await
     }
