@@ -723,19 +723,44 @@ impl LocalAgent {
         let condition = pool.condition(local).await?;
         // A freeze left open past its deadline (crate::node::freeze) makes a healthy pool's
         // volume abnormal: its writers may be blocked.
-        if condition == pool::Condition::Healthy {
-            if let Some(m) = self.d.freezer.stuck_message(pool.name(), local).await {
-                let c = VolumeCondition { abnormal: true, message: m };
-                self.feed.lock().note_condition(pool.name(), local, &c);
-                return Ok(c);
-            }
-        }
-        let c = match condition {
-            pool::Condition::Healthy => VolumeCondition { abnormal: false, message: "volume is healthy".into() },
-            pool::Condition::Abnormal(m) => VolumeCondition { abnormal: true, message: m },
+        let stuck = match condition {
+            pool::Condition::Healthy => self.d.freezer.stuck_message(pool.name(), local).await,
+            pool::Condition::Abnormal(_) => None,
+        };
+        Ok(self.noted_condition(pool, local, condition, stuck))
+    }
+
+    /// The condition reported for `local`, given its pool's condition and the message of a
+    /// freeze stuck on it; a change since the last report is logged.
+    fn noted_condition(&self, pool: &dyn Pool, local: &str, condition: pool::Condition, stuck: Option<String>) -> VolumeCondition {
+        let c = match (condition, stuck) {
+            (pool::Condition::Healthy, Some(m)) => VolumeCondition { abnormal: true, message: m },
+            (pool::Condition::Healthy, None) => VolumeCondition { abnormal: false, message: "volume is healthy".into() },
+            (pool::Condition::Abnormal(m), _) => VolumeCondition { abnormal: true, message: m },
         };
         self.feed.lock().note_condition(pool.name(), local, &c);
-        Ok(c)
+        c
+    }
+
+    // issue 14: flat
+    /// The conditions of one page's volumes of `pool`, as [`LocalAgent::condition_of`] of each,
+    /// read in one pass ([`Pool::conditions`]) with one read of the freeze records.
+    async fn conditions_of(&self, pool: &dyn Pool, locals: &[String]) -> Vec<Result<VolumeCondition>> {
+        let read = pool.conditions(locals).await;
+        let stuck = if read.iter().any(|c| matches!(c, Ok(pool::Condition::Healthy))) {
+            self.d.freezer.stuck_messages(pool.name()).await
+        } else {
+            HashMap::new()
+        };
+        locals
+            .iter()
+            .zip(read)
+            .map(|(local, c)| {
+                let c = c?;
+                let stuck = matches!(c, pool::Condition::Healthy).then(|| stuck.get(local).cloned()).flatten();
+                Ok(self.noted_condition(pool, local, c, stuck))
+            })
+            .collect()
     }
 
     /// One page of this node's volumes in [`list_key`] order, from `token` on, at most `max`
@@ -789,19 +814,28 @@ impl LocalAgent {
             next = items[max as usize].0.clone();
             items.truncate(max as usize);
         }
-        let page = items.into_iter().map(|(_, x)| x);
-        let mut out = Vec::with_capacity(page.len());
-        for (pool, v, cond) in page {
-            let cond = match cond {
-                Some(c) => c,
-                None => match self.condition_of(pool.as_ref(), &v.local).await {
-                    Ok(c) => c,
+        let mut out = Vec::with_capacity(items.len());
+        // The page is in pool order: the conditions of each pool's run are read together.
+        let mut runs: Vec<(Arc<dyn Pool>, Vec<(VolumeInfo, Option<VolumeCondition>)>)> = Vec::new();
+        for (_, (pool, v, cond)) in items {
+            match runs.last_mut() {
+                Some((p, run)) if Arc::ptr_eq(p, &pool) => run.push((v, cond)),
+                _ => runs.push((pool, vec![(v, cond)])),
+            }
+        }
+        for (pool, run) in runs {
+            let unread: Vec<String> = run.iter().filter(|(_, c)| c.is_none()).map(|(v, _)| v.local.clone()).collect();
+            let mut read = self.conditions_of(pool.as_ref(), &unread).await.into_iter();
+            for (v, cond) in run {
+                let cond = match cond.map(Ok).or_else(|| read.next()) {
+                    Some(Ok(c)) => c,
                     // Deleted since the pool listed it: it is simply not in this listing.
-                    Err(Error::NotFound(_)) => continue,
-                    Err(e) => VolumeCondition { abnormal: true, message: format!("the condition cannot be read: {e}") },
-                },
-            };
-            out.push(self.volume_entry(pool.as_ref(), &v, Some(cond)));
+                    Some(Err(Error::NotFound(_))) => continue,
+                    Some(Err(e)) => VolumeCondition { abnormal: true, message: format!("the condition cannot be read: {e}") },
+                    None => VolumeCondition { abnormal: true, message: "the condition was not read".into() },
+                };
+                out.push(self.volume_entry(pool.as_ref(), &v, Some(cond)));
+            }
         }
         Ok((out, next))
     }

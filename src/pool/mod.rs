@@ -364,6 +364,15 @@ pub trait Pool: Send + Sync {
     async fn detach(&self, local: &str) -> Result<()>;
     /// Health of the backing storage of an existing volume.
     async fn condition(&self, local: &str) -> Result<Condition>;
+    /// The conditions of the volumes of one page of a listing, in order, each as
+    /// [`Pool::condition`] answers it; a pool may read them in one pass (issue 14).
+    async fn conditions(&self, locals: &[String]) -> Vec<Result<Condition>> {
+        let mut out = Vec::with_capacity(locals.len());
+        for local in locals {
+            out.push(self.condition(local).await);
+        }
+        out
+    }
 
     /// Start-up repair, before serving: undoes what a killed driver left half-done in the
     /// pool's storage itself (LVM: device-mapper devices left suspended). Frozen filesystems
