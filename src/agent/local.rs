@@ -72,8 +72,32 @@ pub struct LocalAgent {
 struct PoolHealth {
     /// Why the last call failed; `None` while it answers.
     sick: Option<String>,
-    /// Its volumes at its last good listing.
-    listed: Vec<VolumeInfo>,
+    /// Its volumes as its good listings last showed them, by local name: each page replaces
+    /// the range it covered (so a page costs the page), an inventory the whole.
+    listed: BTreeMap<String, VolumeInfo>,
+}
+
+impl PoolHealth {
+    /// A good listing answered `got` for at most `asked` volumes from `from` on: that range of
+    /// the last-known listing is now exactly `got` (to the end of the pool when fewer came).
+    fn saw_range(&mut self, from: &str, asked: usize, got: &[VolumeInfo]) {
+        use std::ops::Bound::{Included, Unbounded};
+        let end = if got.len() < asked { Unbounded } else { got.last().map_or(Unbounded, |v| Included(v.local.clone())) };
+        let stale: Vec<String> = self.listed.range::<String, _>((Included(from.to_owned()), end)).map(|(k, _)| k.clone()).collect();
+        for k in stale {
+            self.listed.remove(&k);
+        }
+        self.listed.extend(got.iter().map(|v| (v.local.clone(), v.clone())));
+    }
+
+    /// At most `max` volumes of the last-known listing from `from` on, in name order.
+    fn listed_from(&self, from: &str, max: usize) -> Vec<VolumeInfo> {
+        self.listed
+            .range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+            .take(max)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
 }
 
 impl LocalAgent {
@@ -174,24 +198,40 @@ pub fn capacity_for(range: Option<&CapacityRange>, default: u64) -> Result<u64> 
     Ok(want)
 }
 
-/// Splits a list sorted by key into one page: entries from `token` on (a token is the key of
-/// the first entry of the next page), at most `max` of them (0 = all).
-pub fn paginate<T>(mut items: Vec<(String, T)>, max: i32, token: &str) -> Result<(Vec<T>, String)> {
+/// Where an object sorts in a listing: its id without the tag, `kind:node:pool:local`. Within
+/// one pool that is the order of local names, so a pool's ordered index gives a page as a
+/// range; a token is the key of the first entry of the next page (a four-field id).
+pub fn list_key(id: &str) -> &str {
+    match id.match_indices(':').nth(3) {
+        Some((i, _)) => &id[..i],
+        None => id,
+    }
+}
+
+/// Checks a listing's bounds: `max` not negative, `token` empty or one this driver issues.
+pub fn check_page(max: i32, token: &str) -> Result<()> {
     if max < 0 {
         return Err(Error::InvalidArgument(format!("max_entries {max} must not be negative")));
     }
     if !token.is_empty() && VolumeId::parse(token).is_none() {
         return Err(Error::Aborted(format!("starting_token {token:?} is not a token this driver issued; start the listing again")));
     }
-    items.sort_by(|a, b| a.0.cmp(&b.0));
-    let start = items.partition_point(|(k, _)| k.as_str() < token);
-    let mut rest: Vec<(String, T)> = items.into_iter().skip(start).collect();
+    Ok(())
+}
+
+/// Splits a list keyed by id into one page in [`list_key`] order: entries from `token` on, at
+/// most `max` of them (0 = all), and the token of the next page (empty: none).
+pub fn paginate<T>(items: Vec<(String, T)>, max: i32, token: &str) -> Result<(Vec<T>, String)> {
+    check_page(max, token)?;
+    let token = list_key(token);
+    let mut items: Vec<(String, T)> = items.into_iter().filter(|(k, _)| list_key(k) >= token).collect();
+    items.sort_by(|a, b| list_key(&a.0).cmp(list_key(&b.0)));
     let mut next = String::new();
-    if max > 0 && rest.len() > max as usize {
-        next = rest[max as usize].0.clone();
-        rest.truncate(max as usize);
+    if max > 0 && items.len() > max as usize {
+        next = list_key(&items[max as usize].0).to_owned();
+        items.truncate(max as usize);
     }
-    Ok((rest.into_iter().map(|(_, v)| v).collect(), next))
+    Ok((items.into_iter().map(|(_, v)| v).collect(), next))
 }
 
 /// The smallest volume a pool allocating in `unit` bytes can make with filesystem `fs` (none:
@@ -683,61 +723,119 @@ impl LocalAgent {
         let condition = pool.condition(local).await?;
         // A freeze left open past its deadline (crate::node::freeze) makes a healthy pool's
         // volume abnormal: its writers may be blocked.
-        if condition == pool::Condition::Healthy {
-            if let Some(m) = self.d.freezer.stuck_message(pool.name(), local).await {
-                let c = VolumeCondition { abnormal: true, message: m };
-                self.feed.lock().note_condition(pool.name(), local, &c);
-                return Ok(c);
-            }
-        }
-        let c = match condition {
-            pool::Condition::Healthy => VolumeCondition { abnormal: false, message: "volume is healthy".into() },
-            pool::Condition::Abnormal(m) => VolumeCondition { abnormal: true, message: m },
+        let stuck = match condition {
+            pool::Condition::Healthy => self.d.freezer.stuck_message(pool.name(), local).await,
+            pool::Condition::Abnormal(_) => None,
         };
-        self.feed.lock().note_condition(pool.name(), local, &c);
-        Ok(c)
+        Ok(self.noted_condition(pool, local, condition, stuck))
     }
 
-    /// One page of this node's volumes (see [`paginate`]) with their conditions. Only the
-    /// page's volumes have their condition read: a listing costs the page, not the pool.
+    /// The condition reported for `local`, given its pool's condition and the message of a
+    /// freeze stuck on it; a change since the last report is logged.
+    fn noted_condition(&self, pool: &dyn Pool, local: &str, condition: pool::Condition, stuck: Option<String>) -> VolumeCondition {
+        let c = match (condition, stuck) {
+            (pool::Condition::Healthy, Some(m)) => VolumeCondition { abnormal: true, message: m },
+            (pool::Condition::Healthy, None) => VolumeCondition { abnormal: false, message: "volume is healthy".into() },
+            (pool::Condition::Abnormal(m), _) => VolumeCondition { abnormal: true, message: m },
+        };
+        self.feed.lock().note_condition(pool.name(), local, &c);
+        c
+    }
+
+    // issue 14: flat
+    /// The conditions of one page's volumes of `pool`, as [`LocalAgent::condition_of`] of each,
+    /// read in one pass ([`Pool::conditions`]) with one read of the freeze records.
+    async fn conditions_of(&self, pool: &dyn Pool, locals: &[String]) -> Vec<Result<VolumeCondition>> {
+        let read = pool.conditions(locals).await;
+        let stuck = if read.iter().any(|c| matches!(c, Ok(pool::Condition::Healthy))) {
+            self.d.freezer.stuck_messages(pool.name()).await
+        } else {
+            HashMap::new()
+        };
+        locals
+            .iter()
+            .zip(read)
+            .map(|(local, c)| {
+                let c = c?;
+                let stuck = matches!(c, pool::Condition::Healthy).then(|| stuck.get(local).cloned()).flatten();
+                Ok(self.noted_condition(pool, local, c, stuck))
+            })
+            .collect()
+    }
+
+    /// One page of this node's volumes in [`list_key`] order, from `token` on, at most `max`
+    /// (0: all), with their conditions and the next page's token. Each pool is asked for the
+    /// page's range only ([`Pool::list_volumes_from`]) and only the page's volumes have their
+    /// condition read: a page costs the page, not the pool.
     async fn volume_page(&self, max: i32, token: &str) -> Result<(Vec<ap::Volume>, String)> {
+        check_page(max, token)?;
+        let key = list_key(token);
+        // One more than the page tells whether a next page exists, and where it starts.
+        let want = if max == 0 { usize::MAX } else { max as usize + 1 };
+        // Pools in the order of their ids' prefix (`kind:node:pool:`), which is the listing's.
+        let mut pools: Vec<(String, &Arc<dyn Pool>)> =
+            self.d.pools.values().map(|p| (self.d.object_id(p.as_ref(), "", Object::Volume, None).to_string(), p)).collect();
+        pools.sort_by(|a, b| a.0.cmp(&b.0));
         let mut items: Vec<(String, Listed)> = Vec::new();
-        for pool in self.d.pools.values() {
-            let volumes = match pool.list_volumes().await {
-                Ok(v) => {
+        for (prefix, pool) in pools {
+            let left = want - items.len();
+            if left == 0 {
+                break;
+            }
+            // The token's pool from its local name on; pools before it are done, pools after it from their start.
+            let from = match key.strip_prefix(prefix.as_str()) {
+                Some(local) if !token.is_empty() => local,
+                _ if key > prefix.as_str() => continue,
+                _ => "",
+            };
+            let (volumes, cond) = match pool.list_volumes_from(from, left).await {
+                Ok(vs) => {
                     self.answered(pool.as_ref());
-                    self.health.lock().unwrap_or_else(|e| e.into_inner()).entry(pool.name().to_owned()).or_default().listed = v.clone();
-                    v
+                    let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+                    h.entry(pool.name().to_owned()).or_default().saw_range(from, left, &vs);
+                    (vs, None)
                 }
-                // A sick pool does not fail the listing: the volumes it had last time are listed
-                // as abnormal (none after a restart), the other pools answer as usual.
+                // A sick pool does not fail the listing: the volumes it had when last listed are
+                // listed as abnormal (none after a restart), the other pools answer as usual.
                 Err(e) => {
                     self.failed(pool.as_ref(), &e);
                     let cond = VolumeCondition { abnormal: true, message: format!("pool {} does not answer: {e}", pool.name()) };
-                    let listed = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(pool.name()).map(|h| h.listed.clone());
-                    for v in listed.unwrap_or_default() {
-                        items.push((self.d.volume_id(pool.as_ref(), &v).to_string(), (pool.clone(), v, Some(cond.clone()))));
-                    }
-                    continue;
+                    let h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+                    let listed = h.get(pool.name()).map(|h| h.listed_from(from, left)).unwrap_or_default();
+                    (listed, Some(cond))
                 }
             };
             for v in volumes {
-                items.push((self.d.volume_id(pool.as_ref(), &v).to_string(), (pool.clone(), v, None)));
+                items.push((format!("{prefix}{}", v.local), (pool.clone(), v, cond.clone())));
             }
         }
-        let (page, next) = paginate(items, max, token)?;
-        let mut out = Vec::with_capacity(page.len());
-        for (pool, v, cond) in page {
-            let cond = match cond {
-                Some(c) => c,
-                None => match self.condition_of(pool.as_ref(), &v.local).await {
-                    Ok(c) => c,
+        let mut next = String::new();
+        if max > 0 && items.len() > max as usize {
+            next = items[max as usize].0.clone();
+            items.truncate(max as usize);
+        }
+        let mut out = Vec::with_capacity(items.len());
+        // The page is in pool order: the conditions of each pool's run are read together.
+        let mut runs: Vec<(Arc<dyn Pool>, Vec<(VolumeInfo, Option<VolumeCondition>)>)> = Vec::new();
+        for (_, (pool, v, cond)) in items {
+            match runs.last_mut() {
+                Some((p, run)) if Arc::ptr_eq(p, &pool) => run.push((v, cond)),
+                _ => runs.push((pool, vec![(v, cond)])),
+            }
+        }
+        for (pool, run) in runs {
+            let unread: Vec<String> = run.iter().filter(|(_, c)| c.is_none()).map(|(v, _)| v.local.clone()).collect();
+            let mut read = self.conditions_of(pool.as_ref(), &unread).await.into_iter();
+            for (v, cond) in run {
+                let cond = match cond.map(Ok).or_else(|| read.next()) {
+                    Some(Ok(c)) => c,
                     // Deleted since the pool listed it: it is simply not in this listing.
-                    Err(Error::NotFound(_)) => continue,
-                    Err(e) => VolumeCondition { abnormal: true, message: format!("the condition cannot be read: {e}") },
-                },
-            };
-            out.push(self.volume_entry(pool.as_ref(), &v, Some(cond)));
+                    Some(Err(Error::NotFound(_))) => continue,
+                    Some(Err(e)) => VolumeCondition { abnormal: true, message: format!("the condition cannot be read: {e}") },
+                    None => VolumeCondition { abnormal: true, message: "the condition was not read".into() },
+                };
+                out.push(self.volume_entry(pool.as_ref(), &v, Some(cond)));
+            }
         }
         Ok((out, next))
     }
@@ -1061,9 +1159,14 @@ struct FeedState {
     /// Whether a full pass has run: before it, the feed knows only what operations reported,
     /// and the first pass records what it finds without reporting it (it is in the inventory).
     initialised: bool,
+    /// Only through [`FeedState::record_volume`], which keeps `usage` true.
     volumes: HashMap<Key, Seen<ap::Volume>>,
     snapshots: HashMap<Key, Seen<ap::Snapshot>>,
     pools: HashMap<String, ap::Pool>,
+    // issue 14: flat
+    /// Per pool, the capacity bytes and number of the volumes in `volumes` that are not gone:
+    /// running totals, so reporting a pool's room after a create costs no walk of the pool.
+    usage: HashMap<String, (u64, u32)>,
     // issue 14: events
     /// The PVC (name, namespace) of each volume created by CSI name, for its event lines.
     pvc: HashMap<String, (String, String)>,
@@ -1091,10 +1194,10 @@ impl FeedState {
         self.log_event(&change);
         match &change {
             C::VolumeCreated(v) | C::VolumeUpdated(v) => {
-                self.volumes.insert((v.pool.clone(), v.local_name.clone()), Seen { sequence, now: Some(v.clone()) });
+                self.record_volume((v.pool.clone(), v.local_name.clone()), Seen { sequence, now: Some(v.clone()) });
             }
             C::VolumeDeleted(r) => {
-                self.volumes.insert((r.pool.clone(), r.local_name.clone()), Seen { sequence, now: None });
+                self.record_volume((r.pool.clone(), r.local_name.clone()), Seen { sequence, now: None });
             }
             C::SnapshotCreated(s) => {
                 self.snapshots.insert((s.pool.clone(), s.local_name.clone()), Seen { sequence, now: Some(s.clone()) });
@@ -1113,6 +1216,25 @@ impl FeedState {
         }
         // No subscriber is no error: the next registration sends the inventory.
         let _ = tx.send(ap::Change { sequence, change: Some(change) });
+    }
+
+    // issue 14: flat
+    /// Records what the feed now knows of volume `key`, moving its pool's running totals by
+    /// the difference between the old and the new volume.
+    fn record_volume(&mut self, key: Key, seen: Seen<ap::Volume>) {
+        let bytes = |v: &ap::Volume| v.volume.as_ref().map(|v| v.capacity_bytes.max(0) as u64).unwrap_or(0);
+        let pool = key.0.clone();
+        let new = seen.now.as_ref().map(bytes);
+        let old = self.volumes.insert(key, seen).and_then(|s| s.now.as_ref().map(bytes));
+        let (used, count) = self.usage.entry(pool).or_default();
+        if let Some(b) = old {
+            *used = used.wrapping_sub(b);
+            *count = count.wrapping_sub(1);
+        }
+        if let Some(b) = new {
+            *used = used.wrapping_add(b);
+            *count = count.wrapping_add(1);
+        }
     }
 
     // issue 14: events
@@ -1353,17 +1475,13 @@ impl LocalAgent {
         });
     }
 
-    /// Used bytes and volume count of `pool`, from the feed's record once a full pass ran.
+    /// Used bytes and volume count of `pool`: the feed's running totals once a full pass ran
+    /// (no walk of the pool's volumes), the pool's listing before.
     async fn usage(&self, pool: &dyn Pool) -> Result<(u64, u32)> {
         {
             let st = self.feed.lock();
             if st.initialised {
-                let (mut used, mut count) = (0u64, 0u32);
-                for v in st.volumes.iter().filter(|((p, _), _)| p == pool.name()).filter_map(|(_, s)| s.now.as_ref()) {
-                    used += v.volume.as_ref().map(|v| v.capacity_bytes.max(0) as u64).unwrap_or(0);
-                    count += 1;
-                }
-                return Ok((used, count));
+                return Ok(st.usage.get(pool.name()).copied().unwrap_or_default());
             }
         }
         let all = pool.list_volumes().await?;
@@ -1450,7 +1568,8 @@ impl LocalAgent {
                     for v in &vs {
                         volumes.insert((pool.name().to_owned(), v.local.clone()), self.volume_entry(pool.as_ref(), v, None));
                     }
-                    self.health.lock().unwrap_or_else(|e| e.into_inner()).entry(pool.name().to_owned()).or_default().listed = vs;
+                    self.health.lock().unwrap_or_else(|e| e.into_inner()).entry(pool.name().to_owned()).or_default().listed =
+                        vs.into_iter().map(|v| (v.local.clone(), v)).collect();
                 }
                 Err(e) => {
                     self.failed(pool.as_ref(), &e);
@@ -1481,9 +1600,7 @@ impl LocalAgent {
             match (volumes.remove(&key), first) {
                 (Some(v), false) => st.volume(tx, v),
                 (None, false) => st.volume_gone(tx, key, None),
-                (now, true) => {
-                    st.volumes.insert(key, Seen { sequence: 0, now });
-                }
+                (now, true) => st.record_volume(key, Seen { sequence: 0, now }),
             }
         }
         let keys: std::collections::BTreeSet<Key> = snapshots.keys().chain(st.snapshots.keys()).cloned().collect();
@@ -1913,6 +2030,32 @@ mod tests {
         assert!(matches!(paginate(ids, -1, ""), Err(Error::InvalidArgument(_))));
     }
 
+    // issue 14: flat
+    #[test]
+    fn the_listing_orders_by_pool_then_local_name_not_by_the_whole_id() {
+        assert_eq!(list_key("file:n:p:a:v0123456789ab"), "file:n:p:a");
+        assert_eq!(list_key("file:n:p:a"), "file:n:p:a");
+        // By whole ids "a-b:v…" < "a:v…"; by name "a" < "a-b" < "a1": what a pool's index pages by.
+        let ids: Vec<(String, &str)> = [("a1:v0123456789ab", "a1"), ("a-b:v0123456789ab", "a-b"), ("a", "legacy a")]
+            .iter()
+            .map(|(id, what)| (format!("file:n:p:{id}"), *what))
+            .collect();
+        let (mut seen, mut token) = (vec![], String::new());
+        loop {
+            let (page, next) = paginate(ids.clone(), 1, &token).unwrap();
+            seen.extend(page);
+            if next.is_empty() {
+                break;
+            }
+            assert!(VolumeId::parse(&next).is_some(), "a token is an id this driver parses: {next}");
+            token = next;
+        }
+        assert_eq!(seen, ["legacy a", "a-b", "a1"]);
+        let tagged = vec![("file:n:p:a:v0123456789ab".to_owned(), "a"), ("file:n:p:a1:v0123456789ab".to_owned(), "a1")];
+        let (page, _) = paginate(tagged, 0, "file:n:p:a-b").unwrap();
+        assert_eq!(page, ["a1"], "a name before the token's is not listed again, whatever its whole id");
+    }
+
     #[test]
     fn minimum_sizes_are_the_filesystems_rounded_to_the_unit() {
         const M: u64 = 1 << 20;
@@ -1963,6 +2106,11 @@ mod tests {
             copy_gate: tokio::sync::RwLock<()>,
             /// The next modify of this mutable key fails (issue 12: modify).
             fail_key: Mutex<Option<String>>,
+            // issue 14: flat
+            /// How many times the whole pool was listed.
+            full_listings: std::sync::atomic::AtomicUsize,
+            /// The pages asked for: (from, max).
+            pages: Mutex<Vec<(String, usize)>>,
         }
 
         impl FakePool {
@@ -1975,6 +2123,8 @@ mod tests {
                     sick: Mutex::default(),
                     copy_gate: tokio::sync::RwLock::new(()),
                     fail_key: Mutex::new(None),
+                    full_listings: Default::default(),
+                    pages: Mutex::default(),
                 })
             }
             fn check(&self) -> Result<()> {
@@ -2037,7 +2187,13 @@ mod tests {
             }
             async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
                 self.check()?;
+                self.full_listings.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(self.volumes.lock().unwrap().values().cloned().collect())
+            }
+            async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<VolumeInfo>> {
+                self.check()?;
+                self.pages.lock().unwrap().push((from.to_owned(), max));
+                Ok(self.volumes.lock().unwrap().range(from.to_owned()..).take(max).map(|(_, v)| v.clone()).collect())
             }
             async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
                 self.check()?;
@@ -2506,6 +2662,136 @@ mod tests {
                     assert_eq!((got.pool.as_str(), got.csi_name.as_str()), ("fast", "snap"));
                 }
                 assert!(ops(&a).get_snapshot(key(Key::CsiName("other".into())), BUDGET).await.unwrap().snapshot.is_none());
+            }
+
+            // issue 14: flat
+            /// Every page of a listing, through `a`'s Agent API, from the start.
+            async fn pages_of(a: &LocalAgent, max: u32, mut between: impl FnMut(usize)) -> Vec<Vec<ap::Volume>> {
+                let (mut pages, mut token) = (Vec::new(), String::new());
+                loop {
+                    let page = a.list_volumes(ap::ListVolumesRequest { max_entries: max, starting_token: token }, BUDGET).await.unwrap();
+                    pages.push(page.volumes);
+                    if page.next_token.is_empty() {
+                        return pages;
+                    }
+                    between(pages.len());
+                    token = page.next_token;
+                }
+            }
+
+            #[tokio::test]
+            async fn a_page_asks_each_pool_for_the_page_only() {
+                let (a, fast, slow) = controller();
+                for i in 0..40 {
+                    let pool = if i % 4 == 0 { "slow" } else { "fast" };
+                    a.create_volume(pinned(pool, create_req(&format!("pv{i}"), "", &[])), BUDGET).await.unwrap();
+                }
+                let pages = pages_of(&a, 7, |_| {}).await;
+                assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [7, 7, 7, 7, 7, 5]);
+                let mut names: Vec<String> = pages.iter().flatten().map(|v| v.csi_name.clone()).collect();
+                names.sort();
+                let mut want: Vec<String> = (0..40).map(|i| format!("pv{i}")).collect();
+                want.sort();
+                assert_eq!(names, want, "every volume once");
+                // Neither pool was listed whole, and no pool was asked for more than a page and one.
+                for p in [&fast, &slow] {
+                    assert_eq!(p.full_listings.load(std::sync::atomic::Ordering::Relaxed), 0, "pool {} listed whole", p.name);
+                    let asked = p.pages.lock().unwrap().clone();
+                    assert!(!asked.is_empty() && asked.iter().all(|(_, max)| *max <= 8), "pool {}: {asked:?}", p.name);
+                }
+            }
+
+            #[tokio::test]
+            async fn a_listing_returns_each_volume_once_while_volumes_come_and_go() {
+                let (a, fast, slow) = controller();
+                // Local names that are prefixes of one another ("a" < "a-b" < "a.b" < "a1"), tagged
+                // and not: their ids sort otherwise ("a-b:" < "a:v"), the listing by name must not.
+                let names = ["a", "a-b", "a.b", "a1", "a1-x", "b", "b0", "c", "c-c", "d"];
+                for (i, local) in names.iter().enumerate() {
+                    let mut v = legacy_volume(&format!("csi-{local}"), local);
+                    if i % 2 == 0 {
+                        v.uid = Some(format!("{i:012x}"));
+                    }
+                    let pool = if i % 3 == 0 { &slow } else { &fast };
+                    pool.volumes.lock().unwrap().insert(local.to_string(), v);
+                }
+                let (fast2, slow2) = (fast.clone(), slow.clone());
+                // Between pages: one volume already listed and one not listed yet are deleted, and
+                // two new ones appear, before and after the position of the listing.
+                let pages = pages_of(&a, 3, move |n| {
+                    if n == 1 {
+                        // The first page is fast's "a-b", "a.b", "a1-x" (pools in id order, then names).
+                        fast2.volumes.lock().unwrap().remove("a-b");
+                        slow2.volumes.lock().unwrap().remove("a1");
+                        fast2.volumes.lock().unwrap().insert("a0".into(), legacy_volume("csi-a0", "a0"));
+                        slow2.volumes.lock().unwrap().insert("zz".into(), legacy_volume("csi-zz", "zz"));
+                    }
+                })
+                .await;
+                let listed: Vec<String> = pages.iter().flatten().map(|v| v.local_name.clone()).collect();
+                let mut unique = listed.clone();
+                unique.sort();
+                unique.dedup();
+                assert_eq!(unique.len(), listed.len(), "a volume listed twice: {listed:?}");
+                assert_eq!(pages[0].iter().map(|v| v.local_name.as_str()).collect::<Vec<_>>(), ["a-b", "a.b", "a1-x"]);
+                for always in ["a", "a.b", "a1-x", "b", "b0", "c", "c-c", "d"] {
+                    assert!(listed.iter().any(|l| l == always), "{always} existed throughout and is missing: {listed:?}");
+                }
+                assert!(!listed.iter().any(|l| l == "a1"), "a1 was deleted before its page: {listed:?}");
+                assert!(listed.iter().any(|l| l == "zz"), "zz, created ahead of the listing, is missing: {listed:?}");
+                // A page is in the listing's order, and so is the whole listing.
+                let keys: Vec<String> =
+                    pages.iter().flatten().map(|v| list_key(&v.volume.as_ref().unwrap().volume_id).to_owned()).collect();
+                assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+                assert_eq!(fast.full_listings.load(std::sync::atomic::Ordering::Relaxed), 0);
+            }
+
+            #[tokio::test]
+            async fn a_token_of_a_sick_pool_pages_through_its_last_known_volumes() {
+                let (a, fast, _slow) = controller();
+                for i in 0..6 {
+                    a.create_volume(pinned("fast", create_req(&format!("pv{i}"), "", &[])), BUDGET).await.unwrap();
+                }
+                let healthy: Vec<String> = pages_of(&a, 2, |_| {}).await.iter().flatten().map(|v| v.local_name.clone()).collect();
+                fast.fall_ill("disk gone");
+                let sick = pages_of(&a, 2, |_| {}).await;
+                let listed: Vec<String> = sick.iter().flatten().map(|v| v.local_name.clone()).collect();
+                assert_eq!(listed, healthy, "the sick pool's volumes, as last listed, once each");
+                assert!(sick.iter().flatten().all(|v| v.condition.as_ref().is_some_and(|c| c.abnormal)));
+            }
+
+            #[tokio::test]
+            async fn a_pools_room_counts_are_running_totals() {
+                let (a, fast, slow) = controller();
+                // Made behind the agent's back: the inventory (the feed's rebuild) counts it.
+                fast.volumes.lock().unwrap().insert("old".into(), legacy_volume("csi-old", "old"));
+                ops(&a).get_inventory(BUDGET).await.unwrap();
+                let listings = |p: &FakePool| p.full_listings.load(std::sync::atomic::Ordering::Relaxed);
+                let before = (listings(&fast), listings(&slow));
+                let mut ids = Vec::new();
+                for i in 0..5 {
+                    let v = a.create_volume(pinned("fast", create_req(&format!("pv{i}"), "", &[])), BUDGET).await.unwrap();
+                    ids.push(v.volume.unwrap().volume_id);
+                }
+                let grow = ControllerExpandVolumeRequest {
+                    volume_id: ids[0].clone(),
+                    capacity_range: Some(CapacityRange { required_bytes: (20 * M) as i64, limit_bytes: 0 }),
+                    ..Default::default()
+                };
+                a.expand(grow).await.unwrap();
+                a.delete(DeleteVolumeRequest { volume_id: ids[1].clone(), ..Default::default() }).await.unwrap();
+                let caps = a.get_capacity(ap::GetCapacityRequest::default(), BUDGET).await.unwrap().pools;
+                let by: BTreeMap<_, _> = caps.iter().map(|c| (c.pool.as_str(), c)).collect();
+                // old 8 MiB + pv0 grown to 20 MiB + pv2..pv4 8 MiB each.
+                assert_eq!((by["fast"].used_bytes, by["fast"].volume_count), (52 * M, 5));
+                assert_eq!((by["slow"].used_bytes, by["slow"].volume_count), (0, 0));
+                assert_eq!((listings(&fast), listings(&slow)), before, "a create, expand or delete listed a pool to count its room");
+                // A full pass that finds a volume removed by hand corrects the totals.
+                fast.volumes.lock().unwrap().remove("old");
+                ops(&a).get_inventory(BUDGET).await.unwrap();
+                let caps = a.get_capacity(ap::GetCapacityRequest::default(), BUDGET).await.unwrap().pools;
+                let fast_cap = caps.iter().find(|c| c.pool == "fast").unwrap();
+                assert_eq!((fast_cap.used_bytes, fast_cap.volume_count), (44 * M, 4));
             }
 
             #[tokio::test]

@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::AgentOps;
 use crate::agent_proto as ap;
-use crate::csi::controller::{DEFAULT_CAPACITY, capacity_for, minimum_size, paginate};
+use crate::csi::controller::{DEFAULT_CAPACITY, capacity_for, list_key, minimum_size, paginate};
 use crate::csi::{Capability, decode_caps, require, traced};
 use crate::error::{Error, Result, bounded};
 use crate::jobs;
@@ -711,6 +711,7 @@ impl ClusterController {
             let Ok((n, got)) = joined else { continue };
             match got {
                 Ok((vols, next)) => {
+                    let next = list_key(&next).to_owned();
                     if !next.is_empty() && limit.as_ref().is_none_or(|l| next < *l) {
                         limit = Some(next);
                     }
@@ -734,7 +735,7 @@ impl ClusterController {
             }
         }
         if let Some(l) = &limit {
-            items.retain(|(k, _)| k < l);
+            items.retain(|(k, _)| list_key(k) < l.as_str());
         }
         let (page, mut next_token) = paginate(items, req.max_entries, &req.starting_token)?;
         if next_token.is_empty() {

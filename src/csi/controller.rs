@@ -4,4 +4,4 @@
 //! `holdfast controller` and, over one in-process agent, in all-in-one; the pool operations
 //! are `crate::agent::local::LocalAgent`.
 
-pub use crate::agent::local::{CTX_FS_TYPE, CTX_POOL, DEFAULT_CAPACITY, capacity_for, minimum_size, paginate};
+pub use crate::agent::local::{CTX_FS_TYPE, CTX_POOL, DEFAULT_CAPACITY, capacity_for, list_key, minimum_size, paginate};

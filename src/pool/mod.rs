@@ -334,6 +334,16 @@ pub trait Pool: Send + Sync {
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>>;
     /// All volumes, in no particular order.
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>>;
+    /// One page of the listing (issue 14: a page costs the page): at most `max` volumes whose
+    /// local names are `from` or later, in name order. A pool with an ordered index of its
+    /// volumes answers from it; the others list everything and cut.
+    async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<VolumeInfo>> {
+        let mut all = self.list_volumes().await?;
+        all.retain(|v| v.local.as_str() >= from);
+        all.sort_by(|a, b| a.local.cmp(&b.local));
+        all.truncate(max);
+        Ok(all)
+    }
     /// Grows a volume to at least `capacity` bytes; returns the new capacity. Never shrinks.
     async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64>;
     /// Takes a snapshot of a volume (idempotent on `csi_name` + source). `uid` is recorded only
@@ -354,6 +364,15 @@ pub trait Pool: Send + Sync {
     async fn detach(&self, local: &str) -> Result<()>;
     /// Health of the backing storage of an existing volume.
     async fn condition(&self, local: &str) -> Result<Condition>;
+    /// The conditions of the volumes of one page of a listing, in order, each as
+    /// [`Pool::condition`] answers it; a pool may read them in one pass (issue 14).
+    async fn conditions(&self, locals: &[String]) -> Vec<Result<Condition>> {
+        let mut out = Vec::with_capacity(locals.len());
+        for local in locals {
+            out.push(self.condition(local).await);
+        }
+        out
+    }
 
     /// Start-up repair, before serving: undoes what a killed driver left half-done in the
     /// pool's storage itself (LVM: device-mapper devices left suspended). Frozen filesystems

@@ -17,7 +17,7 @@
 //!   is in progress that finds other mtimes rebuilds the index. A change made while operations
 //!   run, or one that rewrites a file in place, is not noticed until the next start.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
@@ -39,15 +39,31 @@ struct Entry {
     attached: bool,
 }
 
+impl Entry {
+    /// What this volume promises that needs no measuring: its `shared` bytes, and its holes
+    /// while detached (an attached image's holes are measured at each room check).
+    fn fixed(&self) -> u64 {
+        self.record.shared.saturating_add(if self.attached { 0 } else { self.holes })
+    }
+}
+
 /// A pool directory's modification time, to notice changes made by hand.
 type Stamp = Option<(i64, i64)>;
 
 #[derive(Debug, Default)]
 struct State {
     loaded: bool,
+    /// Only through [`State::put`] and [`State::take`], which keep `fixed` and `attached` true.
     volumes: BTreeMap<String, Entry>,
     /// Snapshots' `shared` bytes (their own holes promise nothing: they are never written).
+    /// Only through [`State::put_snapshot`] and [`State::take_snapshot`].
     snapshots: BTreeMap<String, u64>,
+    /// The running total of every volume's [`Entry::fixed`] and every snapshot's `shared`
+    /// bytes (modular sums: every change subtracts exactly what it added), so a room check
+    /// costs the attached volumes, not the pool.
+    fixed: u64,
+    /// The volumes attached to a loop device.
+    attached: BTreeSet<String>,
     /// The directories' mtimes the pool's last operation left.
     seen: [Stamp; 2],
     /// Operations of the pool in progress: while any runs, mtimes say nothing.
@@ -71,6 +87,42 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.busy = s.busy.saturating_sub(1);
+    }
+}
+
+impl State {
+    /// Records `entry` for `local`, keeping the totals.
+    fn put(&mut self, local: String, entry: Entry) {
+        self.fixed = self.fixed.wrapping_add(entry.fixed());
+        if entry.attached {
+            self.attached.insert(local.clone());
+        } else {
+            self.attached.remove(&local);
+        }
+        if let Some(old) = self.volumes.insert(local, entry) {
+            self.fixed = self.fixed.wrapping_sub(old.fixed());
+        }
+    }
+
+    /// Forgets `local`, keeping the totals.
+    fn take(&mut self, local: &str) -> Option<Entry> {
+        let old = self.volumes.remove(local)?;
+        self.fixed = self.fixed.wrapping_sub(old.fixed());
+        self.attached.remove(local);
+        Some(old)
+    }
+
+    fn put_snapshot(&mut self, local: String, shared: u64) {
+        self.fixed = self.fixed.wrapping_add(shared);
+        if let Some(old) = self.snapshots.insert(local, shared) {
+            self.fixed = self.fixed.wrapping_sub(old);
+        }
+    }
+
+    fn take_snapshot(&mut self, local: &str) {
+        if let Some(old) = self.snapshots.remove(local) {
+            self.fixed = self.fixed.wrapping_sub(old);
+        }
     }
 }
 
@@ -130,7 +182,7 @@ impl Index {
 
     fn rebuild(&self, s: &mut State) -> Result<()> {
         let attached = self.attached_images();
-        let mut volumes = BTreeMap::new();
+        let mut fresh = State::default();
         let dir = self.root.join(Kind::Volume.dir());
         for (local, r) in self.records::<VolumeRecord>(Kind::Volume)? {
             let Some(mut record) = r else { continue };
@@ -138,12 +190,17 @@ impl Index {
             let img = dir.join(format!("{local}.img"));
             let holes = holes_of(&img)?;
             let attached = attached.as_ref().is_none_or(|a| a.contains(&img));
-            volumes.insert(local, Entry { record, holes, attached });
+            fresh.put(local, Entry { record, holes, attached });
         }
-        let snapshots =
-            self.records::<SnapshotRecord>(Kind::Snapshot)?.into_iter().filter_map(|(local, r)| r.map(|r| (local, r.shared))).collect();
-        s.volumes = volumes;
-        s.snapshots = snapshots;
+        for (local, r) in self.records::<SnapshotRecord>(Kind::Snapshot)? {
+            if let Some(r) = r {
+                fresh.put_snapshot(local, r.shared);
+            }
+        }
+        s.volumes = fresh.volumes;
+        s.snapshots = fresh.snapshots;
+        s.fixed = fresh.fixed;
+        s.attached = fresh.attached;
         s.loaded = true;
         Ok(())
     }
@@ -215,13 +272,24 @@ impl Index {
         Ok(self.fresh()?.volumes.values().map(|e| e.record.clone()).collect())
     }
 
-    /// Bytes promised but not held (a blocking call: one stat per attached volume).
+    /// At most `max` volume records from local name `from` on, in name order: one page of
+    /// the listing, which clones the page and nothing else (a blocking call: it may rebuild).
+    pub(super) fn volumes_from(&self, from: &str, max: usize) -> Result<Vec<VolumeRecord>> {
+        let s = self.fresh()?;
+        Ok(s.volumes
+            .range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+            .take(max)
+            .map(|(_, e)| e.record.clone())
+            .collect())
+    }
+
+    /// Bytes promised but not held: the running total, plus the holes of each attached image
+    /// measured now (a blocking call: one stat per attached volume, none per other volume).
     pub(super) fn promised(&self) -> Result<u64> {
         let s = self.fresh()?;
-        let mut total = s.snapshots.values().fold(0u64, |t, b| t.saturating_add(*b));
-        for (local, e) in &s.volumes {
-            let holes = if e.attached { holes_of(&self.img(local))? } else { e.holes };
-            total = total.saturating_add(holes).saturating_add(e.record.shared);
+        let mut total = s.fixed;
+        for local in &s.attached {
+            total = total.saturating_add(holes_of(&self.img(local))?);
         }
         Ok(total)
     }
@@ -236,22 +304,22 @@ impl Index {
             return;
         };
         let attached = s.volumes.get(&record.info.local).is_some_and(|e| e.attached);
-        s.volumes.insert(record.info.local.clone(), Entry { record, holes, attached });
+        s.put(record.info.local.clone(), Entry { record, holes, attached });
     }
 
     /// Forgets a deleted volume.
     pub(super) fn remove_volume(&self, local: &str) {
-        self.lock().volumes.remove(local);
+        self.lock().take(local);
     }
 
     /// Records a committed snapshot's promised bytes.
     pub(super) fn put_snapshot(&self, local: &str, shared: u64) {
-        self.lock().snapshots.insert(local.to_owned(), shared);
+        self.lock().put_snapshot(local.to_owned(), shared);
     }
 
     /// Forgets a deleted snapshot.
     pub(super) fn remove_snapshot(&self, local: &str) {
-        self.lock().snapshots.remove(local);
+        self.lock().take_snapshot(local);
     }
 
     /// A volume is attached (before the device is set up, so its writes are never missed) or
@@ -259,11 +327,12 @@ impl Index {
     pub(super) fn set_attached(&self, local: &str, attached: bool) -> Result<()> {
         let holes = if attached { None } else { Some(holes_of(&self.img(local))?) };
         let mut s = self.fresh()?;
-        if let Some(e) = s.volumes.get_mut(local) {
+        if let Some(mut e) = s.take(local) {
             e.attached = attached;
             if let Some(h) = holes {
                 e.holes = h;
             }
+            s.put(local.to_owned(), e);
         }
         Ok(())
     }

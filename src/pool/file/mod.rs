@@ -831,6 +831,53 @@ impl FilePool {
 /// operation of the index ([`FilePool::changing`]).
 impl FilePool {
     /// Runs `op` as one change of the pool: the index knows the directory mtimes it leaves.
+    /// The condition of volume `r` from its image's metadata and the pool's free bytes.
+    fn judge(
+        &self,
+        img: &Path,
+        r: &VolumeRecord,
+        meta: std::io::Result<fs::Metadata>,
+        free: std::result::Result<u64, String>,
+    ) -> Condition {
+        let m = match meta {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Condition::Abnormal(format!("backing file {} is missing", img.display()));
+            }
+            Err(e) => return Condition::Abnormal(format!("backing file {} cannot be inspected: {e}", img.display())),
+            Ok(m) => m,
+        };
+        if m.len() < r.info.capacity {
+            return Condition::Abnormal(format!(
+                "backing file {} is {} bytes, smaller than the volume's {} bytes",
+                img.display(),
+                m.len(),
+                r.info.capacity
+            ));
+        }
+        // Blocks the volume may still write but does not hold: all of a thin volume's unwritten
+        // space, none of a thick one's (unless something punched holes into it).
+        let holes = m.len().saturating_sub(m.blocks() * 512);
+        let free = match free {
+            Ok(free) => free,
+            Err(e) => return Condition::Abnormal(e),
+        };
+        if holes > free {
+            let what = match r.provisioning {
+                Provisioning::Thin => "this thin volume",
+                Provisioning::Thick => "this thick volume (its image lost preallocated blocks)",
+            };
+            return Condition::Abnormal(format!(
+                "the filesystem of file pool {:?} has {} free, less than the {} {what} may still write: \
+                 writes inside the volume can fail; free space in {}",
+                self.name,
+                format_size(free),
+                format_size(holes),
+                self.root.display()
+            ));
+        }
+        Condition::Healthy
+    }
+
     async fn changing<T>(&self, op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         let busy = self.begin().await?;
         let r = op.await;
@@ -1052,6 +1099,13 @@ impl Pool for FilePool {
         Ok(records.into_iter().map(|r| r.info).collect())
     }
 
+    async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<VolumeInfo>> {
+        let (ix, from) = (self.index.clone(), from.to_owned());
+        let records =
+            self.blocking(format!("listing {}", self.root.display()), METADATA_DEADLINE, move || ix.volumes_from(&from, max)).await?;
+        Ok(records.into_iter().map(|r| r.info).collect())
+    }
+
     async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
         self.changing(self.expand_volume_now(local, capacity)).await
     }
@@ -1153,47 +1207,49 @@ impl Pool for FilePool {
         let inspected = self
             .blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || Ok((fs::metadata(&img), room::free_bytes(&root))))
             .await;
-        let (meta, free) = match inspected {
-            Ok(v) => v,
-            Err(e) => return Ok(Condition::Abnormal(e.to_string())),
-        };
-        let m = match meta {
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Ok(Condition::Abnormal(format!("backing file {} is missing", f.img.display())));
-            }
-            Err(e) => return Ok(Condition::Abnormal(format!("backing file {} cannot be inspected: {e}", f.img.display()))),
-            Ok(m) => m,
-        };
-        if m.len() < r.info.capacity {
-            return Ok(Condition::Abnormal(format!(
-                "backing file {} is {} bytes, smaller than the volume's {} bytes",
-                f.img.display(),
-                m.len(),
-                r.info.capacity
-            )));
+        match inspected {
+            Ok((meta, free)) => Ok(self.judge(&f.img, &r, meta, free.map_err(|e| e.to_string()))),
+            Err(e) => Ok(Condition::Abnormal(e.to_string())),
         }
-        // Blocks the volume may still write but does not hold: all of a thin volume's unwritten
-        // space, none of a thick one's (unless something punched holes into it).
-        let holes = m.len().saturating_sub(m.blocks() * 512);
-        let free = match free {
-            Ok(free) => free,
-            Err(e) => return Ok(Condition::Abnormal(e.to_string())),
+    }
+
+    // issue 14: flat
+    async fn conditions(&self, locals: &[String]) -> Vec<Result<Condition>> {
+        // One blocking call and one statvfs for the page, not two calls per volume.
+        let files: Vec<Result<Files>> = locals.iter().map(|l| self.files(Kind::Volume, l)).collect();
+        let (root, paths) =
+            (self.root.clone(), files.iter().map(|f| f.as_ref().ok().map(|f| (f.meta.clone(), f.img.clone()))).collect::<Vec<_>>());
+        let read = self
+            .blocking(format!("inspecting {} volumes in {}", locals.len(), self.root.display()), METADATA_DEADLINE, move || {
+                let free = room::free_bytes(&root).map_err(|e| e.to_string());
+                let each = paths
+                    .into_iter()
+                    .map(|p| p.map(|(meta, img)| (read_meta::<VolumeRecord>(&meta), fs::metadata(&img))))
+                    .collect::<Vec<_>>();
+                Ok((free, each))
+            })
+            .await;
+        let (free, each) = match read {
+            Ok(r) => r,
+            Err(e) => return locals.iter().map(|_| Ok(Condition::Abnormal(e.to_string()))).collect(),
         };
-        if holes > free {
-            let what = match r.provisioning {
-                Provisioning::Thin => "this thin volume",
-                Provisioning::Thick => "this thick volume (its image lost preallocated blocks)",
+        let mut out = Vec::with_capacity(locals.len());
+        for ((local, f), got) in locals.iter().zip(files).zip(each) {
+            let (f, (record, meta)) = match (f, got) {
+                (Ok(f), Some(got)) => (f, got),
+                (Err(e), _) => {
+                    out.push(Err(e));
+                    continue;
+                }
+                (Ok(_), None) => unreachable!("a path is read for every valid name"),
             };
-            return Ok(Condition::Abnormal(format!(
-                "the filesystem of file pool {:?} has {} free, less than the {} {what} may still write: \
-                 writes inside the volume can fail; free space in {}",
-                self.name,
-                format_size(free),
-                format_size(holes),
-                self.root.display()
-            )));
+            out.push(match record {
+                Ok(Some(r)) => Ok(self.judge(&f.img, &r, meta, free.clone())),
+                Ok(None) => Err(Error::NotFound(format!("volume {local} does not exist in file pool {:?}", self.name))),
+                Err(e) => Ok(Condition::Abnormal(e.to_string())),
+            });
         }
-        Ok(Condition::Healthy)
+        out
     }
 
     // issue 12: modify

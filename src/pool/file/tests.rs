@@ -775,3 +775,51 @@ async fn a_create_reads_no_other_volumes_metadata() {
     // The 20 thin volumes still promise their 20 MiB: the room fell by the new volume only.
     assert!(before - p.capacity().await.unwrap() <= 2 * MIB, "room before {before}");
 }
+
+// issue 14: flat
+/// A page of the listing is a range of the index in name order: from the token's name, as
+/// many as asked, no file read (every record is damaged in place, which a read would show).
+#[tokio::test]
+async fn a_page_of_the_listing_is_a_range_of_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path(), Arc::new(FakeExec::new()));
+    for i in [3, 0, 9, 1, 7, 2, 8, 4, 6, 5] {
+        p.create_volume(&thin(req(&format!("v{i}"), MIB, false, None))).await.unwrap();
+    }
+    for i in 0..10 {
+        fs::write(dir.path().join(format!("volumes/v{i}.json")), "{damaged").unwrap();
+    }
+    let names = |vs: Vec<VolumeInfo>| vs.into_iter().map(|v| v.local).collect::<Vec<_>>();
+    assert_eq!(names(p.list_volumes_from("v3", 3).await.unwrap()), ["v3", "v4", "v5"]);
+    assert_eq!(names(p.list_volumes_from("v35", 2).await.unwrap()), ["v4", "v5"], "from a name that is gone");
+    assert_eq!(names(p.list_volumes_from("v8", 5).await.unwrap()), ["v8", "v9"], "the end of the pool");
+    assert_eq!(p.list_volumes_from("", usize::MAX).await.unwrap().len(), 10);
+}
+
+/// The conditions of a page, read in one pass, are what `condition` says of each volume.
+#[tokio::test]
+async fn a_pages_conditions_are_each_volumes_condition() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path(), Arc::new(FakeExec::new()));
+    for name in ["ok", "noimg", "damaged", "short"] {
+        p.create_volume(&thin(req(name, MIB, false, None))).await.unwrap();
+    }
+    fs::remove_file(dir.path().join("volumes/noimg.img")).unwrap();
+    fs::write(dir.path().join("volumes/damaged.json"), "{damaged").unwrap();
+    fs::File::options().write(true).open(dir.path().join("volumes/short.img")).unwrap().set_len(MIB / 2).unwrap();
+    let locals: Vec<String> = ["ok", "noimg", "damaged", "short", "gone"].iter().map(|s| s.to_string()).collect();
+    let batch = p.conditions(&locals).await;
+    assert_eq!(batch.len(), locals.len());
+    for (local, got) in locals.iter().zip(batch) {
+        let want = p.condition(local).await;
+        match (got, want) {
+            (Ok(g), Ok(w)) => assert_eq!(g, w, "{local}"),
+            (Err(Error::NotFound(_)), Err(Error::NotFound(_))) => assert_eq!(local, "gone"),
+            (g, w) => panic!("{local}: batch {g:?}, alone {w:?}"),
+        }
+    }
+    assert_eq!(p.condition("ok").await.unwrap(), Condition::Healthy);
+    for abnormal in ["noimg", "damaged", "short"] {
+        assert!(matches!(p.condition(abnormal).await.unwrap(), Condition::Abnormal(_)), "{abnormal}");
+    }
+}
