@@ -119,7 +119,13 @@ impl NodeService {
         Ok(false)
     }
 
+    /// NodeStageVolume, in which the pool looks the volume up once: the lookup that checks it
+    /// is the volume the id names also serves the attach (issue 14; [`crate::pool::one_lookup`]).
     async fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
+        crate::pool::one_lookup(self.stage_once(r)).await
+    }
+
+    async fn stage_once(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
         require("volume_id", &r.volume_id)?;
         let staging = self.path("staging_target_path", &r.staging_target_path)?;
         let cap = decode_cap(r.volume_capability.as_ref())?;

@@ -411,6 +411,12 @@ impl LvmPool {
         )
     }
 
+    /// The key under which a lookup of volume `local` is kept for one node call
+    /// ([`crate::pool::one_lookup`]).
+    fn volume_key(&self, local: &str) -> String {
+        format!("lvm/{}/volume/{local}", self.name)
+    }
+
     /// One LV by name; `None` when it does not exist.
     async fn lookup(&self, lv: &str) -> Result<Option<Lv>> {
         let target = format!("{}/{lv}", self.vg);
@@ -545,7 +551,12 @@ impl LvmPool {
 
     /// Refuses to promise more than the thin pool may give (LVM itself only warns).
     async fn check_thin_room(&self, pool: &str, extra: u64, what: &str) -> Result<()> {
-        let avail = self.thin_available_in(pool, &self.list_lvs().await?)?;
+        self.check_thin_room_in(pool, &self.list_lvs().await?, extra, what)
+    }
+
+    /// [`LvmPool::check_thin_room`] against a listing of the volume group just read.
+    fn check_thin_room_in(&self, pool: &str, lvs: &[Lv], extra: u64, what: &str) -> Result<()> {
+        let avail = self.thin_available_in(pool, lvs)?;
         if extra > avail {
             return Err(Error::ResourceExhausted(format!(
                 "{what} needs {} more in thin pool {}/{pool}, which can promise only {} more (overprovision_ratio {}); free space or extend the thin pool",
@@ -1021,19 +1032,29 @@ impl Pool for LvmPool {
             return Err(Error::InvalidArgument(format!("{:?} is not a valid local volume name", req.local)));
         }
         let lv_name = volume_lv(&req.local);
-        if let Some(lv) = self.lookup(&lv_name).await? {
+        // issue 14: a new thin volume costs one `lvs` before lvcreate, not two: the listing of
+        // the volume group that the room check reads also says whether the LV exists already.
+        let listed = match (&self.thin_pool, &req.source) {
+            (Some(_), None) => Some(self.list_lvs().await?),
+            _ => None,
+        };
+        let found = match &listed {
+            Some(lvs) => lvs.iter().find(|l| l.name == lv_name).cloned(),
+            None => self.lookup(&lv_name).await?,
+        };
+        if let Some(lv) = found {
             return self.existing_volume(req, lv).await;
         }
         if let Some(source) = &req.source {
             return self.create_copy(req, source, &lv_name).await;
         }
         let tags = tags::encode(&self.new_meta(req, false)).map_err(Error::InvalidArgument)?;
-        let cmd = match self.thin_pool.as_deref() {
-            Some(pool) => {
-                self.check_thin_room(pool, req.capacity, &format!("volume {:?}", req.csi_name)).await?;
+        let cmd = match (self.thin_pool.as_deref(), listed) {
+            (Some(pool), Some(lvs)) => {
+                self.check_thin_room_in(pool, &lvs, req.capacity, &format!("volume {:?}", req.csi_name))?;
                 command::lvcreate_thin(&self.vg, pool, &lv_name, req.capacity, &tags, &self.lvcreate_options)
             }
-            None => command::lvcreate_thick(&self.vg, &lv_name, req.capacity, &tags, &self.lvcreate_options),
+            _ => command::lvcreate_thick(&self.vg, &lv_name, req.capacity, &tags, &self.lvcreate_options),
         };
         if let Some(existing) = self.run_create(cmd, &lv_name, req, None).await? {
             return Ok(existing);
@@ -1050,7 +1071,12 @@ impl Pool for LvmPool {
     }
 
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
-        Ok(self.find(local, ObjectType::Volume).await?.map(|(lv, meta)| Self::volume_info(&lv, meta)))
+        let found = self.find(local, ObjectType::Volume).await?;
+        if let Some(f) = &found {
+            // NodeStage attaches right after this lookup: it need not run `lvs` again.
+            crate::pool::remember(&self.volume_key(local), || f.clone());
+        }
+        Ok(found.map(|(lv, meta)| Self::volume_info(&lv, meta)))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
@@ -1220,10 +1246,11 @@ impl Pool for LvmPool {
     }
 
     async fn attach(&self, local: &str) -> Result<Attachment> {
-        let (lv, meta) = self
-            .find(local, ObjectType::Volume)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
+        let found = match crate::pool::recall::<(Lv, Meta)>(&self.volume_key(local)) {
+            Some(f) => Some(f),
+            None => self.find(local, ObjectType::Volume).await?,
+        };
+        let (lv, meta) = found.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
         if meta.pending {
             return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
         }

@@ -44,6 +44,44 @@ pub fn open(
     }
 }
 
+tokio::task_local! {
+    /// What pools looked up during one node call (see [`one_lookup`]).
+    static LOOKED_UP: std::cell::RefCell<Vec<(String, Box<dyn std::any::Any + Send>)>>;
+}
+
+// issue 14: a ready-to-use volume costs what the raw tools cost
+/// Runs one node call (NodeStage) in which a pool looks its volume up once: the call's own
+/// [`Pool::get_volume`] (which checks the volume is the one the id names) [`remember`]s what the
+/// pool's tool answered, and the [`Pool::attach`] that follows in the same call [`recall`]s it
+/// instead of running `lvs` or `zfs get` a second time. Nothing outlives the call: outside it,
+/// `remember` keeps nothing and `recall` finds nothing, so every other call looks up afresh.
+pub async fn one_lookup<F: std::future::Future>(f: F) -> F::Output {
+    LOOKED_UP.scope(std::cell::RefCell::new(Vec::new()), f).await
+}
+
+/// Keeps `value` (what a pool's lookup of `key` answered) for the rest of the [`one_lookup`]
+/// call, replacing an earlier answer for `key`; nothing outside one.
+pub fn remember<T: std::any::Any + Send>(key: &str, value: impl FnOnce() -> T) {
+    let _ = LOOKED_UP.try_with(|found| {
+        let mut found = found.borrow_mut();
+        found.retain(|(k, _)| k != key);
+        found.push((key.to_owned(), Box::new(value())));
+    });
+}
+
+/// Takes what [`remember`] kept for `key` in this [`one_lookup`] call (once: a second recall
+/// finds nothing and looks up again).
+pub fn recall<T: std::any::Any + Send>(key: &str) -> Option<T> {
+    LOOKED_UP
+        .try_with(|found| {
+            let mut found = found.borrow_mut();
+            let i = found.iter().position(|(k, v)| k == key && v.is::<T>())?;
+            found.swap_remove(i).1.downcast::<T>().ok().map(|b| *b)
+        })
+        .ok()
+        .flatten()
+}
+
 /// Polls for the device node `path` (udev creates `/dev/<vg>/<lv>` and `/dev/zvol/...` shortly
 /// after an LV is activated or a zvol appears); past `timeout` the error says so, with the
 /// pool's `hint` of what to check appended.

@@ -119,10 +119,12 @@ ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
 # The time to a ready-to-use dataset volume, through holdfast and by hand, ROUNDS times each,
 # interleaved so that both see the same machine load.
 timing() {
-  local rounds=${HOLDFAST_ZFS_TIMING_ROUNDS:-5} dir=/tmp/hf-timing i t0 t1 t2 t3 id
+  local rounds=${HOLDFAST_ZFS_TIMING_ROUNDS:-5} dir=/tmp/hf-timing i t0 t1 t2 t3 id from=0 to=0
   mkdir -p "$dir"
   local sock=$dir/csi.sock ep="unix://$dir/csi.sock"
-  "$hf_bin" all-in-one --endpoint "$ep" --node-id timing --config tests/fixtures/zfs/conformance-dataset.toml >"$dir/driver.log" 2>&1 &
+  rm -f "$sock"  # an earlier timing's driver's: not this one's socket
+  # Every command the driver runs is logged: the last round's are printed below.
+  HOLDFAST_LOG=${HOLDFAST_LOG:-info,holdfast::exec=debug} "$hf_bin" all-in-one --endpoint "$ep" --node-id timing --config tests/fixtures/zfs/conformance-dataset.toml >"$dir/driver.log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
   [ -S "$sock" ] || { echo "timing: the driver did not open $sock within 10 s:"; cat "$dir/driver.log"; return 1; }
@@ -130,6 +132,7 @@ timing() {
   local hf=() hand=()
   for i in $(seq "$rounds"); do
     mkdir -p "$dir/s$i" "$dir/t$i" "$dir/hs$i" "$dir/ht$i"
+    from=$(wc -l <"$dir/driver.log")
     t0=$(now)
     # The id carries the volume's uid: taken from the answer, never built by hand.
     id=$("${ctl[@]}" create "timing-$i" --size 64MiB --fs zfs --param pool=zfs-ds | awk '$1 == "volume" { print $2 }')
@@ -140,6 +143,7 @@ timing() {
     "${ctl[@]}" publish "$id" --staging-path "$dir/s$i" --target-path "$dir/t$i" >/dev/null
     t3=$(now)
     hf+=("$(ms "$t0" "$t1") $(ms "$t1" "$t2") $(ms "$t2" "$t3") $(ms "$t0" "$t3")")
+    to=$(wc -l <"$dir/driver.log")
     "${ctl[@]}" unpublish "$id" --target-path "$dir/t$i" >/dev/null
     "${ctl[@]}" unstage "$id" --staging-path "$dir/s$i" >/dev/null
     "${ctl[@]}" delete "$id" >/dev/null
@@ -175,6 +179,8 @@ timing() {
     grep "method=\"$m\"" "$dir/driver.log" | grep -o 'ms=[0-9.]*' | cut -d= -f2 | sort -n |
       awk -v m="$m" '{ v[NR] = $1 } END { if (NR) printf "   inside the driver: %-18s median %6.1f ms (min %.1f, max %.1f, %d calls)\n", m, v[int((NR + 1) / 2)], v[1], v[NR], NR }'
   done
+  echo "   the commands the driver ran in the last round (ms since the log line before):"
+  sed -n "$((from + 1)),${to}p" "$dir/driver.log" | bash tests/vm/log-commands.sh
   t0=$(now)
   for i in $(seq "$rounds"); do "${ctl[@]}" info >/dev/null; done
   t1=$(now)
@@ -235,7 +241,12 @@ for s in $stages; do
     1) stage "tests/zfs.rs (real ZFS)" "$zfs_bin" "${extra[@]}" ;;
     2) stage "conformance, ZFS datasets (fs zfs)" conformance tests/fixtures/zfs/conformance-dataset.toml zfs ;;
     3) stage "conformance, zvols (fs ext4)" conformance tests/fixtures/zfs/conformance-zvol.toml ext4 ;;
-    4) stage "timing: ready-to-use volume" timing ;;
+    4)
+      # HOLDFAST_TIMING_BINS="PATH...": each of these drivers in turn (a before/after in one boot).
+      for b in ${HOLDFAST_TIMING_BINS:-$hf_bin}; do
+        hf_bin=$b stage "timing: ready-to-use volume${HOLDFAST_TIMING_BINS:+ ($b)}" timing
+      done
+      ;;
     5) stage "conformance, zvols (fs xfs), filesystem tests" fs_conformance tests/fixtures/zfs/conformance-zvol.toml xfs ;;
     6)
       for bin in ${HOLDFAST_POOL_TEST_BINS:-}; do

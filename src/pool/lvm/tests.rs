@@ -180,13 +180,58 @@ async fn creates_thick_thin_and_optioned_lvs_with_exact_argv() {
     ];
     for c in cases {
         let (p, fake) = pool(c.config);
-        on_lookup(&fake, "hf-v1", vec![missing(), found(&[vol_row("v1", 16 << 20)])]);
+        let thin = c.config.contains("thin_pool");
+        // A thin create reads the volume group's listing (room and existence at once), a thick
+        // one looks its LV up; both read the LV back after lvcreate.
+        let before = if thin { vec![] } else { vec![missing()] };
+        on_lookup(&fake, "hf-v1", before.into_iter().chain([found(&[vol_row("v1", 16 << 20)])]).collect());
         on_list(&fake, &[thin_pool_row(1 << 30, "0.00")]);
         let v = p.create_volume(&request("v1", 16 << 20)).await.unwrap_or_else(|e| panic!("{}: {e}", c.name));
         assert_eq!(v.capacity, 16 << 20, "{}", c.name);
         assert_eq!(v.csi_name, "csi-v1", "{}", c.name);
         assert_eq!(changes(&fake), [c.want], "{}", c.name);
     }
+}
+
+// issue 14: a ready-to-use volume costs what the raw tools cost
+/// A new thin volume runs one `lvs` of the volume group before lvcreate (it says both whether the
+/// LV exists and how much the thin pool can promise) and one of the new LV after; a retry finds
+/// the LV in that listing and creates nothing. A second `lvs` before lvcreate fails this test.
+#[tokio::test]
+async fn a_new_thin_volume_lists_the_volume_group_once() {
+    let (p, fake) = pool("thin_pool = \"tp0\"\n");
+    on_lookup(&fake, "hf-v1", vec![found(&[vol_row("v1", 16 << 20)])]);
+    on_list(&fake, &[thin_pool_row(1 << 30, "0.00")]);
+    p.create_volume(&request("v1", 16 << 20)).await.unwrap();
+    let progs: Vec<String> = lines(&fake).iter().map(|l| l.split(' ').next().unwrap().to_owned()).collect();
+    assert_eq!(progs, ["lvs", "lvcreate", "lvs"], "{:?}", lines(&fake));
+    assert_eq!(lines(&fake)[0], command::lvs("vg0").display());
+
+    let (p, fake) = pool("thin_pool = \"tp0\"\n");
+    on_list(&fake, &[thin_pool_row(1 << 30, "0.00"), Row { pool_lv: "tp0", ..vol_row("v1", 16 << 20) }]);
+    let v = p.create_volume(&request("v1", 16 << 20)).await.unwrap();
+    assert_eq!(v.csi_name, "csi-v1");
+    assert_eq!(lines(&fake), [command::lvs("vg0").display()], "a retry is answered from the listing");
+}
+
+/// NodeStage looks its volume up (get_volume) and then attaches it: within one node call
+/// (`pool::one_lookup`) that is one `lvs`, outside one each looks up afresh.
+#[tokio::test]
+async fn a_stage_looks_the_lv_up_once() {
+    let (p, fake) = pool("");
+    // An active LV whose device node exists (here, one that always does).
+    on_lookup(&fake, "hf-v1", vec![found(&[Row { path: "/dev/null".into(), ..vol_row("v1", 16 << 20) }])]);
+    let attached = crate::pool::one_lookup(async {
+        p.get_volume("v1").await.unwrap().expect("found");
+        p.attach("v1").await.unwrap()
+    })
+    .await;
+    assert!(matches!(attached, Attachment::Device(d) if d == std::path::Path::new("/dev/null")));
+    assert_eq!(lines(&fake).len(), 1, "{:?}", lines(&fake));
+
+    p.get_volume("v1").await.unwrap().expect("found");
+    p.attach("v1").await.unwrap();
+    assert_eq!(lines(&fake).len(), 3, "outside one node call nothing is kept: {:?}", lines(&fake));
 }
 
 #[tokio::test]
@@ -304,7 +349,7 @@ async fn thin_creates_respect_the_overprovision_ratio() {
         let mut big = vol_row("big", 768 << 20);
         big.pool_lv = "tp0";
         on_list(&fake, &[thin_pool_row(1 << 30, "10.00"), big, snap_row("s", "big", 512 << 20)]);
-        on_lookup(&fake, "hf-v1", vec![missing(), found(&[vol_row("v1", 512 << 20)])]);
+        on_lookup(&fake, "hf-v1", vec![found(&[vol_row("v1", 512 << 20)])]);
         let got = p.create_volume(&request("v1", 512 << 20)).await;
         assert_eq!(got.is_ok(), c.want_ok, "{}: {got:?}", c.name);
         if !c.want_ok {

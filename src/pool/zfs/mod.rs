@@ -300,6 +300,12 @@ impl ZfsPool {
 
     /// Volume `local`; `None` when there is none (a dataset of that name that is not ours
     /// counts as none, with a warning).
+    /// The key under which a lookup of volume `local` is kept for one node call
+    /// ([`crate::pool::one_lookup`]).
+    fn volume_key(&self, local: &str) -> String {
+        format!("zfs/{}/volume/{local}", self.name)
+    }
+
     async fn find_volume(&self, local: &str) -> Result<Option<(Object, Meta)>> {
         if !valid_local_name(local) {
             return Ok(None);
@@ -604,12 +610,16 @@ impl Pool for ZfsPool {
         // Parameters are checked before anything is looked up or made.
         let tuning = self.tuning(&req.parameters, zvol, req.source.is_some())?;
         let name = self.volume_dataset(&req.local);
-        if let Some(o) = self.read(&name, command::DATASETS).await? {
-            return self.existing_volume(req, o).await;
-        }
         if let Some(source) = &req.source {
+            if let Some(o) = self.read(&name, command::DATASETS).await? {
+                return self.existing_volume(req, o).await;
+            }
             return self.create_copy(req, source, zvol, fs_type).await;
         }
+        // issue 14: a new volume is not looked up before `zfs create`: ZFS refuses a name that
+        // exists ("dataset already exists", before it makes anything), and `run_create` then
+        // reads what is there and answers as a lookup would have (the same volume, or
+        // ALREADY_EXISTS for anything else). One `zfs get` fewer per create.
         let meta = self.new_meta(req, fs_type, false);
         let tuning = self.with_mutable(tuning, req, zvol)?;
         let cmd = if zvol {
@@ -677,7 +687,12 @@ impl Pool for ZfsPool {
     }
 
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
-        Ok(self.find_volume(local).await?.map(|(o, meta)| Self::volume_info(&o, meta)))
+        let found = self.find_volume(local).await?;
+        if let Some(f) = &found {
+            // NodeStage attaches right after this lookup: it need not run `zfs get` again.
+            crate::pool::remember(&self.volume_key(local), || f.clone());
+        }
+        Ok(found.map(|(o, meta)| Self::volume_info(&o, meta)))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
@@ -868,8 +883,11 @@ impl Pool for ZfsPool {
     }
 
     async fn attach(&self, local: &str) -> Result<Attachment> {
-        let (o, meta) =
-            self.find_volume(local).await?.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
+        let found = match crate::pool::recall::<(Object, Meta)>(&self.volume_key(local)) {
+            Some(f) => Some(f),
+            None => self.find_volume(local).await?,
+        };
+        let (o, meta) = found.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
         if meta.pending {
             return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
         }
