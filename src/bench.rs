@@ -10,6 +10,9 @@
 //! directory it only ever removes what it created itself, and directories only when empty.
 
 pub mod by_hand;
+pub mod ops;
+pub mod plot;
+pub mod recipe;
 pub mod report;
 pub mod scale;
 pub mod stats;
@@ -68,6 +71,10 @@ pub struct BenchArgs {
     /// A CreateVolume parameter (pool=NAME); repeat for several.
     #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub params: Vec<(String, String)>,
+    /// The volumes' filesystem (the mount capability's fs_type): ext4, or `nfs` on an nfs
+    /// pool, `zfs` on a pool of ZFS datasets.
+    #[arg(long, default_value = "ext4")]
+    pub fs_type: String,
     /// Print the results as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -78,6 +85,32 @@ pub struct BenchArgs {
     /// Pass `--param provisioning=thin` on a file pool so 10,000 volumes need no real space.
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
     pub scale: Vec<usize>,
+    /// Instead of the series above: these operations (comma-separated, or `all`: create,
+    /// ready, teardown, snapshot, restore, expand), each --count times at each concurrency of
+    /// --ops-concurrency, beside the same done with the raw tools by hand (--by-hand).
+    #[arg(long, value_delimiter = ',', value_name = "OP,OP,...")]
+    pub ops: Vec<String>,
+    /// The concurrencies of --ops (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...", default_value = "1,16")]
+    pub ops_concurrency: Vec<usize>,
+    /// Where and how --ops makes its by-hand volumes: file:DIR, lvm-thin:VG/THINPOOL,
+    /// lvm-thick:VG, zfs:PARENT (zvols), zfs-dataset:PARENT, nfs:LOCAL_DIR=SERVER:/EXPORT.
+    /// Default: file images in the work directory. Use the pool's own place for a fair
+    /// comparison.
+    #[arg(long, value_name = "KIND:WHERE", value_parser = recipe::Target::parse)]
+    pub by_hand: Option<recipe::Target>,
+    /// The driver's start-up time to a ready socket, measured by the caller (scripts/bench),
+    /// to put in the --ops report.
+    #[arg(long, value_name = "MS")]
+    pub startup_ms: Option<f64>,
+    /// Also draw the results (--ops: latency against concurrency; --scale: against the
+    /// number of volumes) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// With --plot: draw these saved `--json` reports (--ops or --scale; repeat for several)
+    /// instead of running anything.
+    #[arg(long = "plot-from", value_name = "FILE.json")]
+    pub plot_from: Vec<PathBuf>,
 }
 
 /// The times to one ready-to-use volume, step by step.
@@ -102,6 +135,19 @@ impl Phases {
 
 /// Runs the benchmark and prints the report.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
+    if !args.plot_from.is_empty() {
+        let plot = args.plot.as_deref().ok_or("--plot-from needs --plot FILE.svg")?;
+        let reports = args
+            .plot_from
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                serde_json::from_str(&text).map_err(|e| format!("{} is not a `holdfast bench --json` report: {e}", p.display()))
+            })
+            .collect::<Result<Vec<serde_json::Value>, String>>()?;
+        return plot::draw(&plot::series(&reports), plot);
+    }
+    let ops = parse_ops(&args.ops)?;
     let clients = Clients::connect(&args.endpoint).await?;
     let plugin = clients.identity.clone().get_plugin_info(GetPluginInfoRequest {}).await.map_err(|s| status(&s))?.into_inner();
     let csi = Csi::new(clients, &args)?;
@@ -117,12 +163,36 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             .await
             .map_err(|e| scratch.finish::<()>(Err(e)).unwrap_err())?;
         scratch.finish(Ok(()))?;
+        let json = scale::json(&levels, throughput);
         if args.json {
-            println!("{}", scale::json(&levels, throughput));
+            println!("{json}");
         } else {
             print!("{}", scale::text(&levels, throughput));
         }
-        return Ok(());
+        return args.plot.as_deref().map_or(Ok(()), |p| plot::draw(&plot::series(&[json]), p));
+    }
+    if !ops.is_empty() {
+        let target = args.by_hand.clone().unwrap_or(recipe::Target::File { dir: String::new() });
+        let idle = memory(args.driver_pid)?;
+        let levels: Vec<usize> = args.ops_concurrency.iter().map(|&c| c.max(1)).collect();
+        let rows = ops::run(&csi, &target, scratch.dir.clone(), &ops, &levels, args.count, &run_id).await;
+        let rows = scratch.finish(rows)?;
+        let report = ops::OpsReport {
+            driver: format!("{} {}", plugin.name, plugin.vendor_version),
+            kind: target.kind().to_owned(),
+            size: args.size,
+            count: args.count,
+            memory: idle.zip(memory(args.driver_pid)?),
+            startup: args.startup_ms.map(|m| Duration::from_secs_f64(m.max(0.0) / 1000.0)),
+            rows,
+        };
+        let json = report.json();
+        if args.json {
+            println!("{json}");
+        } else {
+            print!("{}", report.text());
+        }
+        return args.plot.as_deref().map_or(Ok(()), |p| plot::draw(&plot::series(&[json]), p));
     }
 
     let idle = memory(args.driver_pid)?;
@@ -166,6 +236,14 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// `--ops create,ready` or `--ops all`.
+fn parse_ops(names: &[String]) -> Result<Vec<ops::Op>, String> {
+    if names.iter().any(|n| n == "all") {
+        return Ok(ops::ALL.to_vec());
+    }
+    names.iter().map(|n| ops::Op::parse(n.trim())).collect()
+}
+
 /// The CSI clients and the request parts every call of the benchmark shares (clones share
 /// the connection).
 #[derive(Clone)]
@@ -187,7 +265,7 @@ impl Csi {
             node: clients.node,
             size: args.size,
             params: to_map(&args.params, "parameter")?,
-            capability: volume_capability(&Access { fs: Some("ext4".into()), ..Access::default() })?,
+            capability: volume_capability(&Access { fs: Some(args.fs_type.clone()), ..Access::default() })?,
             driver_pid: args.driver_pid,
             concurrency: args.concurrency.max(1) as usize,
             agent_pids: args.agent_pids.clone(),
@@ -556,6 +634,14 @@ mod tests {
         assert_eq!(series_fits(200, 1 << 30, 100 << 30), Err(200 << 30));
         assert_eq!(series_fits(200, 1 << 30, 0), Ok(()), "unknown capacity");
         assert_eq!(series_fits(0, 1 << 30, 1), Ok(()));
+    }
+
+    #[test]
+    fn ops_by_name() {
+        assert_eq!(parse_ops(&["all".into()]).unwrap().len(), 6);
+        assert_eq!(parse_ops(&["create".into(), " expand".into()]).unwrap(), [ops::Op::Create, ops::Op::Expand]);
+        assert!(parse_ops(&["grow".into()]).is_err());
+        assert!(parse_ops(&[]).unwrap().is_empty());
     }
 
     #[test]
