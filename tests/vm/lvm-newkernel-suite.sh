@@ -55,8 +55,9 @@ fi
 export LVM_SUPPRESS_FD_WARNINGS=1 RUST_BACKTRACE=${RUST_BACKTRACE:-0}
 export HOLDFAST_REQUIRE_REAL=1
 threads=${HOLDFAST_TEST_THREADS:-2}
-start=$SECONDS
 . tests/vm/local-bins.sh
+. tests/vm/suite-lib.sh
+suite_init lvm-newkernel-suite "${HOLDFAST_LVM_NEWKERNEL_STAGES:-}"
 vm_bins_local ${HOLDFAST_VM_LOCAL_BINS:-}
 echo "== lvm-newkernel-suite: Linux $(uname -r)"
 release=$(uname -r)
@@ -65,21 +66,6 @@ if ((major < 6 || (major == 6 && minor < 6))); then
   echo "lvm-newkernel-suite: the VM runs Linux $release, not 6.6 or later: wrong image" >&2
   exit 1
 fi
-
-failed=()
-summary=()
-stage() {  # stage NAME COMMAND...
-  local name=$1 t=$SECONDS rc=0
-  shift
-  echo
-  echo "== lvm-newkernel-suite: $name"
-  set +e
-  (set -e; "$@")
-  rc=$?
-  set -e
-  summary+=("$(printf '%-50s %s in %ss' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" $((SECONDS - t)))")
-  [ $rc = 0 ] || failed+=("$name")
-}
 
 # The probes make volume group gp on a loop device in /tmp: removed after each.
 drop_probe_vg() {
@@ -116,8 +102,8 @@ freeze_check='{ split($3, a, "="); split($4, b, "="); split($5, la, "="); split(
 suspend_check='{ split($3, a, "="); split($4, b, "=");
   if (a[2] == 0 && b[2] == 0) print " " $2 ": lvcreate of suspended thin origins now works: look at src/pool/lvm/group.rs again" }'
 
-stage "probe: fsfreeze, then lvcreate (must work)" probe tests/vm/group/probe-freeze-then-lvcreate.sh "$freeze_check"
-stage "probe: dmsetup suspend, then lvcreate (must fail)" probe tests/vm/group/probe-suspend-then-lvcreate.sh "$suspend_check"
+stage 1 "probe: fsfreeze, then lvcreate (must work)" probe tests/vm/group/probe-freeze-then-lvcreate.sh "$freeze_check"
+stage 2 "probe: dmsetup suspend, then lvcreate (must fail)" probe tests/vm/group/probe-suspend-then-lvcreate.sh "$suspend_check"
 
 echo
 echo "== lvm-newkernel-suite: volume group on the VM disk"
@@ -125,16 +111,14 @@ pvcreate -q /dev/disk/by-id/virtio-hfthin
 vgcreate -q -s 1M hfthin /dev/disk/by-id/virtio-hfthin
 lvcreate -q -y --type thin-pool -L 3G -n tp0 hfthin
 config=tests/fixtures/lvm/conformance-thin.toml
-stage "conformance, thin, ext4: groups and snapshots" env HOLDFAST_TEST_CONFIG=$config \
+stage 3 "conformance, thin, ext4: groups and snapshots" env HOLDFAST_TEST_CONFIG=$config \
   "$conf_bin" --test-threads="$threads" group:: snapshot
-stage "conformance, thin, xfs: groups" env HOLDFAST_TEST_FS=xfs HOLDFAST_TEST_CONFIG=$config \
+stage 3 "conformance, thin, xfs: groups" env HOLDFAST_TEST_FS=xfs HOLDFAST_TEST_CONFIG=$config \
   "$conf_bin" --test-threads="$threads" group::
-stage "conformance, thin, btrfs: groups and restores" env HOLDFAST_TEST_FS=btrfs HOLDFAST_TEST_CONFIG=$config \
+stage 3 "conformance, thin, btrfs: groups and restores" env HOLDFAST_TEST_FS=btrfs HOLDFAST_TEST_CONFIG=$config \
   "$conf_bin" --test-threads="$threads" group:: snapshot_restores
 
-echo
-echo "== lvm-newkernel-suite summary ($((SECONDS - start))s in the guest)"
-printf '   %s\n' "${summary[@]}"
+suite_summary
 if ! left=$(lvs --noheadings -o lv_name,vg_name -S 'lv_name!=tp0' hfthin); then
   failed+=("listing the LVs left behind")
 elif [ -n "${left//[[:space:]]/}" ]; then
@@ -144,8 +128,4 @@ elif [ -n "${left//[[:space:]]/}" ]; then
 else
   echo "   left behind in the volume group: nothing"
 fi
-if [ ${#failed[@]} -gt 0 ]; then
-  echo "lvm-newkernel-suite: FAILED: ${failed[*]}"
-  exit 1
-fi
-echo "lvm-newkernel-suite: all stages passed"
+suite_end
