@@ -7,7 +7,7 @@
 #   tests/vm/lvm-newkernel-suite.sh   on the host: builds the conformance binary here, boots the
 #                                     backports VM with one disk and runs this script inside it
 #
-# Inside the VM (`--guest CONFORMANCE_BIN`), timing each stage:
+# Inside the VM (`--guest CONFORMANCE_BIN`), timing each stage (tests/vm/suite-lib.sh):
 #   1. tests/vm/group/probe-freeze-then-lvcreate.sh, asserted: for ext4, xfs and btrfs, both
 #      lvcreate --snapshot of two frozen mounted thin LVs succeed and the two snapshots hold one
 #      point of an ordered writer (B never has a record A lacks, A at most one more);
@@ -21,7 +21,8 @@
 # guest. About 10 minutes on an idle 2-core machine.
 # The guest runs copies of the binaries in its RAM (tests/vm/local-bins.sh).
 # Environment: HOLDFAST_LVM_NEWKERNEL_TIMEOUT (seconds, default 2400), HOLDFAST_TEST_THREADS
-# (conformance threads in the guest, default 2).
+# (conformance threads in the guest, default 2), HOLDFAST_LVM_NEWKERNEL_STAGES (default every
+# stage; "3" only stage 3, "-3" all but 3).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

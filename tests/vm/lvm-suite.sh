@@ -6,24 +6,25 @@
 #                                    runs this script again inside it
 #
 # Inside the VM (`--guest LVM_TEST_BIN CONFORMANCE_BIN`) it makes the volume groups on the VM
-# disks and runs, timing each:
+# disks and runs these stages (tests/vm/suite-lib.sh), timing each:
 #   1. tests/lvm.rs (the binary): real LVM tests, each on its own loop-device VG;
 #   2. tests/conformance.rs on a thick pool (tests/fixtures/lvm/conformance-thick.toml), all of it
 #      (thick pools have COW snapshots and block-copied restores and clones since issue 12);
 #   3. tests/conformance.rs on a thin pool (tests/fixtures/lvm/conformance-thin.toml), all of it,
-#      against all-in-one (and, with HOLDFAST_VM_SPLIT=1, again against `holdfast controller` +
-#      one `holdfast agent`: HOLDFAST_TOPOLOGY=split);
-#   4. every test binary of `pool_tests` below whose tests/NAME.rs exists, on the thick and the
+#      against all-in-one;
+#   4. the same against `holdfast controller` + one `holdfast agent` (HOLDFAST_TOPOLOGY=split);
+#   5. every test binary of `pool_tests` below whose tests/NAME.rs exists, on the thick and the
 #      thin pool (HOLDFAST_TEST_CONFIG names the pool's config, as for conformance).
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed,
 # or if the suite's LVs are left behind. HOLDFAST_REQUIRE_REAL=1 is set in the guest, so a test
 # binary that cannot use real LVM fails instead of reporting "NOT RUN".
-# The guest runs the binaries from the shared tree: a cargo build on the host that replaces
-# target/debug/holdfast meanwhile crashes the drivers under test (SIGSEGV). When others build
-# in the same tree, set CARGO_TARGET_DIR to a private directory inside the repository.
-# Environment: HOLDFAST_LVM_SUITE_TIMEOUT (seconds, default 5400: about 3.5× what the suite takes on an idle 2-core CI machine, so a loaded or slower machine still finishes), HOLDFAST_TEST_THREADS
-# (conformance threads in the guest, default 2), extra arguments after the binaries go to
-# every test binary (e.g. a name filter).
+# The guest runs copies of the binaries in its RAM (tests/vm/local-bins.sh): a host rebuild of
+# target/debug meanwhile cannot crash the drivers under test.
+# Environment: HOLDFAST_LVM_SUITE_TIMEOUT (seconds, default 5400: about 3.5× what the suite takes
+# on an idle 2-core CI machine, so a loaded or slower machine still finishes), HOLDFAST_TEST_THREADS
+# (conformance threads in the guest, default 2), HOLDFAST_LVM_STAGES (default every stage; "4"
+# only stage 4, "-4" all but stage 4: tests/vm/suite-lib.sh); extra arguments after the binaries
+# go to every test binary (e.g. a name filter).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

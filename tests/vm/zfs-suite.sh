@@ -6,7 +6,7 @@
 #                                    one disk and runs this script again inside it
 #
 # Inside the VM (`--guest ZFS_TEST_BIN CONFORMANCE_BIN HOLDFAST_BIN`) it creates the zpool
-# `hfzfs` on the VM disk and runs, timing each:
+# `hfzfs` on the VM disk and runs these stages (tests/vm/suite-lib.sh), timing each:
 #   1. tests/zfs.rs (the binary): real ZFS tests, each in its own parent dataset;
 #   2. tests/conformance.rs on datasets (tests/fixtures/zfs/conformance-dataset.toml, fs zfs);
 #   3. tests/conformance.rs on zvols formatted ext4 (tests/fixtures/zfs/conformance-zvol.toml);
@@ -18,16 +18,16 @@
 #      it); the rest is the pool's own behaviour, already run on ext4 zvols;
 #   6. every test binary of `pool_tests` below whose tests/NAME.rs exists, on the dataset pool
 #      (fs zfs) and the zvol pool (fs ext4), as for conformance (HOLDFAST_TEST_CONFIG);
-#   7. tests/conformance.rs on datasets against `holdfast controller` + one `holdfast agent`
-#      (HOLDFAST_TOPOLOGY=split) instead of all-in-one: not yet in the default stages (it has
-#      not had a verified run in the VM); HOLDFAST_ZFS_STAGES=7 runs it (outside CI).
+#   7. tests/conformance.rs on datasets as in 2, against `holdfast controller` + one
+#      `holdfast agent` (HOLDFAST_TOPOLOGY=split) instead of all-in-one.
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed,
 # or if datasets are left behind below the conformance parents. HOLDFAST_REQUIRE_REAL=1 is set in
 # the guest, so a test binary that cannot use real ZFS fails instead of reporting "NOT RUN".
 # Environment: HOLDFAST_ZFS_TARGET (cargo target dir inside the repository, default
 # target/zfs-vm), HOLDFAST_ZFS_SUITE_TIMEOUT (seconds, default 5400: about 3.5× what the suite takes on an idle 2-core CI machine), HOLDFAST_TEST_THREADS
-# (conformance threads in the guest, default 2), HOLDFAST_ZFS_STAGES (which stages to run,
-# default "1 2 3 4 5 6"); extra arguments after the binaries go to every test binary (a name filter).
+# (conformance threads in the guest, default 2), HOLDFAST_ZFS_STAGES (default every stage; "7"
+# only stage 7, "-7" all but stage 7: tests/vm/suite-lib.sh); extra arguments after the
+# binaries go to every test binary (a name filter).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
