@@ -222,9 +222,9 @@ stage 5 "conformance, zvols (fs xfs), filesystem tests" fs_conformance tests/fix
 for bin in ${HOLDFAST_POOL_TEST_BINS:-}; do
   t=$(basename "$bin")
   t=${t%-*}
-  stage 6 "tests/$t.rs, ZFS datasets (fs zfs)" env HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-dataset.toml \
+  stage 6 "tests/$t.rs, ZFS datasets (fs zfs)" pool_test HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-dataset.toml \
     HOLDFAST_TEST_FS=zfs "$bin" --test-threads="$threads" "${extra[@]}"
-  stage 6 "tests/$t.rs, zvols (fs ext4)" env HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-zvol.toml \
+  stage 6 "tests/$t.rs, zvols (fs ext4)" pool_test HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-zvol.toml \
     HOLDFAST_TEST_FS=ext4 "$bin" --test-threads="$threads" "${extra[@]}"
 done
 stage 7 "conformance, ZFS datasets, controller + agent" split_conformance tests/fixtures/zfs/conformance-dataset.toml zfs
