@@ -97,7 +97,7 @@ suite_end() {
   # A mistyped stage number must not pass as an empty run.
   [ ${#summary[@]} -gt 0 ] || failed+=("no stage of this suite matched \"$suite_only\"")
   if [ ${#failed[@]} -gt 0 ]; then
-    echo "$suite_name: FAILED: ${failed[*]}"
+    echo "$suite_name: FAILED: $(printf '%s\n' "${failed[@]}" | paste -sd';' | sed 's/;/; /g')"
     exit 1
   fi
   if [ ${#suite_skipped[@]} -gt 0 ]; then
