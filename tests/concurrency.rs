@@ -966,7 +966,7 @@ async fn a_clone_during_an_expansion_reports_its_real_size() {
         let clone = match clone {
             // A copy longer than the driver's wait (a thick LVM block copy under emulation)
             // answers "copy of … in progress": retried as a CO retries, it ends in the volume.
-            Err(s) if s.code() == Code::Aborted && s.message().starts_with("copy of ") => d.create_with(retry).await,
+            Err(s) if copy_in_progress(&s) => d.create_with(retry).await,
             r => {
                 let v = ok(r, "CreateVolume (clone during an expansion)").volume.expect("no volume");
                 d.remember_volume(&v.volume_id);

@@ -286,3 +286,20 @@ async fn a_snapshot_slower_than_the_client_deadline_finishes_and_a_retry_gets_it
     let v = create_within(&d, &restore, Duration::from_secs(30)).await.expect("restore");
     assert_eq!(checksum_in(&d, &v, "restored").await, want, "the snapshot holds the source's data");
 }
+
+/// The harness retries a copy still running (`until_copied`) whichever topology answers: through
+/// the controller, the agent's answer comes with its node first. Found in the VM: under load a
+/// thin LVM snapshot outlasted the call's wait, and three conformance tests against controller +
+/// agent failed on "agent of node conformance-node: copy of snapshot … in progress", which
+/// all-in-one answers without the prefix (and the harness retried).
+#[test]
+fn a_copy_in_progress_is_recognised_from_either_topology() {
+    let theirs =
+        "copy of snapshot \"s-1\" in progress (running for 7 s, since 1796197664 s after the epoch); retry the same request to wait for it";
+    assert!(copy_in_progress(&tonic::Status::aborted(theirs)), "all-in-one's answer");
+    assert!(copy_in_progress(&tonic::Status::aborted(format!("agent of node conformance-node: {theirs}"))), "the controller's answer");
+    assert!(!copy_in_progress(&tonic::Status::unavailable(theirs)), "another code");
+    let other = "snapshot s-1 is being copied for another request; retry when it has finished";
+    assert!(!copy_in_progress(&tonic::Status::aborted(other)), "another request's copy");
+    assert!(!copy_in_progress(&tonic::Status::aborted(format!("agent of node n: {other}"))), "another request's copy, routed");
+}

@@ -842,12 +842,21 @@ where
     loop {
         let r = call().await;
         match &r {
-            Err(e) if e.code() == Code::Aborted && e.message().starts_with("copy of ") && Instant::now() < give_up => {
+            Err(e) if copy_in_progress(e) && Instant::now() < give_up => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             _ => return r,
         }
     }
+}
+
+/// Whether `s` is the ABORTED "copy of … in progress" of a copy still running: as all-in-one
+/// answers it, or as the controller passes on its agent's answer, which names the node first
+/// ("agent of node N: copy of …"; every error routed to an agent carries that context).
+pub fn copy_in_progress(s: &Status) -> bool {
+    let m = s.message();
+    let m = m.strip_prefix("agent of node ").and_then(|rest| rest.split_once(": ")).map_or(m, |(_, theirs)| theirs);
+    s.code() == Code::Aborted && m.starts_with("copy of ")
 }
 
 pub fn ok<T>(r: Result<Response<T>, Status>, what: &str) -> T {

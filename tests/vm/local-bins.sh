@@ -19,8 +19,10 @@
 vm_bins_strip() {
   local b
   for b in "$@"; do
-    objcopy --strip-debug "$b" "$b.vm.tmp" && mv -f "$b.vm.tmp" "$b.vm" || {
-      rm -f "$b.vm.tmp" "$b.vm"
+    # A temporary of this process's own, renamed into place: scripts/test runs two suites at
+    # once on the same binaries, and a guest may be copying BIN.vm meanwhile.
+    objcopy --strip-debug "$b" "$b.vm.$$.tmp" && mv -f "$b.vm.$$.tmp" "$b.vm" || {
+      rm -f "$b.vm.$$.tmp" "$b.vm"
       echo "vm_bins_strip: cannot strip $b: the guest will copy it whole" >&2
     }
   done

@@ -7,7 +7,7 @@
 #   tests/vm/lvm-newkernel-suite.sh   on the host: builds the conformance binary here, boots the
 #                                     backports VM with one disk and runs this script inside it
 #
-# Inside the VM (`--guest CONFORMANCE_BIN`), timing each stage:
+# Inside the VM (`--guest CONFORMANCE_BIN`), timing each stage (tests/vm/suite-lib.sh):
 #   1. tests/vm/group/probe-freeze-then-lvcreate.sh, asserted: for ext4, xfs and btrfs, both
 #      lvcreate --snapshot of two frozen mounted thin LVs succeed and the two snapshots hold one
 #      point of an ordered writer (B never has a record A lacks, A at most one more);
@@ -21,7 +21,8 @@
 # guest. About 10 minutes on an idle 2-core machine.
 # The guest runs copies of the binaries in its RAM (tests/vm/local-bins.sh).
 # Environment: HOLDFAST_LVM_NEWKERNEL_TIMEOUT (seconds, default 2400), HOLDFAST_TEST_THREADS
-# (conformance threads in the guest, default 2).
+# (conformance threads in the guest, default 2), HOLDFAST_LVM_NEWKERNEL_STAGES (default every
+# stage; "3" only stage 3, "-3" all but 3).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -55,8 +56,9 @@ fi
 export LVM_SUPPRESS_FD_WARNINGS=1 RUST_BACKTRACE=${RUST_BACKTRACE:-0}
 export HOLDFAST_REQUIRE_REAL=1
 threads=${HOLDFAST_TEST_THREADS:-2}
-start=$SECONDS
 . tests/vm/local-bins.sh
+. tests/vm/suite-lib.sh
+suite_init lvm-newkernel-suite "${HOLDFAST_LVM_NEWKERNEL_STAGES:-}"
 vm_bins_local ${HOLDFAST_VM_LOCAL_BINS:-}
 echo "== lvm-newkernel-suite: Linux $(uname -r)"
 release=$(uname -r)
@@ -65,21 +67,6 @@ if ((major < 6 || (major == 6 && minor < 6))); then
   echo "lvm-newkernel-suite: the VM runs Linux $release, not 6.6 or later: wrong image" >&2
   exit 1
 fi
-
-failed=()
-summary=()
-stage() {  # stage NAME COMMAND...
-  local name=$1 t=$SECONDS rc=0
-  shift
-  echo
-  echo "== lvm-newkernel-suite: $name"
-  set +e
-  (set -e; "$@")
-  rc=$?
-  set -e
-  summary+=("$(printf '%-50s %s in %ss' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" $((SECONDS - t)))")
-  [ $rc = 0 ] || failed+=("$name")
-}
 
 # The probes make volume group gp on a loop device in /tmp: removed after each.
 drop_probe_vg() {
@@ -116,8 +103,8 @@ freeze_check='{ split($3, a, "="); split($4, b, "="); split($5, la, "="); split(
 suspend_check='{ split($3, a, "="); split($4, b, "=");
   if (a[2] == 0 && b[2] == 0) print " " $2 ": lvcreate of suspended thin origins now works: look at src/pool/lvm/group.rs again" }'
 
-stage "probe: fsfreeze, then lvcreate (must work)" probe tests/vm/group/probe-freeze-then-lvcreate.sh "$freeze_check"
-stage "probe: dmsetup suspend, then lvcreate (must fail)" probe tests/vm/group/probe-suspend-then-lvcreate.sh "$suspend_check"
+stage 1 "probe: fsfreeze, then lvcreate (must work)" probe tests/vm/group/probe-freeze-then-lvcreate.sh "$freeze_check"
+stage 2 "probe: dmsetup suspend, then lvcreate (must fail)" probe tests/vm/group/probe-suspend-then-lvcreate.sh "$suspend_check"
 
 echo
 echo "== lvm-newkernel-suite: volume group on the VM disk"
@@ -125,16 +112,14 @@ pvcreate -q /dev/disk/by-id/virtio-hfthin
 vgcreate -q -s 1M hfthin /dev/disk/by-id/virtio-hfthin
 lvcreate -q -y --type thin-pool -L 3G -n tp0 hfthin
 config=tests/fixtures/lvm/conformance-thin.toml
-stage "conformance, thin, ext4: groups and snapshots" env HOLDFAST_TEST_CONFIG=$config \
+stage 3 "conformance, thin, ext4: groups and snapshots" env HOLDFAST_TEST_CONFIG=$config \
   "$conf_bin" --test-threads="$threads" group:: snapshot
-stage "conformance, thin, xfs: groups" env HOLDFAST_TEST_FS=xfs HOLDFAST_TEST_CONFIG=$config \
+stage 3 "conformance, thin, xfs: groups" env HOLDFAST_TEST_FS=xfs HOLDFAST_TEST_CONFIG=$config \
   "$conf_bin" --test-threads="$threads" group::
-stage "conformance, thin, btrfs: groups and restores" env HOLDFAST_TEST_FS=btrfs HOLDFAST_TEST_CONFIG=$config \
+stage 3 "conformance, thin, btrfs: groups and restores" env HOLDFAST_TEST_FS=btrfs HOLDFAST_TEST_CONFIG=$config \
   "$conf_bin" --test-threads="$threads" group:: snapshot_restores
 
-echo
-echo "== lvm-newkernel-suite summary ($((SECONDS - start))s in the guest)"
-printf '   %s\n' "${summary[@]}"
+suite_summary
 if ! left=$(lvs --noheadings -o lv_name,vg_name -S 'lv_name!=tp0' hfthin); then
   failed+=("listing the LVs left behind")
 elif [ -n "${left//[[:space:]]/}" ]; then
@@ -144,8 +129,4 @@ elif [ -n "${left//[[:space:]]/}" ]; then
 else
   echo "   left behind in the volume group: nothing"
 fi
-if [ ${#failed[@]} -gt 0 ]; then
-  echo "lvm-newkernel-suite: FAILED: ${failed[*]}"
-  exit 1
-fi
-echo "lvm-newkernel-suite: all stages passed"
+suite_end

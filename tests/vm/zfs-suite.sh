@@ -6,7 +6,7 @@
 #                                    one disk and runs this script again inside it
 #
 # Inside the VM (`--guest ZFS_TEST_BIN CONFORMANCE_BIN HOLDFAST_BIN`) it creates the zpool
-# `hfzfs` on the VM disk and runs, timing each:
+# `hfzfs` on the VM disk and runs these stages (tests/vm/suite-lib.sh), timing each:
 #   1. tests/zfs.rs (the binary): real ZFS tests, each in its own parent dataset;
 #   2. tests/conformance.rs on datasets (tests/fixtures/zfs/conformance-dataset.toml, fs zfs);
 #   3. tests/conformance.rs on zvols formatted ext4 (tests/fixtures/zfs/conformance-zvol.toml);
@@ -18,16 +18,16 @@
 #      it); the rest is the pool's own behaviour, already run on ext4 zvols;
 #   6. every test binary of `pool_tests` below whose tests/NAME.rs exists, on the dataset pool
 #      (fs zfs) and the zvol pool (fs ext4), as for conformance (HOLDFAST_TEST_CONFIG);
-#   7. tests/conformance.rs on datasets against `holdfast controller` + one `holdfast agent`
-#      (HOLDFAST_TOPOLOGY=split) instead of all-in-one: not yet in the default stages (it has
-#      not had a verified run in the VM); HOLDFAST_ZFS_STAGES=7 runs it (outside CI).
+#   7. tests/conformance.rs on datasets as in 2, against `holdfast controller` + one
+#      `holdfast agent` (HOLDFAST_TOPOLOGY=split) instead of all-in-one.
 # Every stage runs even when an earlier one failed; the exit status is non-zero if any failed,
 # or if datasets are left behind below the conformance parents. HOLDFAST_REQUIRE_REAL=1 is set in
 # the guest, so a test binary that cannot use real ZFS fails instead of reporting "NOT RUN".
 # Environment: HOLDFAST_ZFS_TARGET (cargo target dir inside the repository, default
 # target/zfs-vm), HOLDFAST_ZFS_SUITE_TIMEOUT (seconds, default 5400: about 3.5× what the suite takes on an idle 2-core CI machine), HOLDFAST_TEST_THREADS
-# (conformance threads in the guest, default 2), HOLDFAST_ZFS_STAGES (which stages to run,
-# default "1 2 3 4 5 6"); extra arguments after the binaries go to every test binary (a name filter).
+# (conformance threads in the guest, default 2), HOLDFAST_ZFS_STAGES (default every stage; "7"
+# only stage 7, "-7" all but stage 7: tests/vm/suite-lib.sh); extra arguments after the
+# binaries go to every test binary (a name filter).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -86,32 +86,16 @@ export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
 # The test binaries must run here: anything missing is a failure, never "NOT RUN".
 export HOLDFAST_REQUIRE_REAL=1
 threads=${HOLDFAST_TEST_THREADS:-2}
-stages=${HOLDFAST_ZFS_STAGES:-1 2 3 4 5 6}
 
-start=$SECONDS
 . tests/vm/local-bins.sh
+. tests/vm/suite-lib.sh
+suite_init zfs-suite "${HOLDFAST_ZFS_STAGES:-}"
+start=$SECONDS
 vm_bins_local ${HOLDFAST_VM_LOCAL_BINS:-}
 echo "== zfs-suite: zpool hfzfs on the VM disk ($(zfs version | head -n1))"
 zpool create -f -o ashift=12 -O mountpoint=none hfzfs /dev/disk/by-id/virtio-hfzfs
 zpool list -o name,size,free,health hfzfs
 echo "   ($((SECONDS - start))s)"
-
-failed=()
-summary=()
-stage() {  # stage NAME COMMAND...
-  local name=$1 t=$SECONDS rc=0
-  shift
-  echo
-  echo "== zfs-suite: $name"
-  # A subshell with errexit of its own: `cmd || rc=$?` would switch errexit off inside
-  # functions, and a failed step of `timing` would go unseen.
-  set +e
-  (set -e; "$@")
-  rc=$?
-  set -e
-  summary+=("$(printf '%-44s %s in %ss' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc)")" $((SECONDS - t)))")
-  [ $rc = 0 ] || failed+=("$name")
-}
 
 now() { date +%s.%N; }
 ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%d", (b - a) * 1000 }'; }
@@ -236,36 +220,25 @@ split_conformance() {
 }
 
 extra=("$@")
-for s in $stages; do
-  case $s in
-    1) stage "tests/zfs.rs (real ZFS)" "$zfs_bin" "${extra[@]}" ;;
-    2) stage "conformance, ZFS datasets (fs zfs)" conformance tests/fixtures/zfs/conformance-dataset.toml zfs ;;
-    3) stage "conformance, zvols (fs ext4)" conformance tests/fixtures/zfs/conformance-zvol.toml ext4 ;;
-    4)
-      # HOLDFAST_TIMING_BINS="PATH...": each of these drivers in turn (a before/after in one boot).
-      for b in ${HOLDFAST_TIMING_BINS:-$hf_bin}; do
-        hf_bin=$b stage "timing: ready-to-use volume${HOLDFAST_TIMING_BINS:+ ($b)}" timing
-      done
-      ;;
-    5) stage "conformance, zvols (fs xfs), filesystem tests" fs_conformance tests/fixtures/zfs/conformance-zvol.toml xfs ;;
-    6)
-      for bin in ${HOLDFAST_POOL_TEST_BINS:-}; do
-        t=$(basename "$bin")
-        t=${t%-*}
-        stage "tests/$t.rs, ZFS datasets (fs zfs)" env HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-dataset.toml \
-          HOLDFAST_TEST_FS=zfs "$bin" --test-threads="$threads" "${extra[@]}"
-        stage "tests/$t.rs, zvols (fs ext4)" env HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-zvol.toml \
-          HOLDFAST_TEST_FS=ext4 "$bin" --test-threads="$threads" "${extra[@]}"
-      done
-      ;;
-    7) stage "conformance, ZFS datasets, controller + agent" split_conformance tests/fixtures/zfs/conformance-dataset.toml zfs ;;
-    *) echo "zfs-suite: unknown stage $s" >&2; exit 2 ;;
-  esac
+stage 1 "tests/zfs.rs (real ZFS)" "$zfs_bin" "${extra[@]}"
+stage 2 "conformance, ZFS datasets (fs zfs)" conformance tests/fixtures/zfs/conformance-dataset.toml zfs
+stage 3 "conformance, zvols (fs ext4)" conformance tests/fixtures/zfs/conformance-zvol.toml ext4
+# HOLDFAST_TIMING_BINS="PATH...": each of these drivers in turn (a before/after in one boot).
+for b in ${HOLDFAST_TIMING_BINS:-$hf_bin}; do
+  hf_bin=$b stage 4 "timing: ready-to-use volume${HOLDFAST_TIMING_BINS:+ ($b)}" timing
 done
+stage 5 "conformance, zvols (fs xfs), filesystem tests" fs_conformance tests/fixtures/zfs/conformance-zvol.toml xfs
+for bin in ${HOLDFAST_POOL_TEST_BINS:-}; do
+  t=$(basename "$bin")
+  t=${t%-*}
+  stage 6 "tests/$t.rs, ZFS datasets (fs zfs)" pool_test HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-dataset.toml \
+    HOLDFAST_TEST_FS=zfs "$bin" --test-threads="$threads" "${extra[@]}"
+  stage 6 "tests/$t.rs, zvols (fs ext4)" pool_test HOLDFAST_TEST_CONFIG=tests/fixtures/zfs/conformance-zvol.toml \
+    HOLDFAST_TEST_FS=ext4 "$bin" --test-threads="$threads" "${extra[@]}"
+done
+stage 7 "conformance, ZFS datasets, controller + agent" split_conformance tests/fixtures/zfs/conformance-dataset.toml zfs
 
-echo
-echo "== zfs-suite summary ($((SECONDS - start))s in the guest)"
-printf '   %s\n' "${summary[@]}"
+suite_summary
 # Every test destroys what it made: only the zpool and the conformance parents may remain.
 if ! left=$(zfs list -H -r -t all -o name hfzfs); then
   failed+=("listing the datasets left behind")
@@ -276,8 +249,4 @@ elif left=$(grep -v -x -e hfzfs -e hfzfs/conformance-ds -e hfzfs/conformance-zvo
 else
   echo "   left behind in hfzfs: nothing below the conformance parents"
 fi
-if [ ${#failed[@]} -gt 0 ]; then
-  echo "zfs-suite: FAILED: ${failed[*]}"
-  exit 1
-fi
-echo "zfs-suite: all stages passed"
+suite_end
