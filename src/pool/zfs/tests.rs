@@ -408,7 +408,7 @@ async fn a_stage_looks_the_dataset_up_once() {
     })
     .await;
     assert!(matches!(&attached, Attachment::Mount { source, .. } if source == "tank/hf/v1"), "{attached:?}");
-    assert_eq!(fake.lines(), [get.clone()]);
+    assert_eq!(fake.lines(), std::slice::from_ref(&get));
 
     p.get_volume("v1").await.unwrap().expect("found");
     p.attach("v1").await.unwrap();
