@@ -248,6 +248,8 @@ fn timestamp(secs: i64) -> prost_types::Timestamp {
 
 /// A volume listed by its pool, with the condition already known (a sick pool's) or not.
 type Listed = (Arc<dyn Pool>, VolumeInfo, Option<VolumeCondition>);
+/// A volume of a listing page with its condition, when already known (read for the page otherwise).
+type PageEntry = (VolumeInfo, Option<VolumeCondition>);
 
 impl LocalAgent {
     /// The pools a request's parameters select, with the pool-specific parameters checked.
@@ -816,7 +818,7 @@ impl LocalAgent {
         }
         let mut out = Vec::with_capacity(items.len());
         // The page is in pool order: the conditions of each pool's run are read together.
-        let mut runs: Vec<(Arc<dyn Pool>, Vec<(VolumeInfo, Option<VolumeCondition>)>)> = Vec::new();
+        let mut runs: Vec<(Arc<dyn Pool>, Vec<PageEntry>)> = Vec::new();
         for (_, (pool, v, cond)) in items {
             match runs.last_mut() {
                 Some((p, run)) if Arc::ptr_eq(p, &pool) => run.push((v, cond)),
