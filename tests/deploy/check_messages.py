@@ -329,6 +329,7 @@ PLUMBING = {("src/error.rs", "io"), ("src/error.rs", "exec"), ("src/error.rs", "
 # (file, function) -> why.
 RELAYS = {
     ("src/pool/nfs/mod.rs", "ensure_within"): "the remembered answer of the NFS server probe (export.rs)",
+    ("src/agent/local.rs", "noted_condition"): "a pool's Condition::Abnormal or a stuck freeze's message (node/freeze.rs), each read where it is made",
 }
 
 
