@@ -306,7 +306,7 @@ for target in ("unix:" + sys.argv[1], "unix://" + sys.argv[1]):
     ch.close()
 print("ok")
 "#;
-    let out = Command::new("python3").arg("-c").arg(script).arg(path_str(&d.socket)).arg(NODE_ID).output().expect("run python3");
+    let out = Command::new(common::python()).arg("-c").arg(script).arg(path_str(&d.socket)).arg(NODE_ID).output().expect("run python3");
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
         "the python grpcio client failed ({}):\n{}{}",

@@ -145,22 +145,11 @@ fn create_request(name: &str, pool: &str) -> CreateVolumeRequest {
     }
 }
 
-/// The Python with grpcio: `HOLDFAST_PYTHON`, else the venv scripts/install-deps makes
-/// (`HOLDFAST_PYTHON_VENV`, default /var/cache/holdfast-python), else `python3`.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("HOLDFAST_PYTHON") {
-        return p.into();
-    }
-    let venv = std::env::var_os("HOLDFAST_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|| "/var/cache/holdfast-python".into());
-    let p = venv.join("bin/python3");
-    if p.exists() { p } else { "python3".into() }
-}
-
 /// Makes the Python stubs from proto/csi.proto into `out` (grpcio-tools, installed by
 /// scripts/install-deps); a missing grpcio is a failure, not a skip.
 fn python_stubs(out: &Path) {
     let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
-    let res = Command::new(python())
+    let res = Command::new(common::python())
         .args(["-m", "grpc_tools.protoc"])
         .arg(format!("-I{}", proto.display()))
         .arg(format!("--python_out={}", out.display()))
@@ -188,7 +177,7 @@ async fn python_grpcio_client_with_default_options_is_answered() {
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/csi_client.py");
     let name = common::unique("py");
-    let out = Command::new(python()).arg(&script).arg(tmp.path()).arg(&socket).args(["py", &name]).output().unwrap();
+    let out = Command::new(common::python()).arg(&script).arg(tmp.path()).arg(&socket).args(["py", &name]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "the client failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     let answers: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -1124,3 +1124,14 @@ pub fn snapshots_die_with_their_volume(d: &Driver) -> bool {
     let first = table.get("pool").and_then(|p| p.as_array()).and_then(|a| a.first());
     first.and_then(|p| p.get("thin_pool")).is_none()
 }
+
+/// The Python with grpcio: `HOLDFAST_PYTHON`, else the venv scripts/install-deps makes
+/// (`HOLDFAST_PYTHON_VENV`, default /var/cache/holdfast-python), else `python3`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("HOLDFAST_PYTHON") {
+        return p.into();
+    }
+    let venv = std::env::var_os("HOLDFAST_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|| "/var/cache/holdfast-python".into());
+    let p = venv.join("bin/python3");
+    if p.exists() { p } else { "python3".into() }
+}
