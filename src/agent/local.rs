@@ -1425,15 +1425,21 @@ impl LocalAgent {
         }
     }
 
-    /// Reports a volume made or changed.
+    /// Reports a volume made or changed. The pool's last-known listing takes it too, so a pool
+    /// that falls sick before its next listing still shows it (abnormal) in ListVolumes.
     fn note_volume(&self, pool: &dyn Pool, v: &VolumeInfo) {
         let entry = self.volume_entry(pool, v, None);
         self.feed.lock().volume(&self.feed.tx, entry);
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health.entry(pool.name().to_owned()).or_default().listed.insert(v.local.clone(), v.clone());
     }
 
-    /// Reports a volume deleted.
+    /// Reports a volume deleted (and takes it out of the pool's last-known listing).
     fn note_volume_gone(&self, pool: &dyn Pool, local: &str, csi_name: Option<String>) {
         self.feed.lock().volume_gone(&self.feed.tx, (pool.name().to_owned(), local.to_owned()), csi_name);
+        if let Some(h) = self.health.lock().unwrap_or_else(|e| e.into_inner()).get_mut(pool.name()) {
+            h.listed.remove(local);
+        }
     }
 
     /// Reports a snapshot taken.
@@ -2386,6 +2392,29 @@ mod tests {
             slow.recover();
             let again = c.list(ListVolumesRequest::default()).await.unwrap();
             assert!(again.entries.iter().all(|e| !e.status.as_ref().unwrap().volume_condition.as_ref().unwrap().abnormal));
+        }
+
+        #[tokio::test]
+        async fn a_sick_pools_volumes_include_what_was_made_and_exclude_what_was_deleted_since_its_last_listing() {
+            let (c, _fast, slow) = controller();
+            let id = |r: CreateVolumeResponse| r.volume.unwrap().volume_id;
+            let listed = id(c.create(create_req("listed", "", &[("pool", "slow")])).await.unwrap());
+            let deleted = id(c.create(create_req("deleted", "", &[("pool", "slow")])).await.unwrap());
+            c.list(ListVolumesRequest::default()).await.unwrap();
+            let made_after = id(c.create(create_req("made-after", "", &[("pool", "slow")])).await.unwrap());
+            c.delete(DeleteVolumeRequest { volume_id: deleted.clone(), ..Default::default() }).await.unwrap();
+
+            slow.fall_ill("volume group vg-slow is gone");
+            let got = c.list(ListVolumesRequest::default()).await.expect("a sick pool must not fail ListVolumes");
+            let by_id: BTreeMap<String, bool> = got
+                .entries
+                .iter()
+                .map(|e| (e.volume.clone().unwrap().volume_id, e.status.clone().unwrap().volume_condition.unwrap().abnormal))
+                .collect();
+            let mut want = vec![listed, made_after];
+            want.sort();
+            assert_eq!(by_id.keys().cloned().collect::<Vec<_>>(), want, "{by_id:?}");
+            assert!(by_id.values().all(|abnormal| *abnormal), "the sick pool's volumes are abnormal: {by_id:?}");
         }
 
         #[tokio::test]
