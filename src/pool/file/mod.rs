@@ -333,8 +333,8 @@ fn grow_and_sync(path: &Path, len: u64) -> Result<()> {
 /// The mount points to freeze for a consistent copy of `src`: one per loop device of `src`
 /// that is mounted (one superblock, however many mount points: freezing one freezes it).
 /// The mount table is the freezer's (the driver's [`Mounter`](crate::node::mount::Mounter)).
-async fn mounted_from(exec: &dyn Exec, freezer: &Freezer, src: &Path) -> Result<Vec<PathBuf>> {
-    let devices = loopdev::find(exec, src).await?;
+async fn mounted_from(loops: loopdev::Loops<'_>, freezer: &Freezer, src: &Path) -> Result<Vec<PathBuf>> {
+    let devices = loopdev::find(loops, src).await?;
     if devices.is_empty() {
         return Ok(Vec::new());
     }
@@ -357,7 +357,7 @@ impl FilePool {
     /// path: a `cp` orphaned by a killed driver keeps writing into the file it had, which the
     /// restarted driver has unlinked, and can never create or fill a later attempt's file.
     async fn copy_image(&self, volume: &str, purpose: String, src: &Path, dst: &Path) -> Result<()> {
-        let mount_points = mounted_from(self.exec.as_ref(), &self.freezer, src).await?;
+        let mount_points = mounted_from(self.loops(), &self.freezer, src).await?;
         let (s, d) = (src.to_string_lossy().into_owned(), dst.to_string_lossy().into_owned());
         let target = dst.to_owned();
         let fd = self
@@ -437,6 +437,11 @@ impl FilePool {
     /// The pool directory.
     pub fn path(&self) -> &Path {
         &self.root
+    }
+
+    /// How this pool finds and sets up loop devices.
+    fn loops(&self) -> loopdev::Loops<'_> {
+        loopdev::Loops { exec: self.exec.as_ref(), sys_block: &self.sys_block, domain: &self.domain }
     }
 
     /// Runs `f` (filesystem calls on the pool) off the async workers, within `deadline`.
@@ -530,7 +535,7 @@ impl FilePool {
             .await?;
         if orphan {
             if kind == Kind::Volume {
-                if let Some(dev) = loopdev::find(self.exec.as_ref(), &f.img).await?.first() {
+                if let Some(dev) = loopdev::find(self.loops(), &f.img).await?.first() {
                     return Err(Error::FailedPrecondition(format!(
                         "{} (a leftover without metadata) is attached to {}; detach it with `losetup -d {}`",
                         f.img.display(),
@@ -956,7 +961,7 @@ impl FilePool {
         let f = self.files(Kind::Volume, local)?;
         let img = f.img.clone();
         if self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || Ok(img.exists())).await? {
-            if let Some(dev) = loopdev::find(self.exec.as_ref(), &f.img).await?.first() {
+            if let Some(dev) = loopdev::find(self.loops(), &f.img).await?.first() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {local} is still attached to {}: unstage it on this node first",
                     dev.display()
@@ -994,7 +999,7 @@ impl FilePool {
             Ok(())
         })
         .await?;
-        for dev in loopdev::find(self.exec.as_ref(), &f.img).await? {
+        for dev in loopdev::find(self.loops(), &f.img).await? {
             loopdev::refresh_capacity(self.exec.as_ref(), &dev).await?;
         }
         let ff = f.clone();
@@ -1046,7 +1051,7 @@ impl FilePool {
                 allocate(&img, len)
             })
             .await?;
-            for dev in loopdev::find(self.exec.as_ref(), &f.img).await? {
+            for dev in loopdev::find(self.loops(), &f.img).await? {
                 self.turn_off_discard(&dev).await?;
             }
         }
@@ -1175,12 +1180,12 @@ impl Pool for FilePool {
         }
         // Before the device exists: from then on the image is written behind the pool's back.
         self.set_attached(local, true).await?;
-        let dev = loopdev::attach(self.exec.as_ref(), &f.img).await?;
+        let dev = loopdev::attach(self.loops(), &f.img).await?;
         if thick {
             if let Err(e) = self.turn_off_discard(&dev).await {
                 // A thick volume's device always had discard turned off when it was set up,
                 // so this is a fresh device, unused yet: take it down again.
-                if let Err(d) = loopdev::detach_all(self.exec.as_ref(), &f.img).await {
+                if let Err(d) = loopdev::detach_all(self.loops(), &f.img).await {
                     tracing::warn!(pool = %self.name, local, error = %d, "cannot detach after a failed attach");
                 }
                 return Err(e);
@@ -1191,7 +1196,7 @@ impl Pool for FilePool {
 
     async fn detach(&self, local: &str) -> Result<()> {
         let f = self.files(Kind::Volume, local)?;
-        loopdev::detach_all(self.exec.as_ref(), &f.img).await?;
+        loopdev::detach_all(self.loops(), &f.img).await?;
         self.set_attached(local, false).await
     }
 
@@ -1285,8 +1290,8 @@ impl Pool for FilePool {
             let f = self.files(Kind::Volume, &m.source)?;
             let v = self.read_volume(&f, &m.source).await?;
             let v = v.ok_or_else(|| Error::NotFound(format!("volume {} does not exist in file pool {:?}", m.source, self.name)))?;
-            let mount_points = mounted_from(self.exec.as_ref(), &self.freezer, &f.img).await?;
-            if v.info.block && !loopdev::find(self.exec.as_ref(), &f.img).await?.is_empty() {
+            let mount_points = mounted_from(self.loops(), &self.freezer, &f.img).await?;
+            if v.info.block && !loopdev::find(self.loops(), &f.img).await?.is_empty() {
                 return Err(crate::pool::no_group_snapshots(
                     &self.name,
                     PoolKind::File,
