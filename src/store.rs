@@ -145,6 +145,33 @@ pub fn write_file_grouped<T: Serialize + ?Sized>(path: &Path, value: &T, group: 
     write_bytes_then(path, &json, true, |dir| group.sync(dir))
 }
 
+/// As [`write_file_grouped`], for a record that commits other work in its directory (issue 14):
+/// `alongside` (an fsync of that work) runs on another thread while the record's temporary is
+/// written and fsynced, so the filesystem's journal can commit both at once instead of one
+/// after the other; `before_rename` (moving that work into place) runs once both succeeded.
+/// Then the record's rename, the commit point, and the shared directory fsync, which makes both
+/// renames durable. Nothing is renamed when either fsync fails.
+pub fn write_file_grouped_with<T: Serialize + ?Sized>(
+    path: &Path,
+    value: &T,
+    group: &GroupSync,
+    alongside: impl FnOnce() -> Result<()> + Send,
+    before_rename: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(format!("encoding {}: {e}", path.display())))?;
+    let dir = path.parent().ok_or_else(|| Error::Internal(format!("{} has no directory", path.display())))?;
+    let tmp = temporary_of(path);
+    std::thread::scope(|s| {
+        let other = s.spawn(alongside);
+        let mine = write_tmp(&tmp, &json, true);
+        let other = other.join().unwrap_or_else(|_| Err(Error::Internal(format!("the fsync beside {} panicked", tmp.display()))));
+        mine.and(other)
+    })?;
+    before_rename()?;
+    rename_into_place(&tmp, path)?;
+    group.sync(dir)
+}
+
 /// Directory fsyncs shared by the concurrent writers of one directory (group commit): a writer
 /// whose rename was done before a running fsync began waits for that fsync, and one fsync
 /// started after it serves every writer waiting by then. Each writer returns only once an
@@ -209,21 +236,30 @@ fn write_bytes(path: &Path, json: &[u8]) -> Result<()> {
 fn write_bytes_then(path: &Path, json: &[u8], sync_tmp: bool, sync: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().ok_or_else(|| Error::Internal(format!("{} has no directory", path.display())))?;
     let tmp = temporary_of(path);
+    write_tmp(&tmp, json, sync_tmp)?;
+    rename_into_place(&tmp, path)?;
+    sync(dir)
+}
+
+/// Writes the temporary `tmp` (0600), fsynced when `sync_tmp`.
+fn write_tmp(tmp: &Path, json: &[u8], sync_tmp: bool) -> Result<()> {
     // Not create_new: a temporary left by a crash is simply overwritten.
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
+        .open(tmp)
         .context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(json).and_then(|_| if sync_tmp { fsync(&f, &tmp) } else { Ok(()) }).context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e));
-    }
-    sync(dir)
+    f.write_all(json).and_then(|_| if sync_tmp { fsync(&f, tmp) } else { Ok(()) }).context(|| format!("writing {}", tmp.display()))
+}
+
+/// Renames the temporary over the record (removing the temporary when that fails).
+fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
+    fs::rename(tmp, path).map_err(|e| {
+        let _ = fs::remove_file(tmp);
+        Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e)
+    })
 }
 
 /// Removes the record at `path` and its temporary, durably (the directory is fsynced).

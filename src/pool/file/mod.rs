@@ -269,7 +269,7 @@ fn write_meta<T: Serialize>(files: &Files, value: &T) -> Result<()> {
 
 /// Flushes a file's data to disk.
 fn sync_file(path: &Path) -> Result<()> {
-    File::open(path).and_then(|f| f.sync_all()).context(|| format!("syncing {}", path.display()))
+    File::open(path).and_then(|f| store::fsync(&f, path)).context(|| format!("syncing {}", path.display()))
 }
 
 /// Apparent size and allocated bytes of a file.
@@ -282,6 +282,11 @@ fn sizes(path: &Path) -> Result<(u64, u64)> {
 /// shorter) and flushes it. No space is RESOURCE_EXHAUSTED; a filesystem that cannot
 /// preallocate is FAILED_PRECONDITION (thin provisioning is the way out).
 fn allocate(path: &Path, len: u64) -> Result<()> {
+    allocate_then(path, len, true)
+}
+
+/// [`allocate`], flushed only when `sync` (a new image is flushed at its commit).
+fn allocate_then(path: &Path, len: u64, sync: bool) -> Result<()> {
     use nix::fcntl::{FallocateFlags, fallocate};
     let f = OpenOptions::new().write(true).open(path).context(|| format!("opening {}", path.display()))?;
     let end = i64::try_from(len).map_err(|_| Error::OutOfRange(format!("{len} bytes is too large for a file")))?;
@@ -302,7 +307,10 @@ fn allocate(path: &Path, len: u64) -> Result<()> {
         }
         Err(e) => return Err(Error::io(format!("allocating {} bytes of {}", len, path.display()), e.into())),
     }
-    f.sync_all().context(|| format!("syncing {}", path.display()))
+    if !sync {
+        return Ok(());
+    }
+    store::fsync(&f, path).context(|| format!("syncing {}", path.display()))
 }
 
 /// Gives `path` its own copy of every block it shares with another file (reflink) up to `len`,
@@ -322,12 +330,18 @@ fn unshare(path: &Path, len: u64) -> Result<()> {
 
 /// Grows `path` to `len` bytes (sparse) and flushes it; never shrinks.
 fn grow_and_sync(path: &Path, len: u64) -> Result<()> {
+    let f = grow(path, len)?;
+    store::fsync(&f, path).context(|| format!("syncing {}", path.display()))
+}
+
+/// Grows `path` to `len` bytes (sparse), not flushed; never shrinks.
+fn grow(path: &Path, len: u64) -> Result<File> {
     let f = OpenOptions::new().write(true).open(path).context(|| format!("opening {}", path.display()))?;
     let cur = f.metadata().context(|| format!("inspecting {}", path.display()))?.len();
     if cur < len {
         f.set_len(len).context(|| format!("growing {} to {len} bytes", path.display()))?;
     }
-    f.sync_all().context(|| format!("syncing {}", path.display()))
+    Ok(f)
 }
 
 /// The mount points to freeze for a consistent copy of `src`: one per loop device of `src`
@@ -557,16 +571,25 @@ impl FilePool {
         let _ = self.blocking(format!("removing {}", tmp.display()), METADATA_DEADLINE, move || remove_if_exists(&tmp)).await;
     }
 
-    /// Moves a finished temporary image into place and commits its metadata. On failure the
-    /// image is removed again, so nothing half-made stays visible.
+    /// Moves a finished temporary image into place and commits its metadata: the image and the
+    /// metadata's temporary are fsynced at once (one journal commit, not two in a row), then the
+    /// image is renamed into place, then the metadata (the commit point), then the directory
+    /// is fsynced (shared). A crash between any two steps leaves temporaries or an image without
+    /// metadata, which a retry removes. On failure the image is removed again, so nothing
+    /// half-made stays visible.
     async fn commit<T: Serialize + Send + 'static>(&self, f: &Files, meta: T) -> Result<()> {
         let ff = f.clone();
         self.blocking(format!("committing {}", f.meta.display()), METADATA_DEADLINE, move || {
-            let r = fs::rename(&ff.tmp_img, &ff.img)
-                .context(|| format!("renaming {} to {}", ff.tmp_img.display(), ff.img.display()))
-                .and_then(|_| write_meta(&ff, &meta));
+            let r = store::write_file_grouped_with(
+                &ff.meta,
+                &meta,
+                &ff.sync,
+                || sync_file(&ff.tmp_img),
+                || fs::rename(&ff.tmp_img, &ff.img).context(|| format!("renaming {} to {}", ff.tmp_img.display(), ff.img.display())),
+            );
             if r.is_err() && !ff.meta.exists() {
                 let _ = remove_if_exists(&ff.img);
+                let _ = remove_if_exists(&ff.tmp_img);
                 let _ = remove_if_exists(&ff.tmp_meta);
             }
             r
@@ -635,7 +658,8 @@ impl FilePool {
         Ok(())
     }
 
-    /// Sizes a temporary image to `capacity`: allocated (thick) or sparse (thin), then flushed.
+    /// Sizes a temporary image to `capacity`: allocated (thick) or sparse (thin). Not flushed:
+    /// [`FilePool::commit`] fsyncs it beside the metadata.
     async fn size_tmp(&self, f: &Files, capacity: u64, provisioning: Provisioning) -> Result<()> {
         let tmp = f.tmp_img.clone();
         let what = format!(
@@ -645,10 +669,10 @@ impl FilePool {
             tmp.display()
         );
         self.blocking(what, ALLOCATE_DEADLINE, move || {
-            grow_and_sync(&tmp, capacity)?;
+            grow(&tmp, capacity)?;
             if provisioning == Provisioning::Thick {
                 // Also fills the holes a sparse copy left.
-                allocate(&tmp, capacity)?;
+                allocate_then(&tmp, capacity, false)?;
             }
             Ok(())
         })
@@ -800,11 +824,8 @@ impl FilePool {
             }
             self.copy_image(source_local, format!("snapshot {csi_name:?}"), &src.img, &f.tmp_img).await?;
             let tmp = f.tmp_img.clone();
-            self.blocking(format!("syncing {}", tmp.display()), ALLOCATE_DEADLINE, move || {
-                sync_file(&tmp)?;
-                sizes(&tmp)
-            })
-            .await
+            // Flushed at the commit, beside the metadata.
+            self.blocking(format!("inspecting {}", tmp.display()), ALLOCATE_DEADLINE, move || sizes(&tmp)).await
         }
         .await;
         let size = match copied {

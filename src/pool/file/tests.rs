@@ -858,3 +858,27 @@ async fn a_pages_conditions_are_each_volumes_condition() {
         assert!(matches!(p.condition(abnormal).await.unwrap(), Condition::Abnormal(_)), "{abnormal}");
     }
 }
+
+// issue 14: the create's fsyncs issued together
+/// A new volume's image and metadata are both fsynced before either is renamed into place,
+/// then the directory once after the renames: every object is flushed, one fsync each, and the
+/// directory fsync (which makes the renames durable) comes last. Thin and thick alike.
+#[tokio::test]
+async fn a_create_fsyncs_the_image_and_the_metadata_together_then_the_directory() {
+    for provisioning in ["thin", "thick"] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path(), Arc::new(FakeExec::new()));
+        let mut r = req("v1", MIB, false, None);
+        r.parameters.insert(PARAM_PROVISIONING.into(), provisioning.into());
+        p.create_volume(&r).await.unwrap();
+        let volumes = dir.path().join("volumes");
+        let fsyncs = crate::store::fsyncs_of(&volumes);
+        let (files, last) = fsyncs.split_at(fsyncs.len().saturating_sub(1));
+        let mut files = files.to_vec();
+        files.sort();
+        assert_eq!(files, [volumes.join(".v1.img.tmp"), volumes.join(".v1.json.tmp")], "{provisioning}: {fsyncs:?}");
+        assert_eq!(last, [volumes.clone()], "{provisioning}: the directory, last: {fsyncs:?}");
+        assert!(volumes.join("v1.img").exists() && volumes.join("v1.json").exists());
+        assert_eq!(fs::metadata(volumes.join("v1.img")).unwrap().len(), MIB);
+    }
+}
