@@ -13,8 +13,9 @@
 //! ```
 //!
 //! Crash safety: the metadata rename is the single commit point. A creation builds the image as
-//! `.<local>.img.tmp`, fsyncs it, renames it to `<local>.img`, then writes the metadata (tmp,
-//! fsync, rename, fsync of the directory: [`crate::store`]). Until the metadata is in place nothing is visible;
+//! `.<local>.img.tmp` and writes the metadata's temporary, fsyncs both at once, renames the image
+//! to `<local>.img`, then the metadata, then fsyncs the directory ([`crate::store`],
+//! [`FilePool::commit`]). Until the metadata is in place nothing is visible;
 //! afterwards the volume is complete. Deletion removes the metadata first. So the only leftovers
 //! a crash can leave are temporaries and an image without metadata, and a retry of the same
 //! name (create or delete) removes them.

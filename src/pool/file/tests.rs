@@ -877,7 +877,7 @@ async fn a_create_fsyncs_the_image_and_the_metadata_together_then_the_directory(
         let mut files = files.to_vec();
         files.sort();
         assert_eq!(files, [volumes.join(".v1.img.tmp"), volumes.join(".v1.json.tmp")], "{provisioning}: {fsyncs:?}");
-        assert_eq!(last, [volumes.clone()], "{provisioning}: the directory, last: {fsyncs:?}");
+        assert_eq!(last, std::slice::from_ref(&volumes), "{provisioning}: the directory, last: {fsyncs:?}");
         assert!(volumes.join("v1.img").exists() && volumes.join("v1.json").exists());
         assert_eq!(fs::metadata(volumes.join("v1.img")).unwrap().len(), MIB);
     }
