@@ -4,6 +4,8 @@
 //! - **Atomic.** A write goes to `<dir>/.<name>.json.tmp` (created 0600), is fsynced, renamed
 //!   over `<name>.json`, and the directory is fsynced: after a crash at any point the record is
 //!   the old one or the new one, never a mix, and a write that returned survives power loss.
+//!   A store made [`Store::atomic_only`] skips both fsyncs: still atomic against kill -9, not
+//!   durable against a power cut (for records a reboot makes moot: the node's).
 //! - **Durable removal.** A removal fsyncs the directory before it returns.
 //! - **Damage is said.** A record that does not parse is an error naming the file and what the
 //!   operator should do (each store says it: "fix or remove it", "move it away"), never a
@@ -64,7 +66,47 @@ pub fn temporary_of(path: &Path) -> PathBuf {
 
 /// Makes renames and removals in `dir` durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).context(|| format!("syncing directory {}", dir.display()))
+    File::open(dir).and_then(|d| fsync(&d, dir)).context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// `f.sync_all()`, for the file (or directory) at `path`: every fsync of the record store and
+/// of the file pool goes through here, so tests can count them ([`fsyncs_of`]).
+pub fn fsync(f: &File, path: &Path) -> std::io::Result<()> {
+    #[cfg(test)]
+    fsync_log::note(path);
+    #[cfg(not(test))]
+    let _ = path;
+    f.sync_all()
+}
+
+/// The fsyncs made so far on `dir` and on the files in it, in order (test builds only; each
+/// test has a directory of its own, so parallel tests do not mix).
+#[cfg(test)]
+pub fn fsyncs_of(dir: &Path) -> Vec<PathBuf> {
+    fsync_log::of(dir)
+}
+
+#[cfg(test)]
+mod fsync_log {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static LOG: Mutex<Option<HashMap<PathBuf, Vec<PathBuf>>>> = Mutex::new(None);
+
+    /// Notes an fsync of `path`, under the directory it is (or is in).
+    pub fn note(path: &Path) {
+        let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+        let map = log.get_or_insert_with(HashMap::new);
+        for key in [Some(path), path.parent()].into_iter().flatten() {
+            map.entry(key.to_owned()).or_default().push(path.to_owned());
+        }
+    }
+
+    pub fn of(dir: &Path) -> Vec<PathBuf> {
+        let log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+        log.as_ref().and_then(|m| m.get(dir)).cloned().unwrap_or_default()
+    }
 }
 
 /// Removes a file (not durably: see [`remove_durably`]); one that is not there is success.
@@ -100,7 +142,34 @@ pub fn write_file<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
 /// directory through `group` (group commit): durable when it returns, as [`write_file`].
 pub fn write_file_grouped<T: Serialize + ?Sized>(path: &Path, value: &T, group: &GroupSync) -> Result<()> {
     let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(format!("encoding {}: {e}", path.display())))?;
-    write_bytes_then(path, &json, |dir| group.sync(dir))
+    write_bytes_then(path, &json, true, |dir| group.sync(dir))
+}
+
+/// As [`write_file_grouped`], for a record that commits other work in its directory (issue 14):
+/// `alongside` (an fsync of that work) runs on another thread while the record's temporary is
+/// written and fsynced, so the filesystem's journal can commit both at once instead of one
+/// after the other; `before_rename` (moving that work into place) runs once both succeeded.
+/// Then the record's rename, the commit point, and the shared directory fsync, which makes both
+/// renames durable. Nothing is renamed when either fsync fails.
+pub fn write_file_grouped_with<T: Serialize + ?Sized>(
+    path: &Path,
+    value: &T,
+    group: &GroupSync,
+    alongside: impl FnOnce() -> Result<()> + Send,
+    before_rename: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(format!("encoding {}: {e}", path.display())))?;
+    let dir = path.parent().ok_or_else(|| Error::Internal(format!("{} has no directory", path.display())))?;
+    let tmp = temporary_of(path);
+    std::thread::scope(|s| {
+        let other = s.spawn(alongside);
+        let mine = write_tmp(&tmp, &json, true);
+        let other = other.join().unwrap_or_else(|_| Err(Error::Internal(format!("the fsync beside {} panicked", tmp.display()))));
+        mine.and(other)
+    })?;
+    before_rename()?;
+    rename_into_place(&tmp, path)?;
+    group.sync(dir)
 }
 
 /// Directory fsyncs shared by the concurrent writers of one directory (group commit): a writer
@@ -159,27 +228,38 @@ impl GroupSync {
 }
 
 fn write_bytes(path: &Path, json: &[u8]) -> Result<()> {
-    write_bytes_then(path, json, sync_dir)
+    write_bytes_then(path, json, true, sync_dir)
 }
 
-fn write_bytes_then(path: &Path, json: &[u8], sync: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// Writes `json` to `path` through its temporary (fsynced when `sync_tmp`), then runs `sync`
+/// on the directory after the rename.
+fn write_bytes_then(path: &Path, json: &[u8], sync_tmp: bool, sync: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path.parent().ok_or_else(|| Error::Internal(format!("{} has no directory", path.display())))?;
     let tmp = temporary_of(path);
+    write_tmp(&tmp, json, sync_tmp)?;
+    rename_into_place(&tmp, path)?;
+    sync(dir)
+}
+
+/// Writes the temporary `tmp` (0600), fsynced when `sync_tmp`.
+fn write_tmp(tmp: &Path, json: &[u8], sync_tmp: bool) -> Result<()> {
     // Not create_new: a temporary left by a crash is simply overwritten.
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
+        .open(tmp)
         .context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(json).and_then(|_| f.sync_all()).context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e));
-    }
-    sync(dir)
+    f.write_all(json).and_then(|_| if sync_tmp { fsync(&f, tmp) } else { Ok(()) }).context(|| format!("writing {}", tmp.display()))
+}
+
+/// Renames the temporary over the record (removing the temporary when that fails).
+fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
+    fs::rename(tmp, path).map_err(|e| {
+        let _ = fs::remove_file(tmp);
+        Error::io(format!("renaming {} to {}", tmp.display(), path.display()), e)
+    })
 }
 
 /// Removes the record at `path` and its temporary, durably (the directory is fsynced).
@@ -271,13 +351,15 @@ pub struct Store {
     noun: Noun,
     /// The directory is made (0700) on the first write, and a missing one lists as empty.
     lazy_dir: bool,
+    /// Writes and removals are fsynced (survive a power cut); else only atomic (survive kill -9).
+    durable: bool,
 }
 
 impl Store {
     /// The records in `dir`; calls run in [`blocking::run`] domain `domain` within `deadline`.
     /// The directory must exist (see [`Store::creating_dir`]).
     pub fn new(dir: impl Into<PathBuf>, domain: impl Into<String>, deadline: Duration) -> Store {
-        Store { dir: dir.into(), domain: domain.into(), deadline, noun: Noun::default(), lazy_dir: false }
+        Store { dir: dir.into(), domain: domain.into(), deadline, noun: Noun::default(), lazy_dir: false, durable: true }
     }
 
     /// Names the records in messages, with the advice for a damaged one.
@@ -291,6 +373,17 @@ impl Store {
     /// missing one means the pool's filesystem is not mounted.
     pub fn creating_dir(mut self) -> Store {
         self.lazy_dir = true;
+        self
+    }
+
+    /// Writes and removals stay atomic (temporary, rename: after a kill -9 a record is the old
+    /// or the new one) but are not fsynced: after a power cut a record may be an older version,
+    /// missing, or unreadable (a rename that reached the disk before its data). Only for records
+    /// that describe what a reboot undoes anyway (the node's mounts, loop devices, freezes),
+    /// and whose readers cope with those three outcomes; never for what the orchestrator relies
+    /// on after a power cut (a pool's volumes and snapshots).
+    pub fn atomic_only(mut self) -> Store {
+        self.durable = false;
         self
     }
 
@@ -332,26 +425,56 @@ impl Store {
         self.run(format!("reading {} {}", noun.what, file.display()), move || read_file(&file, &noun)).await
     }
 
+    /// As [`Store::read`], except that a record that does not parse and was last written before
+    /// `since()` (asked only then) is removed and read as `None`, with a warning: for an
+    /// [`Store::atomic_only`] store whose records a reboot makes moot, `since` being the boot, so
+    /// a record a power cut tore is not an error forever. A damaged record written since is the
+    /// error [`Store::read`] gives.
+    pub async fn read_unless_torn_before<T, F>(&self, name: &str, since: F) -> Result<Option<T>>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: FnOnce() -> Option<std::time::SystemTime> + Send + 'static,
+    {
+        let (file, noun) = (self.file(name)?, self.noun.clone());
+        self.run(format!("reading {} {}", noun.what, file.display()), move || match read_file(&file, &noun) {
+            Err(Error::Internal(e)) => {
+                let written = fs::metadata(&file).and_then(|m| m.modified()).ok();
+                match (written, since()) {
+                    (Some(w), Some(s)) if w < s => {
+                        tracing::warn!(file = %file.display(), error = %e, "removing a {} written before the last boot that does not parse (a power cut tore it)", noun.what);
+                        remove_if_exists(&file)?;
+                        Ok(None)
+                    }
+                    _ => Err(Error::Internal(e)),
+                }
+            }
+            r => r,
+        })
+        .await
+    }
+
     /// Writes record `name` atomically and durably (see the module docs).
     pub async fn write<T: Serialize + ?Sized>(&self, name: &str, value: &T) -> Result<()> {
         let file = self.file(name)?;
         // Encoded here, so the value need not be sent to the blocking pool.
         let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(format!("encoding {}: {e}", file.display())))?;
-        let (dir, lazy) = (self.dir.clone(), self.lazy_dir);
+        let (dir, lazy, durable) = (self.dir.clone(), self.lazy_dir, self.durable);
         self.run(format!("writing {} {}", self.noun.what, file.display()), move || {
             if lazy {
                 fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).context(|| format!("creating {}", dir.display()))?;
             }
-            write_bytes(&file, &json)
+            if durable { write_bytes(&file, &json) } else { write_bytes_then(&file, &json, false, |_| Ok(())) }
         })
         .await
     }
 
-    /// Removes record `name` (and its temporary) durably; `true` when it was there.
+    /// Removes record `name` (and its temporary), durably unless [`Store::atomic_only`]; `true`
+    /// when it was there.
     pub async fn remove(&self, name: &str) -> Result<bool> {
         let file = self.file(name)?;
-        let lazy = self.lazy_dir;
-        self.run(format!("removing {} {}", self.noun.what, file.display()), move || match remove_durably(&file) {
+        let (lazy, durable) = (self.lazy_dir, self.durable);
+        let remove = move |f: &Path| if durable { remove_durably(f) } else { remove_durably_then(f, |_| Ok(())) };
+        self.run(format!("removing {} {}", self.noun.what, file.display()), move || match remove(&file) {
             Err(Error::Io { source, .. }) if lazy && source.kind() == ErrorKind::NotFound => Ok(false),
             r => r,
         })

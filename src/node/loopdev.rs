@@ -1,18 +1,38 @@
 //! Loop devices for `file` pool volumes, through `losetup` (JSON output): attach a backing file
 //! (reusing an existing attachment), find the devices of a file, refresh capacity, detach.
 //!
+//! Finding a file's devices reads `/sys/block/loop*/loop/` in-process (issue 14: what
+//! `losetup --associated` reads, without a process per check): a device is the file's when its
+//! backing file, resolved, is the same inode on the same device as the file. When that cannot
+//! be decided (sysfs unreadable, a backing file that does not resolve: set up from another mount
+//! namespace) `losetup --list --associated` answers, which compares the inode the kernel holds.
+//!
 //! Direct I/O (`--direct-io=on`) is deliberately not used: it needs a backing filesystem that
 //! supports `O_DIRECT` with a matching logical sector size (tmpfs does not), and losetup's
 //! fallback when it cannot be enabled differs between util-linux versions. Buffered loop devices
 //! are always correct; a flush on the device is a flush of the backing file.
 
+use std::io::ErrorKind;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::blocking::{self, METADATA_DEADLINE};
 use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec};
+
+/// Where the loop devices of files are looked up and set up.
+#[derive(Clone, Copy)]
+pub struct Loops<'a> {
+    /// Runs `losetup`.
+    pub exec: &'a dyn Exec,
+    /// `/sys/block` (a fake tree in tests).
+    pub sys_block: &'a Path,
+    /// The [`blocking::run`] domain of the backing files' filesystem (the stats run there).
+    pub domain: &'a str,
+}
 
 /// How long one `losetup` call may take.
 const LOSETUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -117,9 +137,70 @@ pub fn parse_show(stdout: &str) -> Result<PathBuf> {
     }
 }
 
-/// Every loop device backed by `file`. losetup matches by inode and device number, so a
-/// renamed file is still found; a file that no longer exists has no devices it can name.
-pub async fn list_associated(exec: &dyn Exec, file: &Path) -> Result<Vec<LoopDevice>> {
+/// The loop devices backed by `file`, from `sys_block` (see the module docs); `None` when that
+/// cannot be decided there. A device is `file`'s when its backing file resolves to the same
+/// inode of the same device, so another name of the file (a symlinked directory) is found too.
+/// A backing file the kernel marks deleted is another inode (the pool never hard-links an
+/// image), and a device torn down while it is read makes the answer `None`.
+pub fn associated_in_sysfs(sys_block: &Path, file: &Path) -> Option<Vec<LoopDevice>> {
+    let entries = std::fs::read_dir(sys_block).ok()?;
+    let want = match std::fs::metadata(file) {
+        Ok(m) => (m.dev(), m.ino()),
+        // Nothing can be attached to a file that is not there.
+        Err(e) if e.kind() == ErrorKind::NotFound => return Some(Vec::new()),
+        Err(_) => return None,
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.ok()?;
+        let device = format!("/dev/{}", entry.file_name().to_str()?);
+        if !valid_loop_device(&device) {
+            continue;
+        }
+        let dir = entry.path().join("loop");
+        let back = match std::fs::read_to_string(dir.join("backing_file")) {
+            Ok(b) => b,
+            // Not bound to a file.
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(_) => return None,
+        };
+        let back = back.strip_suffix('\n').unwrap_or(&back);
+        if back.ends_with(DELETED_SUFFIX) {
+            continue;
+        }
+        let m = std::fs::metadata(back).ok()?;
+        if (m.dev(), m.ino()) != want {
+            continue;
+        }
+        let number = |p: PathBuf| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        out.push(LoopDevice {
+            device: PathBuf::from(device),
+            back_file: Some(PathBuf::from(back)),
+            back_file_deleted: false,
+            offset: number(dir.join("offset"))?,
+            size_limit: number(dir.join("sizelimit"))?,
+            read_only: number(entry.path().join("ro"))? == 1,
+            autoclear: number(dir.join("autoclear"))? == 1,
+        });
+    }
+    out.sort_by_key(|d| d.device.to_string_lossy().trim_start_matches("/dev/loop").parse::<u64>().unwrap_or(u64::MAX));
+    Some(out)
+}
+
+/// Every loop device backed by `file`: read from sysfs ([`associated_in_sysfs`]), else from
+/// `losetup --associated`, which matches by inode and device number too. A file that no longer
+/// exists has no devices it can name.
+pub async fn list_associated(loops: Loops<'_>, file: &Path) -> Result<Vec<LoopDevice>> {
+    let (sys, f) = (loops.sys_block.to_owned(), file.to_owned());
+    let what = format!("listing the loop devices of {}", file.display());
+    if let Some(found) = blocking::run(loops.domain, &what, METADATA_DEADLINE, move || associated_in_sysfs(&sys, &f)).await? {
+        return Ok(found);
+    }
+    losetup_associated(loops.exec, file).await
+}
+
+/// `losetup --list --json --associated FILE`.
+async fn losetup_associated(exec: &dyn Exec, file: &Path) -> Result<Vec<LoopDevice>> {
     let path = file.to_string_lossy();
     let cmd = Cmd::new("losetup").args(["--list", "--json", "--associated", path.as_ref()]).timeout(LOSETUP_TIMEOUT);
     match exec.run(cmd).await {
@@ -132,8 +213,8 @@ pub async fn list_associated(exec: &dyn Exec, file: &Path) -> Result<Vec<LoopDev
 }
 
 /// The loop devices `file` is attached to (usually zero or one).
-pub async fn find(exec: &dyn Exec, file: &Path) -> Result<Vec<PathBuf>> {
-    Ok(list_associated(exec, file).await?.into_iter().map(|d| d.device).collect())
+pub async fn find(loops: Loops<'_>, file: &Path) -> Result<Vec<PathBuf>> {
+    Ok(list_associated(loops, file).await?.into_iter().map(|d| d.device).collect())
 }
 
 /// Attaches `file` to a loop device, or returns the device it is already attached to.
@@ -141,8 +222,8 @@ pub async fn find(exec: &dyn Exec, file: &Path) -> Result<Vec<PathBuf>> {
 /// A device that holdfast would not have set up (read-only, with an offset or size limit, or
 /// being detached) is never reused, and no second device is added beside it either: two devices
 /// on one file invite two mounts of one filesystem. That case is FAILED_PRECONDITION.
-pub async fn attach(exec: &dyn Exec, file: &Path) -> Result<PathBuf> {
-    let existing = list_associated(exec, file).await?;
+pub async fn attach(loops: Loops<'_>, file: &Path) -> Result<PathBuf> {
+    let existing = list_associated(loops, file).await?;
     if let Some(d) = existing.iter().find(|d| d.is_plain()) {
         return Ok(d.device.clone());
     }
@@ -157,7 +238,7 @@ pub async fn attach(exec: &dyn Exec, file: &Path) -> Result<PathBuf> {
     let path = file.to_string_lossy();
     // --nooverlap makes losetup itself reuse a device that appeared since the listing above.
     let cmd = Cmd::new("losetup").args(["--find", "--show", "--nooverlap", path.as_ref()]).timeout(LOSETUP_TIMEOUT);
-    let out = exec.run(cmd).await.context(|| format!("attaching {} to a loop device", file.display()))?;
+    let out = loops.exec.run(cmd).await.context(|| format!("attaching {} to a loop device", file.display()))?;
     parse_show(&out.stdout)
 }
 
@@ -174,18 +255,18 @@ pub async fn refresh_capacity(exec: &dyn Exec, device: &Path) -> Result<()> {
 /// The kernel does not refuse to detach a device that is open: it marks it to detach itself on
 /// last close. So the devices are listed again afterwards; one that is still there after a
 /// short wait is still in use (mounted?) and that is FAILED_PRECONDITION, not success.
-pub async fn detach_all(exec: &dyn Exec, file: &Path) -> Result<()> {
-    let devices = list_associated(exec, file).await?;
+pub async fn detach_all(loops: Loops<'_>, file: &Path) -> Result<()> {
+    let devices = list_associated(loops, file).await?;
     if devices.is_empty() {
         return Ok(());
     }
     for d in &devices {
         let dev = d.device.to_string_lossy();
         let cmd = Cmd::new("losetup").args(["--detach", dev.as_ref()]).timeout(LOSETUP_TIMEOUT);
-        if let Err(e) = exec.run(cmd).await {
+        if let Err(e) = loops.exec.run(cmd).await {
             // losetup exits 1 for every failure; whether the device still backs the file is
             // the only reliable test of "already detached by someone else".
-            let still = list_associated(exec, file).await?;
+            let still = list_associated(loops, file).await?;
             if still.iter().any(|s| s.device == d.device) {
                 return Err(Error::exec(format!("detaching {dev} from {}", file.display()), e));
             }
@@ -193,7 +274,7 @@ pub async fn detach_all(exec: &dyn Exec, file: &Path) -> Result<()> {
     }
     let deadline = tokio::time::Instant::now() + DETACH_SETTLE;
     loop {
-        let left = list_associated(exec, file).await?;
+        let left = list_associated(loops, file).await?;
         let Some(d) = left.first() else { return Ok(()) };
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::FailedPrecondition(format!(
@@ -207,9 +288,9 @@ pub async fn detach_all(exec: &dyn Exec, file: &Path) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::exec::{FakeExec, Reply};
+    use crate::exec::{FakeExec, RealExec, Reply};
 
     const LIST_ALL: &str = include_str!("../../tests/fixtures/losetup/list-all.json");
     const LIST_EMPTY: &str = include_str!("../../tests/fixtures/losetup/list-empty.json");
@@ -286,6 +367,16 @@ mod tests {
         }
     }
 
+    /// Loops whose sysfs cannot be read: every lookup is `losetup --associated`.
+    fn fallback(exec: &FakeExec) -> Loops<'_> {
+        Loops { exec, sys_block: Path::new("/nonexistent/sys/block"), domain: "test:loopdev" }
+    }
+
+    /// The machine's loop devices.
+    fn real(exec: &RealExec) -> Loops<'_> {
+        Loops { exec, sys_block: Path::new("/sys/block"), domain: "test:loopdev" }
+    }
+
     fn assoc(devices: &[(&str, bool)]) -> String {
         let entries: Vec<String> = devices
             .iter()
@@ -300,7 +391,7 @@ mod tests {
     async fn attach_reuses_an_existing_device() {
         let f = FakeExec::new();
         f.on("losetup --list --json --associated", vec![Reply::Ok(assoc(&[("/dev/loop3", false)]))]);
-        assert_eq!(attach(&f, Path::new("/p/v.img")).await.unwrap(), PathBuf::from("/dev/loop3"));
+        assert_eq!(attach(fallback(&f), Path::new("/p/v.img")).await.unwrap(), PathBuf::from("/dev/loop3"));
         assert_eq!(f.lines(), ["losetup --list --json --associated /p/v.img"]);
     }
 
@@ -309,7 +400,7 @@ mod tests {
         let f = FakeExec::new();
         f.on("losetup --list --json --associated", vec![Reply::Ok(LIST_EMPTY.into())]);
         f.on("losetup --find", vec![Reply::Ok("/dev/loop4\n".into())]);
-        assert_eq!(attach(&f, Path::new("/p/v.img")).await.unwrap(), PathBuf::from("/dev/loop4"));
+        assert_eq!(attach(fallback(&f), Path::new("/p/v.img")).await.unwrap(), PathBuf::from("/dev/loop4"));
         assert_eq!(f.lines(), ["losetup --list --json --associated /p/v.img", "losetup --find --show --nooverlap /p/v.img"]);
     }
 
@@ -317,7 +408,7 @@ mod tests {
     async fn attach_refuses_a_device_it_did_not_make() {
         let f = FakeExec::new();
         f.on("losetup --list --json --associated", vec![Reply::Ok(assoc(&[("/dev/loop3", true)]))]);
-        let err = attach(&f, Path::new("/p/v.img")).await.unwrap_err();
+        let err = attach(fallback(&f), Path::new("/p/v.img")).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
         assert!(err.to_string().contains("/dev/loop3"), "{err}");
         assert_eq!(f.lines().len(), 1, "no second device is set up");
@@ -330,7 +421,7 @@ mod tests {
             "losetup --list --json --associated",
             vec![Reply::Ok(assoc(&[("/dev/loop3", false), ("/dev/loop5", false)])), Reply::Ok(LIST_EMPTY.into())],
         );
-        detach_all(&f, Path::new("/p/v.img")).await.unwrap();
+        detach_all(fallback(&f), Path::new("/p/v.img")).await.unwrap();
         assert_eq!(
             f.lines(),
             [
@@ -346,7 +437,7 @@ mod tests {
     async fn detach_all_of_nothing_is_success() {
         let f = FakeExec::new();
         f.on("losetup --list --json --associated", vec![Reply::Ok(LIST_EMPTY.into())]);
-        detach_all(&f, Path::new("/p/v.img")).await.unwrap();
+        detach_all(fallback(&f), Path::new("/p/v.img")).await.unwrap();
         assert_eq!(f.lines().len(), 1);
     }
 
@@ -355,7 +446,7 @@ mod tests {
         let f = FakeExec::new();
         f.on("losetup --list --json --associated", vec![Reply::Ok(assoc(&[("/dev/loop3", false)])), Reply::Ok(LIST_EMPTY.into())]);
         f.on("losetup --detach", vec![Reply::Fail(1, "losetup: /dev/loop3: detach failed: No such device or address".into())]);
-        detach_all(&f, Path::new("/p/v.img")).await.unwrap();
+        detach_all(fallback(&f), Path::new("/p/v.img")).await.unwrap();
     }
 
     #[tokio::test]
@@ -365,7 +456,7 @@ mod tests {
             "losetup --list --json --associated",
             vec![Reply::Ok(assoc(&[("/dev/loop3", false)])), Reply::Ok(assoc(&[("/dev/loop3", true)]))],
         );
-        let err = detach_all(&f, Path::new("/p/v.img")).await.unwrap_err();
+        let err = detach_all(fallback(&f), Path::new("/p/v.img")).await.unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
         assert!(err.to_string().contains("still attached to /dev/loop3"), "{err}");
     }
@@ -377,26 +468,96 @@ mod tests {
         assert_eq!(f.lines(), ["losetup --set-capacity /dev/loop3"]);
     }
 
+    /// A fake `/sys/block/loopN`: bound to `back` (None: unbound), with its flags.
+    pub(crate) fn fake_loop(sys: &Path, n: u32, back: Option<&str>, ro: bool, autoclear: bool, offset: u64) {
+        let dev = sys.join(format!("loop{n}"));
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("ro"), format!("{}\n", ro as u8)).unwrap();
+        if let Some(back) = back {
+            let l = dev.join("loop");
+            std::fs::create_dir_all(&l).unwrap();
+            std::fs::write(l.join("backing_file"), format!("{back}\n")).unwrap();
+            std::fs::write(l.join("offset"), format!("{offset}\n")).unwrap();
+            std::fs::write(l.join("sizelimit"), "0\n").unwrap();
+            std::fs::write(l.join("autoclear"), format!("{}\n", autoclear as u8)).unwrap();
+        }
+    }
+
+    // issue 14: no losetup process per check
+    /// The devices of a file are read from sysfs and matched by inode: another name of the file
+    /// is found, another file of the same name is not, nor a deleted backing file; flags are
+    /// read. What sysfs cannot decide (a backing file that does not resolve) is `None`, which
+    /// sends the lookup to losetup.
+    #[test]
+    fn finds_a_files_devices_in_sysfs_by_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("link")).unwrap();
+        let (a_s, b_s) = (a.display().to_string(), b.display().to_string());
+        let via_link = dir.path().join("link/a.img").display().to_string();
+        let sys = dir.path().join("sys");
+        fake_loop(&sys, 0, Some(&b_s), false, false, 0);
+        fake_loop(&sys, 1, None, false, false, 0);
+        fake_loop(&sys, 2, Some(&format!("{a_s} (deleted)")), false, false, 0);
+        fake_loop(&sys, 10, Some(&via_link), true, false, 512);
+        fake_loop(&sys, 3, Some(&a_s), false, true, 0);
+        std::fs::create_dir_all(sys.join("sda")).unwrap();
+        let found = associated_in_sysfs(&sys, &a).unwrap();
+        let want = vec![
+            LoopDevice { autoclear: true, ..dev("/dev/loop3", &a_s) },
+            LoopDevice { read_only: true, offset: 512, ..dev("/dev/loop10", &via_link) },
+        ];
+        assert_eq!(found, want);
+        assert_eq!(associated_in_sysfs(&sys, &b).unwrap(), vec![dev("/dev/loop0", &b_s)]);
+        assert_eq!(associated_in_sysfs(&sys, &dir.path().join("gone.img")).unwrap(), vec![], "a missing file has no device");
+        // Undecidable: a backing file that does not resolve here; sysfs not readable.
+        fake_loop(&sys, 4, Some("/elsewhere/in/another/namespace.img"), false, false, 0);
+        assert_eq!(associated_in_sysfs(&sys, &a), None);
+        assert_eq!(associated_in_sysfs(&dir.path().join("no-sys"), &a), None);
+    }
+
+    /// With sysfs readable, finding, attaching to an existing device and detaching a file that
+    /// has none run no `losetup --list` process.
+    #[tokio::test]
+    async fn lookups_read_sysfs_and_start_no_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (img, other) = (dir.path().join("v.img"), dir.path().join("w.img"));
+        std::fs::write(&img, b"").unwrap();
+        std::fs::write(&other, b"").unwrap();
+        let sys = dir.path().join("sys");
+        fake_loop(&sys, 3, Some(&img.display().to_string()), false, false, 0);
+        let f = FakeExec::new();
+        let loops = Loops { exec: &f, sys_block: &sys, domain: "test:loopdev" };
+        assert_eq!(find(loops, &img).await.unwrap(), vec![PathBuf::from("/dev/loop3")]);
+        assert_eq!(attach(loops, &img).await.unwrap(), PathBuf::from("/dev/loop3"));
+        detach_all(loops, &other).await.unwrap();
+        assert!(f.lines().is_empty(), "{:?}", f.lines());
+        f.on("losetup --find", vec![Reply::Ok("/dev/loop4\n".into())]);
+        assert_eq!(attach(loops, &other).await.unwrap(), PathBuf::from("/dev/loop4"));
+        assert_eq!(f.lines(), [format!("losetup --find --show --nooverlap {}", other.display())]);
+    }
+
     /// Real losetup: attach twice gives one device, refresh sees growth, detach leaves none.
     #[tokio::test]
     async fn real_attach_refresh_detach() {
-        use crate::exec::RealExec;
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("v.img");
         std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
         let guard = DetachOnDrop(img.clone());
         let exec = RealExec;
-        let d1 = attach(&exec, &img).await.unwrap();
-        let d2 = attach(&exec, &img).await.unwrap();
+        let d1 = attach(real(&exec), &img).await.unwrap();
+        let d2 = attach(real(&exec), &img).await.unwrap();
         assert_eq!(d1, d2);
-        assert_eq!(find(&exec, &img).await.unwrap(), vec![d1.clone()]);
+        assert_eq!(find(real(&exec), &img).await.unwrap(), vec![d1.clone()]);
         std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(16 << 20).unwrap();
         refresh_capacity(&exec, &d1).await.unwrap();
         let size = std::fs::read_to_string(format!("/sys/class/block/{}/size", d1.file_name().unwrap().to_string_lossy())).unwrap();
         assert_eq!(size.trim().parse::<u64>().unwrap() * 512, 16 << 20);
-        detach_all(&exec, &img).await.unwrap();
-        assert!(find(&exec, &img).await.unwrap().is_empty());
-        detach_all(&exec, &img).await.unwrap();
+        detach_all(real(&exec), &img).await.unwrap();
+        assert!(find(real(&exec), &img).await.unwrap().is_empty());
+        detach_all(real(&exec), &img).await.unwrap();
         drop(guard);
     }
 

@@ -3,10 +3,19 @@
 //! NodeGetVolumeStats get a volume id and a path but no volume context; the record (what was
 //! mounted: a device and its `dev_t`, or a dataset / export) together with the mount table
 //! tells whether the path holds this volume, so nothing else is ever unmounted, grown or
-//! reported. A record is written (through [`crate::store`]: tmp file, fsync, rename, directory fsync) before the mount it
-//! describes, so a crash at any point leaves a record the next call can act on.
+//! reported. A record is written (through [`crate::store`]: tmp file, rename) before the mount it
+//! describes, so a kill -9 at any point leaves a record the next call can act on.
+//!
+//! Not fsynced ([`Store::atomic_only`], issue 14): a record describes mounts and loop devices,
+//! and a power cut removes them all. After one, a record may be an older version of itself,
+//! missing, or unreadable (its rename reached the disk before its data). Every call checks
+//! the mount table before it acts on a record, so an older or missing record of a volume that
+//! nothing holds any more leads to what a stale record leads to (a fresh stage, an unstage or
+//! unpublish with nothing to unmount); an unreadable one written before this boot is removed
+//! and read as none ([`Records::load`]). docs/design.md "Node records and power cuts".
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -193,6 +202,18 @@ impl VolumeRecord {
     }
 }
 
+/// When this machine booted (`btime` of /proc/stat); `None` when the kernel does not say.
+pub fn boot_time() -> Option<SystemTime> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_btime(&stat)
+}
+
+/// The boot time in the text of /proc/stat.
+fn parse_btime(stat: &str) -> Option<SystemTime> {
+    let secs = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse::<u64>().ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
 /// The stage records: one JSON file per volume under `<state_dir>/stage`, kept in the
 /// [`crate::store`] record store.
 #[derive(Debug, Clone)]
@@ -205,7 +226,8 @@ impl Records {
     pub fn new(state_dir: &Path) -> Self {
         let store = Store::new(state_dir.join("stage"), "state-dir", METADATA_DEADLINE)
             .described("stage record", "move it away to start afresh")
-            .creating_dir();
+            .creating_dir()
+            .atomic_only();
         Records { store }
     }
 
@@ -214,10 +236,12 @@ impl Records {
         hex::encode(Sha256::digest(volume_id.as_bytes()))
     }
 
-    /// The record of `volume_id`, if any.
+    /// The record of `volume_id`, if any. One that does not parse is an error naming it, unless
+    /// it was written before this boot: then a power cut tore it, what it described is gone,
+    /// and it is removed and read as none.
     pub async fn load(&self, volume_id: &str) -> Result<Option<VolumeRecord>> {
         let name = Self::name(volume_id);
-        let rec = self.store.read::<VolumeRecord>(&name).await?;
+        let rec = self.store.read_unless_torn_before::<VolumeRecord, _>(&name, boot_time).await?;
         if rec.as_ref().is_some_and(|r| r.volume_id != volume_id) {
             return Err(Error::Internal(format!("stage record {} names another volume", self.store.file(&name)?.display())));
         }
@@ -381,6 +405,63 @@ mod tests {
         store.save(&rec).await.unwrap();
         assert_eq!(store.load("file:n:p:v1").await.unwrap(), None);
         assert_eq!(std::fs::read_dir(dir.path().join("stage")).unwrap().count(), 0, "no file, no temporary left");
+    }
+
+    #[test]
+    fn the_boot_time_is_btime_of_proc_stat() {
+        let stat = "cpu  10 0 5 100 0 0 0 0 0 0\nintr 1 2\nctxt 99\nbtime 1764662400\nprocesses 7\n";
+        assert_eq!(parse_btime(stat), Some(UNIX_EPOCH + Duration::from_secs(1_764_662_400)));
+        assert_eq!(parse_btime("cpu 1 2 3\n"), None);
+        assert_eq!(parse_btime("btime soon\n"), None);
+        let booted = boot_time().expect("this kernel's /proc/stat has btime");
+        assert!(booted <= SystemTime::now());
+    }
+
+    /// issue 14: a record that does not parse reads as none (and is removed) only when it was
+    /// written before this boot, which is when a power cut can have torn it.
+    #[tokio::test]
+    async fn an_unreadable_record_from_before_the_boot_is_none_and_one_since_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Records::new(dir.path());
+        let mut rec = VolumeRecord::new("file:n:p:v1");
+        rec.stages.push(device_stage("ext4", None));
+        store.save(&rec).await.unwrap();
+        let file = dir.path().join("stage").join(format!("{}.json", Records::name("file:n:p:v1")));
+        let booted = boot_time().unwrap();
+        struct Case {
+            name: &'static str,
+            content: &'static [u8],
+            written: SystemTime,
+            want_none: bool,
+        }
+        let cases = [
+            Case { name: "empty, before the boot", content: b"", written: booted - Duration::from_secs(5), want_none: true },
+            Case {
+                name: "half, before the boot",
+                content: b"{\"volume_id\": \"fi",
+                written: booted - Duration::from_secs(86400),
+                want_none: true,
+            },
+            Case { name: "empty, since the boot", content: b"", written: SystemTime::now(), want_none: false },
+            Case { name: "half, since the boot", content: b"{\"volume_id\"", written: booted + Duration::from_secs(1), want_none: false },
+        ];
+        for c in cases {
+            std::fs::write(&file, c.content).unwrap();
+            std::fs::File::options().write(true).open(&file).unwrap().set_modified(c.written).unwrap();
+            let got = store.load("file:n:p:v1").await;
+            if c.want_none {
+                assert_eq!(got.unwrap(), None, "{}", c.name);
+                assert!(!file.exists(), "{}: the torn record is removed", c.name);
+            } else {
+                let err = got.unwrap_err();
+                assert!(matches!(err, Error::Internal(ref m) if m.contains("move it away")), "{}: {err}", c.name);
+                assert!(file.exists(), "{}: kept for the operator", c.name);
+            }
+        }
+        // A readable record from before the boot is read as it is (the mount table judges it).
+        store.save(&rec).await.unwrap();
+        std::fs::File::options().write(true).open(&file).unwrap().set_modified(booted - Duration::from_secs(5)).unwrap();
+        assert_eq!(store.load("file:n:p:v1").await.unwrap(), Some(rec));
     }
 
     #[tokio::test]

@@ -13,8 +13,9 @@
 //! ```
 //!
 //! Crash safety: the metadata rename is the single commit point. A creation builds the image as
-//! `.<local>.img.tmp`, fsyncs it, renames it to `<local>.img`, then writes the metadata (tmp,
-//! fsync, rename, fsync of the directory: [`crate::store`]). Until the metadata is in place nothing is visible;
+//! `.<local>.img.tmp` and writes the metadata's temporary, fsyncs both at once, renames the image
+//! to `<local>.img`, then the metadata, then fsyncs the directory ([`crate::store`],
+//! [`FilePool::commit`]). Until the metadata is in place nothing is visible;
 //! afterwards the volume is complete. Deletion removes the metadata first. So the only leftovers
 //! a crash can leave are temporaries and an image without metadata, and a retry of the same
 //! name (create or delete) removes them.
@@ -269,7 +270,7 @@ fn write_meta<T: Serialize>(files: &Files, value: &T) -> Result<()> {
 
 /// Flushes a file's data to disk.
 fn sync_file(path: &Path) -> Result<()> {
-    File::open(path).and_then(|f| f.sync_all()).context(|| format!("syncing {}", path.display()))
+    File::open(path).and_then(|f| store::fsync(&f, path)).context(|| format!("syncing {}", path.display()))
 }
 
 /// Apparent size and allocated bytes of a file.
@@ -282,6 +283,11 @@ fn sizes(path: &Path) -> Result<(u64, u64)> {
 /// shorter) and flushes it. No space is RESOURCE_EXHAUSTED; a filesystem that cannot
 /// preallocate is FAILED_PRECONDITION (thin provisioning is the way out).
 fn allocate(path: &Path, len: u64) -> Result<()> {
+    allocate_then(path, len, true)
+}
+
+/// [`allocate`], flushed only when `sync` (a new image is flushed at its commit).
+fn allocate_then(path: &Path, len: u64, sync: bool) -> Result<()> {
     use nix::fcntl::{FallocateFlags, fallocate};
     let f = OpenOptions::new().write(true).open(path).context(|| format!("opening {}", path.display()))?;
     let end = i64::try_from(len).map_err(|_| Error::OutOfRange(format!("{len} bytes is too large for a file")))?;
@@ -302,7 +308,10 @@ fn allocate(path: &Path, len: u64) -> Result<()> {
         }
         Err(e) => return Err(Error::io(format!("allocating {} bytes of {}", len, path.display()), e.into())),
     }
-    f.sync_all().context(|| format!("syncing {}", path.display()))
+    if !sync {
+        return Ok(());
+    }
+    store::fsync(&f, path).context(|| format!("syncing {}", path.display()))
 }
 
 /// Gives `path` its own copy of every block it shares with another file (reflink) up to `len`,
@@ -322,19 +331,25 @@ fn unshare(path: &Path, len: u64) -> Result<()> {
 
 /// Grows `path` to `len` bytes (sparse) and flushes it; never shrinks.
 fn grow_and_sync(path: &Path, len: u64) -> Result<()> {
+    let f = grow(path, len)?;
+    store::fsync(&f, path).context(|| format!("syncing {}", path.display()))
+}
+
+/// Grows `path` to `len` bytes (sparse), not flushed; never shrinks.
+fn grow(path: &Path, len: u64) -> Result<File> {
     let f = OpenOptions::new().write(true).open(path).context(|| format!("opening {}", path.display()))?;
     let cur = f.metadata().context(|| format!("inspecting {}", path.display()))?.len();
     if cur < len {
         f.set_len(len).context(|| format!("growing {} to {len} bytes", path.display()))?;
     }
-    f.sync_all().context(|| format!("syncing {}", path.display()))
+    Ok(f)
 }
 
 /// The mount points to freeze for a consistent copy of `src`: one per loop device of `src`
 /// that is mounted (one superblock, however many mount points: freezing one freezes it).
 /// The mount table is the freezer's (the driver's [`Mounter`](crate::node::mount::Mounter)).
-async fn mounted_from(exec: &dyn Exec, freezer: &Freezer, src: &Path) -> Result<Vec<PathBuf>> {
-    let devices = loopdev::find(exec, src).await?;
+async fn mounted_from(loops: loopdev::Loops<'_>, freezer: &Freezer, src: &Path) -> Result<Vec<PathBuf>> {
+    let devices = loopdev::find(loops, src).await?;
     if devices.is_empty() {
         return Ok(Vec::new());
     }
@@ -357,7 +372,7 @@ impl FilePool {
     /// path: a `cp` orphaned by a killed driver keeps writing into the file it had, which the
     /// restarted driver has unlinked, and can never create or fill a later attempt's file.
     async fn copy_image(&self, volume: &str, purpose: String, src: &Path, dst: &Path) -> Result<()> {
-        let mount_points = mounted_from(self.exec.as_ref(), &self.freezer, src).await?;
+        let mount_points = mounted_from(self.loops(), &self.freezer, src).await?;
         let (s, d) = (src.to_string_lossy().into_owned(), dst.to_string_lossy().into_owned());
         let target = dst.to_owned();
         let fd = self
@@ -437,6 +452,11 @@ impl FilePool {
     /// The pool directory.
     pub fn path(&self) -> &Path {
         &self.root
+    }
+
+    /// How this pool finds and sets up loop devices.
+    fn loops(&self) -> loopdev::Loops<'_> {
+        loopdev::Loops { exec: self.exec.as_ref(), sys_block: &self.sys_block, domain: &self.domain }
     }
 
     /// Runs `f` (filesystem calls on the pool) off the async workers, within `deadline`.
@@ -530,7 +550,7 @@ impl FilePool {
             .await?;
         if orphan {
             if kind == Kind::Volume {
-                if let Some(dev) = loopdev::find(self.exec.as_ref(), &f.img).await?.first() {
+                if let Some(dev) = loopdev::find(self.loops(), &f.img).await?.first() {
                     return Err(Error::FailedPrecondition(format!(
                         "{} (a leftover without metadata) is attached to {}; detach it with `losetup -d {}`",
                         f.img.display(),
@@ -552,16 +572,25 @@ impl FilePool {
         let _ = self.blocking(format!("removing {}", tmp.display()), METADATA_DEADLINE, move || remove_if_exists(&tmp)).await;
     }
 
-    /// Moves a finished temporary image into place and commits its metadata. On failure the
-    /// image is removed again, so nothing half-made stays visible.
+    /// Moves a finished temporary image into place and commits its metadata: the image and the
+    /// metadata's temporary are fsynced at once (one journal commit, not two in a row), then the
+    /// image is renamed into place, then the metadata (the commit point), then the directory
+    /// is fsynced (shared). A crash between any two steps leaves temporaries or an image without
+    /// metadata, which a retry removes. On failure the image is removed again, so nothing
+    /// half-made stays visible.
     async fn commit<T: Serialize + Send + 'static>(&self, f: &Files, meta: T) -> Result<()> {
         let ff = f.clone();
         self.blocking(format!("committing {}", f.meta.display()), METADATA_DEADLINE, move || {
-            let r = fs::rename(&ff.tmp_img, &ff.img)
-                .context(|| format!("renaming {} to {}", ff.tmp_img.display(), ff.img.display()))
-                .and_then(|_| write_meta(&ff, &meta));
+            let r = store::write_file_grouped_with(
+                &ff.meta,
+                &meta,
+                &ff.sync,
+                || sync_file(&ff.tmp_img),
+                || fs::rename(&ff.tmp_img, &ff.img).context(|| format!("renaming {} to {}", ff.tmp_img.display(), ff.img.display())),
+            );
             if r.is_err() && !ff.meta.exists() {
                 let _ = remove_if_exists(&ff.img);
+                let _ = remove_if_exists(&ff.tmp_img);
                 let _ = remove_if_exists(&ff.tmp_meta);
             }
             r
@@ -630,7 +659,8 @@ impl FilePool {
         Ok(())
     }
 
-    /// Sizes a temporary image to `capacity`: allocated (thick) or sparse (thin), then flushed.
+    /// Sizes a temporary image to `capacity`: allocated (thick) or sparse (thin). Not flushed:
+    /// [`FilePool::commit`] fsyncs it beside the metadata.
     async fn size_tmp(&self, f: &Files, capacity: u64, provisioning: Provisioning) -> Result<()> {
         let tmp = f.tmp_img.clone();
         let what = format!(
@@ -640,10 +670,10 @@ impl FilePool {
             tmp.display()
         );
         self.blocking(what, ALLOCATE_DEADLINE, move || {
-            grow_and_sync(&tmp, capacity)?;
+            grow(&tmp, capacity)?;
             if provisioning == Provisioning::Thick {
                 // Also fills the holes a sparse copy left.
-                allocate(&tmp, capacity)?;
+                allocate_then(&tmp, capacity, false)?;
             }
             Ok(())
         })
@@ -795,11 +825,8 @@ impl FilePool {
             }
             self.copy_image(source_local, format!("snapshot {csi_name:?}"), &src.img, &f.tmp_img).await?;
             let tmp = f.tmp_img.clone();
-            self.blocking(format!("syncing {}", tmp.display()), ALLOCATE_DEADLINE, move || {
-                sync_file(&tmp)?;
-                sizes(&tmp)
-            })
-            .await
+            // Flushed at the commit, beside the metadata.
+            self.blocking(format!("inspecting {}", tmp.display()), ALLOCATE_DEADLINE, move || sizes(&tmp)).await
         }
         .await;
         let size = match copied {
@@ -956,7 +983,7 @@ impl FilePool {
         let f = self.files(Kind::Volume, local)?;
         let img = f.img.clone();
         if self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || Ok(img.exists())).await? {
-            if let Some(dev) = loopdev::find(self.exec.as_ref(), &f.img).await?.first() {
+            if let Some(dev) = loopdev::find(self.loops(), &f.img).await?.first() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {local} is still attached to {}: unstage it on this node first",
                     dev.display()
@@ -994,7 +1021,7 @@ impl FilePool {
             Ok(())
         })
         .await?;
-        for dev in loopdev::find(self.exec.as_ref(), &f.img).await? {
+        for dev in loopdev::find(self.loops(), &f.img).await? {
             loopdev::refresh_capacity(self.exec.as_ref(), &dev).await?;
         }
         let ff = f.clone();
@@ -1046,7 +1073,7 @@ impl FilePool {
                 allocate(&img, len)
             })
             .await?;
-            for dev in loopdev::find(self.exec.as_ref(), &f.img).await? {
+            for dev in loopdev::find(self.loops(), &f.img).await? {
                 self.turn_off_discard(&dev).await?;
             }
         }
@@ -1175,12 +1202,12 @@ impl Pool for FilePool {
         }
         // Before the device exists: from then on the image is written behind the pool's back.
         self.set_attached(local, true).await?;
-        let dev = loopdev::attach(self.exec.as_ref(), &f.img).await?;
+        let dev = loopdev::attach(self.loops(), &f.img).await?;
         if thick {
             if let Err(e) = self.turn_off_discard(&dev).await {
                 // A thick volume's device always had discard turned off when it was set up,
                 // so this is a fresh device, unused yet: take it down again.
-                if let Err(d) = loopdev::detach_all(self.exec.as_ref(), &f.img).await {
+                if let Err(d) = loopdev::detach_all(self.loops(), &f.img).await {
                     tracing::warn!(pool = %self.name, local, error = %d, "cannot detach after a failed attach");
                 }
                 return Err(e);
@@ -1191,7 +1218,7 @@ impl Pool for FilePool {
 
     async fn detach(&self, local: &str) -> Result<()> {
         let f = self.files(Kind::Volume, local)?;
-        loopdev::detach_all(self.exec.as_ref(), &f.img).await?;
+        loopdev::detach_all(self.loops(), &f.img).await?;
         self.set_attached(local, false).await
     }
 
@@ -1285,8 +1312,8 @@ impl Pool for FilePool {
             let f = self.files(Kind::Volume, &m.source)?;
             let v = self.read_volume(&f, &m.source).await?;
             let v = v.ok_or_else(|| Error::NotFound(format!("volume {} does not exist in file pool {:?}", m.source, self.name)))?;
-            let mount_points = mounted_from(self.exec.as_ref(), &self.freezer, &f.img).await?;
-            if v.info.block && !loopdev::find(self.exec.as_ref(), &f.img).await?.is_empty() {
+            let mount_points = mounted_from(self.loops(), &self.freezer, &f.img).await?;
+            if v.info.block && !loopdev::find(self.loops(), &f.img).await?.is_empty() {
                 return Err(crate::pool::no_group_snapshots(
                     &self.name,
                     PoolKind::File,

@@ -170,18 +170,45 @@ async fn attach_reuses_the_existing_device_and_detach_detaches_it() {
     let p = pool(dir.path(), fake.clone());
     p.create_volume(&req("v1", MIB, true, None)).await.unwrap();
     let image = img(dir.path(), "volumes", "v1");
-    let listed = format!(
-        r#"{{"loopdevices":[{{"name":"/dev/loop3","back-file":"{}","offset":0,"sizelimit":0,"ro":false,"autoclear":false}}]}}"#,
-        image.display()
-    );
-    fake.on("losetup --list", vec![Reply::Ok(listed.clone()), Reply::Ok(listed), Reply::Ok(r#"{"loopdevices":[]}"#.into())]);
+    let sys = dir.path().join("fake-sys-block");
     let knob = fake_discard_knob(dir.path(), "loop3");
+    crate::node::loopdev::tests::fake_loop(&sys, 3, Some(&image.display().to_string()), false, false, 0);
     assert_eq!(p.attach("v1").await.unwrap(), Attachment::Device("/dev/loop3".into()));
     assert_eq!(fs::read_to_string(&knob).unwrap(), "0", "a thick volume's device passes no discard");
+    // The kernel unbinds the device a moment after `losetup --detach`.
+    let unbind = tokio::spawn({
+        let bound = sys.join("loop3/loop");
+        async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            fs::remove_dir_all(bound).unwrap();
+        }
+    });
     p.detach("v1").await.unwrap();
-    let assoc = format!("losetup --list --json --associated {}", image.display());
-    assert_eq!(fake.lines(), [assoc.clone(), assoc.clone(), "losetup --detach /dev/loop3".into(), assoc]);
+    unbind.await.unwrap();
+    // issue 14: the devices of the image are read from sysfs: no `losetup --list` process.
+    assert_eq!(fake.lines(), ["losetup --detach /dev/loop3"]);
     assert!(matches!(p.attach("nope").await, Err(Error::NotFound(_))));
+}
+
+// issue 14: no losetup process per delete
+/// Deleting a volume checks in sysfs that its image is not attached: refused while it is,
+/// and neither answer starts a process.
+#[tokio::test]
+async fn delete_checks_the_attachment_in_sysfs_without_a_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeExec::new());
+    let p = pool(dir.path(), fake.clone());
+    let sys = dir.path().join("fake-sys-block");
+    fs::create_dir_all(&sys).unwrap();
+    p.create_volume(&thin(req("v1", MIB, false, None))).await.unwrap();
+    p.create_volume(&thin(req("v2", MIB, false, None))).await.unwrap();
+    crate::node::loopdev::tests::fake_loop(&sys, 7, Some(&img(dir.path(), "volumes", "v1").display().to_string()), false, false, 0);
+    let err = p.delete_volume("v1").await.unwrap_err();
+    assert_eq!(err.to_string(), "volume v1 is still attached to /dev/loop7: unstage it on this node first");
+    assert!(p.get_volume("v1").await.unwrap().is_some());
+    p.delete_volume("v2").await.unwrap();
+    assert!(p.get_volume("v2").await.unwrap().is_none());
+    assert!(fake.lines().is_empty(), "{:?}", fake.lines());
 }
 
 #[tokio::test]
@@ -414,7 +441,15 @@ async fn real_volume_lifecycle() {
     assert_eq!(sectors.trim().parse::<u64>().unwrap() * 512, 96 * MIB, "the loop device sees the growth");
     p.detach("v1").await.unwrap();
     p.detach("v1").await.unwrap();
-    assert!(loopdev::find(&RealExec, &img(dir.path(), "volumes", "v1")).await.unwrap().is_empty());
+    assert!(
+        loopdev::find(
+            loopdev::Loops { exec: &RealExec, sys_block: Path::new("/sys/block"), domain: "test" },
+            &img(dir.path(), "volumes", "v1")
+        )
+        .await
+        .unwrap()
+        .is_empty()
+    );
 
     p.delete_volume("v1").await.unwrap();
     p.delete_volume("v1").await.unwrap();
@@ -821,5 +856,29 @@ async fn a_pages_conditions_are_each_volumes_condition() {
     assert_eq!(p.condition("ok").await.unwrap(), Condition::Healthy);
     for abnormal in ["noimg", "damaged", "short"] {
         assert!(matches!(p.condition(abnormal).await.unwrap(), Condition::Abnormal(_)), "{abnormal}");
+    }
+}
+
+// issue 14: the create's fsyncs issued together
+/// A new volume's image and metadata are both fsynced before either is renamed into place,
+/// then the directory once after the renames: every object is flushed, one fsync each, and the
+/// directory fsync (which makes the renames durable) comes last. Thin and thick alike.
+#[tokio::test]
+async fn a_create_fsyncs_the_image_and_the_metadata_together_then_the_directory() {
+    for provisioning in ["thin", "thick"] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path(), Arc::new(FakeExec::new()));
+        let mut r = req("v1", MIB, false, None);
+        r.parameters.insert(PARAM_PROVISIONING.into(), provisioning.into());
+        p.create_volume(&r).await.unwrap();
+        let volumes = dir.path().join("volumes");
+        let fsyncs = crate::store::fsyncs_of(&volumes);
+        let (files, last) = fsyncs.split_at(fsyncs.len().saturating_sub(1));
+        let mut files = files.to_vec();
+        files.sort();
+        assert_eq!(files, [volumes.join(".v1.img.tmp"), volumes.join(".v1.json.tmp")], "{provisioning}: {fsyncs:?}");
+        assert_eq!(last, std::slice::from_ref(&volumes), "{provisioning}: the directory, last: {fsyncs:?}");
+        assert!(volumes.join("v1.img").exists() && volumes.join("v1.json").exists());
+        assert_eq!(fs::metadata(volumes.join("v1.img")).unwrap().len(), MIB);
     }
 }
