@@ -388,17 +388,18 @@ impl Index {
             .zip(known)
             .map(|(local, known)| {
                 let path = self.meta(local);
-                if let Some((record, Some(stamp))) = &known {
-                    match fs::metadata(&path) {
-                        Ok(m) if Stamp::of(&m) == *stamp => return Ok(Some(record.clone())),
+                let known = match known {
+                    Some((record, Some(stamp))) => match fs::metadata(&path) {
+                        Ok(m) if Stamp::of(&m) == stamp => return Ok(Some(record)),
                         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-                        _ => {}
-                    }
-                }
+                        _ => Some(record),
+                    },
+                    other => other.map(|(record, _)| record),
+                };
                 let taken = SystemTime::now();
                 let Some((mut read, meta)) = store::read_file_stat::<VolumeRecord>(&path, &meta_noun())? else { return Ok(None) };
                 read.info.local = local.clone();
-                if let (Some((record, _)), Some(stamp)) = (&known, Stamp::trusted(&meta, taken, self.racy)) {
+                if let (Some(record), Some(stamp)) = (&known, Stamp::trusted(&meta, taken, self.racy)) {
                     if same(record, &read) {
                         renewed.push((local.clone(), read.clone(), stamp));
                     }
