@@ -262,8 +262,11 @@ pub fn list_dir<T: DeserializeOwned>(dir: &Path, noun: &Noun) -> Result<Vec<(Str
     Ok(list_dir_stat(dir, noun)?.into_iter().map(|(name, r)| (name, r.map(|(v, _)| v))).collect())
 }
 
+/// Each record of a directory by name, with its file's metadata or the error reading it gave.
+pub type StatListing<T> = Vec<(String, Result<(T, fs::Metadata)>)>;
+
 /// As [`list_dir`], each record with its file's metadata ([`read_file_stat`]).
-pub fn list_dir_stat<T: DeserializeOwned>(dir: &Path, noun: &Noun) -> Result<Vec<(String, Result<(T, fs::Metadata)>)>> {
+pub fn list_dir_stat<T: DeserializeOwned>(dir: &Path, noun: &Noun) -> Result<StatListing<T>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).context(|| format!("listing {}", dir.display()))? {
         let entry = entry.context(|| format!("listing {}", dir.display()))?;

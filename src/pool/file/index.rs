@@ -88,6 +88,9 @@ impl Entry {
     }
 }
 
+/// A record and its file's metadata when it was read.
+type Stated<T> = (T, fs::Metadata);
+
 /// A pool directory's modification time, to notice changes made by hand.
 type DirTime = Option<(i64, i64)>;
 
@@ -268,7 +271,7 @@ impl Index {
 
     /// The records of one directory with their files' metadata; a damaged one is `None`
     /// (warned about).
-    fn records<T: serde::de::DeserializeOwned>(&self, kind: Kind) -> Result<Vec<(String, Option<(T, fs::Metadata)>)>> {
+    fn records<T: serde::de::DeserializeOwned>(&self, kind: Kind) -> Result<Vec<(String, Option<Stated<T>>)>> {
         let dir = self.root.join(kind.dir());
         let listed = match store::list_dir_stat::<T>(&dir, &meta_noun()) {
             Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => return Err(room::dir_error(&dir, source)),
