@@ -122,13 +122,50 @@ pub fn remove_if_exists(path: &Path) -> Result<bool> {
 /// Reads the record at `path`; `None` when there is none. A record that does not parse is
 /// INTERNAL naming the file and `noun.if_damaged`.
 pub fn read_file<T: DeserializeOwned>(path: &Path, noun: &Noun) -> Result<Option<T>> {
-    let bytes = match fs::read(path) {
+    Ok(read_file_stat(path, noun)?.map(|(v, _)| v))
+}
+
+/// As [`read_file`], with the file's metadata taken from the open file just before its content
+/// was read (the same calls as `fs::read`): a change after the read shows in a later stat.
+pub fn read_file_stat<T: DeserializeOwned>(path: &Path, noun: &Noun) -> Result<Option<(T, fs::Metadata)>> {
+    use std::io::Read;
+    let read = || -> std::io::Result<(Vec<u8>, fs::Metadata)> {
+        let mut f = File::open(path)?;
+        let meta = f.metadata()?;
+        let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
+        f.read_to_end(&mut bytes)?;
+        Ok((bytes, meta))
+    };
+    #[cfg(test)]
+    reads::count(path);
+    let (bytes, meta) = match read() {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         r => r.context(|| format!("reading {} {}", noun.what, path.display()))?,
     };
     serde_json::from_slice(&bytes)
-        .map(Some)
+        .map(|v| Some((v, meta)))
         .map_err(|e| Error::Internal(format!("{} {} is unreadable ({e}); {}", noun.what, path.display(), noun.if_damaged)))
+}
+
+/// Test-only: how many record reads each directory saw, so a test can pin reads it removed
+/// (tests run in parallel, each in its own directory).
+#[cfg(test)]
+pub mod reads {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static READS: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
+
+    pub(super) fn count(path: &Path) {
+        let dir = path.parent().unwrap_or(path).to_owned();
+        *READS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).entry(dir).or_default() += 1;
+    }
+
+    /// Record reads in `dir` so far.
+    pub fn of(dir: &Path) -> usize {
+        READS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(dir).copied()).unwrap_or(0)
+    }
 }
 
 /// Writes `value` to `path` atomically and durably: [`temporary_of`] (0600), write, fsync,
@@ -302,12 +339,20 @@ pub fn valid_name(name: &str) -> bool {
 /// Every record in `dir`: its name and the record, or the error that reading it gave. A
 /// missing directory is an `Error::Io` whose source is `NotFound` (callers decide what that means).
 pub fn list_dir<T: DeserializeOwned>(dir: &Path, noun: &Noun) -> Result<Vec<(String, Result<T>)>> {
+    Ok(list_dir_stat(dir, noun)?.into_iter().map(|(name, r)| (name, r.map(|(v, _)| v))).collect())
+}
+
+/// Each record of a directory by name, with its file's metadata or the error reading it gave.
+pub type StatListing<T> = Vec<(String, Result<(T, fs::Metadata)>)>;
+
+/// As [`list_dir`], each record with its file's metadata ([`read_file_stat`]).
+pub fn list_dir_stat<T: DeserializeOwned>(dir: &Path, noun: &Noun) -> Result<StatListing<T>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).context(|| format!("listing {}", dir.display()))? {
         let entry = entry.context(|| format!("listing {}", dir.display()))?;
         let file = entry.file_name();
         let Some(name) = record_name(&file) else { continue };
-        match read_file::<T>(&entry.path(), noun) {
+        match read_file_stat::<T>(&entry.path(), noun) {
             Ok(Some(v)) => out.push((name.to_owned(), Ok(v))),
             // Removed between the listing and the read.
             Ok(None) => {}

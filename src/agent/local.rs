@@ -73,25 +73,26 @@ struct PoolHealth {
     /// Why the last call failed; `None` while it answers.
     sick: Option<String>,
     /// Its volumes as its good listings last showed them, by local name: each page replaces
-    /// the range it covered (so a page costs the page), an inventory the whole.
-    listed: BTreeMap<String, VolumeInfo>,
+    /// the range it covered (so a page costs the page), an inventory the whole. Shared with
+    /// the page being answered (an `Arc`: keeping a page is no copy of its volumes).
+    listed: BTreeMap<String, Arc<VolumeInfo>>,
 }
 
 impl PoolHealth {
     /// A good listing answered `got` for at most `asked` volumes from `from` on: that range of
     /// the last-known listing is now exactly `got` (to the end of the pool when fewer came).
-    fn saw_range(&mut self, from: &str, asked: usize, got: &[VolumeInfo]) {
+    fn saw_range(&mut self, from: &str, asked: usize, got: &[Arc<VolumeInfo>]) {
         use std::ops::Bound::{Included, Unbounded};
         let end = if got.len() < asked { Unbounded } else { got.last().map_or(Unbounded, |v| Included(v.local.clone())) };
         let stale: Vec<String> = self.listed.range::<String, _>((Included(from.to_owned()), end)).map(|(k, _)| k.clone()).collect();
         for k in stale {
             self.listed.remove(&k);
         }
-        self.listed.extend(got.iter().map(|v| (v.local.clone(), v.clone())));
+        self.listed.extend(got.iter().map(|v| (v.local.clone(), Arc::clone(v))));
     }
 
     /// At most `max` volumes of the last-known listing from `from` on, in name order.
-    fn listed_from(&self, from: &str, max: usize) -> Vec<VolumeInfo> {
+    fn listed_from(&self, from: &str, max: usize) -> Vec<Arc<VolumeInfo>> {
         self.listed
             .range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
             .take(max)
@@ -247,9 +248,9 @@ fn timestamp(secs: i64) -> prost_types::Timestamp {
 }
 
 /// A volume listed by its pool, with the condition already known (a sick pool's) or not.
-type Listed = (Arc<dyn Pool>, VolumeInfo, Option<VolumeCondition>);
+type Listed = (Arc<dyn Pool>, Arc<VolumeInfo>, Option<VolumeCondition>);
 /// A volume of a listing page with its condition, when already known (read for the page otherwise).
-type PageEntry = (VolumeInfo, Option<VolumeCondition>);
+type PageEntry = (Arc<VolumeInfo>, Option<VolumeCondition>);
 
 impl LocalAgent {
     /// The pools a request's parameters select, with the pool-specific parameters checked.
@@ -792,6 +793,7 @@ impl LocalAgent {
             };
             let (volumes, cond) = match pool.list_volumes_from(from, left).await {
                 Ok(vs) => {
+                    let vs: Vec<Arc<VolumeInfo>> = vs.into_iter().map(Arc::new).collect();
                     self.answered(pool.as_ref());
                     let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
                     h.entry(pool.name().to_owned()).or_default().saw_range(from, left, &vs);
@@ -1431,7 +1433,7 @@ impl LocalAgent {
         let entry = self.volume_entry(pool, v, None);
         self.feed.lock().volume(&self.feed.tx, entry);
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        health.entry(pool.name().to_owned()).or_default().listed.insert(v.local.clone(), v.clone());
+        health.entry(pool.name().to_owned()).or_default().listed.insert(v.local.clone(), Arc::new(v.clone()));
     }
 
     /// Reports a volume deleted (and takes it out of the pool's last-known listing).
@@ -1577,7 +1579,7 @@ impl LocalAgent {
                         volumes.insert((pool.name().to_owned(), v.local.clone()), self.volume_entry(pool.as_ref(), v, None));
                     }
                     self.health.lock().unwrap_or_else(|e| e.into_inner()).entry(pool.name().to_owned()).or_default().listed =
-                        vs.into_iter().map(|v| (v.local.clone(), v)).collect();
+                        vs.into_iter().map(|v| (v.local.clone(), Arc::new(v))).collect();
                 }
                 Err(e) => {
                     self.failed(pool.as_ref(), &e);

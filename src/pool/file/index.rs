@@ -15,7 +15,14 @@
 //! - **Changes behind our back** (files added or removed by hand) change the pool directories'
 //!   mtimes. Each operation of the pool records the mtimes it leaves; a check while no operation
 //!   is in progress that finds other mtimes rebuilds the index. A change made while operations
-//!   run, or one that rewrites a file in place, is not noticed until the next start.
+//!   run, or one that rewrites a file in place, is not noticed by the index until the next start.
+//! - **A page's records without reading them**: each volume remembers the [`Stamp`] of its
+//!   record file when it was read or written (device, inode, size, mtime, ctime). A listing
+//!   page stats each record and re-reads only one whose stat differs, so a record damaged or
+//!   changed in place (which changes its ctime, which no one can set back) is still reported,
+//!   and 100 unchanged records cost 100 stats, not 100 reads. A stamp taken within
+//!   [`RACY`] of the file's ctime is not trusted (a second write in the same clock tick
+//!   could keep every field), so such a record is read until its stamp is old enough.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
@@ -23,16 +30,50 @@ use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use super::{Kind, SnapshotRecord, VolumeRecord, meta_noun, room};
 use crate::error::{Error, Result};
 use crate::store;
 use crate::volume_id::valid_local_name;
 
+/// How much older than the stat a record file's ctime must be for its stamp to be trusted:
+/// more than the coarsest timestamp granularity of a Linux filesystem (2 s, FAT), so a later
+/// write cannot carry the same ctime.
+const RACY: Duration = Duration::from_secs(2);
+
+/// What a record file's stat said when its content was read or written: a write to it, in
+/// place or by a rename over it, changes at least its ctime (or its inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Stamp {
+        Stamp { dev: m.dev(), ino: m.ino(), size: m.size(), mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()) }
+    }
+
+    /// The stamp of `m`, stat'ed no earlier than `taken`, when it can be trusted: its ctime is
+    /// at least `racy` before `taken` (see [`RACY`]).
+    fn trusted(m: &fs::Metadata, taken: SystemTime, racy: Duration) -> Option<Stamp> {
+        let stamp = Stamp::of(m);
+        let ctime = Duration::new(u64::try_from(stamp.ctime.0).ok()?, u32::try_from(stamp.ctime.1).ok()?);
+        let taken = taken.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+        (ctime + racy <= taken).then_some(stamp)
+    }
+}
+
 /// One volume as the index knows it.
 #[derive(Debug, Clone)]
 struct Entry {
     record: VolumeRecord,
+    /// Its record file's stamp when `record` was read or written; `None`: read it again.
+    stamp: Option<Stamp>,
     /// The image's holes when last measured.
     holes: u64,
     /// Attached to a loop device (so written behind the pool's back): measured anew each time.
@@ -47,8 +88,11 @@ impl Entry {
     }
 }
 
+/// A record and its file's metadata when it was read.
+type Stated<T> = (T, fs::Metadata);
+
 /// A pool directory's modification time, to notice changes made by hand.
-type Stamp = Option<(i64, i64)>;
+type DirTime = Option<(i64, i64)>;
 
 #[derive(Debug, Default)]
 struct State {
@@ -65,7 +109,7 @@ struct State {
     /// The volumes attached to a loop device.
     attached: BTreeSet<String>,
     /// The directories' mtimes the pool's last operation left.
-    seen: [Stamp; 2],
+    seen: [DirTime; 2],
     /// Operations of the pool in progress: while any runs, mtimes say nothing.
     busy: usize,
 }
@@ -75,6 +119,8 @@ struct State {
 pub(super) struct Index {
     root: PathBuf,
     sys_block: PathBuf,
+    /// [`RACY`] (tests shorten it).
+    racy: Duration,
     state: Arc<Mutex<State>>,
 }
 
@@ -126,11 +172,17 @@ impl State {
     }
 }
 
-fn stamp(dir: &Path) -> Result<Stamp> {
+fn dir_time(dir: &Path) -> Result<DirTime> {
     match fs::metadata(dir) {
         Ok(m) => Ok(Some((m.mtime(), m.mtime_nsec()))),
         Err(e) => Err(room::dir_error(dir, e)),
     }
+}
+
+/// The same record, whatever schema each says (a record is written with this build's, and
+/// the index keeps what was written).
+fn same(a: &VolumeRecord, b: &VolumeRecord) -> bool {
+    a.info == b.info && a.provisioning == b.provisioning && a.shared == b.shared
 }
 
 /// Holes of an image: 0 for one that is missing (condition() reports it).
@@ -145,7 +197,13 @@ fn holes_of(img: &Path) -> Result<u64> {
 impl Index {
     /// The index of the pool at `root`, loaded on first use.
     pub(super) fn new(root: &Path, sys_block: &Path) -> Index {
-        Index { root: root.to_owned(), sys_block: sys_block.to_owned(), state: Arc::default() }
+        Index { root: root.to_owned(), sys_block: sys_block.to_owned(), racy: RACY, state: Arc::default() }
+    }
+
+    /// Trusts record stamps `racy` after their file's ctime (tests: 0, to count reads at once).
+    #[cfg(test)]
+    pub(super) fn set_racy(&mut self, racy: Duration) {
+        self.racy = racy;
     }
 
     /// Where the kernel shows loop devices (tests use a fake tree).
@@ -157,8 +215,12 @@ impl Index {
         self.root.join(Kind::Volume.dir()).join(format!("{local}.img"))
     }
 
-    fn stamps(&self) -> Result<[Stamp; 2]> {
-        Ok([stamp(&self.root.join(Kind::Volume.dir()))?, stamp(&self.root.join(Kind::Snapshot.dir()))?])
+    fn meta(&self, local: &str) -> PathBuf {
+        self.root.join(Kind::Volume.dir()).join(format!("{local}{}", store::SUFFIX))
+    }
+
+    fn stamps(&self) -> Result<[DirTime; 2]> {
+        Ok([dir_time(&self.root.join(Kind::Volume.dir()))?, dir_time(&self.root.join(Kind::Snapshot.dir()))?])
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -184,16 +246,18 @@ impl Index {
         let attached = self.attached_images();
         let mut fresh = State::default();
         let dir = self.root.join(Kind::Volume.dir());
+        let taken = SystemTime::now();
         for (local, r) in self.records::<VolumeRecord>(Kind::Volume)? {
-            let Some(mut record) = r else { continue };
+            let Some((mut record, meta)) = r else { continue };
             record.info.local = local.clone();
             let img = dir.join(format!("{local}.img"));
             let holes = holes_of(&img)?;
             let attached = attached.as_ref().is_none_or(|a| a.contains(&img));
-            fresh.put(local, Entry { record, holes, attached });
+            let stamp = Stamp::trusted(&meta, taken, self.racy);
+            fresh.put(local, Entry { record, stamp, holes, attached });
         }
         for (local, r) in self.records::<SnapshotRecord>(Kind::Snapshot)? {
-            if let Some(r) = r {
+            if let Some((r, _)) = r {
                 fresh.put_snapshot(local, r.shared);
             }
         }
@@ -205,10 +269,11 @@ impl Index {
         Ok(())
     }
 
-    /// The records of one directory; a damaged one is `None` (warned about).
-    fn records<T: serde::de::DeserializeOwned>(&self, kind: Kind) -> Result<Vec<(String, Option<T>)>> {
+    /// The records of one directory with their files' metadata; a damaged one is `None`
+    /// (warned about).
+    fn records<T: serde::de::DeserializeOwned>(&self, kind: Kind) -> Result<Vec<(String, Option<Stated<T>>)>> {
         let dir = self.root.join(kind.dir());
-        let listed = match store::list_dir::<T>(&dir, &meta_noun()) {
+        let listed = match store::list_dir_stat::<T>(&dir, &meta_noun()) {
             Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => return Err(room::dir_error(&dir, source)),
             r => r?,
         };
@@ -294,9 +359,11 @@ impl Index {
         Ok(total)
     }
 
-    /// Records a volume as committed now (a blocking call: its image is measured).
-    /// An image that cannot be measured makes the next use re-read the pool.
+    /// Records a volume as committed now (a blocking call: its image is measured, its record
+    /// file stamped). An image that cannot be measured makes the next use re-read the pool.
     pub(super) fn put_volume(&self, record: VolumeRecord) {
+        let taken = SystemTime::now();
+        let stamp = fs::metadata(self.meta(&record.info.local)).ok().and_then(|m| Stamp::trusted(&m, taken, self.racy));
         let holes = holes_of(&self.img(&record.info.local));
         let mut s = self.lock();
         let Ok(holes) = holes else {
@@ -304,7 +371,55 @@ impl Index {
             return;
         };
         let attached = s.volumes.get(&record.info.local).is_some_and(|e| e.attached);
-        s.put(record.info.local.clone(), Entry { record, holes, attached });
+        s.put(record.info.local.clone(), Entry { record, stamp, holes, attached });
+    }
+
+    /// The records of `locals` as their files hold them now (`None`: no such file), for one
+    /// page's conditions (a blocking call): one stat per record whose stamp the index trusts,
+    /// and a read only of a record that is not indexed, not stamped, or whose stat differs
+    /// (changed in place or replaced behind the driver's back), which reports what it finds.
+    /// A read that finds the indexed record again renews its stamp.
+    pub(super) fn records_now(&self, locals: &[String]) -> Vec<Result<Option<VolumeRecord>>> {
+        // An index that cannot be read (the pool directory) leaves every record to be read.
+        let known: Vec<Option<(VolumeRecord, Option<Stamp>)>> = match self.fresh() {
+            Ok(s) => locals.iter().map(|l| s.volumes.get(l).map(|e| (e.record.clone(), e.stamp))).collect(),
+            Err(_) => locals.iter().map(|_| None).collect(),
+        };
+        let mut renewed = Vec::new();
+        let out = locals
+            .iter()
+            .zip(known)
+            .map(|(local, known)| {
+                let path = self.meta(local);
+                let known = match known {
+                    Some((record, Some(stamp))) => match fs::metadata(&path) {
+                        Ok(m) if Stamp::of(&m) == stamp => return Ok(Some(record)),
+                        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+                        _ => Some(record),
+                    },
+                    other => other.map(|(record, _)| record),
+                };
+                let taken = SystemTime::now();
+                let Some((mut read, meta)) = store::read_file_stat::<VolumeRecord>(&path, &meta_noun())? else { return Ok(None) };
+                read.info.local = local.clone();
+                if let (Some(record), Some(stamp)) = (&known, Stamp::trusted(&meta, taken, self.racy)) {
+                    if same(record, &read) {
+                        renewed.push((local.clone(), read.clone(), stamp));
+                    }
+                }
+                Ok(Some(read))
+            })
+            .collect();
+        if !renewed.is_empty() {
+            let mut s = self.lock();
+            for (local, read, stamp) in renewed {
+                // Only while the index still holds what was read (an operation may have changed it).
+                if let Some(e) = s.volumes.get_mut(&local).filter(|e| same(&e.record, &read)) {
+                    e.stamp = Some(stamp);
+                }
+            }
+        }
+        out
     }
 
     /// Forgets a deleted volume.

@@ -502,10 +502,7 @@ impl FilePool {
     }
 
     fn files(&self, kind: Kind, local: &str) -> Result<Files> {
-        // The one gate between a name and a path: nothing but [a-z0-9_-] reaches the filesystem.
-        if !valid_local_name(local) {
-            return Err(Error::InvalidArgument(format!("{local:?} is not a valid {} name in file pool {:?}", kind.noun(), self.name)));
-        }
+        self.check_name(kind, local)?;
         let dir = self.root.join(kind.dir());
         let meta = dir.join(format!("{local}.json"));
         Ok(Files {
@@ -517,6 +514,22 @@ impl FilePool {
             sync: self.syncs[kind as usize].clone(),
             dir,
         })
+    }
+
+    /// The one gate between a name and a path: nothing but [a-z0-9_-] reaches the filesystem.
+    fn check_name(&self, kind: Kind, local: &str) -> Result<()> {
+        if !valid_local_name(local) {
+            return Err(Error::InvalidArgument(format!("{local:?} is not a valid {} name in file pool {:?}", kind.noun(), self.name)));
+        }
+        Ok(())
+    }
+
+    /// A volume's image (as [`FilePool::files`]' `img`, the name checked the same way).
+    fn image_of(&self, local: &str) -> Result<PathBuf> {
+        self.check_name(Kind::Volume, local)?;
+        let mut img = self.root.join(Kind::Volume.dir());
+        img.push(format!("{local}.img"));
+        Ok(img)
     }
 
     /// The provisioning a request asks for (its `provisioning` mutable parameter, else its
@@ -1242,17 +1255,18 @@ impl Pool for FilePool {
 
     // issue 14: flat
     async fn conditions(&self, locals: &[String]) -> Vec<Result<Condition>> {
-        // One blocking call and one statvfs for the page, not two calls per volume.
-        let files: Vec<Result<Files>> = locals.iter().map(|l| self.files(Kind::Volume, l)).collect();
-        let (root, paths) =
-            (self.root.clone(), files.iter().map(|f| f.as_ref().ok().map(|f| (f.meta.clone(), f.img.clone()))).collect::<Vec<_>>());
+        // One blocking call and one statvfs for the page, not two calls per volume; each record
+        // from the index unless its file's stat changed (`Index::records_now`), each image stat'ed.
+        // Only the image's path is built (`files` builds six).
+        let files: Vec<Result<PathBuf>> = locals.iter().map(|l| self.image_of(l)).collect();
+        let valid: Vec<String> = locals.iter().zip(&files).filter(|(_, f)| f.is_ok()).map(|(l, _)| l.clone()).collect();
+        let (ix, root) = (self.index.clone(), self.root.clone());
+        let imgs: Vec<PathBuf> = files.iter().filter_map(|f| f.as_ref().ok().cloned()).collect();
         let read = self
             .blocking(format!("inspecting {} volumes in {}", locals.len(), self.root.display()), METADATA_DEADLINE, move || {
                 let free = room::free_bytes(&root).map_err(|e| e.to_string());
-                let each = paths
-                    .into_iter()
-                    .map(|p| p.map(|(meta, img)| (read_meta::<VolumeRecord>(&meta), fs::metadata(&img))))
-                    .collect::<Vec<_>>();
+                let records = ix.records_now(&valid);
+                let each = records.into_iter().zip(imgs).map(|(r, img)| (r, fs::metadata(&img))).collect::<Vec<_>>();
                 Ok((free, each))
             })
             .await;
@@ -1260,18 +1274,19 @@ impl Pool for FilePool {
             Ok(r) => r,
             Err(e) => return locals.iter().map(|_| Ok(Condition::Abnormal(e.to_string()))).collect(),
         };
+        let mut each = each.into_iter();
         let mut out = Vec::with_capacity(locals.len());
-        for ((local, f), got) in locals.iter().zip(files).zip(each) {
-            let (f, (record, meta)) = match (f, got) {
-                (Ok(f), Some(got)) => (f, got),
-                (Err(e), _) => {
+        for (local, f) in locals.iter().zip(files) {
+            let f = match f {
+                Ok(f) => f,
+                Err(e) => {
                     out.push(Err(e));
                     continue;
                 }
-                (Ok(_), None) => unreachable!("a path is read for every valid name"),
             };
+            let Some((record, meta)) = each.next() else { unreachable!("a record is read for every valid name") };
             out.push(match record {
-                Ok(Some(r)) => Ok(self.judge(&f.img, &r, meta, free.clone())),
+                Ok(Some(r)) => Ok(self.judge(&f, &r, meta, free.clone())),
                 Ok(None) => Err(Error::NotFound(format!("volume {local} does not exist in file pool {:?}", self.name))),
                 Err(e) => Ok(Condition::Abnormal(e.to_string())),
             });

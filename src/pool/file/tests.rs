@@ -882,3 +882,81 @@ async fn a_create_fsyncs_the_image_and_the_metadata_together_then_the_directory(
         assert_eq!(fs::metadata(volumes.join("v1.img")).unwrap().len(), MIB);
     }
 }
+
+// issue 14: flat
+/// A page's conditions read no record that did not change: each record file is stat'ed and
+/// compared with the stamp the index took when it read or wrote it (reads counted by the
+/// store). What a read would show is still shown: a missing image, a record damaged in place
+/// with its mtime set back (its ctime moved), a record replaced, a record changed in place.
+#[tokio::test]
+async fn a_page_reads_only_the_records_that_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pool(dir.path(), Arc::new(FakeExec::new()));
+    p.index.set_racy(Duration::ZERO);
+    let locals: Vec<String> = (0..10).map(|i| format!("v{i}")).collect();
+    for l in &locals {
+        p.create_volume(&thin(req(l, MIB, false, None))).await.unwrap();
+    }
+    let vols = dir.path().join("volumes");
+    let reads = || store::reads::of(&vols);
+    let abnormal = |c: &Result<Condition>| match c {
+        Ok(Condition::Abnormal(m)) => m.clone(),
+        other => panic!("not abnormal: {other:?}"),
+    };
+    let start = reads();
+    let page = p.conditions(&locals).await;
+    assert!(page.iter().all(|c| matches!(c, Ok(Condition::Healthy))), "{page:?}");
+    assert_eq!(reads() - start, 0, "no record of an unchanged volume is read");
+
+    // In place: same inode, same size, the mtime set back; only the ctime tells.
+    let meta = vols.join("v2.json");
+    let mtime = fs::metadata(&meta).unwrap().modified().unwrap();
+    let f = OpenOptions::new().write(true).open(&meta).unwrap();
+    f.write_all_at(b"#", 0).unwrap();
+    f.set_times(fs::FileTimes::new().set_modified(mtime)).unwrap();
+    drop(f);
+    // Changed in place, still valid: what it says now is judged.
+    let text = fs::read_to_string(vols.join("v4.json")).unwrap();
+    let bigger = text.replace(&format!("\"capacity\": {MIB}"), &format!("\"capacity\": {}", 4 * MIB));
+    assert_ne!(text, bigger, "{text}");
+    fs::write(vols.join("v4.json"), bigger).unwrap();
+    for round in 0..2 {
+        let start = reads();
+        let page = p.conditions(&locals).await;
+        assert_eq!(reads() - start, 2, "round {round}: v2 and v4 are read (each time: they differ from the index)");
+        assert!(abnormal(&page[2]).contains("v2.json is unreadable"), "{}", abnormal(&page[2]));
+        assert!(abnormal(&page[4]).contains("smaller than the volume's"));
+        for (i, c) in page.iter().enumerate().filter(|(i, _)| ![2, 4].contains(i)) {
+            assert_eq!(c.as_ref().unwrap(), &Condition::Healthy, "v{i}");
+        }
+    }
+    // Files removed or renamed change the directory: the index is read again (module doc).
+    fs::remove_file(vols.join("v1.img")).unwrap();
+    fs::copy(vols.join("v3.json"), vols.join("v3.copy")).unwrap();
+    fs::rename(vols.join("v3.copy"), vols.join("v3.json")).unwrap();
+    let page = p.conditions(&locals).await;
+    assert!(abnormal(&page[1]).contains("v1.img is missing"));
+    assert!(abnormal(&page[2]).contains("v2.json is unreadable"));
+    assert_eq!(page[3].as_ref().unwrap(), &Condition::Healthy);
+    assert!(abnormal(&page[4]).contains("smaller than the volume's"));
+    let start = reads();
+    let again = p.conditions(&locals).await;
+    assert_eq!(reads() - start, 1, "only the damaged record (which the index cannot hold) is read");
+    assert_eq!(format!("{page:?}"), format!("{again:?}"));
+}
+
+// issue 14: flat
+/// A record whose ctime is within the timestamps' granularity of its stamp is read again each
+/// time: a second write in the same clock tick could leave every field of its stat the same.
+#[tokio::test]
+async fn a_record_written_just_now_is_read_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = pool(dir.path(), Arc::new(FakeExec::new()));
+    p.create_volume(&thin(req("v", MIB, false, None))).await.unwrap();
+    let vols = dir.path().join("volumes");
+    let start = store::reads::of(&vols);
+    for _ in 0..2 {
+        assert_eq!(p.conditions(&["v".to_owned()]).await[0].as_ref().unwrap(), &Condition::Healthy);
+    }
+    assert_eq!(store::reads::of(&vols) - start, 2);
+}
