@@ -82,6 +82,44 @@ pub fn recall<T: std::any::Any + Send>(key: &str) -> Option<T> {
         .flatten()
 }
 
+// issue 14: a ready-to-use volume costs what the raw tools cost
+/// What a create learns of one pool before it places a volume ([`Pool::survey`]), from as few
+/// looks at the pool as its kind allows, handed explicitly to the calls that follow in the same
+/// create (the room check, [`Pool::create_surveyed`]) so they need not look again.
+#[derive(Debug, Clone, Default)]
+pub struct Survey {
+    /// The first of the names asked for under which a volume exists: its index among the
+    /// names, and the volume.
+    pub found: Option<(usize, VolumeInfo)>,
+    /// The pool's free room as [`Pool::capacity`] answers it, when the same look told it.
+    pub free: Option<u64>,
+    /// The pool's allocation unit as [`Pool::allocation_unit`] answers it, when the same look
+    /// told it.
+    pub unit: Option<u64>,
+    /// What the look saw, for [`Pool::create_surveyed`].
+    pub seen: Seen,
+}
+
+/// The pool-kind part of a [`Survey`].
+#[derive(Debug, Clone, Default)]
+pub enum Seen {
+    /// Nothing beyond the volumes found.
+    #[default]
+    Nothing,
+    /// A thin LVM pool: the listing of the volume group (`lvs VG`).
+    Lvm(Vec<lvm::report::Lv>),
+}
+
+/// [`Pool::survey`] by one [`Pool::get_volume`] per name, stopping at the first found.
+pub async fn survey_by_lookups(pool: &(impl Pool + ?Sized), names: &[&str]) -> Result<Survey> {
+    for (i, name) in names.iter().enumerate() {
+        if let Some(v) = pool.get_volume(name).await? {
+            return Ok(Survey { found: Some((i, v)), ..Survey::default() });
+        }
+    }
+    Ok(Survey::default())
+}
+
 /// Polls for the device node `path` (udev creates `/dev/<vg>/<lv>` and `/dev/zvol/...` shortly
 /// after an LV is activated or a zvol appears); past `timeout` the error says so, with the
 /// pool's `hint` of what to check appended.
@@ -368,6 +406,19 @@ pub trait Pool: Send + Sync {
     async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo>;
     /// Deletes a volume; succeeds when it is already gone.
     async fn delete_volume(&self, local: &str) -> Result<()>;
+    /// The first of `names` under which a volume exists, with what else the same look at the
+    /// pool told (its room, its allocation unit), for a create about to place a volume. By
+    /// default one [`Pool::get_volume`] per name and nothing else.
+    async fn survey(&self, names: &[&str]) -> Result<Survey> {
+        survey_by_lookups(self, names).await
+    }
+    /// [`Pool::create_volume`] right after a [`Pool::survey`] of this pool in the same create
+    /// (under the name lock), which found no volume under `req.local`: a pool may act on what
+    /// the survey saw instead of looking again. By default exactly `create_volume`.
+    async fn create_surveyed(&self, req: &CreateRequest, _survey: &Survey) -> Result<VolumeInfo> {
+        self.create_volume(req).await
+    }
+
     /// Looks up a volume.
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>>;
     /// All volumes, in no particular order.
