@@ -2999,11 +2999,14 @@ mod tests {
         fn agent(fake: Arc<FakeExec>) -> Arc<LocalAgent> {
             let src = "[[pool]]\nname = \"thin\"\nkind = \"lvm\"\nvolume_group = \"vg0\"\nthin_pool = \"tp0\"\n";
             let cfg = Config::parse(src).unwrap().pools.remove(0);
-            let pool: Arc<dyn Pool> = Arc::new(crate::pool::lvm::LvmPool::new(&cfg, fake).unwrap());
+            agent_over(Arc::new(crate::pool::lvm::LvmPool::new(&cfg, fake).unwrap()))
+        }
+
+        fn agent_over(pool: Arc<dyn Pool>) -> Arc<LocalAgent> {
             let driver = Driver {
                 node_id: "n1".into(),
                 segments: Segments::from([(crate::placement::NODE_KEY.to_owned(), "n1".to_owned())]),
-                pools: BTreeMap::from([("thin".to_owned(), pool)]),
+                pools: BTreeMap::from([(pool.name().to_owned(), pool)]),
                 labels: BTreeMap::new(),
                 shared: std::sync::RwLock::default(),
                 node: crate::node::Node::new(Arc::new(FakeExec::new()), Arc::new(FakeMounter::new())),
@@ -3085,6 +3088,25 @@ mod tests {
             assert!(fake.lines()[1].contains(&format!("--name {lv} --virtualsize {}b", 8 * M)), "{:?}", fake.lines());
             assert_eq!(v.capacity_bytes, 8 * M as i64, "the size the create asked for, a whole number of extents");
             assert!(v.volume_id.starts_with(&format!("lvm:n1:thin:{}:v", local_name(name))), "{}", v.volume_id);
+        }
+
+        /// On ZFS datasets: before, `zfs get` of the new and of the legacy name, `zfs get
+        /// available` (placement), `zfs create`, `zfs get` (read back): 5. Now one `zfs get` of
+        /// the parent and both names, and the create.
+        #[tokio::test]
+        async fn a_new_zfs_dataset_costs_one_get_and_the_create() {
+            let src = "[[pool]]\nname = \"z\"\nkind = \"zfs\"\ndataset = \"tank/hf\"\n";
+            let cfg = Config::parse(src).unwrap().pools.remove(0);
+            let fake = Arc::new(FakeExec::new());
+            let name = "Team/Data";
+            let gone = |l: String| format!("cannot open 'tank/hf/{l}': dataset does not exist\n");
+            let parent = format!("tank/hf\ttype\tfilesystem\t-\ntank/hf\tavailable\t{}\t-\n", 1u64 << 30);
+            fake.on("zfs get", vec![Reply::Partial(1, parent, gone(local_name(name)) + &gone(legacy_local_name(name)))]);
+            let a = agent_over(Arc::new(crate::pool::zfs::ZfsPool::new(&cfg, fake.clone()).unwrap()));
+            let v = a.create(request(name)).await.unwrap().volume.unwrap();
+            let progs: Vec<String> = fake.calls().iter().map(|c| c[..2].join(" ")).collect();
+            assert_eq!(progs, ["zfs get", "zfs create"], "{:?}", fake.lines());
+            assert_eq!(v.capacity_bytes, 8 * M as i64);
         }
 
         /// The same listing finds a retry under either name: the new local name, or the name

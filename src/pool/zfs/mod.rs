@@ -711,6 +711,48 @@ impl Pool for ZfsPool {
         Ok(())
     }
 
+    async fn survey(&self, names: &[&str]) -> Result<crate::pool::Survey> {
+        // issue 14: one `zfs get` of the parent and of the dataset under each name answers a
+        // create's retry check for every name and its placement (the parent's `available`,
+        // as `capacity` reads it), where one `zfs get` per name and one of `available` ran.
+        let wanted: Vec<(usize, String)> =
+            names.iter().enumerate().filter(|(_, l)| valid_local_name(l)).map(|(i, l)| (i, self.volume_dataset(l))).collect();
+        let mut targets = vec![self.dataset.clone()];
+        targets.extend(wanted.iter().map(|(_, d)| d.clone()));
+        let (out, missing) = match self.exec.run(command::get_each(&targets, command::DATASETS)).await {
+            Ok(out) => (out.stdout, Vec::new()),
+            Err(e) if command::is_no_pool(&e) => return Err(self.pool_missing()),
+            Err(e) => match (command::missing_targets(&e), e) {
+                (Some(missing), crate::exec::ExecError::Failed { stdout, .. }) => (stdout, missing),
+                _ => return crate::pool::survey_by_lookups(self, names).await,
+            },
+        };
+        let objects = report::parse_get(&out).map_err(|e| Error::Internal(format!("reading ZFS {}: {e}", targets.join(" "))))?;
+        // Every target is either reported or said to be missing; anything else (another zfs
+        // than the one this was written against) is asked one name at a time, as before.
+        if !targets.iter().all(|t| objects.iter().any(|o| o.name == *t) ^ missing.contains(t)) {
+            tracing::warn!(pool = %self.name, "zfs get of several datasets answered unexpectedly; looking them up one by one");
+            return crate::pool::survey_by_lookups(self, names).await;
+        }
+        let mut found = None;
+        for (i, dataset) in &wanted {
+            let Some(o) = objects.iter().find(|o| o.name == *dataset) else { continue };
+            match self.live_volume(o) {
+                Ok(Some(meta)) => {
+                    found = Some((*i, Self::volume_info(o, meta)));
+                    break;
+                }
+                Ok(None) => {
+                    tracing::warn!(pool = %self.name, dataset = %o.name, "ZFS dataset exists but is not a volume of this pool; leaving it alone")
+                }
+                Err(e) => return Err(Self::damaged(o, e)),
+            }
+        }
+        // A parent not made yet (the first create makes it): `capacity` asks its ancestors.
+        let free = objects.iter().find(|o| o.name == self.dataset).map(|o| o.available / MIB * MIB);
+        Ok(crate::pool::Survey { found, free, ..Default::default() })
+    }
+
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
         let found = self.find_volume(local).await?;
         if let Some(f) = &found {

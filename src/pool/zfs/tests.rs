@@ -24,7 +24,7 @@ fn failure(name: &str) -> Reply {
 fn exec_error(name: &str) -> ExecError {
     match failure(name) {
         Reply::Fail(code, stderr) => ExecError::Failed { cmd: "zfs".into(), code, stdout: String::new(), stderr },
-        Reply::Ok(_) => unreachable!(),
+        Reply::Ok(_) | Reply::Partial(..) => unreachable!(),
     }
 }
 
@@ -902,4 +902,48 @@ async fn mutable_parameters_are_set_then_recorded_and_applied_at_creation() {
     assert!(create.contains("-o compression=zstd -o refreservation=33554432 "), "{create}");
     assert!(!create.contains("compression=lz4"), "{create}");
     assert!(create.contains("-o holdfast:mutable={\"compression\":\"zstd\",\"provisioning\":\"thick\"}"), "{create}");
+}
+
+// issue 14: a ready-to-use volume costs what the raw tools cost
+/// A create's survey of both names and the parent's room is one `zfs get`: ZFS reports the
+/// targets that exist and names each missing one (exit 1). A legacy-named volume is found in
+/// it; a failure that says anything else is answered by one lookup per name, as before.
+#[tokio::test]
+async fn a_create_surveys_both_names_and_the_room_in_one_get() {
+    let parent = rows("tank/hf", "filesystem", &[("available", &(3 * 1024 * MIB + 5).to_string())], &[]);
+    let targets = |names: &[&str]| -> Vec<String> {
+        std::iter::once("tank/hf".to_owned()).chain(names.iter().map(|n| format!("tank/hf/{n}"))).collect()
+    };
+    let get = command::get_each(&targets(&["new", "old"]), command::DATASETS).display();
+    let gone = |n: &str| format!("cannot open 'tank/hf/{n}': dataset does not exist\n");
+
+    let (p, fake) = pool("");
+    fake.on(&get, vec![Reply::Partial(1, parent.clone(), gone("new") + &gone("old"))]);
+    let s = p.survey(&["new", "old"]).await.unwrap();
+    assert!(s.found.is_none());
+    assert_eq!(s.free, Some(3 * 1024 * MIB), "the parent's available, in whole MiB, as capacity() says");
+    assert_eq!(fake.lines(), [get.clone()]);
+
+    let (p, fake) = pool("");
+    let old = volume_rows("tank/hf/old", "filesystem", 32 * MIB, &[]);
+    fake.on(&get, vec![Reply::Partial(1, parent.clone() + &old, gone("new"))]);
+    let (i, v) = p.survey(&["new", "old"]).await.unwrap().found.expect("the legacy-named volume");
+    assert_eq!((i, v.local.as_str(), v.capacity), (1, "old", 32 * MIB));
+    assert_eq!(fake.lines(), [get.clone()]);
+
+    // Not made yet: the parent is missing too, and the room is left to capacity().
+    let (p, fake) = pool("");
+    fake.on(
+        &get,
+        vec![Reply::Partial(1, String::new(), "cannot open 'tank/hf': dataset does not exist\n".to_owned() + &gone("new") + &gone("old"))],
+    );
+    let s = p.survey(&["new", "old"]).await.unwrap();
+    assert!(s.found.is_none() && s.free.is_none(), "{s:?}");
+    assert_eq!(fake.lines().len(), 1);
+
+    // A failure that is not only missing targets: one lookup per name.
+    let (p, fake) = pool("");
+    fake.on(&get, vec![Reply::Fail(1, "internal error: something else\n".into())]);
+    assert!(p.survey(&["new", "old"]).await.unwrap().found.is_none());
+    assert_eq!(fake.lines().len(), 3, "{:?}", fake.lines());
 }
