@@ -1525,8 +1525,18 @@ impl LocalAgent {
 
     /// One pool's capacity now.
     async fn pool_capacity(&self, pool: &dyn Pool) -> Result<ap::PoolCapacity> {
-        let largest = pool.capacity().await?;
-        let unit = pool.allocation_unit().await?.max(1);
+        // issue 14: what one look at the pool tells (a thin LVM pool's room and extent size
+        // from one `lvs`); the rest asked apart.
+        let survey = pool.survey(&[]).await?;
+        let largest = match survey.free {
+            Some(free) => free,
+            None => pool.capacity().await?,
+        };
+        let unit = match survey.unit {
+            Some(unit) => unit,
+            None => pool.allocation_unit().await?,
+        }
+        .max(1);
         let (used, count) = self.usage(pool).await?;
         Ok(ap::PoolCapacity {
             pool: pool.name().to_owned(),
@@ -1960,7 +1970,10 @@ impl LocalAgent {
     /// read again and reported as a change, off the caller's path; moves while it is read
     /// make one more read, so a burst of creates costs a few reads, not one each.
     fn room_moved(&self, pool: &str) {
-        if !self.d.pools.contains_key(pool) {
+        // issue 14: nobody follows the feed (all-in-one, an agent not registered yet): the read
+        // would report to no one, competing with the calls for the CPUs; whoever subscribes
+        // later starts from an inventory, which reads every pool (as the periodic pass skips).
+        if !self.d.pools.contains_key(pool) || self.feed.tx.receiver_count() == 0 {
             return;
         }
         {
@@ -3107,6 +3120,29 @@ mod tests {
             let progs: Vec<String> = fake.calls().iter().map(|c| c[..2].join(" ")).collect();
             assert_eq!(progs, ["zfs get", "zfs create"], "{:?}", fake.lines());
             assert_eq!(v.capacity_bytes, 8 * M as i64);
+        }
+
+        /// After a create or delete the pool's room is read again only for someone following
+        /// the feed (an agent's controller), and then from one `lvs` (before: `lvs`, `vgs` and
+        /// a listing, after every create and delete, competing with the calls for the CPUs).
+        #[tokio::test]
+        async fn the_room_is_read_again_only_for_a_follower_and_from_one_listing() {
+            let fake = Arc::new(FakeExec::new());
+            fake.on("lvs", vec![Reply::Ok(listing(&[]))]);
+            let a = agent(fake.clone());
+            let create = |name: &str| ap::CreateVolumeRequest { request: Some(request(name)), ..Default::default() };
+            AgentOps::create_volume(a.as_ref(), create("v1"), Duration::from_secs(30)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(programs(&fake), ["lvs", "lvcreate"], "all-in-one: nobody to tell: {:?}", fake.lines());
+
+            // A registered agent: its controller follows the feed from an inventory.
+            let _rx = a.subscribe();
+            a.get_inventory(Duration::from_secs(30)).await.unwrap();
+            let before = fake.calls().len();
+            AgentOps::create_volume(a.as_ref(), create("v2"), Duration::from_secs(30)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let after: Vec<String> = programs(&fake).split_off(before);
+            assert_eq!(after, ["lvs", "lvcreate", "lvs"], "the create, then one read of the room: {:?}", fake.lines());
         }
 
         /// The same listing finds a retry under either name: the new local name, or the name
