@@ -411,12 +411,6 @@ impl LvmPool {
         )
     }
 
-    /// The key under which a lookup of volume `local` is kept for one node call
-    /// ([`crate::pool::one_lookup`]).
-    fn volume_key(&self, local: &str) -> String {
-        format!("lvm/{}/volume/{local}", self.name)
-    }
-
     /// One LV by name; `None` when it does not exist.
     async fn lookup(&self, lv: &str) -> Result<Option<Lv>> {
         let target = format!("{}/{lv}", self.vg);
@@ -634,6 +628,14 @@ impl LvmPool {
             Some(e) if req.capacity % e == 0 && self.lvcreate_options.is_empty() => Ok(Self::volume_of(meta, req.capacity)),
             _ => self.read_volume(&lv_name).await,
         }
+    }
+
+    /// Attaches volume `local`, found as `lv` with record `meta`.
+    async fn attach_lv(&self, local: &str, lv: Lv, meta: Meta) -> Result<Attachment> {
+        if meta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        }
+        Ok(Attachment::Device(self.activate(&lv).await?))
     }
 
     /// Reads back a volume this pool just made.
@@ -1132,12 +1134,15 @@ impl Pool for LvmPool {
     }
 
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
-        let found = self.find(local, ObjectType::Volume).await?;
-        if let Some(f) = &found {
-            // NodeStage attaches right after this lookup: it need not run `lvs` again.
-            crate::pool::remember(&self.volume_key(local), || f.clone());
-        }
-        Ok(found.map(|(lv, meta)| Self::volume_info(&lv, meta)))
+        Ok(self.find(local, ObjectType::Volume).await?.map(|(lv, meta)| Self::volume_info(&lv, meta)))
+    }
+
+    async fn look_up_volume(&self, local: &str) -> Result<Option<(VolumeInfo, crate::pool::Found)>> {
+        // NodeStage attaches right after this lookup: it need not run `lvs` again.
+        Ok(self
+            .find(local, ObjectType::Volume)
+            .await?
+            .map(|(lv, meta)| (Self::volume_info(&lv, meta.clone()), crate::pool::Found::Lvm(Box::new((lv, meta))))))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
@@ -1307,15 +1312,16 @@ impl Pool for LvmPool {
     }
 
     async fn attach(&self, local: &str) -> Result<Attachment> {
-        let found = match crate::pool::recall::<(Lv, Meta)>(&self.volume_key(local)) {
-            Some(f) => Some(f),
-            None => self.find(local, ObjectType::Volume).await?,
-        };
+        let found = self.find(local, ObjectType::Volume).await?;
         let (lv, meta) = found.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
-        if meta.pending {
-            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        self.attach_lv(local, lv, meta).await
+    }
+
+    async fn attach_found(&self, local: &str, found: crate::pool::Found) -> Result<Attachment> {
+        match found {
+            crate::pool::Found::Lvm(f) if volume_lv(local) == f.0.name => self.attach_lv(local, f.0, f.1).await,
+            _ => self.attach(local).await,
         }
-        Ok(Attachment::Device(self.activate(&lv).await?))
     }
 
     async fn detach(&self, _local: &str) -> Result<()> {

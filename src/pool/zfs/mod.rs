@@ -300,12 +300,6 @@ impl ZfsPool {
 
     /// Volume `local`; `None` when there is none (a dataset of that name that is not ours
     /// counts as none, with a warning).
-    /// The key under which a lookup of volume `local` is kept for one node call
-    /// ([`crate::pool::one_lookup`]).
-    fn volume_key(&self, local: &str) -> String {
-        format!("zfs/{}/volume/{local}", self.name)
-    }
-
     async fn find_volume(&self, local: &str) -> Result<Option<(Object, Meta)>> {
         if !valid_local_name(local) {
             return Ok(None);
@@ -536,6 +530,21 @@ impl ZfsPool {
     }
 
     /// Reads back a volume this pool just made.
+    /// Attaches volume `local`, found as `o` with record `meta`.
+    async fn attach_object(&self, local: &str, o: Object, meta: Meta) -> Result<Attachment> {
+        if meta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        }
+        match o.kind {
+            Kind::Volume => {
+                let device = Self::zvol_device(&o.name);
+                crate::pool::wait_for_device(&device, DEVICE_WAIT, ZVOL_HINT).await?;
+                Ok(Attachment::Device(device))
+            }
+            _ => Ok(Attachment::Mount { source: o.name.clone(), fs_type: "zfs".to_owned(), options: Vec::new() }),
+        }
+    }
+
     async fn read_volume(&self, name: &str) -> Result<VolumeInfo> {
         let found = self.read(name, command::DATASETS).await?;
         match found.as_ref().map(|o| (o, self.live_volume(o))) {
@@ -754,12 +763,15 @@ impl Pool for ZfsPool {
     }
 
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
-        let found = self.find_volume(local).await?;
-        if let Some(f) = &found {
-            // NodeStage attaches right after this lookup: it need not run `zfs get` again.
-            crate::pool::remember(&self.volume_key(local), || f.clone());
-        }
-        Ok(found.map(|(o, meta)| Self::volume_info(&o, meta)))
+        Ok(self.find_volume(local).await?.map(|(o, meta)| Self::volume_info(&o, meta)))
+    }
+
+    async fn look_up_volume(&self, local: &str) -> Result<Option<(VolumeInfo, crate::pool::Found)>> {
+        // NodeStage attaches right after this lookup: it need not run `zfs get` again.
+        Ok(self
+            .find_volume(local)
+            .await?
+            .map(|(o, meta)| (Self::volume_info(&o, meta.clone()), crate::pool::Found::Zfs(Box::new((o, meta))))))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
@@ -950,21 +962,15 @@ impl Pool for ZfsPool {
     }
 
     async fn attach(&self, local: &str) -> Result<Attachment> {
-        let found = match crate::pool::recall::<(Object, Meta)>(&self.volume_key(local)) {
-            Some(f) => Some(f),
-            None => self.find_volume(local).await?,
-        };
+        let found = self.find_volume(local).await?;
         let (o, meta) = found.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
-        if meta.pending {
-            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
-        }
-        match o.kind {
-            Kind::Volume => {
-                let device = Self::zvol_device(&o.name);
-                crate::pool::wait_for_device(&device, DEVICE_WAIT, ZVOL_HINT).await?;
-                Ok(Attachment::Device(device))
-            }
-            _ => Ok(Attachment::Mount { source: o.name.clone(), fs_type: "zfs".to_owned(), options: Vec::new() }),
+        self.attach_object(local, o, meta).await
+    }
+
+    async fn attach_found(&self, local: &str, found: crate::pool::Found) -> Result<Attachment> {
+        match found {
+            crate::pool::Found::Zfs(f) if f.0.name == self.volume_dataset(local) => self.attach_object(local, f.0, f.1).await,
+            _ => self.attach(local).await,
         }
     }
 

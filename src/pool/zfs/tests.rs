@@ -397,23 +397,21 @@ async fn creates_a_dataset_with_exact_argv_and_answers_without_reading_it_back()
 }
 
 /// NodeStage looks its volume up (get_volume) and then attaches it: within one node call
-/// (`pool::one_lookup`) that is one `zfs get`, outside one each looks up afresh.
+/// (`Pool::look_up_volume` handing what it found to `Pool::attach_found`) that is one `zfs get`;
+/// `get_volume` then `attach` each look up afresh.
 #[tokio::test]
 async fn a_stage_looks_the_dataset_up_once() {
     let (p, fake) = pool("");
     let get = get_line("tank/hf/v1", command::DATASETS, 0);
     fake.on(&get, vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 32 * MIB, &[]))]);
-    let attached = crate::pool::one_lookup(async {
-        p.get_volume("v1").await.unwrap().expect("found");
-        p.attach("v1").await.unwrap()
-    })
-    .await;
+    let (_, found) = p.look_up_volume("v1").await.unwrap().expect("found");
+    let attached = p.attach_found("v1", found).await.unwrap();
     assert!(matches!(&attached, Attachment::Mount { source, .. } if source == "tank/hf/v1"), "{attached:?}");
     assert_eq!(fake.lines(), std::slice::from_ref(&get));
 
     p.get_volume("v1").await.unwrap().expect("found");
     p.attach("v1").await.unwrap();
-    assert_eq!(fake.lines().len(), 3, "outside one node call nothing is kept: {:?}", fake.lines());
+    assert_eq!(fake.lines().len(), 3, "get_volume and attach each look up: {:?}", fake.lines());
 }
 
 #[tokio::test]
