@@ -920,14 +920,14 @@ async fn a_create_surveys_both_names_and_the_room_in_one_get() {
     let s = p.survey(&["new", "old"]).await.unwrap();
     assert!(s.found.is_none());
     assert_eq!(s.free, Some(3 * 1024 * MIB), "the parent's available, in whole MiB, as capacity() says");
-    assert_eq!(fake.lines(), [get.clone()]);
+    assert_eq!(fake.lines(), std::slice::from_ref(&get));
 
     let (p, fake) = pool("");
     let old = volume_rows("tank/hf/old", "filesystem", 32 * MIB, &[]);
     fake.on(&get, vec![Reply::Partial(1, parent.clone() + &old, gone("new"))]);
     let (i, v) = p.survey(&["new", "old"]).await.unwrap().found.expect("the legacy-named volume");
     assert_eq!((i, v.local.as_str(), v.capacity), (1, "old", 32 * MIB));
-    assert_eq!(fake.lines(), [get.clone()]);
+    assert_eq!(fake.lines(), std::slice::from_ref(&get));
 
     // Not made yet: the parent is missing too, and the room is left to capacity().
     let (p, fake) = pool("");
