@@ -604,11 +604,10 @@ impl LvmPool {
         Ok(Self::volume_info(&lv, meta))
     }
 
-    /// A new thin volume (no source), against `lvs`, a listing of the volume group read in the
+    /// A new thin volume (no source) in thin pool `pool`, against `lvs`, a listing of the volume group read in the
     /// same create: an LV of the name there answers as a retry; otherwise the thin pool's room
     /// is checked and the LV made.
-    async fn create_thin(&self, req: &CreateRequest, lvs: &[Lv]) -> Result<VolumeInfo> {
-        let pool = self.thin_pool.as_deref().ok_or_else(|| Error::Internal(format!("pool {:?} is not thin", self.name)))?;
+    async fn create_thin(&self, req: &CreateRequest, pool: &str, lvs: &[Lv]) -> Result<VolumeInfo> {
         let lv_name = volume_lv(&req.local);
         if let Some(lv) = lvs.iter().find(|l| l.name == lv_name) {
             return self.existing_volume(req, lv.clone()).await;
@@ -1073,8 +1072,8 @@ impl Pool for LvmPool {
         let lv_name = volume_lv(&req.local);
         // issue 14: a new thin volume costs one `lvs` before lvcreate, not two: the listing of
         // the volume group that the room check reads also says whether the LV exists already.
-        if self.thin_pool.is_some() && req.source.is_none() {
-            return self.create_thin(req, &self.list_lvs().await?).await;
+        if let (Some(pool), None) = (self.thin_pool.as_deref(), &req.source) {
+            return self.create_thin(req, pool, &self.list_lvs().await?).await;
         }
         if let Some(lv) = self.lookup(&lv_name).await? {
             return self.existing_volume(req, lv).await;
@@ -1117,9 +1116,9 @@ impl Pool for LvmPool {
     }
 
     async fn create_surveyed(&self, req: &CreateRequest, survey: &crate::pool::Survey) -> Result<VolumeInfo> {
-        match &survey.seen {
-            crate::pool::Seen::Lvm(lvs) if self.thin_pool.is_some() && req.source.is_none() && valid_local_name(&req.local) => {
-                self.create_thin(req, lvs).await
+        match (&survey.seen, self.thin_pool.as_deref()) {
+            (crate::pool::Seen::Lvm(lvs), Some(pool)) if req.source.is_none() && valid_local_name(&req.local) => {
+                self.create_thin(req, pool, lvs).await
             }
             _ => self.create_volume(req).await,
         }
