@@ -1970,7 +1970,8 @@ impl LocalAgent {
     /// read again and reported as a change, off the caller's path; moves while it is read
     /// make one more read, so a burst of creates costs a few reads, not one each.
     fn room_moved(&self, pool: &str) {
-        // issue 14: nobody follows the feed (all-in-one, an agent not registered yet): the read
+        // issue 14: nobody follows the feed (an agent not registered yet; all-in-one's own
+        // in-process controller does follow it): the read
         // would report to no one, competing with the calls for the CPUs; whoever subscribes
         // later starts from an inventory, which reads every pool (as the periodic pass skips).
         if !self.d.pools.contains_key(pool) || self.feed.tx.receiver_count() == 0 {
@@ -3133,9 +3134,9 @@ mod tests {
             let create = |name: &str| ap::CreateVolumeRequest { request: Some(request(name)), ..Default::default() };
             AgentOps::create_volume(a.as_ref(), create("v1"), Duration::from_secs(30)).await.unwrap();
             tokio::time::sleep(Duration::from_millis(50)).await;
-            assert_eq!(programs(&fake), ["lvs", "lvcreate"], "all-in-one: nobody to tell: {:?}", fake.lines());
+            assert_eq!(programs(&fake), ["lvs", "lvcreate"], "nobody follows the feed: nobody to tell: {:?}", fake.lines());
 
-            // A registered agent: its controller follows the feed from an inventory.
+            // A registered agent (or all-in-one): a controller follows the feed from an inventory.
             let _rx = a.subscribe();
             a.get_inventory(Duration::from_secs(30)).await.unwrap();
             let before = fake.calls().len();
