@@ -297,6 +297,8 @@ pub enum Reply {
     Ok(String),
     /// Exit with this code and stderr.
     Fail(i32, String),
+    /// Exit with this code, stdout and stderr (a command that did part of its work).
+    Partial(i32, String, String),
 }
 
 #[derive(Debug)]
@@ -350,6 +352,7 @@ impl Exec for FakeExec {
         match reply {
             Reply::Ok(stdout) => Ok(Output { stdout, stderr: String::new() }),
             Reply::Fail(code, stderr) => Err(ExecError::Failed { cmd: cmd.display(), code, stdout: String::new(), stderr }),
+            Reply::Partial(code, stdout, stderr) => Err(ExecError::Failed { cmd: cmd.display(), code, stdout, stderr }),
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::error::{Error, Result, cut};
 use crate::jobs::{self, Work};
 use crate::locks::{LockKey, ObjectKind};
 use crate::placement::{self, Candidate, Segments};
-use crate::pool::{self, CreateRequest, Pool, SnapshotInfo, Source, VolumeInfo};
+use crate::pool::{self, CreateRequest, Pool, SnapshotInfo, Source, Survey, VolumeInfo};
 use crate::proto::volume_content_source::{self, SnapshotSource, VolumeSource};
 use crate::proto::*;
 use crate::volume_id::{Object, PoolKind, VolumeId, legacy_local_name, local_name, new_uid};
@@ -353,6 +353,19 @@ impl LocalAgent {
         Ok(pool.get_volume(&legacy).await?.filter(|v| v.csi_name == csi_name))
     }
 
+    // issue 14: a ready-to-use volume costs what the raw tools cost
+    /// As [`Self::volume_named`], for a create about to place a volume: both names asked in
+    /// one [`Pool::survey`] (one `lvs` of a thin pool's volume group answers both, and the
+    /// placement and create after it), whose `found` is what `volume_named` would answer.
+    async fn surveyed(&self, pool: &dyn Pool, csi_name: &str, local: &str) -> Result<Survey> {
+        let legacy = legacy_local_name(csi_name);
+        let names: Vec<&str> = if legacy == local { vec![local] } else { vec![local, &legacy] };
+        let mut survey = pool.survey(&names).await?;
+        // The legacy name answers only when its volume was made for this very CSI name.
+        survey.found = survey.found.filter(|(i, v)| *i == 0 || v.csi_name == csi_name);
+        Ok(survey)
+    }
+
     /// As [`Self::volume_named`], for snapshots.
     async fn snapshot_named(&self, pool: &dyn Pool, csi_name: &str, local: &str) -> Result<Option<SnapshotInfo>> {
         if let Some(s) = pool.get_snapshot(local).await? {
@@ -503,12 +516,21 @@ impl LocalAgent {
         // be asked is passed over here; whether that may hide the first attempt is decided
         // once the candidates are known.
         let mut unasked: Vec<(String, Error)> = Vec::new();
+        // What each pool's look told beyond the names (its room, its unit, its listing), for
+        // the placement and the create below.
+        let mut surveys: HashMap<String, Survey> = HashMap::new();
         for pool in self.d.pools.values() {
-            let v = match self.volume_named(pool.as_ref(), &req.name, &local).await {
-                Ok(Some(v)) => v,
-                Ok(None) => {
-                    self.answered(pool.as_ref());
-                    continue;
+            let v = match self.surveyed(pool.as_ref(), &req.name, &local).await {
+                Ok(mut survey) => {
+                    let found = survey.found.take();
+                    surveys.insert(pool.name().to_owned(), survey);
+                    match found {
+                        Some((_, v)) => v,
+                        None => {
+                            self.answered(pool.as_ref());
+                            continue;
+                        }
+                    }
                 }
                 Err(e) => {
                     self.failed(pool.as_ref(), &e);
@@ -611,7 +633,11 @@ impl LocalAgent {
         let mut candidates = Vec::new();
         let mut sick = Vec::new();
         for p in &pools {
-            match p.capacity().await {
+            let free = match surveys.get(p.name()).and_then(|s| s.free) {
+                Some(free) => Ok(free),
+                None => p.capacity().await,
+            };
+            match free {
                 Ok(free) => {
                     self.answered(p.as_ref());
                     candidates.push(Candidate { pool: p.name().to_owned(), segments: self.pool_segments(p.as_ref()), free });
@@ -651,7 +677,11 @@ impl LocalAgent {
                 capacity = min;
             }
         }
-        let unit = pool.allocation_unit().await?.max(1);
+        let unit = match surveys.get(pool.name()).and_then(|s| s.unit) {
+            Some(unit) => unit,
+            None => pool.allocation_unit().await?,
+        }
+        .max(1);
         capacity = capacity.div_ceil(unit) * unit;
         if limit != 0 && capacity > limit {
             return Err(Error::OutOfRange(format!(
@@ -674,7 +704,10 @@ impl LocalAgent {
             mutable,
         };
         if creq.source.is_none() {
-            let v = pool.create_volume(&creq).await?;
+            let v = match surveys.get(pool.name()) {
+                Some(survey) => pool.create_surveyed(&creq, survey).await?,
+                None => pool.create_volume(&creq).await?,
+            };
             self.note_volume(pool.as_ref(), &v);
             drop(guard);
             return Ok(CreateVolumeResponse { volume: Some(self.volume_message(pool.as_ref(), &v)) });
@@ -1500,8 +1533,18 @@ impl LocalAgent {
 
     /// One pool's capacity now.
     async fn pool_capacity(&self, pool: &dyn Pool) -> Result<ap::PoolCapacity> {
-        let largest = pool.capacity().await?;
-        let unit = pool.allocation_unit().await?.max(1);
+        // issue 14: what one look at the pool tells (a thin LVM pool's room and extent size
+        // from one `lvs`); the rest asked apart.
+        let survey = pool.survey(&[]).await?;
+        let largest = match survey.free {
+            Some(free) => free,
+            None => pool.capacity().await?,
+        };
+        let unit = match survey.unit {
+            Some(unit) => unit,
+            None => pool.allocation_unit().await?,
+        }
+        .max(1);
         let (used, count) = self.usage(pool).await?;
         Ok(ap::PoolCapacity {
             pool: pool.name().to_owned(),
@@ -1935,7 +1978,11 @@ impl LocalAgent {
     /// read again and reported as a change, off the caller's path; moves while it is read
     /// make one more read, so a burst of creates costs a few reads, not one each.
     fn room_moved(&self, pool: &str) {
-        if !self.d.pools.contains_key(pool) {
+        // issue 14: nobody follows the feed (an agent not registered yet; all-in-one's own
+        // in-process controller does follow it): the read
+        // would report to no one, competing with the calls for the CPUs; whoever subscribes
+        // later starts from an inventory, which reads every pool (as the periodic pass skips).
+        if !self.d.pools.contains_key(pool) || self.feed.tx.receiver_count() == 0 {
             return;
         }
         {
@@ -2975,6 +3022,178 @@ mod tests {
                     matches!(&got[0].change, Some(C::PoolUpdated(p)) if p.name == "slow" && p.health == ap::PoolHealth::Unavailable as i32)
                 );
             }
+        }
+    }
+
+    // issue 14: a ready-to-use volume costs what the raw tools cost
+    /// CreateVolume on a thin LVM pool, counted in the commands the real pool runs (the
+    /// recording `FakeExec`): each process is a cost under the VM's emulation, and one that
+    /// comes back fails these tests.
+    mod lookups {
+        use std::collections::BTreeMap;
+
+        use super::*;
+        use crate::config::Config;
+        use crate::exec::{FakeExec, Reply};
+        use crate::node::mount::FakeMounter;
+        use crate::pool::lvm::tags::{self, Meta, ObjectType};
+
+        const M: u64 = 1 << 20;
+
+        /// An agent over one thin LVM pool `thin` (VG `vg0`, thin pool `tp0`) on `fake`.
+        fn agent(fake: Arc<FakeExec>) -> Arc<LocalAgent> {
+            let src = "[[pool]]\nname = \"thin\"\nkind = \"lvm\"\nvolume_group = \"vg0\"\nthin_pool = \"tp0\"\n";
+            let cfg = Config::parse(src).unwrap().pools.remove(0);
+            agent_over(Arc::new(crate::pool::lvm::LvmPool::new(&cfg, fake).unwrap()))
+        }
+
+        fn agent_over(pool: Arc<dyn Pool>) -> Arc<LocalAgent> {
+            let driver = Driver {
+                node_id: "n1".into(),
+                segments: Segments::from([(crate::placement::NODE_KEY.to_owned(), "n1".to_owned())]),
+                pools: BTreeMap::from([(pool.name().to_owned(), pool)]),
+                labels: BTreeMap::new(),
+                shared: std::sync::RwLock::default(),
+                node: crate::node::Node::new(Arc::new(FakeExec::new()), Arc::new(FakeMounter::new())),
+                locks: crate::locks::Locks::new(),
+                state_dir: std::env::temp_dir(),
+                paths: crate::node::safepath::PathPolicy::default(),
+                records: crate::node::records::Records::new(&std::env::temp_dir()),
+                freezer: Arc::new(crate::node::freeze::Freezer::unrecorded(Arc::new(FakeExec::new()))),
+                jobs: crate::jobs::Jobs::unrecorded(),
+            };
+            LocalAgent::new(Arc::new(driver))
+        }
+
+        /// `lvs vg0` listing the thin pool (1 GiB, 4 MiB extents) and a volume under each of `locals`.
+        fn listing(volumes: &[(&str, &str)]) -> String {
+            let row = |name: &str, path: &str, size: u64, attr: &str, tags: &[String], pool: &str, data: &str| {
+                serde_json::json!({
+                    "lv_name": name, "vg_name": "vg0", "lv_path": path, "lv_size": size.to_string(), "lv_attr": attr,
+                    "lv_tags": tags.join(","), "pool_lv": pool, "origin": "", "data_percent": data, "metadata_percent": "",
+                    "vg_extent_size": (4 * M).to_string(),
+                })
+            };
+            let mut rows = vec![row("tp0", "", 1 << 30, "twi-aotz--", &[], "", "0.00")];
+            for (local, csi_name) in volumes {
+                let meta = Meta {
+                    pool: "thin".into(),
+                    object: ObjectType::Volume,
+                    local: (*local).into(),
+                    csi_name: (*csi_name).into(),
+                    capacity: 8 * M,
+                    block: false,
+                    fs_type: Some("ext4".into()),
+                    source: None,
+                    size: 0,
+                    created: 1_700_000_000,
+                    pending: false,
+                    uid: None,
+                    source_uid: None,
+                    parameters: None,
+                    group: None,
+                };
+                let lv = crate::pool::lvm::volume_lv(local);
+                rows.push(row(&lv, &format!("/dev/vg0/{lv}"), 8 * M, "Vwi-a-tz--", &tags::encode(&meta).unwrap(), "tp0", "0.00"));
+            }
+            serde_json::json!({ "report": [{ "lv": rows }] }).to_string()
+        }
+
+        fn request(name: &str) -> CreateVolumeRequest {
+            CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange { required_bytes: 8 * M as i64, limit_bytes: 0 }),
+                volume_capabilities: vec![VolumeCapability {
+                    access_mode: Some(crate::proto::volume_capability::AccessMode {
+                        mode: crate::proto::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+                    }),
+                    access_type: Some(crate::proto::volume_capability::AccessType::Mount(Default::default())),
+                }],
+                ..Default::default()
+            }
+        }
+
+        fn programs(fake: &FakeExec) -> Vec<String> {
+            fake.calls().iter().map(|c| c[0].clone()).collect()
+        }
+
+        /// Before: `lvs` of the new name and of the legacy name (the retry check), `lvs` of the
+        /// VG (placement), `vgs` (the extent size), `lvs` of the VG (the room check), lvcreate,
+        /// `lvs` of the new LV (read back): 7. Now one listing and the lvcreate.
+        #[tokio::test]
+        async fn a_new_thin_volume_costs_one_listing_and_the_lvcreate() {
+            let fake = Arc::new(FakeExec::new());
+            fake.on("lvs", vec![Reply::Ok(listing(&[]))]);
+            let a = agent(fake.clone());
+            let name = "Team/Data";
+            let v = a.create(request(name)).await.unwrap().volume.unwrap();
+            assert_eq!(programs(&fake), ["lvs", "lvcreate"], "{:?}", fake.lines());
+            assert_eq!(fake.lines()[0], crate::pool::lvm::command::lvs("vg0").display(), "the listing of the volume group");
+            let lv = crate::pool::lvm::volume_lv(&local_name(name));
+            assert!(fake.lines()[1].contains(&format!("--name {lv} --virtualsize {}b", 8 * M)), "{:?}", fake.lines());
+            assert_eq!(v.capacity_bytes, 8 * M as i64, "the size the create asked for, a whole number of extents");
+            assert!(v.volume_id.starts_with(&format!("lvm:n1:thin:{}:v", local_name(name))), "{}", v.volume_id);
+        }
+
+        /// On ZFS datasets: before, `zfs get` of the new and of the legacy name, `zfs get
+        /// available` (placement), `zfs create`, `zfs get` (read back): 5. Now one `zfs get` of
+        /// the parent and both names, and the create.
+        #[tokio::test]
+        async fn a_new_zfs_dataset_costs_one_get_and_the_create() {
+            let src = "[[pool]]\nname = \"z\"\nkind = \"zfs\"\ndataset = \"tank/hf\"\n";
+            let cfg = Config::parse(src).unwrap().pools.remove(0);
+            let fake = Arc::new(FakeExec::new());
+            let name = "Team/Data";
+            let gone = |l: String| format!("cannot open 'tank/hf/{l}': dataset does not exist\n");
+            let parent = format!("tank/hf\ttype\tfilesystem\t-\ntank/hf\tavailable\t{}\t-\n", 1u64 << 30);
+            fake.on("zfs get", vec![Reply::Partial(1, parent, gone(local_name(name)) + &gone(legacy_local_name(name)))]);
+            let a = agent_over(Arc::new(crate::pool::zfs::ZfsPool::new(&cfg, fake.clone()).unwrap()));
+            let v = a.create(request(name)).await.unwrap().volume.unwrap();
+            let progs: Vec<String> = fake.calls().iter().map(|c| c[..2].join(" ")).collect();
+            assert_eq!(progs, ["zfs get", "zfs create"], "{:?}", fake.lines());
+            assert_eq!(v.capacity_bytes, 8 * M as i64);
+        }
+
+        /// After a create or delete the pool's room is read again only for someone following
+        /// the feed (an agent's controller), and then from one `lvs` (before: `lvs`, `vgs` and
+        /// a listing, after every create and delete, competing with the calls for the CPUs).
+        #[tokio::test]
+        async fn the_room_is_read_again_only_for_a_follower_and_from_one_listing() {
+            let fake = Arc::new(FakeExec::new());
+            fake.on("lvs", vec![Reply::Ok(listing(&[]))]);
+            let a = agent(fake.clone());
+            let create = |name: &str| ap::CreateVolumeRequest { request: Some(request(name)), ..Default::default() };
+            AgentOps::create_volume(a.as_ref(), create("v1"), Duration::from_secs(30)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(programs(&fake), ["lvs", "lvcreate"], "nobody follows the feed: nobody to tell: {:?}", fake.lines());
+
+            // A registered agent (or all-in-one): a controller follows the feed from an inventory.
+            let _rx = a.subscribe();
+            a.get_inventory(Duration::from_secs(30)).await.unwrap();
+            let before = fake.calls().len();
+            AgentOps::create_volume(a.as_ref(), create("v2"), Duration::from_secs(30)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let after: Vec<String> = programs(&fake).split_off(before);
+            assert_eq!(after, ["lvs", "lvcreate", "lvs"], "the create, then one read of the room: {:?}", fake.lines());
+        }
+
+        /// The same listing finds a retry under either name: the new local name, or the name
+        /// earlier versions derived when it was made for this very CSI name; nothing is made.
+        #[tokio::test]
+        async fn a_retry_is_found_under_either_name_in_the_one_listing() {
+            let name = "Team/Data";
+            for (local, why) in [(local_name(name), "the new name"), (legacy_local_name(name), "the legacy name")] {
+                let fake = Arc::new(FakeExec::new());
+                fake.on("lvs", vec![Reply::Ok(listing(&[(&local, name)]))]);
+                let v = agent(fake.clone()).create(request(name)).await.unwrap().volume.unwrap();
+                assert_eq!(programs(&fake), ["lvs"], "{why}: {:?}", fake.lines());
+                assert!(v.volume_id.starts_with(&format!("lvm:n1:thin:{local}")), "{why}: {}", v.volume_id);
+            }
+            // A volume under the legacy name made for another CSI name is not this one's.
+            let fake = Arc::new(FakeExec::new());
+            fake.on("lvs", vec![Reply::Ok(listing(&[(&legacy_local_name(name), "someone else")]))]);
+            agent(fake.clone()).create(request(name)).await.unwrap();
+            assert_eq!(programs(&fake), ["lvs", "lvcreate"], "{:?}", fake.lines());
         }
     }
 }

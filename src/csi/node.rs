@@ -64,6 +64,17 @@ impl NodeService {
         Ok((pool, v))
     }
 
+    /// As [`Self::existing`], with what the pool found, for an attach in the same call.
+    async fn existing_found(&self, id: &str) -> Result<(Arc<dyn Pool>, VolumeInfo, crate::pool::Found)> {
+        let (pool, local) = self.resolve(id)?;
+        let missing = || Error::NotFound(format!("volume {} does not exist", bounded(id)));
+        let (v, found) = pool.look_up_volume(&local).await?.ok_or_else(missing)?;
+        if !VolumeId::parse(id).is_some_and(|vid| vid.names_volume(v.uid.as_deref())) {
+            return Err(missing());
+        }
+        Ok((pool, v, found))
+    }
+
     /// The lock of the volume `id` names (the same one the controller takes for it).
     fn lock(&self, id: &str) -> Result<crate::locks::Guard> {
         self.d.locks.try_lock(lock_key(&self.d, ObjectKind::Volume, id))
@@ -119,18 +130,14 @@ impl NodeService {
         Ok(false)
     }
 
-    /// NodeStageVolume, in which the pool looks the volume up once: the lookup that checks it
-    /// is the volume the id names also serves the attach (issue 14; [`crate::pool::one_lookup`]).
+    /// NodeStageVolume, in which the pool looks the volume up once: what the lookup that checks
+    /// it is the volume the id names found is handed to the attach (issue 14; [`Pool::attach_found`]).
     async fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
-        crate::pool::one_lookup(self.stage_once(r)).await
-    }
-
-    async fn stage_once(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
         require("volume_id", &r.volume_id)?;
         let staging = self.path("staging_target_path", &r.staging_target_path)?;
         let cap = decode_cap(r.volume_capability.as_ref())?;
         let _guard = self.lock(&r.volume_id)?;
-        let (pool, v) = self.existing(&r.volume_id).await?;
+        let (pool, v, found) = self.existing_found(&r.volume_id).await?;
         if cap.block != v.block {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} is a {} volume and cannot be staged as {}",
@@ -171,7 +178,7 @@ impl NodeService {
         }
         let in_use = !rec.stages.is_empty();
         let was_staged = rec.stage_at(staging.as_path()).is_some();
-        let attachment = pool.attach(&v.local).await?;
+        let attachment = pool.attach_found(&v.local, found).await?;
         let before = rec.clone();
         let res = self.stage_attached(&r, &cap, pool.as_ref(), &v, &staging, &attachment, &mut rec).await;
         if res.is_ok() && !was_staged {

@@ -411,12 +411,6 @@ impl LvmPool {
         )
     }
 
-    /// The key under which a lookup of volume `local` is kept for one node call
-    /// ([`crate::pool::one_lookup`]).
-    fn volume_key(&self, local: &str) -> String {
-        format!("lvm/{}/volume/{local}", self.name)
-    }
-
     /// One LV by name; `None` when it does not exist.
     async fn lookup(&self, lv: &str) -> Result<Option<Lv>> {
         let target = format!("{}/{lv}", self.vg);
@@ -466,6 +460,12 @@ impl LvmPool {
         let Some(lv) = self.lookup(&name).await? else {
             return Ok(None);
         };
+        self.classify(lv, object)
+    }
+
+    /// The record of `lv`, an LV named for one of this pool's objects of type `object`, when it
+    /// is one; `None` (with a warning) when it is not ours.
+    fn classify(&self, lv: Lv, object: ObjectType) -> Result<Option<(Lv, Meta)>> {
         match self.ours(&lv, object) {
             Ok(Some(meta)) => Ok(Some((lv, meta))),
             Ok(None) => {
@@ -480,10 +480,15 @@ impl LvmPool {
     }
 
     fn volume_info(lv: &Lv, meta: Meta) -> VolumeInfo {
+        Self::volume_of(meta, lv.size)
+    }
+
+    /// The volume a record describes, of `size` bytes.
+    fn volume_of(meta: Meta, size: u64) -> VolumeInfo {
         VolumeInfo {
             local: meta.local,
             csi_name: meta.csi_name,
-            capacity: lv.size,
+            capacity: size,
             block: meta.block,
             fs_type: meta.fs_type,
             source: meta.source,
@@ -597,6 +602,39 @@ impl LvmPool {
             return self.read_volume(&lv.name).await;
         }
         Ok(Self::volume_info(&lv, meta))
+    }
+
+    /// A new thin volume (no source) in thin pool `pool`, against `lvs`, a listing of the volume group read in the
+    /// same create: an LV of the name there answers as a retry; otherwise the thin pool's room
+    /// is checked and the LV made.
+    async fn create_thin(&self, req: &CreateRequest, pool: &str, lvs: &[Lv]) -> Result<VolumeInfo> {
+        let lv_name = volume_lv(&req.local);
+        if let Some(lv) = lvs.iter().find(|l| l.name == lv_name) {
+            return self.existing_volume(req, lv.clone()).await;
+        }
+        self.check_thin_room_in(pool, lvs, req.capacity, &format!("volume {:?}", req.csi_name))?;
+        let meta = self.new_meta(req, false);
+        let tags = tags::encode(&meta).map_err(Error::InvalidArgument)?;
+        let cmd = command::lvcreate_thin(&self.vg, pool, &lv_name, req.capacity, &tags, &self.lvcreate_options);
+        if let Some(existing) = self.run_create(cmd, &lv_name, req, None).await? {
+            return Ok(existing);
+        }
+        // issue 14: no read-back when the size is known. `lvcreate --virtualsize` makes a thin LV
+        // of whole extents of the volume group, rounding up, so a capacity that is a whole
+        // number of extents is made exactly; the record is the tags lvcreate was given. Extra
+        // `lvcreate_options` could change what is made: then it is read back.
+        match lvs.iter().find_map(|l| l.extent_size) {
+            Some(e) if req.capacity % e == 0 && self.lvcreate_options.is_empty() => Ok(Self::volume_of(meta, req.capacity)),
+            _ => self.read_volume(&lv_name).await,
+        }
+    }
+
+    /// Attaches volume `local`, found as `lv` with record `meta`.
+    async fn attach_lv(&self, local: &str, lv: Lv, meta: Meta) -> Result<Attachment> {
+        if meta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        }
+        Ok(Attachment::Device(self.activate(&lv).await?))
     }
 
     /// Reads back a volume this pool just made.
@@ -1034,32 +1072,56 @@ impl Pool for LvmPool {
         let lv_name = volume_lv(&req.local);
         // issue 14: a new thin volume costs one `lvs` before lvcreate, not two: the listing of
         // the volume group that the room check reads also says whether the LV exists already.
-        let listed = match (&self.thin_pool, &req.source) {
-            (Some(_), None) => Some(self.list_lvs().await?),
-            _ => None,
-        };
-        let found = match &listed {
-            Some(lvs) => lvs.iter().find(|l| l.name == lv_name).cloned(),
-            None => self.lookup(&lv_name).await?,
-        };
-        if let Some(lv) = found {
+        if let (Some(pool), None) = (self.thin_pool.as_deref(), &req.source) {
+            return self.create_thin(req, pool, &self.list_lvs().await?).await;
+        }
+        if let Some(lv) = self.lookup(&lv_name).await? {
             return self.existing_volume(req, lv).await;
         }
         if let Some(source) = &req.source {
             return self.create_copy(req, source, &lv_name).await;
         }
         let tags = tags::encode(&self.new_meta(req, false)).map_err(Error::InvalidArgument)?;
-        let cmd = match (self.thin_pool.as_deref(), listed) {
-            (Some(pool), Some(lvs)) => {
-                self.check_thin_room_in(pool, &lvs, req.capacity, &format!("volume {:?}", req.csi_name))?;
-                command::lvcreate_thin(&self.vg, pool, &lv_name, req.capacity, &tags, &self.lvcreate_options)
-            }
-            _ => command::lvcreate_thick(&self.vg, &lv_name, req.capacity, &tags, &self.lvcreate_options),
-        };
+        let cmd = command::lvcreate_thick(&self.vg, &lv_name, req.capacity, &tags, &self.lvcreate_options);
         if let Some(existing) = self.run_create(cmd, &lv_name, req, None).await? {
             return Ok(existing);
         }
         self.read_volume(&lv_name).await
+    }
+
+    async fn survey(&self, names: &[&str]) -> Result<crate::pool::Survey> {
+        let Some(pool) = self.thin_pool.as_deref() else {
+            return crate::pool::survey_by_lookups(self, names).await;
+        };
+        // issue 14: one `lvs` of the volume group answers a create's retry check for every name,
+        // the thin pool's room (placement), the extent size (the allocation unit), and the
+        // create's own check that the LV is not there ([`Pool::create_surveyed`]).
+        let lvs = self.list_lvs().await?;
+        let mut found = None;
+        for (i, local) in names.iter().enumerate().filter(|(_, l)| valid_local_name(l)) {
+            let name = volume_lv(local);
+            let Some(lv) = lvs.iter().find(|l| l.name == name) else { continue };
+            if let Some((lv, meta)) = self.classify(lv.clone(), ObjectType::Volume)? {
+                found = Some((i, Self::volume_info(&lv, meta)));
+                break;
+            }
+        }
+        Ok(crate::pool::Survey {
+            found,
+            // A missing thin pool is left to `capacity`, which says so.
+            free: self.thin_available_in(pool, &lvs).ok(),
+            unit: lvs.iter().find_map(|l| l.extent_size).map(|e| e.max(MIB)),
+            seen: crate::pool::Seen::Lvm(lvs),
+        })
+    }
+
+    async fn create_surveyed(&self, req: &CreateRequest, survey: &crate::pool::Survey) -> Result<VolumeInfo> {
+        match (&survey.seen, self.thin_pool.as_deref()) {
+            (crate::pool::Seen::Lvm(lvs), Some(pool)) if req.source.is_none() && valid_local_name(&req.local) => {
+                self.create_thin(req, pool, lvs).await
+            }
+            _ => self.create_volume(req).await,
+        }
     }
 
     async fn delete_volume(&self, local: &str) -> Result<()> {
@@ -1071,12 +1133,15 @@ impl Pool for LvmPool {
     }
 
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
-        let found = self.find(local, ObjectType::Volume).await?;
-        if let Some(f) = &found {
-            // NodeStage attaches right after this lookup: it need not run `lvs` again.
-            crate::pool::remember(&self.volume_key(local), || f.clone());
-        }
-        Ok(found.map(|(lv, meta)| Self::volume_info(&lv, meta)))
+        Ok(self.find(local, ObjectType::Volume).await?.map(|(lv, meta)| Self::volume_info(&lv, meta)))
+    }
+
+    async fn look_up_volume(&self, local: &str) -> Result<Option<(VolumeInfo, crate::pool::Found)>> {
+        // NodeStage attaches right after this lookup: it need not run `lvs` again.
+        Ok(self
+            .find(local, ObjectType::Volume)
+            .await?
+            .map(|(lv, meta)| (Self::volume_info(&lv, meta.clone()), crate::pool::Found::Lvm(Box::new((lv, meta))))))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
@@ -1246,15 +1311,16 @@ impl Pool for LvmPool {
     }
 
     async fn attach(&self, local: &str) -> Result<Attachment> {
-        let found = match crate::pool::recall::<(Lv, Meta)>(&self.volume_key(local)) {
-            Some(f) => Some(f),
-            None => self.find(local, ObjectType::Volume).await?,
-        };
+        let found = self.find(local, ObjectType::Volume).await?;
         let (lv, meta) = found.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
-        if meta.pending {
-            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        self.attach_lv(local, lv, meta).await
+    }
+
+    async fn attach_found(&self, local: &str, found: crate::pool::Found) -> Result<Attachment> {
+        match found {
+            crate::pool::Found::Lvm(f) if volume_lv(local) == f.0.name => self.attach_lv(local, f.0, f.1).await,
+            _ => self.attach(local).await,
         }
-        Ok(Attachment::Device(self.activate(&lv).await?))
     }
 
     async fn detach(&self, _local: &str) -> Result<()> {

@@ -44,42 +44,57 @@ pub fn open(
     }
 }
 
-tokio::task_local! {
-    /// What pools looked up during one node call (see [`one_lookup`]).
-    static LOOKED_UP: std::cell::RefCell<Vec<(String, Box<dyn std::any::Any + Send>)>>;
+// issue 14: a ready-to-use volume costs what the raw tools cost
+/// What a pool's tool answered when [`Pool::look_up_volume`] found a volume, handed by the
+/// caller to the [`Pool::attach_found`] that follows in the same call (NodeStage), so the
+/// attach does not run `lvs` or `zfs get` a second time. It lives as long as the caller keeps
+/// it: one call.
+#[derive(Debug, Clone)]
+pub enum Found {
+    /// Nothing beyond the volume (the attach looks up itself).
+    Nothing,
+    /// An LVM volume: its LV and record.
+    Lvm(Box<(lvm::report::Lv, lvm::tags::Meta)>),
+    /// A ZFS volume: its dataset or zvol and record.
+    Zfs(Box<(zfs::report::Object, zfs::report::Meta)>),
 }
 
 // issue 14: a ready-to-use volume costs what the raw tools cost
-/// Runs one node call (NodeStage) in which a pool looks its volume up once: the call's own
-/// [`Pool::get_volume`] (which checks the volume is the one the id names) [`remember`]s what the
-/// pool's tool answered, and the [`Pool::attach`] that follows in the same call [`recall`]s it
-/// instead of running `lvs` or `zfs get` a second time. Nothing outlives the call: outside it,
-/// `remember` keeps nothing and `recall` finds nothing, so every other call looks up afresh.
-pub async fn one_lookup<F: std::future::Future>(f: F) -> F::Output {
-    LOOKED_UP.scope(std::cell::RefCell::new(Vec::new()), f).await
+/// What a create learns of one pool before it places a volume ([`Pool::survey`]), from as few
+/// looks at the pool as its kind allows, handed explicitly to the calls that follow in the same
+/// create (the room check, [`Pool::create_surveyed`]) so they need not look again.
+#[derive(Debug, Clone, Default)]
+pub struct Survey {
+    /// The first of the names asked for under which a volume exists: its index among the
+    /// names, and the volume.
+    pub found: Option<(usize, VolumeInfo)>,
+    /// The pool's free room as [`Pool::capacity`] answers it, when the same look told it.
+    pub free: Option<u64>,
+    /// The pool's allocation unit as [`Pool::allocation_unit`] answers it, when the same look
+    /// told it.
+    pub unit: Option<u64>,
+    /// What the look saw, for [`Pool::create_surveyed`].
+    pub seen: Seen,
 }
 
-/// Keeps `value` (what a pool's lookup of `key` answered) for the rest of the [`one_lookup`]
-/// call, replacing an earlier answer for `key`; nothing outside one.
-pub fn remember<T: std::any::Any + Send>(key: &str, value: impl FnOnce() -> T) {
-    let _ = LOOKED_UP.try_with(|found| {
-        let mut found = found.borrow_mut();
-        found.retain(|(k, _)| k != key);
-        found.push((key.to_owned(), Box::new(value())));
-    });
+/// The pool-kind part of a [`Survey`].
+#[derive(Debug, Clone, Default)]
+pub enum Seen {
+    /// Nothing beyond the volumes found.
+    #[default]
+    Nothing,
+    /// A thin LVM pool: the listing of the volume group (`lvs VG`).
+    Lvm(Vec<lvm::report::Lv>),
 }
 
-/// Takes what [`remember`] kept for `key` in this [`one_lookup`] call (once: a second recall
-/// finds nothing and looks up again).
-pub fn recall<T: std::any::Any + Send>(key: &str) -> Option<T> {
-    LOOKED_UP
-        .try_with(|found| {
-            let mut found = found.borrow_mut();
-            let i = found.iter().position(|(k, v)| k == key && v.is::<T>())?;
-            found.swap_remove(i).1.downcast::<T>().ok().map(|b| *b)
-        })
-        .ok()
-        .flatten()
+/// [`Pool::survey`] by one [`Pool::get_volume`] per name, stopping at the first found.
+pub async fn survey_by_lookups(pool: &(impl Pool + ?Sized), names: &[&str]) -> Result<Survey> {
+    for (i, name) in names.iter().enumerate() {
+        if let Some(v) = pool.get_volume(name).await? {
+            return Ok(Survey { found: Some((i, v)), ..Survey::default() });
+        }
+    }
+    Ok(Survey::default())
 }
 
 /// Polls for the device node `path` (udev creates `/dev/<vg>/<lv>` and `/dev/zvol/...` shortly
@@ -368,6 +383,19 @@ pub trait Pool: Send + Sync {
     async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo>;
     /// Deletes a volume; succeeds when it is already gone.
     async fn delete_volume(&self, local: &str) -> Result<()>;
+    /// The first of `names` under which a volume exists, with what else the same look at the
+    /// pool told (its room, its allocation unit), for a create about to place a volume. By
+    /// default one [`Pool::get_volume`] per name and nothing else.
+    async fn survey(&self, names: &[&str]) -> Result<Survey> {
+        survey_by_lookups(self, names).await
+    }
+    /// [`Pool::create_volume`] right after a [`Pool::survey`] of this pool in the same create
+    /// (under the name lock), which found no volume under `req.local`: a pool may act on what
+    /// the survey saw instead of looking again. By default exactly `create_volume`.
+    async fn create_surveyed(&self, req: &CreateRequest, _survey: &Survey) -> Result<VolumeInfo> {
+        self.create_volume(req).await
+    }
+
     /// Looks up a volume.
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>>;
     /// All volumes, in no particular order.
@@ -396,8 +424,18 @@ pub trait Pool: Send + Sync {
     /// The largest single new volume this pool could hold now, in bytes.
     async fn capacity(&self) -> Result<u64>;
 
+    /// [`Pool::get_volume`], with what the pool's tool answered, for an
+    /// [`Pool::attach_found`] in the same call.
+    async fn look_up_volume(&self, local: &str) -> Result<Option<(VolumeInfo, Found)>> {
+        Ok(self.get_volume(local).await?.map(|v| (v, Found::Nothing)))
+    }
     /// Makes the volume's data reachable on this node (idempotent).
     async fn attach(&self, local: &str) -> Result<Attachment>;
+    /// [`Pool::attach`] right after [`Pool::look_up_volume`] of `local` in the same call found
+    /// `found`: a pool may attach what it found instead of looking again.
+    async fn attach_found(&self, local: &str, _found: Found) -> Result<Attachment> {
+        self.attach(local).await
+    }
     /// Undoes [`Pool::attach`] (idempotent).
     async fn detach(&self, local: &str) -> Result<()>;
     /// Health of the backing storage of an existing volume.

@@ -158,7 +158,7 @@ mod tests {
             Case {
                 name: "lvs of one LV",
                 cmd: lvs("vg0/hf-a"),
-                want: "lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_path,lv_size,lv_attr,lv_tags,pool_lv,origin,data_percent,metadata_percent vg0/hf-a",
+                want: "lvs --reportformat json --units b --nosuffix -o lv_name,vg_name,lv_path,lv_size,lv_attr,lv_tags,pool_lv,origin,data_percent,metadata_percent,vg_extent_size vg0/hf-a",
             },
             Case {
                 name: "vgs",

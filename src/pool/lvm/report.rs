@@ -8,7 +8,9 @@ use serde::Deserialize;
 ///
 /// No segment field (`segtype`, `seg_size`…): with one, lvs prints a row per segment, and an
 /// LV that was extended into a second free range would be listed twice.
-pub const LV_FIELDS: &str = "lv_name,vg_name,lv_path,lv_size,lv_attr,lv_tags,pool_lv,origin,data_percent,metadata_percent";
+/// `vg_extent_size` (issue 14): a listing of the volume group also tells the unit LVM sizes
+/// new LVs in, so a create needs no `vgs` beside it.
+pub const LV_FIELDS: &str = "lv_name,vg_name,lv_path,lv_size,lv_attr,lv_tags,pool_lv,origin,data_percent,metadata_percent,vg_extent_size";
 /// The `vgs` columns holdfast asks for.
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,pv_count";
 
@@ -35,6 +37,8 @@ pub struct Lv {
     pub data_percent: Option<f64>,
     /// Metadata usage of a thin pool, percent.
     pub metadata_percent: Option<f64>,
+    /// The volume group's extent size in bytes (`None`: not in the report).
+    pub extent_size: Option<u64>,
 }
 
 /// One volume group as `vgs` reports it.
@@ -148,6 +152,8 @@ struct RawLv {
     data_percent: String,
     #[serde(default)]
     metadata_percent: String,
+    #[serde(default)]
+    vg_extent_size: String,
 }
 
 #[derive(Deserialize)]
@@ -181,6 +187,7 @@ pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, String> {
             tags: raw.lv_tags.split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect(),
             data_percent: percent(&raw.data_percent),
             metadata_percent: percent(&raw.metadata_percent),
+            extent_size: raw.vg_extent_size.trim().parse().ok().filter(|e| *e > 0),
             name: raw.lv_name,
             vg: raw.vg_name,
             path: raw.lv_path,
@@ -250,6 +257,17 @@ mod tests {
         assert_eq!((pool.data_percent, pool.metadata_percent), (Some(3.12), Some(11.91)));
         assert_eq!(by_name("foreign").tags, ["backup"]);
         assert_eq!(by_name("hf-seg").size, 8 << 20);
+    }
+
+    // issue 14: the listing also tells the extent size
+    #[test]
+    fn an_lv_row_carries_the_extent_size_of_its_volume_group() {
+        // The capture predates the column: added as lvs prints a VG field of an LV's row, in
+        // the same "lv" section (`vgcreate -s 1M` in capture.sh).
+        let with = LVS_POOL.replace("\"metadata_percent\":", "\"vg_extent_size\":\"1048576\", \"metadata_percent\":");
+        assert_ne!(with, LVS_POOL);
+        let lvs = parse_lvs(&with).unwrap();
+        assert!(!lvs.is_empty() && lvs.iter().all(|l| l.extent_size == Some(1 << 20)), "{lvs:?}");
     }
 
     #[test]

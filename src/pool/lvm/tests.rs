@@ -215,23 +215,21 @@ async fn a_new_thin_volume_lists_the_volume_group_once() {
 }
 
 /// NodeStage looks its volume up (get_volume) and then attaches it: within one node call
-/// (`pool::one_lookup`) that is one `lvs`, outside one each looks up afresh.
+/// (`Pool::look_up_volume` handing what it found to `Pool::attach_found`) that is one `lvs`;
+/// `get_volume` then `attach` each look up afresh.
 #[tokio::test]
 async fn a_stage_looks_the_lv_up_once() {
     let (p, fake) = pool("");
     // An active LV whose device node exists (here, one that always does).
     on_lookup(&fake, "hf-v1", vec![found(&[Row { path: "/dev/null".into(), ..vol_row("v1", 16 << 20) }])]);
-    let attached = crate::pool::one_lookup(async {
-        p.get_volume("v1").await.unwrap().expect("found");
-        p.attach("v1").await.unwrap()
-    })
-    .await;
+    let (_, found) = p.look_up_volume("v1").await.unwrap().expect("found");
+    let attached = p.attach_found("v1", found).await.unwrap();
     assert!(matches!(attached, Attachment::Device(d) if d == std::path::Path::new("/dev/null")));
     assert_eq!(lines(&fake).len(), 1, "{:?}", lines(&fake));
 
     p.get_volume("v1").await.unwrap().expect("found");
     p.attach("v1").await.unwrap();
-    assert_eq!(lines(&fake).len(), 3, "outside one node call nothing is kept: {:?}", lines(&fake));
+    assert_eq!(lines(&fake).len(), 3, "get_volume and attach each look up: {:?}", lines(&fake));
 }
 
 #[tokio::test]

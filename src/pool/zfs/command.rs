@@ -33,6 +33,27 @@ pub fn get(target: &str, types: &str, depth: u32) -> Cmd {
     cmd.args(["-t", types]).arg(all_properties()).arg(target).timeout(READ_TIMEOUT)
 }
 
+// issue 14: a ready-to-use volume costs what the raw tools cost
+/// `zfs get` of every property holdfast reads, of each of `targets` (depth 0). ZFS reports
+/// those that exist and exits 1 with one "cannot open 'T': dataset does not exist" per
+/// target that does not ([`missing_targets`]).
+pub fn get_each(targets: &[String], types: &str) -> Cmd {
+    let cmd = Cmd::new("zfs").args(["get", "-H", "-p", "-o", "name,property,value,source", "-t", types]).arg(all_properties());
+    cmd.args(targets.iter().cloned()).timeout(READ_TIMEOUT)
+}
+
+/// The targets a failed [`get_each`] names as missing, when that is all its stderr says (and
+/// at least one); `None` for any other failure.
+pub fn missing_targets(e: &ExecError) -> Option<Vec<String>> {
+    let ExecError::Failed { stderr, .. } = e else { return None };
+    let missing: Option<Vec<String>> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.strip_prefix("cannot open '")?.strip_suffix("': dataset does not exist").map(str::to_owned))
+        .collect();
+    missing.filter(|m| !m.is_empty())
+}
+
 /// `zfs get` of every property holdfast reads, of `target` and all its descendants of `types`
 /// (child datasets and zvols at any depth, and their snapshots).
 pub fn get_tree(target: &str, types: &str) -> Cmd {

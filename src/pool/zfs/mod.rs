@@ -300,12 +300,6 @@ impl ZfsPool {
 
     /// Volume `local`; `None` when there is none (a dataset of that name that is not ours
     /// counts as none, with a warning).
-    /// The key under which a lookup of volume `local` is kept for one node call
-    /// ([`crate::pool::one_lookup`]).
-    fn volume_key(&self, local: &str) -> String {
-        format!("zfs/{}/volume/{local}", self.name)
-    }
-
     async fn find_volume(&self, local: &str) -> Result<Option<(Object, Meta)>> {
         if !valid_local_name(local) {
             return Ok(None);
@@ -536,6 +530,21 @@ impl ZfsPool {
     }
 
     /// Reads back a volume this pool just made.
+    /// Attaches volume `local`, found as `o` with record `meta`.
+    async fn attach_object(&self, local: &str, o: Object, meta: Meta) -> Result<Attachment> {
+        if meta.pending {
+            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
+        }
+        match o.kind {
+            Kind::Volume => {
+                let device = Self::zvol_device(&o.name);
+                crate::pool::wait_for_device(&device, DEVICE_WAIT, ZVOL_HINT).await?;
+                Ok(Attachment::Device(device))
+            }
+            _ => Ok(Attachment::Mount { source: o.name.clone(), fs_type: "zfs".to_owned(), options: Vec::new() }),
+        }
+    }
+
     async fn read_volume(&self, name: &str) -> Result<VolumeInfo> {
         let found = self.read(name, command::DATASETS).await?;
         match found.as_ref().map(|o| (o, self.live_volume(o))) {
@@ -622,15 +631,40 @@ impl Pool for ZfsPool {
         // ALREADY_EXISTS for anything else). One `zfs get` fewer per create.
         let meta = self.new_meta(req, fs_type, false);
         let tuning = self.with_mutable(tuning, req, zvol)?;
-        let cmd = if zvol {
+        let (cmd, size_known) = if zvol {
             let mut props = tuning;
             props.extend(meta.properties());
-            command::create_zvol(&name, req.capacity, self.sparse, &props)
+            // A zvol's volsize is rounded to its volblocksize: read back.
+            (command::create_zvol(&name, req.capacity, self.sparse, &props), false)
         } else {
-            command::create_dataset(&name, &self.dataset_properties(req.capacity, tuning, &meta))
+            let props = self.dataset_properties(req.capacity, tuning, &meta);
+            // A dataset's capacity is its one quota property, set to the capacity asked for,
+            // which ZFS takes as it is (bytes, no rounding); quota and refquota are never
+            // inherited. Known, unless something else also sets a quota.
+            let quotas = props.iter().filter(|(k, _)| k == "quota" || k == "refquota").count();
+            (command::create_dataset(&name, &props), quotas == 1)
         };
         if let Some(existing) = self.run_create(cmd, &name, req).await? {
             return Ok(existing);
+        }
+        if size_known {
+            // issue 14: no `zfs get` after the create: what the read would answer is what was
+            // just set (the record is `meta`). Only `created` differs (ZFS's creation second),
+            // and a volume's creation time is reported nowhere.
+            let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+            return Ok(VolumeInfo {
+                local: req.local.clone(),
+                csi_name: meta.csi_name,
+                capacity: req.capacity,
+                block: false,
+                fs_type: meta.fs_type,
+                source: None,
+                created,
+                uid: meta.uid,
+                source_uid: meta.source_uid,
+                parameters: meta.parameters,
+                mutable: meta.mutable,
+            });
         }
         self.read_volume(&name).await
     }
@@ -686,13 +720,58 @@ impl Pool for ZfsPool {
         Ok(())
     }
 
-    async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
-        let found = self.find_volume(local).await?;
-        if let Some(f) = &found {
-            // NodeStage attaches right after this lookup: it need not run `zfs get` again.
-            crate::pool::remember(&self.volume_key(local), || f.clone());
+    async fn survey(&self, names: &[&str]) -> Result<crate::pool::Survey> {
+        // issue 14: one `zfs get` of the parent and of the dataset under each name answers a
+        // create's retry check for every name and its placement (the parent's `available`,
+        // as `capacity` reads it), where one `zfs get` per name and one of `available` ran.
+        let wanted: Vec<(usize, String)> =
+            names.iter().enumerate().filter(|(_, l)| valid_local_name(l)).map(|(i, l)| (i, self.volume_dataset(l))).collect();
+        let mut targets = vec![self.dataset.clone()];
+        targets.extend(wanted.iter().map(|(_, d)| d.clone()));
+        let (out, missing) = match self.exec.run(command::get_each(&targets, command::DATASETS)).await {
+            Ok(out) => (out.stdout, Vec::new()),
+            Err(e) if command::is_no_pool(&e) => return Err(self.pool_missing()),
+            Err(e) => match (command::missing_targets(&e), e) {
+                (Some(missing), crate::exec::ExecError::Failed { stdout, .. }) => (stdout, missing),
+                _ => return crate::pool::survey_by_lookups(self, names).await,
+            },
+        };
+        let objects = report::parse_get(&out).map_err(|e| Error::Internal(format!("reading ZFS {}: {e}", targets.join(" "))))?;
+        // Every target is either reported or said to be missing; anything else (another zfs
+        // than the one this was written against) is asked one name at a time, as before.
+        if !targets.iter().all(|t| objects.iter().any(|o| o.name == *t) ^ missing.contains(t)) {
+            tracing::warn!(pool = %self.name, "zfs get of several datasets answered unexpectedly; looking them up one by one");
+            return crate::pool::survey_by_lookups(self, names).await;
         }
-        Ok(found.map(|(o, meta)| Self::volume_info(&o, meta)))
+        let mut found = None;
+        for (i, dataset) in &wanted {
+            let Some(o) = objects.iter().find(|o| o.name == *dataset) else { continue };
+            match self.live_volume(o) {
+                Ok(Some(meta)) => {
+                    found = Some((*i, Self::volume_info(o, meta)));
+                    break;
+                }
+                Ok(None) => {
+                    tracing::warn!(pool = %self.name, dataset = %o.name, "ZFS dataset exists but is not a volume of this pool; leaving it alone")
+                }
+                Err(e) => return Err(Self::damaged(o, e)),
+            }
+        }
+        // A parent not made yet (the first create makes it): `capacity` asks its ancestors.
+        let free = objects.iter().find(|o| o.name == self.dataset).map(|o| o.available / MIB * MIB);
+        Ok(crate::pool::Survey { found, free, ..Default::default() })
+    }
+
+    async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
+        Ok(self.find_volume(local).await?.map(|(o, meta)| Self::volume_info(&o, meta)))
+    }
+
+    async fn look_up_volume(&self, local: &str) -> Result<Option<(VolumeInfo, crate::pool::Found)>> {
+        // NodeStage attaches right after this lookup: it need not run `zfs get` again.
+        Ok(self
+            .find_volume(local)
+            .await?
+            .map(|(o, meta)| (Self::volume_info(&o, meta.clone()), crate::pool::Found::Zfs(Box::new((o, meta))))))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
@@ -883,21 +962,15 @@ impl Pool for ZfsPool {
     }
 
     async fn attach(&self, local: &str) -> Result<Attachment> {
-        let found = match crate::pool::recall::<(Object, Meta)>(&self.volume_key(local)) {
-            Some(f) => Some(f),
-            None => self.find_volume(local).await?,
-        };
+        let found = self.find_volume(local).await?;
         let (o, meta) = found.ok_or_else(|| Error::NotFound(format!("volume {local:?} not found in pool {:?}", self.name)))?;
-        if meta.pending {
-            return Err(Error::FailedPrecondition(format!("volume {local:?} is an unfinished copy; retry its creation first")));
-        }
-        match o.kind {
-            Kind::Volume => {
-                let device = Self::zvol_device(&o.name);
-                crate::pool::wait_for_device(&device, DEVICE_WAIT, ZVOL_HINT).await?;
-                Ok(Attachment::Device(device))
-            }
-            _ => Ok(Attachment::Mount { source: o.name.clone(), fs_type: "zfs".to_owned(), options: Vec::new() }),
+        self.attach_object(local, o, meta).await
+    }
+
+    async fn attach_found(&self, local: &str, found: crate::pool::Found) -> Result<Attachment> {
+        match found {
+            crate::pool::Found::Zfs(f) if f.0.name == self.volume_dataset(local) => self.attach_object(local, f.0, f.1).await,
+            _ => self.attach(local).await,
         }
     }
 

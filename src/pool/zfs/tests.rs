@@ -24,7 +24,7 @@ fn failure(name: &str) -> Reply {
 fn exec_error(name: &str) -> ExecError {
     match failure(name) {
         Reply::Fail(code, stderr) => ExecError::Failed { cmd: "zfs".into(), code, stdout: String::new(), stderr },
-        Reply::Ok(_) => unreachable!(),
+        Reply::Ok(_) | Reply::Partial(..) => unreachable!(),
     }
 }
 
@@ -358,18 +358,19 @@ fn parameters_are_an_allow_list() {
 }
 
 #[tokio::test]
-async fn creates_a_dataset_with_exact_argv_and_reads_it_back() {
+async fn creates_a_dataset_with_exact_argv_and_answers_without_reading_it_back() {
     let (p, fake) = pool("properties = { compression = \"lz4\" }");
     let get = get_line("tank/hf/v1", command::DATASETS, 0);
     fake.on(&get, vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 32 * MIB, &[]))]);
     let mut r = req("v1", 32 * MIB, Some("zfs"));
     r.parameters.insert("recordsize".into(), "16K".into());
     let v = p.create_volume(&r).await.unwrap();
-    assert_eq!((v.local.as_str(), v.capacity, v.block, v.fs_type.as_deref(), v.created), ("v1", 32 * MIB, false, Some("zfs"), 1700000000));
+    assert_eq!((v.local.as_str(), v.capacity, v.block, v.fs_type.as_deref()), ("v1", 32 * MIB, false, Some("zfs")));
+    assert_eq!((v.csi_name.as_str(), v.uid.as_deref(), v.parameters.as_ref().map(|p| p.len())), ("v1", Some("0123456789ab"), Some(1)));
     let lines = fake.lines();
-    // issue 14: no lookup before `zfs create` (ZFS refuses a name that exists), one read after.
-    assert_eq!(lines.len(), 2, "{lines:#?}");
-    assert_eq!(lines[1], get);
+    // issue 14: no lookup before `zfs create` (ZFS refuses a name that exists), and no read
+    // after: a dataset's capacity is the refquota just set, exactly.
+    assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(
         lines[0],
         "zfs create -o mountpoint=legacy -o refquota=33554432 -o compression=lz4 -o recordsize=16K -o holdfast:pool=p \
@@ -396,23 +397,21 @@ async fn creates_a_dataset_with_exact_argv_and_reads_it_back() {
 }
 
 /// NodeStage looks its volume up (get_volume) and then attaches it: within one node call
-/// (`pool::one_lookup`) that is one `zfs get`, outside one each looks up afresh.
+/// (`Pool::look_up_volume` handing what it found to `Pool::attach_found`) that is one `zfs get`;
+/// `get_volume` then `attach` each look up afresh.
 #[tokio::test]
 async fn a_stage_looks_the_dataset_up_once() {
     let (p, fake) = pool("");
     let get = get_line("tank/hf/v1", command::DATASETS, 0);
     fake.on(&get, vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 32 * MIB, &[]))]);
-    let attached = crate::pool::one_lookup(async {
-        p.get_volume("v1").await.unwrap().expect("found");
-        p.attach("v1").await.unwrap()
-    })
-    .await;
+    let (_, found) = p.look_up_volume("v1").await.unwrap().expect("found");
+    let attached = p.attach_found("v1", found).await.unwrap();
     assert!(matches!(&attached, Attachment::Mount { source, .. } if source == "tank/hf/v1"), "{attached:?}");
     assert_eq!(fake.lines(), std::slice::from_ref(&get));
 
     p.get_volume("v1").await.unwrap().expect("found");
     p.attach("v1").await.unwrap();
-    assert_eq!(fake.lines().len(), 3, "outside one node call nothing is kept: {:?}", fake.lines());
+    assert_eq!(fake.lines().len(), 3, "get_volume and attach each look up: {:?}", fake.lines());
 }
 
 #[tokio::test]
@@ -901,4 +900,48 @@ async fn mutable_parameters_are_set_then_recorded_and_applied_at_creation() {
     assert!(create.contains("-o compression=zstd -o refreservation=33554432 "), "{create}");
     assert!(!create.contains("compression=lz4"), "{create}");
     assert!(create.contains("-o holdfast:mutable={\"compression\":\"zstd\",\"provisioning\":\"thick\"}"), "{create}");
+}
+
+// issue 14: a ready-to-use volume costs what the raw tools cost
+/// A create's survey of both names and the parent's room is one `zfs get`: ZFS reports the
+/// targets that exist and names each missing one (exit 1). A legacy-named volume is found in
+/// it; a failure that says anything else is answered by one lookup per name, as before.
+#[tokio::test]
+async fn a_create_surveys_both_names_and_the_room_in_one_get() {
+    let parent = rows("tank/hf", "filesystem", &[("available", &(3 * 1024 * MIB + 5).to_string())], &[]);
+    let targets = |names: &[&str]| -> Vec<String> {
+        std::iter::once("tank/hf".to_owned()).chain(names.iter().map(|n| format!("tank/hf/{n}"))).collect()
+    };
+    let get = command::get_each(&targets(&["new", "old"]), command::DATASETS).display();
+    let gone = |n: &str| format!("cannot open 'tank/hf/{n}': dataset does not exist\n");
+
+    let (p, fake) = pool("");
+    fake.on(&get, vec![Reply::Partial(1, parent.clone(), gone("new") + &gone("old"))]);
+    let s = p.survey(&["new", "old"]).await.unwrap();
+    assert!(s.found.is_none());
+    assert_eq!(s.free, Some(3 * 1024 * MIB), "the parent's available, in whole MiB, as capacity() says");
+    assert_eq!(fake.lines(), std::slice::from_ref(&get));
+
+    let (p, fake) = pool("");
+    let old = volume_rows("tank/hf/old", "filesystem", 32 * MIB, &[]);
+    fake.on(&get, vec![Reply::Partial(1, parent.clone() + &old, gone("new"))]);
+    let (i, v) = p.survey(&["new", "old"]).await.unwrap().found.expect("the legacy-named volume");
+    assert_eq!((i, v.local.as_str(), v.capacity), (1, "old", 32 * MIB));
+    assert_eq!(fake.lines(), std::slice::from_ref(&get));
+
+    // Not made yet: the parent is missing too, and the room is left to capacity().
+    let (p, fake) = pool("");
+    fake.on(
+        &get,
+        vec![Reply::Partial(1, String::new(), "cannot open 'tank/hf': dataset does not exist\n".to_owned() + &gone("new") + &gone("old"))],
+    );
+    let s = p.survey(&["new", "old"]).await.unwrap();
+    assert!(s.found.is_none() && s.free.is_none(), "{s:?}");
+    assert_eq!(fake.lines().len(), 1);
+
+    // A failure that is not only missing targets: one lookup per name.
+    let (p, fake) = pool("");
+    fake.on(&get, vec![Reply::Fail(1, "internal error: something else\n".into())]);
+    assert!(p.survey(&["new", "old"]).await.unwrap().found.is_none());
+    assert_eq!(fake.lines().len(), 3, "{:?}", fake.lines());
 }
