@@ -631,40 +631,15 @@ impl Pool for ZfsPool {
         // ALREADY_EXISTS for anything else). One `zfs get` fewer per create.
         let meta = self.new_meta(req, fs_type, false);
         let tuning = self.with_mutable(tuning, req, zvol)?;
-        let (cmd, size_known) = if zvol {
+        let cmd = if zvol {
             let mut props = tuning;
             props.extend(meta.properties());
-            // A zvol's volsize is rounded to its volblocksize: read back.
-            (command::create_zvol(&name, req.capacity, self.sparse, &props), false)
+            command::create_zvol(&name, req.capacity, self.sparse, &props)
         } else {
-            let props = self.dataset_properties(req.capacity, tuning, &meta);
-            // A dataset's capacity is its one quota property, set to the capacity asked for,
-            // which ZFS takes as it is (bytes, no rounding); quota and refquota are never
-            // inherited. Known, unless something else also sets a quota.
-            let quotas = props.iter().filter(|(k, _)| k == "quota" || k == "refquota").count();
-            (command::create_dataset(&name, &props), quotas == 1)
+            command::create_dataset(&name, &self.dataset_properties(req.capacity, tuning, &meta))
         };
         if let Some(existing) = self.run_create(cmd, &name, req).await? {
             return Ok(existing);
-        }
-        if size_known {
-            // issue 14: no `zfs get` after the create: what the read would answer is what was
-            // just set (the record is `meta`). Only `created` differs (ZFS's creation second),
-            // and a volume's creation time is reported nowhere.
-            let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-            return Ok(VolumeInfo {
-                local: req.local.clone(),
-                csi_name: meta.csi_name,
-                capacity: req.capacity,
-                block: false,
-                fs_type: meta.fs_type,
-                source: None,
-                created,
-                uid: meta.uid,
-                source_uid: meta.source_uid,
-                parameters: meta.parameters,
-                mutable: meta.mutable,
-            });
         }
         self.read_volume(&name).await
     }

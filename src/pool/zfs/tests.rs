@@ -358,19 +358,18 @@ fn parameters_are_an_allow_list() {
 }
 
 #[tokio::test]
-async fn creates_a_dataset_with_exact_argv_and_answers_without_reading_it_back() {
+async fn creates_a_dataset_with_exact_argv_and_reads_it_back() {
     let (p, fake) = pool("properties = { compression = \"lz4\" }");
     let get = get_line("tank/hf/v1", command::DATASETS, 0);
     fake.on(&get, vec![Reply::Ok(volume_rows("tank/hf/v1", "filesystem", 32 * MIB, &[]))]);
     let mut r = req("v1", 32 * MIB, Some("zfs"));
     r.parameters.insert("recordsize".into(), "16K".into());
     let v = p.create_volume(&r).await.unwrap();
-    assert_eq!((v.local.as_str(), v.capacity, v.block, v.fs_type.as_deref()), ("v1", 32 * MIB, false, Some("zfs")));
-    assert_eq!((v.csi_name.as_str(), v.uid.as_deref(), v.parameters.as_ref().map(|p| p.len())), ("v1", Some("0123456789ab"), Some(1)));
+    assert_eq!((v.local.as_str(), v.capacity, v.block, v.fs_type.as_deref(), v.created), ("v1", 32 * MIB, false, Some("zfs"), 1700000000));
     let lines = fake.lines();
-    // issue 14: no lookup before `zfs create` (ZFS refuses a name that exists), and no read
-    // after: a dataset's capacity is the refquota just set, exactly.
-    assert_eq!(lines.len(), 1, "{lines:#?}");
+    // issue 14: no lookup before `zfs create` (ZFS refuses a name that exists), one read after.
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(lines[1], get);
     assert_eq!(
         lines[0],
         "zfs create -o mountpoint=legacy -o refquota=33554432 -o compression=lz4 -o recordsize=16K -o holdfast:pool=p \
