@@ -3137,20 +3137,35 @@ mod tests {
 
         /// On ZFS datasets: before, `zfs get` of the new and of the legacy name, `zfs get
         /// available` (placement), `zfs create`, `zfs get` (read back): 5. Now one `zfs get` of
-        /// the parent and both names, and the create.
+        /// the parent and both names, the create and the read-back.
         #[tokio::test]
-        async fn a_new_zfs_dataset_costs_one_get_and_the_create() {
+        async fn a_new_zfs_dataset_costs_one_get_the_create_and_the_read_back() {
             let src = "[[pool]]\nname = \"z\"\nkind = \"zfs\"\ndataset = \"tank/hf\"\n";
             let cfg = Config::parse(src).unwrap().pools.remove(0);
             let fake = Arc::new(FakeExec::new());
             let name = "Team/Data";
             let gone = |l: String| format!("cannot open 'tank/hf/{l}': dataset does not exist\n");
             let parent = format!("tank/hf\ttype\tfilesystem\t-\ntank/hf\tavailable\t{}\t-\n", 1u64 << 30);
-            fake.on("zfs get", vec![Reply::Partial(1, parent, gone(local_name(name)) + &gone(legacy_local_name(name)))]);
+            let cap = (8 * M).to_string();
+            let made = crate::pool::zfs::tests::rows(
+                &format!("tank/hf/{}", local_name(name)),
+                "filesystem",
+                &[("refquota", &cap), ("mounted", "no")],
+                &[
+                    ("holdfast:pool", "z"),
+                    ("holdfast:type", "volume"),
+                    ("holdfast:name", name),
+                    ("holdfast:capacity", &cap),
+                    ("holdfast:fs", "zfs"),
+                ],
+            );
+            let survey = Reply::Partial(1, parent, gone(local_name(name)) + &gone(legacy_local_name(name)));
+            fake.on("zfs get", vec![survey, Reply::Ok(made)]);
             let a = agent_over(Arc::new(crate::pool::zfs::ZfsPool::new(&cfg, fake.clone()).unwrap()));
             let v = a.create(request(name)).await.unwrap().volume.unwrap();
             let progs: Vec<String> = fake.calls().iter().map(|c| c[..2].join(" ")).collect();
-            assert_eq!(progs, ["zfs get", "zfs create"], "{:?}", fake.lines());
+            // The read-back stays: the create's answer is what ZFS then shows (its creation time too).
+            assert_eq!(progs, ["zfs get", "zfs create", "zfs get"], "{:?}", fake.lines());
             assert_eq!(v.capacity_bytes, 8 * M as i64);
         }
 

@@ -1150,4 +1150,4 @@ impl Pool for ZfsPool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -43,7 +43,7 @@ const MISSING: &str = "cannot open 'x': dataset does not exist\n";
 /// `zfs get` rows of one object: native properties from `native` (others `-`), user
 /// properties set locally. A holdfast record gets the `holdfast:local` its name implies unless
 /// `user` sets it (`""`: a record written before holdfast stored it).
-fn rows(name: &str, kind: &str, native: &[(&str, &str)], user: &[(&str, &str)]) -> String {
+pub(crate) fn rows(name: &str, kind: &str, native: &[(&str, &str)], user: &[(&str, &str)]) -> String {
     let implied = {
         let own = match name.split_once('@') {
             Some((_, snap)) => snap.strip_prefix(INTERMEDIATE).unwrap_or(snap),
