@@ -73,7 +73,7 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// of the file pool goes through here, so tests can count them ([`fsyncs_of`]).
 pub fn fsync(f: &File, path: &Path) -> std::io::Result<()> {
     #[cfg(test)]
-    fsync_log::note(path);
+    test_log::note("fsync", path);
     #[cfg(not(test))]
     let _ = path;
     f.sync_all()
@@ -83,29 +83,33 @@ pub fn fsync(f: &File, path: &Path) -> std::io::Result<()> {
 /// test has a directory of its own, so parallel tests do not mix).
 #[cfg(test)]
 pub fn fsyncs_of(dir: &Path) -> Vec<PathBuf> {
-    fsync_log::of(dir)
+    test_log::of("fsync", dir)
 }
 
+/// Test-only: what the store did to which file (fsyncs, record reads), kept under the file and
+/// under its directory, so a test can pin an fsync or a read it removed.
 #[cfg(test)]
-mod fsync_log {
+mod test_log {
     use std::collections::HashMap;
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
-    static LOG: Mutex<Option<HashMap<PathBuf, Vec<PathBuf>>>> = Mutex::new(None);
+    type Log = HashMap<(&'static str, PathBuf), Vec<PathBuf>>;
+    static LOG: Mutex<Option<Log>> = Mutex::new(None);
 
-    /// Notes an fsync of `path`, under the directory it is (or is in).
-    pub fn note(path: &Path) {
+    /// Notes `what` done to `path`, under the path and under the directory it is in.
+    pub fn note(what: &'static str, path: &Path) {
         let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
         let map = log.get_or_insert_with(HashMap::new);
         for key in [Some(path), path.parent()].into_iter().flatten() {
-            map.entry(key.to_owned()).or_default().push(path.to_owned());
+            map.entry((what, key.to_owned())).or_default().push(path.to_owned());
         }
     }
 
-    pub fn of(dir: &Path) -> Vec<PathBuf> {
+    /// The paths `what` was done to at or under `dir`, in order.
+    pub fn of(what: &'static str, dir: &Path) -> Vec<PathBuf> {
         let log = LOG.lock().unwrap_or_else(|e| e.into_inner());
-        log.as_ref().and_then(|m| m.get(dir)).cloned().unwrap_or_default()
+        log.as_ref().and_then(|m| m.get(&(what, dir.to_owned()))).cloned().unwrap_or_default()
     }
 }
 
@@ -137,7 +141,7 @@ pub fn read_file_stat<T: DeserializeOwned>(path: &Path, noun: &Noun) -> Result<O
         Ok((bytes, meta))
     };
     #[cfg(test)]
-    reads::count(path);
+    test_log::note("read", path);
     let (bytes, meta) = match read() {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         r => r.context(|| format!("reading {} {}", noun.what, path.display()))?,
@@ -151,20 +155,11 @@ pub fn read_file_stat<T: DeserializeOwned>(path: &Path, noun: &Noun) -> Result<O
 /// (tests run in parallel, each in its own directory).
 #[cfg(test)]
 pub mod reads {
-    use std::collections::HashMap;
-    use std::path::{Path, PathBuf};
-    use std::sync::Mutex;
-
-    static READS: Mutex<Option<HashMap<PathBuf, usize>>> = Mutex::new(None);
-
-    pub(super) fn count(path: &Path) {
-        let dir = path.parent().unwrap_or(path).to_owned();
-        *READS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashMap::new).entry(dir).or_default() += 1;
-    }
+    use std::path::Path;
 
     /// Record reads in `dir` so far.
     pub fn of(dir: &Path) -> usize {
-        READS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.get(dir).copied()).unwrap_or(0)
+        super::test_log::of("read", dir).len()
     }
 }
 
