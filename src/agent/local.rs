@@ -2033,6 +2033,26 @@ impl LocalAgent {
 mod tests {
     use super::*;
 
+    /// A driver on node `n1` of `pools` with their `labels`, the node side on fakes.
+    fn test_driver(pools: BTreeMap<String, Arc<dyn Pool>>, labels: BTreeMap<String, BTreeMap<String, String>>) -> Driver {
+        use crate::exec::FakeExec;
+        use crate::node::mount::FakeMounter;
+        Driver {
+            node_id: "n1".into(),
+            segments: Segments::from([(crate::placement::NODE_KEY.to_owned(), "n1".to_owned())]),
+            pools,
+            labels,
+            shared: std::sync::RwLock::default(),
+            node: crate::node::Node::new(Arc::new(FakeExec::new()), Arc::new(FakeMounter::new())),
+            locks: crate::locks::Locks::new(),
+            state_dir: std::env::temp_dir(),
+            paths: crate::node::safepath::PathPolicy::default(),
+            records: crate::node::records::Records::new(&std::env::temp_dir()),
+            freezer: Arc::new(crate::node::freeze::Freezer::unrecorded(Arc::new(FakeExec::new()))),
+            jobs: crate::jobs::Jobs::unrecorded(),
+        }
+    }
+
     #[test]
     fn capacity_ranges() {
         const M: i64 = 1 << 20;
@@ -2146,8 +2166,6 @@ mod tests {
         use async_trait::async_trait;
 
         use super::*;
-        use crate::exec::FakeExec;
-        use crate::node::mount::FakeMounter;
         use crate::pool::{Attachment, Condition};
         use crate::proto::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
 
@@ -2337,21 +2355,8 @@ mod tests {
             let mut pools: BTreeMap<String, Arc<dyn Pool>> = BTreeMap::new();
             pools.insert("fast".into(), fast.clone());
             pools.insert("slow".into(), slow.clone());
-            let driver = Driver {
-                node_id: "n1".into(),
-                segments: Segments::from([(crate::placement::NODE_KEY.to_owned(), "n1".to_owned())]),
-                pools,
-                labels: BTreeMap::from([("fast".to_owned(), BTreeMap::from([("tier".to_owned(), "fast".to_owned())]))]),
-                shared: std::sync::RwLock::default(),
-                node: crate::node::Node::new(Arc::new(FakeExec::new()), Arc::new(FakeMounter::new())),
-                locks: crate::locks::Locks::new(),
-                state_dir: std::env::temp_dir(),
-                paths: crate::node::safepath::PathPolicy::default(),
-                records: crate::node::records::Records::new(&std::env::temp_dir()),
-                freezer: Arc::new(crate::node::freeze::Freezer::unrecorded(Arc::new(FakeExec::new()))),
-                jobs: crate::jobs::Jobs::unrecorded(),
-            };
-            (LocalAgent::new(Arc::new(driver)), fast, slow)
+            let labels = BTreeMap::from([("fast".to_owned(), BTreeMap::from([("tier".to_owned(), "fast".to_owned())]))]);
+            (LocalAgent::new(Arc::new(test_driver(pools, labels))), fast, slow)
         }
 
         fn mount_cap(fs: &str) -> VolumeCapability {
@@ -3035,7 +3040,6 @@ mod tests {
         use super::*;
         use crate::config::Config;
         use crate::exec::{FakeExec, Reply};
-        use crate::node::mount::FakeMounter;
         use crate::pool::lvm::tags::{self, Meta, ObjectType};
 
         const M: u64 = 1 << 20;
@@ -3048,21 +3052,7 @@ mod tests {
         }
 
         fn agent_over(pool: Arc<dyn Pool>) -> Arc<LocalAgent> {
-            let driver = Driver {
-                node_id: "n1".into(),
-                segments: Segments::from([(crate::placement::NODE_KEY.to_owned(), "n1".to_owned())]),
-                pools: BTreeMap::from([(pool.name().to_owned(), pool)]),
-                labels: BTreeMap::new(),
-                shared: std::sync::RwLock::default(),
-                node: crate::node::Node::new(Arc::new(FakeExec::new()), Arc::new(FakeMounter::new())),
-                locks: crate::locks::Locks::new(),
-                state_dir: std::env::temp_dir(),
-                paths: crate::node::safepath::PathPolicy::default(),
-                records: crate::node::records::Records::new(&std::env::temp_dir()),
-                freezer: Arc::new(crate::node::freeze::Freezer::unrecorded(Arc::new(FakeExec::new()))),
-                jobs: crate::jobs::Jobs::unrecorded(),
-            };
-            LocalAgent::new(Arc::new(driver))
+            LocalAgent::new(Arc::new(test_driver(BTreeMap::from([(pool.name().to_owned(), pool)]), BTreeMap::new())))
         }
 
         /// `lvs vg0` listing the thin pool (1 GiB, 4 MiB extents) and a volume under each of `locals`.
