@@ -3040,7 +3040,7 @@ mod tests {
         use super::*;
         use crate::config::Config;
         use crate::exec::{FakeExec, Reply};
-        use crate::pool::lvm::tags::{self, Meta, ObjectType};
+        use crate::pool::lvm::tags::{self, Meta};
 
         const M: u64 = 1 << 20;
 
@@ -3066,23 +3066,7 @@ mod tests {
             };
             let mut rows = vec![row("tp0", "", 1 << 30, "twi-aotz--", &[], "", "0.00")];
             for (local, csi_name) in volumes {
-                let meta = Meta {
-                    pool: "thin".into(),
-                    object: ObjectType::Volume,
-                    local: (*local).into(),
-                    csi_name: (*csi_name).into(),
-                    capacity: 8 * M,
-                    block: false,
-                    fs_type: Some("ext4".into()),
-                    source: None,
-                    size: 0,
-                    created: 1_700_000_000,
-                    pending: false,
-                    uid: None,
-                    source_uid: None,
-                    parameters: None,
-                    group: None,
-                };
+                let meta = Meta { pool: "thin".into(), csi_name: (*csi_name).into(), ..crate::pool::lvm::tests::vol_meta(local, 8 * M) };
                 let lv = crate::pool::lvm::volume_lv(local);
                 rows.push(row(&lv, &format!("/dev/vg0/{lv}"), 8 * M, "Vwi-a-tz--", &tags::encode(&meta).unwrap(), "tp0", "0.00"));
             }

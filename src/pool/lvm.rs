@@ -1415,4 +1415,4 @@ impl crate::pool::copy::Copy for LvCopy<'_> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

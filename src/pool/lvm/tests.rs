@@ -66,7 +66,7 @@ fn lvs_json(rows: &[Row]) -> String {
     serde_json::json!({ "report": [{ "lv": lvs }] }).to_string()
 }
 
-fn vol_meta(local: &str, capacity: u64) -> Meta {
+pub(crate) fn vol_meta(local: &str, capacity: u64) -> Meta {
     Meta {
         pool: "p".into(),
         object: ObjectType::Volume,
