@@ -296,6 +296,10 @@ def strip_test_code(toks):
             j = matching(toks, i + 1) + 1
             while j < len(toks) and is_p(toks[j], "#"):  # further attributes
                 j = matching(toks, j + 1) + 1
+            if is_i(toks[j], "pub"):  # a visibility: `pub`, `pub(crate)`
+                j += 1
+                if is_p(toks[j], "("):
+                    j = matching(toks, j) + 1
             if is_i(toks[j], "mod") and is_p(toks[j + 2], ";"):
                 test_mods.append(toks[j + 1].text)
             i = skip_item(toks, j) + 1
