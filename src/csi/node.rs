@@ -224,7 +224,7 @@ impl NodeService {
                 .to_owned()
         };
         let backing = match attachment {
-            Attachment::Device(p) => Backing::Device { path: p.clone(), dev: device_number(p).await },
+            Attachment::Device(p) | Attachment::Loop { device: p, .. } => Backing::Device { path: p.clone(), dev: device_number(p).await },
             Attachment::Mount { source, fs_type, .. } => Backing::Source { source: source.clone(), fs_type: fs_type.clone() },
         };
         let entry = StageRecord {

@@ -3,7 +3,8 @@
 //!
 //! Data safety lives here: [`probe`] never reports "blank" unless `blkid` positively said it
 //! found nothing, and [`mkfs`] probes again itself, so no caller mistake can format a device
-//! that holds anything.
+//! that holds anything. The one way around the probe is [`mkfs_zero`], which takes a
+//! [`ZeroDevice`]: a proof, made only here from the device itself, that it reads as zeros.
 
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -138,6 +139,37 @@ pub async fn mkfs(exec: &dyn Exec, device: &Path, fs_type: &str) -> Result<()> {
 /// successful mkfs (issue 14: a ready-to-use volume costs what the raw tools cost): the mount
 /// that follows names the filesystem type (`mount -t TYPE`), and fails if mkfs did not make it.
 pub async fn mkfs_if_blank(exec: &dyn Exec, device: &Path, fs_type: &str) -> Result<Option<Signature>> {
+    let cmd = mkfs_cmd(device, fs_type)?;
+    if let Some(sig) = probe(exec, device).await? {
+        return Ok(Some(sig));
+    }
+    exec.run(cmd).await.context(|| format!("creating {fs_type} on {}", device.display()))?;
+    Ok(None)
+}
+
+/// A device proven to read as zeros from end to end, so it holds no signature and needs no
+/// probe before mkfs. Made only by [`ZeroDevice::of_loop`], which proves it.
+#[derive(Debug)]
+pub struct ZeroDevice(PathBuf);
+
+impl ZeroDevice {
+    /// The loop device `device` when it is backed by `image` and reads as zeros
+    /// ([`super::loopdev::reads_as_zeros`]); `None` means "not proven": probe it. Blocking.
+    pub fn of_loop(device: &Path, image: &Path) -> Option<ZeroDevice> {
+        super::loopdev::reads_as_zeros(device, image).then(|| ZeroDevice(device.to_owned()))
+    }
+}
+
+/// Creates `fs_type` on a device proven to hold nothing: the same mkfs as [`mkfs_if_blank`],
+/// without its probe.
+pub async fn mkfs_zero(exec: &dyn Exec, device: ZeroDevice, fs_type: &str) -> Result<()> {
+    let cmd = mkfs_cmd(&device.0, fs_type)?;
+    exec.run(cmd).await.context(|| format!("creating {fs_type} on {}", device.0.display()))?;
+    Ok(())
+}
+
+/// The mkfs command for `fs_type` on `device`. No force flag, ever.
+fn mkfs_cmd(device: &Path, fs_type: &str) -> Result<Cmd> {
     let args: &[&str] = match fs_type {
         // No blocks reserved for root: the whole volume belongs to the workload.
         "ext4" => &["-q", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
@@ -147,12 +179,7 @@ pub async fn mkfs_if_blank(exec: &dyn Exec, device: &Path, fs_type: &str) -> Res
             return Err(Error::InvalidArgument(format!("cannot create filesystem {other:?}: holdfast creates one of {SUPPORTED_FS:?}")));
         }
     };
-    if let Some(sig) = probe(exec, device).await? {
-        return Ok(Some(sig));
-    }
-    let cmd = Cmd::new(format!("mkfs.{fs_type}")).args(args.iter().copied()).arg(path_arg(device)).timeout(LONG_TIMEOUT);
-    exec.run(cmd).await.context(|| format!("creating {fs_type} on {}", device.display()))?;
-    Ok(None)
+    Ok(Cmd::new(format!("mkfs.{fs_type}")).args(args.iter().copied()).arg(path_arg(device)).timeout(LONG_TIMEOUT))
 }
 
 /// Grows the `fs_type` filesystem on `device`, mounted at `mount_path`, to fill the device.

@@ -187,6 +187,56 @@ pub fn associated_in_sysfs(sys_block: &Path, file: &Path) -> Option<Vec<LoopDevi
     Some(out)
 }
 
+/// Whether loop device `device` is backed by `image` and reads as zeros from end to end: the
+/// image holds no data at all (every byte a hole or an unwritten extent, `SEEK_DATA` finds
+/// nothing) once the device's own cached writes were flushed into it. Such a device holds no
+/// signature of any kind, which is what `blkid` would have been asked to rule out (issue 14: a
+/// fresh `file` volume is formatted without a probe process). Any doubt is `false` and the
+/// caller probes as before: an image with any data (a formatted volume, a restored copy, zeros
+/// written by hand), a device backed by another file or by a deleted one, a filesystem without
+/// `SEEK_DATA` (it reports everything as data), or an error on the way. A write racing the
+/// check is the same race as one between `blkid` and `mkfs`. Blocking: run it off the workers.
+pub fn reads_as_zeros(device: &Path, image: &Path) -> bool {
+    let proven = || -> Option<bool> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let img = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(image).ok()?;
+        let im = img.metadata().ok()?;
+        if !im.is_file() || im.len() == 0 || has_data(&img)? {
+            return Some(false);
+        }
+        let dm = std::fs::metadata(device).ok()?;
+        if !dm.file_type().is_block_device() {
+            return Some(false);
+        }
+        let (major, minor) = (nix::sys::stat::major(dm.rdev()), nix::sys::stat::minor(dm.rdev()));
+        let back = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file")).ok()?;
+        let back = back.strip_suffix('\n').unwrap_or(&back);
+        if back.ends_with(DELETED_SUFFIX) {
+            return Some(false);
+        }
+        let bm = std::fs::metadata(back).ok()?;
+        if (bm.dev(), bm.ino()) != (im.dev(), im.ino()) {
+            return Some(false);
+        }
+        // Writes made through the device may still sit in its page cache: fsync pushes them
+        // into the image (a flush of a buffered loop device is an fsync of its backing file), so
+        // the second look at the image sees them. Read-only open: nothing is written, and udev
+        // sees no close-after-write.
+        std::fs::File::open(device).ok()?.sync_all().ok()?;
+        Some(!has_data(&img)?)
+    };
+    proven().unwrap_or(false)
+}
+
+/// Whether `f` holds any data extent (`SEEK_DATA` from 0); `None` when the filesystem cannot say.
+fn has_data(f: &std::fs::File) -> Option<bool> {
+    match nix::unistd::lseek(f, 0, nix::unistd::Whence::SeekData) {
+        Ok(_) => Some(true),
+        Err(nix::errno::Errno::ENXIO) => Some(false),
+        Err(_) => None,
+    }
+}
+
 /// Every loop device backed by `file`: read from sysfs ([`associated_in_sysfs`]), else from
 /// `losetup --associated`, which matches by inode and device number too. A file that no longer
 /// exists has no devices it can name.
@@ -559,6 +609,44 @@ pub(crate) mod tests {
         assert!(find(real(&exec), &img).await.unwrap().is_empty());
         detach_all(real(&exec), &img).await.unwrap();
         drop(guard);
+    }
+
+    /// A fresh image reads as zeros through its device; anything written (through the device
+    /// and still in its page cache, or into the image), another image, or a device that is not
+    /// a loop device of the image is not proven, so the caller probes with blkid.
+    #[tokio::test]
+    async fn only_a_never_written_image_reads_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("v.img");
+        let other = dir.path().join("o.img");
+        for f in [&img, &other] {
+            std::fs::File::create(f).unwrap().set_len(8 << 20).unwrap();
+        }
+        let _guard = DetachOnDrop(img.clone());
+        let exec = RealExec;
+        let dev = attach(real(&exec), &img).await.unwrap();
+        assert!(reads_as_zeros(&dev, &img), "a fresh sparse image holds nothing");
+        assert!(!reads_as_zeros(&dev, &other), "another image proves nothing about {}", dev.display());
+        assert!(!reads_as_zeros(&img, &img), "a file is not a loop device");
+        // Two bytes written through the device, not synced, the writer still open (a last
+        // close would flush them): only the device's page cache has them.
+        let mut writer = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            writer.seek(SeekFrom::Start(1 << 20)).unwrap();
+            writer.write_all(b"\x53\xef").unwrap();
+        }
+        assert!(!reads_as_zeros(&dev, &img), "a write through the device is data");
+        drop(writer);
+        detach_all(real(&exec), &img).await.unwrap();
+        // Data written into the image itself, at its end.
+        let dev = attach(real(&exec), &other).await.unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            std::fs::OpenOptions::new().write(true).open(&other).unwrap().write_all_at(b"x", (8 << 20) - 1).unwrap();
+        }
+        assert!(!reads_as_zeros(&dev, &other), "a byte in the image is data");
+        detach_all(real(&exec), &other).await.unwrap();
     }
 
     /// Detaches whatever a test attached, even when it panics.

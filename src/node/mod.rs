@@ -91,7 +91,11 @@ impl Node {
         let top = self.mounter.mount_at(staging).await?;
         let shown = staging.as_path().display();
         match attachment {
-            Attachment::Device(device) => {
+            Attachment::Device(device) | Attachment::Loop { device, .. } => {
+                let image = match attachment {
+                    Attachment::Loop { image, .. } => Some(image.as_path()),
+                    _ => None,
+                };
                 let id = DeviceId::of(device).await?;
                 if let Some(top) = top {
                     if id.is(&top) {
@@ -103,7 +107,7 @@ impl Node {
                         device.display()
                     )));
                 }
-                let (fs, fresh) = self.ensure_filesystem(device, fs_type).await?;
+                let (fs, fresh) = self.ensure_filesystem(device, image, fs_type).await?;
                 // Resize on stage: a volume expanded while it was not staged gets its filesystem
                 // grown here, so it never comes back smaller than its capacity. ext4 grows
                 // offline before the mount; xfs and btrfs can only grow mounted (a no-op when full).
@@ -145,9 +149,20 @@ impl Node {
     }
 
     /// Makes sure `device` holds a filesystem holdfast can mount, creating `fs_type` only on a
-    /// blank device. Returns the filesystem found or made.
-    async fn ensure_filesystem(&self, device: &Path, fs_type: &str) -> Result<(String, bool)> {
-        let found = if fs_type.is_empty() {
+    /// blank device. Returns the filesystem found or made. A loop device whose `image` proves
+    /// it reads as zeros ([`format::ZeroDevice`]) is formatted without a `blkid` process.
+    async fn ensure_filesystem(&self, device: &Path, image: Option<&Path>, fs_type: &str) -> Result<(String, bool)> {
+        let zero = match image {
+            Some(image) if !fs_type.is_empty() => {
+                let (d, i) = (device.to_owned(), image.to_owned());
+                run_path(image, "looking for data in", move || Ok(format::ZeroDevice::of_loop(&d, &i))).await?
+            }
+            _ => None,
+        };
+        let found = if let Some(zero) = zero {
+            format::mkfs_zero(self.exec.as_ref(), zero, fs_type).await?;
+            None
+        } else if fs_type.is_empty() {
             match format::probe(self.exec.as_ref(), device).await? {
                 None => {
                     return Err(Error::InvalidArgument(format!(
@@ -756,6 +771,52 @@ mod tests {
         let err = r.stage("ext4").await.unwrap_err();
         assert!(matches!(err, Error::AlreadyExists(_)) && err.to_string().contains("/dev/sdz"), "{err}");
         assert!(r.exec.calls().is_empty(), "nothing probed or formatted: {:?}", r.exec.lines());
+    }
+
+    /// A file pool's fresh loop device is formatted without a probe process (its image's holes
+    /// prove it blank); once its image holds anything, the stage probes with blkid first, and a
+    /// signature blkid reports is never formatted over. Real loop devices, fake mkfs and mounts.
+    #[tokio::test]
+    async fn a_fresh_loop_device_is_formatted_without_a_probe_and_a_written_one_is_probed() {
+        struct Detach(PathBuf);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+            }
+        }
+        let attach = |img: &Path| {
+            let out = std::process::Command::new("losetup").args(["--find", "--show"]).arg(img).output().unwrap();
+            assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+            PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        };
+        let r = rig(vec![found("LVM2_member")]);
+        let img = r.path("v.img");
+        std::fs::File::create(&img).unwrap().set_len(8 << 20).unwrap();
+        let device = attach(&img);
+        let _detach = Detach(device.clone());
+        let loop_att = Attachment::Loop { device: device.clone(), image: img.clone() };
+        r.node.stage_filesystem(&loop_att, &r.rp("stage"), "ext4", &[]).await.unwrap();
+        assert_eq!(r.progs(), ["mkfs.ext4"], "a never-written image needs no blkid");
+
+        // The same device once the image holds data: probed, and the signature found is refused.
+        let r = rig(vec![found("LVM2_member")]);
+        {
+            use std::os::unix::fs::FileExt;
+            std::fs::OpenOptions::new().write(true).open(&img).unwrap().write_all_at(b"LABELONE", 512).unwrap();
+        }
+        let err = r.node.stage_filesystem(&loop_att, &r.rp("stage"), "ext4", &[]).await.unwrap_err();
+        assert!(err.to_string().contains("LVM2_member"), "{err}");
+        assert_eq!(r.progs(), ["blkid"], "a written image is probed and never formatted over");
+        assert!(r.mounts().is_empty());
+
+        // A blank image named beside another file's device proves nothing about that device.
+        let r = rig(vec![found("xfs")]);
+        let other = r.path("o.img");
+        std::fs::File::create(&other).unwrap().set_len(8 << 20).unwrap();
+        let wrong = Attachment::Loop { device: device.clone(), image: other };
+        let err = r.node.stage_filesystem(&wrong, &r.rp("stage"), "ext4", &[]).await.unwrap_err();
+        assert!(err.to_string().contains("\"xfs\""), "{err}");
+        assert_eq!(r.progs(), ["blkid"]);
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 //! gone succeeds.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -321,8 +321,16 @@ pub fn no_group_snapshots(pool: &str, kind: PoolKind, volume: &str, why: &str) -
 /// How the node reaches a volume's data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attachment {
-    /// A block device node (loop device, LV, zvol).
+    /// A block device node (LV, zvol).
     Device(PathBuf),
+    /// A loop device over the pool's image file (`file` pools). The node may prove a fresh
+    /// device blank from the image's holes instead of probing it (`node::format::ZeroDevice`).
+    Loop {
+        /// The device node, e.g. `/dev/loop3`.
+        device: PathBuf,
+        /// Its backing file, the volume's image.
+        image: PathBuf,
+    },
     /// Something `mount` takes directly (ZFS dataset, NFS export subdirectory).
     Mount {
         /// The mount source, e.g. `tank/holdfast/v1` or `server:/export/v1`.
@@ -332,6 +340,16 @@ pub enum Attachment {
         /// Options the pool requires.
         options: Vec<String>,
     },
+}
+
+impl Attachment {
+    /// The block device node, for a block-backed attachment.
+    pub fn device(&self) -> Option<&Path> {
+        match self {
+            Attachment::Device(d) | Attachment::Loop { device: d, .. } => Some(d),
+            Attachment::Mount { .. } => None,
+        }
+    }
 }
 
 /// Health of the volume's backing storage, as the pool sees it.

@@ -1226,7 +1226,7 @@ impl Pool for FilePool {
                 return Err(e);
             }
         }
-        Ok(Attachment::Device(dev))
+        Ok(Attachment::Loop { device: dev, image: f.img })
     }
 
     async fn detach(&self, local: &str) -> Result<()> {

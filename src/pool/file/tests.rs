@@ -173,7 +173,7 @@ async fn attach_reuses_the_existing_device_and_detach_detaches_it() {
     let sys = dir.path().join("fake-sys-block");
     let knob = fake_discard_knob(dir.path(), "loop3");
     crate::node::loopdev::tests::fake_loop(&sys, 3, Some(&image.display().to_string()), false, false, 0);
-    assert_eq!(p.attach("v1").await.unwrap(), Attachment::Device("/dev/loop3".into()));
+    assert_eq!(p.attach("v1").await.unwrap(), Attachment::Loop { device: "/dev/loop3".into(), image: image.clone() });
     assert_eq!(fs::read_to_string(&knob).unwrap(), "0", "a thick volume's device passes no discard");
     // The kernel unbinds the device a moment after `losetup --detach`.
     let unbind = tokio::spawn({
@@ -429,11 +429,10 @@ async fn real_volume_lifecycle() {
         assert!(matches!(err, Error::AlreadyExists(_)), "{}: {err}", c.name);
     }
 
-    let dev = match p.attach("v1").await.unwrap() {
-        Attachment::Device(d) => d,
-        other => panic!("{other:?}"),
-    };
-    assert_eq!(p.attach("v1").await.unwrap(), Attachment::Device(dev.clone()), "attach twice, one device");
+    let attached = p.attach("v1").await.unwrap();
+    let Attachment::Loop { device: dev, image } = attached.clone() else { panic!("{attached:?}") };
+    assert_eq!(image, img(dir.path(), "volumes", "v1"), "the device's image is the volume's");
+    assert_eq!(p.attach("v1").await.unwrap(), attached, "attach twice, one device");
     assert!(matches!(p.delete_volume("v1").await, Err(Error::FailedPrecondition(_))));
     assert_eq!(p.expand_volume("v1", 96 * MIB).await.unwrap(), 96 * MIB);
     assert!(fs::metadata(img(dir.path(), "volumes", "v1")).unwrap().blocks() * 512 >= 96 * MIB, "expansion allocates the new space");
@@ -555,7 +554,7 @@ async fn real_snapshot_of_a_mounted_filesystem() {
     let _cleanup = Cleanup { mounts: vec![mnt.clone()], dir: dir.path().to_owned() };
     let p = real_pool(&dir.path().join("pool"));
     p.create_volume(&req("v1", 32 * MIB, false, None)).await.unwrap();
-    let Attachment::Device(dev) = p.attach("v1").await.unwrap() else { panic!("not a device") };
+    let Attachment::Loop { device: dev, .. } = p.attach("v1").await.unwrap() else { panic!("not a loop device") };
     let run = |argv: &[&str]| {
         let st = std::process::Command::new(argv[0]).args(&argv[1..]).output().unwrap();
         assert!(st.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&st.stderr));
@@ -730,7 +729,7 @@ async fn a_thin_attach_leaves_discard_alone() {
     fake.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[]}"#.into())]);
     fake.on("losetup --find", vec![Reply::Ok("/dev/loop4\n".into())]);
     let knob = fake_discard_knob(dir.path(), "loop4");
-    assert_eq!(p.attach("v1").await.unwrap(), Attachment::Device("/dev/loop4".into()));
+    assert_eq!(p.attach("v1").await.unwrap(), Attachment::Loop { device: "/dev/loop4".into(), image: img(dir.path(), "volumes", "v1") });
     assert_eq!(fs::read_to_string(&knob).unwrap(), "4294966784\n", "a thin volume's trims give space back");
 }
 
