@@ -93,6 +93,11 @@ pub struct BenchArgs {
     /// The concurrencies of --ops (comma-separated).
     #[arg(long, value_delimiter = ',', value_name = "N,N,...", default_value = "1,16")]
     pub ops_concurrency: Vec<usize>,
+    /// With --ops: split each series of --count calls into this many rounds, holdfast and by
+    /// hand taking turns, so a change in the machine's load during a row weighs on both sides
+    /// alike (the rows' samples are pooled; at least one call per round).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub ops_rounds: usize,
     /// Where and how --ops makes its by-hand volumes: file:DIR, lvm-thin:VG/THINPOOL,
     /// lvm-thick:VG, zfs:PARENT (zvols), zfs-dataset:PARENT, nfs:LOCAL_DIR=SERVER:/EXPORT.
     /// Default: file images in the work directory. Use the pool's own place for a fair
@@ -175,7 +180,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         let target = args.by_hand.clone().unwrap_or(recipe::Target::File { dir: String::new() });
         let idle = memory(args.driver_pid)?;
         let levels: Vec<usize> = args.ops_concurrency.iter().map(|&c| c.max(1)).collect();
-        let rows = ops::run(&csi, &target, scratch.dir.clone(), &ops, &levels, args.count, &run_id).await;
+        let rounds = args.ops_rounds.clamp(1, args.count.max(1));
+        let rows = ops::run(&csi, &target, scratch.dir.clone(), &ops, &levels, args.count, rounds, &run_id).await;
         let rows = scratch.finish(rows)?;
         let report = ops::OpsReport {
             driver: format!("{} {}", plugin.name, plugin.vendor_version),

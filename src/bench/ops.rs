@@ -164,7 +164,10 @@ pub struct OpsReport {
     pub rows: Vec<Row>,
 }
 
-/// Runs every operation of `ops` at every concurrency of `levels`.
+/// Runs every operation of `ops` at every concurrency of `levels`: `count` calls per side,
+/// in `rounds` turns of holdfast and by hand (which side goes first alternates from turn to
+/// turn and from row to row), the turns' samples pooled.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     csi: &Csi,
     target: &Target,
@@ -172,6 +175,7 @@ pub(super) async fn run(
     ops: &[Op],
     levels: &[usize],
     count: usize,
+    rounds: usize,
     run_id: &str,
 ) -> Result<Vec<Row>, String> {
     let hf = Arc::new(Holdfast { csi: csi.clone(), size: csi.size });
@@ -179,24 +183,34 @@ pub(super) async fn run(
     let mut rows = Vec::new();
     for (n, &op) in ops.iter().enumerate() {
         for (m, &c) in levels.iter().enumerate() {
-            let tag = format!("{run_id}-{}-c{c}", op.name());
-            let dir = |side: &str| scratch.join(format!("{side}-{}-c{c}", op.name()));
             let hand_wanted = op.has_hand_steps(target);
-            let (hf_prefix, hand_prefix) = (format!("bench-{tag}"), format!("hand-{tag}"));
-            let hf_series = || series(&hf, op, c, count, &hf_prefix, dir("holdfast"));
-            let hand_series = async || match hand_wanted {
-                true => series(&hand, op, c, count, &hand_prefix, dir("hand")).await.map(Some),
-                false => Ok(None),
-            };
-            // A failed series has taken down what it made: the next ones still run, and the
-            // row says what failed.
-            let (a, b) = if (n + m) % 2 == 0 {
-                let a = hf_series().await;
-                (a, hand_series().await)
-            } else {
-                let b = hand_series().await;
-                (hf_series().await, b)
-            };
+            let (mut a, mut b): (Result<Vec<Duration>, String>, Result<Option<Vec<Duration>>, String>) =
+                (Ok(Vec::new()), Ok(hand_wanted.then(Vec::new)));
+            for (round, calls) in turns(count, rounds).into_iter().enumerate() {
+                let tag = format!("{run_id}-{}-c{c}-r{round}", op.name());
+                let dir = |side: &str| scratch.join(format!("{side}-{}-c{c}-r{round}", op.name()));
+                let (hf_prefix, hand_prefix) = (format!("bench-{tag}"), format!("hand-{tag}"));
+                let hf_series = || series(&hf, op, c, calls, &hf_prefix, dir("holdfast"));
+                let hand_series = async || match hand_wanted {
+                    true => series(&hand, op, c, calls, &hand_prefix, dir("hand")).await.map(Some),
+                    false => Ok(None),
+                };
+                // A failed series has taken down what it made: the next ones still run, and the
+                // row says what failed.
+                let (x, y) = if (n + m + round) % 2 == 0 {
+                    let x = hf_series().await;
+                    (x, hand_series().await)
+                } else {
+                    let y = hand_series().await;
+                    (hf_series().await, y)
+                };
+                pool_samples(&mut a, x);
+                match (&mut b, y) {
+                    (Ok(Some(all)), Ok(Some(more))) => all.extend(more),
+                    (Ok(_), Err(e)) => b = Err(e),
+                    _ => {}
+                }
+            }
             let error = [a.as_ref().err(), b.as_ref().err()].into_iter().flatten().cloned().collect::<Vec<_>>();
             rows.push(Row {
                 op,
@@ -209,6 +223,21 @@ pub(super) async fn run(
         }
     }
     Ok(rows)
+}
+
+/// The calls of each of `rounds` turns: `count` spread over them, the first ones one more.
+fn turns(count: usize, rounds: usize) -> Vec<usize> {
+    let rounds = rounds.max(1);
+    (0..rounds).map(|r| count / rounds + usize::from(r < count % rounds)).collect()
+}
+
+/// Adds one turn's samples to a side's: the first error stays the side's answer.
+fn pool_samples(all: &mut Result<Vec<Duration>, String>, turn: Result<Vec<Duration>, String>) {
+    match (all.as_mut(), turn) {
+        (Ok(v), Ok(more)) => v.extend(more),
+        (Ok(_), Err(e)) => *all = Err(e),
+        (Err(_), _) => {}
+    }
 }
 
 /// One side of the comparison: makes the phases of one volume, and undoes them.
@@ -633,6 +662,21 @@ mod tests {
         .await;
         assert_eq!(out.iter().map(|(i, r)| (*i, *r)).collect::<Vec<_>>(), (0..20).map(|i| (i, i * 10)).collect::<Vec<_>>());
         assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[test]
+    fn rounds_split_the_calls_and_pool_the_samples() {
+        assert_eq!(turns(40, 4), [10, 10, 10, 10]);
+        assert_eq!(turns(10, 4), [3, 3, 2, 2]);
+        assert_eq!(turns(16, 1), [16]);
+        assert_eq!(turns(5, 0), [5], "no rounds is one round");
+        let ms = |v: &[u64]| v.iter().map(|&m| Duration::from_millis(m)).collect::<Vec<_>>();
+        let mut all = Ok(ms(&[1, 2]));
+        pool_samples(&mut all, Ok(ms(&[3])));
+        assert_eq!(all, Ok(ms(&[1, 2, 3])));
+        pool_samples(&mut all, Err("round 2 failed".into()));
+        pool_samples(&mut all, Ok(ms(&[4])));
+        assert_eq!(all, Err("round 2 failed".into()), "the first error stays");
     }
 
     #[test]
