@@ -293,7 +293,13 @@ impl Csi {
 
     async fn delete(&self, id: &str) -> Result<(), String> {
         let req = DeleteVolumeRequest { volume_id: id.to_owned(), ..Default::default() };
-        self.controller.clone().delete_volume(req).await.map(drop).map_err(|s| format!("DeleteVolume {id}: {}", status(&s)))
+        until_not_aborted(|| {
+            let (mut c, r) = (self.controller.clone(), req.clone());
+            async move { c.delete_volume(r).await }
+        })
+        .await
+        .map(drop)
+        .map_err(|s| format!("DeleteVolume {id}: {}", status(&s)))
     }
 
     async fn stage(&self, id: &str, staging: &str) -> Result<(), String> {
@@ -476,6 +482,30 @@ async fn delete_all(csi: &Csi, ids: &[String]) -> Vec<String> {
     left
 }
 
+/// How long the bench calls again a request answered ABORTED.
+const ABORTED_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Makes the call `f` makes again while it answers ABORTED (an operation on the same object,
+/// or a copy it waits for, still in progress), as the CO's sidecars do, for at most
+/// [`ABORTED_PATIENCE`]; the waiting counts as the call's time.
+pub(crate) async fn until_not_aborted<T, F, Fut>(mut f: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match f().await {
+            Err(s) if s.code() == tonic::Code::Aborted && start.elapsed() < ABORTED_PATIENCE => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn with_leftovers(err: String, left: Vec<String>) -> String {
     if left.is_empty() { err } else { format!("{err}; these volumes could not be deleted, delete them by hand: {}", left.join(", ")) }
 }
@@ -602,6 +632,26 @@ impl Scratch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call answered ABORTED is made again, as a CO does; any other answer is final.
+    #[tokio::test]
+    async fn aborted_calls_are_made_again_and_other_errors_are_not() {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let r = until_not_aborted(|| {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { if n < 2 { Err(tonic::Status::aborted("copy in progress")) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 2, "two ABORTED answers, then the answer");
+        calls.store(0, std::sync::atomic::Ordering::SeqCst);
+        let r: Result<(), _> = until_not_aborted(|| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Err(tonic::Status::failed_precondition("in use")) }
+        })
+        .await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::FailedPrecondition);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "no retry of another code");
+    }
 
     #[test]
     fn phases_add_up() {

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::Csi;
 use super::recipe::{Hand, Phase, Target, describe, describe_undo, has_steps};
 use super::stats::{Memory, Summary, format_duration, ms, ratio};
+use super::{Csi, until_not_aborted};
 use crate::client::{self, Source, capacity};
 use crate::config::format_size;
 use crate::ctl::show::status;
@@ -184,8 +184,8 @@ pub(super) async fn run(
     for (n, &op) in ops.iter().enumerate() {
         for (m, &c) in levels.iter().enumerate() {
             let hand_wanted = op.has_hand_steps(target);
-            let (mut a, mut b): (Result<Vec<Duration>, String>, Result<Option<Vec<Duration>>, String>) =
-                (Ok(Vec::new()), Ok(hand_wanted.then(Vec::new)));
+            let mut a: Samples = Ok(Vec::new());
+            let mut b: Result<Option<Vec<Duration>>, String> = Ok(hand_wanted.then(Vec::new));
             for (round, calls) in turns(count, rounds).into_iter().enumerate() {
                 let tag = format!("{run_id}-{}-c{c}-r{round}", op.name());
                 let dir = |side: &str| scratch.join(format!("{side}-{}-c{c}-r{round}", op.name()));
@@ -231,8 +231,11 @@ fn turns(count: usize, rounds: usize) -> Vec<usize> {
     (0..rounds).map(|r| count / rounds + usize::from(r < count % rounds)).collect()
 }
 
+/// One side's times of a row, or what failed.
+type Samples = Result<Vec<Duration>, String>;
+
 /// Adds one turn's samples to a side's: the first error stays the side's answer.
-fn pool_samples(all: &mut Result<Vec<Duration>, String>, turn: Result<Vec<Duration>, String>) {
+fn pool_samples(all: &mut Samples, turn: Samples) {
     match (all.as_mut(), turn) {
         (Ok(v), Ok(more)) => v.extend(more),
         (Ok(_), Err(e)) => *all = Err(e),
@@ -451,7 +454,12 @@ impl Side for Holdfast {
                         parameters: csi.params.clone(),
                         ..Default::default()
                     };
-                    let r = csi.controller.clone().create_snapshot(req).await.map_err(|s| format!("CreateSnapshot: {}", status(&s)))?;
+                    let r = until_not_aborted(|| {
+                        let (mut c, r) = (csi.controller.clone(), req.clone());
+                        async move { c.create_snapshot(r).await }
+                    })
+                    .await
+                    .map_err(|s| format!("CreateSnapshot: {}", status(&s)))?;
                     let s = r.into_inner().snapshot.ok_or("CreateSnapshot: the answer has no snapshot")?;
                     it.snapshot = Some(s.snapshot_id);
                 }
@@ -460,7 +468,12 @@ impl Side for Holdfast {
                     let name = format!("{}-restored", it.name);
                     let mut req = client::create_volume_request(&name, capacity(self.size), csi.capability.clone(), csi.params.clone());
                     req.volume_content_source = Some(client::content_source(Source::Snapshot(&snap)));
-                    let r = csi.controller.clone().create_volume(req).await.map_err(|s| format!("CreateVolume {name}: {}", status(&s)))?;
+                    let r = until_not_aborted(|| {
+                        let (mut c, r) = (csi.controller.clone(), req.clone());
+                        async move { c.create_volume(r).await }
+                    })
+                    .await
+                    .map_err(|s| format!("CreateVolume {name}: {}", status(&s)))?;
                     it.restored = Some(r.into_inner().volume.ok_or("CreateVolume: the answer has no volume")?.volume_id);
                 }
                 Phase::Expand => {
@@ -505,7 +518,12 @@ impl Side for Holdfast {
         }
         if let Some(id) = &it.snapshot {
             let req = DeleteSnapshotRequest { snapshot_id: id.clone(), ..Default::default() };
-            csi.controller.clone().delete_snapshot(req).await.map_err(|s| format!("DeleteSnapshot {id}: {}", status(&s)))?;
+            until_not_aborted(|| {
+                let (mut c, r) = (csi.controller.clone(), req.clone());
+                async move { c.delete_snapshot(r).await }
+            })
+            .await
+            .map_err(|s| format!("DeleteSnapshot {id}: {}", status(&s)))?;
             it.snapshot = None;
         }
         let Some(id) = it.volume.clone() else { return Ok(()) };
