@@ -75,24 +75,73 @@ struct PoolHealth {
     /// Its volumes as its good listings last showed them, by local name: each page replaces
     /// the range it covered (so a page costs the page), an inventory the whole. Shared with
     /// the page being answered (an `Arc`: keeping a page is no copy of its volumes).
-    listed: BTreeMap<String, Arc<VolumeInfo>>,
+    listed: BTreeMap<String, Arc<Known>>,
+}
+
+// issue 14: flat
+/// A volume of a pool's last-known listing, and its Agent API entry once built: a page of a
+/// volume that did not change (the pool answered the same `info`, an `Arc` its index shares)
+/// builds no message, it copies the one built before. A change is a new `info`, so a new
+/// `Known`, whose entry is built anew.
+#[derive(Debug)]
+struct Known {
+    info: Arc<VolumeInfo>,
+    /// [`LocalAgent::volume_entry`] of `info` without a condition.
+    entry: std::sync::OnceLock<ap::Volume>,
+}
+
+impl Known {
+    fn new(info: Arc<VolumeInfo>) -> Arc<Known> {
+        Arc::new(Known { info, entry: std::sync::OnceLock::new() })
+    }
 }
 
 impl PoolHealth {
-    /// A good listing answered `got` for at most `asked` volumes from `from` on: that range of
-    /// the last-known listing is now exactly `got` (to the end of the pool when fewer came).
-    fn saw_range(&mut self, from: &str, asked: usize, got: &[Arc<VolumeInfo>]) {
+    /// A good listing answered `got` (in name order) for at most `asked` volumes from `from`
+    /// on: that range of the last-known listing is now exactly `got` (to the end of the pool
+    /// when fewer came). Answers `got` as known volumes: an entry that is the same `info` as
+    /// before is kept (with its built entry), nothing allocated for it.
+    fn saw_range(&mut self, from: &str, asked: usize, got: Vec<Arc<VolumeInfo>>) -> Vec<Arc<Known>> {
         use std::ops::Bound::{Included, Unbounded};
-        let end = if got.len() < asked { Unbounded } else { got.last().map_or(Unbounded, |v| Included(v.local.clone())) };
-        let stale: Vec<String> = self.listed.range::<String, _>((Included(from.to_owned()), end)).map(|(k, _)| k.clone()).collect();
+        debug_assert!(got.windows(2).all(|w| w[0].local < w[1].local), "a page is in name order");
+        let last = got.last().cloned();
+        let end = match &last {
+            Some(v) if got.len() >= asked => Included(v.local.as_str()),
+            _ => Unbounded,
+        };
+        // One walk over the range and the page together (both in name order), no look-up per volume.
+        let (mut out, mut stale, mut new) = (Vec::with_capacity(got.len()), Vec::new(), Vec::new());
+        let mut got = got.into_iter().peekable();
+        for (k, known) in self.listed.range_mut::<str, _>((Included(from), end)) {
+            while let Some(v) = got.next_if(|v| v.local.as_str() < k.as_str()) {
+                new.push(Known::new(v));
+            }
+            match got.next_if(|v| v.local == *k) {
+                Some(v) => {
+                    if !Arc::ptr_eq(&known.info, &v) {
+                        *known = Known::new(v);
+                    }
+                    out.push(known.clone());
+                }
+                None => stale.push(k.clone()),
+            }
+        }
+        new.extend(got.map(Known::new));
         for k in stale {
             self.listed.remove(&k);
         }
-        self.listed.extend(got.iter().map(|v| (v.local.clone(), Arc::clone(v))));
+        for k in &new {
+            self.listed.insert(k.info.local.clone(), k.clone());
+        }
+        if !new.is_empty() {
+            out.extend(new);
+            out.sort_by(|a, b| a.info.local.cmp(&b.info.local));
+        }
+        out
     }
 
     /// At most `max` volumes of the last-known listing from `from` on, in name order.
-    fn listed_from(&self, from: &str, max: usize) -> Vec<Arc<VolumeInfo>> {
+    fn listed_from(&self, from: &str, max: usize) -> Vec<Arc<Known>> {
         self.listed
             .range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
             .take(max)
@@ -203,7 +252,9 @@ pub fn capacity_for(range: Option<&CapacityRange>, default: u64) -> Result<u64> 
 /// one pool that is the order of local names, so a pool's ordered index gives a page as a
 /// range; a token is the key of the first entry of the next page (a four-field id).
 pub fn list_key(id: &str) -> &str {
-    match id.match_indices(':').nth(3) {
+    // Bytes, not a char pattern: a page sorts by this key (issue 14: a pattern search per call
+    // was a tenth of a listing).
+    match id.bytes().enumerate().filter(|&(_, b)| b == b':').nth(3) {
         Some((i, _)) => &id[..i],
         None => id,
     }
@@ -225,14 +276,17 @@ pub fn check_page(max: i32, token: &str) -> Result<()> {
 pub fn paginate<T>(items: Vec<(String, T)>, max: i32, token: &str) -> Result<(Vec<T>, String)> {
     check_page(max, token)?;
     let token = list_key(token);
-    let mut items: Vec<(String, T)> = items.into_iter().filter(|(k, _)| list_key(k) >= token).collect();
-    items.sort_by(|a, b| list_key(&a.0).cmp(list_key(&b.0)));
+    // Each key's length in listing order found once, not at every comparison of the sort.
+    let mut items: Vec<(usize, String, T)> =
+        items.into_iter().map(|(k, v)| (list_key(&k).len(), k, v)).filter(|(n, k, _)| &k[..*n] >= token).collect();
+    items.sort_by(|a, b| a.1[..a.0].cmp(&b.1[..b.0]));
     let mut next = String::new();
     if max > 0 && items.len() > max as usize {
-        next = list_key(&items[max as usize].0).to_owned();
+        let (n, k, _) = &items[max as usize];
+        next = k[..*n].to_owned();
         items.truncate(max as usize);
     }
-    Ok((items.into_iter().map(|(_, v)| v).collect(), next))
+    Ok((items.into_iter().map(|(_, _, v)| v).collect(), next))
 }
 
 /// The smallest volume a pool allocating in `unit` bytes can make with filesystem `fs` (none:
@@ -247,10 +301,16 @@ fn timestamp(secs: i64) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: secs, nanos: 0 }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// How many volume entries ([`LocalAgent::volume_entry`]) this thread built.
+    static ENTRIES_BUILT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// A volume listed by its pool, with the condition already known (a sick pool's) or not.
-type Listed = (Arc<dyn Pool>, Arc<VolumeInfo>, Option<VolumeCondition>);
+type Listed = (Arc<dyn Pool>, Arc<Known>, Option<VolumeCondition>);
 /// A volume of a listing page with its condition, when already known (read for the page otherwise).
-type PageEntry = (Arc<VolumeInfo>, Option<VolumeCondition>);
+type PageEntry = (Arc<Known>, Option<VolumeCondition>);
 
 impl LocalAgent {
     /// The pools a request's parameters select, with the pool-specific parameters checked.
@@ -812,8 +872,9 @@ impl LocalAgent {
         let mut pools: Vec<(String, &Arc<dyn Pool>)> =
             self.d.pools.values().map(|p| (self.d.object_id(p.as_ref(), "", Object::Volume, None).to_string(), p)).collect();
         pools.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut items: Vec<(String, Listed)> = Vec::new();
-        for (prefix, pool) in pools {
+        // Each volume with the index of its pool's prefix: only the next page's token is an id.
+        let mut items: Vec<(usize, Listed)> = Vec::new();
+        for (at, &(ref prefix, pool)) in pools.iter().enumerate() {
             let left = want - items.len();
             if left == 0 {
                 break;
@@ -826,11 +887,9 @@ impl LocalAgent {
             };
             let (volumes, cond) = match pool.list_volumes_from(from, left).await {
                 Ok(vs) => {
-                    let vs: Vec<Arc<VolumeInfo>> = vs.into_iter().map(Arc::new).collect();
                     self.answered(pool.as_ref());
                     let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-                    h.entry(pool.name().to_owned()).or_default().saw_range(from, left, &vs);
-                    (vs, None)
+                    (h.entry(pool.name().to_owned()).or_default().saw_range(from, left, vs), None)
                 }
                 // A sick pool does not fail the listing: the volumes it had when last listed are
                 // listed as abnormal (none after a restart), the other pools answer as usual.
@@ -843,12 +902,13 @@ impl LocalAgent {
                 }
             };
             for v in volumes {
-                items.push((format!("{prefix}{}", v.local), (pool.clone(), v, cond.clone())));
+                items.push((at, (pool.clone(), v, cond.clone())));
             }
         }
         let mut next = String::new();
         if max > 0 && items.len() > max as usize {
-            next = items[max as usize].0.clone();
+            let (at, (_, v, _)) = &items[max as usize];
+            next = format!("{}{}", pools[*at].0, v.info.local);
             items.truncate(max as usize);
         }
         let mut out = Vec::with_capacity(items.len());
@@ -861,7 +921,7 @@ impl LocalAgent {
             }
         }
         for (pool, run) in runs {
-            let unread: Vec<String> = run.iter().filter(|(_, c)| c.is_none()).map(|(v, _)| v.local.clone()).collect();
+            let unread: Vec<String> = run.iter().filter(|(_, c)| c.is_none()).map(|(v, _)| v.info.local.clone()).collect();
             let mut read = self.conditions_of(pool.as_ref(), &unread).await.into_iter();
             for (v, cond) in run {
                 let cond = match cond.map(Ok).or_else(|| read.next()) {
@@ -871,7 +931,9 @@ impl LocalAgent {
                     Some(Err(e)) => VolumeCondition { abnormal: true, message: format!("the condition cannot be read: {e}") },
                     None => VolumeCondition { abnormal: true, message: "the condition was not read".into() },
                 };
-                out.push(self.volume_entry(pool.as_ref(), &v, Some(cond)));
+                let mut entry = v.entry.get_or_init(|| self.volume_entry(pool.as_ref(), &v.info, None)).clone();
+                entry.condition = Some(cond);
+                out.push(entry);
             }
         }
         Ok((out, next))
@@ -1277,6 +1339,10 @@ impl FeedState {
     // issue 14: events
     /// Logs `local`'s condition when it changed since last read: found abnormal, or healthy again.
     fn note_condition(&mut self, pool: &str, local: &str, c: &VolumeCondition) {
+        // Healthy, and no volume known abnormal (every page of a healthy pool): no key is made.
+        if !c.abnormal && self.abnormal.is_empty() {
+            return;
+        }
         let key = (pool.to_owned(), local.to_owned());
         let changed = if c.abnormal { self.abnormal.insert(key.clone()) } else { self.abnormal.remove(&key) };
         if !changed {
@@ -1437,6 +1503,8 @@ async fn watch(agent: Weak<LocalAgent>) {
 impl LocalAgent {
     /// A volume as the Agent API reports it.
     fn volume_entry(&self, pool: &dyn Pool, v: &VolumeInfo, condition: Option<VolumeCondition>) -> ap::Volume {
+        #[cfg(test)]
+        ENTRIES_BUILT.with(|n| n.set(n.get() + 1));
         ap::Volume {
             pool: pool.name().to_owned(),
             local_name: v.local.clone(),
@@ -1466,7 +1534,7 @@ impl LocalAgent {
         let entry = self.volume_entry(pool, v, None);
         self.feed.lock().volume(&self.feed.tx, entry);
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        health.entry(pool.name().to_owned()).or_default().listed.insert(v.local.clone(), Arc::new(v.clone()));
+        health.entry(pool.name().to_owned()).or_default().listed.insert(v.local.clone(), Known::new(Arc::new(v.clone())));
     }
 
     /// Reports a volume deleted (and takes it out of the pool's last-known listing).
@@ -1622,7 +1690,7 @@ impl LocalAgent {
                         volumes.insert((pool.name().to_owned(), v.local.clone()), self.volume_entry(pool.as_ref(), v, None));
                     }
                     self.health.lock().unwrap_or_else(|e| e.into_inner()).entry(pool.name().to_owned()).or_default().listed =
-                        vs.into_iter().map(|v| (v.local.clone(), Arc::new(v))).collect();
+                        vs.into_iter().map(|v| (v.local.clone(), Known::new(Arc::new(v)))).collect();
                 }
                 Err(e) => {
                     self.failed(pool.as_ref(), &e);
@@ -2186,6 +2254,8 @@ mod tests {
             full_listings: std::sync::atomic::AtomicUsize,
             /// The pages asked for: (from, max).
             pages: Mutex<Vec<(String, usize)>>,
+            /// What the pages answered, shared while unchanged.
+            shared: Mutex<BTreeMap<String, Arc<VolumeInfo>>>,
         }
 
         impl FakePool {
@@ -2200,6 +2270,7 @@ mod tests {
                     fail_key: Mutex::new(None),
                     full_listings: Default::default(),
                     pages: Mutex::default(),
+                    shared: Mutex::default(),
                 })
             }
             fn check(&self) -> Result<()> {
@@ -2265,10 +2336,20 @@ mod tests {
                 self.full_listings.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(self.volumes.lock().unwrap().values().cloned().collect())
             }
-            async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<VolumeInfo>> {
+            async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<Arc<VolumeInfo>>> {
                 self.check()?;
                 self.pages.lock().unwrap().push((from.to_owned(), max));
-                Ok(self.volumes.lock().unwrap().range(from.to_owned()..).take(max).map(|(_, v)| v.clone()).collect())
+                // As the file pool's index: a volume that did not change is the same `Arc` on every page.
+                let (volumes, mut shared) = (self.volumes.lock().unwrap(), self.shared.lock().unwrap());
+                let page = volumes.range(from.to_owned()..).take(max).map(|(k, v)| match shared.get(k) {
+                    Some(a) if **a == *v => a.clone(),
+                    _ => {
+                        let a = Arc::new(v.clone());
+                        shared.insert(k.clone(), a.clone());
+                        a
+                    }
+                });
+                Ok(page.collect())
             }
             async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64> {
                 self.check()?;
@@ -2747,6 +2828,40 @@ mod tests {
                     assert_eq!((got.pool.as_str(), got.csi_name.as_str()), ("fast", "snap"));
                 }
                 assert!(ops(&a).get_snapshot(key(Key::CsiName("other".into())), BUDGET).await.unwrap().snapshot.is_none());
+            }
+
+            // issue 14: flat
+            /// A listing builds each volume's entry once per change of what its pool answers (the
+            /// same `Arc` while the volume is unchanged), not once per page; a change shows at once.
+            #[tokio::test]
+            async fn a_listing_builds_each_volumes_entry_once_per_change() {
+                let (a, fast, _slow) = controller();
+                for i in 0..5 {
+                    a.create_volume(pinned("fast", create_req(&format!("pv{i}"), "", &[])), BUDGET).await.unwrap();
+                }
+                let built = || ENTRIES_BUILT.with(|n| n.get());
+                let start = built();
+                let first = pages_of(&a, 2, |_| {}).await;
+                assert_eq!(built() - start, 5, "one entry per volume listed");
+                let start = built();
+                let again = pages_of(&a, 2, |_| {}).await;
+                assert_eq!(built() - start, 0, "an unchanged volume's entry was built again");
+                assert_eq!(format!("{first:?}"), format!("{again:?}"));
+                // Grown behind the agent's back: only that volume is built again, and it shows.
+                let grown = {
+                    let mut vs = fast.volumes.lock().unwrap();
+                    let v = vs.values_mut().find(|v| v.csi_name == "pv3").unwrap();
+                    v.capacity *= 2;
+                    v.capacity as i64
+                };
+                let start = built();
+                let after = pages_of(&a, 2, |_| {}).await;
+                assert_eq!(built() - start, 1);
+                let capacity = |pages: &[Vec<ap::Volume>], name: &str| {
+                    pages.iter().flatten().find(|v| v.csi_name == name).and_then(|v| v.volume.as_ref()).map(|v| v.capacity_bytes)
+                };
+                assert_eq!(capacity(&after, "pv3"), Some(grown));
+                assert_eq!(capacity(&after, "pv2"), capacity(&first, "pv2"));
             }
 
             // issue 14: flat

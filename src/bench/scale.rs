@@ -1,8 +1,8 @@
 //! `holdfast bench --scale 100,10000`: how the driver's cost grows with the number of volumes
 //! in the pool. At each level the pool is filled (16 creates at a time, not timed) up to that
 //! many volumes of the benchmark's own, then timed: `--count` sequential CreateVolume calls
-//! (each deleted again, so the level stays), the full ListVolumes listing at page size 100,
-//! and GetCapacity. Create+delete throughput at `--concurrency` is timed at the first level.
+//! (each deleted again, so the level stays), the full ListVolumes listing at page size 100
+//! right after those writes and again once they are settled (see [`SETTLE`]), and GetCapacity. Create+delete throughput at `--concurrency` is timed at the first level.
 //! Everything it made is deleted at the end, also after a failure.
 
 use std::sync::Arc;
@@ -21,6 +21,11 @@ const FILL_CONCURRENCY: usize = 16;
 const CAPACITY_CALLS: usize = 20;
 /// The ListVolumes page size of the timed listing.
 const PAGE: i32 = 100;
+/// How long after the last write the settled listing starts: longer than the 2 s within which
+/// the file pool does not trust a record file's stat (so it reads the record again), plus a
+/// margin. One untimed listing then renews the stamps, and the timed one is what every later
+/// listing of an unchanged pool costs.
+const SETTLE: Duration = Duration::from_millis(2_200);
 
 /// What one level measured.
 #[derive(Debug, Clone)]
@@ -29,8 +34,11 @@ pub struct Level {
     pub volumes: usize,
     /// Sequential CreateVolume.
     pub create: Option<Summary>,
-    /// The whole paginated listing, and how many pages and entries it took.
+    /// The whole paginated listing right after the level's writes, and how many pages and
+    /// entries it took.
     pub list: Duration,
+    /// The same listing once the writes are settled: the steady state of an unchanged pool.
+    pub list_settled: Duration,
     /// Pages of the listing.
     pub pages: usize,
     /// Entries the listing returned.
@@ -106,12 +114,14 @@ async fn measure(
             }
         }
         let mut creates = Vec::with_capacity(count);
+        let mut written = Instant::now();
         for i in 0..count {
             let name = format!("scale-{run_id}-{level}-{i}");
             let t = Instant::now();
             let id = csi.create(&name, size).await?;
             creates.push(t.elapsed());
             csi.delete(&id).await?;
+            written = Instant::now();
         }
         let t = Instant::now();
         let (pages, listed) = list_all(csi).await?;
@@ -123,10 +133,16 @@ async fn measure(
             csi.controller.clone().get_capacity(req).await.map_err(|s| format!("GetCapacity: {}", status(&s)))?;
             capacity.push(t.elapsed());
         }
+        tokio::time::sleep(SETTLE.saturating_sub(written.elapsed())).await;
+        list_all(csi).await?;
+        let t = Instant::now();
+        list_all(csi).await?;
+        let list_settled = t.elapsed();
         if throughput.is_none() && csi.concurrency > 1 && count > 0 {
             throughput = Some(create_delete_throughput(&shared, count.max(200), size, run_id).await?);
         }
-        out.push(Level { volumes: filled.len(), create: Summary::of(&creates), list, pages, listed, capacity: Summary::of(&capacity) });
+        let create = Summary::of(&creates);
+        out.push(Level { volumes: filled.len(), create, list, list_settled, pages, listed, capacity: Summary::of(&capacity) });
     }
     Ok((out, throughput))
 }
@@ -182,15 +198,16 @@ async fn delete_all_at_once(csi: &Csi, ids: &[String]) -> Vec<String> {
 pub fn text(levels: &[Level], throughput: Option<Throughput>) -> String {
     let opt = |s: Option<Summary>, f: fn(&Summary) -> Duration| s.map(|s| format_duration(f(&s))).unwrap_or_else(|| "-".into());
     let mut t = String::from("\n## Cost against the number of volumes in the pool\n\n");
-    t += "| volumes | CreateVolume p50 | CreateVolume p99 | ListVolumes, all pages of 100 | pages | GetCapacity p50 |\n";
-    t += "|---:|---:|---:|---:|---:|---:|\n";
+    t += "| volumes | CreateVolume p50 | CreateVolume p99 | ListVolumes, all pages of 100 | settled | pages | GetCapacity p50 |\n";
+    t += "|---:|---:|---:|---:|---:|---:|---:|\n";
     for l in levels {
         t += &format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
             l.volumes,
             opt(l.create, |s| s.p50),
             opt(l.create, |s| s.p99),
             format_duration(l.list),
+            format_duration(l.list_settled),
             l.pages,
             opt(l.capacity, |s| s.p50)
         );
@@ -225,6 +242,7 @@ pub fn json(levels: &[Level], throughput: Option<Throughput>) -> Value {
             "volumes": l.volumes,
             "create": sum(l.create),
             "list_all_ms": ms(l.list),
+            "list_all_settled_ms": ms(l.list_settled),
             "list_pages": l.pages,
             "listed": l.listed,
             "capacity": sum(l.capacity),
@@ -251,12 +269,15 @@ mod tests {
     #[test]
     fn the_table_names_the_growth_of_create() {
         let s = |ms| Summary::of(&[Duration::from_millis(ms)]);
+        let ms = Duration::from_millis;
         let levels = [
-            Level { volumes: 100, create: s(2), list: Duration::from_millis(5), pages: 1, listed: 100, capacity: s(1) },
-            Level { volumes: 10_000, create: s(3), list: Duration::from_millis(90), pages: 100, listed: 10_000, capacity: s(1) },
+            Level { volumes: 100, create: s(2), list: ms(5), list_settled: ms(4), pages: 1, listed: 100, capacity: s(1) },
+            Level { volumes: 10_000, create: s(3), list: ms(90), list_settled: ms(60), pages: 100, listed: 10_000, capacity: s(1) },
         ];
         let t = text(&levels, None);
         assert!(t.contains("CreateVolume p50 at 10000 volumes is 1.50x its p50 at 100."), "{t}");
+        assert!(t.contains("| 10000 | 3.00 ms | 3.00 ms | 90.0 ms | 60.0 ms | 100 |"), "{t}");
         assert_eq!(json(&levels, None)["levels"][1]["list_pages"], 100);
+        assert_eq!(json(&levels, None)["levels"][1]["list_all_settled_ms"], 60.0);
     }
 }

@@ -625,9 +625,9 @@ impl ClusterController {
         let (volume, condition) = match self.route(&id) {
             Route::Up(node, agent) => {
                 let get = ap::GetVolumeRequest { key: Some(ap::get_volume_request::Key::VolumeId(req.volume_id.clone())), pools: vec![] };
-                let v = agent.get_volume(get, budget).await?.volume.ok_or_else(missing)?;
+                let mut v = agent.get_volume(get, budget).await?.volume.ok_or_else(missing)?;
                 let kinds = self.reg.node(&node).map(|n| pool_kinds(&n)).unwrap_or_default();
-                let condition = condition_of(&node, &kinds, &v);
+                let condition = condition_of(&node, &kinds, &mut v);
                 (v.volume, condition)
             }
             Route::Trouble(n) => {
@@ -716,8 +716,8 @@ impl ClusterController {
                         limit = Some(next);
                     }
                     let kinds = pool_kinds(&n);
-                    for v in vols {
-                        let cond = condition_of(&n.node_id, &kinds, &v);
+                    for mut v in vols {
+                        let cond = condition_of(&n.node_id, &kinds, &mut v);
                         if let Some(vol) = v.volume {
                             items.push((vol.volume_id.clone(), (vol, cond)));
                         }
@@ -1018,11 +1018,12 @@ fn pool_kinds(n: &NodeView) -> HashMap<String, String> {
 /// own, unless the volume's record is of a newer schema than this controller's build reads for
 /// its pool's kind (an agent upgraded before the controller). Such a volume stays in the index
 /// and is served by its agent, which reads its own records, but is reported abnormal so the
-/// operator upgrades the controller before relying on it.
-fn condition_of(node: &str, kinds: &HashMap<String, String>, v: &ap::Volume) -> VolumeCondition {
-    if let Some(c) = v.condition.clone().filter(|c| c.abnormal) {
-        return c;
-    }
+/// operator upgrades the controller before relying on it. Takes the agent's condition out of `v`.
+fn condition_of(node: &str, kinds: &HashMap<String, String>, v: &mut ap::Volume) -> VolumeCondition {
+    let own = match v.condition.take() {
+        Some(c) if c.abnormal => return c,
+        own => own,
+    };
     let newest = kinds.get(&v.pool).and_then(|k| k.parse::<crate::volume_id::PoolKind>().ok()).map(crate::pool::schema::record_schema);
     match newest {
         Some(newest) if v.record_schema > newest => VolumeCondition {
@@ -1034,7 +1035,7 @@ fn condition_of(node: &str, kinds: &HashMap<String, String>, v: &ap::Volume) -> 
                 v.record_schema
             ),
         },
-        _ => v.condition.clone().unwrap_or_else(healthy),
+        _ => own.unwrap_or_else(healthy),
     }
 }
 

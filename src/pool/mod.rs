@@ -420,13 +420,14 @@ pub trait Pool: Send + Sync {
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>>;
     /// One page of the listing (issue 14: a page costs the page): at most `max` volumes whose
     /// local names are `from` or later, in name order. A pool with an ordered index of its
-    /// volumes answers from it; the others list everything and cut.
-    async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<VolumeInfo>> {
+    /// volumes answers from it, sharing what it holds (an `Arc`: a volume that did not change
+    /// is the same allocation on every page); the others list everything and cut.
+    async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<std::sync::Arc<VolumeInfo>>> {
         let mut all = self.list_volumes().await?;
         all.retain(|v| v.local.as_str() >= from);
         all.sort_by(|a, b| a.local.cmp(&b.local));
         all.truncate(max);
-        Ok(all)
+        Ok(all.into_iter().map(std::sync::Arc::new).collect())
     }
     /// Grows a volume to at least `capacity` bytes; returns the new capacity. Never shrinks.
     async fn expand_volume(&self, local: &str, capacity: u64) -> Result<u64>;

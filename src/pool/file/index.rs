@@ -25,8 +25,10 @@
 //!   could keep every field), so such a record is read until its stamp is old enough.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ffi::OsStr;
 use std::fs;
 use std::io::ErrorKind;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,6 +67,29 @@ impl Stamp {
         let ctime = Duration::new(u64::try_from(stamp.ctime.0).ok()?, u32::try_from(stamp.ctime.1).ok()?);
         let taken = taken.duration_since(SystemTime::UNIX_EPOCH).ok()?;
         (ctime + racy <= taken).then_some(stamp)
+    }
+}
+
+/// The paths of files in one directory, built in one buffer: a page formats no path per
+/// volume (issue 14).
+pub(super) struct InDir {
+    buf: Vec<u8>,
+    base: usize,
+}
+
+impl InDir {
+    pub(super) fn new(dir: &Path) -> InDir {
+        let mut buf = dir.as_os_str().as_bytes().to_vec();
+        buf.push(b'/');
+        InDir { base: buf.len(), buf }
+    }
+
+    /// `dir/<name><suffix>`, until the next call.
+    pub(super) fn at(&mut self, name: &str, suffix: &str) -> &Path {
+        self.buf.truncate(self.base);
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.extend_from_slice(suffix.as_bytes());
+        Path::new(OsStr::from_bytes(&self.buf))
     }
 }
 
@@ -249,7 +274,7 @@ impl Index {
         let taken = SystemTime::now();
         for (local, r) in self.records::<VolumeRecord>(Kind::Volume)? {
             let Some((mut record, meta)) = r else { continue };
-            record.info.local = local.clone();
+            Arc::make_mut(&mut record.info).local = local.clone();
             let img = dir.join(format!("{local}.img"));
             let holes = holes_of(&img)?;
             let attached = attached.as_ref().is_none_or(|a| a.contains(&img));
@@ -386,13 +411,14 @@ impl Index {
             Err(_) => locals.iter().map(|_| None).collect(),
         };
         let mut renewed = Vec::new();
+        let mut metas = InDir::new(&self.root.join(Kind::Volume.dir()));
         let out = locals
             .iter()
             .zip(known)
             .map(|(local, known)| {
-                let path = self.meta(local);
+                let path = metas.at(local, store::SUFFIX);
                 let known = match known {
-                    Some((record, Some(stamp))) => match fs::metadata(&path) {
+                    Some((record, Some(stamp))) => match fs::metadata(path) {
                         Ok(m) if Stamp::of(&m) == stamp => return Ok(Some(record)),
                         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
                         _ => Some(record),
@@ -400,8 +426,8 @@ impl Index {
                     other => other.map(|(record, _)| record),
                 };
                 let taken = SystemTime::now();
-                let Some((mut read, meta)) = store::read_file_stat::<VolumeRecord>(&path, &meta_noun())? else { return Ok(None) };
-                read.info.local = local.clone();
+                let Some((mut read, meta)) = store::read_file_stat::<VolumeRecord>(path, &meta_noun())? else { return Ok(None) };
+                Arc::make_mut(&mut read.info).local = local.clone();
                 if let (Some(record), Some(stamp)) = (&known, Stamp::trusted(&meta, taken, self.racy)) {
                     if same(record, &read) {
                         renewed.push((local.clone(), read.clone(), stamp));

@@ -61,6 +61,7 @@ use crate::store;
 use crate::volume_id::{PoolKind, valid_local_name};
 
 mod index;
+use index::InDir;
 mod room;
 
 /// Filesystem for filesystem volumes when neither the request nor the config names one.
@@ -115,8 +116,9 @@ fn legacy_provisioning() -> Provisioning {
 /// What a volume's metadata file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct VolumeRecord {
+    /// Shared (issue 14: a listing page shares the index's records instead of copying them).
     #[serde(flatten)]
-    info: VolumeInfo,
+    info: Arc<VolumeInfo>,
     #[serde(default = "legacy_provisioning")]
     provisioning: Provisioning,
     /// Bytes of pool space kept for this image beyond its own allocation: blocks it shares
@@ -524,14 +526,6 @@ impl FilePool {
         Ok(())
     }
 
-    /// A volume's image (as [`FilePool::files`]' `img`, the name checked the same way).
-    fn image_of(&self, local: &str) -> Result<PathBuf> {
-        self.check_name(Kind::Volume, local)?;
-        let mut img = self.root.join(Kind::Volume.dir());
-        img.push(format!("{local}.img"));
-        Ok(img)
-    }
-
     /// The provisioning a request asks for (its `provisioning` mutable parameter, else its
     /// parameter), or the pool's.
     fn provisioning_of(&self, req: &CreateRequest) -> Result<Provisioning> {
@@ -618,7 +612,7 @@ impl FilePool {
 
     async fn read_volume(&self, f: &Files, local: &str) -> Result<Option<VolumeRecord>> {
         Ok(self.read_record::<VolumeRecord>(f).await?.map(|mut r| {
-            r.info.local = local.to_owned();
+            Arc::make_mut(&mut r.info).local = local.to_owned();
             r
         }))
     }
@@ -939,7 +933,7 @@ impl FilePool {
                 differences.push(format!("it is {} provisioned", r.provisioning.as_str()));
             }
             if differences.is_empty() {
-                return Ok(r.info);
+                return Ok(Arc::unwrap_or_clone(r.info));
             }
             return Err(Error::AlreadyExists(format!(
                 "volume {} in file pool {:?} already exists for another request: {}",
@@ -985,7 +979,7 @@ impl FilePool {
             parameters: Some(req.parameters.clone()),
             mutable: req.mutable.clone(),
         };
-        let record = VolumeRecord { info: info.clone(), provisioning, shared, schema: Default::default() };
+        let record = VolumeRecord { info: Arc::new(info.clone()), provisioning, shared, schema: Default::default() };
         self.commit(&f, record.clone()).await?;
         self.index_volume(record).await?;
         tracing::info!(pool = %self.name, local = %info.local, capacity = info.capacity, provisioning = provisioning.as_str(), "created volume");
@@ -1038,7 +1032,7 @@ impl FilePool {
             loopdev::refresh_capacity(self.exec.as_ref(), &dev).await?;
         }
         let ff = f.clone();
-        let record = VolumeRecord { info: VolumeInfo { capacity, ..r.info }, ..r };
+        let record = VolumeRecord { info: Arc::new(VolumeInfo { capacity, ..Arc::unwrap_or_clone(r.info) }), ..r };
         let indexed = record.clone();
         self.blocking(format!("writing {}", f.meta.display()), METADATA_DEADLINE, move || write_meta(&ff, &record)).await?;
         self.index_volume(indexed).await?;
@@ -1091,7 +1085,7 @@ impl FilePool {
             }
         }
         let mut info = r.info;
-        info.mutable.insert(key.to_owned(), value.to_owned());
+        Arc::make_mut(&mut info).mutable.insert(key.to_owned(), value.to_owned());
         // Unshared (thick) or promised only its holes (thin, as a thin copy is): nothing shared counts.
         let record = VolumeRecord { info, provisioning: want, shared: 0, schema: Default::default() };
         let (ff, indexed) = (f.clone(), record.clone());
@@ -1130,16 +1124,18 @@ impl Pool for FilePool {
 
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
         let f = self.files(Kind::Volume, local)?;
-        Ok(self.read_volume(&f, local).await?.map(|r| r.info))
+        Ok(self.read_volume(&f, local).await?.map(|r| Arc::unwrap_or_clone(r.info)))
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
         let ix = self.index.clone();
         let records = self.blocking(format!("listing {}", self.root.display()), METADATA_DEADLINE, move || ix.volumes()).await?;
-        Ok(records.into_iter().map(|r| r.info).collect())
+        Ok(records.into_iter().map(|r| Arc::unwrap_or_clone(r.info)).collect())
     }
 
-    async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<VolumeInfo>> {
+    // issue 14: flat
+    /// The index's own records, shared: a page of an unchanged pool copies no record.
+    async fn list_volumes_from(&self, from: &str, max: usize) -> Result<Vec<Arc<VolumeInfo>>> {
         let (ix, from) = (self.index.clone(), from.to_owned());
         let records =
             self.blocking(format!("listing {}", self.root.display()), METADATA_DEADLINE, move || ix.volumes_from(&from, max)).await?;
@@ -1257,16 +1253,18 @@ impl Pool for FilePool {
     async fn conditions(&self, locals: &[String]) -> Vec<Result<Condition>> {
         // One blocking call and one statvfs for the page, not two calls per volume; each record
         // from the index unless its file's stat changed (`Index::records_now`), each image stat'ed.
-        // Only the image's path is built (`files` builds six).
-        let files: Vec<Result<PathBuf>> = locals.iter().map(|l| self.image_of(l)).collect();
-        let valid: Vec<String> = locals.iter().zip(&files).filter(|(_, f)| f.is_ok()).map(|(l, _)| l.clone()).collect();
+        // The paths are built in one buffer each (`InDir`), not one per volume.
+        let checked: Vec<Result<()>> = locals.iter().map(|l| self.check_name(Kind::Volume, l)).collect();
+        let valid: Vec<String> = locals.iter().zip(&checked).filter(|(_, c)| c.is_ok()).map(|(l, _)| l.clone()).collect();
         let (ix, root) = (self.index.clone(), self.root.clone());
-        let imgs: Vec<PathBuf> = files.iter().filter_map(|f| f.as_ref().ok().cloned()).collect();
+        let dir = self.root.join(Kind::Volume.dir());
+        let images = dir.clone();
         let read = self
             .blocking(format!("inspecting {} volumes in {}", locals.len(), self.root.display()), METADATA_DEADLINE, move || {
                 let free = room::free_bytes(&root).map_err(|e| e.to_string());
                 let records = ix.records_now(&valid);
-                let each = records.into_iter().zip(imgs).map(|(r, img)| (r, fs::metadata(&img))).collect::<Vec<_>>();
+                let mut imgs = InDir::new(&images);
+                let each = records.into_iter().zip(&valid).map(|(r, l)| (r, fs::metadata(imgs.at(l, ".img")))).collect::<Vec<_>>();
                 Ok((free, each))
             })
             .await;
@@ -1275,18 +1273,16 @@ impl Pool for FilePool {
             Err(e) => return locals.iter().map(|_| Ok(Condition::Abnormal(e.to_string()))).collect(),
         };
         let mut each = each.into_iter();
+        let mut imgs = InDir::new(&dir);
         let mut out = Vec::with_capacity(locals.len());
-        for (local, f) in locals.iter().zip(files) {
-            let f = match f {
-                Ok(f) => f,
-                Err(e) => {
-                    out.push(Err(e));
-                    continue;
-                }
-            };
+        for (local, checked) in locals.iter().zip(checked) {
+            if let Err(e) = checked {
+                out.push(Err(e));
+                continue;
+            }
             let Some((record, meta)) = each.next() else { unreachable!("a record is read for every valid name") };
             out.push(match record {
-                Ok(Some(r)) => Ok(self.judge(&f, &r, meta, free.clone())),
+                Ok(Some(r)) => Ok(self.judge(imgs.at(local, ".img"), &r, meta, free.clone())),
                 Ok(None) => Err(Error::NotFound(format!("volume {local} does not exist in file pool {:?}", self.name))),
                 Err(e) => Ok(Condition::Abnormal(e.to_string())),
             });

@@ -769,7 +769,7 @@ async fn the_index_promises_what_the_files_say() {
     same(&p, "deleted");
     let names = |p: &FilePool| {
         let ix = p.index.volumes().unwrap();
-        ix.into_iter().map(|r| r.info.local).collect::<Vec<_>>()
+        ix.into_iter().map(|r| r.info.local.clone()).collect::<Vec<_>>()
     };
     assert_eq!(names(&p), ["t1", "t2"]);
 
@@ -823,7 +823,7 @@ async fn a_page_of_the_listing_is_a_range_of_the_index() {
     for i in 0..10 {
         fs::write(dir.path().join(format!("volumes/v{i}.json")), "{damaged").unwrap();
     }
-    let names = |vs: Vec<VolumeInfo>| vs.into_iter().map(|v| v.local).collect::<Vec<_>>();
+    let names = |vs: Vec<Arc<VolumeInfo>>| vs.into_iter().map(|v| v.local.clone()).collect::<Vec<_>>();
     assert_eq!(names(p.list_volumes_from("v3", 3).await.unwrap()), ["v3", "v4", "v5"]);
     assert_eq!(names(p.list_volumes_from("v35", 2).await.unwrap()), ["v4", "v5"], "from a name that is gone");
     assert_eq!(names(p.list_volumes_from("v8", 5).await.unwrap()), ["v8", "v9"], "the end of the pool");
@@ -942,6 +942,31 @@ async fn a_page_reads_only_the_records_that_changed() {
     let again = p.conditions(&locals).await;
     assert_eq!(reads() - start, 1, "only the damaged record (which the index cannot hold) is read");
     assert_eq!(format!("{page:?}"), format!("{again:?}"));
+}
+
+// issue 14: flat
+/// A page of an unchanged pool shares the index's records: the same allocation on every page
+/// (no copy per volume per page), until the volume changes, which a page then shows.
+#[tokio::test]
+async fn pages_of_an_unchanged_pool_share_the_indexs_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeExec::new());
+    let p = pool(dir.path(), fake.clone());
+    for i in 0..3 {
+        p.create_volume(&thin(req(&format!("v{i}"), MIB, false, None))).await.unwrap();
+    }
+    fake.on("losetup --list", vec![Reply::Ok(r#"{"loopdevices":[]}"#.into())]);
+    let first = p.list_volumes_from("", 10).await.unwrap();
+    let again = p.list_volumes_from("v0", 10).await.unwrap();
+    assert_eq!(first.len(), 3);
+    for (a, b) in first.iter().zip(&again) {
+        assert!(Arc::ptr_eq(a, b), "{} was copied for the second page", a.local);
+    }
+    p.expand_volume("v1", 2 * MIB).await.unwrap();
+    let after = p.list_volumes_from("", 10).await.unwrap();
+    assert_eq!(after[1].capacity, 2 * MIB, "the change shows");
+    assert!(!Arc::ptr_eq(&first[1], &after[1]));
+    assert!(Arc::ptr_eq(&first[0], &after[0]) && Arc::ptr_eq(&first[2], &after[2]), "the others are still shared");
 }
 
 // issue 14: flat
