@@ -1042,13 +1042,13 @@ impl FilePool {
     }
 
     // issue 14: one hand-off per create
-    /// A new empty volume (no source) in one blocking call, right after a survey of this pool
+    /// A new empty thin volume (no source) in one blocking call, right after a survey of this pool
     /// found no volume under its name (under the name lock, so none can appear): the steps of
     /// [`FilePool::create_volume_now`] in the same order (leftovers of an earlier attempt
     /// removed, room claimed, the temporary image made and sized, committed, indexed), on one
-    /// blocking thread instead of one hand-off each. `None` when a step needs a process: a thick
-    /// image on btrfs is made NOCOW with `chattr`, and a leftover image whose loop devices sysfs
-    /// cannot tell is checked with `losetup`; the caller then takes the general path. `look`:
+    /// blocking thread instead of one hand-off each. `None` for a thick volume (below) and when a
+    /// leftover image's loop devices cannot be told from sysfs (`losetup` is asked): the caller
+    /// then takes the general path. `look`:
     /// first read the name's record, as a create not surveyed must (a record there is answered
     /// as [`FilePool::answer_existing`] says).
     async fn create_empty(&self, req: &CreateRequest, look: bool) -> Result<Option<VolumeInfo>> {
@@ -1067,13 +1067,17 @@ impl FilePool {
             parameters: Some(req.parameters.clone()),
             mutable: req.mutable.clone(),
         };
-        let (ix, ledger, root, sys_block) = (self.index.clone(), self.ledger(), self.root.clone(), self.sys_block.clone());
+        let (ix, ledger, sys_block) = (self.index.clone(), self.ledger(), self.sys_block.clone());
         let claim_for = format!("volume {} ({})", req.local, req.csi_name);
-        let thick = provisioning == Provisioning::Thick;
-        let deadline = if thick { ALLOCATE_DEADLINE } else { METADATA_DEADLINE };
+        // A thick image is allocated under its own, longer deadline (ALLOCATE_DEADLINE), which
+        // must not become the deadline of the metadata steps around it (a frozen pool answers
+        // within METADATA_DEADLINE): the general path.
+        if provisioning == Provisioning::Thick {
+            return Ok(None);
+        }
         let what = format!("creating volume {} in {}", req.local, f.dir.display());
         let made = self
-            .blocking(what, deadline, move || {
+            .blocking(what, METADATA_DEADLINE, move || {
                 let busy = ix.begin()?;
                 let made = (|| {
                     if look {
@@ -1081,9 +1085,6 @@ impl FilePool {
                             r.info.local = info.local.clone();
                             return Ok(Some(Made::Found(r)));
                         }
-                    }
-                    if thick && PoolFs::of(&root)? == PoolFs::Btrfs {
-                        return Ok(None);
                     }
                     // The leftovers of an earlier attempt (as `clean_leftovers`).
                     remove_if_exists(&f.tmp_img)?;
@@ -1096,8 +1097,7 @@ impl FilePool {
                         }
                     }
                     let _claim = ledger.claim_blocking(info.capacity, &claim_for)?;
-                    // One descriptor for every step of the new image: sized (sparse), allocated
-                    // when thick, fsynced at the commit.
+                    // One descriptor for the new image: sized (sparse), fsynced at the commit.
                     let built = OpenOptions::new()
                         .write(true)
                         .create_new(true)
@@ -1106,9 +1106,6 @@ impl FilePool {
                         .context(|| format!("creating {}", f.tmp_img.display()))
                         .and_then(|img| {
                             img.set_len(info.capacity).context(|| format!("growing {} to {} bytes", f.tmp_img.display(), info.capacity))?;
-                            if thick {
-                                allocate_file(&img, &f.tmp_img, info.capacity, false)?;
-                            }
                             Ok(img)
                         });
                     let img = match built {
