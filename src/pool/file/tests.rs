@@ -1020,11 +1020,11 @@ async fn a_delete_fsyncs_the_directory_once_after_every_removal() {
     fs::write(vols.join(".v1.img.tmp"), b"a leftover").unwrap();
     let n = crate::store::fsyncs_of(&vols).len();
     p.delete_volume("v1").await.unwrap();
-    assert_eq!(fsyncs_since(n), [vols.clone()], "one fsync, of the directory");
+    assert_eq!(fsyncs_since(n), std::slice::from_ref(&vols), "one fsync, of the directory");
     assert_eq!(fs::read_dir(&vols).unwrap().count(), 0, "every file removed");
     let n = crate::store::fsyncs_of(&vols).len();
     p.delete_volume("v1").await.unwrap();
-    assert_eq!(fsyncs_since(n), [vols.clone()], "a retry that finds nothing makes it durable too");
+    assert_eq!(fsyncs_since(n), std::slice::from_ref(&vols), "a retry that finds nothing makes it durable too");
 
     // A power cut before the fsync undid the image's removal only: a leftover the retry removes.
     p.create_volume(&thin(req("v2", MIB, false, None))).await.unwrap();
