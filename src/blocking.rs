@@ -37,6 +37,18 @@ pub fn stuck_total() -> usize {
     stuck_table().lock().unwrap_or_else(|p| p.into_inner()).values().sum()
 }
 
+#[cfg(test)]
+thread_local! {
+    static HAND_OFFS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Test builds: the [`run`] calls made from this thread so far (a `#[tokio::test]` polls its
+/// futures on its own thread, so a test counts its own hand-offs to the blocking pool).
+#[cfg(test)]
+pub fn hand_offs() -> usize {
+    HAND_OFFS.with(|n| n.get())
+}
+
 /// Runs `f` on the blocking pool, waiting at most `deadline` for it. `domain` groups calls that
 /// hang together (e.g. `"pool:p1"`, or a mount point); `what` says what the call does, for the
 /// message ("statvfs of /var/lib/holdfast/p1").
@@ -48,6 +60,8 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
+    #[cfg(test)]
+    HAND_OFFS.with(|n| n.set(n.get() + 1));
     let now_stuck = stuck(domain);
     if now_stuck >= MAX_STUCK {
         return Err(Error::Unavailable(format!(

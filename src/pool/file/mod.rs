@@ -13,11 +13,12 @@
 //! ```
 //!
 //! Crash safety: the metadata rename is the single commit point. A creation builds the image as
-//! `.<local>.img.tmp` and writes the metadata's temporary, fsyncs both at once, renames the image
-//! to `<local>.img`, then the metadata, then fsyncs the directory ([`crate::store`],
-//! [`FilePool::commit`]). Until the metadata is in place nothing is visible;
-//! afterwards the volume is complete. Deletion removes the metadata first. So the only leftovers
-//! a crash can leave are temporaries and an image without metadata, and a retry of the same
+//! `.<local>.img.tmp` and writes the metadata's temporary, fsyncs both (the metadata first, then
+//! the image), renames the image to `<local>.img`, then the metadata, then fsyncs the directory
+//! ([`crate::store`], [`FilePool::commit`]). Until the metadata is in place nothing is visible;
+//! afterwards the volume is complete. Deletion removes the metadata first, then the image, then
+//! fsyncs the directory once. So the only leftovers a kill can leave are temporaries and an
+//! image without metadata, and a retry of the same
 //! name (create or delete) removes them.
 //!
 //! Provisioning: a `thick` volume (the default) has every block allocated at creation
@@ -56,7 +57,9 @@ use crate::error::{Context, Error, Result};
 use crate::exec::{Cmd, Exec};
 use crate::node::freeze::{Freezer, Target};
 use crate::node::{loopdev, mountinfo};
-use crate::pool::{Attachment, Condition, CreateRequest, GroupMember, GroupMembership, Pool, SnapshotInfo, Source, VolumeInfo};
+use crate::pool::{
+    Attachment, Condition, CreateRequest, GroupMember, GroupMembership, Pool, Seen, SnapshotInfo, Source, Survey, VolumeInfo,
+};
 use crate::store;
 use crate::volume_id::{PoolKind, valid_local_name};
 
@@ -226,7 +229,7 @@ pub struct FilePool {
     /// Bytes claimed by creations, clones, snapshots and expansions in progress.
     in_flight: Arc<Mutex<u64>>,
     /// Serialises claims, so two creations never both count the same free space.
-    claiming: tokio::sync::Mutex<()>,
+    claiming: Arc<tokio::sync::Mutex<()>>,
     /// Freezes a mounted source around its copy (the driver's, shared by its pools).
     freezer: Arc<Freezer>,
     /// Volumes and promised bytes in memory (issue 14: creation cost flat in the pool's size).
@@ -244,11 +247,22 @@ fn remove_if_exists(path: &Path) -> Result<()> {
     store::remove_if_exists(path).map(|_| ())
 }
 
-/// Removes an object's files, metadata first: from then on the object is gone and what remains
-/// is a leftover a retry removes. Durable when it returns.
+/// Removes an object's files, metadata first (from then on the object is gone, and what a kill
+/// leaves is a leftover that a retry removes), then fsyncs the directory once (shared):
+/// durable when it returns.
+///
+/// One fsync, after every removal (issue 14; there was one more, between the metadata and the
+/// image): before it returns, nothing is promised, and a power cut may leave any of the
+/// removals undone. The delete has not answered, so the orchestrator retries it, and each state
+/// is one a retry finishes: the object whole (deleted again), an image without metadata (a
+/// leftover, removed by the retry as by a create of the name), metadata without its image (a
+/// journaling filesystem keeps the order, others may not: listed as abnormal, "backing file
+/// … is missing", until the retry removes the record; nothing of it can be attached). The
+/// earlier fsync ordered the removals across a power cut and nothing more.
+/// Test: `tests::a_delete_fsyncs_the_directory_once_after_every_removal`.
 fn remove_files(f: &Files) -> Result<()> {
-    // The metadata and its temporary, then a directory fsync: the commit point of the deletion.
-    store::remove_durably_grouped(&f.meta, &f.sync)?;
+    remove_if_exists(&f.meta)?;
+    remove_if_exists(&f.tmp_meta)?;
     remove_if_exists(&f.img)?;
     remove_if_exists(&f.tmp_img)?;
     f.sync.sync(&f.dir)
@@ -275,6 +289,41 @@ fn sync_file(path: &Path) -> Result<()> {
     File::open(path).and_then(|f| store::fsync(&f, path)).context(|| format!("syncing {}", path.display()))
 }
 
+/// [`FilePool::commit`] on the calling (blocking) thread; `image`: the temporary image, open.
+fn commit_now<T: Serialize>(f: &Files, meta: &T, image: Option<&File>) -> Result<()> {
+    let r = store::write_file_grouped_with(
+        &f.meta,
+        meta,
+        &f.sync,
+        || match image {
+            Some(img) => store::fsync(img, &f.tmp_img).context(|| format!("syncing {}", f.tmp_img.display())),
+            None => sync_file(&f.tmp_img),
+        },
+        || fs::rename(&f.tmp_img, &f.img).context(|| format!("renaming {} to {}", f.tmp_img.display(), f.img.display())),
+    );
+    if r.is_err() && !f.meta.exists() {
+        let _ = remove_if_exists(&f.img);
+        let _ = remove_if_exists(&f.tmp_img);
+        let _ = remove_if_exists(&f.tmp_meta);
+    }
+    r
+}
+
+/// A leftover image (no metadata) that a loop device still holds: never removed.
+fn leftover_attached(img: &Path, dev: &Path) -> Error {
+    Error::FailedPrecondition(format!(
+        "{} (a leftover without metadata) is attached to {}; detach it with `losetup -d {}`",
+        img.display(),
+        dev.display(),
+        dev.display()
+    ))
+}
+
+/// A volume to delete that a loop device still holds.
+fn volume_attached(local: &str, dev: &Path) -> Error {
+    Error::FailedPrecondition(format!("volume {local} is still attached to {}: unstage it on this node first", dev.display()))
+}
+
 /// Apparent size and allocated bytes of a file.
 fn sizes(path: &Path) -> Result<(u64, u64)> {
     let m = fs::metadata(path).context(|| format!("inspecting {}", path.display()))?;
@@ -290,10 +339,15 @@ fn allocate(path: &Path, len: u64) -> Result<()> {
 
 /// [`allocate`], flushed only when `sync` (a new image is flushed at its commit).
 fn allocate_then(path: &Path, len: u64, sync: bool) -> Result<()> {
-    use nix::fcntl::{FallocateFlags, fallocate};
     let f = OpenOptions::new().write(true).open(path).context(|| format!("opening {}", path.display()))?;
+    allocate_file(&f, path, len, sync)
+}
+
+/// [`allocate_then`] through the open file `f` (at `path`).
+fn allocate_file(f: &File, path: &Path, len: u64, sync: bool) -> Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
     let end = i64::try_from(len).map_err(|_| Error::OutOfRange(format!("{len} bytes is too large for a file")))?;
-    match fallocate(&f, FallocateFlags::empty(), 0, end) {
+    match fallocate(f, FallocateFlags::empty(), 0, end) {
         Ok(()) => {}
         Err(nix::errno::Errno::ENOSPC) => {
             return Err(Error::ResourceExhausted(format!(
@@ -313,7 +367,7 @@ fn allocate_then(path: &Path, len: u64, sync: bool) -> Result<()> {
     if !sync {
         return Ok(());
     }
-    store::fsync(&f, path).context(|| format!("syncing {}", path.display()))
+    store::fsync(f, path).context(|| format!("syncing {}", path.display()))
 }
 
 /// Gives `path` its own copy of every block it shares with another file (reflink) up to `len`,
@@ -392,6 +446,14 @@ impl FilePool {
     }
 }
 
+/// What [`FilePool::create_empty`]'s blocking call found or made.
+enum Made {
+    /// The name's record, already there.
+    Found(VolumeRecord),
+    /// The new volume, committed (shared with the index).
+    New(Arc<VolumeInfo>),
+}
+
 impl FilePool {
     /// Opens the pool at `cfg.path`, creating its directory tree (0700) if missing.
     pub fn new(cfg: &PoolConfig, exec: Arc<dyn Exec>) -> Result<FilePool> {
@@ -432,7 +494,7 @@ impl FilePool {
             exec,
             sys_block: PathBuf::from(SYS_BLOCK),
             in_flight: Arc::new(Mutex::new(0)),
-            claiming: tokio::sync::Mutex::new(()),
+            claiming: Arc::default(),
             freezer,
         })
     }
@@ -558,12 +620,7 @@ impl FilePool {
         if orphan {
             if kind == Kind::Volume {
                 if let Some(dev) = loopdev::find(self.loops(), &f.img).await?.first() {
-                    return Err(Error::FailedPrecondition(format!(
-                        "{} (a leftover without metadata) is attached to {}; detach it with `losetup -d {}`",
-                        f.img.display(),
-                        dev.display(),
-                        dev.display()
-                    )));
+                    return Err(leftover_attached(&f.img, dev));
                 }
             }
             let img = f.img.clone();
@@ -579,30 +636,16 @@ impl FilePool {
         let _ = self.blocking(format!("removing {}", tmp.display()), METADATA_DEADLINE, move || remove_if_exists(&tmp)).await;
     }
 
-    /// Moves a finished temporary image into place and commits its metadata: the image and the
-    /// metadata's temporary are fsynced at once (one journal commit, not two in a row), then the
-    /// image is renamed into place, then the metadata (the commit point), then the directory
-    /// is fsynced (shared). A crash between any two steps leaves temporaries or an image without
+    /// Moves a finished temporary image into place and commits its metadata: the metadata's
+    /// temporary is written and fsynced, then the image (whose changes came first, so a
+    /// journaling filesystem has committed them already: one journal commit for both, on one
+    /// thread), then the image is renamed into place, then the metadata (the commit point), then
+    /// the directory is fsynced (shared). A crash between any two steps leaves temporaries or an image without
     /// metadata, which a retry removes. On failure the image is removed again, so nothing
     /// half-made stays visible.
     async fn commit<T: Serialize + Send + 'static>(&self, f: &Files, meta: T) -> Result<()> {
         let ff = f.clone();
-        self.blocking(format!("committing {}", f.meta.display()), METADATA_DEADLINE, move || {
-            let r = store::write_file_grouped_with(
-                &ff.meta,
-                &meta,
-                &ff.sync,
-                || sync_file(&ff.tmp_img),
-                || fs::rename(&ff.tmp_img, &ff.img).context(|| format!("renaming {} to {}", ff.tmp_img.display(), ff.img.display())),
-            );
-            if r.is_err() && !ff.meta.exists() {
-                let _ = remove_if_exists(&ff.img);
-                let _ = remove_if_exists(&ff.tmp_img);
-                let _ = remove_if_exists(&ff.tmp_meta);
-            }
-            r
-        })
-        .await
+        self.blocking(format!("committing {}", f.meta.display()), METADATA_DEADLINE, move || commit_now(&ff, &meta, None)).await
     }
 
     async fn read_record<T: DeserializeOwned + Send + 'static>(&self, f: &Files) -> Result<Option<T>> {
@@ -919,28 +962,34 @@ impl FilePool {
         r
     }
 
+    /// The answer to a create whose name is taken by `r`: `r` when it was made by the same
+    /// request, else ALREADY_EXISTS naming the differences.
+    fn answer_existing(&self, req: &CreateRequest, r: VolumeRecord, provisioning: Provisioning) -> Result<VolumeInfo> {
+        // A copy records what it really copied, which may be more than was asked: without a
+        // limit, a larger copy answers its own request.
+        let larger_copy = r.info.source.is_some() && req.limit == 0 && r.info.capacity > req.capacity;
+        let asked = CreateRequest { capacity: if larger_copy { r.info.capacity } else { req.capacity }, ..req.clone() };
+        let mut differences = r.info.conflicts_with(&asked);
+        // The provisioning default comes from the pool's config, so it is compared here.
+        if r.provisioning != provisioning {
+            differences.push(format!("it is {} provisioned", r.provisioning.as_str()));
+        }
+        if differences.is_empty() {
+            return Ok(Arc::unwrap_or_clone(r.info));
+        }
+        Err(Error::AlreadyExists(format!(
+            "volume {} in file pool {:?} already exists for another request: {}",
+            req.local,
+            self.name,
+            differences.join("; ")
+        )))
+    }
+
     async fn create_volume_now(&self, req: &CreateRequest) -> Result<VolumeInfo> {
         let provisioning = self.provisioning_of(req)?;
         let f = self.files(Kind::Volume, &req.local)?;
         if let Some(r) = self.read_volume(&f, &req.local).await? {
-            // A copy records what it really copied, which may be more than was asked: without a
-            // limit, a larger copy answers its own request.
-            let larger_copy = r.info.source.is_some() && req.limit == 0 && r.info.capacity > req.capacity;
-            let asked = CreateRequest { capacity: if larger_copy { r.info.capacity } else { req.capacity }, ..req.clone() };
-            let mut differences = r.info.conflicts_with(&asked);
-            // The provisioning default comes from the pool's config, so it is compared here.
-            if r.provisioning != provisioning {
-                differences.push(format!("it is {} provisioned", r.provisioning.as_str()));
-            }
-            if differences.is_empty() {
-                return Ok(Arc::unwrap_or_clone(r.info));
-            }
-            return Err(Error::AlreadyExists(format!(
-                "volume {} in file pool {:?} already exists for another request: {}",
-                req.local,
-                self.name,
-                differences.join("; ")
-            )));
+            return self.answer_existing(req, r, provisioning);
         }
         // First, so a copy restarted after a kill removes its temporaries even when it then
         // fails (its source gone).
@@ -986,15 +1035,131 @@ impl FilePool {
         Ok(info)
     }
 
+    // issue 14: one hand-off per create
+    /// A new empty thin volume (no source) in one blocking call, right after a survey of this pool
+    /// found no volume under its name (under the name lock, so none can appear): the steps of
+    /// [`FilePool::create_volume_now`] in the same order (leftovers of an earlier attempt
+    /// removed, room claimed, the temporary image made and sized, committed, indexed), on one
+    /// blocking thread instead of one hand-off each. `None` for a thick volume (below) and when a
+    /// leftover image's loop devices cannot be told from sysfs (`losetup` is asked): the caller
+    /// then takes the general path. `look`:
+    /// first read the name's record, as a create not surveyed must (a record there is answered
+    /// as [`FilePool::answer_existing`] says).
+    async fn create_empty(&self, req: &CreateRequest, look: bool) -> Result<Option<VolumeInfo>> {
+        let provisioning = self.provisioning_of(req)?;
+        let f = self.files(Kind::Volume, &req.local)?;
+        let info = VolumeInfo {
+            local: req.local.clone(),
+            csi_name: req.csi_name.clone(),
+            capacity: req.capacity,
+            block: req.block,
+            fs_type: if req.block { None } else { Some(req.fs_type.clone().unwrap_or_else(|| self.default_fs.clone())) },
+            source: None,
+            created: now(),
+            uid: Some(req.uid.clone()),
+            source_uid: req.source_uid.clone(),
+            parameters: Some(req.parameters.clone()),
+            mutable: req.mutable.clone(),
+        };
+        let (ix, ledger, sys_block) = (self.index.clone(), self.ledger(), self.sys_block.clone());
+        let claim_for = format!("volume {} ({})", req.local, req.csi_name);
+        // A thick image is allocated under its own, longer deadline (ALLOCATE_DEADLINE), which
+        // must not become the deadline of the metadata steps around it (a frozen pool answers
+        // within METADATA_DEADLINE): the general path.
+        if provisioning == Provisioning::Thick {
+            return Ok(None);
+        }
+        let what = format!("creating volume {} in {}", req.local, f.dir.display());
+        let made = self
+            .blocking(what, METADATA_DEADLINE, move || {
+                let busy = ix.begin()?;
+                let made = (|| {
+                    if look {
+                        if let Some(mut r) = read_meta::<VolumeRecord>(&f.meta)? {
+                            Arc::make_mut(&mut r.info).local = info.local.clone();
+                            return Ok(Some(Made::Found(r)));
+                        }
+                    }
+                    // The leftovers of an earlier attempt (as `clean_leftovers`).
+                    remove_if_exists(&f.tmp_img)?;
+                    remove_if_exists(&f.tmp_meta)?;
+                    if !f.meta.exists() && f.img.exists() {
+                        match loopdev::associated_in_sysfs(&sys_block, &f.img) {
+                            None => return Ok(None),
+                            Some(devs) if !devs.is_empty() => return Err(leftover_attached(&f.img, &devs[0].device)),
+                            Some(_) => remove_if_exists(&f.img)?,
+                        }
+                    }
+                    let _claim = ledger.claim_blocking(info.capacity, &claim_for)?;
+                    // One descriptor for the new image: sized (sparse), fsynced at the commit.
+                    let built = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&f.tmp_img)
+                        .context(|| format!("creating {}", f.tmp_img.display()))
+                        .and_then(|img| {
+                            img.set_len(info.capacity).context(|| format!("growing {} to {} bytes", f.tmp_img.display(), info.capacity))?;
+                            Ok(img)
+                        });
+                    let img = match built {
+                        Ok(img) => img,
+                        Err(e) => {
+                            let _ = remove_if_exists(&f.tmp_img);
+                            return Err(e);
+                        }
+                    };
+                    let record = VolumeRecord { info: Arc::new(info), provisioning, shared: 0, schema: Default::default() };
+                    commit_now(&f, &record, Some(&img))?;
+                    let info = record.info.clone();
+                    ix.put_volume(record);
+                    Ok(Some(Made::New(info)))
+                })();
+                ix.done(busy);
+                made
+            })
+            .await?;
+        match made {
+            None => Ok(None),
+            Some(Made::Found(r)) => self.answer_existing(req, r, provisioning).map(Some),
+            Some(Made::New(info)) => {
+                tracing::info!(pool = %self.name, local = %info.local, capacity = info.capacity, provisioning = provisioning.as_str(), "created volume");
+                Ok(Some(Arc::unwrap_or_clone(info)))
+            }
+        }
+    }
+
+    // issue 14: one hand-off per delete
+    /// [`FilePool::delete_volume_now`] in one blocking call: the loop devices read from sysfs,
+    /// the files removed, the index told. `false` when sysfs cannot tell the loop devices
+    /// (nothing was done: the caller takes the general path, which asks `losetup`).
+    async fn delete_in_one(&self, local: &str) -> Result<bool> {
+        let f = self.files(Kind::Volume, local)?;
+        let (ix, sys_block, l) = (self.index.clone(), self.sys_block.clone(), local.to_owned());
+        self.blocking(format!("deleting volume {local} in {}", f.dir.display()), METADATA_DEADLINE, move || {
+            let busy = ix.begin()?;
+            let done = (|| {
+                // Nothing can be attached to an image that is not there (an empty answer).
+                let Some(devs) = loopdev::associated_in_sysfs(&sys_block, &f.img) else { return Ok(false) };
+                if let Some(d) = devs.first() {
+                    return Err(volume_attached(&l, &d.device));
+                }
+                remove_files(&f)?;
+                ix.remove_volume(&l);
+                Ok(true)
+            })();
+            ix.done(busy);
+            done
+        })
+        .await
+    }
+
     async fn delete_volume_now(&self, local: &str) -> Result<()> {
         let f = self.files(Kind::Volume, local)?;
         let img = f.img.clone();
         if self.blocking(format!("inspecting {}", img.display()), METADATA_DEADLINE, move || Ok(img.exists())).await? {
             if let Some(dev) = loopdev::find(self.loops(), &f.img).await?.first() {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {local} is still attached to {}: unstage it on this node first",
-                    dev.display()
-                )));
+                return Err(volume_attached(local, dev));
             }
         }
         let ff = f.clone();
@@ -1115,11 +1280,57 @@ impl Pool for FilePool {
     }
 
     async fn create_volume(&self, req: &CreateRequest) -> Result<VolumeInfo> {
+        if req.source.is_none() {
+            if let Some(v) = self.create_empty(req, true).await? {
+                return Ok(v);
+            }
+        }
         self.changing(self.create_volume_now(req)).await
     }
 
     async fn delete_volume(&self, local: &str) -> Result<()> {
+        if self.delete_in_one(local).await? {
+            return Ok(());
+        }
         self.changing(self.delete_volume_now(local)).await
+    }
+
+    // issue 14: one hand-off per look
+    /// One blocking call reads each name's record and, when none is there, measures the room
+    /// (as [`Pool::capacity`] answers it): the create's retry check and its placement.
+    async fn survey(&self, names: &[&str]) -> Result<Survey> {
+        let mut metas = Vec::with_capacity(names.len());
+        for name in names {
+            metas.push((name.to_string(), self.files(Kind::Volume, name)?.meta));
+        }
+        let ledger = self.ledger();
+        let what = match names.first() {
+            Some(name) => format!("looking up volume {name} in {}", self.root.display()),
+            None => format!("measuring the room in {}", self.root.display()),
+        };
+        let (found, room) = self
+            .blocking(what, METADATA_DEADLINE, move || {
+                for (i, (local, meta)) in metas.into_iter().enumerate() {
+                    if let Some(r) = read_meta::<VolumeRecord>(&meta)? {
+                        let mut info = Arc::unwrap_or_clone(r.info);
+                        info.local = local;
+                        return Ok((Some((i, info)), None));
+                    }
+                }
+                // A room that cannot be measured is left to `capacity`, which says why.
+                Ok((None, ledger.room().ok()))
+            })
+            .await?;
+        Ok(Survey { found, free: room.map(|r| r / super::MIB * super::MIB), unit: Some(super::MIB), seen: Seen::Nothing })
+    }
+
+    async fn create_surveyed(&self, req: &CreateRequest, _survey: &Survey) -> Result<VolumeInfo> {
+        if req.source.is_none() {
+            if let Some(v) = self.create_empty(req, false).await? {
+                return Ok(v);
+            }
+        }
+        self.changing(self.create_volume_now(req)).await
     }
 
     async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {

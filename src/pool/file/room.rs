@@ -67,18 +67,14 @@ impl FilePool {
 
     /// Free space and promises, measured off the async workers.
     async fn measure(&self) -> Result<(u64, u64)> {
-        let (root, ix) = (self.root.clone(), self.index.clone());
-        self.blocking(format!("measuring the room in {}", root.display()), METADATA_DEADLINE, move || {
-            Ok((free_bytes(&root)?, ix.promised()?))
-        })
-        .await
+        let ledger = self.ledger();
+        self.blocking(format!("measuring the room in {}", self.root.display()), METADATA_DEADLINE, move || ledger.measure()).await
     }
 
     /// What one new volume could get now.
     pub(super) async fn room(&self) -> Result<u64> {
-        let (free, promised) = self.measure().await?;
-        let in_flight = *self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(available(free, self.reserve, promised, in_flight))
+        let ledger = self.ledger();
+        self.blocking(format!("measuring the room in {}", self.root.display()), METADATA_DEADLINE, move || ledger.room()).await
     }
 
     /// Claims `bytes` for `what`, or answers RESOURCE_EXHAUSTED saying what is free.
@@ -87,12 +83,63 @@ impl FilePool {
         // creations never both count the same free bytes.
         let _one_at_a_time = self.claiming.lock().await;
         let (free, promised) = self.measure().await?;
+        self.ledger().grant(free, promised, bytes, what)
+    }
+
+    /// What a blocking call needs to claim room ([`Ledger::claim_blocking`]).
+    pub(super) fn ledger(&self) -> Ledger {
+        Ledger {
+            pool: self.name.clone(),
+            root: self.root.clone(),
+            reserve: self.reserve,
+            in_flight: self.in_flight.clone(),
+            claiming: self.claiming.clone(),
+            index: self.index.clone(),
+        }
+    }
+}
+
+/// The pool's room accounting, for a blocking call that claims room itself (issue 14: a create
+/// in one blocking call, [`FilePool::create_surveyed`]): the same lock, measure and claims as
+/// [`FilePool::claim`].
+#[derive(Clone)]
+pub(super) struct Ledger {
+    pool: String,
+    root: std::path::PathBuf,
+    reserve: u64,
+    in_flight: Arc<Mutex<u64>>,
+    claiming: Arc<tokio::sync::Mutex<()>>,
+    index: super::index::Index,
+}
+
+impl Ledger {
+    /// Free bytes and what is promised, measured now (a blocking call).
+    pub(super) fn measure(&self) -> Result<(u64, u64)> {
+        Ok((free_bytes(&self.root)?, self.index.promised()?))
+    }
+
+    /// What one new volume could get now (a blocking call), as [`FilePool::room`].
+    pub(super) fn room(&self) -> Result<u64> {
+        let (free, promised) = self.measure()?;
+        let in_flight = *self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(available(free, self.reserve, promised, in_flight))
+    }
+
+    /// As [`FilePool::claim`], on a blocking thread: it waits for the claim lock itself.
+    pub(super) fn claim_blocking(&self, bytes: u64, what: &str) -> Result<Claim> {
+        let _one_at_a_time = self.claiming.blocking_lock();
+        let (free, promised) = self.measure()?;
+        self.grant(free, promised, bytes, what)
+    }
+
+    /// Claims `bytes` against the room measured (under the claim lock).
+    fn grant(&self, free: u64, promised: u64, bytes: u64, what: &str) -> Result<Claim> {
         let mut g = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         let avail = available(free, self.reserve, promised, *g);
         if bytes > avail {
             return Err(Error::ResourceExhausted(format!(
                 "file pool {:?} cannot hold {what}: {} requested, {} available ({} of {} kept in reserve)",
-                self.name,
+                self.pool,
                 format_size(bytes),
                 format_size(avail),
                 format_size(self.reserve),
