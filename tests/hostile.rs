@@ -382,6 +382,53 @@ async fn stage_records_survive_a_restart() {
     second.delete(&id).await;
 }
 
+/// A stage record left stale must never let a deleted volume's id publish another volume. A
+/// record left stale (here: saved, then put back
+/// after the volume was unstaged, deleted, made again under the same name and staged at the
+/// same path by its new id: same path, and often the same device number) must not let the old
+/// id publish the new volume: NOT_FOUND, and nothing is mounted at the target.
+#[tokio::test]
+async fn a_stale_stage_record_never_publishes_the_volume_made_again() {
+    let outer = Outer::new();
+    let state = outer.path().join("state");
+    let opts = StartOptions { state_dir: Some(state.clone()), ..Default::default() };
+    let d = Setup::new().start_with(opts).await;
+    let cap = d.mount_cap(Mode::SingleNodeWriter);
+    let name = unique("stale");
+    let old = d.create(&name, d.fs_volume_size(), cap.clone()).await.volume_id;
+    let staging = outer.path().join("staging");
+    std::fs::create_dir_all(&staging).expect("create staging dir");
+    d.stage(&old, &staging, &cap).await;
+    let records = state.join("stage");
+    let saved: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&records)
+        .expect("the stage records")
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    assert_eq!(saved.len(), 1, "one volume staged, one record: {saved:?}");
+    d.unstage(&old, &staging).await;
+    d.delete(&old).await;
+    let new = d.create(&name, d.fs_volume_size(), cap.clone()).await.volume_id;
+    assert_ne!(old, new, "a volume made again gets a new id");
+    d.stage(&new, &staging, &cap).await;
+    for (p, bytes) in &saved {
+        std::fs::write(p, bytes).unwrap();
+    }
+    let target = d.target_path("stale");
+    let r = d.node().node_publish_volume(d.publish_request(&old, &staging, &target, &cap, false)).await;
+    let published = is_mount_point(&target);
+    if published {
+        assert!(Command::new("umount").arg(&target).status().unwrap().success());
+    }
+    expect_code(r, Code::NotFound, "NodePublishVolume of the deleted volume's id from a stale record");
+    assert!(!published, "the deleted volume's id published the volume made again");
+    for (p, _) in &saved {
+        std::fs::remove_file(p).unwrap();
+    }
+    d.unstage(&new, &staging).await;
+    d.delete(&new).await;
+}
+
 // --- issue 12: hostile inputs for the group snapshot and modify fields ---------------------
 
 /// A refusal's message must stay within the driver's cap (docs: error messages are bounded).
