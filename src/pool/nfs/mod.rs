@@ -292,7 +292,12 @@ impl NfsPool {
     async fn ensure_within(&self, max_age: Duration) -> Result<u64> {
         let mut last = self.health.lock().await;
         if let Some((at, r)) = last.as_ref() {
-            if at.elapsed() < max_age {
+            // A server that did not answer within the probe timeout is not asked again within
+            // PROBE_TTL, whatever age the caller accepts: it would cost another whole timeout
+            // and tell nothing new (a ControllerGetVolume on a dead hard mount read the
+            // metadata, then probed again for the condition: 8-12 s instead of 4).
+            let age = if r.is_err() { max_age.max(PROBE_TTL) } else { max_age };
+            if at.elapsed() < age {
                 return r.clone().map_err(Error::Unavailable);
             }
         }
