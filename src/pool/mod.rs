@@ -4,7 +4,7 @@
 //! gone succeeds.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -340,16 +340,6 @@ pub enum Attachment {
         /// Options the pool requires.
         options: Vec<String>,
     },
-}
-
-impl Attachment {
-    /// The block device node, for a block-backed attachment.
-    pub fn device(&self) -> Option<&Path> {
-        match self {
-            Attachment::Device(d) | Attachment::Loop { device: d, .. } => Some(d),
-            Attachment::Mount { .. } => None,
-        }
-    }
 }
 
 /// Health of the volume's backing storage, as the pool sees it.
