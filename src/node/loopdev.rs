@@ -158,18 +158,8 @@ pub fn associated_in_sysfs(sys_block: &Path, file: &Path) -> Option<Vec<LoopDevi
             continue;
         }
         let dir = entry.path().join("loop");
-        let back = match std::fs::read_to_string(dir.join("backing_file")) {
-            Ok(b) => b,
-            // Not bound to a file.
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(_) => return None,
-        };
-        let back = back.strip_suffix('\n').unwrap_or(&back);
-        if back.ends_with(DELETED_SUFFIX) {
-            continue;
-        }
-        let m = std::fs::metadata(back).ok()?;
-        if (m.dev(), m.ino()) != want {
+        let Some((back, id)) = backing_in_sysfs(&dir).ok()? else { continue };
+        if id != want {
             continue;
         }
         let number = |p: PathBuf| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
@@ -185,6 +175,26 @@ pub fn associated_in_sysfs(sys_block: &Path, file: &Path) -> Option<Vec<LoopDevi
     }
     out.sort_by_key(|d| d.device.to_string_lossy().trim_start_matches("/dev/loop").parse::<u64>().unwrap_or(u64::MAX));
     Some(out)
+}
+
+/// A loop device's backing file as sysfs names it, and its (device, inode).
+type Backing = (String, (u64, u64));
+
+/// The backing file of the loop device whose sysfs `loop` directory is `dir`, with its
+/// (device, inode): `Ok(None)` when the device is bound to no file or to a deleted one (the
+/// kernel's suffix; another inode than any file there now), `Err` when that cannot be read.
+fn backing_in_sysfs(dir: &Path) -> std::result::Result<Option<Backing>, ()> {
+    let back = match std::fs::read_to_string(dir.join("backing_file")) {
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let back = back.strip_suffix('\n').unwrap_or(&back);
+    if back.ends_with(DELETED_SUFFIX) {
+        return Ok(None);
+    }
+    let m = std::fs::metadata(back).map_err(drop)?;
+    Ok(Some((back.to_owned(), (m.dev(), m.ino()))))
 }
 
 /// Whether loop device `device` is backed by `image` and reads as zeros from end to end: the
@@ -209,13 +219,10 @@ pub fn reads_as_zeros(device: &Path, image: &Path) -> bool {
             return Some(false);
         }
         let (major, minor) = (nix::sys::stat::major(dm.rdev()), nix::sys::stat::minor(dm.rdev()));
-        let back = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file")).ok()?;
-        let back = back.strip_suffix('\n').unwrap_or(&back);
-        if back.ends_with(DELETED_SUFFIX) {
+        let Some((_, id)) = backing_in_sysfs(Path::new(&format!("/sys/dev/block/{major}:{minor}/loop"))).ok()? else {
             return Some(false);
-        }
-        let bm = std::fs::metadata(back).ok()?;
-        if (bm.dev(), bm.ino()) != (im.dev(), im.ino()) {
+        };
+        if id != (im.dev(), im.ino()) {
             return Some(false);
         }
         // Writes made through the device may still sit in its page cache: fsync pushes them
