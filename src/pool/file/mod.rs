@@ -962,6 +962,23 @@ impl FilePool {
         r
     }
 
+    /// What a new volume made for `req` records, at `capacity` bytes, created now.
+    fn new_info(&self, req: &CreateRequest, capacity: u64) -> VolumeInfo {
+        VolumeInfo {
+            local: req.local.clone(),
+            csi_name: req.csi_name.clone(),
+            capacity,
+            block: req.block,
+            fs_type: if req.block { None } else { Some(req.fs_type.clone().unwrap_or_else(|| self.default_fs.clone())) },
+            source: req.source.clone(),
+            created: now(),
+            uid: Some(req.uid.clone()),
+            source_uid: req.source_uid.clone(),
+            parameters: Some(req.parameters.clone()),
+            mutable: req.mutable.clone(),
+        }
+    }
+
     /// The answer to a create whose name is taken by `r`: `r` when it was made by the same
     /// request, else ALREADY_EXISTS naming the differences.
     fn answer_existing(&self, req: &CreateRequest, r: VolumeRecord, provisioning: Provisioning) -> Result<VolumeInfo> {
@@ -1015,19 +1032,7 @@ impl FilePool {
             Some((_, size)) if provisioning == Provisioning::Thick && fs.may_reflink() => (*size).min(capacity),
             _ => 0,
         };
-        let info = VolumeInfo {
-            local: req.local.clone(),
-            csi_name: req.csi_name.clone(),
-            capacity,
-            block: req.block,
-            fs_type: if req.block { None } else { Some(req.fs_type.clone().unwrap_or_else(|| self.default_fs.clone())) },
-            source: req.source.clone(),
-            created: now(),
-            uid: Some(req.uid.clone()),
-            source_uid: req.source_uid.clone(),
-            parameters: Some(req.parameters.clone()),
-            mutable: req.mutable.clone(),
-        };
+        let info = self.new_info(req, capacity);
         let record = VolumeRecord { info: Arc::new(info.clone()), provisioning, shared, schema: Default::default() };
         self.commit(&f, record.clone()).await?;
         self.index_volume(record).await?;
@@ -1047,28 +1052,16 @@ impl FilePool {
     /// as [`FilePool::answer_existing`] says).
     async fn create_empty(&self, req: &CreateRequest, look: bool) -> Result<Option<VolumeInfo>> {
         let provisioning = self.provisioning_of(req)?;
-        let f = self.files(Kind::Volume, &req.local)?;
-        let info = VolumeInfo {
-            local: req.local.clone(),
-            csi_name: req.csi_name.clone(),
-            capacity: req.capacity,
-            block: req.block,
-            fs_type: if req.block { None } else { Some(req.fs_type.clone().unwrap_or_else(|| self.default_fs.clone())) },
-            source: None,
-            created: now(),
-            uid: Some(req.uid.clone()),
-            source_uid: req.source_uid.clone(),
-            parameters: Some(req.parameters.clone()),
-            mutable: req.mutable.clone(),
-        };
-        let (ix, ledger, sys_block) = (self.index.clone(), self.ledger(), self.sys_block.clone());
-        let claim_for = format!("volume {} ({})", req.local, req.csi_name);
         // A thick image is allocated under its own, longer deadline (ALLOCATE_DEADLINE), which
         // must not become the deadline of the metadata steps around it (a frozen pool answers
         // within METADATA_DEADLINE): the general path.
         if provisioning == Provisioning::Thick {
             return Ok(None);
         }
+        let f = self.files(Kind::Volume, &req.local)?;
+        let info = self.new_info(req, req.capacity);
+        let (ix, ledger, sys_block) = (self.index.clone(), self.ledger(), self.sys_block.clone());
+        let claim_for = format!("volume {} ({})", req.local, req.csi_name);
         let what = format!("creating volume {} in {}", req.local, f.dir.display());
         let made = self
             .blocking(what, METADATA_DEADLINE, move || {
