@@ -382,8 +382,8 @@ async fn stage_records_survive_a_restart() {
     second.delete(&id).await;
 }
 
-/// A stage record left stale must never let a deleted volume's id publish another volume. A
-/// record left stale (here: saved, then put back
+/// issue 14: NodePublish trusts a stage record without asking the pool only while the very
+/// filesystem that id staged is mounted there. A record left stale (here: saved, then put back
 /// after the volume was unstaged, deleted, made again under the same name and staged at the
 /// same path by its new id: same path, and often the same device number) must not let the old
 /// id publish the new volume: NOT_FOUND, and nothing is mounted at the target.

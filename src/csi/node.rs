@@ -233,6 +233,7 @@ impl NodeService {
             fs_type: fs.clone(),
             block: cap.block,
             mount: None,
+            fsid: None,
             csi_name: v.csi_name.clone(),
         };
         if rec.stage_at(staging.as_path()) != Some(&entry) {
@@ -247,10 +248,17 @@ impl NodeService {
         }
         let used = self.d.node.stage_filesystem(attachment, staging, &fs, &cap.mount_flags).await?;
         let key = self.d.node.mounter.mount_at(staging).await?.map(|m| MountKey { major_minor: m.major_minor, root: m.root });
+        // An NFS export's subdirectories share the export's fsid: it identifies no volume there.
+        let own_fsid = match attachment {
+            Attachment::Mount { fs_type, .. } => fs_type == "zfs",
+            _ => true,
+        };
+        let fsid = if key.is_some() && own_fsid { self.d.node.fsid_at(staging).await? } else { None };
         if let Some(s) = rec.stages.iter_mut().find(|s| same_path(&s.path, staging.as_path())) {
-            if s.fs_type != used || s.mount != key {
+            if s.fs_type != used || s.mount != key || s.fsid != fsid {
                 s.fs_type = used;
                 s.mount = key;
+                s.fsid = fsid;
                 self.d.records.save(rec).await?;
             }
         }
@@ -307,8 +315,18 @@ impl NodeService {
         }
         let staging = self.path("staging_target_path", &r.staging_target_path)?;
         let _guard = self.lock(&r.volume_id)?;
-        let (pool, v) = self.existing(&r.volume_id).await?;
-        if cap.block != v.block {
+        let mut rec = self.d.records.load(&r.volume_id).await?.unwrap_or_else(|| VolumeRecord::new(&r.volume_id));
+        let found = if cap.block { None } else { self.d.node.mounter.mount_at(&staging).await? };
+        let (pool, block) = match self.staged_here(&rec, &staging, found.as_ref()).await? {
+            // The filesystem this id staged is mounted there, so the volume exists and is this
+            // id's: no pool lookup (issue 14: one `lvs` / `zfs get` per ready volume).
+            true => (self.resolve(&r.volume_id)?.0, false),
+            false => {
+                let (pool, v) = self.existing(&r.volume_id).await?;
+                (pool, v.block)
+            }
+        };
+        if cap.block != block {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} cannot be published with another access type than it was created with",
                 r.volume_id
@@ -317,9 +335,7 @@ impl NodeService {
         if !cap.supported_by(pool.as_ref()) {
             return Err(Error::FailedPrecondition(format!("access mode {} is not supported", cap.mode.as_str_name())));
         }
-        let mut rec = self.d.records.load(&r.volume_id).await?.unwrap_or_else(|| VolumeRecord::new(&r.volume_id));
         let shown = staging.as_path().display();
-        let found = if cap.block { None } else { self.d.node.mounter.mount_at(&staging).await? };
         let stage = match rec.stage_at(staging.as_path()).cloned() {
             Some(s) if s.block || found.as_ref().is_some_and(|m| s.holds(m)) => s,
             _ => {
@@ -380,6 +396,22 @@ impl NodeService {
             }
         }
         res.map(|()| NodePublishVolumeResponse {})
+    }
+
+    /// Whether `rec` (this id's node record) staged a filesystem at `staging` that is mounted
+    /// there now (`found`): the mount's device and root are the recorded ones and its `f_fsid`
+    /// is the one recorded after this id's own NodeStage mounted it. Then the volume exists
+    /// (a staged volume cannot be deleted) and is the one the id names: a record left stale (a
+    /// reboot, an unmount by hand) with the volume made again under the same name, device
+    /// number and staging path has a new filesystem, so a new fsid. Anything less is `false`
+    /// and the pool is asked, as before.
+    async fn staged_here(&self, rec: &VolumeRecord, staging: &RequestPath, found: Option<&MountInfo>) -> Result<bool> {
+        let Some(s) = rec.stage_at(staging.as_path()) else { return Ok(false) };
+        let (Some(want), Some(_), Some(m)) = (s.fsid, &s.mount, found) else { return Ok(false) };
+        if s.block || !s.holds(m) {
+            return Ok(false);
+        }
+        Ok(self.d.node.fsid_at(staging).await? == Some(want))
     }
 
     /// Before a read-only publish at `target`: a bind of the volume found writable there while
@@ -688,6 +720,8 @@ mod tests {
     struct OneVolume {
         device: PathBuf,
         detached: std::sync::Mutex<Vec<String>>,
+        /// How often the pool was asked for a volume.
+        lookups: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -702,6 +736,7 @@ mod tests {
             "xfs"
         }
         async fn get_volume(&self, local: &str) -> Result<Option<VolumeInfo>> {
+            self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok((local == "v1").then(|| VolumeInfo {
                 local: "v1".into(),
                 csi_name: "csi-v1".into(),
@@ -768,7 +803,7 @@ mod tests {
         let (exec, mounter) = (Arc::new(FakeExec::new()), Arc::new(FakeMounter::new()));
         let device = dir.path().join("dev-loop9");
         std::fs::File::create(&device).unwrap().set_len(1 << 20).unwrap();
-        let pool = Arc::new(OneVolume { device, detached: Default::default() });
+        let pool = Arc::new(OneVolume { device, detached: Default::default(), lookups: Default::default() });
         exec.on("blkid", vec![Reply::Ok("DEVNAME=/dev/loop9\nUUID=u-1\nTYPE=xfs\n".into())]);
         let d = driver(dir.path(), exec.clone(), mounter.clone(), pool.clone());
         let id = d.id_for(pool.as_ref(), "v1").to_string();
@@ -812,6 +847,47 @@ mod tests {
         fn detaches(&self) -> usize {
             self.pool.detached.lock().unwrap().iter().filter(|l| *l == "v1").count()
         }
+        /// How often the pool was asked for a volume.
+        fn lookups(&self) -> usize {
+            self.pool.lookups.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// issue 14: NodePublish trusts this id's own stage record while the filesystem it staged
+    /// is mounted there (device, root and `f_fsid` as recorded), without asking the pool; a
+    /// record whose fsid is not the mounted filesystem's (the volume made again and staged
+    /// there under the same name: a new filesystem) or that has none (written before) asks the
+    /// pool, as does a publish of an id with no stage record at all (NOT_FOUND).
+    #[tokio::test]
+    async fn a_publish_of_what_this_id_staged_asks_the_pool_nothing() {
+        let r = rig().await;
+        let stage = r.path("stage");
+        r.stage_at(&stage, cap(Mode::SingleNodeWriter, "xfs")).await.unwrap();
+        let rec = r.svc.d.records.load(&r.id).await.unwrap().unwrap();
+        let want = nix::sys::statvfs::statvfs(Path::new(&stage)).unwrap().filesystem_id();
+        assert_eq!(rec.stages[0].fsid, Some(want), "the stage records the mounted filesystem's fsid");
+        let before = r.lookups();
+        r.publish_at(&stage, &r.path("pods/p1/mount"), Mode::SingleNodeWriter).await.unwrap();
+        assert_eq!(r.lookups(), before, "a publish of a staged filesystem needs no pool lookup");
+
+        for (name, fsid) in [("another filesystem's fsid", Some(want ^ 1)), ("no fsid recorded", None)] {
+            let mut rec = r.svc.d.records.load(&r.id).await.unwrap().unwrap();
+            rec.stages[0].fsid = fsid;
+            r.svc.d.records.save(&rec).await.unwrap();
+            let before = r.lookups();
+            r.publish_at(&stage, &r.path("pods/p2/mount"), Mode::SingleNodeMultiWriter).await.unwrap();
+            assert_eq!(r.lookups(), before + 1, "{name}: the pool is asked");
+        }
+
+        let other = NodePublishVolumeRequest {
+            volume_id: "file:n1:p:nope".into(),
+            staging_target_path: stage.clone(),
+            target_path: r.path("pods/p3/mount"),
+            volume_capability: Some(cap(Mode::SingleNodeWriter, "xfs")),
+            ..Default::default()
+        };
+        let err = r.svc.publish(other).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err:?}");
     }
 
     #[tokio::test]

@@ -407,6 +407,18 @@ impl Node {
         Ok(None)
     }
 
+    /// The `f_fsid` of the filesystem mounted at `path` (opened beneath its root, no symlink
+    /// followed); `None` when nothing is there or the filesystem reports 0. Off the workers.
+    pub async fn fsid_at(&self, path: &RequestPath) -> Result<Option<u64>> {
+        let p = path.clone();
+        run_path(path.as_path(), "reading the filesystem id of", move || {
+            let Some(fd) = p.open_path()? else { return Ok(None) };
+            let st = rustix::fs::fstatvfs(&fd).map_err(|e| Error::io(format!("statvfs {}", p.as_path().display()), e.into()))?;
+            Ok((st.f_fsid != 0).then_some(st.f_fsid))
+        })
+        .await
+    }
+
     /// Usage of the filesystem at `path` (statvfs), or of the block device at `path`. For a
     /// block device only `total_bytes` is known (used and available are 0, inodes `None`).
     /// A filesystem path with nothing mounted is NOT_FOUND: statvfs would describe whatever

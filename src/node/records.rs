@@ -53,6 +53,14 @@ pub struct StageRecord {
     /// The staging mount as the kernel showed it once mounted; binds of it show the same.
     #[serde(default)]
     pub mount: Option<MountKey>,
+    /// The staged filesystem's `f_fsid` once mounted (block-backed and ZFS stages only): with
+    /// `mount`, what lets NodePublish trust this record without asking the pool (issue 14). A
+    /// volume deleted and made again under the same name and device number has a new
+    /// filesystem UUID (mkfs; copies get a new one too) or dataset guid, so its fsid differs.
+    /// `None`: not known (NFS, whose fsid is the export's; records written before), and
+    /// NodePublish looks the volume up in its pool as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fsid: Option<u64>,
     // issue 14: events
     /// The volume's CSI name, for the `unstaged` event line (empty in records written before).
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -286,6 +294,7 @@ mod tests {
             fs_type: fs.into(),
             block: false,
             mount: mount.map(|(mm, root)| MountKey { major_minor: mm.into(), root: root.into() }),
+            fsid: None,
             csi_name: String::new(),
         }
     }
@@ -298,6 +307,7 @@ mod tests {
             fs_type: "nfs".into(),
             block: false,
             mount: None,
+            fsid: None,
             csi_name: String::new(),
         };
         struct Case {
